@@ -1,0 +1,436 @@
+//! The configuration file: TOML structs as written by the operator, and the validated [`Config`]
+//! the rest of the proxy uses.
+//!
+//! Every field has a default so that a short file works, unknown fields are refused (a typo must not
+//! silently fall back to a default), and validation reports every bad value at once, each naming
+//! its field, so that an operator fixes a file in one pass.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Cap on connections open at once (all clients together); accept waits while it is reached.
+    pub max_connections: usize,
+    pub limits: Limits,
+    pub handshake: Handshake,
+    pub headers: Headers,
+    pub upstreams: Upstreams,
+    pub relay: Relay,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Handshake requests admitted per second and client (token bucket refill rate).
+    pub requests_per_second: f64,
+    /// Requests a client may make in a burst (token bucket size).
+    pub burst: u32,
+    /// Connections a client may hold open at once (0: no limit).
+    pub max_connections_per_ip: u32,
+    /// IPv6 clients are keyed by this prefix length, since one host usually owns a whole /64.
+    pub ipv6_prefix: u8,
+    /// Upper bound of client entries kept in memory; idle entries are expired to stay under it.
+    pub max_tracked_clients: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 20.0,
+            burst: 40,
+            max_connections_per_ip: 256,
+            ipv6_prefix: 64,
+            max_tracked_clients: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Handshake {
+    /// Largest request head accepted, in bytes (request line, headers and the blank line).
+    pub max_head_bytes: usize,
+    /// Most header fields accepted in a request.
+    pub max_headers: usize,
+    /// Time a client has to send its complete request head.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+impl Default for Handshake {
+    fn default() -> Self {
+        Self { max_head_bytes: 16 * 1024, max_headers: 100, header_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// What to do with request header fields whose name contains an underscore. They are dropped by
+/// default because `X_Real_IP` and `X-Real-IP` may reach an application as the same variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnderscoreHeaders {
+    Drop,
+    Keep,
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Headers {
+    pub underscore_headers: UnderscoreHeaders,
+    /// Value of `X-Forwarded-Proto` (the scheme clients used to reach the proxy).
+    pub forwarded_proto: String,
+    /// Also add an RFC 7239 `Forwarded` field.
+    pub forwarded: bool,
+    /// Fields added to every forwarded request, replacing any the client sent with the same name.
+    pub add: Vec<StaticHeader>,
+}
+
+impl Default for Headers {
+    fn default() -> Self {
+        Self {
+            underscore_headers: UnderscoreHeaders::Drop,
+            forwarded_proto: "http".into(),
+            forwarded: false,
+            add: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticHeader {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    pub main: Vec<UpstreamServer>,
+    pub backup: Vec<UpstreamServer>,
+    /// Connect, send the request and receive the whole response head within this time.
+    pub timeout: Duration,
+    /// Largest upstream response head accepted, in bytes.
+    pub max_head_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamServer {
+    pub address: SocketAddr,
+    /// Share of clients relative to the others; 0 takes the server out of rotation.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Which relay carries the payload after the 101.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// The kernel relay when its programs loaded, else userspace (per connection).
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Relay {
+    pub mode: RelayMode,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self { mode: RelayMode::Auto }
+    }
+}
+
+// ---- the file as written ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    listen: ListenFile,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    handshake: Handshake,
+    #[serde(default)]
+    headers: Headers,
+    upstreams: UpstreamsFile,
+    #[serde(default)]
+    relay: Relay,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ListenFile {
+    address: String,
+    max_connections: usize,
+}
+
+impl Default for ListenFile {
+    fn default() -> Self {
+        Self { address: "127.0.0.1:8080".into(), max_connections: 50_000 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamsFile {
+    #[serde(default)]
+    main: Vec<UpstreamServer>,
+    #[serde(default)]
+    backup: Vec<UpstreamServer>,
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    timeout: Duration,
+    #[serde(default = "default_upstream_head")]
+    max_head_bytes: usize,
+}
+
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_upstream_head() -> usize {
+    16 * 1024
+}
+
+/// Everything wrong with a configuration, one entry per bad field.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration {}:", self.source_name)?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a file. Every error (unreadable, syntax, values) is a [`ConfigError`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![format!("cannot read the file: {e}")],
+        })?;
+        Self::parse(&text, &name)
+    }
+
+    /// Parses and validates TOML text; `source_name` names it in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError { source_name: source_name.to_string(), problems };
+        let file: File = toml::from_str(text).map_err(|e| fail(vec![toml_problem(&e)]))?;
+        file.validate().map_err(fail)
+    }
+}
+
+/// toml's message spans several lines with a source excerpt; keep its first line and the position.
+fn toml_problem(e: &toml::de::Error) -> String {
+    let message = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => format!("syntax: {message} (at byte {})", span.start),
+        None => format!("syntax: {message}"),
+    }
+}
+
+impl File {
+    fn validate(self) -> Result<Config, Vec<String>> {
+        let mut p = Vec::new();
+        let listen = match self.listen.address.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                p.push(format!(
+                    "listen.address: {:?} is not an IP address and port such as \"127.0.0.1:8080\"",
+                    self.listen.address
+                ));
+                None
+            }
+        };
+        if self.listen.max_connections == 0 {
+            p.push("listen.max_connections: must be at least 1".into());
+        }
+
+        let l = &self.limits;
+        if !(l.requests_per_second.is_finite() && l.requests_per_second > 0.0) {
+            p.push(format!("limits.requests_per_second: must be above 0, got {}", l.requests_per_second));
+        }
+        if l.burst == 0 {
+            p.push("limits.burst: must be at least 1".into());
+        }
+        if l.ipv6_prefix == 0 || l.ipv6_prefix > 128 {
+            p.push(format!("limits.ipv6_prefix: must be 1 to 128, got {}", l.ipv6_prefix));
+        }
+        if l.max_tracked_clients == 0 {
+            p.push("limits.max_tracked_clients: must be at least 1".into());
+        }
+
+        let h = &self.handshake;
+        if h.max_head_bytes < 256 || h.max_head_bytes > 1024 * 1024 {
+            p.push(format!("handshake.max_head_bytes: must be 256 to 1048576, got {}", h.max_head_bytes));
+        }
+        if h.max_headers < 8 || h.max_headers > 1000 {
+            p.push(format!("handshake.max_headers: must be 8 to 1000, got {}", h.max_headers));
+        }
+        if h.header_timeout.is_zero() {
+            p.push("handshake.header_timeout: must be above 0".into());
+        }
+
+        if !is_token(&self.headers.forwarded_proto) {
+            p.push(format!("headers.forwarded_proto: {:?} is not a valid value", self.headers.forwarded_proto));
+        }
+        for (i, sh) in self.headers.add.iter().enumerate() {
+            if !is_token(&sh.name) {
+                p.push(format!("headers.add[{i}].name: {:?} is not a valid header name", sh.name));
+            }
+            if !is_field_value(&sh.value) {
+                p.push(format!("headers.add[{i}].value: control characters are not allowed"));
+            }
+        }
+
+        let u = &self.upstreams;
+        if u.main.is_empty() {
+            p.push("upstreams.main: at least one upstream is needed".into());
+        } else if u.main.iter().all(|s| s.weight == 0) {
+            p.push("upstreams.main: every weight is 0, so no client could be served".into());
+        }
+        let mut seen = BTreeSet::new();
+        for (list, servers) in [("main", &u.main), ("backup", &u.backup)] {
+            for (i, s) in servers.iter().enumerate() {
+                if !seen.insert(s.address) {
+                    p.push(format!("upstreams.{list}[{i}].address: {} is listed twice", s.address));
+                }
+                if s.weight > 10_000 {
+                    p.push(format!("upstreams.{list}[{i}].weight: must be 0 to 10000, got {}", s.weight));
+                }
+            }
+        }
+        if u.timeout.is_zero() {
+            p.push("upstreams.timeout: must be above 0".into());
+        }
+        if u.max_head_bytes < 256 || u.max_head_bytes > 1024 * 1024 {
+            p.push(format!("upstreams.max_head_bytes: must be 256 to 1048576, got {}", u.max_head_bytes));
+        }
+
+        match (listen, p.is_empty()) {
+            (Some(listen), true) => Ok(Config {
+                listen,
+                max_connections: self.listen.max_connections,
+                limits: self.limits,
+                handshake: self.handshake,
+                headers: self.headers,
+                upstreams: Upstreams {
+                    main: self.upstreams.main,
+                    backup: self.upstreams.backup,
+                    timeout: self.upstreams.timeout,
+                    max_head_bytes: self.upstreams.max_head_bytes,
+                },
+                relay: self.relay,
+            }),
+            _ => Err(p),
+        }
+    }
+}
+
+/// An HTTP token (RFC 9110 section 5.6.2): what a header name must be.
+pub(crate) fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn is_field_value(s: &str) -> bool {
+    s.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[upstreams]\nmain = [{ address = \"127.0.0.1:9001\" }]\n";
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.handshake.max_head_bytes, 16384);
+        assert_eq!(c.handshake.max_headers, 100);
+        assert_eq!(c.handshake.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.upstreams.timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.ipv6_prefix, 64);
+        assert_eq!(c.headers.underscore_headers, UnderscoreHeaders::Drop);
+        assert_eq!(c.relay.mode, RelayMode::Auto);
+        assert_eq!(c.upstreams.main[0].weight, 1);
+    }
+
+    #[test]
+    fn unknown_field_is_refused_by_name() {
+        let e = Config::parse(&format!("{MINIMAL}[limits]\nrequests_per_secnd = 3\n"), "t").unwrap_err();
+        assert!(e.to_string().contains("requests_per_secnd"), "{e}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let text = r#"
+[listen]
+address = "nowhere"
+[limits]
+burst = 0
+ipv6_prefix = 129
+[handshake]
+max_headers = 2
+header_timeout = "0s"
+[headers]
+add = [{ name = "Bad Name", value = "x" }]
+[upstreams]
+main = [{ address = "127.0.0.1:9001", weight = 0 }]
+backup = [{ address = "127.0.0.1:9001" }]
+"#;
+        let e = Config::parse(text, "t").unwrap_err();
+        let fields = [
+            "listen.address",
+            "limits.burst",
+            "limits.ipv6_prefix",
+            "handshake.max_headers",
+            "handshake.header_timeout",
+            "headers.add[0].name",
+            "upstreams.main:",
+            "upstreams.backup[0].address",
+        ];
+        for f in fields {
+            assert!(e.problems.iter().any(|p| p.starts_with(f)), "no problem for {f}: {e}");
+        }
+        assert_eq!(e.problems.len(), fields.len(), "{e}");
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/wsproxy.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn missing_file_is_one_clear_problem() {
+        let e = Config::load(Path::new("/nonexistent/wsproxy.toml")).unwrap_err();
+        assert_eq!(e.problems.len(), 1);
+        assert!(e.problems[0].starts_with("cannot read the file"), "{e}");
+    }
+}

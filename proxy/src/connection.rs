@@ -1,0 +1,198 @@
+//! The way of one connection: admit, read and check the request, choose and try upstreams,
+//! forward the 101, relay.
+//!
+//! Every refusal leaves through [`refuse`], which writes the answer, logs it and closes politely;
+//! every handshake outcome is logged once, with client, upstream, status and duration.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::handshake::{self, Rejection};
+use crate::limits::Refusal;
+use crate::upstream::{self, UpstreamError, Upgraded};
+use crate::{Shared, headers, relay};
+
+/// A refused client gets this long to read the answer (and close) before the socket is closed:
+/// closing with unread input would send a reset that can destroy the answer in flight.
+const LINGER: Duration = Duration::from_secs(1);
+/// Most bytes read and discarded from a refused client while lingering.
+const LINGER_BYTES: usize = 64 * 1024;
+
+pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let started = Instant::now();
+    let ip = peer.ip().to_canonical();
+    let _slot = match shared.limiter.admit(ip, started) {
+        Ok(slot) => slot,
+        Err(refusal) => return refuse(client, ip, Answer::Limited(refusal), started).await,
+    };
+    let cfg = &shared.config;
+    // Nagle would delay the small frames of an interactive WebSocket; see also upstream.rs.
+    let _ = client.set_nodelay(true);
+    let read = handshake::read_request(&mut client, &cfg.handshake, cfg.headers.underscore_headers);
+    let request = match tokio::time::timeout(cfg.handshake.header_timeout, read).await {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => {
+            debug!(client = %ip, "closed before sending a complete request");
+            return;
+        }
+        Ok(Err(rejection)) => return refuse(client, ip, Answer::Rejected(rejection), started).await,
+        Err(_) => return refuse(client, ip, Answer::Rejected(Rejection::Timeout), started).await,
+    };
+
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let forwarded = headers::forwarded_request(&request, ip, &request_id, &cfg.headers);
+    let mut attempts = 0;
+    let mut upgraded = None;
+    for addr in shared.balancer.order(ip) {
+        attempts += 1;
+        let up = &cfg.upstreams;
+        match upstream::handshake(addr, &forwarded, &request.key, up.timeout, up.max_head_bytes).await {
+            Ok(u) => {
+                upgraded = Some((addr, u));
+                break;
+            }
+            Err(e) if e.retryable() => {
+                warn!(client = %ip, upstream = %addr, request_id, error = %e, "upstream failed, trying the next one");
+            }
+            Err(e) => return upstream_refused(ip, addr, &request_id, e, started),
+        }
+    }
+    let Some((addr, Upgraded { stream: mut upstream, response })) = upgraded else {
+        warn!(client = %ip, request_id, attempts, "no upstream answered");
+        return refuse(client, ip, Answer::Rejected(Rejection::BadRequest("no upstream available")), started).await;
+    };
+    info!(
+        client = %ip, upstream = %addr, request_id, status = 101,
+        duration_ms = started.elapsed().as_millis() as u64, "handshake"
+    );
+
+    // The 101 and whatever the upstream sent behind it go first, byte for byte; then the bytes the
+    // client sent behind its request. Only then does the relay take over, so nothing overtakes.
+    if let Err(e) = client.write_all(&response.buf).await {
+        debug!(client = %ip, request_id, error = %e, "client gone before the 101 was delivered");
+        return;
+    }
+    if let Err(e) = upstream.write_all(request.rest()).await {
+        debug!(client = %ip, request_id, error = %e, "upstream gone before the client's first bytes");
+        return;
+    }
+    drop(request);
+    let o = relay::relay(client, upstream).await;
+    info!(
+        client = %ip, upstream = %addr, request_id, relay = o.mode.as_str(), end = o.end.as_str(),
+        client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
+        duration_ms = started.elapsed().as_millis() as u64, "connection closed"
+    );
+}
+
+/// An upstream that answered, but not with a valid 101: both connections are closed and nothing
+/// is forwarded to the client (it learns only that the connection closed).
+fn upstream_refused(ip: IpAddr, addr: SocketAddr, request_id: &str, e: UpstreamError, started: Instant) {
+    let status = match e {
+        UpstreamError::Status(s) => Some(s),
+        _ => None,
+    };
+    warn!(
+        client = %ip, upstream = %addr, request_id, upstream_status = status, error = %e,
+        duration_ms = started.elapsed().as_millis() as u64, "upstream refused the handshake"
+    );
+}
+
+/// What a refused client is told.
+enum Answer {
+    Limited(Refusal),
+    Rejected(Rejection),
+}
+
+impl Answer {
+    fn status(&self) -> u16 {
+        match self {
+            Answer::Limited(_) => 429,
+            Answer::Rejected(r) => r.status(),
+        }
+    }
+
+    fn reason(&self) -> String {
+        match self {
+            Answer::Limited(Refusal::RateLimited { .. }) => "request rate limit".into(),
+            Answer::Limited(Refusal::TooManyConnections) => "connection limit".into(),
+            Answer::Limited(Refusal::TableFull) => "client table full".into(),
+            Answer::Rejected(r) => r.to_string(),
+        }
+    }
+
+    /// The whole HTTP response: small, plain text, and always closing the connection.
+    fn response(&self) -> Vec<u8> {
+        let status = self.status();
+        let phrase = match status {
+            400 => "Bad Request",
+            408 => "Request Timeout",
+            426 => "Upgrade Required",
+            429 => "Too Many Requests",
+            _ => "Request Header Fields Too Large",
+        };
+        let mut extra = String::new();
+        match self {
+            Answer::Limited(Refusal::RateLimited { retry_after }) => {
+                extra = format!("Retry-After: {}\r\n", retry_after.as_secs_f64().ceil().max(1.0) as u64);
+            }
+            Answer::Limited(_) => extra.push_str("Retry-After: 1\r\n"),
+            Answer::Rejected(Rejection::UnsupportedVersion) => extra.push_str("Sec-WebSocket-Version: 13\r\n"),
+            Answer::Rejected(_) => {}
+        }
+        let body = format!("{}\n", self.reason());
+        format!(
+            "HTTP/1.1 {status} {phrase}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+/// Answers a refused client, logs it, and closes after a bounded linger.
+async fn refuse(mut client: TcpStream, ip: IpAddr, answer: Answer, started: Instant) {
+    info!(
+        client = %ip, status = answer.status(), reason = %answer.reason(),
+        duration_ms = started.elapsed().as_millis() as u64, "handshake refused"
+    );
+    let _ = tokio::time::timeout(LINGER, async {
+        client.write_all(&answer.response()).await?;
+        client.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            let n = client.read(&mut sink).await?;
+            if n == 0 {
+                break;
+            }
+            drained += n;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_carry_their_headers() {
+        let r = String::from_utf8(
+            Answer::Limited(Refusal::RateLimited { retry_after: Duration::from_millis(1500) }).response(),
+        )
+        .unwrap();
+        assert!(r.starts_with("HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\n"), "{r}");
+        let r = String::from_utf8(Answer::Rejected(Rejection::UnsupportedVersion).response()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\n"), "{r}");
+        let r = String::from_utf8(Answer::Rejected(Rejection::HeadTooLarge("x")).response()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nrequest head too large: x\n"), "{r}");
+    }
+}

@@ -1,0 +1,234 @@
+//! Per-client admission: a token bucket of handshake requests and a cap on open connections.
+//!
+//! A client is an IPv4 address, or an IPv6 prefix (a single host usually owns a whole /64, so
+//! keying by full address would let it multiply its quota). The table is bounded: an entry whose
+//! bucket is full again and that holds no connection carries no information and may be dropped;
+//! when the table is at its cap such entries are swept, and if none can be, new clients are
+//! refused rather than letting a flood of source addresses grow memory.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::config;
+
+/// Why a client was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over the request rate; a token is due after `retry_after`.
+    RateLimited { retry_after: Duration },
+    /// Already holding `max_connections_per_ip` connections.
+    TooManyConnections,
+    /// The client table is full of clients that are still being limited.
+    TableFull,
+}
+
+/// The key under which a client is limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey(IpAddr);
+
+impl ClientKey {
+    pub fn new(ip: IpAddr, ipv6_prefix: u8) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => ClientKey(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                let mask = if ipv6_prefix >= 128 { u128::MAX } else { !(u128::MAX >> ipv6_prefix) };
+                ClientKey(IpAddr::V6(Ipv6Addr::from(bits & mask)))
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    tokens: f64,
+    refilled: Instant,
+    open: u32,
+}
+
+#[derive(Debug)]
+struct Table {
+    clients: HashMap<ClientKey, Entry>,
+    last_sweep: Option<Instant>,
+}
+
+/// Admission state shared by all connections.
+#[derive(Debug)]
+pub struct Limiter {
+    cfg: config::Limits,
+    table: Mutex<Table>,
+}
+
+/// Minimum time between two sweeps of a full table: a sweep walks every entry, and a flood of new
+/// addresses must not make each accept pay for that.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+impl Limiter {
+    pub fn new(cfg: config::Limits) -> Arc<Self> {
+        Arc::new(Self { cfg, table: Mutex::new(Table { clients: HashMap::new(), last_sweep: None }) })
+    }
+
+    /// Counts one handshake request of `ip` and, when admitted, holds one of its connection slots
+    /// until the returned guard is dropped.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Slot, Refusal> {
+        let key = ClientKey::new(ip, self.cfg.ipv6_prefix);
+        let mut table = self.lock();
+        if !table.clients.contains_key(&key) && table.clients.len() >= self.cfg.max_tracked_clients {
+            self.sweep(&mut table, now);
+            if table.clients.len() >= self.cfg.max_tracked_clients {
+                return Err(Refusal::TableFull);
+            }
+        }
+        let burst = f64::from(self.cfg.burst);
+        let rate = self.cfg.requests_per_second;
+        let e = table.clients.entry(key).or_insert(Entry { tokens: burst, refilled: now, open: 0 });
+        let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
+        e.tokens = (e.tokens + elapsed * rate).min(burst);
+        e.refilled = now;
+        if e.tokens < 1.0 {
+            let wait = Duration::from_secs_f64((1.0 - e.tokens) / rate);
+            return Err(Refusal::RateLimited { retry_after: wait });
+        }
+        e.tokens -= 1.0;
+        if self.cfg.max_connections_per_ip != 0 && e.open >= self.cfg.max_connections_per_ip {
+            return Err(Refusal::TooManyConnections);
+        }
+        e.open += 1;
+        Ok(Slot { limiter: Arc::clone(self), key })
+    }
+
+    /// Number of clients currently tracked.
+    pub fn tracked(&self) -> usize {
+        self.lock().clients.len()
+    }
+
+    fn sweep(&self, table: &mut Table, now: Instant) {
+        if table.last_sweep.is_some_and(|t| now.saturating_duration_since(t) < SWEEP_INTERVAL) {
+            return;
+        }
+        table.last_sweep = Some(now);
+        let burst = f64::from(self.cfg.burst);
+        let rate = self.cfg.requests_per_second;
+        table.clients.retain(|_, e| {
+            let tokens = e.tokens + now.saturating_duration_since(e.refilled).as_secs_f64() * rate;
+            e.open > 0 || tokens < burst
+        });
+    }
+
+    fn release(&self, key: &ClientKey) {
+        let mut table = self.lock();
+        if let Some(e) = table.clients.get_mut(key) {
+            e.open = e.open.saturating_sub(1);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding the lock cannot leave the table inconsistent (each update is a
+        // few field writes), so a poisoned lock is still usable.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One open connection of a client; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot {
+    limiter: Arc<Limiter>,
+    key: ClientKey,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.limiter.release(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(rps: f64, burst: u32, per_ip: u32, max_tracked: usize) -> Arc<Limiter> {
+        Limiter::new(config::Limits {
+            requests_per_second: rps,
+            burst,
+            max_connections_per_ip: per_ip,
+            ipv6_prefix: 64,
+            max_tracked_clients: max_tracked,
+        })
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn bucket_allows_burst_then_refills_at_rate() {
+        let l = limiter(2.0, 3, 0, 10);
+        let t0 = Instant::now();
+        let slots: Vec<_> = (0..3).map(|_| l.admit(ip("10.0.0.1"), t0).unwrap()).collect();
+        match l.admit(ip("10.0.0.1"), t0) {
+            Err(Refusal::RateLimited { retry_after }) => assert_eq!(retry_after, Duration::from_millis(500)),
+            other => panic!("{other:?}"),
+        }
+        // Another client has its own bucket.
+        assert!(l.admit(ip("10.0.0.2"), t0).is_ok());
+        // Half a second at 2/s gives one token back.
+        assert!(l.admit(ip("10.0.0.1"), t0 + Duration::from_millis(500)).is_ok());
+        assert!(l.admit(ip("10.0.0.1"), t0 + Duration::from_millis(500)).is_err());
+        drop(slots);
+    }
+
+    #[test]
+    fn connection_cap_is_released_by_the_guard() {
+        let l = limiter(1000.0, 1000, 2, 10);
+        let t = Instant::now();
+        let a = l.admit(ip("10.0.0.1"), t).unwrap();
+        let _b = l.admit(ip("10.0.0.1"), t).unwrap();
+        assert_eq!(l.admit(ip("10.0.0.1"), t).unwrap_err(), Refusal::TooManyConnections);
+        drop(a);
+        assert!(l.admit(ip("10.0.0.1"), t).is_ok());
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_prefix() {
+        let l = limiter(1.0, 1, 0, 10);
+        let t = Instant::now();
+        let _a = l.admit(ip("2001:db8:1:2::1"), t).unwrap();
+        assert!(matches!(l.admit(ip("2001:db8:1:2:ffff::9"), t), Err(Refusal::RateLimited { .. })));
+        assert!(l.admit(ip("2001:db8:1:3::1"), t).is_ok(), "another /64 is another client");
+        // An IPv4-mapped address is the IPv4 client.
+        let _c = l.admit(ip("10.1.1.1"), t).unwrap();
+        assert!(l.admit(ip("::ffff:10.1.1.1"), t).is_err());
+    }
+
+    #[test]
+    fn table_is_bounded_and_idle_entries_expire() {
+        let l = limiter(10.0, 2, 0, 100);
+        let t0 = Instant::now();
+        for i in 0..100u32 {
+            drop(l.admit(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32 + i)), t0).unwrap());
+        }
+        assert_eq!(l.tracked(), 100);
+        // Full of clients still being limited: a newcomer is refused, memory does not grow.
+        assert_eq!(l.admit(ip("11.0.0.1"), t0).unwrap_err(), Refusal::TableFull);
+        assert_eq!(l.tracked(), 100);
+        // Once their buckets are full again (0.1 s at 10/s), the entries are swept.
+        let later = t0 + Duration::from_secs(1);
+        assert!(l.admit(ip("11.0.0.1"), later).is_ok());
+        assert_eq!(l.tracked(), 1);
+    }
+
+    #[test]
+    fn clients_holding_connections_are_never_swept() {
+        let l = limiter(10.0, 2, 0, 1);
+        let t0 = Instant::now();
+        let held = l.admit(ip("10.0.0.1"), t0).unwrap();
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(l.admit(ip("10.0.0.2"), later).unwrap_err(), Refusal::TableFull);
+        drop(held);
+        // The sweep interval has not passed since the last sweep at `later`.
+        assert_eq!(l.admit(ip("10.0.0.2"), later).unwrap_err(), Refusal::TableFull);
+        assert!(l.admit(ip("10.0.0.2"), later + SWEEP_INTERVAL).is_ok());
+    }
+}

@@ -1,0 +1,87 @@
+//! The accept loop: a global connection cap, backoff when the process is out of file descriptors,
+//! and shutdown.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, warn};
+
+use crate::{Shared, connection};
+
+/// Pending connections the kernel may queue for us; a burst of handshakes should wait in the
+/// queue rather than be refused by the kernel.
+const BACKLOG: u32 = 4096;
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Binds the listening socket (with SO_REUSEADDR, so a restart does not wait for TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Accepts until `shutdown` completes, then cancels the connections still open and waits for
+/// their tasks to end.
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
+    let cap = Arc::new(Semaphore::new(shared.config.max_connections));
+    let tasks = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let mut backoff = BACKOFF_MIN;
+    tokio::pin!(shutdown);
+    loop {
+        // At the cap, stop accepting: new connections wait in the kernel's queue.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = Arc::clone(&cap).acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = BACKOFF_MIN;
+                let shared = Arc::clone(&shared);
+                let cancel = cancel.clone();
+                tasks.spawn(async move {
+                    tokio::select! {
+                        _ = connection::serve(stream, peer, shared) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                    drop(permit);
+                });
+            }
+            Err(e) if is_per_connection(&e) => {}
+            Err(e) => {
+                // Out of file descriptors or memory: spinning on accept would burn a core and
+                // fill the log; wait and retry, doubling the wait while it lasts.
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    drop(listener);
+    cancel.cancel();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
+        error!("connections did not end within 5 s of shutdown");
+    }
+}
+
+/// Errors that concern only the connection being accepted (it was reset before we took it).
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+    )
+}

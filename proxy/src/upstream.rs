@@ -1,0 +1,169 @@
+//! The upstream's side of the handshake: connect, send the forwarded request, read the response
+//! head, and check it is a valid 101 for this request's key.
+//!
+//! Connect, send and receive share one deadline. Errors say whether another upstream may be tried:
+//! only when the upstream saw nothing it could act on, or never answered (a connect error, a
+//! timeout, a close before any response byte). An upstream that answered, even wrongly, is not
+//! retried elsewhere.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine;
+use sha1::{Digest, Sha1};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::head::{self, HeadError, RawHead};
+
+/// Most header fields accepted in an upstream response.
+const MAX_RESPONSE_HEADERS: usize = 100;
+
+/// A connection on which the upstream accepted the upgrade.
+#[derive(Debug)]
+pub struct Upgraded {
+    pub stream: TcpStream,
+    /// The 101 head exactly as received, followed by any payload bytes the upstream sent after it.
+    pub response: RawHead,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect failed: {0}")]
+    Connect(io::Error),
+    #[error("no complete answer within {0:?}")]
+    Timeout(Duration),
+    #[error("closed before answering")]
+    ClosedBeforeAnswer,
+    #[error("closed mid-head after {0} bytes")]
+    ClosedMidHead(usize),
+    #[error("i/o error: {0}")]
+    Io(io::Error),
+    #[error("invalid response head: {0}")]
+    Malformed(String),
+    #[error("answered {0} instead of 101")]
+    Status(u16),
+    #[error("invalid 101: {0}")]
+    BadUpgrade(&'static str),
+}
+
+impl UpstreamError {
+    /// True when trying the next upstream is safe and useful: this one never answered.
+    pub fn retryable(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::ClosedBeforeAnswer)
+    }
+}
+
+/// Performs the upstream half of the handshake under one deadline.
+pub async fn handshake(
+    addr: SocketAddr,
+    request: &[u8],
+    key: &str,
+    timeout: Duration,
+    max_head: usize,
+) -> Result<Upgraded, UpstreamError> {
+    match tokio::time::timeout(timeout, exchange(addr, request, key, max_head)).await {
+        Ok(r) => r,
+        Err(_) => Err(UpstreamError::Timeout(timeout)),
+    }
+}
+
+async fn exchange(addr: SocketAddr, request: &[u8], key: &str, max_head: usize) -> Result<Upgraded, UpstreamError> {
+    let mut stream = TcpStream::connect(addr).await.map_err(UpstreamError::Connect)?;
+    // Every message is relayed as it comes; Nagle would add latency to small frames.
+    stream.set_nodelay(true).map_err(UpstreamError::Io)?;
+    stream.write_all(request).await.map_err(UpstreamError::Io)?;
+    let parse = |b: &[u8]| {
+        let mut h = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        head::from_httparse(httparse::Response::new(&mut h).parse(b), MAX_RESPONSE_HEADERS)
+    };
+    let response = match head::read_head(&mut stream, max_head, parse).await {
+        Ok(r) => r,
+        Err(HeadError::Closed(0)) => return Err(UpstreamError::ClosedBeforeAnswer),
+        Err(HeadError::Closed(n)) => return Err(UpstreamError::ClosedMidHead(n)),
+        Err(HeadError::Io(e)) => return Err(UpstreamError::Io(e)),
+        Err(e) => return Err(UpstreamError::Malformed(e.to_string())),
+    };
+    check_101(response.head(), key)?;
+    Ok(Upgraded { stream, response })
+}
+
+/// Checks a response head: status 101, `Upgrade: websocket`, `Connection: upgrade` and the
+/// `Sec-WebSocket-Accept` that RFC 6455 section 4.2.2 derives from the request's key.
+pub fn check_101(head_bytes: &[u8], key: &str) -> Result<(), UpstreamError> {
+    let mut h = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut h);
+    resp.parse(head_bytes).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+    let code = resp.code.unwrap_or(0);
+    if code != 101 {
+        return Err(UpstreamError::Status(code));
+    }
+    if resp.version != Some(1) {
+        return Err(UpstreamError::BadUpgrade("HTTP version is not 1.1"));
+    }
+    let all = |name: &'static str| resp.headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name));
+    if !all("upgrade").any(|h| head::has_token(h.value, "websocket")) {
+        return Err(UpstreamError::BadUpgrade("no Upgrade: websocket"));
+    }
+    if !all("connection").any(|h| head::has_token(h.value, "upgrade")) {
+        return Err(UpstreamError::BadUpgrade("no upgrade token in Connection"));
+    }
+    let mut accepts = all("sec-websocket-accept");
+    let accept = accepts.next().ok_or(UpstreamError::BadUpgrade("no Sec-WebSocket-Accept"))?;
+    if accepts.next().is_some() {
+        return Err(UpstreamError::BadUpgrade("repeated Sec-WebSocket-Accept"));
+    }
+    if accept.value.trim_ascii() != accept_key(key).as_bytes() {
+        return Err(UpstreamError::BadUpgrade("wrong Sec-WebSocket-Accept"));
+    }
+    Ok(())
+}
+
+/// base64(SHA-1(key + GUID)), RFC 6455 section 4.2.2.
+pub fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    #[test]
+    fn rfc_example_accept() {
+        assert_eq!(accept_key(KEY), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn response_checks() {
+        let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        assert!(check_101(ok.as_bytes(), KEY).is_ok());
+        let cases = [
+            (ok.replace("101 Switching Protocols", "200 OK"), "answered 200 instead of 101"),
+            (ok.replace("Upgrade: websocket\r\n", ""), "invalid 101: no Upgrade: websocket"),
+            (ok.replace("Connection: Upgrade", "Connection: close"), "invalid 101: no upgrade token in Connection"),
+            (ok.replace("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n", ""), "invalid 101: no Sec-WebSocket-Accept"),
+            (ok.replace("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", "AAAAAAAAAAAAAAAAAAAAAAAAAAA="), "invalid 101: wrong Sec-WebSocket-Accept"),
+            (ok.replace("HTTP/1.1", "HTTP/1.0"), "invalid 101: HTTP version is not 1.1"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(check_101(text.as_bytes(), KEY).unwrap_err().to_string(), want);
+        }
+    }
+
+    #[test]
+    fn only_unanswered_attempts_are_retried() {
+        assert!(UpstreamError::Connect(io::ErrorKind::ConnectionRefused.into()).retryable());
+        assert!(UpstreamError::Timeout(Duration::from_secs(1)).retryable());
+        assert!(UpstreamError::ClosedBeforeAnswer.retryable());
+        assert!(!UpstreamError::Status(503).retryable());
+        assert!(!UpstreamError::BadUpgrade("x").retryable());
+        assert!(!UpstreamError::ClosedMidHead(3).retryable());
+    }
+}
