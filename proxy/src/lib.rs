@@ -26,9 +26,10 @@ use tokio::net::TcpListener;
 pub use config::Config;
 
 /// What every connection task reads.
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub config: Config,
+    /// The kernel relay's programs, when the configured mode wants them and they loaded.
+    pub kernel: Option<ebpf::KernelPrograms>,
     pub limiter: Arc<limits::Limiter>,
     pub balancer: balance::Balancer,
 }
@@ -36,7 +37,9 @@ pub(crate) struct Shared {
 /// Serves `listener` with `config` until `shutdown` completes; then stops accepting, closes the
 /// connections still open and returns.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let kernel = load_kernel_relay(config.relay.mode)?;
     let shared = Arc::new(Shared {
+        kernel,
         limiter: limits::Limiter::new(config.limits.clone()),
         balancer: balance::Balancer::new(&config.upstreams),
         config,
@@ -46,4 +49,28 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     }
     listener::accept_loop(listener, shared, shutdown).await;
     Ok(())
+}
+
+/// Loads the kernel relay unless the configuration asks for the userspace relay only, and logs
+/// the one line operators look for. In `kernel` mode a relay that cannot load is fatal; in
+/// `auto` mode the userspace relay carries every connection instead.
+fn load_kernel_relay(mode: config::RelayMode) -> anyhow::Result<Option<ebpf::KernelPrograms>> {
+    if mode == config::RelayMode::Userspace {
+        tracing::info!("kernel relay: not used (relay.mode = \"userspace\")");
+        return Ok(None);
+    }
+    match ebpf::KernelPrograms::load() {
+        Ok(k) => {
+            tracing::info!("kernel relay: available");
+            Ok(Some(k))
+        }
+        Err(e) if mode == config::RelayMode::Kernel => {
+            tracing::error!("kernel relay: unavailable ({e:#})");
+            anyhow::bail!("kernel relay unavailable and relay.mode = \"kernel\": {e:#}")
+        }
+        Err(e) => {
+            tracing::warn!("kernel relay: unavailable ({e:#})");
+            Ok(None)
+        }
+    }
 }

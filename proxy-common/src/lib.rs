@@ -1,0 +1,84 @@
+//! What wsproxy (userspace) and `proxy-ebpf` (the kernel relay) must agree on: map names, map
+//! capacities and the layout of the per-socket state.
+//!
+//! Both sides are compiled separately (the eBPF side for `bpfel-unknown-none`), so every shared
+//! value lives here once. The state struct is `#[repr(C)]` with `u64` fields only, so its layout
+//! is identical on both targets and has no padding (the kernel copies map values byte for byte;
+//! padding bytes would be uninitialised memory on one side).
+#![cfg_attr(not(test), no_std)]
+
+/// Name of the `SockHash<u64>` map: socket cookie -> socket. The verdict program is attached to
+/// it, and redirects into it by the peer's cookie.
+pub const SOCKETS_MAP: &str = "WSP_SOCKETS";
+
+/// Name of the `HashMap<u64, SockState>` map: socket cookie -> [`SockState`].
+pub const STATE_MAP: &str = "WSP_STATE";
+
+/// Name of the `sk_skb` stream_verdict program (the Rust function name in `proxy-ebpf`).
+pub const VERDICT_PROGRAM: &str = "wsp_verdict";
+
+/// Most relayed connections at once. Each one puts two sockets (client side, upstream side) into
+/// both maps.
+pub const MAX_RELAYED_PAIRS: u32 = 32_768;
+
+/// Capacity of both maps: two entries per relayed connection.
+pub const MAX_SOCKETS: u32 = 2 * MAX_RELAYED_PAIRS;
+
+/// Verdict flag: pass every byte from this socket to userspace instead of redirecting it.
+/// `SK_PASS` keeps the bytes in the socket's receive queue, so the sender is held back by its own
+/// TCP window (measured: real backpressure, no host memory growth). This is the lever the
+/// credit-based bound on in-flight bytes will use.
+pub const FLAG_PASS: u64 = 1 << 0;
+
+/// State of one proxy-side socket of a kernel-relayed pair, keyed by the socket's cookie.
+///
+/// Writers: userspace writes the whole entry once, at insertion (counters zero), and removes it
+/// when the pair ends. After that only the verdict writes, and only the counters (atomic adds).
+/// Userspace must not rewrite an entry while the pair is live: a map update replaces the value,
+/// which would lose counts the verdict adds at the same moment. Anything userspace must change
+/// during the relay (credit grants) belongs in a map of its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// Cookie of the other proxy-side socket of the pair: bytes received here go out there.
+    pub peer_cookie: u64,
+    /// Bytes the verdict redirected from this socket to the peer's egress. Userspace needs it to
+    /// know when the peer's TCP has taken everything before it sends a FIN there.
+    pub redirected: u64,
+    /// Bytes the verdict left to userspace (`SK_PASS`) on this socket: because of [`FLAG_PASS`],
+    /// or because the redirect failed (the peer is not, or no longer, in the socket map).
+    pub passed: u64,
+    /// `FLAG_*` bits, set by userspace at insertion.
+    pub flags: u64,
+}
+
+// SAFETY: `SockState` is `#[repr(C)]`, `Copy`, has only `u64` fields (no padding, checked by the
+// tests below) and every bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockState {}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn sock_state_has_no_padding() {
+        assert_eq!(size_of::<SockState>(), 4 * size_of::<u64>());
+        assert_eq!(align_of::<SockState>(), align_of::<u64>());
+        assert_eq!(offset_of!(SockState, peer_cookie), 0);
+        assert_eq!(offset_of!(SockState, redirected), 8);
+        assert_eq!(offset_of!(SockState, passed), 16);
+        assert_eq!(offset_of!(SockState, flags), 24);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        // The kernel keeps 15 bytes of a map or program name; shorter names show up whole in
+        // `bpftool map` / `bpftool prog`, so operators see the names used here.
+        for name in [SOCKETS_MAP, STATE_MAP, VERDICT_PROGRAM] {
+            assert!(name.len() <= 15, "{name} is longer than 15 bytes");
+        }
+    }
+}
