@@ -1,0 +1,102 @@
+//! `cargo xtask <task>`: the developer and CI entry points of the wsproxy workspace.
+
+mod cargo;
+mod cmd;
+mod run;
+mod setup;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Set up, build, run and test wsproxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: nightly rust-src, LLVM 22 dev packages, bpf-linker (idempotent)
+    Setup {
+        /// Print what would be installed, install nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Set up if needed, then build the proxy (and its eBPF programs)
+    Build {
+        /// Build with the release profile
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up if needed, build, then run the proxy on config/wsproxy.toml with two echo upstreams
+    Run {
+        /// Build and run with the release profile
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up if needed, then run every test of the workspace (privileged ones read env CI)
+    Test {
+        /// Passed on to `cargo test` (e.g. `-- handshake -- --nocapture`)
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match dispatch(Cli::parse().task) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(task: Task) -> Result<ExitCode> {
+    let root = cargo::workspace_root();
+    match task {
+        Task::Setup { dry_run } => setup::setup(&root, dry_run)?,
+        Task::Build { release } => {
+            setup::ensure(&root)?;
+            cargo::build(&root, release)?;
+        }
+        Task::Run { release } => {
+            setup::ensure(&root)?;
+            cargo::build(&root, release)?;
+            return run::run(&root, &cargo::wsproxy_binary(&root, release));
+        }
+        Task::Test { args } => {
+            setup::ensure(&root)?;
+            return cargo::test(&root, &args);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_everything_after_the_separator() {
+        let cli =
+            Cli::try_parse_from(["xtask", "test", "--", "handshake", "--", "--nocapture"]).unwrap();
+        let Task::Test { args } = cli.task else {
+            panic!("not test")
+        };
+        assert_eq!(args, ["handshake", "--", "--nocapture"]);
+    }
+}
