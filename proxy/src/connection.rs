@@ -57,34 +57,34 @@ pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<S
                 break;
             }
             Err(e) if e.retryable() => {
-                warn!(client = %ip, upstream = %addr, request_id, error = %e, "upstream failed, trying the next one");
+                warn!(client = %ip, upstream = %addr, %request_id, error = %e, "upstream failed, trying the next one");
             }
             Err(e) => return upstream_refused(ip, addr, &request_id, e, started),
         }
     }
     let Some((addr, Upgraded { stream: mut upstream, response })) = upgraded else {
-        warn!(client = %ip, request_id, attempts, "no upstream answered");
+        warn!(client = %ip, %request_id, attempts, "no upstream answered");
         return refuse(client, ip, Answer::Rejected(Rejection::BadRequest("no upstream available")), started).await;
     };
     info!(
-        client = %ip, upstream = %addr, request_id, status = 101,
+        client = %ip, upstream = %addr, %request_id, status = 101,
         duration_ms = started.elapsed().as_millis() as u64, "handshake"
     );
 
     // The 101 and whatever the upstream sent behind it go first, byte for byte; then the bytes the
     // client sent behind its request. Only then does the relay take over, so nothing overtakes.
     if let Err(e) = client.write_all(&response.buf).await {
-        debug!(client = %ip, request_id, error = %e, "client gone before the 101 was delivered");
+        debug!(client = %ip, %request_id, error = %e, "client gone before the 101 was delivered");
         return;
     }
     if let Err(e) = upstream.write_all(request.rest()).await {
-        debug!(client = %ip, request_id, error = %e, "upstream gone before the client's first bytes");
+        debug!(client = %ip, %request_id, error = %e, "upstream gone before the client's first bytes");
         return;
     }
     drop(request);
     let o = relay::relay(client, upstream).await;
     info!(
-        client = %ip, upstream = %addr, request_id, relay = o.mode.as_str(), end = o.end.as_str(),
+        client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
         client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
         duration_ms = started.elapsed().as_millis() as u64, "connection closed"
     );
@@ -98,7 +98,7 @@ fn upstream_refused(ip: IpAddr, addr: SocketAddr, request_id: &str, e: UpstreamE
         _ => None,
     };
     warn!(
-        client = %ip, upstream = %addr, request_id, upstream_status = status, error = %e,
+        client = %ip, upstream = %addr, %request_id, upstream_status = status, error = %e,
         duration_ms = started.elapsed().as_millis() as u64, "upstream refused the handshake"
     );
 }

@@ -1,0 +1,230 @@
+//! The `wsproxy` binary as an operator meets it: help, configuration checks, start-up failures,
+//! log lines and signals.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsproxy");
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wsproxy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `wsproxy` whose stderr lines arrive on a channel.
+struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!("no log line with {needle:?}; got:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < end, "wsproxy did not exit after SIGTERM");
+            // Polling a child's exit status has no readiness signal in std; this is the poll
+            // interval of a deadline-bounded wait.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config_text(listen_port: u16, upstream: &str, extra: &str) -> String {
+    format!(
+        "[listen]\naddress = \"127.0.0.1:{listen_port}\"\n{extra}\n[upstreams]\nmain = [{{ address = \"{upstream}\" }}]\n\
+         timeout = \"2s\"\n"
+    )
+}
+
+fn request() -> &'static str {
+    "GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+}
+
+fn send_and_read(port: u16, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn help_for_every_subcommand() {
+    for sub in [&[][..], &["run"], &["check-config"], &["echo-server"]] {
+        let out = Command::new(BIN).args(sub).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{sub:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{sub:?}");
+    }
+}
+
+#[test]
+fn check_config_accepts_the_shipped_file() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/wsproxy.toml");
+    let out = Command::new(BIN).args(["check-config", shipped]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn check_config_names_every_bad_field_and_exits_2() {
+    let path = temp_config(
+        "bad.toml",
+        "[listen]\naddress = \"nope\"\n[limits]\nburst = 0\n[upstreams]\nmain = []\ntimeout = \"0s\"\n",
+    );
+    let out = Command::new(BIN).args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in ["listen.address", "limits.burst", "upstreams.main", "upstreams.timeout"] {
+        assert!(err.contains(field), "{field} not named in:\n{err}");
+    }
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+}
+
+#[test]
+fn missing_file_and_busy_port_are_one_clear_line() {
+    let out = Command::new(BIN).args(["run", "--config", "/nonexistent/wsproxy.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read the file") && !err.contains("panicked"), "{err}");
+
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let path = temp_config("busy.toml", &config_text(port, "127.0.0.1:9", "[relay]\nmode = \"userspace\""));
+    let out = Command::new(BIN).args(["run", "--config", path.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn logs_each_handshake_outcome_and_stops_on_sigterm() {
+    let echo_port = free_port();
+    let mut echo = Daemon::start(&["echo-server", "--listen", &format!("127.0.0.1:{echo_port}")]);
+    echo.wait_for("echo server accepting connections");
+
+    let port = free_port();
+    let extra = "[relay]\nmode = \"userspace\"\n[handshake]\nheader_timeout = \"10s\"";
+    let path = temp_config("run.toml", &config_text(port, &format!("127.0.0.1:{echo_port}"), extra));
+    let mut proxy = Daemon::start(&["run", "--config", path.to_str().unwrap()]);
+    proxy.wait_for("accepting connections");
+
+    let answer = send_and_read(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let line = proxy.wait_for("handshake refused");
+    assert!(line.contains("status=400") && line.contains("client=127.0.0.1"), "{line}");
+
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(request().as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    let line = proxy.wait_for("status=101");
+    assert!(line.contains(&format!("upstream=127.0.0.1:{echo_port}")) && line.contains("duration_ms="), "{line}");
+    drop(s);
+    let line = proxy.wait_for("connection closed");
+    assert!(line.contains("relay=userspace") && line.contains("client_to_upstream="), "{line}");
+
+    assert!(proxy.terminate().success());
+    assert!(echo.terminate().success());
+}
+
+#[test]
+fn upstream_status_is_logged_and_nothing_forwarded() {
+    // An upstream that answers 503 to anything.
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in upstream.incoming().take(1) {
+            let mut s = s.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let port = free_port();
+    let path = temp_config("503.toml", &config_text(port, &up_addr.to_string(), "[relay]\nmode = \"userspace\""));
+    let mut proxy = Daemon::start(&["--log-format", "json", "run", "--config", path.to_str().unwrap()]);
+    proxy.wait_for("accepting connections");
+    let answer = send_and_read(port, request().as_bytes());
+    assert_eq!(answer, "", "nothing of a failed upstream answer may reach the client");
+    let line = proxy.wait_for("upstream refused the handshake");
+    assert!(line.starts_with('{') && line.contains("\"upstream_status\":503"), "{line}");
+    assert!(proxy.terminate().success());
+}
+
+#[test]
+fn kernel_relay_availability_is_logged_at_start() {
+    let port = free_port();
+    let path = temp_config("auto.toml", &config_text(port, "127.0.0.1:9", "[relay]\nmode = \"auto\""));
+    let mut proxy = Daemon::start(&["run", "--config", path.to_str().unwrap()]);
+    let line = proxy.wait_for("kernel relay: ");
+    assert!(line.contains("kernel relay: available") || line.contains("kernel relay: unavailable ("), "{line}");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        assert!(line.contains("kernel relay: available"), "in CI the kernel relay must load: {line}");
+    }
+    assert!(proxy.terminate().success());
+}

@@ -1,0 +1,296 @@
+//! Helpers for the integration tests of wsproxy: the real proxy (`wsproxy::run`) on a loopback
+//! port, scripted upstreams that record what they saw, and clients bound to chosen loopback
+//! source addresses (127.0.0.0/8 gives each test as many client IPs as it needs).
+//!
+//! Nothing here sleeps to wait for something: readiness is a bound listener, and every wait has a
+//! deadline ([`within`]).
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+pub use wsproxy;
+
+/// Default deadline for anything a test waits on.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A request key and the accept value RFC 6455 derives from it.
+pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+pub const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// Awaits `f`, failing the test if it takes longer than [`DEADLINE`].
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// A proxy served by `wsproxy::run` on 127.0.0.1, port chosen by the kernel.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Proxy {
+    /// Starts a proxy with `config_toml`; its `[listen] address` is overridden with port 0.
+    pub async fn start(config_toml: &str) -> Proxy {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), config_toml).await
+    }
+
+    pub async fn start_on(listen: SocketAddr, config_toml: &str) -> Proxy {
+        let config = wsproxy::Config::parse(config_toml, "test config").unwrap_or_else(|e| panic!("{e}"));
+        let listener = wsproxy::listener::bind(listen).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(wsproxy::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        Proxy { addr, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Stops the proxy and waits until `run` has returned.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        within("the proxy to stop", self.task.take().unwrap()).await.unwrap().unwrap();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// Config text with the given upstreams and extra sections. `main` and `backup` are addresses.
+pub fn config(main: &[SocketAddr], backup: &[SocketAddr], extra: &str) -> String {
+    let list = |a: &[SocketAddr]| a.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect::<Vec<_>>().join(", ");
+    format!("{extra}\n[upstreams]\nmain = [{}]\nbackup = [{}]\ntimeout = \"2s\"\n", list(main), list(backup))
+}
+
+/// A WebSocket echo upstream (the proxy's own `echo-server`).
+pub async fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(wsproxy::echo::serve(listener, std::future::pending()));
+    addr
+}
+
+/// How a scripted upstream answers the request head it reads.
+#[derive(Clone)]
+pub enum Script {
+    /// A valid 101 for the request's key, then these bytes, then echo everything back raw.
+    Upgrade { after: Vec<u8> },
+    /// This exact response (`{accept}` is replaced by the right accept value), then echo raw.
+    Respond(String),
+    /// Read the request and never answer.
+    Silent,
+    /// Close without answering.
+    Close,
+}
+
+/// What a scripted upstream saw of one connection.
+#[derive(Debug)]
+pub struct Seen {
+    /// The request head, as received.
+    pub head: String,
+    /// Everything received after the head until the proxy closed the connection.
+    pub rest: Vec<u8>,
+}
+
+/// An upstream that follows a [`Script`] and reports what it saw.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: mpsc::UnboundedReceiver<Seen>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    pub async fn start(script: Script) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, seen) = mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve_script(stream, script.clone(), tx.clone()));
+            }
+        });
+        Upstream { addr, seen, accepted }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The next connection's record (complete once the proxy closed it).
+    pub async fn next_seen(&mut self) -> Seen {
+        within("the upstream to see a connection", self.seen.recv()).await.expect("upstream task ended")
+    }
+}
+
+async fn serve_script(mut s: TcpStream, script: Script, tx: mpsc::UnboundedSender<Seen>) {
+    let mut buf = Vec::new();
+    let head_len = loop {
+        if let Some(p) = find(&buf, b"\r\n\r\n") {
+            break p + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
+    let mut rest = buf[head_len..].to_vec();
+    let key = header(&head, "sec-websocket-key").unwrap_or_default();
+    let accept = wsproxy::upstream::accept_key(&key);
+    match script {
+        Script::Upgrade { after } => {
+            let r = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            let _ = s.write_all(r.as_bytes()).await;
+            let _ = s.write_all(&after).await;
+            let _ = s.write_all(&rest).await;
+            echo_raw(&mut s, &mut rest).await;
+        }
+        Script::Respond(text) => {
+            let _ = s.write_all(text.replace("{accept}", &accept).as_bytes()).await;
+            let _ = s.write_all(&rest).await;
+            echo_raw(&mut s, &mut rest).await;
+        }
+        Script::Silent => {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = s.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                rest.extend_from_slice(&chunk[..n]);
+            }
+        }
+        Script::Close => {}
+    }
+    let _ = tx.send(Seen { head, rest });
+}
+
+/// Echoes raw bytes until EOF, keeping a copy; then shuts down its side.
+async fn echo_raw(s: &mut TcpStream, seen: &mut Vec<u8>) {
+    let mut chunk = vec![0u8; 65536];
+    loop {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                seen.extend_from_slice(&chunk[..n]);
+                if s.write_all(&chunk[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown().await;
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// First value of a header field in a head (case-insensitive name).
+pub fn header(head: &str, name: &str) -> Option<String> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// Connects to `to` from the loopback address `from` (any address of 127.0.0.0/8, or ::1).
+pub async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let socket = if from.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    within("connect", socket.connect(to)).await.unwrap()
+}
+
+/// A valid handshake request for `path`.
+pub fn request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// Sends `bytes` and reads until the proxy closes; returns everything received (lossy text).
+pub async fn exchange(from: IpAddr, to: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = connect_from(from, to).await;
+    s.write_all(bytes).await.unwrap();
+    read_to_close(&mut s).await
+}
+
+/// Reads until EOF or reset; a reset after a response still counts as the end.
+pub async fn read_to_close(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    within("the proxy to close", async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = s.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads a response head (up to the blank line) and returns it; the rest stays unread.
+pub async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    within("a response head", async {
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).await.unwrap() == 0 {
+                break;
+            }
+            head.push(b[0]);
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The status code of a response.
+pub fn status(response: &str) -> u16 {
+    response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// A WebSocket client (tokio-tungstenite) through the proxy from the source address `from`.
+pub async fn ws_connect(
+    from: IpAddr,
+    to: SocketAddr,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<TcpStream>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let stream = connect_from(from, to).await;
+    let url = format!("ws://{to}/ws");
+    within("a WebSocket handshake", tokio_tungstenite::client_async(url, stream)).await.map(|(ws, _)| ws)
+}
+
+/// Loopback address 127.x.y.z for client number `n` (never 127.0.0.1, which tests keep for
+/// "another client").
+pub fn client_ip(n: u32) -> IpAddr {
+    IpAddr::from(std::net::Ipv4Addr::from(0x7f10_0000u32 + n))
+}
