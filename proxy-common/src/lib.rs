@@ -14,6 +14,10 @@ pub const SOCKETS_MAP: &str = "WSP_SOCKETS";
 /// Name of the `HashMap<u64, SockState>` map: socket cookie -> [`SockState`].
 pub const STATE_MAP: &str = "WSP_STATE";
 
+/// Name of the `HashMap<u64, SockCtrl>` map: socket cookie -> [`SockCtrl`] (written by userspace
+/// only).
+pub const CTRL_MAP: &str = "WSP_CTRL";
+
 /// Name of the `sk_skb` stream_verdict program (the Rust function name in `proxy-ebpf`).
 pub const VERDICT_PROGRAM: &str = "wsp_verdict";
 
@@ -48,14 +52,42 @@ pub struct SockState {
     /// Bytes the verdict left to userspace (`SK_PASS`) on this socket: because of [`FLAG_PASS`],
     /// or because the redirect failed (the peer is not, or no longer, in the socket map).
     pub passed: u64,
+    /// Number of skbs the verdict redirected from this socket. Memory held by queued skbs is
+    /// their true size, not their payload: a sender of one-byte segments would hold far more
+    /// than its byte credit, so skbs are bounded too.
+    pub redirected_skbs: u64,
     /// `FLAG_*` bits, set by userspace at insertion.
     pub flags: u64,
+}
+
+/// Userspace's side of the bound on bytes in flight from one socket, keyed by its cookie.
+///
+/// The verdict redirects an skb only while (a) every byte it ever passed to userspace has been
+/// forwarded (`SockState::passed == forwarded`: otherwise a redirected byte could overtake a
+/// passed one), and (b) the credit allows it (`redirected + len <= limit_bytes` and
+/// `redirected_skbs < limit_skbs`). Otherwise it passes the skb: the bytes wait in this socket's
+/// receive queue and the sender is held back by its own TCP window. Userspace forwards passed
+/// bytes once the peer's TCP has taken every redirected byte, then grants new credit.
+/// Only userspace writes this map (whole values), so there is no lost update.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockCtrl {
+    /// Passed bytes userspace has written to the peer.
+    pub forwarded: u64,
+    /// The verdict may redirect while `SockState::redirected` stays at or below this.
+    pub limit_bytes: u64,
+    /// The verdict may redirect while `SockState::redirected_skbs` stays below this.
+    pub limit_skbs: u64,
 }
 
 // SAFETY: `SockState` is `#[repr(C)]`, `Copy`, has only `u64` fields (no padding, checked by the
 // tests below) and every bit pattern is a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SockState {}
+
+// SAFETY: as for `SockState`: `#[repr(C)]`, `Copy`, `u64` fields only, every bit pattern valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockCtrl {}
 
 #[cfg(test)]
 mod tests {
@@ -65,19 +97,22 @@ mod tests {
 
     #[test]
     fn sock_state_has_no_padding() {
-        assert_eq!(size_of::<SockState>(), 4 * size_of::<u64>());
+        assert_eq!(size_of::<SockState>(), 5 * size_of::<u64>());
+        assert_eq!(size_of::<SockCtrl>(), 3 * size_of::<u64>());
+        assert_eq!(align_of::<SockCtrl>(), align_of::<u64>());
         assert_eq!(align_of::<SockState>(), align_of::<u64>());
         assert_eq!(offset_of!(SockState, peer_cookie), 0);
         assert_eq!(offset_of!(SockState, redirected), 8);
         assert_eq!(offset_of!(SockState, passed), 16);
-        assert_eq!(offset_of!(SockState, flags), 24);
+        assert_eq!(offset_of!(SockState, redirected_skbs), 24);
+        assert_eq!(offset_of!(SockState, flags), 32);
     }
 
     #[test]
     fn map_names_fit_the_kernel_limit() {
         // The kernel keeps 15 bytes of a map or program name; shorter names show up whole in
         // `bpftool map` / `bpftool prog`, so operators see the names used here.
-        for name in [SOCKETS_MAP, STATE_MAP, VERDICT_PROGRAM] {
+        for name in [SOCKETS_MAP, STATE_MAP, CTRL_MAP, VERDICT_PROGRAM] {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
         }
     }

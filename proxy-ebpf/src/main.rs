@@ -16,7 +16,7 @@ use aya_ebpf::{
     maps::{HashMap, SockHash},
     programs::SkBuffContext,
 };
-use proxy_common::{FLAG_PASS, MAX_SOCKETS, SockState};
+use proxy_common::{FLAG_PASS, MAX_SOCKETS, SockCtrl, SockState};
 
 /// Socket cookie -> socket. Name must equal `proxy_common::SOCKETS_MAP`.
 #[map]
@@ -26,25 +26,47 @@ static WSP_SOCKETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static WSP_STATE: HashMap<u64, SockState> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
+/// Socket cookie -> userspace's credit and forwarded count. Name must equal
+/// `proxy_common::CTRL_MAP`.
+#[map]
+static WSP_CTRL: HashMap<u64, SockCtrl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
 /// The verdict. Name must equal `proxy_common::VERDICT_PROGRAM`.
 #[stream_verdict]
 pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
-    let Some(state) = WSP_STATE.get_ptr_mut(socket_cookie(&ctx)) else {
+    let cookie = socket_cookie(&ctx);
+    let Some(state) = WSP_STATE.get_ptr_mut(cookie) else {
         return SK_PASS; // not a relayed socket (or already removed): userspace reads it
     };
     let len = u64::from(ctx.len());
     // SAFETY: a non-null pointer to a live map value; userspace writes the entry before inserting
     // the socket and deletes it only after removing the socket, so it outlives this call.
-    let (peer, flags) = unsafe { ((*state).peer_cookie, (*state).flags) };
-    if flags & FLAG_PASS == 0 && redirect_to(&ctx, peer) {
-        // SAFETY: as above; the field pointer stays inside the value.
-        count(unsafe { &raw mut (*state).redirected }, len);
+    let s = unsafe { *state };
+    if may_redirect(&s, cookie, len) && redirect_to(&ctx, s.peer_cookie) {
+        // SAFETY: as above; the field pointers stay inside the value.
+        unsafe {
+            count(&raw mut (*state).redirected, len);
+            count(&raw mut (*state).redirected_skbs, 1);
+        }
     } else {
         // SAFETY: as above.
         count(unsafe { &raw mut (*state).passed }, len);
     }
     // With a redirect target set, SK_PASS means "redirect"; without one, "pass to userspace".
     SK_PASS
+}
+
+/// Order and credit (see `proxy_common::SockCtrl`): redirect only when no passed byte is still
+/// waiting for userspace, and within the credit userspace granted. No credit entry: pass.
+fn may_redirect(s: &SockState, cookie: u64, len: u64) -> bool {
+    // SAFETY: the value is copied out at once; userspace replaces entries whole.
+    let Some(ctrl) = (unsafe { WSP_CTRL.get(&cookie) }) else {
+        return false;
+    };
+    s.flags & FLAG_PASS == 0
+        && s.passed == ctrl.forwarded
+        && s.redirected + len <= ctrl.limit_bytes
+        && s.redirected_skbs < ctrl.limit_skbs
 }
 
 /// Cookie of the socket the bytes arrived on (0 if the skb has no socket: never a map key).

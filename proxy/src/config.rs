@@ -148,11 +148,26 @@ pub enum RelayMode {
 #[serde(deny_unknown_fields, default)]
 pub struct Relay {
     pub mode: RelayMode,
+    /// Kernel relay: bytes one direction may have redirected but not yet taken by the
+    /// destination's TCP. Past it the sender is held back by its own TCP window.
+    pub max_in_flight_bytes: u64,
+    /// Kernel relay: the same bound in socket buffers (a sender of tiny segments would otherwise
+    /// hold far more memory than its bytes).
+    pub max_in_flight_skbs: u64,
+    /// After one side closed, time the other side's TCP gets to take the remaining bytes before
+    /// both are cut.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for Relay {
     fn default() -> Self {
-        Self { mode: RelayMode::Auto }
+        Self {
+            mode: RelayMode::Auto,
+            max_in_flight_bytes: 4 * 1024 * 1024,
+            max_in_flight_skbs: 4096,
+            drain_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -331,6 +346,17 @@ impl File {
             p.push(format!("upstreams.max_head_bytes: must be 256 to 1048576, got {}", u.max_head_bytes));
         }
 
+        let r = &self.relay;
+        if r.max_in_flight_bytes < 64 * 1024 || r.max_in_flight_bytes > 1 << 30 {
+            p.push(format!("relay.max_in_flight_bytes: must be 65536 to 1073741824, got {}", r.max_in_flight_bytes));
+        }
+        if r.max_in_flight_skbs < 16 || r.max_in_flight_skbs > 1 << 20 {
+            p.push(format!("relay.max_in_flight_skbs: must be 16 to 1048576, got {}", r.max_in_flight_skbs));
+        }
+        if r.drain_timeout.is_zero() {
+            p.push("relay.drain_timeout: must be above 0".into());
+        }
+
         match (listen, p.is_empty()) {
             (Some(listen), true) => Ok(Config {
                 listen,
@@ -377,6 +403,8 @@ mod tests {
         assert_eq!(c.limits.ipv6_prefix, 64);
         assert_eq!(c.headers.underscore_headers, UnderscoreHeaders::Drop);
         assert_eq!(c.relay.mode, RelayMode::Auto);
+        assert_eq!(c.relay.max_in_flight_bytes, 4 * 1024 * 1024);
+        assert_eq!(c.relay.drain_timeout, Duration::from_secs(10));
         assert_eq!(c.upstreams.main[0].weight, 1);
     }
 

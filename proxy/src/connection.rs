@@ -82,7 +82,7 @@ pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<S
         return;
     }
     drop(request);
-    let o = relay::relay(client, upstream).await;
+    let o = relay::relay(client, upstream, shared.kernel.as_ref(), &cfg.relay, &shared.totals).await;
     info!(
         client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
         client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,

@@ -16,7 +16,7 @@ use aya::{
     maps::{HashMap, MapData, MapError, SockHash},
     programs::{ProgramError, SkSkb},
 };
-use proxy_common::{SOCKETS_MAP, STATE_MAP, SockState, VERDICT_PROGRAM};
+use proxy_common::{CTRL_MAP, SOCKETS_MAP, STATE_MAP, SockCtrl, SockState, VERDICT_PROGRAM};
 
 /// The eBPF object built by `build.rs` (empty when the build was skipped with AYA_BUILD_SKIP).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -34,11 +34,12 @@ pub struct KernelPrograms {
     _ebpf: Ebpf,
 }
 
-/// The two maps, each behind a mutex because aya's update calls take `&mut` (the syscalls
+/// The three maps, each behind a mutex because aya's update calls take `&mut` (the syscalls
 /// themselves are short and thread-safe).
 struct RelayMaps {
     sockets: Mutex<SockHash<MapData, u64>>,
     states: Mutex<HashMap<MapData, u64, SockState>>,
+    ctrls: Mutex<HashMap<MapData, u64, SockCtrl>>,
 }
 
 impl KernelPrograms {
@@ -52,10 +53,12 @@ impl KernelPrograms {
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| short_ebpf_error("loading the object", e))?;
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, SOCKETS_MAP)?;
         let states: HashMap<MapData, u64, SockState> = take_map(&mut ebpf, STATE_MAP)?;
+        let ctrls: HashMap<MapData, u64, SockCtrl> = take_map(&mut ebpf, CTRL_MAP)?;
         attach_verdict(&mut ebpf, &sockets)?;
         let maps = RelayMaps {
             sockets: Mutex::new(sockets),
             states: Mutex::new(states),
+            ctrls: Mutex::new(ctrls),
         };
         Ok(Self {
             maps: Arc::new(maps),
@@ -66,7 +69,9 @@ impl KernelPrograms {
     /// Puts a pair of proxy-side sockets under the verdict: bytes received on `client` go out
     /// on `upstream` and the reverse.
     ///
-    /// Order: both state entries (peer cookies), then both sockets into the socket map, then a
+    /// `ctrl` is the initial credit of each direction (see [`SockCtrl`]).
+    ///
+    /// Order: both state and credit entries, then both sockets into the socket map, then a
     /// kick on each (`SO_RCVLOWAT` = 1) so that bytes already queued on a socket are relayed now
     /// rather than when the next segment arrives. Bytes arriving on `client` in the instant
     /// before `upstream` is in the map cannot be redirected: they are passed to userspace on
@@ -78,10 +83,15 @@ impl KernelPrograms {
         &self,
         client: &impl AsFd,
         upstream: &impl AsFd,
+        ctrl: SockCtrl,
     ) -> anyhow::Result<PairGuard> {
         let (client, upstream) = (client.as_fd(), upstream.as_fd());
         let cookies = [socket_cookie(client)?, socket_cookie(upstream)?];
         self.maps.insert_states(cookies)?;
+        if let Err(e) = self.maps.insert_ctrls(cookies, ctrl) {
+            let _ = self.maps.remove_pair(cookies);
+            return Err(e);
+        }
         // From here on the guard owns both entries: any error below drops it, which removes them.
         let guard = PairGuard {
             maps: Arc::clone(&self.maps),
@@ -95,12 +105,20 @@ impl KernelPrograms {
         Ok(guard)
     }
 
-    /// Entries in (socket map, state map): both are zero when no pair is relayed.
-    pub fn map_entry_counts(&self) -> (usize, usize) {
+    /// Entries in (socket map, state map, credit map): all zero when no pair is relayed.
+    pub fn map_entry_counts(&self) -> (usize, usize, usize) {
         let sockets = lock(&self.maps.sockets).keys().count();
         let states = lock(&self.maps.states).keys().count();
-        (sockets, states)
+        let ctrls = lock(&self.maps.ctrls).keys().count();
+        (sockets, states, ctrls)
     }
+}
+
+/// One side of a relayed pair; also the direction that starts there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client = 0,
+    Upstream = 1,
 }
 
 /// Byte counts of one proxy-side socket, as the verdict saw them.
@@ -142,6 +160,20 @@ impl PairGuard {
         self.maps.counters(self.cookies)
     }
 
+    /// The verdict's state of one side's socket (bytes that arrived on it).
+    pub fn state(&self, side: Side) -> anyhow::Result<SockState> {
+        lock(&self.maps.states)
+            .get(&self.cookies[side as usize], 0)
+            .map_err(|e| map_error("reading a socket state", &e))
+    }
+
+    /// Replaces the credit of one side's socket (the direction from that side).
+    pub fn set_ctrl(&self, side: Side, ctrl: SockCtrl) -> anyhow::Result<()> {
+        lock(&self.maps.ctrls)
+            .insert(self.cookies[side as usize], ctrl, 0)
+            .map_err(|e| map_error("updating a socket's credit", &e))
+    }
+
     /// Takes the pair out of the relay and returns the final counters.
     pub fn remove(mut self) -> anyhow::Result<PairCounters> {
         self.removed = true;
@@ -174,6 +206,16 @@ impl RelayMaps {
         if let Err(e) = states.insert(upstream, entry(client), BPF_NOEXIST) {
             let _ = states.remove(&client);
             return Err(map_error("adding the upstream socket's state", &e));
+        }
+        Ok(())
+    }
+
+    fn insert_ctrls(&self, cookies: [u64; 2], ctrl: SockCtrl) -> anyhow::Result<()> {
+        let mut ctrls = lock(&self.ctrls);
+        for cookie in cookies {
+            ctrls
+                .insert(cookie, ctrl, BPF_NOEXIST)
+                .map_err(|e| map_error("adding a socket's credit", &e))?;
         }
         Ok(())
     }
@@ -221,9 +263,13 @@ impl RelayMaps {
         }
         let counters = self.counters(cookies).unwrap_or_default();
         let mut states = lock(&self.states);
+        let mut ctrls = lock(&self.ctrls);
         for cookie in cookies {
             if let Err(e) = states.remove(&cookie).or_else(ignore_missing) {
                 first_error.get_or_insert(map_error("removing a socket state", &e));
+            }
+            if let Err(e) = ctrls.remove(&cookie).or_else(ignore_missing) {
+                first_error.get_or_insert(map_error("removing a socket's credit", &e));
             }
         }
         match first_error {

@@ -32,22 +32,59 @@ pub(crate) struct Shared {
     pub kernel: Option<ebpf::KernelPrograms>,
     pub limiter: Arc<limits::Limiter>,
     pub balancer: balance::Balancer,
+    pub totals: relay::Totals,
+}
+
+/// A configured proxy, ready to serve listeners. Tests keep it to look at its state.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Prepares a proxy for `config`: loads the kernel relay unless the mode is `userspace`.
+    pub fn new(config: Config) -> anyhow::Result<Server> {
+        let kernel = load_kernel_relay(config.relay.mode)?;
+        let shared = Shared {
+            kernel,
+            limiter: limits::Limiter::new(config.limits.clone()),
+            balancer: balance::Balancer::new(&config.upstreams),
+            totals: relay::Totals::default(),
+            config,
+        };
+        Ok(Server { shared: Arc::new(shared) })
+    }
+
+    /// Serves `listener` until `shutdown` completes; then stops accepting, closes the
+    /// connections still open and returns.
+    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(listen = %addr, "accepting connections");
+        }
+        listener::accept_loop(listener, Arc::clone(&self.shared), shutdown).await;
+    }
+
+    /// True when the kernel relay is loaded and will carry connections.
+    pub fn kernel_relay(&self) -> bool {
+        self.shared.kernel.is_some()
+    }
+
+    /// Relay totals so far.
+    pub fn totals(&self) -> relay::TotalsSnapshot {
+        self.shared.totals.snapshot()
+    }
+
+    /// Entries in the kernel relay's (socket, state, credit) maps; `None` without the kernel
+    /// relay. All zero when no connection is relayed in the kernel.
+    pub fn kernel_map_entries(&self) -> Option<(usize, usize, usize)> {
+        self.shared.kernel.as_ref().map(|k| k.map_entry_counts())
+    }
 }
 
 /// Serves `listener` with `config` until `shutdown` completes; then stops accepting, closes the
 /// connections still open and returns.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let kernel = load_kernel_relay(config.relay.mode)?;
-    let shared = Arc::new(Shared {
-        kernel,
-        limiter: limits::Limiter::new(config.limits.clone()),
-        balancer: balance::Balancer::new(&config.upstreams),
-        config,
-    });
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(listen = %addr, "accepting connections");
-    }
-    listener::accept_loop(listener, shared, shutdown).await;
+    Server::new(config)?.serve(listener, shutdown).await;
     Ok(())
 }
 

@@ -11,7 +11,11 @@ use std::{
     time::Duration,
 };
 
+use proxy_common::SockCtrl;
 use wsproxy::ebpf::{KernelPrograms, PairCounters, SocketCounters};
+
+/// Credit that never runs out: this test is about redirection, not the bound.
+const UNLIMITED: SockCtrl = SockCtrl { forwarded: 0, limit_bytes: u64::MAX, limit_skbs: u64::MAX };
 
 /// Longest wait for any expected byte; loopback delivers in microseconds.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -89,7 +93,7 @@ fn verdict_relays_a_pair_both_ways_and_leaves_no_entries() {
     let Some(programs) = load_or_skip() else {
         return;
     };
-    assert_eq!(programs.map_entry_counts(), (0, 0), "maps start empty");
+    assert_eq!(programs.map_entry_counts(), (0, 0, 0), "maps start empty");
 
     // client <-> proxy_a (accepted by the proxy), proxy_b (connected by the proxy) <-> upstream.
     let (mut client, mut proxy_a) = loopback_pair();
@@ -103,9 +107,9 @@ fn verdict_relays_a_pair_both_ways_and_leaves_no_entries() {
     wait_queued(&proxy_a, 5);
 
     let pair = programs
-        .insert_pair(&proxy_a, &proxy_b)
+        .insert_pair(&proxy_a, &proxy_b, UNLIMITED)
         .expect("insert_pair");
-    assert_eq!(programs.map_entry_counts(), (2, 2));
+    assert_eq!(programs.map_entry_counts(), (2, 2, 2));
 
     expect_bytes(
         &mut client,
@@ -144,7 +148,7 @@ fn verdict_relays_a_pair_both_ways_and_leaves_no_entries() {
     assert_eq!(counters, expected);
     assert_eq!(
         programs.map_entry_counts(),
-        (0, 0),
+        (0, 0, 0),
         "removal leaves no entries"
     );
 
@@ -163,13 +167,13 @@ fn verdict_relays_a_pair_both_ways_and_leaves_no_entries() {
     let (_client, proxy_a) = loopback_pair();
     let (proxy_b, _upstream) = loopback_pair();
     let pair = programs
-        .insert_pair(&proxy_a, &proxy_b)
+        .insert_pair(&proxy_a, &proxy_b, UNLIMITED)
         .expect("insert_pair");
-    assert_eq!(programs.map_entry_counts(), (2, 2));
+    assert_eq!(programs.map_entry_counts(), (2, 2, 2));
     drop(pair);
     assert_eq!(
         programs.map_entry_counts(),
-        (0, 0),
+        (0, 0, 0),
         "dropping the guard leaves no entries"
     );
 }

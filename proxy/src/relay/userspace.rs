@@ -1,13 +1,12 @@
 //! The userspace relay: both directions copied by tokio, with half-close.
 
 use std::io;
-use std::os::fd::AsFd;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{End, Mode, Outcome};
+use super::{End, Mode, Outcome, reset_on_close};
 
 /// Large enough that a bulk transfer costs few system calls; one buffer per direction.
 const BUF_SIZE: usize = 64 * 1024;
@@ -64,10 +63,4 @@ where
         to.write_all(&buf[..n]).await.map_err(Failed::Write)?;
         *count += n as u64;
     }
-}
-
-fn reset_on_close(s: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // Failure only means a FIN instead of a reset; nothing to recover.
-    let _ = nix::sys::socket::setsockopt(&s.as_fd(), nix::sys::socket::sockopt::Linger, &linger);
 }

@@ -1,0 +1,263 @@
+//! The kernel relay: the pair of sockets is put under the sockmap verdict, which redirects each
+//! side's received bytes to the other side's egress without copying them through userspace.
+//!
+//! What the kernel does not do, this module does (see `shared/design/sockmap-facts.md`):
+//! - It bounds the bytes in flight per direction. The verdict redirects only within a credit of
+//!   bytes and skbs; past it, it passes the bytes to this socket's receive queue, which holds the
+//!   sender back by its own TCP window. A pass wakes this module, which waits until the
+//!   destination's TCP has taken every redirected byte, forwards the passed bytes itself (in
+//!   order: the verdict redirects nothing while a passed byte is not yet forwarded), and grants
+//!   new credit.
+//! - It relays FIN. At EOF on one side it waits, bounded by the drain timeout, until the other
+//!   side's TCP has taken every byte from this side, then shuts that side down for writing.
+//!   Closing earlier loses the bytes still queued in the kernel.
+//! - It tears both sides down at once on a reset or error, and always takes the pair out of the
+//!   maps before the sockets close.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
+
+use proxy_common::SockCtrl;
+use tokio::net::TcpStream;
+
+use super::{End, Mode, Outcome, reset_on_close};
+use crate::config;
+use crate::ebpf::{KernelPrograms, PairGuard, Side};
+
+/// Userspace's buffer for passed bytes; allocated only while passed bytes are being forwarded.
+const BUF_SIZE: usize = 64 * 1024;
+/// Polling bounds while waiting for a destination to take queued bytes: no event reports that.
+const POLL_MIN: Duration = Duration::from_micros(50);
+const POLL_MAX: Duration = Duration::from_millis(20);
+
+/// `TCP_CLOSE` of the kernel's TCP state machine (include/net/tcp_states.h), as in `tcpi_state`.
+const TCP_CLOSE: u8 = 7;
+
+/// Why a direction stopped early.
+#[derive(Debug)]
+enum Failed {
+    /// Reading from the source, or the source's connection failed.
+    Source(io::ErrorKind),
+    /// Writing to the destination, or the destination's connection failed.
+    Destination(io::ErrorKind),
+    /// The destination did not take the bytes within the drain timeout.
+    DrainTimeout,
+    /// A map operation failed.
+    Maps,
+}
+
+/// Relays `client` <-> `upstream` in the kernel. If the pair cannot be put under the verdict,
+/// the sockets come back untouched with the reason, for the userspace relay to carry.
+pub async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    programs: &KernelPrograms,
+    cfg: &config::Relay,
+) -> Result<Outcome, (TcpStream, TcpStream, anyhow::Error)> {
+    let started = Instant::now();
+    // Everything userspace wrote so far (the 101, the request) is in the send queues now; the
+    // destinations' "taken" counts start from here.
+    let bases = match (taken(&client), taken(&upstream)) {
+        (Ok(c), Ok(u)) => [c, u],
+        (Err(e), _) | (_, Err(e)) => return Err((client, upstream, e.into())),
+    };
+    let credit = SockCtrl { forwarded: 0, limit_bytes: cfg.max_in_flight_bytes, limit_skbs: cfg.max_in_flight_skbs };
+    let pair = match programs.insert_pair(&client, &upstream, credit) {
+        Ok(p) => p,
+        Err(e) => return Err((client, upstream, e)),
+    };
+    let (mut c2u, mut u2c) = (0u64, 0u64);
+    let end = {
+        let up = Direction { src: &client, dst: &upstream, side: Side::Client, dst_base: bases[1], pair: &pair, cfg };
+        let down = Direction { src: &upstream, dst: &client, side: Side::Upstream, dst_base: bases[0], pair: &pair, cfg };
+        match tokio::try_join!(side_of(up.run(&mut c2u), Side::Client), side_of(down.run(&mut u2c), Side::Upstream)) {
+            Ok(_) => End::Closed,
+            Err(end) => end,
+        }
+    };
+    // Out of the maps before the sockets close: no verdict may redirect into a closing socket.
+    let counters = pair.remove().unwrap_or_default();
+    if end != End::Closed {
+        reset_on_close(&client);
+        reset_on_close(&upstream);
+    }
+    Ok(Outcome {
+        mode: Mode::Kernel,
+        end,
+        client_to_upstream: counters.from_client.redirected + c2u,
+        upstream_to_client: counters.from_upstream.redirected + u2c,
+        duration: started.elapsed(),
+    })
+}
+
+/// Maps a direction's failure onto the side that caused it.
+async fn side_of(run: impl Future<Output = Result<(), Failed>>, from: Side) -> Result<(), End> {
+    run.await.map_err(|f| {
+        let (src, dst) = match from {
+            Side::Client => (End::ClientError as fn(io::ErrorKind) -> End, End::UpstreamError as fn(io::ErrorKind) -> End),
+            Side::Upstream => (End::UpstreamError as fn(io::ErrorKind) -> End, End::ClientError as fn(io::ErrorKind) -> End),
+        };
+        match f {
+            Failed::Source(k) => src(k),
+            Failed::Destination(k) => dst(k),
+            Failed::DrainTimeout => End::DrainTimeout,
+            Failed::Maps => End::Internal,
+        }
+    })
+}
+
+/// One direction: bytes that arrive on `src` and leave on `dst`.
+struct Direction<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    /// The side `src` is on.
+    side: Side,
+    /// `taken(dst)` when the pair was inserted.
+    dst_base: u64,
+    pair: &'a PairGuard,
+    cfg: &'a config::Relay,
+}
+
+impl Direction<'_> {
+    /// Runs until EOF on `src` has been passed on as a FIN on `dst`. `forwarded` counts the
+    /// passed bytes written to `dst` by userspace.
+    async fn run(self, forwarded: &mut u64) -> Result<(), Failed> {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            // Readable means: passed bytes, EOF, an error, or (rarely) a wake-up for redirected
+            // bytes that leaves nothing to read.
+            self.src.readable().await.map_err(|e| Failed::Source(e.kind()))?;
+            if buf.is_empty() {
+                buf = vec![0; BUF_SIZE];
+            }
+            match self.src.try_read(&mut buf) {
+                Ok(0) => return self.finish(*forwarded).await,
+                Ok(n) => {
+                    self.forward(&buf[..n], *forwarded).await?;
+                    *forwarded += n as u64;
+                    self.grant(*forwarded)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
+                Err(e) => return Err(Failed::Source(e.kind())),
+            }
+        }
+    }
+
+    /// Writes passed bytes to `dst` once `dst` has taken every byte that precedes them.
+    async fn forward(&self, bytes: &[u8], forwarded: u64) -> Result<(), Failed> {
+        // While a passed byte is not forwarded the verdict redirects nothing, so `redirected`
+        // is final for the bytes that precede these.
+        let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
+        self.wait_taken(state.redirected + forwarded, None).await?;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            self.alive()?;
+            tokio::select! {
+                r = self.dst.writable() => r.map_err(|e| Failed::Destination(e.kind()))?,
+                // A slow reader may keep `dst` unwritable for long: still notice a failing `src`.
+                _ = tokio::time::sleep(POLL_MAX) => continue,
+            }
+            match self.dst.try_write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Failed::Destination(e.kind())),
+            }
+        }
+        Ok(())
+    }
+
+    /// New credit after passed bytes were forwarded: every redirected byte has been taken, so
+    /// the verdict may redirect up to the cap again.
+    fn grant(&self, forwarded: u64) -> Result<(), Failed> {
+        let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
+        let ctrl = SockCtrl {
+            forwarded,
+            limit_bytes: state.redirected + self.cfg.max_in_flight_bytes,
+            limit_skbs: state.redirected_skbs + self.cfg.max_in_flight_skbs,
+        };
+        self.pair.set_ctrl(self.side, ctrl).map_err(|_| Failed::Maps)
+    }
+
+    /// EOF on `src`: once `dst` has taken every byte from `src`, pass the FIN on.
+    async fn finish(&self, forwarded: u64) -> Result<(), Failed> {
+        let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
+        let deadline = Instant::now() + self.cfg.drain_timeout;
+        self.wait_taken(state.redirected + forwarded, Some(deadline)).await?;
+        nix::sys::socket::shutdown(self.dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
+            .map_err(|e| Failed::Destination(io::Error::from(e).kind()))
+    }
+
+    /// Waits until `dst`'s TCP has taken `bytes` since insertion, polling (no event reports
+    /// it) with a growing interval; fails if either side's connection fails meanwhile.
+    async fn wait_taken(&self, bytes: u64, deadline: Option<Instant>) -> Result<(), Failed> {
+        let mut interval = POLL_MIN;
+        loop {
+            let now = taken(self.dst).map_err(|e| Failed::Destination(e.kind()))?;
+            if now.wrapping_sub(self.dst_base) >= bytes {
+                return Ok(());
+            }
+            self.alive()?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Failed::DrainTimeout);
+            }
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(POLL_MAX);
+        }
+    }
+
+    /// Fails when `src` has a pending error (a reset), or `dst` can no longer take bytes.
+    /// A closed `src` is no failure: it may have ended in order, after the bytes being handled.
+    fn alive(&self) -> Result<(), Failed> {
+        if let Some(e) = pending_error(self.src) {
+            return Err(Failed::Source(e.kind()));
+        }
+        if let Some(e) = pending_error(self.dst) {
+            return Err(Failed::Destination(e.kind()));
+        }
+        if is_closed(self.dst) {
+            return Err(Failed::Destination(io::ErrorKind::ConnectionReset));
+        }
+        Ok(())
+    }
+}
+
+/// Bytes this socket's TCP has taken for sending since it was created: acknowledged bytes plus
+/// bytes still in its send queue (`tcpi_bytes_acked` + `SIOCOUTQ`).
+pub fn taken(s: &impl AsFd) -> io::Result<u64> {
+    let info = tcp_info(s)?;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: a valid socket fd and an out-pointer to a c_int, as SIOCOUTQ expects.
+    if unsafe { libc::ioctl(s.as_fd().as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + outq.max(0) as u64)
+}
+
+/// The socket's pending error (SO_ERROR), such as ECONNRESET after a reset.
+fn pending_error(s: &impl AsFd) -> Option<io::Error> {
+    match nix::sys::socket::getsockopt(&s.as_fd(), nix::sys::socket::sockopt::SocketError) {
+        Ok(0) => None,
+        Ok(errno) => Some(io::Error::from_raw_os_error(errno)),
+        Err(e) => Some(e.into()),
+    }
+}
+
+/// True once the connection is gone (reset, or fully closed).
+fn is_closed(s: &impl AsFd) -> bool {
+    tcp_info(s).map_or(true, |i| i.tcpi_state == TCP_CLOSE)
+}
+
+fn tcp_info(s: &impl AsFd) -> io::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain old data; zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd and an out-buffer of the length passed.
+    let rc = unsafe {
+        libc::getsockopt(s.as_fd().as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &raw mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info)
+}
