@@ -59,7 +59,10 @@ pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<S
             Err(e) if e.retryable() => {
                 warn!(client = %ip, upstream = %addr, %request_id, error = %e, "upstream failed, trying the next one");
             }
-            Err(e) => return upstream_refused(ip, addr, &request_id, e, started),
+            Err(e) => {
+                upstream_refused(ip, addr, &request_id, e, started);
+                return close_politely(client).await;
+            }
         }
     }
     let Some((addr, Upgraded { stream: mut upstream, response })) = upgraded else {
@@ -161,8 +164,16 @@ async fn refuse(mut client: TcpStream, ip: IpAddr, answer: Answer, started: Inst
         client = %ip, status = answer.status(), reason = %answer.reason(),
         duration_ms = started.elapsed().as_millis() as u64, "handshake refused"
     );
+    if tokio::time::timeout(LINGER, client.write_all(&answer.response())).await.is_ok_and(|r| r.is_ok()) {
+        close_politely(client).await;
+    }
+}
+
+/// Sends a FIN, then reads and discards what the client still sends (bounded in bytes and
+/// time) before closing: closing with unread input would send a reset instead, which can destroy
+/// an answer still in flight and turns an orderly close into an abort.
+async fn close_politely(mut client: TcpStream) {
     let _ = tokio::time::timeout(LINGER, async {
-        client.write_all(&answer.response()).await?;
         client.shutdown().await?;
         let mut sink = [0u8; 4096];
         let mut drained = 0;
