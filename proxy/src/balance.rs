@@ -74,7 +74,7 @@ mod tests {
     }
 
     fn balancer(main: Vec<UpstreamServer>, backup: Vec<UpstreamServer>) -> Balancer {
-        Balancer::new(&Upstreams { main, backup, timeout: Duration::from_secs(1), max_head_bytes: 4096 })
+        Balancer::new(&Upstreams { main, backup, timeout: Duration::from_secs(1), max_head_bytes: 4096, health: Default::default() })
     }
 
     fn clients(n: u32) -> impl Iterator<Item = IpAddr> {

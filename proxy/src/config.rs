@@ -19,6 +19,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Cap on connections open at once (all clients together); accept waits while it is reached.
     pub max_connections: usize,
+    /// At shutdown, time open connections get to finish before they are closed.
+    pub drain_timeout: Duration,
+    /// Admin listener (metrics, health, reload); `None`: off.
+    pub admin: Option<SocketAddr>,
+    pub keepalive: Keepalive,
     pub limits: Limits,
     pub handshake: Handshake,
     pub headers: Headers,
@@ -115,6 +120,7 @@ pub struct StaticHeader {
 pub struct Upstreams {
     pub main: Vec<UpstreamServer>,
     pub backup: Vec<UpstreamServer>,
+    pub health: Health,
     /// Connect, send the request and receive the whole response head within this time.
     pub timeout: Duration,
     /// Largest upstream response head accepted, in bytes.
@@ -132,6 +138,59 @@ pub struct UpstreamServer {
 
 fn one() -> u32 {
     1
+}
+
+/// Passive and active upstream health checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// Consecutive failed handshakes (connect error, timeout, invalid answer) that mark an
+    /// upstream down.
+    pub max_fails: u32,
+    /// How long a down upstream is skipped before it is tried again.
+    #[serde(with = "humantime_serde")]
+    pub fail_timeout: Duration,
+    /// Interval of active probes; `None`: no probes.
+    #[serde(with = "humantime_serde::option")]
+    pub probe_interval: Option<Duration>,
+    pub probe: Probe,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self { max_fails: 3, fail_timeout: Duration::from_secs(10), probe_interval: None, probe: Probe::Tcp }
+    }
+}
+
+/// What an active probe does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Probe {
+    /// A TCP connect.
+    Tcp,
+    /// A full WebSocket handshake, checked like a client's.
+    Websocket,
+}
+
+/// TCP keepalive on both sockets of every connection, so dead peers are noticed and freed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Keepalive {
+    pub enabled: bool,
+    /// Idle time before the first probe.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+    /// Time between probes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub count: u32,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self { enabled: true, idle: Duration::from_secs(60), interval: Duration::from_secs(10), count: 6 }
+    }
 }
 
 /// Which relay carries the payload after the 101.
@@ -158,6 +217,10 @@ pub struct Relay {
     /// both are cut.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Close a relayed connection after this long without a byte either way; `None`: never
+    /// (WebSockets are long-lived, and quiet ones are normal).
+    #[serde(with = "humantime_serde::option")]
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Relay {
@@ -167,6 +230,7 @@ impl Default for Relay {
             max_in_flight_bytes: 4 * 1024 * 1024,
             max_in_flight_skbs: 4096,
             drain_timeout: Duration::from_secs(10),
+            idle_timeout: None,
         }
     }
 }
@@ -187,6 +251,16 @@ struct File {
     upstreams: UpstreamsFile,
     #[serde(default)]
     relay: Relay,
+    #[serde(default)]
+    admin: AdminFile,
+    #[serde(default)]
+    keepalive: Keepalive,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AdminFile {
+    address: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,11 +268,13 @@ struct File {
 struct ListenFile {
     address: String,
     max_connections: usize,
+    #[serde(with = "humantime_serde")]
+    drain_timeout: Duration,
 }
 
 impl Default for ListenFile {
     fn default() -> Self {
-        Self { address: "127.0.0.1:8080".into(), max_connections: 50_000 }
+        Self { address: "127.0.0.1:8080".into(), max_connections: 50_000, drain_timeout: Duration::from_secs(30) }
     }
 }
 
@@ -213,6 +289,8 @@ struct UpstreamsFile {
     timeout: Duration,
     #[serde(default = "default_upstream_head")]
     max_head_bytes: usize,
+    #[serde(default)]
+    health: Health,
 }
 
 fn default_upstream_timeout() -> Duration {
@@ -284,6 +362,20 @@ impl File {
         if self.listen.max_connections == 0 {
             p.push("listen.max_connections: must be at least 1".into());
         }
+        let admin = match &self.admin.address {
+            None => None,
+            Some(a) => match a.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    p.push(format!("admin.address: {a:?} is not an IP address and port such as \"127.0.0.1:9090\""));
+                    None
+                }
+            },
+        };
+        let k = &self.keepalive;
+        if k.enabled && (k.idle.as_secs() < 1 || k.interval.as_secs() < 1 || k.count == 0) {
+            p.push("keepalive: idle and interval must be at least 1s, count at least 1".into());
+        }
 
         let l = &self.limits;
         if !(l.requests_per_second.is_finite() && l.requests_per_second > 0.0) {
@@ -345,6 +437,12 @@ impl File {
         if u.max_head_bytes < 256 || u.max_head_bytes > 1024 * 1024 {
             p.push(format!("upstreams.max_head_bytes: must be 256 to 1048576, got {}", u.max_head_bytes));
         }
+        if u.health.max_fails == 0 {
+            p.push("upstreams.health.max_fails: must be at least 1".into());
+        }
+        if u.health.probe_interval.is_some_and(|i| i < Duration::from_millis(100)) {
+            p.push("upstreams.health.probe_interval: must be at least 100ms".into());
+        }
 
         let r = &self.relay;
         if r.max_in_flight_bytes < 64 * 1024 || r.max_in_flight_bytes > 1 << 30 {
@@ -356,11 +454,17 @@ impl File {
         if r.drain_timeout.is_zero() {
             p.push("relay.drain_timeout: must be above 0".into());
         }
+        if r.idle_timeout.is_some_and(|t| t < Duration::from_secs(1)) {
+            p.push("relay.idle_timeout: must be at least 1s (or left out for none)".into());
+        }
 
         match (listen, p.is_empty()) {
             (Some(listen), true) => Ok(Config {
                 listen,
                 max_connections: self.listen.max_connections,
+                drain_timeout: self.listen.drain_timeout,
+                admin,
+                keepalive: self.keepalive,
                 limits: self.limits,
                 handshake: self.handshake,
                 headers: self.headers,
@@ -369,6 +473,7 @@ impl File {
                     backup: self.upstreams.backup,
                     timeout: self.upstreams.timeout,
                     max_head_bytes: self.upstreams.max_head_bytes,
+                    health: self.upstreams.health,
                 },
                 relay: self.relay,
             }),

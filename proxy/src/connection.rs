@@ -5,6 +5,7 @@
 //! every handshake outcome is logged once, with client, upstream, status and duration.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,9 @@ use tracing::{debug, info, warn};
 
 use crate::handshake::{self, Rejection};
 use crate::limits::Refusal;
+use crate::metrics::{HandshakeOutcome, Metrics};
 use crate::upstream::{self, UpstreamError, Upgraded};
-use crate::{Shared, headers, relay};
+use crate::{Shared, config, headers, relay};
 
 /// A refused client gets this long to read the answer (and close) before the socket is closed:
 /// closing with unread input would send a reset that can destroy the answer in flight.
@@ -26,49 +28,61 @@ const LINGER_BYTES: usize = 64 * 1024;
 pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let started = Instant::now();
     let ip = peer.ip().to_canonical();
+    let metrics = &shared.metrics;
     let _slot = match shared.limiter.admit(ip, started) {
         Ok(slot) => slot,
-        Err(refusal) => return refuse(client, ip, Answer::Limited(refusal), started).await,
+        Err(refusal) => return refuse(client, ip, Answer::Limited(refusal), started, metrics).await,
     };
-    let cfg = &shared.config;
-    // Nagle would delay the small frames of an interactive WebSocket; see also upstream.rs.
-    let _ = client.set_nodelay(true);
+    // This connection keeps the configuration it started with, whatever a reload does meanwhile.
+    let rt = shared.runtime.load_full();
+    let cfg = &rt.config;
+    tune(&client, &cfg.keepalive);
     let read = handshake::read_request(&mut client, &cfg.handshake, cfg.headers.underscore_headers);
     let request = match tokio::time::timeout(cfg.handshake.header_timeout, read).await {
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => {
             debug!(client = %ip, "closed before sending a complete request");
-            return;
+            return metrics.handshake(HandshakeOutcome::ClientGone, secs(started));
         }
-        Ok(Err(rejection)) => return refuse(client, ip, Answer::Rejected(rejection), started).await,
-        Err(_) => return refuse(client, ip, Answer::Rejected(Rejection::Timeout), started).await,
+        Ok(Err(rejection)) => return refuse(client, ip, Answer::Rejected(rejection), started, metrics).await,
+        Err(_) => return refuse(client, ip, Answer::Rejected(Rejection::Timeout), started, metrics).await,
     };
 
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let forwarded = headers::forwarded_request(&request, ip, &request_id, &cfg.headers);
-    let mut attempts = 0;
+    let (mut attempts, mut timeouts) = (0, 0);
     let mut upgraded = None;
-    for addr in shared.balancer.order(ip) {
+    for addr in shared.health.filter(rt.balancer.order(ip), started) {
         attempts += 1;
+        metrics.upstream_attempt(addr);
         let up = &cfg.upstreams;
         match upstream::handshake(addr, &forwarded, &request.key, up.timeout, up.max_head_bytes).await {
             Ok(u) => {
+                shared.health.success(addr, metrics);
                 upgraded = Some((addr, u));
                 break;
             }
-            Err(e) if e.retryable() => {
-                warn!(client = %ip, upstream = %addr, %request_id, error = %e, "upstream failed, trying the next one");
-            }
             Err(e) => {
-                upstream_refused(ip, addr, &request_id, e, started);
-                return close_politely(client).await;
+                metrics.upstream_failure(addr, e.reason());
+                if e.counts_against_health() {
+                    shared.health.failure(addr, Instant::now(), metrics);
+                }
+                if !e.retryable() {
+                    upstream_refused(ip, addr, &request_id, e, started);
+                    metrics.handshake(HandshakeOutcome::UpstreamError, secs(started));
+                    return close_politely(client).await;
+                }
+                timeouts += usize::from(matches!(e, UpstreamError::Timeout(_)));
+                warn!(client = %ip, upstream = %addr, %request_id, error = %e, "upstream failed, trying the next one");
             }
         }
     }
     let Some((addr, Upgraded { stream: mut upstream, response })) = upgraded else {
         warn!(client = %ip, %request_id, attempts, "no upstream answered");
-        return refuse(client, ip, Answer::Rejected(Rejection::BadRequest("no upstream available")), started).await;
+        let answer = if attempts > 0 && timeouts == attempts { Answer::UpstreamTimeout } else { Answer::NoUpstream };
+        return refuse(client, ip, answer, started, metrics).await;
     };
+    tune(&upstream, &cfg.keepalive);
     info!(
         client = %ip, upstream = %addr, %request_id, status = 101,
         duration_ms = started.elapsed().as_millis() as u64, "handshake"
@@ -78,19 +92,40 @@ pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<S
     // client sent behind its request. Only then does the relay take over, so nothing overtakes.
     if let Err(e) = client.write_all(&response.buf).await {
         debug!(client = %ip, %request_id, error = %e, "client gone before the 101 was delivered");
-        return;
+        return metrics.handshake(HandshakeOutcome::ClientGone, secs(started));
     }
+    metrics.handshake(HandshakeOutcome::Upgraded, secs(started));
     if let Err(e) = upstream.write_all(request.rest()).await {
         debug!(client = %ip, %request_id, error = %e, "upstream gone before the client's first bytes");
         return;
     }
     drop(request);
-    let o = relay::relay(client, upstream, shared.kernel.as_ref(), &cfg.relay, &shared.totals).await;
+    let o = relay::relay(client, upstream, shared.kernel.as_ref(), &cfg.relay, metrics).await;
     info!(
         client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
         client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
         duration_ms = started.elapsed().as_millis() as u64, "connection closed"
     );
+}
+
+fn secs(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64()
+}
+
+/// Socket options of both sides: no Nagle delay on the small frames of interactive WebSockets,
+/// and TCP keepalive so that a peer that vanished is noticed and its resources freed.
+fn tune(s: &TcpStream, k: &config::Keepalive) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = s.set_nodelay(true);
+    if !k.enabled {
+        return;
+    }
+    // Best effort: a socket without keepalive still works.
+    let fd = s.as_fd();
+    let _ = setsockopt(&fd, sockopt::KeepAlive, &true);
+    let _ = setsockopt(&fd, sockopt::TcpKeepIdle, &(k.idle.as_secs() as u32));
+    let _ = setsockopt(&fd, sockopt::TcpKeepInterval, &(k.interval.as_secs() as u32));
+    let _ = setsockopt(&fd, sockopt::TcpKeepCount, &k.count);
 }
 
 /// An upstream that answered, but not with a valid 101: both connections are closed and nothing
@@ -110,6 +145,10 @@ fn upstream_refused(ip: IpAddr, addr: SocketAddr, request_id: &str, e: UpstreamE
 enum Answer {
     Limited(Refusal),
     Rejected(Rejection),
+    /// Every upstream tried timed out: 400.
+    UpstreamTimeout,
+    /// No upstream answered: 400.
+    NoUpstream,
 }
 
 impl Answer {
@@ -117,11 +156,24 @@ impl Answer {
         match self {
             Answer::Limited(_) => 429,
             Answer::Rejected(r) => r.status(),
+            Answer::UpstreamTimeout | Answer::NoUpstream => 400,
+        }
+    }
+
+    fn outcome(&self) -> HandshakeOutcome {
+        match self {
+            Answer::Limited(Refusal::RateLimited { .. }) => HandshakeOutcome::RateLimited,
+            Answer::Limited(_) => HandshakeOutcome::ConnectionLimited,
+            Answer::Rejected(r) => HandshakeOutcome::Refused(r.status()),
+            Answer::UpstreamTimeout => HandshakeOutcome::UpstreamTimeout,
+            Answer::NoUpstream => HandshakeOutcome::NoUpstream,
         }
     }
 
     fn reason(&self) -> String {
         match self {
+            Answer::UpstreamTimeout => "no upstream available (timeout)".into(),
+            Answer::NoUpstream => "no upstream available".into(),
             Answer::Limited(Refusal::RateLimited { .. }) => "request rate limit".into(),
             Answer::Limited(Refusal::TooManyConnections) => "connection limit".into(),
             Answer::Limited(Refusal::TableFull) => "client table full".into(),
@@ -146,7 +198,7 @@ impl Answer {
             }
             Answer::Limited(_) => extra.push_str("Retry-After: 1\r\n"),
             Answer::Rejected(Rejection::UnsupportedVersion) => extra.push_str("Sec-WebSocket-Version: 13\r\n"),
-            Answer::Rejected(_) => {}
+            Answer::Rejected(_) | Answer::UpstreamTimeout | Answer::NoUpstream => {}
         }
         let body = format!("{}\n", self.reason());
         format!(
@@ -159,7 +211,8 @@ impl Answer {
 }
 
 /// Answers a refused client, logs it, and closes after a bounded linger.
-async fn refuse(mut client: TcpStream, ip: IpAddr, answer: Answer, started: Instant) {
+async fn refuse(mut client: TcpStream, ip: IpAddr, answer: Answer, started: Instant, metrics: &Metrics) {
+    metrics.handshake(answer.outcome(), secs(started));
     info!(
         client = %ip, status = answer.status(), reason = %answer.reason(),
         duration_ms = started.elapsed().as_millis() as u64, "handshake refused"

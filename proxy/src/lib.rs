@@ -5,6 +5,7 @@
 //! [`run`] serves one listener until a shutdown future completes; the binary and the tests both
 //! call it. One concern per module; `connection` follows one connection through them.
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 mod connection;
@@ -13,29 +14,54 @@ pub mod echo;
 pub mod handshake;
 pub mod head;
 pub mod headers;
+pub mod health;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod relay;
 pub mod upstream;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-/// What every connection task reads.
-pub(crate) struct Shared {
+/// The part of the state a reload replaces: new connections take the current one when they
+/// start and keep it to their end, so a reload never changes a connection midway.
+pub(crate) struct Runtime {
     pub config: Config,
-    /// The kernel relay's programs, when the configured mode wants them and they loaded.
-    pub kernel: Option<ebpf::KernelPrograms>,
-    pub limiter: Arc<limits::Limiter>,
     pub balancer: balance::Balancer,
-    pub totals: relay::Totals,
 }
 
-/// A configured proxy, ready to serve listeners. Tests keep it to look at its state.
+impl Runtime {
+    fn new(config: Config) -> Arc<Runtime> {
+        Arc::new(Runtime { balancer: balance::Balancer::new(&config.upstreams), config })
+    }
+}
+
+/// What every connection task reads.
+pub(crate) struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    /// The kernel relay's programs, when the configured mode wants them and they loaded.
+    pub kernel: Option<ebpf::KernelPrograms>,
+    /// Reconfigured in place on reload, so that clients keep their limit state.
+    pub limiter: Arc<limits::Limiter>,
+    pub health: health::Health,
+    pub metrics: metrics::Metrics,
+    /// True while the listener accepts (what `/healthz` reports).
+    pub accepting: AtomicBool,
+    /// Where a reload reads the configuration from (none: reload only through [`Server::apply`]).
+    pub config_path: Option<PathBuf>,
+}
+
+/// A configured proxy, ready to serve listeners. Cheap to clone; tests keep it to look at its
+/// state.
 #[derive(Clone)]
 pub struct Server {
     shared: Arc<Shared>,
@@ -44,24 +70,112 @@ pub struct Server {
 impl Server {
     /// Prepares a proxy for `config`: loads the kernel relay unless the mode is `userspace`.
     pub fn new(config: Config) -> anyhow::Result<Server> {
+        Self::build(config, None)
+    }
+
+    /// Like [`Server::new`], with the file that [`Server::reload`] reads again.
+    pub fn from_file(path: PathBuf) -> Result<Server, StartError> {
+        let config = Config::load(&path).map_err(StartError::Config)?;
+        Self::build(config, Some(path)).map_err(StartError::Other)
+    }
+
+    fn build(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Server> {
         let kernel = load_kernel_relay(config.relay.mode)?;
+        let metrics = metrics::Metrics::new();
+        metrics.kernel_relay(kernel.is_some());
+        let health = health::Health::new(config.upstreams.health.clone());
+        health.reconfigure(config.upstreams.health.clone(), &upstream_addresses(&config), &metrics);
         let shared = Shared {
             kernel,
             limiter: limits::Limiter::new(config.limits.clone()),
-            balancer: balance::Balancer::new(&config.upstreams),
-            totals: relay::Totals::default(),
-            config,
+            health,
+            metrics,
+            accepting: AtomicBool::new(false),
+            config_path,
+            runtime: ArcSwap::new(Runtime::new(config)),
         };
         Ok(Server { shared: Arc::new(shared) })
     }
 
-    /// Serves `listener` until `shutdown` completes; then stops accepting, closes the
-    /// connections still open and returns.
+    /// Serves `listener` until `shutdown` completes; then stops accepting, lets open connections
+    /// finish for `listen.drain_timeout`, closes the rest and returns.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(listen = %addr, "accepting connections");
         }
+        let probes = CancellationToken::new();
+        tokio::spawn(health::probe_loop(Arc::clone(&self.shared), probes.clone()));
+        self.shared.accepting.store(true, Ordering::SeqCst);
         listener::accept_loop(listener, Arc::clone(&self.shared), shutdown).await;
+        probes.cancel();
+    }
+
+    /// Serves the admin endpoints (`/metrics`, `/healthz`, `/reload`) on `listener` until
+    /// `shutdown` completes.
+    pub async fn serve_admin(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        admin::serve(listener, self.clone(), shutdown).await;
+    }
+
+    /// The configuration new connections get.
+    pub fn config(&self) -> Config {
+        self.shared.runtime.load().config.clone()
+    }
+
+    /// Applies a new configuration to new connections; open connections keep theirs. Settings
+    /// that only a restart can change are kept as they are, each named in the returned notes.
+    pub fn apply(&self, new: Config) -> Vec<String> {
+        let old = self.shared.runtime.load_full();
+        let mut notes = Vec::new();
+        let mut new = new;
+        if new.listen != old.config.listen {
+            notes.push(format!("listen.address: stays {} until a restart", old.config.listen));
+            new.listen = old.config.listen;
+        }
+        if new.max_connections != old.config.max_connections {
+            notes.push(format!("listen.max_connections: stays {} until a restart", old.config.max_connections));
+            new.max_connections = old.config.max_connections;
+        }
+        if new.admin != old.config.admin {
+            notes.push("admin.address: stays as it is until a restart".to_string());
+            new.admin = old.config.admin;
+        }
+        if new.relay.mode != config::RelayMode::Userspace && self.shared.kernel.is_none() {
+            notes.push("relay.mode: the kernel relay is not loaded; it can only be loaded at start".to_string());
+        }
+        let s = &self.shared;
+        s.limiter.reconfigure(new.limits.clone());
+        s.health.reconfigure(new.upstreams.health.clone(), &upstream_addresses(&new), &s.metrics);
+        s.runtime.store(Runtime::new(new));
+        s.metrics.reload(true);
+        notes
+    }
+
+    /// Reads the configuration file again and applies it ([`Server::apply`]). An invalid file
+    /// changes nothing: the errors come back, all of them.
+    pub fn reload(&self) -> Result<Vec<String>, config::ConfigError> {
+        let Some(path) = &self.shared.config_path else {
+            return Err(config::ConfigError {
+                source_name: "(none)".into(),
+                problems: vec!["this proxy was not started from a file".into()],
+            });
+        };
+        match Config::load(path) {
+            Ok(c) => Ok(self.apply(c)),
+            Err(e) => {
+                self.shared.metrics.reload(false);
+                Err(e)
+            }
+        }
+    }
+
+    /// True while the listener accepts connections.
+    pub fn accepting(&self) -> bool {
+        self.shared.accepting.load(Ordering::SeqCst)
+    }
+
+    /// The Prometheus text exposition of the proxy's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.encode()
     }
 
     /// True when the kernel relay is loaded and will carry connections.
@@ -71,7 +185,7 @@ impl Server {
 
     /// Relay totals so far.
     pub fn totals(&self) -> relay::TotalsSnapshot {
-        self.shared.totals.snapshot()
+        self.shared.metrics.totals()
     }
 
     /// Entries in the kernel relay's (socket, state, credit) maps; `None` without the kernel
@@ -79,6 +193,19 @@ impl Server {
     pub fn kernel_map_entries(&self) -> Option<(usize, usize, usize)> {
         self.shared.kernel.as_ref().map(|k| k.map_entry_counts())
     }
+}
+
+/// Why a [`Server`] could not start: the configuration (exit code 2), or anything else.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(config::ConfigError),
+    #[error("{0:#}")]
+    Other(anyhow::Error),
+}
+
+fn upstream_addresses(c: &Config) -> Vec<std::net::SocketAddr> {
+    c.upstreams.main.iter().chain(&c.upstreams.backup).map(|s| s.address).collect()
 }
 
 /// Serves `listener` with `config` until `shutdown` completes; then stops accepting, closes the

@@ -50,6 +50,8 @@ struct Entry {
 
 #[derive(Debug)]
 struct Table {
+    /// Kept with the table so a reload changes both under one lock.
+    cfg: config::Limits,
     clients: HashMap<ClientKey, Entry>,
     last_sweep: Option<Instant>,
 }
@@ -57,7 +59,6 @@ struct Table {
 /// Admission state shared by all connections.
 #[derive(Debug)]
 pub struct Limiter {
-    cfg: config::Limits,
     table: Mutex<Table>,
 }
 
@@ -67,22 +68,33 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 impl Limiter {
     pub fn new(cfg: config::Limits) -> Arc<Self> {
-        Arc::new(Self { cfg, table: Mutex::new(Table { clients: HashMap::new(), last_sweep: None }) })
+        Arc::new(Self { table: Mutex::new(Table { cfg, clients: HashMap::new(), last_sweep: None }) })
+    }
+
+    /// New limits (reload). Clients keep their state: a reload is no way around a limit.
+    pub fn reconfigure(&self, cfg: config::Limits) {
+        let mut table = self.lock();
+        if table.cfg.ipv6_prefix != cfg.ipv6_prefix {
+            // Keys of another prefix length would never match again.
+            table.clients.retain(|_, e| e.open > 0);
+        }
+        table.cfg = cfg;
     }
 
     /// Counts one handshake request of `ip` and, when admitted, holds one of its connection slots
     /// until the returned guard is dropped.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Slot, Refusal> {
-        let key = ClientKey::new(ip, self.cfg.ipv6_prefix);
         let mut table = self.lock();
-        if !table.clients.contains_key(&key) && table.clients.len() >= self.cfg.max_tracked_clients {
-            self.sweep(&mut table, now);
-            if table.clients.len() >= self.cfg.max_tracked_clients {
+        let cfg = table.cfg.clone();
+        let key = ClientKey::new(ip, cfg.ipv6_prefix);
+        if !table.clients.contains_key(&key) && table.clients.len() >= cfg.max_tracked_clients {
+            Self::sweep(&mut table, now);
+            if table.clients.len() >= cfg.max_tracked_clients {
                 return Err(Refusal::TableFull);
             }
         }
-        let burst = f64::from(self.cfg.burst);
-        let rate = self.cfg.requests_per_second;
+        let burst = f64::from(cfg.burst);
+        let rate = cfg.requests_per_second;
         let e = table.clients.entry(key).or_insert(Entry { tokens: burst, refilled: now, open: 0 });
         let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
         e.tokens = (e.tokens + elapsed * rate).min(burst);
@@ -92,7 +104,7 @@ impl Limiter {
             return Err(Refusal::RateLimited { retry_after: wait });
         }
         e.tokens -= 1.0;
-        if self.cfg.max_connections_per_ip != 0 && e.open >= self.cfg.max_connections_per_ip {
+        if cfg.max_connections_per_ip != 0 && e.open >= cfg.max_connections_per_ip {
             return Err(Refusal::TooManyConnections);
         }
         e.open += 1;
@@ -104,13 +116,13 @@ impl Limiter {
         self.lock().clients.len()
     }
 
-    fn sweep(&self, table: &mut Table, now: Instant) {
+    fn sweep(table: &mut Table, now: Instant) {
         if table.last_sweep.is_some_and(|t| now.saturating_duration_since(t) < SWEEP_INTERVAL) {
             return;
         }
         table.last_sweep = Some(now);
-        let burst = f64::from(self.cfg.burst);
-        let rate = self.cfg.requests_per_second;
+        let burst = f64::from(table.cfg.burst);
+        let rate = table.cfg.requests_per_second;
         table.clients.retain(|_, e| {
             let tokens = e.tokens + now.saturating_duration_since(e.refilled).as_secs_f64() * rate;
             e.open > 0 || tokens < burst

@@ -5,13 +5,14 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::{Shared, connection};
 
@@ -29,10 +30,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-/// Accepts until `shutdown` completes, then cancels the connections still open and waits for
-/// their tasks to end.
+/// Accepts until `shutdown` completes; then lets open connections finish for the drain timeout,
+/// cancels the rest and waits for their tasks to end.
 pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
-    let cap = Arc::new(Semaphore::new(shared.config.max_connections));
+    let cap = Arc::new(Semaphore::new(shared.runtime.load().config.max_connections));
     let tasks = TaskTracker::new();
     let cancel = CancellationToken::new();
     let mut backoff = BACKOFF_MIN;
@@ -71,10 +72,19 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shut
         }
     }
     drop(listener);
-    cancel.cancel();
+    shared.accepting.store(false, Ordering::SeqCst);
     tasks.close();
+    let drain = shared.runtime.load().config.drain_timeout;
+    let open = tasks.len();
+    if open > 0 {
+        info!(open, drain_s = drain.as_secs_f64(), "stopped accepting; letting open connections finish");
+    }
+    if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+        warn!(open = tasks.len(), "drain timeout: closing the connections still open");
+    }
+    cancel.cancel();
     if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
-        error!("connections did not end within 5 s of shutdown");
+        error!("connections did not end within 5 s of being cancelled");
     }
 }
 

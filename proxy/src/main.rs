@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
+const DEFAULT_CONFIG: &str = "/etc/wsproxy/wsproxy.toml";
+
 /// Exit code for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;
 /// Exit code for any other failure to start or run.
@@ -31,10 +33,17 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy (stops on SIGTERM or SIGINT).
+    /// Run the proxy: SIGHUP reloads the configuration, SIGTERM or SIGINT stops it gracefully.
     Run {
         /// Configuration file (TOML).
-        #[arg(long, short, default_value = "/etc/wsproxy/wsproxy.toml")]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Ask a running proxy to reload its configuration, through its admin listener (the
+    /// `admin.address` of FILE); prints the result, or every problem of the new file.
+    Reload {
+        /// Configuration file of the running proxy.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Validate a configuration file: prints every problem, exits 0 when valid and 2 when not.
@@ -55,6 +64,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Reload { config } => reload(&config).unwrap_or_else(fail),
         Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(&config))).unwrap_or_else(fail),
         Command::EchoServer { listen } => runtime().and_then(|rt| rt.block_on(echo_server(listen))).unwrap_or_else(fail),
     }
@@ -74,12 +84,107 @@ fn check_config(file: &Path) -> ExitCode {
 }
 
 async fn run(path: &Path) -> Result<ExitCode, Failure> {
-    let config = wsproxy::Config::load(path).map_err(|e| Failure(EXIT_CONFIG, e.to_string()))?;
-    let listener = wsproxy::listener::bind(config.listen)
-        .map_err(|e| Failure(EXIT_FAILURE, format!("cannot listen on {}: {e}", config.listen)))?;
-    let shutdown = shutdown_signal().map_err(|e| Failure(EXIT_FAILURE, format!("cannot handle signals: {e}")))?;
-    wsproxy::run(config, listener, shutdown).await.map_err(|e| Failure(EXIT_FAILURE, format!("{e:#}")))?;
+    // First, so that a signal during start-up (loading the kernel relay takes a moment) is
+    // handled rather than killing the process.
+    let signals = Signals::install().map_err(|e| Failure(EXIT_FAILURE, format!("cannot handle signals: {e}")))?;
+    let server = wsproxy::Server::from_file(path.to_path_buf()).map_err(|e| match e {
+        wsproxy::StartError::Config(e) => Failure(EXIT_CONFIG, e.to_string()),
+        e => Failure(EXIT_FAILURE, e.to_string()),
+    })?;
+    let config = server.config();
+    let bind = |addr| {
+        wsproxy::listener::bind(addr).map_err(|e| Failure(EXIT_FAILURE, format!("cannot listen on {addr}: {e}")))
+    };
+    let listener = bind(config.listen)?;
+    let admin = config.admin.map(bind).transpose()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(signals.handle(server.clone(), stop.clone()));
+    if let Some(admin) = admin {
+        let (server, stop) = (server.clone(), stop.clone());
+        tokio::spawn(async move { server.serve_admin(admin, stop.cancelled_owned()).await });
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
+    server.serve(listener, stop.cancelled()).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The proxy's signal handlers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// SIGHUP reloads; the first SIGTERM or SIGINT stops (graceful: see `listen.drain_timeout`).
+    async fn handle(self, server: wsproxy::Server, stop: tokio_util::sync::CancellationToken) {
+        let Signals { mut term, mut int, mut hup } = self;
+        loop {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                _ = hup.recv() => {
+                    // systemd wants MONOTONIC_USEC with RELOADING=1.
+                    match sd_notify::NotifyState::monotonic_usec_now() {
+                        Ok(now) => notify(&[sd_notify::NotifyState::Reloading, now]),
+                        Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
+                    }
+                    match server.reload() {
+                        Ok(notes) => {
+                            tracing::info!("SIGHUP: configuration reloaded");
+                            for n in notes {
+                                tracing::warn!("reload: {n}");
+                            }
+                        }
+                        Err(e) => tracing::error!("SIGHUP: reload refused, keeping the running configuration: {e}"),
+                    }
+                    notify(&[sd_notify::NotifyState::Ready]);
+                    continue;
+                }
+            }
+            notify(&[sd_notify::NotifyState::Stopping]);
+            stop.cancel();
+            return;
+        }
+    }
+}
+
+/// Tells systemd (Type=notify) about the service's state; nothing without NOTIFY_SOCKET.
+fn notify(states: &[sd_notify::NotifyState]) {
+    let _ = sd_notify::notify(states);
+}
+
+/// `wsproxy reload`: POST /reload to the admin listener named in the configuration file.
+fn reload(path: &Path) -> Result<ExitCode, Failure> {
+    use std::io::{Read, Write};
+    let config = wsproxy::Config::load(path).map_err(|e| Failure(EXIT_CONFIG, e.to_string()))?;
+    let admin = config.admin.ok_or_else(|| {
+        Failure(EXIT_FAILURE, format!("{}: admin.address is not set; send SIGHUP to the proxy instead", path.display()))
+    })?;
+    let io = |e: std::io::Error| Failure(EXIT_FAILURE, format!("cannot reach the admin listener {admin}: {e}"));
+    let mut s = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(5)).map_err(io)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).map_err(io)?;
+    s.write_all(format!("POST /reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(io)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).map_err(io)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let ok = head.starts_with("HTTP/1.1 200");
+    if ok {
+        print!("{body}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprint!("wsproxy: {body}");
+        Ok(ExitCode::from(EXIT_CONFIG))
+    }
 }
 
 async fn echo_server(listen: SocketAddr) -> Result<ExitCode, Failure> {

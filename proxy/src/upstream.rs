@@ -53,6 +53,25 @@ impl UpstreamError {
     pub fn retryable(&self) -> bool {
         matches!(self, UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::ClosedBeforeAnswer)
     }
+
+    /// True when the failure says something about the upstream's health. A 4xx answer is about
+    /// the request, not the upstream.
+    pub fn counts_against_health(&self) -> bool {
+        !matches!(self, UpstreamError::Status(s) if (400..500).contains(s))
+    }
+
+    /// Short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::ClosedBeforeAnswer | UpstreamError::ClosedMidHead(_) => "closed",
+            UpstreamError::Io(_) => "io",
+            UpstreamError::Malformed(_) => "malformed",
+            UpstreamError::Status(_) => "status",
+            UpstreamError::BadUpgrade(_) => "bad_upgrade",
+        }
+    }
 }
 
 /// Performs the upstream half of the handshake under one deadline.

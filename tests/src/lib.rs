@@ -47,7 +47,10 @@ impl Proxy {
     }
 
     pub async fn start_on(listen: SocketAddr, config_toml: &str) -> Proxy {
-        let config = wsproxy::Config::parse(config_toml, "test config").unwrap_or_else(|e| panic!("{e}"));
+        let mut config = wsproxy::Config::parse(config_toml, "test config").unwrap_or_else(|e| panic!("{e}"));
+        // A test that stops its proxy with connections still open should not wait the default
+        // 30 s drain; tests of the drain set their own, shorter one.
+        config.drain_timeout = config.drain_timeout.min(Duration::from_secs(2));
         let listener = wsproxy::listener::bind(listen).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -294,3 +297,5 @@ pub async fn ws_connect(
 pub fn client_ip(n: u32) -> IpAddr {
     IpAddr::from(std::net::Ipv4Addr::from(0x7f10_0000u32 + n))
 }
+
+pub mod relay_kit;

@@ -16,12 +16,13 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use proxy_common::SockCtrl;
 use tokio::net::TcpStream;
 
-use super::{End, Mode, Outcome, reset_on_close};
+use super::{End, Mode, Outcome, idle_watch, reset_on_close};
 use crate::config;
 use crate::ebpf::{KernelPrograms, PairGuard, Side};
 
@@ -67,15 +68,22 @@ pub async fn relay(
         Ok(p) => p,
         Err(e) => return Err((client, upstream, e)),
     };
-    let (mut c2u, mut u2c) = (0u64, 0u64);
+    let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
     let end = {
         let up = Direction { src: &client, dst: &upstream, side: Side::Client, dst_base: bases[1], pair: &pair, cfg };
         let down = Direction { src: &upstream, dst: &client, side: Side::Upstream, dst_base: bases[0], pair: &pair, cfg };
-        match tokio::try_join!(side_of(up.run(&mut c2u), Side::Client), side_of(down.run(&mut u2c), Side::Upstream)) {
+        // Activity: bytes the verdict moved plus bytes userspace forwarded.
+        let activity = || {
+            let k = pair.counters().unwrap_or_default();
+            k.from_client.redirected + k.from_upstream.redirected + c2u.load(Relaxed) + u2c.load(Relaxed)
+        };
+        let idle = idle_watch(cfg.idle_timeout, activity);
+        match tokio::try_join!(side_of(up.run(&c2u), Side::Client), side_of(down.run(&u2c), Side::Upstream), idle) {
             Ok(_) => End::Closed,
             Err(end) => end,
         }
     };
+    let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
     // Out of the maps before the sockets close: no verdict may redirect into a closing socket.
     let counters = pair.remove().unwrap_or_default();
     if end != End::Closed {
@@ -122,8 +130,9 @@ struct Direction<'a> {
 impl Direction<'_> {
     /// Runs until EOF on `src` has been passed on as a FIN on `dst`. `forwarded` counts the
     /// passed bytes written to `dst` by userspace.
-    async fn run(self, forwarded: &mut u64) -> Result<(), Failed> {
+    async fn run(self, forwarded_total: &AtomicU64) -> Result<(), Failed> {
         let mut buf: Vec<u8> = Vec::new();
+        let mut forwarded = 0u64;
         loop {
             // Readable means: passed bytes, EOF, an error, or (rarely) a wake-up for redirected
             // bytes that leaves nothing to read.
@@ -132,11 +141,12 @@ impl Direction<'_> {
                 buf = vec![0; BUF_SIZE];
             }
             match self.src.try_read(&mut buf) {
-                Ok(0) => return self.finish(*forwarded).await,
+                Ok(0) => return self.finish(forwarded).await,
                 Ok(n) => {
-                    self.forward(&buf[..n], *forwarded).await?;
-                    *forwarded += n as u64;
-                    self.grant(*forwarded)?;
+                    self.forward(&buf[..n], forwarded).await?;
+                    forwarded += n as u64;
+                    forwarded_total.store(forwarded, Relaxed);
+                    self.grant(forwarded)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
                 Err(e) => return Err(Failed::Source(e.kind())),

@@ -11,7 +11,6 @@ pub mod userspace;
 
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -19,6 +18,7 @@ use tracing::warn;
 
 use crate::config::{self, RelayMode};
 use crate::ebpf::KernelPrograms;
+use crate::metrics::Metrics;
 
 /// Which relay carried a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +48,8 @@ pub enum End {
     /// After one side closed, the other did not take the remaining bytes within the drain
     /// timeout; both were cut.
     DrainTimeout,
+    /// Nothing was relayed either way for the configured idle timeout; both were closed.
+    IdleTimeout,
     /// The relay's own machinery failed (a kernel map operation); both were cut.
     Internal,
 }
@@ -59,6 +61,7 @@ impl End {
             End::ClientError(_) => "client error",
             End::UpstreamError(_) => "upstream error",
             End::DrainTimeout => "drain timeout",
+            End::IdleTimeout => "idle timeout",
             End::Internal => "internal error",
         }
     }
@@ -74,57 +77,7 @@ pub struct Outcome {
     pub duration: Duration,
 }
 
-/// Totals over all relayed connections, for metrics and tests.
-#[derive(Debug, Default)]
-pub struct Totals {
-    open: [AtomicU64; 2],
-    ended: [AtomicU64; 2],
-    client_to_upstream: [AtomicU64; 2],
-    upstream_to_client: [AtomicU64; 2],
-    fallbacks: AtomicU64,
-    drain_timeouts: AtomicU64,
-}
-
-/// A copy of [`Totals`]; arrays are indexed by [`Mode`] (kernel, userspace).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TotalsSnapshot {
-    pub open: [u64; 2],
-    pub ended: [u64; 2],
-    pub client_to_upstream: [u64; 2],
-    pub upstream_to_client: [u64; 2],
-    /// Connections the kernel relay could not take, carried by the userspace relay instead.
-    pub fallbacks: u64,
-    pub drain_timeouts: u64,
-}
-
-impl Totals {
-    pub fn snapshot(&self) -> TotalsSnapshot {
-        let two = |a: &[AtomicU64; 2]| [a[0].load(Relaxed), a[1].load(Relaxed)];
-        TotalsSnapshot {
-            open: two(&self.open),
-            ended: two(&self.ended),
-            client_to_upstream: two(&self.client_to_upstream),
-            upstream_to_client: two(&self.upstream_to_client),
-            fallbacks: self.fallbacks.load(Relaxed),
-            drain_timeouts: self.drain_timeouts.load(Relaxed),
-        }
-    }
-
-    fn started(&self, mode: Mode) {
-        self.open[mode as usize].fetch_add(1, Relaxed);
-    }
-
-    fn ended(&self, o: &Outcome) {
-        let m = o.mode as usize;
-        self.open[m].fetch_sub(1, Relaxed);
-        self.ended[m].fetch_add(1, Relaxed);
-        self.client_to_upstream[m].fetch_add(o.client_to_upstream, Relaxed);
-        self.upstream_to_client[m].fetch_add(o.upstream_to_client, Relaxed);
-        if o.end == End::DrainTimeout {
-            self.drain_timeouts.fetch_add(1, Relaxed);
-        }
-    }
-}
+pub use crate::metrics::TotalsSnapshot;
 
 /// Relays between the two sockets until both sides have closed or one failed, in the kernel
 /// when the configuration and the loaded programs allow it.
@@ -133,19 +86,18 @@ pub async fn relay(
     upstream: TcpStream,
     programs: Option<&KernelPrograms>,
     cfg: &config::Relay,
-    totals: &Totals,
+    metrics: &Metrics,
 ) -> Outcome {
     let (client, upstream) = match programs.filter(|_| cfg.mode != RelayMode::Userspace) {
         Some(programs) => {
-            totals.started(Mode::Kernel);
+            metrics.relay_started(Mode::Kernel);
             match kernel::relay(client, upstream, programs, cfg).await {
                 Ok(o) => {
-                    totals.ended(&o);
+                    metrics.relay_ended(&o);
                     return o;
                 }
                 Err((client, upstream, e)) => {
-                    totals.open[Mode::Kernel as usize].fetch_sub(1, Relaxed);
-                    totals.fallbacks.fetch_add(1, Relaxed);
+                    metrics.relay_fallback();
                     warn!(error = %format!("{e:#}"), "kernel relay: cannot take the connection, relaying it in userspace");
                     (client, upstream)
                 }
@@ -153,10 +105,29 @@ pub async fn relay(
         }
         None => (client, upstream),
     };
-    totals.started(Mode::Userspace);
-    let o = userspace::relay(client, upstream).await;
-    totals.ended(&o);
+    metrics.relay_started(Mode::Userspace);
+    let o = userspace::relay(client, upstream, cfg.idle_timeout).await;
+    metrics.relay_ended(&o);
     o
+}
+
+/// Completes with [`End::IdleTimeout`] once `activity` (a count of bytes relayed) has not moved
+/// for `timeout`; never without a timeout. Checked a few times per timeout, so a connection is
+/// closed between 1 and 1.25 times the timeout after its last byte.
+pub(crate) async fn idle_watch(timeout: Option<Duration>, activity: impl Fn() -> u64) -> Result<(), End> {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let (mut last, mut since) = (activity(), tokio::time::Instant::now());
+    loop {
+        tokio::time::sleep(timeout / 4).await;
+        let now = activity();
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() >= timeout {
+            return Err(End::IdleTimeout);
+        }
+    }
 }
 
 /// Makes the next close of `s` send a reset: passing an abort on tells the surviving peer the

@@ -1,14 +1,17 @@
 //! The userspace relay: both directions copied by tokio, with half-close.
 
 use std::io;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
-use super::{End, Mode, Outcome, reset_on_close};
+use super::{End, Mode, Outcome, idle_watch, reset_on_close};
 
-/// Large enough that a bulk transfer costs few system calls; one buffer per direction.
+/// Large enough that a bulk transfer costs few system calls. Allocated only while bytes are
+/// flowing, so that an idle connection holds no buffer.
 const BUF_SIZE: usize = 64 * 1024;
 
 /// Which side a copy error came from.
@@ -17,16 +20,17 @@ enum Failed {
     Write(io::Error),
 }
 
-pub async fn relay(mut client: TcpStream, mut upstream: TcpStream) -> Outcome {
+pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, idle_timeout: Option<Duration>) -> Outcome {
     let started = Instant::now();
-    let (mut c2u, mut u2c) = (0u64, 0u64);
+    let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
     let end = {
         let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
-        let up = copy(&mut cr, &mut uw, &mut c2u);
-        let down = copy(&mut ur, &mut cw, &mut u2c);
+        let up = copy(&mut cr, &mut uw, &c2u);
+        let down = copy(&mut ur, &mut cw, &u2c);
+        let idle = idle_watch(idle_timeout, || c2u.load(Relaxed) + u2c.load(Relaxed));
         // The first error ends both directions: try_join drops the other copy at once.
-        match tokio::try_join!(up_side(up, true), up_side(down, false)) {
+        match tokio::try_join!(up_side(up, true), up_side(down, false), idle) {
             Ok(_) => End::Closed,
             Err(end) => end,
         }
@@ -37,7 +41,13 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream) -> Outcome {
         reset_on_close(&client);
         reset_on_close(&upstream);
     }
-    Outcome { mode: Mode::Userspace, end, client_to_upstream: c2u, upstream_to_client: u2c, duration: started.elapsed() }
+    Outcome {
+        mode: Mode::Userspace,
+        end,
+        client_to_upstream: c2u.into_inner(),
+        upstream_to_client: u2c.into_inner(),
+        duration: started.elapsed(),
+    }
 }
 
 /// Maps a direction's failure onto the side that caused it.
@@ -49,18 +59,21 @@ async fn up_side(copy: impl Future<Output = Result<(), Failed>>, client_to_upstr
 }
 
 /// Copies until EOF, then shuts the destination down for writing (passes the FIN on).
-async fn copy<R, W>(from: &mut R, to: &mut W, count: &mut u64) -> Result<(), Failed>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUF_SIZE];
+async fn copy(from: &mut ReadHalf<'_>, to: &mut WriteHalf<'_>, count: &AtomicU64) -> Result<(), Failed> {
     loop {
-        let n = from.read(&mut buf).await.map_err(Failed::Read)?;
-        if n == 0 {
-            return to.shutdown().await.map_err(Failed::Write);
+        from.as_ref().readable().await.map_err(Failed::Read)?;
+        let mut buf = vec![0u8; BUF_SIZE];
+        loop {
+            match from.as_ref().try_read(&mut buf) {
+                Ok(0) => return to.shutdown().await.map_err(Failed::Write),
+                Ok(n) => {
+                    to.write_all(&buf[..n]).await.map_err(Failed::Write)?;
+                    count.fetch_add(n as u64, Relaxed);
+                }
+                // Drained: drop the buffer while waiting for more.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(Failed::Read(e)),
+            }
         }
-        to.write_all(&buf[..n]).await.map_err(Failed::Write)?;
-        *count += n as u64;
     }
 }

@@ -1,0 +1,179 @@
+//! Upstream health: passive (handshake failures mark an upstream down for a cool-down period) and
+//! optional active probes (a periodic TCP connect or full WebSocket handshake).
+//!
+//! A down upstream is skipped in every client's failover order, so its clients go to their next
+//! hash choice and come back when it recovers; nobody else moves. If every candidate of a client
+//! is down, all are tried anyway: a shared blip must not turn into refusing everyone for the
+//! whole cool-down.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{self, Probe};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Default)]
+struct State {
+    consecutive_failures: u32,
+    down_until: Option<Instant>,
+}
+
+/// Health of every configured upstream.
+pub struct Health {
+    cfg: Mutex<config::Health>,
+    states: Mutex<HashMap<SocketAddr, State>>,
+}
+
+impl Health {
+    pub fn new(cfg: config::Health) -> Self {
+        Self { cfg: Mutex::new(cfg), states: Mutex::new(HashMap::new()) }
+    }
+
+    /// New settings and upstream list (reload): upstreams that left are forgotten.
+    pub fn reconfigure(&self, cfg: config::Health, upstreams: &[SocketAddr], metrics: &Metrics) {
+        *lock(&self.cfg) = cfg;
+        lock(&self.states).retain(|addr, _| {
+            let keep = upstreams.contains(addr);
+            if !keep {
+                metrics.upstream_removed(*addr);
+            }
+            keep
+        });
+        for a in upstreams {
+            if self.is_up(*a, Instant::now()) {
+                metrics.upstream_up(*a, true);
+            }
+        }
+    }
+
+    /// `order` without the upstreams that are down, unless that leaves none.
+    pub fn filter(&self, order: Vec<SocketAddr>, now: Instant) -> Vec<SocketAddr> {
+        let up: Vec<SocketAddr> = order.iter().copied().filter(|a| self.is_up(*a, now)).collect();
+        if up.is_empty() { order } else { up }
+    }
+
+    pub fn is_up(&self, addr: SocketAddr, now: Instant) -> bool {
+        lock(&self.states).get(&addr).and_then(|s| s.down_until).is_none_or(|until| now >= until)
+    }
+
+    pub fn success(&self, addr: SocketAddr, metrics: &Metrics) {
+        let mut states = lock(&self.states);
+        let s = states.entry(addr).or_default();
+        let was_down = s.down_until.is_some();
+        *s = State::default();
+        drop(states);
+        if was_down {
+            info!(upstream = %addr, "upstream is up again");
+        }
+        metrics.upstream_up(addr, true);
+    }
+
+    pub fn failure(&self, addr: SocketAddr, now: Instant, metrics: &Metrics) {
+        let cfg = lock(&self.cfg).clone();
+        let mut states = lock(&self.states);
+        let s = states.entry(addr).or_default();
+        s.consecutive_failures += 1;
+        if s.consecutive_failures >= cfg.max_fails && s.down_until.is_none_or(|u| now >= u) {
+            s.down_until = Some(now + cfg.fail_timeout);
+            let failures = s.consecutive_failures;
+            drop(states);
+            warn!(upstream = %addr, failures, cool_down_s = cfg.fail_timeout.as_secs_f64(), "upstream marked down");
+            metrics.upstream_up(addr, false);
+        }
+    }
+}
+
+/// Runs the active probes of `upstreams` until `stop` is cancelled. Each probe counts like a
+/// handshake: a failure towards marking down, a success marks up.
+pub(crate) async fn probe_loop(
+    shared: Arc<crate::Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let rt = shared.runtime.load_full();
+        let cfg = rt.config.upstreams.health.clone();
+        let Some(interval) = cfg.probe_interval else {
+            // Probes are off; a reload may turn them on.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        };
+        let targets: Vec<SocketAddr> =
+            rt.config.upstreams.main.iter().chain(&rt.config.upstreams.backup).map(|s| s.address).collect();
+        for addr in targets {
+            let ok = probe(addr, cfg.probe, rt.config.upstreams.timeout).await;
+            if ok {
+                shared.health.success(addr, &shared.metrics);
+            } else {
+                shared.health.failure(addr, Instant::now(), &shared.metrics);
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// One probe: a TCP connect, or a full WebSocket handshake checked like a client's.
+async fn probe(addr: SocketAddr, kind: Probe, timeout: Duration) -> bool {
+    match kind {
+        Probe::Tcp => {
+            matches!(tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))
+        }
+        Probe::Websocket => {
+            const KEY: &str = "d3Nwcm94eSBwcm9iZSBrZXk=";
+            let request = format!(
+                "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: wsproxy-probe\r\n\r\n"
+            );
+            crate::upstream::handshake(addr, request.as_bytes(), KEY, timeout, 16 * 1024).await.is_ok()
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn health(max_fails: u32) -> Health {
+        Health::new(config::Health { max_fails, fail_timeout: Duration::from_secs(10), ..Default::default() })
+    }
+
+    #[test]
+    fn down_after_max_fails_and_back_after_cool_down() {
+        let (h, m, t0) = (health(2), Metrics::new(), Instant::now());
+        h.failure(addr(1), t0, &m);
+        assert!(h.is_up(addr(1), t0), "one failure is below max_fails");
+        h.failure(addr(1), t0, &m);
+        assert!(!h.is_up(addr(1), t0));
+        assert_eq!(h.filter(vec![addr(1), addr(2)], t0), vec![addr(2)]);
+        assert!(h.is_up(addr(1), t0 + Duration::from_secs(10)), "the cool-down is over");
+        assert!(m.encode().contains("wsproxy_upstream_up{upstream=\"127.0.0.1:1\"} 0"));
+    }
+
+    #[test]
+    fn success_resets_and_all_down_tries_all() {
+        let (h, m, t0) = (health(1), Metrics::new(), Instant::now());
+        h.failure(addr(1), t0, &m);
+        h.failure(addr(2), t0, &m);
+        assert_eq!(h.filter(vec![addr(2), addr(1)], t0), vec![addr(2), addr(1)]);
+        h.success(addr(1), &m);
+        assert!(h.is_up(addr(1), t0));
+        assert_eq!(h.filter(vec![addr(2), addr(1)], t0), vec![addr(1)]);
+    }
+}

@@ -1,0 +1,318 @@
+//! Metrics: every name is a constant here, every metric is registered here, and the rest of the
+//! proxy records through the methods of [`Metrics`]. Exported in the Prometheus text format by
+//! the admin listener (see `admin`).
+
+use std::net::SocketAddr;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::relay::{End, Mode, Outcome};
+
+// Counter names get the `_total` suffix from the encoder.
+pub const CONNECTIONS_OPEN: &str = "wsproxy_connections_open";
+pub const CONNECTIONS_ENDED: &str = "wsproxy_connections_ended";
+pub const HANDSHAKES: &str = "wsproxy_handshakes";
+pub const HANDSHAKE_DURATION: &str = "wsproxy_handshake_duration_seconds";
+pub const UPSTREAM_ATTEMPTS: &str = "wsproxy_upstream_attempts";
+pub const UPSTREAM_FAILURES: &str = "wsproxy_upstream_failures";
+pub const UPSTREAM_UP: &str = "wsproxy_upstream_up";
+pub const RELAYED_BYTES: &str = "wsproxy_relayed_bytes";
+pub const RELAY_FALLBACKS: &str = "wsproxy_relay_fallbacks";
+pub const KERNEL_RELAY_AVAILABLE: &str = "wsproxy_kernel_relay_available";
+pub const CONFIG_RELOADS: &str = "wsproxy_config_reloads";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RelayLabels {
+    relay: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndLabels {
+    relay: &'static str,
+    end: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    outcome: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    upstream: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    relay: &'static str,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// How a handshake ended, as counted in [`HANDSHAKES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeOutcome {
+    /// 101 forwarded to the client.
+    Upgraded,
+    /// Refused by the proxy with this status (400, 408, 426, 431).
+    Refused(u16),
+    /// 429: over the request rate.
+    RateLimited,
+    /// 429: over the per-client connection cap, or the client table is full.
+    ConnectionLimited,
+    /// An upstream answered, but not with a valid 101: closed without an answer.
+    UpstreamError,
+    /// Every upstream timed out: 400.
+    UpstreamTimeout,
+    /// No upstream could be reached: 400.
+    NoUpstream,
+    /// The client left before the handshake completed.
+    ClientGone,
+}
+
+impl HandshakeOutcome {
+    fn labels(self) -> HandshakeLabels {
+        let (outcome, status) = match self {
+            HandshakeOutcome::Upgraded => ("upgraded", 101),
+            HandshakeOutcome::Refused(s) => ("refused", s),
+            HandshakeOutcome::RateLimited => ("rate_limited", 429),
+            HandshakeOutcome::ConnectionLimited => ("connection_limited", 429),
+            HandshakeOutcome::UpstreamError => ("upstream_error", 0),
+            HandshakeOutcome::UpstreamTimeout => ("upstream_timeout", 400),
+            HandshakeOutcome::NoUpstream => ("all_upstreams_down", 400),
+            HandshakeOutcome::ClientGone => ("client_gone", 0),
+        };
+        HandshakeLabels { outcome, status }
+    }
+}
+
+/// Totals of the relays, read back from the metrics (tests and logs use it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TotalsSnapshot {
+    /// Indexed by [`Mode`]: kernel, userspace.
+    pub open: [u64; 2],
+    pub ended: [u64; 2],
+    pub client_to_upstream: [u64; 2],
+    pub upstream_to_client: [u64; 2],
+    /// Connections the kernel relay could not take, carried by the userspace relay instead.
+    pub fallbacks: u64,
+    pub drain_timeouts: u64,
+}
+
+const MODES: [Mode; 2] = [Mode::Kernel, Mode::Userspace];
+const ENDS: [End; 6] = [
+    End::Closed,
+    End::ClientError(std::io::ErrorKind::Other),
+    End::UpstreamError(std::io::ErrorKind::Other),
+    End::DrainTimeout,
+    End::IdleTimeout,
+    End::Internal,
+];
+
+/// The proxy's metrics.
+pub struct Metrics {
+    registry: Registry,
+    open: Family<RelayLabels, Gauge>,
+    ended: Family<EndLabels, Counter>,
+    handshakes: Family<HandshakeLabels, Counter>,
+    handshake_duration: Histogram,
+    upstream_attempts: Family<UpstreamLabels, Counter>,
+    upstream_failures: Family<FailureLabels, Counter>,
+    upstream_up: Family<UpstreamLabels, Gauge>,
+    bytes: Family<BytesLabels, Counter>,
+    fallbacks: Counter,
+    kernel_relay: Gauge,
+    reloads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            open: Family::default(),
+            ended: Family::default(),
+            handshakes: Family::default(),
+            // 100 µs to about 6.5 s: handshakes are bounded by the upstream timeout.
+            handshake_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            upstream_attempts: Family::default(),
+            upstream_failures: Family::default(),
+            upstream_up: Family::default(),
+            bytes: Family::default(),
+            fallbacks: Counter::default(),
+            kernel_relay: Gauge::default(),
+            reloads: Family::default(),
+        };
+        let r = &mut m.registry;
+        r.register(CONNECTIONS_OPEN, "Relayed connections open, by relay", m.open.clone());
+        r.register(CONNECTIONS_ENDED, "Relayed connections ended, by relay and how they ended", m.ended.clone());
+        r.register(HANDSHAKES, "Handshakes by outcome and status answered (0: closed without answer)", m.handshakes.clone());
+        r.register(HANDSHAKE_DURATION, "Time from accept to the end of the handshake", m.handshake_duration.clone());
+        r.register(UPSTREAM_ATTEMPTS, "Handshakes tried on each upstream", m.upstream_attempts.clone());
+        r.register(UPSTREAM_FAILURES, "Failed upstream handshakes, by reason", m.upstream_failures.clone());
+        r.register(UPSTREAM_UP, "1 while an upstream is considered healthy, 0 while marked down", m.upstream_up.clone());
+        r.register(RELAYED_BYTES, "Payload bytes relayed, by relay and direction (counted when a connection ends)", m.bytes.clone());
+        r.register(RELAY_FALLBACKS, "Connections the kernel relay could not take, relayed in userspace", m.fallbacks.clone());
+        r.register(KERNEL_RELAY_AVAILABLE, "1 when the kernel relay is loaded", m.kernel_relay.clone());
+        r.register(CONFIG_RELOADS, "Configuration reloads, by result", m.reloads.clone());
+        // Zero series exist from the start, so that rates and alerts work before the first event.
+        for mode in MODES {
+            let _ = m.open.get_or_create(&RelayLabels { relay: mode.as_str() });
+            for direction in ["client_to_upstream", "upstream_to_client"] {
+                let _ = m.bytes.get_or_create(&BytesLabels { relay: mode.as_str(), direction });
+            }
+            for end in ENDS {
+                let _ = m.ended.get_or_create(&EndLabels { relay: mode.as_str(), end: end.as_str() });
+            }
+        }
+        for result in ["ok", "error"] {
+            let _ = m.reloads.get_or_create(&ResultLabels { result });
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn handshake(&self, outcome: HandshakeOutcome, seconds: f64) {
+        self.handshakes.get_or_create(&outcome.labels()).inc();
+        self.handshake_duration.observe(seconds);
+    }
+
+    pub fn upstream_attempt(&self, upstream: SocketAddr) {
+        self.upstream_attempts.get_or_create(&UpstreamLabels { upstream: upstream.to_string() }).inc();
+    }
+
+    pub fn upstream_failure(&self, upstream: SocketAddr, reason: &'static str) {
+        self.upstream_failures.get_or_create(&FailureLabels { upstream: upstream.to_string(), reason }).inc();
+    }
+
+    pub fn upstream_up(&self, upstream: SocketAddr, up: bool) {
+        self.upstream_up.get_or_create(&UpstreamLabels { upstream: upstream.to_string() }).set(i64::from(up));
+    }
+
+    /// Forgets an upstream's health series (it left the configuration).
+    pub fn upstream_removed(&self, upstream: SocketAddr) {
+        self.upstream_up.remove(&UpstreamLabels { upstream: upstream.to_string() });
+    }
+
+    pub fn kernel_relay(&self, available: bool) {
+        self.kernel_relay.set(i64::from(available));
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" } }).inc();
+    }
+
+    pub fn relay_started(&self, mode: Mode) {
+        self.open.get_or_create(&RelayLabels { relay: mode.as_str() }).inc();
+    }
+
+    /// A connection the kernel relay was going to carry went to userspace instead.
+    pub fn relay_fallback(&self) {
+        self.open.get_or_create(&RelayLabels { relay: Mode::Kernel.as_str() }).dec();
+        self.fallbacks.inc();
+    }
+
+    pub fn relay_ended(&self, o: &Outcome) {
+        let relay = o.mode.as_str();
+        self.open.get_or_create(&RelayLabels { relay }).dec();
+        self.ended.get_or_create(&EndLabels { relay, end: o.end.as_str() }).inc();
+        self.bytes.get_or_create(&BytesLabels { relay, direction: "client_to_upstream" }).inc_by(o.client_to_upstream);
+        self.bytes.get_or_create(&BytesLabels { relay, direction: "upstream_to_client" }).inc_by(o.upstream_to_client);
+    }
+
+    /// The relay totals, read back from the metrics.
+    pub fn totals(&self) -> TotalsSnapshot {
+        let mut t = TotalsSnapshot { fallbacks: self.fallbacks.get(), ..Default::default() };
+        for (i, mode) in MODES.into_iter().enumerate() {
+            let relay = mode.as_str();
+            t.open[i] = self.open.get_or_create(&RelayLabels { relay }).get().max(0) as u64;
+            t.ended[i] = ENDS.iter().map(|e| self.ended.get_or_create(&EndLabels { relay, end: e.as_str() }).get()).sum();
+            t.client_to_upstream[i] =
+                self.bytes.get_or_create(&BytesLabels { relay, direction: "client_to_upstream" }).get();
+            t.upstream_to_client[i] =
+                self.bytes.get_or_create(&BytesLabels { relay, direction: "upstream_to_client" }).get();
+            t.drain_timeouts +=
+                self.ended.get_or_create(&EndLabels { relay, end: End::DrainTimeout.as_str() }).get();
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn exposition_has_every_metric_from_the_start() {
+        let m = Metrics::new();
+        let text = m.encode();
+        for name in [CONNECTIONS_OPEN, CONNECTIONS_ENDED, RELAYED_BYTES, KERNEL_RELAY_AVAILABLE, CONFIG_RELOADS] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing:\n{text}");
+        }
+        assert!(text.contains("wsproxy_connections_open{relay=\"kernel\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn relay_outcomes_add_up() {
+        let m = Metrics::new();
+        m.relay_started(Mode::Kernel);
+        m.relay_started(Mode::Kernel);
+        m.relay_fallback();
+        m.relay_started(Mode::Userspace);
+        assert_eq!(m.totals().open, [1, 1]);
+        let o = |mode, end| Outcome { mode, end, client_to_upstream: 10, upstream_to_client: 20, duration: Duration::ZERO };
+        m.relay_ended(&o(Mode::Kernel, End::DrainTimeout));
+        m.relay_ended(&o(Mode::Userspace, End::Closed));
+        let t = m.totals();
+        assert_eq!(t.open, [0, 0]);
+        assert_eq!(t.ended, [1, 1]);
+        assert_eq!(t.client_to_upstream, [10, 10]);
+        assert_eq!(t.upstream_to_client, [20, 20]);
+        assert_eq!((t.fallbacks, t.drain_timeouts), (1, 1));
+        let text = m.encode();
+        assert!(text.contains("wsproxy_relayed_bytes_total{relay=\"kernel\",direction=\"upstream_to_client\"} 20"), "{text}");
+        assert!(text.contains("wsproxy_relay_fallbacks_total 1"), "{text}");
+    }
+
+    #[test]
+    fn handshakes_by_outcome() {
+        let m = Metrics::new();
+        m.handshake(HandshakeOutcome::Upgraded, 0.001);
+        m.handshake(HandshakeOutcome::Refused(431), 0.001);
+        m.handshake(HandshakeOutcome::RateLimited, 0.0);
+        let text = m.encode();
+        assert!(text.contains("wsproxy_handshakes_total{outcome=\"upgraded\",status=\"101\"} 1"), "{text}");
+        assert!(text.contains("wsproxy_handshakes_total{outcome=\"refused\",status=\"431\"} 1"), "{text}");
+        assert!(text.contains("wsproxy_handshakes_total{outcome=\"rate_limited\",status=\"429\"} 1"), "{text}");
+        assert!(text.contains("wsproxy_handshake_duration_seconds_count 3"), "{text}");
+    }
+}
