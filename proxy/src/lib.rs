@@ -18,6 +18,7 @@ pub mod health;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod privileges;
 pub mod relay;
 pub mod upstream;
 

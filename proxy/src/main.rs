@@ -65,7 +65,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Reload { config } => reload(&config).unwrap_or_else(fail),
-        Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(&config))).unwrap_or_else(fail),
+        Command::Run { config } => run(&config).unwrap_or_else(fail),
         Command::EchoServer { listen } => runtime().and_then(|rt| rt.block_on(echo_server(listen))).unwrap_or_else(fail),
     }
 }
@@ -83,20 +83,38 @@ fn check_config(file: &Path) -> ExitCode {
     }
 }
 
-async fn run(path: &Path) -> Result<ExitCode, Failure> {
-    // First, so that a signal during start-up (loading the kernel relay takes a moment) is
-    // handled rather than killing the process.
-    let signals = Signals::install().map_err(|e| Failure(EXIT_FAILURE, format!("cannot handle signals: {e}")))?;
+/// `wsproxy run`. The privileged part (loading the kernel relay, binding) runs first, on the
+/// only thread; then every capability is dropped, and only then the runtime starts its threads.
+fn run(path: &Path) -> Result<ExitCode, Failure> {
     let server = wsproxy::Server::from_file(path.to_path_buf()).map_err(|e| match e {
         wsproxy::StartError::Config(e) => Failure(EXIT_CONFIG, e.to_string()),
         e => Failure(EXIT_FAILURE, e.to_string()),
     })?;
     let config = server.config();
     let bind = |addr| {
-        wsproxy::listener::bind(addr).map_err(|e| Failure(EXIT_FAILURE, format!("cannot listen on {addr}: {e}")))
+        wsproxy::listener::bind_std(addr).map_err(|e| Failure(EXIT_FAILURE, format!("cannot listen on {addr}: {e}")))
     };
     let listener = bind(config.listen)?;
     let admin = config.admin.map(bind).transpose()?;
+    match wsproxy::privileges::drop_all() {
+        Ok(d) if d.before.is_empty() => tracing::info!("privileges: none held"),
+        Ok(d) => tracing::info!(dropped = %d.before.join(","), "privileges: dropped every capability after start-up"),
+        Err(e) => tracing::warn!("privileges: could not drop capabilities: {e}"),
+    }
+    runtime()?.block_on(serve(server, listener, admin))
+}
+
+async fn serve(
+    server: wsproxy::Server,
+    listener: std::net::TcpListener,
+    admin: Option<std::net::TcpListener>,
+) -> Result<ExitCode, Failure> {
+    let signals = Signals::install().map_err(|e| Failure(EXIT_FAILURE, format!("cannot handle signals: {e}")))?;
+    let tokio_listener = |l| {
+        tokio::net::TcpListener::from_std(l).map_err(|e| Failure(EXIT_FAILURE, format!("cannot use the listener: {e}")))
+    };
+    let listener = tokio_listener(listener)?;
+    let admin = admin.map(tokio_listener).transpose()?;
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(signals.handle(server.clone(), stop.clone()));
     if let Some(admin) = admin {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use proxy_common::SockCtrl;
 use tokio::net::TcpStream;
 
-use super::{End, Mode, Outcome, idle_watch, reset_on_close};
+use super::{End, Mode, Outcome, reset_on_close, until_end_or_idle};
 use crate::config;
 use crate::ebpf::{KernelPrograms, PairGuard, Side};
 
@@ -77,11 +77,10 @@ pub async fn relay(
             let k = pair.counters().unwrap_or_default();
             k.from_client.redirected + k.from_upstream.redirected + c2u.load(Relaxed) + u2c.load(Relaxed)
         };
-        let idle = idle_watch(cfg.idle_timeout, activity);
-        match tokio::try_join!(side_of(up.run(&c2u), Side::Client), side_of(down.run(&u2c), Side::Upstream), idle) {
-            Ok(_) => End::Closed,
-            Err(end) => end,
-        }
+        let both = async {
+            tokio::try_join!(side_of(up.run(&c2u), Side::Client), side_of(down.run(&u2c), Side::Upstream)).map(|_| ())
+        };
+        until_end_or_idle(both, cfg.idle_timeout, activity).await
     };
     let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
     // Out of the maps before the sockets close: no verdict may redirect into a closing socket.
@@ -140,7 +139,9 @@ impl Direction<'_> {
             if buf.is_empty() {
                 buf = vec![0; BUF_SIZE];
             }
-            match self.src.try_read(&mut buf) {
+            let r = self.src.try_read(&mut buf);
+            tracing::trace!(side = ?self.side, result = ?r.as_ref().map_err(|e| e.kind()), "kernel relay: source readable");
+            match r {
                 Ok(0) => return self.finish(forwarded).await,
                 Ok(n) => {
                     self.forward(&buf[..n], forwarded).await?;
@@ -193,6 +194,7 @@ impl Direction<'_> {
     async fn finish(&self, forwarded: u64) -> Result<(), Failed> {
         let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
         let deadline = Instant::now() + self.cfg.drain_timeout;
+        tracing::trace!(side = ?self.side, redirected = state.redirected, forwarded, "kernel relay: EOF, draining before FIN");
         self.wait_taken(state.redirected + forwarded, Some(deadline)).await?;
         nix::sys::socket::shutdown(self.dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
             .map_err(|e| Failed::Destination(io::Error::from(e).kind()))

@@ -111,13 +111,27 @@ pub async fn relay(
     o
 }
 
-/// Completes with [`End::IdleTimeout`] once `activity` (a count of bytes relayed) has not moved
-/// for `timeout`; never without a timeout. Checked a few times per timeout, so a connection is
-/// closed between 1 and 1.25 times the timeout after its last byte.
-pub(crate) async fn idle_watch(timeout: Option<Duration>, activity: impl Fn() -> u64) -> Result<(), End> {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
+/// Runs `relay` (both directions) to its end, or until `activity` (a count of bytes relayed) has
+/// not moved for `idle_timeout`.
+pub(crate) async fn until_end_or_idle(
+    relay: impl Future<Output = Result<(), End>>,
+    idle_timeout: Option<Duration>,
+    activity: impl Fn() -> u64,
+) -> End {
+    let result = match idle_timeout {
+        None => relay.await,
+        Some(t) => tokio::select! {
+            r = relay => r,
+            r = idle_watch(t, activity) => r,
+        },
     };
+    result.err().unwrap_or(End::Closed)
+}
+
+/// Completes with [`End::IdleTimeout`] once `activity` has not moved for `timeout`. Checked a
+/// few times per timeout, so a connection is closed between 1 and 1.25 times the timeout after
+/// its last byte.
+async fn idle_watch(timeout: Duration, activity: impl Fn() -> u64) -> Result<(), End> {
     let (mut last, mut since) = (activity(), tokio::time::Instant::now());
     loop {
         tokio::time::sleep(timeout / 4).await;

@@ -8,7 +8,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
-use super::{End, Mode, Outcome, idle_watch, reset_on_close};
+use super::{End, Mode, Outcome, reset_on_close, until_end_or_idle};
 
 /// Large enough that a bulk transfer costs few system calls. Allocated only while bytes are
 /// flowing, so that an idle connection holds no buffer.
@@ -28,12 +28,9 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, idle_timeout:
         let (mut ur, mut uw) = upstream.split();
         let up = copy(&mut cr, &mut uw, &c2u);
         let down = copy(&mut ur, &mut cw, &u2c);
-        let idle = idle_watch(idle_timeout, || c2u.load(Relaxed) + u2c.load(Relaxed));
         // The first error ends both directions: try_join drops the other copy at once.
-        match tokio::try_join!(up_side(up, true), up_side(down, false), idle) {
-            Ok(_) => End::Closed,
-            Err(end) => end,
-        }
+        let both = async { tokio::try_join!(up_side(up, true), up_side(down, false)).map(|_| ()) };
+        until_end_or_idle(both, idle_timeout, || c2u.load(Relaxed) + u2c.load(Relaxed)).await
     };
     if end != End::Closed {
         // Pass the abort on: a reset tells the surviving peer the stream did not end cleanly, and
