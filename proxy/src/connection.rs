@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::handshake::{self, Rejection};
@@ -25,13 +26,55 @@ const LINGER: Duration = Duration::from_secs(1);
 /// Most bytes read and discarded from a refused client while lingering.
 const LINGER_BYTES: usize = 64 * 1024;
 
-pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// Serves one connection. `shutdown` is cancelled when the proxy's shutdown drain is over: a
+/// handshake in progress is abandoned, a relayed connection is cut and still logged and counted.
+pub(crate) async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let handshake = handshake_phase(client, peer, &shared);
+    let relayable = tokio::select! {
+        r = handshake => r,
+        _ = shutdown.cancelled() => None,
+    };
+    if let Some(r) = relayable {
+        r.run(&shared, &shutdown).await;
+    }
+}
+
+/// A connection whose handshake succeeded, ready to be relayed.
+struct Relayable {
+    client: TcpStream,
+    upstream: TcpStream,
+    ip: IpAddr,
+    addr: SocketAddr,
+    request_id: String,
+    started: Instant,
+    rt: Arc<crate::Runtime>,
+    _slot: crate::limits::Slot,
+}
+
+impl Relayable {
+    async fn run(self, shared: &Shared, shutdown: &CancellationToken) {
+        let Relayable { client, upstream, ip, addr, request_id, started, rt, _slot } = self;
+        let o = relay::relay(client, upstream, shared.kernel.as_ref(), &rt.config.relay, &shared.metrics, shutdown).await;
+        info!(
+            client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
+            client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
+            duration_ms = started.elapsed().as_millis() as u64, "connection closed"
+        );
+    }
+}
+
+/// Admission, request, upstream handshake and the 101's delivery. `None`: the connection ended
+/// here (refused, failed, or the client left), already answered, logged and counted.
+async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Option<Relayable> {
     let started = Instant::now();
     let ip = peer.ip().to_canonical();
     let metrics = &shared.metrics;
-    let _slot = match shared.limiter.admit(ip, started) {
+    let slot = match shared.limiter.admit(ip, started) {
         Ok(slot) => slot,
-        Err(refusal) => return refuse(client, ip, Answer::Limited(refusal), started, metrics).await,
+        Err(refusal) => {
+            refuse(client, ip, Answer::Limited(refusal), started, metrics).await;
+            return None;
+        }
     };
     // This connection keeps the configuration it started with, whatever a reload does meanwhile.
     let rt = shared.runtime.load_full();
@@ -42,10 +85,17 @@ pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<S
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => {
             debug!(client = %ip, "closed before sending a complete request");
-            return metrics.handshake(HandshakeOutcome::ClientGone, secs(started));
+            metrics.handshake(HandshakeOutcome::ClientGone, secs(started));
+            return None;
         }
-        Ok(Err(rejection)) => return refuse(client, ip, Answer::Rejected(rejection), started, metrics).await,
-        Err(_) => return refuse(client, ip, Answer::Rejected(Rejection::Timeout), started, metrics).await,
+        Ok(Err(rejection)) => {
+            refuse(client, ip, Answer::Rejected(rejection), started, metrics).await;
+            return None;
+        }
+        Err(_) => {
+            refuse(client, ip, Answer::Rejected(Rejection::Timeout), started, metrics).await;
+            return None;
+        }
     };
 
     let request_id = uuid::Uuid::new_v4().simple().to_string();
@@ -70,7 +120,8 @@ pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<S
                 if !e.retryable() {
                     upstream_refused(ip, addr, &request_id, e, started);
                     metrics.handshake(HandshakeOutcome::UpstreamError, secs(started));
-                    return close_politely(client).await;
+                    close_politely(client).await;
+                    return None;
                 }
                 timeouts += usize::from(matches!(e, UpstreamError::Timeout(_)));
                 warn!(client = %ip, upstream = %addr, %request_id, error = %e, "upstream failed, trying the next one");
@@ -80,7 +131,10 @@ pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<S
     let Some((addr, Upgraded { stream: mut upstream, response })) = upgraded else {
         warn!(client = %ip, %request_id, attempts, "no upstream answered");
         let answer = if attempts > 0 && timeouts == attempts { Answer::UpstreamTimeout } else { Answer::NoUpstream };
-        return refuse(client, ip, answer, started, metrics).await;
+        {
+            refuse(client, ip, answer, started, metrics).await;
+            return None;
+        }
     };
     tune(&upstream, &cfg.keepalive);
     info!(
@@ -92,20 +146,16 @@ pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<S
     // client sent behind its request. Only then does the relay take over, so nothing overtakes.
     if let Err(e) = client.write_all(&response.buf).await {
         debug!(client = %ip, %request_id, error = %e, "client gone before the 101 was delivered");
-        return metrics.handshake(HandshakeOutcome::ClientGone, secs(started));
+        metrics.handshake(HandshakeOutcome::ClientGone, secs(started));
+        return None;
     }
     metrics.handshake(HandshakeOutcome::Upgraded, secs(started));
     if let Err(e) = upstream.write_all(request.rest()).await {
         debug!(client = %ip, %request_id, error = %e, "upstream gone before the client's first bytes");
-        return;
+        return None;
     }
     drop(request);
-    let o = relay::relay(client, upstream, shared.kernel.as_ref(), &cfg.relay, metrics).await;
-    info!(
-        client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
-        client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
-        duration_ms = started.elapsed().as_millis() as u64, "connection closed"
-    );
+    Some(Relayable { client, upstream, ip, addr, request_id, started, rt, _slot: slot })
 }
 
 fn secs(since: Instant) -> f64 {

@@ -100,15 +100,21 @@ impl Server {
 
     /// Serves `listener` until `shutdown` completes; then stops accepting, lets open connections
     /// finish for `listen.drain_timeout`, closes the rest and returns.
-    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    ///
+    /// The proxy counts as accepting (`/healthz`) from this call on, before the returned future
+    /// is first polled, so that an admin listener started next never reports it as down.
+    pub fn serve<S: Future<Output = ()>>(&self, listener: TcpListener, shutdown: S) -> impl Future<Output = ()> + use<S> {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(listen = %addr, "accepting connections");
         }
-        let probes = CancellationToken::new();
-        tokio::spawn(health::probe_loop(Arc::clone(&self.shared), probes.clone()));
         self.shared.accepting.store(true, Ordering::SeqCst);
-        listener::accept_loop(listener, Arc::clone(&self.shared), shutdown).await;
-        probes.cancel();
+        let shared = Arc::clone(&self.shared);
+        async move {
+            let probes = CancellationToken::new();
+            tokio::spawn(health::probe_loop(Arc::clone(&shared), probes.clone()));
+            listener::accept_loop(listener, shared, shutdown).await;
+            probes.cancel();
+        }
     }
 
     /// Serves the admin endpoints (`/metrics`, `/healthz`, `/reload`) on `listener` until

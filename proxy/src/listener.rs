@@ -64,10 +64,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shut
                 let shared = Arc::clone(&shared);
                 let cancel = cancel.clone();
                 tasks.spawn(async move {
-                    tokio::select! {
-                        _ = connection::serve(stream, peer, shared) => {}
-                        _ = cancel.cancelled() => {}
-                    }
+                    connection::serve(stream, peer, shared, cancel).await;
                     drop(permit);
                 });
             }

@@ -117,12 +117,17 @@ async fn serve(
     let admin = admin.map(tokio_listener).transpose()?;
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(signals.handle(server.clone(), stop.clone()));
+    // The admin listener outlives the drain, so that /healthz reports it (503) and /metrics
+    // can be watched until the end.
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let serving = server.serve(listener, stop.cancelled());
     if let Some(admin) = admin {
-        let (server, stop) = (server.clone(), stop.clone());
-        tokio::spawn(async move { server.serve_admin(admin, stop.cancelled_owned()).await });
+        let (server, admin_stop) = (server.clone(), admin_stop.clone());
+        tokio::spawn(async move { server.serve_admin(admin, admin_stop.cancelled_owned()).await });
     }
     notify(&[sd_notify::NotifyState::Ready]);
-    server.serve(listener, stop.cancelled()).await;
+    serving.await;
+    admin_stop.cancel();
     Ok(ExitCode::SUCCESS)
 }
 

@@ -299,3 +299,8 @@ pub fn client_ip(n: u32) -> IpAddr {
 }
 
 pub mod relay_kit;
+
+// ---- daemon tests block (tests/tests/daemon.rs): wsproxy::Server with its admin listener, ----
+// ---- the Prometheus exposition, a switchable upstream and the proxy's socket options.    ----
+pub mod daemon_kit;
+// ---- end of the daemon tests block ----

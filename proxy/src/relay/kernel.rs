@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use proxy_common::SockCtrl;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::{End, Mode, Outcome, reset_on_close, until_end_or_idle};
 use crate::config;
@@ -55,6 +56,7 @@ pub async fn relay(
     upstream: TcpStream,
     programs: &KernelPrograms,
     cfg: &config::Relay,
+    shutdown: &CancellationToken,
 ) -> Result<Outcome, (TcpStream, TcpStream, anyhow::Error)> {
     let started = Instant::now();
     // Everything userspace wrote so far (the 101, the request) is in the send queues now; the
@@ -80,7 +82,7 @@ pub async fn relay(
         let both = async {
             tokio::try_join!(side_of(up.run(&c2u), Side::Client), side_of(down.run(&u2c), Side::Upstream)).map(|_| ())
         };
-        until_end_or_idle(both, cfg.idle_timeout, activity).await
+        until_end_or_idle(both, cfg.idle_timeout, shutdown, activity).await
     };
     let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
     // Out of the maps before the sockets close: no verdict may redirect into a closing socket.

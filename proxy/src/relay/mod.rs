@@ -14,6 +14,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::config::{self, RelayMode};
@@ -50,6 +51,8 @@ pub enum End {
     DrainTimeout,
     /// Nothing was relayed either way for the configured idle timeout; both were closed.
     IdleTimeout,
+    /// Still open when the proxy's shutdown drain ended; both were cut.
+    Shutdown,
     /// The relay's own machinery failed (a kernel map operation); both were cut.
     Internal,
 }
@@ -62,6 +65,7 @@ impl End {
             End::UpstreamError(_) => "upstream error",
             End::DrainTimeout => "drain timeout",
             End::IdleTimeout => "idle timeout",
+            End::Shutdown => "shutdown",
             End::Internal => "internal error",
         }
     }
@@ -87,11 +91,12 @@ pub async fn relay(
     programs: Option<&KernelPrograms>,
     cfg: &config::Relay,
     metrics: &Metrics,
+    shutdown: &CancellationToken,
 ) -> Outcome {
     let (client, upstream) = match programs.filter(|_| cfg.mode != RelayMode::Userspace) {
         Some(programs) => {
             metrics.relay_started(Mode::Kernel);
-            match kernel::relay(client, upstream, programs, cfg).await {
+            match kernel::relay(client, upstream, programs, cfg, shutdown).await {
                 Ok(o) => {
                     metrics.relay_ended(&o);
                     return o;
@@ -106,24 +111,29 @@ pub async fn relay(
         None => (client, upstream),
     };
     metrics.relay_started(Mode::Userspace);
-    let o = userspace::relay(client, upstream, cfg.idle_timeout).await;
+    let o = userspace::relay(client, upstream, cfg.idle_timeout, shutdown).await;
     metrics.relay_ended(&o);
     o
 }
 
 /// Runs `relay` (both directions) to its end, or until `activity` (a count of bytes relayed) has
-/// not moved for `idle_timeout`.
+/// not moved for `idle_timeout`, or until the proxy's shutdown drain is over.
 pub(crate) async fn until_end_or_idle(
     relay: impl Future<Output = Result<(), End>>,
     idle_timeout: Option<Duration>,
+    shutdown: &CancellationToken,
     activity: impl Fn() -> u64,
 ) -> End {
-    let result = match idle_timeout {
-        None => relay.await,
-        Some(t) => tokio::select! {
-            r = relay => r,
-            r = idle_watch(t, activity) => r,
-        },
+    let idle = async {
+        match idle_timeout {
+            Some(t) => idle_watch(t, activity).await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = relay => r,
+        r = idle => r,
+        _ = shutdown.cancelled() => Err(End::Shutdown),
     };
     result.err().unwrap_or(End::Closed)
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio_util::sync::CancellationToken;
 
 use super::{End, Mode, Outcome, reset_on_close, until_end_or_idle};
 
@@ -20,7 +21,12 @@ enum Failed {
     Write(io::Error),
 }
 
-pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, idle_timeout: Option<Duration>) -> Outcome {
+pub async fn relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    idle_timeout: Option<Duration>,
+    shutdown: &CancellationToken,
+) -> Outcome {
     let started = Instant::now();
     let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
     let end = {
@@ -30,7 +36,7 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, idle_timeout:
         let down = copy(&mut ur, &mut cw, &u2c);
         // The first error ends both directions: try_join drops the other copy at once.
         let both = async { tokio::try_join!(up_side(up, true), up_side(down, false)).map(|_| ()) };
-        until_end_or_idle(both, idle_timeout, || c2u.load(Relaxed) + u2c.load(Relaxed)).await
+        until_end_or_idle(both, idle_timeout, shutdown, || c2u.load(Relaxed) + u2c.load(Relaxed)).await
     };
     if end != End::Closed {
         // Pass the abort on: a reset tells the surviving peer the stream did not end cleanly, and

@@ -1,0 +1,1050 @@
+//! The daemon features of the `wsproxy` binary (the in-process side is in
+//! `tests/tests/daemon.rs`): the admin listener (1), reload by SIGHUP and by `wsproxy reload`
+//! without dropping connections, and refusal of a broken file (2), graceful stop on SIGTERM (3),
+//! and the structured log line of every connection end (7).
+//!
+//! The upstreams run in the test's own runtime; the proxy is the real binary, with the userspace
+//! relay, on loopback ports. Waits are on its log lines, on sockets, or bounded polls.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use wsproxy::balance::Balancer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsproxy");
+const DEADLINE: Duration = Duration::from_secs(20);
+
+// ---- the daemon ----
+
+/// A running `wsproxy` whose stderr lines arrive on a channel.
+struct Daemon {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon { child, lines, seen: Vec::new() }
+    }
+
+    /// Starts `wsproxy [--log-format json] run --config PATH` and waits until it accepts.
+    async fn run(path: &Path, json: bool) -> Daemon {
+        let path = path.to_str().unwrap();
+        let mut d = if json {
+            Daemon::start(&["--log-format", "json", "run", "--config", path])
+        } else {
+            Daemon::start(&["run", "--config", path])
+        };
+        d.wait_for("accepting connections").await;
+        d
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.seen.iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits for the `n`th log line (from 1) containing `needle` and returns it.
+    async fn wait_for_nth(&mut self, needle: &str, n: usize) -> String {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(l) = self.seen.iter().filter(|l| l.contains(needle)).nth(n - 1) {
+                return l.clone();
+            }
+            match tokio::time::timeout_at(end, self.lines.recv()).await {
+                Ok(Some(l)) => self.seen.push(l),
+                _ => panic!("no log line #{n} with {needle:?}; got:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    async fn wait_for(&mut self, needle: &str) -> String {
+        self.wait_for_nth(needle, 1).await
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits (within `limit`) for the process to exit; then collects every remaining log line.
+    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let end = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < end, "wsproxy did not exit within {limit:?}; log:\n{}", self.seen.join("\n"));
+            // std has no readiness signal for a child's exit; this is a deadline-bounded poll.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The stderr pipe closes with the process: the channel ends.
+        while let Ok(Some(l)) = tokio::time::timeout(DEADLINE, self.lines.recv()).await {
+            self.seen.push(l);
+        }
+        status
+    }
+
+    async fn terminate(&mut self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(DEADLINE).await
+    }
+
+    fn log(&self) -> String {
+        self.seen.join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- configuration ----
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wsproxy-daemon-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// Where a test's proxy listens.
+#[derive(Clone, Copy)]
+struct Ports {
+    listen: u16,
+    admin: u16,
+}
+
+impl Ports {
+    fn new() -> Ports {
+        Ports { listen: free_port(), admin: free_port() }
+    }
+
+    fn proxy(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.listen))
+    }
+
+    fn admin(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin))
+    }
+}
+
+const OPEN_LIMITS: &str = "[limits]\nrequests_per_second = 10000.0\nburst = 10000\nmax_connections_per_ip = 0\n";
+
+/// Config text: listen and admin addresses (and `listen_extra` keys of `[listen]`), the userspace
+/// relay (and `relay_extra` keys of `[relay]`), `extra` sections, the weighted upstreams.
+fn conf(
+    ports: Ports,
+    listen_extra: &str,
+    relay_extra: &str,
+    extra: &str,
+    main: &[(SocketAddr, u32)],
+    backup: &[(SocketAddr, u32)],
+) -> String {
+    let list = |l: &[(SocketAddr, u32)]| {
+        l.iter().map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}")).collect::<Vec<_>>().join(", ")
+    };
+    format!(
+        "[listen]\naddress = \"127.0.0.1:{}\"\n{listen_extra}\n[admin]\naddress = \"127.0.0.1:{}\"\n\
+         [relay]\nmode = \"userspace\"\n{relay_extra}\n{extra}\n[upstreams]\nmain = [{}]\nbackup = [{}]\ntimeout = \"2s\"\n",
+        ports.listen,
+        ports.admin,
+        list(main),
+        list(backup)
+    )
+}
+
+fn x_gen(generation: &str) -> String {
+    format!("[headers]\nadd = [{{ name = \"X-Gen\", value = \"{generation}\" }}]\n")
+}
+
+fn upstreams_of(text: &str) -> wsproxy::config::Upstreams {
+    wsproxy::Config::parse(text, "test").unwrap_or_else(|e| panic!("{e}")).upstreams
+}
+
+// ---- clients and upstreams ----
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+fn client_ip(n: u32) -> IpAddr {
+    IpAddr::from(std::net::Ipv4Addr::from(0x7f20_0000u32 + n))
+}
+
+async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    within("connect", socket.connect(to)).await.unwrap()
+}
+
+async fn ws_connect(from: IpAddr, to: SocketAddr) -> WebSocketStream<TcpStream> {
+    let stream = connect_from(from, to).await;
+    within("a WebSocket handshake", tokio_tungstenite::client_async(format!("ws://{to}/ws"), stream))
+        .await
+        .unwrap_or_else(|e| panic!("{from}: {e}"))
+        .0
+}
+
+async fn echo_check(ws: &mut WebSocketStream<TcpStream>, text: &str) {
+    within("a send", ws.send(Message::text(text))).await.unwrap();
+    match within("an echo", ws.next()).await {
+        Some(Ok(Message::Text(t))) if t.as_str() == text => {}
+        other => panic!("expected the echo of {text:?}, got {other:?}"),
+    }
+}
+
+/// Closes a WebSocket cleanly and drops it.
+async fn ws_close(mut ws: WebSocketStream<TcpStream>) {
+    within("the close", ws.close(None)).await.unwrap();
+    while let Some(Ok(_)) = within("the close", ws.next()).await {}
+}
+
+async fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(wsproxy::echo::serve(listener, std::future::pending()));
+    addr
+}
+
+const REQUEST: &str = "GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                       Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    within("a head", async {
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).await.unwrap_or(0) == 0 {
+                break;
+            }
+            head.push(b[0]);
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn status(head: &str) -> u16 {
+    head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    within("the close", async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = s.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    out
+}
+
+/// A raw upstream: a valid 101 followed by its one-byte `id` if it has one, then it echoes raw
+/// bytes; at the client's EOF it sends `bye` and closes. Every request head it gets arrives on `heads`.
+struct Recorder {
+    addr: SocketAddr,
+    heads: mpsc::UnboundedReceiver<String>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Recorder {
+    async fn start(id: Option<u8>) -> Recorder {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, heads) = mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let head = read_head(&mut s).await;
+                    let accept = wsproxy::upstream::accept_key(&header(&head, "sec-websocket-key").unwrap_or_default());
+                    let _ = tx.send(head);
+                    let r = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+                    );
+                    s.write_all(r.as_bytes()).await?;
+                    if let Some(id) = id {
+                        s.write_all(&[id]).await?;
+                    }
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        let n = s.read(&mut buf).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        s.write_all(&buf[..n]).await?;
+                    }
+                    s.write_all(b"bye").await?;
+                    s.shutdown().await?;
+                    Ok::<_, std::io::Error>(())
+                });
+            }
+        });
+        Recorder { addr, heads, accepted }
+    }
+
+    async fn next_head(&mut self) -> String {
+        within("an upstream request", self.heads.recv()).await.unwrap()
+    }
+}
+
+/// A raw handshake through the proxy; Ok: the stream right after the 101.
+async fn raw_upgrade(from: IpAddr, proxy: SocketAddr) -> Result<TcpStream, String> {
+    let mut s = connect_from(from, proxy).await;
+    s.write_all(REQUEST.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    if status(&head) != 101 {
+        let rest = read_to_close(&mut s).await;
+        return Err(format!("{head}{}", String::from_utf8_lossy(&rest)));
+    }
+    Ok(s)
+}
+
+/// [`raw_upgrade`], then the upstream's id byte.
+async fn upgrade_id(from: IpAddr, proxy: SocketAddr) -> Result<(TcpStream, u8), String> {
+    let mut s = raw_upgrade(from, proxy).await?;
+    let mut id = [0u8; 1];
+    within("the upstream id", s.read_exact(&mut id)).await.unwrap();
+    Ok((s, id[0]))
+}
+
+/// A new connection from `ip`: the id of the upstream that took it and the X-Gen it forwarded.
+async fn landing(proxy: SocketAddr, ip: IpAddr, ups: [&mut Recorder; 2], ids: [u8; 2]) -> (u8, Option<String>) {
+    let (s, id) = upgrade_id(ip, proxy).await.unwrap_or_else(|e| panic!("{ip}: {e}"));
+    drop(s);
+    let [a, b] = ups;
+    let up = if id == ids[0] { a } else { b };
+    (id, header(&up.next_head().await, "x-gen"))
+}
+
+/// One request to the admin listener: (status, body).
+async fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = within("an admin connect", TcpStream::connect(addr)).await?;
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let text = String::from_utf8_lossy(&read_to_close(&mut s).await).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok((status(head), body.to_string()))
+}
+
+/// The value of one sample of the admin listener's `/metrics` (exact series text).
+async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let (code, body) = http(admin, "GET", "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `wsproxy reload --config PATH`: (exit code, stdout, stderr).
+async fn reload_command(path: &Path) -> (Option<i32>, String, String) {
+    let path = path.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || Command::new(BIN).args(["reload", "--config"]).arg(path).output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ---- many WebSockets talking in rounds ----
+
+const CONNS: usize = 100;
+const PER_ROUND: usize = 5;
+const STOP: usize = usize::MAX;
+
+/// WebSockets that exchange numbered messages one round at a time: each round every connection
+/// sends `PER_ROUND` messages and checks every echo.
+struct Fleet {
+    rounds: watch::Sender<usize>,
+    done: mpsc::UnboundedReceiver<(usize, usize, Result<(), String>)>,
+    tasks: Vec<JoinHandle<Result<usize, String>>>,
+}
+
+impl Fleet {
+    async fn open(proxy: SocketAddr, n: usize, first_ip: u32) -> Fleet {
+        let (rounds, round_rx) = watch::channel(0usize);
+        let (done_tx, done) = mpsc::unbounded_channel();
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let ws = ws_connect(client_ip(first_ip + i as u32), proxy).await;
+            tasks.push(tokio::spawn(talk(i, ws, round_rx.clone(), done_tx.clone())));
+        }
+        Fleet { rounds, done, tasks }
+    }
+
+    fn start_round(&self, r: usize) {
+        self.rounds.send(r).unwrap();
+    }
+
+    async fn finish_round(&mut self, r: usize) {
+        for _ in 0..self.tasks.len() {
+            let (i, got, res) = within("a round's reports", self.done.recv()).await.unwrap();
+            assert_eq!(got, r, "connection {i} reported another round");
+            if let Err(e) = res {
+                panic!("connection {i}, round {r}: {e}");
+            }
+        }
+    }
+
+    async fn round(&mut self, r: usize) {
+        self.start_round(r);
+        self.finish_round(r).await;
+    }
+
+    /// Ends every connection; returns the messages each exchanged.
+    async fn close(self) -> Vec<usize> {
+        self.rounds.send(STOP).unwrap();
+        let mut out = Vec::new();
+        for (i, t) in self.tasks.into_iter().enumerate() {
+            out.push(within("a connection to end", t).await.unwrap().unwrap_or_else(|e| panic!("connection {i}: {e}")));
+        }
+        out
+    }
+}
+
+async fn talk(
+    i: usize,
+    mut ws: WebSocketStream<TcpStream>,
+    mut rounds: watch::Receiver<usize>,
+    done: mpsc::UnboundedSender<(usize, usize, Result<(), String>)>,
+) -> Result<usize, String> {
+    let mut next = 0usize;
+    loop {
+        if rounds.changed().await.is_err() {
+            return Err("the test went away".into());
+        }
+        let r = *rounds.borrow_and_update();
+        if r == STOP {
+            break;
+        }
+        let res = async {
+            for k in next..next + PER_ROUND {
+                ws.send(Message::text(format!("conn {i} msg {k}"))).await.map_err(|e| format!("send {k}: {e}"))?;
+            }
+            for k in next..next + PER_ROUND {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) if t.as_str() == format!("conn {i} msg {k}") => {}
+                    other => return Err(format!("message {k}: got {other:?}")),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        next += PER_ROUND;
+        let failed = res.clone().err();
+        let _ = done.send((i, r, res));
+        if let Some(e) = failed {
+            return Err(e);
+        }
+    }
+    ws.close(None).await.map_err(|e| format!("close: {e}"))?;
+    while let Some(Ok(_)) = ws.next().await {}
+    Ok(next)
+}
+
+// ---- a tiny JSON parser (for the log lines) ----
+
+#[derive(Debug, Clone, PartialEq)]
+enum Json {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    fn num(&self, key: &str) -> Option<f64> {
+        match self.get(key)? {
+            Json::Num(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    fn str(&self, key: &str) -> Option<&str> {
+        match self.get(key)? {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+fn parse_json(text: &str) -> Result<Json, String> {
+    struct P<'a> {
+        b: &'a [u8],
+        i: usize,
+    }
+    impl P<'_> {
+        fn ws(&mut self) {
+            while self.i < self.b.len() && self.b[self.i].is_ascii_whitespace() {
+                self.i += 1;
+            }
+        }
+        fn eat(&mut self, c: u8) -> Result<(), String> {
+            self.ws();
+            if self.b.get(self.i) == Some(&c) {
+                self.i += 1;
+                Ok(())
+            } else {
+                Err(format!("expected {:?} at {}", c as char, self.i))
+            }
+        }
+        fn value(&mut self) -> Result<Json, String> {
+            self.ws();
+            match self.b.get(self.i).copied() {
+                Some(b'{') => {
+                    self.i += 1;
+                    let mut m = Vec::new();
+                    self.ws();
+                    if self.b.get(self.i) == Some(&b'}') {
+                        self.i += 1;
+                        return Ok(Json::Obj(m));
+                    }
+                    loop {
+                        self.ws();
+                        let k = self.string()?;
+                        self.eat(b':')?;
+                        m.push((k, self.value()?));
+                        self.ws();
+                        match self.b.get(self.i) {
+                            Some(b',') => self.i += 1,
+                            Some(b'}') => {
+                                self.i += 1;
+                                return Ok(Json::Obj(m));
+                            }
+                            _ => return Err(format!("bad object at {}", self.i)),
+                        }
+                    }
+                }
+                Some(b'[') => {
+                    self.i += 1;
+                    let mut v = Vec::new();
+                    self.ws();
+                    if self.b.get(self.i) == Some(&b']') {
+                        self.i += 1;
+                        return Ok(Json::Arr(v));
+                    }
+                    loop {
+                        v.push(self.value()?);
+                        self.ws();
+                        match self.b.get(self.i) {
+                            Some(b',') => self.i += 1,
+                            Some(b']') => {
+                                self.i += 1;
+                                return Ok(Json::Arr(v));
+                            }
+                            _ => return Err(format!("bad array at {}", self.i)),
+                        }
+                    }
+                }
+                Some(b'"') => Ok(Json::Str(self.string()?)),
+                Some(b't') if self.b[self.i..].starts_with(b"true") => {
+                    self.i += 4;
+                    Ok(Json::Bool(true))
+                }
+                Some(b'f') if self.b[self.i..].starts_with(b"false") => {
+                    self.i += 5;
+                    Ok(Json::Bool(false))
+                }
+                Some(b'n') if self.b[self.i..].starts_with(b"null") => {
+                    self.i += 4;
+                    Ok(Json::Null)
+                }
+                Some(c) if c == b'-' || c.is_ascii_digit() => {
+                    let start = self.i;
+                    while self.i < self.b.len() && (self.b[self.i].is_ascii_digit() || b"+-.eE".contains(&self.b[self.i])) {
+                        self.i += 1;
+                    }
+                    let s = std::str::from_utf8(&self.b[start..self.i]).unwrap();
+                    s.parse().map(Json::Num).map_err(|_| format!("bad number {s:?}"))
+                }
+                _ => Err(format!("unexpected input at {}", self.i)),
+            }
+        }
+        fn string(&mut self) -> Result<String, String> {
+            if self.b.get(self.i) != Some(&b'"') {
+                return Err(format!("expected a string at {}", self.i));
+            }
+            self.i += 1;
+            let mut out = Vec::new();
+            loop {
+                let c = *self.b.get(self.i).ok_or("unterminated string")?;
+                self.i += 1;
+                match c {
+                    b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
+                    b'\\' => {
+                        let e = *self.b.get(self.i).ok_or("bad escape")?;
+                        self.i += 1;
+                        match e {
+                            b'n' => out.push(b'\n'),
+                            b't' => out.push(b'\t'),
+                            b'r' => out.push(b'\r'),
+                            b'b' => out.push(8),
+                            b'f' => out.push(12),
+                            b'u' => {
+                                let hex = std::str::from_utf8(self.b.get(self.i..self.i + 4).ok_or("bad \\u")?).unwrap();
+                                let cp = u32::from_str_radix(hex, 16).map_err(|e| e.to_string())?;
+                                self.i += 4;
+                                let ch = char::from_u32(cp).unwrap_or('\u{fffd}');
+                                out.extend_from_slice(ch.to_string().as_bytes());
+                            }
+                            c => out.push(c),
+                        }
+                    }
+                    c if c < 0x20 => return Err("control character in string".into()),
+                    c => out.push(c),
+                }
+            }
+        }
+    }
+    let mut p = P { b: text.as_bytes(), i: 0 };
+    let v = p.value()?;
+    p.ws();
+    if p.i != p.b.len() {
+        return Err(format!("trailing input at {}", p.i));
+    }
+    Ok(v)
+}
+
+/// Every `connection closed` line of a JSON log, parsed.
+fn closed_lines(d: &Daemon) -> Vec<Json> {
+    d.seen
+        .iter()
+        .filter(|l| l.contains("connection closed"))
+        .map(|l| parse_json(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|j| j.str("message") == Some("connection closed"))
+        .collect()
+}
+
+// ---- 1: the admin listener of the binary ----
+
+/// `/healthz` is meant to answer 503 while the proxy drains (admin.rs), so that a load balancer
+/// sees the instance leave while its connections finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req1_binary_healthz_503_while_draining() {
+    let echo = echo_upstream().await;
+    let ports = Ports::new();
+    let path = temp_path("healthz.toml");
+    std::fs::write(&path, conf(ports, "drain_timeout = \"10s\"", "", OPEN_LIMITS, &[(echo, 1)], &[])).unwrap();
+    let mut proxy = Daemon::run(&path, false).await;
+    proxy.wait_for("admin endpoints").await;
+    assert_eq!(http(ports.admin(), "GET", "/healthz").await.unwrap(), (200, "ok\n".to_string()));
+
+    let mut ws = ws_connect(client_ip(1), ports.proxy()).await;
+    echo_check(&mut ws, "hello").await;
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    proxy.wait_for("stopped accepting").await;
+    let during = http(ports.admin(), "GET", "/healthz").await;
+    // Let the proxy finish before asserting, so that a failure does not leave it draining.
+    echo_check(&mut ws, "during the drain").await;
+    ws_close(ws).await;
+    assert!(proxy.wait_exit(Duration::from_secs(5)).await.success());
+    match during {
+        Ok((code, body)) => assert_eq!(code, 503, "/healthz during the drain answered {code} {body:?} (0: reset)"),
+        Err(e) => panic!("/healthz during the drain: the admin listener is gone ({e}); expected 503"),
+    }
+}
+
+// ---- 2: reload without drops ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() {
+    let echo = echo_upstream().await;
+    let (mut r1, mut r2) = (Recorder::start(Some(b'1')).await, Recorder::start(Some(b'2')).await);
+    let ids = [b'1', b'2'];
+    let ports = Ports::new();
+    let path = temp_path("reload.toml");
+    let text = |main: &[(SocketAddr, u32)], backup: &[(SocketAddr, u32)], generation: u32, limits: &str| {
+        conf(ports, "", "", &format!("{limits}{}", x_gen(&generation.to_string())), main, backup)
+    };
+    std::fs::write(&path, text(&[(echo, 1)], &[], 0, OPEN_LIMITS)).unwrap();
+    let mut proxy = Daemon::run(&path, false).await;
+    proxy.wait_for("admin endpoints").await;
+    let addr = ports.proxy();
+    let mut fleet = Fleet::open(addr, CONNS, 1).await;
+    fleet.round(0).await;
+    let mut reloads = 0;
+
+    // Odd reloads by SIGHUP, even ones by `wsproxy reload`; each applied while the fleet talks.
+    async fn reload(proxy: &mut Daemon, path: &Path, n: usize) {
+        if n % 2 == 1 {
+            proxy.signal(nix::sys::signal::Signal::SIGHUP);
+            proxy.wait_for_nth("SIGHUP: configuration reloaded", n.div_ceil(2)).await;
+        } else {
+            let (code, out, err) = reload_command(path).await;
+            assert_eq!(code, Some(0), "wsproxy reload: {out}{err}");
+            assert!(out.starts_with("reloaded"), "{out}");
+            proxy.wait_for_nth("configuration reloaded (admin endpoint)", n / 2).await;
+        }
+    }
+
+    // 1: r1 joins: clients whose first choice it is go to it, with the new header.
+    fleet.start_round(1);
+    let t1 = text(&[(echo, 1), (r1.addr, 1)], &[], 1, OPEN_LIMITS);
+    std::fs::write(&path, &t1).unwrap();
+    reloads += 1;
+    reload(&mut proxy, &path, reloads).await;
+    let b1 = Balancer::new(&upstreams_of(&t1));
+    let c = (1000..3000).map(client_ip).find(|&ip| b1.order(ip)[0] == r1.addr).unwrap();
+    assert_eq!(landing(addr, c, [&mut r1, &mut r2], ids).await, (b'1', Some("1".into())));
+    fleet.finish_round(1).await;
+
+    // 2: the echo upstream leaves (its connections stay), r2 joins with weight 3.
+    fleet.start_round(2);
+    let t2 = text(&[(r1.addr, 1), (r2.addr, 3)], &[], 2, OPEN_LIMITS);
+    std::fs::write(&path, &t2).unwrap();
+    reloads += 1;
+    reload(&mut proxy, &path, reloads).await;
+    let b2 = Balancer::new(&upstreams_of(&t2));
+    let c = (1000..3000).map(client_ip).find(|&ip| b2.order(ip)[0] == r2.addr).unwrap();
+    assert_eq!(landing(addr, c, [&mut r1, &mut r2], ids).await, (b'2', Some("2".into())));
+    fleet.finish_round(2).await;
+
+    // 3: one connection per client.
+    fleet.start_round(3);
+    let capped = "[limits]\nrequests_per_second = 10000.0\nburst = 10000\nmax_connections_per_ip = 1\n";
+    std::fs::write(&path, text(&[(r1.addr, 1), (r2.addr, 3)], &[], 3, capped)).unwrap();
+    reloads += 1;
+    reload(&mut proxy, &path, reloads).await;
+    let (held, id) = upgrade_id(client_ip(5000), addr).await.unwrap();
+    let refused = raw_upgrade(client_ip(5000), addr).await.unwrap_err();
+    assert_eq!(status(&refused), 429, "{refused}");
+    drop(held);
+    let up = if id == b'1' { &mut r1 } else { &mut r2 };
+    assert_eq!(header(&up.next_head().await, "x-gen").as_deref(), Some("3"));
+    fleet.finish_round(3).await;
+
+    // 4: r1's weight goes to 0: its clients move to r2.
+    fleet.start_round(4);
+    std::fs::write(&path, text(&[(r1.addr, 0), (r2.addr, 1)], &[], 4, OPEN_LIMITS)).unwrap();
+    reloads += 1;
+    reload(&mut proxy, &path, reloads).await;
+    let r1_before = r1.accepted.load(Ordering::SeqCst);
+    let movers: Vec<IpAddr> = (6000..8000).map(client_ip).filter(|&ip| b2.order(ip)[0] == r1.addr).take(5).collect();
+    for ip in movers {
+        assert_eq!(landing(addr, ip, [&mut r1, &mut r2], ids).await, (b'2', Some("4".into())));
+    }
+    assert_eq!(r1.accepted.load(Ordering::SeqCst), r1_before, "a weight-0 upstream got a new client");
+    fleet.finish_round(4).await;
+
+    // 5: r1 main, r2 backup.
+    fleet.start_round(5);
+    std::fs::write(&path, text(&[(r1.addr, 1)], &[(r2.addr, 1)], 5, OPEN_LIMITS)).unwrap();
+    reloads += 1;
+    reload(&mut proxy, &path, reloads).await;
+    assert_eq!(landing(addr, client_ip(9000), [&mut r1, &mut r2], ids).await, (b'1', Some("5".into())));
+    fleet.finish_round(5).await;
+
+    fleet.round(6).await;
+    // None of the 100 ended: they are all still open (the extra connections above have ended).
+    let admin = ports.admin();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let open = metric(admin, "wsproxy_connections_open{relay=\"userspace\"}").await;
+        if open == Some(CONNS as f64) {
+            break;
+        }
+        assert!(Instant::now() < end, "open connections: {open:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(admin, "wsproxy_config_reloads_total{result=\"ok\"}").await, Some(5.0));
+    assert_eq!(metric(admin, "wsproxy_config_reloads_total{result=\"error\"}").await, Some(0.0));
+    assert_eq!(http(admin, "GET", "/healthz").await.unwrap().0, 200);
+    assert_eq!(proxy.count("reload refused"), 0, "{}", proxy.log());
+
+    let counts = fleet.close().await;
+    assert!(counts.iter().all(|&n| n == 7 * PER_ROUND), "{counts:?}");
+    assert!(proxy.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req2_binary_refuses_a_broken_config_and_keeps_serving() {
+    let mut r1 = Recorder::start(Some(b'1')).await;
+    let ports = Ports::new();
+    let path = temp_path("broken.toml");
+    let r1_addr = r1.addr;
+    let good = |generation: &str| conf(ports, "", "", &format!("{OPEN_LIMITS}{}", x_gen(generation)), &[(r1_addr, 1)], &[]);
+    std::fs::write(&path, good("old")).unwrap();
+    let mut proxy = Daemon::run(&path, true).await;
+    proxy.wait_for("admin endpoints").await;
+    let addr = ports.proxy();
+    let (mut held, _) = upgrade_id(client_ip(1), addr).await.unwrap();
+    assert_eq!(header(&r1.next_head().await, "x-gen").as_deref(), Some("old"));
+
+    let fields = ["limits.burst", "upstreams.main", "upstreams.timeout"];
+    let broken = format!(
+        "[listen]\naddress = \"127.0.0.1:{}\"\n[admin]\naddress = \"127.0.0.1:{}\"\n[limits]\nburst = 0\n\
+         [upstreams]\nmain = []\ntimeout = \"0s\"\n",
+        ports.listen, ports.admin
+    );
+    std::fs::write(&path, &broken).unwrap();
+
+    // SIGHUP: refused, every problem logged.
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    let line = proxy.wait_for("SIGHUP: reload refused").await;
+    let j = parse_json(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(j.str("level"), Some("ERROR"), "{line}");
+    for f in fields {
+        assert!(j.str("message").unwrap_or_default().contains(f), "{f} not logged: {line}");
+    }
+
+    // `wsproxy reload` with the broken file: exit 2, every problem printed.
+    let (code, out, err) = reload_command(&path).await;
+    assert_eq!(code, Some(2), "{out}{err}");
+    for f in fields {
+        assert!(err.contains(f), "{f} not printed: {err}");
+    }
+
+    // POST /reload: 400 with every problem, and logged.
+    let (code, body) = http(ports.admin(), "POST", "/reload").await.unwrap();
+    assert_eq!(code, 400, "{body}");
+    for f in fields {
+        assert!(body.contains(f), "{f} not in {body}");
+    }
+    // The SIGHUP's line was the first; this is the admin endpoint's.
+    let line = proxy.wait_for_nth("reload refused, keeping the running configuration", 2).await;
+    assert!(line.contains("\"level\":\"WARN\"") && line.contains("limits.burst"), "{line}");
+
+    // Still serving with the old configuration; the open connection still flows.
+    let (s, id) = upgrade_id(client_ip(2), addr).await.unwrap();
+    assert_eq!(id, b'1');
+    drop(s);
+    assert_eq!(header(&r1.next_head().await, "x-gen").as_deref(), Some("old"));
+    held.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    within("the echo", held.read_exact(&mut back)).await.unwrap();
+    assert_eq!(&back, b"still here");
+    assert_eq!(metric(ports.admin(), "wsproxy_config_reloads_total{result=\"error\"}").await, Some(2.0));
+
+    // Fixed: the next SIGHUP applies it.
+    std::fs::write(&path, good("new")).unwrap();
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    proxy.wait_for("SIGHUP: configuration reloaded").await;
+    let s = raw_upgrade(client_ip(3), addr).await.unwrap();
+    drop(s);
+    assert_eq!(header(&r1.next_head().await, "x-gen").as_deref(), Some("new"));
+    drop(held);
+    assert!(proxy.terminate().await.success());
+}
+
+#[test]
+fn req2_reload_command_needs_an_admin_address() {
+    let path = temp_path("no-admin.toml");
+    std::fs::write(&path, "[upstreams]\nmain = [{ address = \"127.0.0.1:9\" }]\n").unwrap();
+    let out = Command::new(BIN).args(["reload", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("admin.address is not set") && err.contains("SIGHUP"), "{err}");
+}
+
+// ---- 3: graceful stop ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req3_sigterm_stops_accepting_and_lets_a_finishing_connection_complete() {
+    let echo = echo_upstream().await;
+    let ports = Ports::new();
+    let path = temp_path("drain-finish.toml");
+    std::fs::write(&path, conf(ports, "drain_timeout = \"10s\"", "", OPEN_LIMITS, &[(echo, 1)], &[])).unwrap();
+    let mut proxy = Daemon::run(&path, false).await;
+    let mut ws = ws_connect(client_ip(1), ports.proxy()).await;
+    echo_check(&mut ws, "before").await;
+
+    let t = Instant::now();
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    let line = proxy.wait_for("stopped accepting").await;
+    assert!(line.contains("open=1"), "{line}");
+    let refused = TcpStream::connect(ports.proxy()).await.map(|_| ()).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    // Its last messages arrive, then it closes by itself; the proxy exits then, not at 10 s.
+    for i in 0..3 {
+        echo_check(&mut ws, &format!("last message {i}")).await;
+    }
+    ws_close(ws).await;
+    let status = proxy.wait_exit(Duration::from_secs(8)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "exited {:?} after SIGTERM", t.elapsed());
+    let closed = proxy.wait_for("connection closed").await;
+    assert!(closed.contains("end=closed"), "{closed}");
+    assert_eq!(proxy.count("drain timeout"), 0, "{}", proxy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req3_sigterm_closes_connections_still_open_at_the_drain_timeout() {
+    let echo = echo_upstream().await;
+    let ports = Ports::new();
+    let path = temp_path("drain-timeout.toml");
+    std::fs::write(&path, conf(ports, "drain_timeout = \"1s\"", "", OPEN_LIMITS, &[(echo, 1)], &[])).unwrap();
+    let mut proxy = Daemon::run(&path, false).await;
+    let mut ws = ws_connect(client_ip(1), ports.proxy()).await;
+    echo_check(&mut ws, "before").await;
+
+    let t = Instant::now();
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    proxy.wait_for("stopped accepting").await;
+    echo_check(&mut ws, "still open during the drain").await;
+    // Silent from here: the proxy closes it when the drain timeout ends.
+    let r = within("the proxy to close the connection", ws.next()).await;
+    let closed_after = t.elapsed();
+    assert!(!matches!(r, Some(Ok(Message::Text(_) | Message::Binary(_)))), "{r:?}");
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(4)).contains(&closed_after),
+        "closed {closed_after:?} after SIGTERM, drain timeout 1 s"
+    );
+    let status = proxy.wait_exit(Duration::from_secs(8)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(proxy.count("drain timeout: closing the connections still open") == 1, "{}", proxy.log());
+}
+
+// ---- 7: the log line of every connection end ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req7_json_log_line_per_connection_end() {
+    let up = Recorder::start(None).await;
+    let ports = Ports::new();
+    let path = temp_path("json.toml");
+    std::fs::write(&path, conf(ports, "", "idle_timeout = \"1s\"", OPEN_LIMITS, &[(up.addr, 1)], &[])).unwrap();
+    let mut proxy = Daemon::run(&path, true).await;
+    let addr = ports.proxy();
+
+    // Three that close cleanly: n bytes up, n + 3 down (the echo, then "bye").
+    for (i, n) in [(1u32, 100usize), (2, 200), (3, 300)] {
+        let mut s = raw_upgrade(client_ip(i), addr).await.unwrap();
+        s.write_all(&vec![b'x'; n]).await.unwrap();
+        s.shutdown().await.unwrap();
+        let back = read_to_close(&mut s).await;
+        assert_eq!(back.len(), n + 3);
+    }
+    // One reset by the client.
+    let mut s = raw_upgrade(client_ip(4), addr).await.unwrap();
+    s.write_all(&[b'r'; 50]).await.unwrap();
+    let mut back = [0u8; 50];
+    within("the echo", s.read_exact(&mut back)).await.unwrap();
+    let std = s.into_std().unwrap();
+    socket_linger_zero(&std);
+    drop(std);
+    // One left silent: the idle timeout closes it.
+    let mut s = raw_upgrade(client_ip(5), addr).await.unwrap();
+    s.write_all(&[b'i'; 10]).await.unwrap();
+    let mut back = [0u8; 10];
+    within("the echo", s.read_exact(&mut back)).await.unwrap();
+    read_to_close(&mut s).await;
+
+    proxy.wait_for_nth("connection closed", 5).await;
+    assert!(proxy.terminate().await.success());
+    let lines = closed_lines(&proxy);
+    assert_eq!(lines.len(), 5, "one line per connection end:\n{}", proxy.log());
+    let mut ends = Vec::new();
+    for j in &lines {
+        for key in ["duration_ms", "client_to_upstream", "upstream_to_client"] {
+            assert!(j.num(key).is_some_and(|v| v >= 0.0), "{key} in {j:?}");
+        }
+        for key in ["client", "upstream", "request_id", "relay", "end"] {
+            assert!(j.str(key).is_some(), "{key} in {j:?}");
+        }
+        assert_eq!(j.str("relay"), Some("userspace"));
+        assert_eq!(j.str("upstream"), Some(up.addr.to_string().as_str()));
+        let c2u = j.num("client_to_upstream").unwrap() as u64;
+        let u2c = j.num("upstream_to_client").unwrap() as u64;
+        ends.push((j.str("client").unwrap().to_string(), j.str("end").unwrap().to_string(), c2u, u2c));
+    }
+    ends.sort();
+    let want = |i: u32, end: &str, c2u: u64, u2c: u64| (client_ip(i).to_string(), end.to_string(), c2u, u2c);
+    assert_eq!(
+        ends,
+        vec![
+            want(1, "closed", 100, 103),
+            want(2, "closed", 200, 203),
+            want(3, "closed", 300, 303),
+            want(4, "client error", 50, 50),
+            want(5, "idle timeout", 10, 10),
+        ]
+    );
+    let idle = lines.iter().find(|j| j.str("end") == Some("idle timeout")).unwrap();
+    let ms = idle.num("duration_ms").unwrap();
+    assert!((900.0..3000.0).contains(&ms), "idle connection lasted {ms} ms");
+}
+
+/// A connection the shutdown closes at the drain timeout ends too: it gets its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req7_connection_closed_by_the_shutdown_drain_is_logged() {
+    let up = Recorder::start(None).await;
+    let ports = Ports::new();
+    let path = temp_path("json-drain.toml");
+    std::fs::write(&path, conf(ports, "drain_timeout = \"1s\"", "", OPEN_LIMITS, &[(up.addr, 1)], &[])).unwrap();
+    let mut proxy = Daemon::run(&path, true).await;
+    let mut s = raw_upgrade(client_ip(1), ports.proxy()).await.unwrap();
+    s.write_all(&[b'd'; 40]).await.unwrap();
+    let mut back = [0u8; 40];
+    within("the echo", s.read_exact(&mut back)).await.unwrap();
+    assert!(proxy.terminate().await.success());
+    read_to_close(&mut s).await;
+    let lines = closed_lines(&proxy);
+    assert_eq!(lines.len(), 1, "no line for the connection closed at the drain timeout:\n{}", proxy.log());
+    assert_eq!(lines[0].num("client_to_upstream"), Some(40.0));
+}
+
+fn socket_linger_zero(s: &std::net::TcpStream) {
+    use std::os::fd::AsFd;
+    let linger = nix::libc::linger { l_onoff: 1, l_linger: 0 };
+    nix::sys::socket::setsockopt(&s.as_fd(), nix::sys::socket::sockopt::Linger, &linger).unwrap();
+}
