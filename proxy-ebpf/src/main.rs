@@ -3,14 +3,14 @@
 //! the pair's other socket, so the payload never reaches userspace.
 //!
 //! Safety rule: TCP has already acknowledged every byte the verdict sees, so the verdict never
-//! drops. Anything unexpected (unknown socket, missing peer, failed redirect) becomes `SK_PASS`:
+//! drops a byte (only the empty skb of a lone FIN). Anything unexpected (unknown socket, missing peer, failed redirect) becomes `SK_PASS`:
 //! the bytes stay readable by userspace on the socket they arrived on, in order, and are counted.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::sk_action::SK_PASS,
+    bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
     maps::{HashMap, SockHash},
@@ -39,6 +39,12 @@ pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
         return SK_PASS; // not a relayed socket (or already removed): userspace reads it
     };
     let len = u64::from(ctx.len());
+    if len == 0 {
+        // The skb that carries a lone FIN. Redirected, its empty send fails the peer with EPIPE;
+        // passed, it would queue an empty message. It carries no byte, so drop it: TCP has
+        // already recorded the FIN, and userspace still reads EOF.
+        return SK_DROP;
+    }
     // SAFETY: a non-null pointer to a live map value; userspace writes the entry before inserting
     // the socket and deletes it only after removing the socket, so it outlives this call.
     let s = unsafe { *state };

@@ -304,3 +304,8 @@ pub mod relay_kit;
 // ---- the Prometheus exposition, a switchable upstream and the proxy's socket options.    ----
 pub mod daemon_kit;
 // ---- end of the daemon tests block ----
+
+// ---- hardening block (tests/tests/hostile_input.rs, tests/tests/floods.rs, src/bin/soak.rs): ----
+// ---- process memory and descriptors, a proxy on wsproxy::Server, a raw echo upstream.      ----
+pub mod hardening_kit;
+// ---- end of the hardening block ----

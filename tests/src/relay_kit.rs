@@ -244,11 +244,8 @@ async fn hand_over(mut stream: TcpStream, waiting: Waiting) {
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
-    let id = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|path| path.strip_prefix("/c/"))
-        .and_then(|id| id.parse::<u64>().ok());
+    let id =
+        head.split_whitespace().nth(1).and_then(|path| path.strip_prefix("/c/")).and_then(|id| id.parse::<u64>().ok());
     let Some(tx) = id.and_then(|id| waiting.lock().unwrap().remove(&id)) else { return };
     let _ = tx.send(Accepted { stream, head, rest: buf[head_len..].to_vec() });
 }
@@ -270,7 +267,7 @@ pub const PERIOD: usize = 1_048_573;
 /// Two periods of xorshift bytes: any window of up to one period is one contiguous slice.
 static PATTERN: LazyLock<Vec<u8>> = LazyLock::new(|| {
     let mut v = vec![0u8; PERIOD];
-    let mut rng = Rng::new(0x5eed_0f_b17e5);
+    let mut rng = Rng::new(0x05ee_d0fb_17e5);
     for c in v.chunks_mut(8) {
         c.copy_from_slice(&rng.next().to_le_bytes()[..c.len()]);
     }
@@ -304,8 +301,11 @@ pub enum StreamEnd {
     Eof,
     /// A read failed (a reset).
     Error(io::ErrorKind),
-    /// Byte `at` differs from the pattern (loss, reordering or corruption).
-    Mismatch { at: u64 },
+    /// Byte `at` differs from the pattern (loss, reordering or corruption). `from`: where in
+    /// the stream the bytes found at `at` belong (searched up to the reader's limit; `None` if
+    /// not found there): beyond `at`, bytes were lost; before it, bytes came again. `bytes`: the
+    /// first (up to 32) bytes found at `at`.
+    Mismatch { at: u64, from: Option<u64>, bytes: Vec<u8> },
     /// More than the limit arrived.
     Overflow,
     /// `stop_at` bytes were read (no EOF looked for).
@@ -347,7 +347,12 @@ pub async fn read_pattern_from<R: AsyncRead + Unpin>(
             Err(e) => return Received { len, end: StreamEnd::Error(e.kind()) },
         };
         if let Some(at) = first_difference(seed, len, &buf[..n]) {
-            return Received { len: at, end: StreamEnd::Mismatch { at } };
+            let here = &buf[(at - len) as usize..n];
+            let from = (here.len() >= 16)
+                .then(|| (0..=limit.min(64 << 20)).find(|&o| pattern(seed, o, 16) == &here[..16]))
+                .flatten();
+            let bytes = here[..here.len().min(32)].to_vec();
+            return Received { len: at, end: StreamEnd::Mismatch { at, from, bytes } };
         }
         len += n as u64;
         if len > limit {
@@ -442,7 +447,9 @@ pub fn so_error(s: &impl AsRawFd) -> i32 {
     let mut err: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: a valid fd and an out-buffer of the length passed.
-    let rc = unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut err).cast(), &raw mut len) };
+    let rc = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut err).cast(), &raw mut len)
+    };
     assert_eq!(rc, 0, "SO_ERROR: {}", io::Error::last_os_error());
     err
 }
@@ -510,9 +517,22 @@ pub fn socket_inodes() -> std::collections::BTreeSet<u64> {
 /// A field of /proc/meminfo, in bytes.
 pub fn meminfo(field: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let line = text.lines().find(|l| l.split(':').next() == Some(field)).unwrap_or_else(|| panic!("no {field} in /proc/meminfo"));
+    let line = text
+        .lines()
+        .find(|l| l.split(':').next() == Some(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/meminfo"));
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
+}
+
+/// Memory charged to TCP sockets host-wide, in bytes (`TCP: ... mem <pages>` of
+/// /proc/net/sockstat). Bytes the sockmap redirects and queues are not charged here.
+pub fn tcp_socket_memory() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let line = text.lines().find(|l| l.starts_with("TCP:")).expect("no TCP line in /proc/net/sockstat");
+    let mut f = line.split_whitespace();
+    let pages: u64 = f.by_ref().skip_while(|w| *w != "mem").nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
 }
 
 /// The maximum (third value) of a `min default max` sysctl such as net/ipv4/tcp_rmem.
@@ -565,7 +585,10 @@ pub fn socket_table() -> Vec<String> {
             let link = std::fs::read_link(e.path()).ok()?.to_string_lossy().into_owned();
             let inode = link.strip_prefix("socket:[")?.strip_suffix(']')?.to_string();
             let fd = e.file_name().to_string_lossy().into_owned();
-            Some(format!("fd {fd}: {}", tcp.get(&inode).cloned().unwrap_or_else(|| format!("socket {inode} (not TCP)"))))
+            Some(format!(
+                "fd {fd}: {}",
+                tcp.get(&inode).cloned().unwrap_or_else(|| format!("socket {inode} (not TCP)"))
+            ))
         })
         .collect()
 }

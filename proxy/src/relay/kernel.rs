@@ -16,6 +16,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -50,30 +51,38 @@ enum Failed {
 }
 
 /// Relays `client` <-> `upstream` in the kernel. If the pair cannot be put under the verdict,
-/// the sockets come back untouched with the reason, for the userspace relay to carry.
+/// the sockets come back with the reason, for the userspace relay to carry.
 pub async fn relay(
     client: TcpStream,
     upstream: TcpStream,
     programs: &KernelPrograms,
     cfg: &config::Relay,
     shutdown: &CancellationToken,
-) -> Result<Outcome, (TcpStream, TcpStream, anyhow::Error)> {
+) -> Result<Outcome, Declined> {
     let started = Instant::now();
-    // Everything userspace wrote so far (the 101, the request) is in the send queues now; the
-    // destinations' "taken" counts start from here.
+    let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
+    match settle(&client, &upstream, &c2u, &u2c).await {
+        Ok(true) => {}
+        Ok(false) => return Err(Declined::new(client, upstream, PeerClosed.into(), &c2u, &u2c)),
+        Err(e) => return Err(Declined::new(client, upstream, e.into(), &c2u, &u2c)),
+    }
+    // Everything userspace wrote so far (the 101, the request, settled bytes) is in the send
+    // queues now; the destinations' "taken" counts start from here.
     let bases = match (taken(&client), taken(&upstream)) {
         (Ok(c), Ok(u)) => [c, u],
-        (Err(e), _) | (_, Err(e)) => return Err((client, upstream, e.into())),
+        (Err(e), _) | (_, Err(e)) => return Err(Declined::new(client, upstream, e.into(), &c2u, &u2c)),
     };
     let credit = SockCtrl { forwarded: 0, limit_bytes: cfg.max_in_flight_bytes, limit_skbs: cfg.max_in_flight_skbs };
     let pair = match programs.insert_pair(&client, &upstream, credit) {
         Ok(p) => p,
-        Err(e) => return Err((client, upstream, e)),
+        Err(_) if fin_received(&client) || fin_received(&upstream) => {
+            return Err(Declined::new(client, upstream, PeerClosed.into(), &c2u, &u2c));
+        }
+        Err(e) => return Err(Declined::new(client, upstream, e, &c2u, &u2c)),
     };
-    let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
     let end = {
-        let up = Direction { src: &client, dst: &upstream, side: Side::Client, dst_base: bases[1], pair: &pair, cfg };
-        let down = Direction { src: &upstream, dst: &client, side: Side::Upstream, dst_base: bases[0], pair: &pair, cfg };
+        let up = Direction::new(&client, &upstream, Side::Client, bases[1], &pair, cfg);
+        let down = Direction::new(&upstream, &client, Side::Upstream, bases[0], &pair, cfg);
         // Activity: bytes the verdict moved plus bytes userspace forwarded.
         let activity = || {
             let k = pair.counters().unwrap_or_default();
@@ -98,6 +107,67 @@ pub async fn relay(
         upstream_to_client: counters.from_upstream.redirected + u2c,
         duration: started.elapsed(),
     })
+}
+
+/// A connection the kernel relay did not take: the sockets, untouched but for the bytes
+/// [`settle`] already moved (counted here), for the userspace relay to carry on.
+pub struct Declined {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub reason: anyhow::Error,
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+}
+
+impl Declined {
+    fn new(client: TcpStream, upstream: TcpStream, reason: anyhow::Error, c2u: &AtomicU64, u2c: &AtomicU64) -> Self {
+        let (client_to_upstream, upstream_to_client) = (c2u.load(Relaxed), u2c.load(Relaxed));
+        Declined { client, upstream, reason, client_to_upstream, upstream_to_client }
+    }
+}
+
+/// A side closed before the pair could be put under the verdict (the socket map takes only
+/// established sockets); the userspace relay carries such a connection to its end.
+#[derive(Debug, thiserror::Error)]
+#[error("a side closed before the kernel relay could take the connection")]
+pub struct PeerClosed;
+
+/// Reads what both sockets have queued, writing it to the other side. The verdict path takes
+/// whole skbs from a receive queue (`tcp_read_skb`), so an skb that userspace has read in part
+/// (the handshake reads in chunks) would be relayed again from its start. A read shorter than
+/// the buffer emptied the queue, so no skb is left in part; bytes that arrive after it come in
+/// whole skbs, which the kick after insertion relays. `Ok(false)`: a side reached EOF.
+async fn settle(client: &TcpStream, upstream: &TcpStream, c2u: &AtomicU64, u2c: &AtomicU64) -> io::Result<bool> {
+    let mut buf = vec![0; BUF_SIZE];
+    for (src, dst, count) in [(client, upstream, c2u), (upstream, client, u2c)] {
+        loop {
+            match src.try_read(&mut buf) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    write_all(dst, &buf[..n]).await?;
+                    count.fetch_add(n as u64, Relaxed);
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(true)
+}
+
+async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Maps a direction's failure onto the side that caused it.
@@ -126,29 +196,55 @@ struct Direction<'a> {
     dst_base: u64,
     pair: &'a PairGuard,
     cfg: &'a config::Relay,
+    /// When `src`'s peer was first seen to have sent its FIN: the drain timeout runs from there.
+    fin_seen: OnceLock<Instant>,
 }
 
-impl Direction<'_> {
+impl<'a> Direction<'a> {
+    fn new(
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        side: Side,
+        dst_base: u64,
+        pair: &'a PairGuard,
+        cfg: &'a config::Relay,
+    ) -> Self {
+        Direction { src, dst, side, dst_base, pair, cfg, fin_seen: OnceLock::new() }
+    }
+
     /// Runs until EOF on `src` has been passed on as a FIN on `dst`. `forwarded` counts the
     /// passed bytes written to `dst` by userspace.
     async fn run(self, forwarded_total: &AtomicU64) -> Result<(), Failed> {
         let mut buf: Vec<u8> = Vec::new();
         let mut forwarded = 0u64;
+        let mut at_eof = false;
         loop {
             // Readable means: passed bytes, EOF, an error, or (rarely) a wake-up for redirected
             // bytes that leaves nothing to read.
-            self.src.readable().await.map_err(|e| Failed::Source(e.kind()))?;
+            if !at_eof {
+                self.src.readable().await.map_err(|e| Failed::Source(e.kind()))?;
+            }
             if buf.is_empty() {
                 buf = vec![0; BUF_SIZE];
             }
             let r = self.src.try_read(&mut buf);
             tracing::trace!(side = ?self.side, result = ?r.as_ref().map_err(|e| e.kind()), "kernel relay: source readable");
             match r {
+                // Passed bytes can still wait in the kernel (a backlog the socket's receive
+                // buffer had no room for) when EOF is already readable: they come first.
+                // No readiness event reports them: poll until they are readable.
+                Ok(0) if self.pair.state(self.side).map_err(|_| Failed::Maps)?.passed > forwarded => {
+                    if self.drain_expired() {
+                        return Err(Failed::DrainTimeout);
+                    }
+                    at_eof = true;
+                    tokio::time::sleep(POLL_MAX).await;
+                }
                 Ok(0) => return self.finish(forwarded).await,
                 Ok(n) => {
                     self.forward(&buf[..n], forwarded).await?;
                     forwarded += n as u64;
-                    forwarded_total.store(forwarded, Relaxed);
+                    forwarded_total.fetch_add(n as u64, Relaxed);
                     self.grant(forwarded)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
@@ -162,10 +258,13 @@ impl Direction<'_> {
         // While a passed byte is not forwarded the verdict redirects nothing, so `redirected`
         // is final for the bytes that precede these.
         let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
-        self.wait_taken(state.redirected + forwarded, None).await?;
+        self.wait_taken(state.redirected + forwarded).await?;
         let mut rest = bytes;
         while !rest.is_empty() {
             self.alive()?;
+            if self.drain_expired() {
+                return Err(Failed::DrainTimeout);
+            }
             tokio::select! {
                 r = self.dst.writable() => r.map_err(|e| Failed::Destination(e.kind()))?,
                 // A slow reader may keep `dst` unwritable for long: still notice a failing `src`.
@@ -195,16 +294,16 @@ impl Direction<'_> {
     /// EOF on `src`: once `dst` has taken every byte from `src`, pass the FIN on.
     async fn finish(&self, forwarded: u64) -> Result<(), Failed> {
         let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
-        let deadline = Instant::now() + self.cfg.drain_timeout;
         tracing::trace!(side = ?self.side, redirected = state.redirected, forwarded, "kernel relay: EOF, draining before FIN");
-        self.wait_taken(state.redirected + forwarded, Some(deadline)).await?;
+        self.wait_taken(state.redirected + forwarded).await?;
         nix::sys::socket::shutdown(self.dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
             .map_err(|e| Failed::Destination(io::Error::from(e).kind()))
     }
 
     /// Waits until `dst`'s TCP has taken `bytes` since insertion, polling (no event reports
-    /// it) with a growing interval; fails if either side's connection fails meanwhile.
-    async fn wait_taken(&self, bytes: u64, deadline: Option<Instant>) -> Result<(), Failed> {
+    /// it) with a growing interval; fails if either side's connection fails meanwhile, or if
+    /// `src` has closed and the drain timeout has passed since.
+    async fn wait_taken(&self, bytes: u64) -> Result<(), Failed> {
         let mut interval = POLL_MIN;
         loop {
             let now = taken(self.dst).map_err(|e| Failed::Destination(e.kind()))?;
@@ -212,12 +311,21 @@ impl Direction<'_> {
                 return Ok(());
             }
             self.alive()?;
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if self.drain_expired() {
                 return Err(Failed::DrainTimeout);
             }
             tokio::time::sleep(interval).await;
             interval = (interval * 2).min(POLL_MAX);
         }
+    }
+
+    /// True once `src`'s peer has closed and the drain timeout has passed since it was first
+    /// seen. Whatever `src` still has queued is then held up by a `dst` that does not read.
+    fn drain_expired(&self) -> bool {
+        if self.fin_seen.get().is_none() && fin_received(self.src) {
+            let _ = self.fin_seen.set(Instant::now());
+        }
+        self.fin_seen.get().is_some_and(|t| t.elapsed() >= self.cfg.drain_timeout)
     }
 
     /// Fails when `src` has a pending error (a reset), or `dst` can no longer take bytes.
@@ -255,6 +363,15 @@ fn pending_error(s: &impl AsFd) -> Option<io::Error> {
         Ok(errno) => Some(io::Error::from_raw_os_error(errno)),
         Err(e) => Some(e.into()),
     }
+}
+
+/// True once the peer's FIN has arrived (TCP states after it, see include/net/tcp_states.h).
+fn fin_received(s: &impl AsFd) -> bool {
+    const TIME_WAIT: u8 = 6;
+    const CLOSE_WAIT: u8 = 8;
+    const LAST_ACK: u8 = 9;
+    const CLOSING: u8 = 11;
+    tcp_info(s).map_or(true, |i| matches!(i.tcpi_state, TIME_WAIT | TCP_CLOSE | CLOSE_WAIT | LAST_ACK | CLOSING))
 }
 
 /// True once the connection is gone (reset, or fully closed).

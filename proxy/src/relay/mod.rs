@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::config::{self, RelayMode};
 use crate::ebpf::KernelPrograms;
@@ -93,7 +93,7 @@ pub async fn relay(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Outcome {
-    let (client, upstream) = match programs.filter(|_| cfg.mode != RelayMode::Userspace) {
+    let (client, upstream, settled) = match programs.filter(|_| cfg.mode != RelayMode::Userspace) {
         Some(programs) => {
             metrics.relay_started(Mode::Kernel);
             match kernel::relay(client, upstream, programs, cfg, shutdown).await {
@@ -101,17 +101,25 @@ pub async fn relay(
                     metrics.relay_ended(&o);
                     return o;
                 }
-                Err((client, upstream, e)) => {
+                Err(d) => {
                     metrics.relay_fallback();
-                    warn!(error = %format!("{e:#}"), "kernel relay: cannot take the connection, relaying it in userspace");
-                    (client, upstream)
+                    if d.reason.is::<kernel::PeerClosed>() {
+                        // Ordinary: a peer that closes right after the 101.
+                        debug!("kernel relay: {}; relaying it in userspace", d.reason);
+                    } else {
+                        let error = format!("{:#}", d.reason);
+                        warn!(%error, "kernel relay: cannot take the connection, relaying it in userspace");
+                    }
+                    (d.client, d.upstream, (d.client_to_upstream, d.upstream_to_client))
                 }
             }
         }
-        None => (client, upstream),
+        None => (client, upstream, (0, 0)),
     };
     metrics.relay_started(Mode::Userspace);
-    let o = userspace::relay(client, upstream, cfg.idle_timeout, shutdown).await;
+    let mut o = userspace::relay(client, upstream, cfg.idle_timeout, shutdown).await;
+    o.client_to_upstream += settled.0;
+    o.upstream_to_client += settled.1;
     metrics.relay_ended(&o);
     o
 }
