@@ -49,12 +49,28 @@ impl RawHead {
 
 /// Reads from `io` until `parse` finds a complete head, never holding more than `max` bytes.
 /// The caller bounds the time (a head that never completes is the caller's timeout).
-pub async fn read_head<R, P>(io: &mut R, max: usize, mut parse: P) -> Result<RawHead, HeadError>
+pub async fn read_head<R, P>(io: &mut R, max: usize, parse: P) -> Result<RawHead, HeadError>
 where
     R: AsyncRead + Unpin,
     P: FnMut(&[u8]) -> Result<Parsed, HeadError>,
 {
-    let mut buf = Vec::with_capacity(max.min(4096));
+    read_head_after(io, Vec::with_capacity(max.min(4096)), max, parse).await
+}
+
+/// Like [`read_head`], starting with bytes already read (those behind a previous head).
+pub async fn read_head_after<R, P>(io: &mut R, mut buf: Vec<u8>, max: usize, mut parse: P) -> Result<RawHead, HeadError>
+where
+    R: AsyncRead + Unpin,
+    P: FnMut(&[u8]) -> Result<Parsed, HeadError>,
+{
+    if buf.len() > max {
+        return Err(HeadError::TooLarge(max));
+    }
+    if buf.contains(&b'\n')
+        && let Parsed::Complete(head_len) = parse(&buf)?
+    {
+        return Ok(RawHead { buf, head_len });
+    }
     let mut chunk = [0u8; 4096];
     loop {
         let room = max - buf.len();

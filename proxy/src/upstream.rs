@@ -57,7 +57,14 @@ impl UpstreamError {
     /// True when the failure says something about the upstream's health. A 4xx answer is about
     /// the request, not the upstream.
     pub fn counts_against_health(&self) -> bool {
-        !matches!(self, UpstreamError::Status(s) if (400..500).contains(s))
+        match self {
+            UpstreamError::Status(s) => !(400..500).contains(s),
+            // Out of descriptors or memory here: the proxy's trouble, not the upstream's.
+            UpstreamError::Connect(e) => {
+                !matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+            }
+            _ => true,
+        }
     }
 
     /// Short label for metrics.
@@ -97,15 +104,35 @@ async fn exchange(addr: SocketAddr, request: &[u8], key: &str, max_head: usize) 
         let mut h = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         head::from_httparse(httparse::Response::new(&mut h).parse(b), MAX_RESPONSE_HEADERS)
     };
-    let response = match head::read_head(&mut stream, max_head, parse).await {
-        Ok(r) => r,
-        Err(HeadError::Closed(0)) => return Err(UpstreamError::ClosedBeforeAnswer),
-        Err(HeadError::Closed(n)) => return Err(UpstreamError::ClosedMidHead(n)),
-        Err(HeadError::Io(e)) => return Err(UpstreamError::Io(e)),
-        Err(e) => return Err(UpstreamError::Malformed(e.to_string())),
-    };
-    check_101(response.head(), key)?;
-    Ok(Upgraded { stream, response })
+    // Interim responses (1xx other than 101, such as 100 or 103) may precede the final one
+    // (RFC 9110 section 15.2): they are read and dropped, never forwarded to the client.
+    let mut behind = Vec::new();
+    for interim in 0..=MAX_INTERIM_RESPONSES {
+        let response = match head::read_head_after(&mut stream, behind, max_head, parse).await {
+            Ok(r) => r,
+            Err(HeadError::Closed(0)) if interim == 0 => return Err(UpstreamError::ClosedBeforeAnswer),
+            Err(HeadError::Closed(n)) => return Err(UpstreamError::ClosedMidHead(n)),
+            Err(HeadError::Io(e)) => return Err(UpstreamError::Io(e)),
+            Err(e) => return Err(UpstreamError::Malformed(e.to_string())),
+        };
+        if is_interim(response.head()) {
+            behind = response.rest().to_vec();
+            continue;
+        }
+        check_101(response.head(), key)?;
+        return Ok(Upgraded { stream, response });
+    }
+    Err(UpstreamError::Malformed(format!("more than {MAX_INTERIM_RESPONSES} interim responses")))
+}
+
+/// Most interim (1xx) responses accepted before the 101.
+const MAX_INTERIM_RESPONSES: usize = 8;
+
+/// True for a 1xx response other than 101.
+fn is_interim(head_bytes: &[u8]) -> bool {
+    let mut h = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut h);
+    resp.parse(head_bytes).is_ok() && resp.code.is_some_and(|c| (100..200).contains(&c) && c != 101)
 }
 
 /// Checks a response head: status 101, `Upgrade: websocket`, `Connection: upgrade` and the

@@ -226,5 +226,7 @@ fn kernel_relay_availability_is_logged_at_start() {
     if std::env::var("CI").as_deref() == Ok("true") {
         assert!(line.contains("kernel relay: available"), "in CI the kernel relay must load: {line}");
     }
+    // SIGTERM is handled from the moment the proxy accepts (before that it ends the process).
+    proxy.wait_for("accepting connections");
     assert!(proxy.terminate().success());
 }

@@ -45,10 +45,11 @@ pub fn build_command(release: bool) -> Cmd {
     }
 }
 
-/// `cargo test` over every crate that builds for the host (proxy-ebpf builds for the kernel).
+/// `cargo test` over every crate that builds for the host (proxy-ebpf builds for the kernel),
+/// every test binary even after a failing one, so that one run shows every failure.
 pub fn test_command(extra: &[String]) -> Cmd {
     cargo()
-        .args(["test", "--workspace", "--exclude", "proxy-ebpf"])
+        .args(["test", "--workspace", "--exclude", "proxy-ebpf", "--no-fail-fast"])
         .args(extra)
 }
 
@@ -83,6 +84,7 @@ mod tests {
                 "--workspace",
                 "--exclude",
                 "proxy-ebpf",
+                "--no-fail-fast",
                 "handshake",
                 "--",
                 "--nocapture"
