@@ -33,6 +33,8 @@ const BUF_SIZE: usize = 64 * 1024;
 /// Polling bounds while waiting for a destination to take queued bytes: no event reports that.
 const POLL_MIN: Duration = Duration::from_micros(50);
 const POLL_MAX: Duration = Duration::from_millis(20);
+/// Checks made without a timer before the polling above starts.
+const SPIN_ROUNDS: u32 = 32;
 
 /// `TCP_CLOSE` of the kernel's TCP state machine (include/net/tcp_states.h), as in `tcpi_state`.
 const TCP_CLOSE: u8 = 7;
@@ -304,7 +306,7 @@ impl<'a> Direction<'a> {
     /// it) with a growing interval; fails if either side's connection fails meanwhile, or if
     /// `src` has closed and the drain timeout has passed since.
     async fn wait_taken(&self, bytes: u64) -> Result<(), Failed> {
-        let mut interval = POLL_MIN;
+        let (mut interval, mut spins) = (POLL_MIN, 0);
         loop {
             let now = taken(self.dst).map_err(|e| Failed::Destination(e.kind()))?;
             if now.wrapping_sub(self.dst_base) >= bytes {
@@ -313,6 +315,13 @@ impl<'a> Direction<'a> {
             self.alive()?;
             if self.drain_expired() {
                 return Err(Failed::DrainTimeout);
+            }
+            // The destination usually takes the last redirected bytes within microseconds, far
+            // below the timer's millisecond: first give the kernel's worker a few turns.
+            if spins < SPIN_ROUNDS {
+                spins += 1;
+                tokio::task::yield_now().await;
+                continue;
             }
             tokio::time::sleep(interval).await;
             interval = (interval * 2).min(POLL_MAX);
