@@ -215,13 +215,18 @@ async fn half_open_round(addr: std::net::SocketAddr, fds_start: usize) -> Round 
             (first, last) = (first.min(took), last.max(took));
         }
     }
-    let released = poll_until(DEADLINE, || (fd_count() <= fds_start).then_some(())).await.is_some();
+    // The warm-up echo's four sockets (client, the proxy's two, the echo server's) close on
+    // their own schedule, so they may still be open here, or not yet at the start count.
+    let released = poll_until(DEADLINE, || (fd_count() <= fds_start + WARM_UP_SOCKETS).then_some(())).await.is_some();
     let (fds_after, rss_after) = (fd_count(), vm_rss());
     // SAFETY: malloc_trim only returns free memory of the allocator to the system.
     unsafe { libc::malloc_trim(0) };
     let rss_trimmed = vm_rss();
     Round { open_secs, statuses, first, last, peak_fds, fds_after, released, peak_rss, rss_after, rss_trimmed }
 }
+
+/// Sockets of the warm-up echo that may outlive it for a moment.
+const WARM_UP_SOCKETS: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_handshakes_are_bounded_and_freed_at_the_head_timeout() {
@@ -282,7 +287,7 @@ async fn half_open_handshakes_are_bounded_and_freed_at_the_head_timeout() {
         assert!(r.last <= HEADER_TIMEOUT + DEADLINE, "a 408 came late: {:?}", r.last);
         // Two descriptors per connection (plus the few the runtime opens), all released after.
         assert!(r.peak_fds <= fds_start + 2 * N + 64, "{} fds for {N} connections", r.peak_fds);
-        assert!(r.released, "descriptors not released: {} now, {fds_start} at start", r.fds_after);
+        assert!(r.released, "descriptors not released: {} now, {fds_start} at start (+{WARM_UP_SOCKETS})", r.fds_after);
         // At most 48 KiB resident per connection, proxy and client together.
         assert!(r.peak_rss <= rss_start + 48 * 1024 * N as u64, "VmRSS {:.1} MiB with {N} held", mib(r.peak_rss));
         // Afterwards, what is still in use is within 8 MiB of the start.
