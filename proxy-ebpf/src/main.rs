@@ -22,14 +22,21 @@ use proxy_common::{FLAG_PASS, MAX_SOCKETS, SockCtrl, SockState};
 #[map]
 static WSP_SOCKETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
+/// `BPF_F_NO_PREALLOC` for both hash maps. In a preallocated hash map an element replaced or
+/// deleted by userspace goes back to the free list at once and can be handed out for another key
+/// while a verdict still reads it through the pointer it looked up: the verdict would then take
+/// another socket's credit or count into another pair. Without preallocation an element is freed
+/// only after an RCU grace period, which every verdict run is inside of.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// Socket cookie -> state (peer cookie, counters). Name must equal `proxy_common::STATE_MAP`.
 #[map]
-static WSP_STATE: HashMap<u64, SockState> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static WSP_STATE: HashMap<u64, SockState> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 /// Socket cookie -> userspace's credit and forwarded count. Name must equal
 /// `proxy_common::CTRL_MAP`.
 #[map]
-static WSP_CTRL: HashMap<u64, SockCtrl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static WSP_CTRL: HashMap<u64, SockCtrl> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 /// The verdict. Name must equal `proxy_common::VERDICT_PROGRAM`.
 #[stream_verdict]

@@ -174,17 +174,19 @@ async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 
 /// Maps a direction's failure onto the side that caused it.
 async fn side_of(run: impl Future<Output = Result<(), Failed>>, from: Side) -> Result<(), End> {
-    run.await.map_err(|f| {
-        let (src, dst) = match from {
-            Side::Client => (End::ClientError as fn(io::ErrorKind) -> End, End::UpstreamError as fn(io::ErrorKind) -> End),
-            Side::Upstream => (End::UpstreamError as fn(io::ErrorKind) -> End, End::ClientError as fn(io::ErrorKind) -> End),
-        };
-        match f {
-            Failed::Source(k) => src(k),
-            Failed::Destination(k) => dst(k),
-            Failed::DrainTimeout => End::DrainTimeout,
-            Failed::Maps => End::Internal,
-        }
+    let failed_on = |side: Side, kind| match side {
+        Side::Client => End::ClientError(kind),
+        Side::Upstream => End::UpstreamError(kind),
+    };
+    let other = match from {
+        Side::Client => Side::Upstream,
+        Side::Upstream => Side::Client,
+    };
+    run.await.map_err(|f| match f {
+        Failed::Source(k) => failed_on(from, k),
+        Failed::Destination(k) => failed_on(other, k),
+        Failed::DrainTimeout => End::DrainTimeout,
+        Failed::Maps => End::Internal,
     })
 }
 
@@ -244,6 +246,10 @@ impl<'a> Direction<'a> {
                 }
                 Ok(0) => return self.finish(forwarded).await,
                 Ok(n) => {
+                    let p = self.pair.state(self.side).map_err(|_| Failed::Maps)?.passed;
+                    if p < forwarded + n as u64 {
+                        tracing::warn!(side = ?self.side, n, passed = p, forwarded, "kernel relay: read bytes the verdict has not seen (order no longer guaranteed)");
+                    }
                     self.forward(&buf[..n], forwarded).await?;
                     forwarded += n as u64;
                     forwarded_total.fetch_add(n as u64, Relaxed);
