@@ -1,9 +1,12 @@
 //! `cargo xtask <task>`: the developer and CI entry points of the wsproxy workspace.
 
+mod bench;
 mod cargo;
 mod cmd;
+mod fuzz;
 mod run;
 mod setup;
+mod soak;
 
 use std::process::ExitCode;
 
@@ -14,7 +17,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "xtask",
     bin_name = "cargo xtask",
-    about = "Set up, build, run and test wsproxy"
+    about = "Set up, build, run, test and benchmark wsproxy"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +43,33 @@ enum Task {
         /// Build and run with the release profile
         #[arg(long)]
         release: bool,
+    },
+    /// Set up if needed, build in release, then benchmark wsproxy against nginx, HAProxy and direct
+    /// (bench/results/latest.md); as root
+    Bench {
+        /// Smoke run: fewer runs and shorter windows (under 5 minutes)
+        #[arg(long)]
+        quick: bool,
+        /// Passed on to `wsproxy-bench run` (e.g. `-- --only bulk,echo --merge`)
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Soak: thousands of checksummed connections opening, relaying and closing in both relay
+    /// modes, then memory, descriptors and kernel map entries checked against their start
+    /// (summary in bench/results/soak.md); as root
+    Soak {
+        /// Minutes in all (half per relay mode)
+        #[arg(long, default_value_t = soak::DEFAULT_MINUTES)]
+        minutes: u64,
+    },
+    /// Run the fuzz targets (request head, response head, configuration) for a bounded time
+    /// each; installs cargo-fuzz if missing
+    Fuzz {
+        /// Seconds per target
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all)
+        targets: Vec<String>,
     },
     /// Set up if needed, then run every test of the workspace (privileged ones read env CI)
     Test {
@@ -71,6 +101,18 @@ fn dispatch(task: Task) -> Result<ExitCode> {
             setup::ensure(&root)?;
             cargo::build(&root, release)?;
             return run::run(&root, &cargo::wsproxy_binary(&root, release));
+        }
+        Task::Bench { quick, args } => {
+            setup::ensure(&root)?;
+            return bench::bench(&root, quick, &args);
+        }
+        Task::Soak { minutes } => {
+            setup::ensure(&root)?;
+            soak::soak(&root, minutes)?;
+        }
+        Task::Fuzz { seconds, targets } => {
+            setup::ensure(&root)?;
+            fuzz::fuzz(&root, seconds, &targets)?;
         }
         Task::Test { args } => {
             setup::ensure(&root)?;

@@ -1,0 +1,403 @@
+//! The contenders and the processes behind them: the upstream, wsproxy in both relay modes, nginx
+//! and HAProxy, each started from a generated configuration in a temporary directory, pinned with
+//! `taskset`, and killed when the benchmark ends (on drop, on panic, and through
+//! `PR_SET_PDEATHSIG` if the benchmark itself is killed).
+
+use std::fs;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::load;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    WsproxyKernel,
+    WsproxyUserspace,
+    Nginx,
+    Haproxy,
+    HaproxySplice,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Direct,
+        Kind::WsproxyKernel,
+        Kind::WsproxyUserspace,
+        Kind::Nginx,
+        Kind::Haproxy,
+        Kind::HaproxySplice,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::WsproxyKernel => "wsproxy-kernel",
+            Kind::WsproxyUserspace => "wsproxy-userspace",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "haproxy",
+            Kind::HaproxySplice => "haproxy-splice",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `program args` pinned to `cpu`, output to `log`; it dies with the benchmark.
+    pub fn spawn(
+        name: &str,
+        cpu: usize,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Proc> {
+        let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c").arg(cpu.to_string()).arg(program).args(args);
+        cmd.envs(envs.iter().copied());
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        crate::sys::register_ours(child.id());
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the process has already ended.
+    pub fn alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited ({status})", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: the pid names our own child, which has not been reaped.
+            unsafe { libc::kill(self.child.id().cast_signed(), libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One contender: where the generator connects, and the proxy process if there is one.
+pub struct Contender {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    pub proc: Option<Proc>,
+    /// The proxy's RSS right after start, before any connection (bytes).
+    pub rss_at_start: u64,
+}
+
+impl Contender {
+    pub fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+}
+
+pub struct Setup<'a> {
+    pub dir: &'a Path,
+    pub wsproxy: &'a Path,
+    pub upstream: SocketAddr,
+    pub proxy_cpu: usize,
+    /// RLIMIT_NOFILE the proxies inherit; nginx and HAProxy are told to stay within it.
+    pub nofile: u64,
+}
+
+pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
+    let name = kind.name();
+    let log = s.dir.join(format!("{name}.log"));
+    let proc = match kind {
+        Kind::Direct => None,
+        Kind::WsproxyKernel | Kind::WsproxyUserspace => {
+            let mode = if kind == Kind::WsproxyKernel {
+                "kernel"
+            } else {
+                "userspace"
+            };
+            let cfg = s.dir.join(format!("{name}.toml"));
+            fs::write(&cfg, wsproxy_config(addr, s.upstream, mode))?;
+            let args = vec!["run".into(), "--config".into(), cfg.display().to_string()];
+            Some(Proc::spawn(
+                name,
+                s.proxy_cpu,
+                s.wsproxy,
+                &args,
+                &[("RUST_LOG", "warn")],
+                &log,
+            )?)
+        }
+        Kind::Nginx => {
+            let prefix = s.dir.join("nginx");
+            fs::create_dir_all(prefix.join("logs"))?;
+            let cfg = prefix.join("nginx.conf");
+            fs::write(&cfg, nginx_config(addr, s.upstream, &prefix, s.nofile))?;
+            let args = vec![
+                "-p".into(),
+                prefix.display().to_string(),
+                "-c".into(),
+                cfg.display().to_string(),
+                "-e".into(),
+                prefix.join("logs/error.log").display().to_string(),
+            ];
+            Some(Proc::spawn(
+                name,
+                s.proxy_cpu,
+                Path::new("nginx"),
+                &args,
+                &[],
+                &log,
+            )?)
+        }
+        Kind::Haproxy | Kind::HaproxySplice => {
+            let cfg = s.dir.join(format!("{name}.cfg"));
+            fs::write(
+                &cfg,
+                haproxy_config(addr, s.upstream, kind == Kind::HaproxySplice, s.nofile),
+            )?;
+            let args = vec!["-f".into(), cfg.display().to_string(), "-db".into()];
+            Some(Proc::spawn(
+                name,
+                s.proxy_cpu,
+                Path::new("haproxy"),
+                &args,
+                &[],
+                &log,
+            )?)
+        }
+    };
+    let mut c = Contender {
+        kind,
+        addr,
+        proc,
+        rss_at_start: 0,
+    };
+    wait_listening(&mut c, &log)?;
+    // Let it settle, then note its memory before any connection.
+    thread::sleep(Duration::from_millis(300));
+    if let Some(pid) = c.pid() {
+        c.rss_at_start = crate::sys::rss(pid)?;
+    }
+    load::check(addr)
+        .with_context(|| format!("{name}: an echo through it failed (log: {})", log.display()))?;
+    Ok(c)
+}
+
+fn wait_listening(c: &mut Contender, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(p) = c.proc.as_mut()
+            && let Err(e) = p.alive()
+        {
+            let tail = fs::read_to_string(log).unwrap_or_default();
+            bail!("{e}: {}", tail.trim());
+        }
+        if TcpStream::connect_timeout(&c.addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} is not listening on {} after 20 s (log: {})",
+                c.name(),
+                c.addr,
+                log.display()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// wsproxy with limits that never bind in a benchmark, no admin listener, the given relay mode.
+pub fn wsproxy_config(listen: SocketAddr, upstream: SocketAddr, mode: &str) -> String {
+    format!(
+        r#"# Generated by wsproxy-bench.
+[listen]
+address = "{listen}"
+max_connections = 100000
+drain_timeout = "1s"
+
+[limits]
+requests_per_second = 1000000000.0
+burst = 1000000000
+max_connections_per_ip = 0
+max_tracked_clients = 100000
+
+[upstreams]
+main = [{{ address = "{upstream}" }}]
+timeout = "10s"
+
+[relay]
+mode = "{mode}"
+"#
+    )
+}
+
+/// nginx as operators run it for WebSocket: one worker, HTTP/1.1 upstream with the Upgrade and
+/// Connection headers, a long read timeout, TCP_NODELAY, no access log.
+pub fn nginx_config(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    prefix: &Path,
+    nofile: u64,
+) -> String {
+    let p = prefix.display();
+    let conns = nofile.saturating_sub(50);
+    format!(
+        r#"# Generated by wsproxy-bench.
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log warn;
+
+events {{
+    worker_connections {conns};
+}}
+
+http {{
+    access_log off;
+    tcp_nodelay on;
+    client_body_temp_path {p}/client_body;
+    proxy_temp_path {p}/proxy;
+
+    upstream bench_upstream {{
+        server {upstream};
+    }}
+
+    server {{
+        listen {listen} backlog=4096;
+        location / {{
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+/// HAProxy in http mode: one thread, `timeout tunnel` for the upgraded connections, optionally
+/// splice(2) both ways. HAProxy sets TCP_NODELAY on its sockets itself.
+pub fn haproxy_config(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    splice: bool,
+    nofile: u64,
+) -> String {
+    // HAProxy needs two descriptors per proxied connection, two per pipe, and a few of its own;
+    // it refuses to start when the sum exceeds a limit it cannot raise. Idle connections hold no
+    // pipe (a pipe is taken only while spliced data waits in it), so few pipes are enough.
+    let maxconn = nofile.saturating_sub(280) / 2;
+    let maxpipes = (nofile.saturating_sub(2 * maxconn + 120) / 2).max(16);
+    let (splice, pipes) = if splice {
+        (
+            "    option splice-request\n    option splice-response\n",
+            format!("    maxpipes {maxpipes}\n"),
+        )
+    } else {
+        ("", String::new())
+    };
+    format!(
+        r#"# Generated by wsproxy-bench.
+global
+    nbthread 1
+    maxconn {maxconn}
+{pipes}
+defaults
+    mode http
+    maxconn {maxconn}
+    timeout connect 10s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+    timeout http-request 10s
+{splice}
+frontend bench
+    bind {listen}
+    default_backend upstream
+
+backend upstream
+    server up {upstream}
+"#
+    )
+}
+
+/// Where generated configurations and logs go: a fresh directory under the system's temp dir.
+pub fn temp_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("wsproxy-bench-{}", std::process::id()));
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_configs_name_the_upstream() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_name(k.name()), Some(k));
+        }
+        let l: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let u: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        assert!(wsproxy_config(l, u, "kernel").contains("mode = \"kernel\""));
+        assert!(haproxy_config(l, u, true, 20000).contains("option splice-response"));
+        assert!(!haproxy_config(l, u, false, 20000).contains("splice"));
+        assert!(nginx_config(l, u, Path::new("/t"), 20000).contains("server 127.0.0.1:2;"));
+    }
+}

@@ -1,0 +1,72 @@
+//! `cargo xtask bench [--quick]`: build wsproxy and the benchmark in release, then run
+//! `wsproxy-bench run`, which starts the upstream and every contender, runs every workload and
+//! writes `bench/results/latest.md` with its plots.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cargo;
+use crate::cmd::Cmd;
+
+pub fn build_command() -> Cmd {
+    Cmd::new("cargo").args([
+        "build",
+        "--release",
+        "--package",
+        "wsproxy",
+        "--package",
+        "wsproxy-bench",
+    ])
+}
+
+pub fn bench_command(root: &Path, quick: bool, extra: &[String]) -> Cmd {
+    let wsproxy = cargo::wsproxy_binary(root, true);
+    let bench = wsproxy.with_file_name("wsproxy-bench");
+    let results = root.join("bench/results");
+    let cmd = Cmd::new(&bench.display().to_string()).args([
+        "run",
+        "--wsproxy",
+        &wsproxy.display().to_string(),
+        "--out",
+        &results.display().to_string(),
+    ]);
+    let cmd = if quick { cmd.args(["--quick"]) } else { cmd };
+    cmd.args(extra)
+}
+
+pub fn bench(root: &Path, quick: bool, extra: &[String]) -> Result<ExitCode> {
+    let build = build_command();
+    println!("xtask: {build}");
+    build.run_in(root)?;
+    let cmd = bench_command(root, quick, extra);
+    println!("xtask: {cmd}");
+    let status = cmd.status_in(root)?;
+    if !status.success() {
+        eprintln!("xtask: benchmark failed ({status})");
+    }
+    Ok(crate::run::exit_code(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_runs_the_release_binary_with_the_results_folder() {
+        let cmd = bench_command(Path::new("/w"), true, &["--only".into(), "bulk".into()]);
+        assert!(
+            cmd.program.ends_with("release/wsproxy-bench"),
+            "{}",
+            cmd.program
+        );
+        assert_eq!(cmd.args[0], "run");
+        assert!(cmd.args.contains(&"/w/bench/results".to_owned()));
+        assert!(
+            cmd.args
+                .ends_with(&["--quick".into(), "--only".into(), "bulk".into()])
+        );
+        assert!(build_command().args.contains(&"wsproxy-bench".to_owned()));
+    }
+}
