@@ -14,19 +14,13 @@ use anyhow::{Context as _, anyhow};
 const EBPF_PACKAGE: &str = "proxy-ebpf";
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
-    let workspace = manifest_dir
-        .parent()
-        .ok_or_else(|| anyhow!("proxy/ has no parent"))?;
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let workspace = manifest_dir.parent().ok_or_else(|| anyhow!("proxy/ has no parent"))?;
 
     // aya-build watches the eBPF package; the object also depends on the shared layout and on the
     // locked versions of aya-ebpf.
     for watched in ["proxy-common", "Cargo.lock"] {
-        println!(
-            "cargo:rerun-if-changed={}",
-            workspace.join(watched).display()
-        );
+        println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
     }
 
     let ebpf_dir = workspace.join(EBPF_PACKAGE);

@@ -71,9 +71,7 @@ impl Proc {
         let mut cmd = Command::new("taskset");
         cmd.arg("-c").arg(cpu.to_string()).arg(program).args(args);
         cmd.envs(envs.iter().copied());
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
+        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -186,14 +184,7 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
                 "-e".into(),
                 prefix.join("logs/error.log").display().to_string(),
             ];
-            Some(Proc::spawn(
-                name,
-                s.proxy_cpu,
-                Path::new("nginx"),
-                &args,
-                &[],
-                &log,
-            )?)
+            Some(Proc::spawn(name, s.proxy_cpu, Path::new("nginx"), &args, &[], &log)?)
         }
         Kind::Haproxy | Kind::HaproxySplice => {
             let cfg = s.dir.join(format!("{name}.cfg"));
@@ -202,14 +193,7 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
                 haproxy_config(addr, s.upstream, kind == Kind::HaproxySplice, s.nofile),
             )?;
             let args = vec!["-f".into(), cfg.display().to_string(), "-db".into()];
-            Some(Proc::spawn(
-                name,
-                s.proxy_cpu,
-                Path::new("haproxy"),
-                &args,
-                &[],
-                &log,
-            )?)
+            Some(Proc::spawn(name, s.proxy_cpu, Path::new("haproxy"), &args, &[], &log)?)
         }
     };
     let mut c = Contender {
@@ -224,8 +208,7 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
     if let Some(pid) = c.pid() {
         c.rss_at_start = crate::sys::rss(pid)?;
     }
-    load::check(addr)
-        .with_context(|| format!("{name}: an echo through it failed (log: {})", log.display()))?;
+    load::check(addr).with_context(|| format!("{name}: an echo through it failed (log: {})", log.display()))?;
     Ok(c)
 }
 
@@ -280,12 +263,7 @@ mode = "{mode}"
 
 /// nginx as operators run it for WebSocket: one worker, HTTP/1.1 upstream with the Upgrade and
 /// Connection headers, a long read timeout, TCP_NODELAY, no access log.
-pub fn nginx_config(
-    listen: SocketAddr,
-    upstream: SocketAddr,
-    prefix: &Path,
-    nofile: u64,
-) -> String {
+pub fn nginx_config(listen: SocketAddr, upstream: SocketAddr, prefix: &Path, nofile: u64) -> String {
     let p = prefix.display();
     let conns = nofile.saturating_sub(50);
     format!(
@@ -330,12 +308,7 @@ http {{
 
 /// HAProxy in http mode: one thread, `timeout tunnel` for the upgraded connections, optionally
 /// splice(2) both ways. HAProxy sets TCP_NODELAY on its sockets itself.
-pub fn haproxy_config(
-    listen: SocketAddr,
-    upstream: SocketAddr,
-    splice: bool,
-    nofile: u64,
-) -> String {
+pub fn haproxy_config(listen: SocketAddr, upstream: SocketAddr, splice: bool, nofile: u64) -> String {
     // HAProxy needs two descriptors per proxied connection, two per pipe, and a few of its own;
     // it refuses to start when the sum exceeds a limit it cannot raise. Idle connections hold no
     // pipe (a pipe is taken only while spliced data waits in it), so few pipes are enough.

@@ -77,9 +77,7 @@ pub async fn connect(addr: SocketAddr, path: &str, small: bool) -> Result<Ws> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let url = format!("ws://{addr}{path}");
-        let (ws, _) =
-            tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config(small)))
-                .await?;
+        let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config(small))).await?;
         anyhow::Ok(ws)
     };
     timeout(HANDSHAKE_TIMEOUT, go)
@@ -88,13 +86,7 @@ pub async fn connect(addr: SocketAddr, path: &str, small: bool) -> Result<Ws> {
 }
 
 /// Opens `n` connections, at most `parallel` handshakes at a time.
-async fn connect_many(
-    addr: SocketAddr,
-    path: &str,
-    n: usize,
-    parallel: usize,
-    small: bool,
-) -> Result<Vec<Ws>> {
+async fn connect_many(addr: SocketAddr, path: &str, n: usize, parallel: usize, small: bool) -> Result<Vec<Ws>> {
     let path = path.to_owned();
     let results: Vec<Result<Ws>> = futures_util::stream::iter(0..n)
         .map(|_| connect(addr, &path, small))
@@ -109,9 +101,7 @@ async fn connect_many(
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 /// One echo through `addr`: proves that a contender relays before it is measured.
@@ -180,9 +170,7 @@ pub fn bulk(addr: SocketAddr, size: usize, duration: Duration) -> Result<BulkRes
                 cpu,
             })
         };
-        let result = timeout(hard, work)
-            .await
-            .map_err(|_| anyhow!("bulk run timed out"))??;
+        let result = timeout(hard, work).await.map_err(|_| anyhow!("bulk run timed out"))??;
         let _ = timeout(Duration::from_secs(2), ws.close(None)).await;
         Ok(result)
     })
@@ -216,13 +204,7 @@ pub struct EchoResult {
 /// Open loop: `conns` connections share one schedule of `rate` messages per second in total;
 /// message k is due at `k / rate` and goes to connection `k mod conns`, whatever the answers do.
 /// The pacer sleeps on a timerfd (tokio's own timer has 1 ms ticks, which would send bursts).
-pub fn echo(
-    addr: SocketAddr,
-    conns: usize,
-    size: usize,
-    rate: f64,
-    duration: Duration,
-) -> Result<EchoResult> {
+pub fn echo(addr: SocketAddr, conns: usize, size: usize, rate: f64, duration: Duration) -> Result<EchoResult> {
     let size = size.max(8);
     run_local(
         async move {
@@ -310,22 +292,15 @@ impl Pacer {
     fn new() -> Result<Pacer> {
         use std::os::fd::FromRawFd as _;
         // SAFETY: timerfd_create returns a new fd that we own, or -1.
-        let raw = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
+        let raw = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
         if raw < 0 {
             bail!("timerfd_create: {}", std::io::Error::last_os_error());
         }
         // SAFETY: `raw` is a valid fd owned by nobody else.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
         // SAFETY: the OwnedFd is a valid timerfd that stays open as long as the AsyncFd owns it.
-        let fd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| anyhow!("registering the timerfd: {e}"))?;
+        let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow!("registering the timerfd: {e}"))?;
         Ok(Pacer { fd })
     }
 
@@ -336,19 +311,14 @@ impl Pacer {
             return Ok(());
         }
         let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
             it_value: libc::timespec {
                 tv_sec: left.as_secs() as libc::time_t,
                 tv_nsec: libc::c_long::from(left.subsec_nanos() as i32),
             },
         };
         // SAFETY: a valid timerfd and a valid itimerspec.
-        if unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) }
-            != 0
-        {
+        if unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
             bail!("timerfd_settime: {}", std::io::Error::last_os_error());
         }
         loop {
@@ -373,12 +343,7 @@ fn per_msg_us(cpu: &CpuDelta, msgs: u64) -> f64 {
 }
 
 /// Closed loop: `conns` connections, each with one message in flight: send, wait for the echo, repeat.
-pub fn closed_loop(
-    addr: SocketAddr,
-    conns: usize,
-    size: usize,
-    duration: Duration,
-) -> Result<EchoResult> {
+pub fn closed_loop(addr: SocketAddr, conns: usize, size: usize, duration: Duration) -> Result<EchoResult> {
     let size = size.max(8);
     run_local(
         async move {
@@ -556,12 +521,7 @@ pub struct IdleResult {
 
 /// Opens `conns` connections through `addr`, leaves them idle for `settle`, then reads the proxy's
 /// RSS and the kernel's memory, and closes them all.
-pub fn idle(
-    addr: SocketAddr,
-    conns: usize,
-    settle: Duration,
-    proxy_pid: Option<u32>,
-) -> Result<IdleResult> {
+pub fn idle(addr: SocketAddr, conns: usize, settle: Duration, proxy_pid: Option<u32>) -> Result<IdleResult> {
     let rt = runtime()?;
     let hard = settle * 2 + Duration::from_secs(120);
     rt.block_on(async {

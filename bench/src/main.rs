@@ -148,10 +148,7 @@ fn main() -> Result<()> {
             } else {
                 let mut ks = Vec::new();
                 for c in &contenders {
-                    ks.push(
-                        Kind::from_name(c)
-                            .ok_or_else(|| anyhow::anyhow!("unknown contender {c:?}"))?,
-                    );
+                    ks.push(Kind::from_name(c).ok_or_else(|| anyhow::anyhow!("unknown contender {c:?}"))?);
                 }
                 ks
             };
@@ -180,11 +177,7 @@ fn main() -> Result<()> {
             sys::raise_nofile(200_000);
             upstream::run(listen)
         }
-        Cmd::Bulk {
-            target,
-            size,
-            secs: s,
-        } => print(load::bulk(target, size, secs(s))),
+        Cmd::Bulk { target, size, secs: s } => print(load::bulk(target, size, secs(s))),
         Cmd::Echo {
             target,
             rate,

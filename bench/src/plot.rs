@@ -75,18 +75,12 @@ impl Canvas {
     /// Draws `s` with its baseline at `y`, starting at `x` (or ending at `x` when `right`).
     fn text(&mut self, s: &str, x: f32, y: f32, size: f32, c: Rgb, right: bool) {
         let scale = PxScale::from(size);
-        let mut pen = if right {
-            x - self.text_width(s, size)
-        } else {
-            x
-        };
+        let mut pen = if right { x - self.text_width(s, size) } else { x };
         let glyphs: Vec<_> = {
             let f = self.font.as_scaled(scale);
             s.chars()
                 .map(|ch| {
-                    let g = f
-                        .glyph_id(ch)
-                        .with_scale_and_position(scale, ab_glyph::point(pen, y));
+                    let g = f.glyph_id(ch).with_scale_and_position(scale, ab_glyph::point(pen, y));
                     pen += f.h_advance(f.glyph_id(ch));
                     g
                 })
@@ -97,11 +91,7 @@ impl Canvas {
                 let b = outline.px_bounds();
                 let mut hits = Vec::new();
                 outline.draw(|gx, gy, cov| {
-                    hits.push((
-                        b.min.x as i64 + i64::from(gx),
-                        b.min.y as i64 + i64::from(gy),
-                        cov,
-                    ))
+                    hits.push((b.min.x as i64 + i64::from(gx), b.min.y as i64 + i64::from(gy), cov))
                 });
                 for (px, py, cov) in hits {
                     self.blend(px, py, c, cov);
@@ -140,10 +130,7 @@ pub fn render(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
     const LABEL_W: f32 = 170.0;
     const RIGHT_W: f32 = 150.0;
     const ROW: f32 = 26.0;
-    let heights: Vec<f32> = panels
-        .iter()
-        .map(|p| 56.0 + ROW * p.bars.len() as f32 + 26.0)
-        .collect();
+    let heights: Vec<f32> = panels.iter().map(|p| 56.0 + ROW * p.bars.len() as f32 + 26.0).collect();
     let h = (50.0 + heights.iter().sum::<f32>()) as usize;
     let mut c = Canvas {
         w: W,
@@ -170,26 +157,14 @@ pub fn render(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
         );
         let x0 = LABEL_W;
         let x1 = W as f32 - RIGHT_W;
-        let axis_max = nice_ceiling(
-            panel
-                .bars
-                .iter()
-                .map(|b| b.max.max(b.median))
-                .fold(0.0, f64::max),
-        );
+        let axis_max = nice_ceiling(panel.bars.iter().map(|b| b.max.max(b.median)).fold(0.0, f64::max));
         let sx = |v: f64| x0 + ((v / axis_max).clamp(0.0, 1.0) as f32) * (x1 - x0);
         let bars_top = top + 40.0;
         let bars_bottom = bars_top + ROW * panel.bars.len() as f32;
         for k in 0..=4 {
             let v = axis_max * f64::from(k) / 4.0;
             let x = sx(v);
-            c.rect(
-                x as i64,
-                bars_top as i64,
-                x as i64 + 1,
-                bars_bottom as i64,
-                GREY,
-            );
+            c.rect(x as i64, bars_top as i64, x as i64 + 1, bars_bottom as i64, GREY);
             let label = fmt_num(v);
             let tw = c.text_width(&label, 12.0);
             c.text(&label, x - tw / 2.0, bars_bottom + 15.0, 12.0, BLACK, false);

@@ -25,17 +25,10 @@ pub struct Metric {
 }
 
 impl Metric {
-    fn new<T>(
-        unit: &str,
-        higher: bool,
-        runs: &BTreeMap<String, Vec<T>>,
-        f: impl Fn(&T) -> f64,
-    ) -> Metric {
+    fn new<T>(unit: &str, higher: bool, runs: &BTreeMap<String, Vec<T>>, f: impl Fn(&T) -> f64) -> Metric {
         let by = runs
             .iter()
-            .filter_map(|(c, rs)| {
-                Summary::of(&rs.iter().map(&f).collect::<Vec<_>>()).map(|s| (c.clone(), s))
-            })
+            .filter_map(|(c, rs)| Summary::of(&rs.iter().map(&f).collect::<Vec<_>>()).map(|s| (c.clone(), s)))
             .collect();
         Metric {
             unit: unit.into(),
@@ -85,10 +78,7 @@ impl Metric {
     pub fn verdict(&self, what: &str) -> Option<(bool, String)> {
         let k = self.by.get(KERNEL)?;
         let better = |a: f64, b: f64| if self.higher_is_better { a > b } else { a < b };
-        let rivals: Vec<(&str, &Summary)> = RIVALS
-            .iter()
-            .filter_map(|r| self.by.get(*r).map(|s| (*r, s)))
-            .collect();
+        let rivals: Vec<(&str, &Summary)> = RIVALS.iter().filter_map(|r| self.by.get(*r).map(|s| (*r, s))).collect();
         if rivals.is_empty() {
             return None;
         }
@@ -99,11 +89,7 @@ impl Metric {
         let ahead = better(k.median, best.median);
         let overlap = k.min <= best.max && best.min <= k.max;
         let pct = (k.median / best.median - 1.0) * 100.0;
-        let noise = if overlap {
-            " (the min–max ranges overlap)"
-        } else {
-            ""
-        };
+        let noise = if overlap { " (the min–max ranges overlap)" } else { "" };
         let text = if ahead {
             format!(
                 "{what}: **ahead** of every rival ({} {} vs best rival {best_name} {}; {pct:+.0} %){noise}",
@@ -152,12 +138,7 @@ fn cpu_split(runs: Option<&Vec<crate::load::EchoResult>>) -> String {
 /// Every measurement window's CPU accounting.
 fn all_cpu(r: &Results) -> Vec<&crate::sys::CpuDelta> {
     let mut v: Vec<&crate::sys::CpuDelta> = r.bulk.values().flatten().map(|b| &b.cpu).collect();
-    v.extend(
-        r.echo
-            .iter()
-            .flat_map(|c| c.runs.values().flatten())
-            .map(|e| &e.cpu),
-    );
+    v.extend(r.echo.iter().flat_map(|c| c.runs.values().flatten()).map(|e| &e.cpu));
     v.extend(r.closed.values().flatten().map(|e| &e.cpu));
     v.extend(r.handshakes.values().flatten().map(|h| &h.cpu));
     v
@@ -208,9 +189,7 @@ pub fn tables(r: &Results) -> Tables {
     let idle_conns = r.plan.as_ref().map_or(1, |p| p.idle_conns).max(1) as f64;
     Tables {
         bulk_mbs: Metric::new("MB/s", true, &r.bulk, |b| b.mb_per_s),
-        bulk_cpu: Metric::new("CPU s/GB", false, &r.bulk, |b| {
-            b.cpu.ours() / (b.bytes as f64 / 1e9)
-        }),
+        bulk_cpu: Metric::new("CPU s/GB", false, &r.bulk, |b| b.cpu.ours() / (b.bytes as f64 / 1e9)),
         closed_rate: Metric::new("msg/s", true, &r.closed, |e| e.rate),
         closed_cpu: Metric::new("µs", false, &r.closed, |e| e.cpu_us_per_msg),
         hs_rate: Metric::new("1/s", true, &r.handshakes, |h| h.per_sec),
@@ -226,9 +205,7 @@ pub fn tables(r: &Results) -> Tables {
 pub fn main_table(r: &Results) -> String {
     let t = tables(r);
     let cell = |cs: &[EchoCell], conns: usize, size: usize| {
-        cs.iter()
-            .find(|c| c.conns == conns && c.size == size)
-            .map(echo_metrics)
+        cs.iter().find(|c| c.conns == conns && c.size == size).map(echo_metrics)
     };
     let e1 = cell(&r.echo, 1, 128);
     let e1000 = cell(&r.echo, 1000, 128);
@@ -237,9 +214,7 @@ pub fn main_table(r: &Results) -> String {
         Some(v) => fmt_num(v),
         None => "–".into(),
     };
-    let p99 = |e: &Option<[Metric; 5]>, c: &str| {
-        e.as_ref().map_or("–".into(), |m| with_nginx(&m[1], c))
-    };
+    let p99 = |e: &Option<[Metric; 5]>, c: &str| e.as_ref().map_or("–".into(), |m| with_nginx(&m[1], c));
     let idle_added = |c: &str| match (t.idle_bytes.median(c), t.idle_bytes.median(DIRECT)) {
         (Some(v), Some(d)) if c != DIRECT => fmt_num(v - d),
         (Some(_), _) => "0".into(),
@@ -315,11 +290,7 @@ pub fn generator_check(r: &Results) -> Vec<String> {
     for cell in &r.echo {
         let em = echo_metrics(cell);
         check(
-            &format!(
-                "echo {} × {}, p99",
-                fmt_int(cell.conns),
-                size_name(cell.size)
-            ),
+            &format!("echo {} × {}, p99", fmt_int(cell.conns), size_name(cell.size)),
             &em[1],
         );
     }
@@ -335,11 +306,7 @@ pub fn goals(r: &Results) -> (Vec<String>, Vec<String>) {
     let mut behind = Vec::new();
     let mut push = |v: Option<(bool, String)>| {
         if let Some((ok, text)) = v {
-            if ok {
-                ahead.push(text)
-            } else {
-                behind.push(text)
-            }
+            if ok { ahead.push(text) } else { behind.push(text) }
         }
     };
     push(t.bulk_mbs.verdict("bulk throughput"));
@@ -371,19 +338,12 @@ pub fn goals(r: &Results) -> (Vec<String>, Vec<String>) {
 
 pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
     let mut md = String::new();
-    let plan = r
-        .plan
-        .clone()
-        .unwrap_or_else(|| crate::run::Plan::new(false));
+    let plan = r.plan.clone().unwrap_or_else(|| crate::run::Plan::new(false));
     let t = tables(r);
     let cs = &r.contenders;
     let m = &r.machine;
     let v = &r.versions;
-    let kind = if plan.quick {
-        "Quick smoke run"
-    } else {
-        "Full run"
-    };
+    let kind = if plan.quick { "Quick smoke run" } else { "Full run" };
     let _ = writeln!(md, "# wsproxy benchmark: latest results\n");
     let _ = writeln!(
         md,
@@ -401,9 +361,7 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
         );
     }
     if plan.quick {
-        md.push_str(
-            "**This is a quick run**: 2 runs and 1-second windows; the numbers are noisy.\n\n",
-        );
+        md.push_str("**This is a quick run**: 2 runs and 1-second windows; the numbers are noisy.\n\n");
     }
     table(
         &mut md,
@@ -420,10 +378,7 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
             vec!["HAProxy".into(), v.haproxy.clone()],
             vec![
                 "load generator".into(),
-                format!(
-                    "wsproxy-bench (tokio, tokio-tungstenite, hdrhistogram), {}",
-                    v.rustc
-                ),
+                format!("wsproxy-bench (tokio, tokio-tungstenite, hdrhistogram), {}", v.rustc),
             ],
             vec![
                 "load average at start / end".into(),
@@ -653,10 +608,7 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
         ],
         cs.iter()
             .map(|c| {
-                let errs: u64 = r
-                    .handshakes
-                    .get(c)
-                    .map_or(0, |v| v.iter().map(|h| h.errors).sum());
+                let errs: u64 = r.handshakes.get(c).map_or(0, |v| v.iter().map(|h| h.errors).sum());
                 vec![
                     c.clone(),
                     t.hs_rate.cell(c),
@@ -739,11 +691,7 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
         md.push_str(&text);
         md.push('\n');
     }
-    let timings: Vec<String> = r
-        .timings
-        .iter()
-        .map(|(k, v)| format!("{k} {v:.0} s"))
-        .collect();
+    let timings: Vec<String> = r.timings.iter().map(|(k, v)| format!("{k} {v:.0} s")).collect();
     let _ = writeln!(
         md,
         "\n---\nWall time per workload: {}. Raw numbers: [`latest.json`](latest.json).",
@@ -814,8 +762,7 @@ fn plots(r: &Results, t: &Tables, dir: &Path) -> Result<()> {
     plot::render(
         &dir.join("idle.png"),
         &format!("Idle connections: memory per connection{kind}"),
-        &[t.idle_bytes
-            .panel("Proxy RSS + kernel memory per connection", cs)],
+        &[t.idle_bytes.panel("Proxy RSS + kernel memory per connection", cs)],
     )?;
     Ok(())
 }
@@ -858,10 +805,7 @@ mod tests {
         let (ahead, text) = m.verdict("x").unwrap();
         assert!(!ahead);
         assert!(text.contains("**behind** haproxy"), "{text}");
-        let m = metric(
-            false,
-            &[(KERNEL, 10.0, 9.0, 11.0), ("nginx", 12.0, 10.5, 13.0)],
-        );
+        let m = metric(false, &[(KERNEL, 10.0, 9.0, 11.0), ("nginx", 12.0, 10.5, 13.0)]);
         let (ahead, text) = m.verdict("x").unwrap();
         assert!(ahead);
         assert!(text.contains("overlap"), "{text}");
@@ -869,10 +813,7 @@ mod tests {
 
     #[test]
     fn added_is_the_difference_to_direct() {
-        let m = metric(
-            false,
-            &[(DIRECT, 60.0, 50.0, 70.0), (KERNEL, 75.5, 70.0, 80.0)],
-        );
+        let m = metric(false, &[(DIRECT, 60.0, 50.0, 70.0), (KERNEL, 75.5, 70.0, 80.0)]);
         assert_eq!(added(&m, KERNEL), "+15.5");
         assert_eq!(added(&m, DIRECT), "–");
         assert_eq!(m.vs(KERNEL, DIRECT), "1.26×");

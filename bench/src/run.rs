@@ -189,8 +189,7 @@ pub fn run(opts: &Options) -> Result<()> {
     fs::create_dir_all(&opts.out)?;
     let json_path = opts.out.join("latest.json");
     let mut results = if opts.merge {
-        let text = fs::read_to_string(&json_path)
-            .with_context(|| format!("--merge needs {}", json_path.display()))?;
+        let text = fs::read_to_string(&json_path).with_context(|| format!("--merge needs {}", json_path.display()))?;
         serde_json::from_str(&text).context("parsing the previous latest.json")?
     } else {
         Results::default()
@@ -199,23 +198,16 @@ pub fn run(opts: &Options) -> Result<()> {
     let now = sys::command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let previous_timings = results.timings.clone();
     if opts.merge {
-        results
-            .reruns
-            .push(format!("{} re-run at {now}", opts.only.join(", ")));
+        results.reruns.push(format!("{} re-run at {now}", opts.only.join(", ")));
         let load_end = results.machine.loadavg_end.clone();
         results.machine = sys::machine();
-        results.machine.loadavg_start =
-            format!("{} (re-run: {})", load_end, results.machine.loadavg_start);
+        results.machine.loadavg_start = format!("{} (re-run: {})", load_end, results.machine.loadavg_start);
     } else {
         results.started = now;
         results.machine = sys::machine();
     }
     results.versions = versions(&opts.wsproxy);
-    results.contenders = opts
-        .contenders
-        .iter()
-        .map(|k| k.name().to_owned())
-        .collect();
+    results.contenders = opts.contenders.iter().map(|k| k.name().to_owned()).collect();
 
     let dir = contenders::temp_dir()?;
     let upstream: SocketAddr = ([127, 0, 0, 1], UPSTREAM_PORT).into();
@@ -271,19 +263,14 @@ pub fn run(opts: &Options) -> Result<()> {
             results.bulk.entry(c.name().into()).or_default().push(r);
             Ok(line)
         });
-        results
-            .timings
-            .insert("bulk".into(), t.elapsed().as_secs_f64());
+        results.timings.insert("bulk".into(), t.elapsed().as_secs_f64());
     }
 
     if wants("echo") {
         let t = Instant::now();
         results.echo.clear();
         for &(conns, size) in &plan.echo_configs {
-            let direct = cs
-                .iter()
-                .find(|c| c.kind == Kind::Direct)
-                .map_or(upstream, |c| c.addr);
+            let direct = cs.iter().find(|c| c.kind == Kind::Direct).map_or(upstream, |c| c.addr);
             let max = load::closed_loop(direct, conns, size, secs(plan.echo_secs))
                 .with_context(|| format!("calibrating echo {conns}x{size} on direct"))?
                 .rate;
@@ -298,42 +285,27 @@ pub fn run(opts: &Options) -> Result<()> {
                 rate,
                 runs: BTreeMap::new(),
             };
-            each_run(
-                &plan,
-                &mut cs,
-                &format!("echo {conns}x{size}"),
-                &mut failures,
-                |c| {
-                    let r = load::echo(c.addr, conns, size, rate, secs(plan.echo_secs))?;
-                    let line = echo_line(&r);
-                    cell.runs.entry(c.name().into()).or_default().push(r);
-                    Ok(line)
-                },
-            );
+            each_run(&plan, &mut cs, &format!("echo {conns}x{size}"), &mut failures, |c| {
+                let r = load::echo(c.addr, conns, size, rate, secs(plan.echo_secs))?;
+                let line = echo_line(&r);
+                cell.runs.entry(c.name().into()).or_default().push(r);
+                Ok(line)
+            });
             results.echo.push(cell);
         }
-        results
-            .timings
-            .insert("echo".into(), t.elapsed().as_secs_f64());
+        results.timings.insert("echo".into(), t.elapsed().as_secs_f64());
     }
 
     if wants("closed") {
         let t = Instant::now();
         results.closed.clear();
         each_run(&plan, &mut cs, "closed", &mut failures, |c| {
-            let r = load::closed_loop(
-                c.addr,
-                plan.closed_conns,
-                plan.closed_size,
-                secs(plan.closed_secs),
-            )?;
+            let r = load::closed_loop(c.addr, plan.closed_conns, plan.closed_size, secs(plan.closed_secs))?;
             let line = echo_line(&r);
             results.closed.entry(c.name().into()).or_default().push(r);
             Ok(line)
         });
-        results
-            .timings
-            .insert("closed".into(), t.elapsed().as_secs_f64());
+        results.timings.insert("closed".into(), t.elapsed().as_secs_f64());
     }
 
     if wants("handshakes") {
@@ -347,62 +319,37 @@ pub fn run(opts: &Options) -> Result<()> {
                 r.errors,
                 r.first_error.clone().unwrap_or_default()
             );
-            results
-                .handshakes
-                .entry(c.name().into())
-                .or_default()
-                .push(r);
+            results.handshakes.entry(c.name().into()).or_default().push(r);
             Ok(line)
         });
-        results
-            .timings
-            .insert("handshakes".into(), t.elapsed().as_secs_f64());
+        results.timings.insert("handshakes".into(), t.elapsed().as_secs_f64());
     }
 
     if wants("idle") {
         let t = Instant::now();
         results.idle.clear();
         each_run(&plan, &mut cs, "idle", &mut failures, |c| {
-            let r = load::idle(
-                c.addr,
-                plan.idle_conns,
-                secs(plan.idle_settle_secs),
-                c.pid(),
-            )?;
+            let r = load::idle(c.addr, plan.idle_conns, secs(plan.idle_settle_secs), c.pid())?;
             let line = format!(
                 "RSS {:.1} MiB (+{:.1} since start), kernel +{:.1} MiB",
                 r.proxy_rss as f64 / 1048576.0,
                 r.proxy_rss.saturating_sub(c.rss_at_start) as f64 / 1048576.0,
                 r.kernel_delta as f64 / 1048576.0
             );
-            results
-                .idle
-                .entry(c.name().into())
-                .or_default()
-                .push(IdleRun {
-                    result: r,
-                    rss_at_start: c.rss_at_start,
-                });
+            results.idle.entry(c.name().into()).or_default().push(IdleRun {
+                result: r,
+                rss_at_start: c.rss_at_start,
+            });
             Ok(line)
         });
-        results
-            .timings
-            .insert("idle".into(), t.elapsed().as_secs_f64());
+        results.timings.insert("idle".into(), t.elapsed().as_secs_f64());
     }
 
     results.machine.loadavg_end = sys::loadavg();
     if opts.merge {
         // The whole run's wall time: the previous run's, with the re-run workloads' new times.
-        let replaced: f64 = opts
-            .only
-            .iter()
-            .filter_map(|w| previous_timings.get(w))
-            .sum();
-        let added: f64 = opts
-            .only
-            .iter()
-            .filter_map(|w| results.timings.get(w))
-            .sum();
+        let replaced: f64 = opts.only.iter().filter_map(|w| previous_timings.get(w)).sum();
+        let added: f64 = opts.only.iter().filter_map(|w| results.timings.get(w)).sum();
         results.total_secs = results.total_secs - replaced + added;
     } else {
         results.total_secs = t0.elapsed().as_secs_f64();
@@ -498,17 +445,10 @@ fn ensure_packages(kinds: &[Kind]) -> Result<()> {
     if kinds.contains(&Kind::Nginx) && !have("nginx") {
         missing.push("nginx-light");
     }
-    if kinds
-        .iter()
-        .any(|k| matches!(k, Kind::Haproxy | Kind::HaproxySplice))
-        && !have("haproxy")
-    {
+    if kinds.iter().any(|k| matches!(k, Kind::Haproxy | Kind::HaproxySplice)) && !have("haproxy") {
         missing.push("haproxy");
     }
-    if !crate::plot::FONT_PATHS
-        .iter()
-        .any(|p| Path::new(p).exists())
-    {
+    if !crate::plot::FONT_PATHS.iter().any(|p| Path::new(p).exists()) {
         missing.push("fonts-dejavu-core");
     }
     if missing.is_empty() {
@@ -517,9 +457,7 @@ fn ensure_packages(kinds: &[Kind]) -> Result<()> {
     println!("bench: installing {}", missing.join(" "));
     let install = |update: bool| -> Result<bool> {
         if update {
-            std::process::Command::new("apt-get")
-                .arg("update")
-                .status()?;
+            std::process::Command::new("apt-get").arg("update").status()?;
         }
         let status = std::process::Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -535,18 +473,10 @@ fn ensure_packages(kinds: &[Kind]) -> Result<()> {
 }
 
 fn versions(wsproxy: &Path) -> Versions {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap_or(Path::new("."));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
     let rev = sys::command_line(
         "git",
-        &[
-            "-C",
-            &root.display().to_string(),
-            "rev-parse",
-            "--short",
-            "HEAD",
-        ],
+        &["-C", &root.display().to_string(), "rev-parse", "--short", "HEAD"],
     );
     let dirty = std::process::Command::new("git")
         .args([
@@ -562,11 +492,7 @@ fn versions(wsproxy: &Path) -> Versions {
     Versions {
         wsproxy: format!(
             "{ws} (git {rev}{})",
-            if dirty {
-                ", with uncommitted changes"
-            } else {
-                ""
-            }
+            if dirty { ", with uncommitted changes" } else { "" }
         ),
         nginx: sys::command_line("nginx", &["-v"]),
         haproxy: sys::command_line("haproxy", &["-v"]),

@@ -79,12 +79,7 @@ pub fn fmt_int(n: usize) -> String {
 
 /// "median [min–max]".
 pub fn fmt_summary(s: &Summary) -> String {
-    format!(
-        "{} [{}–{}]",
-        fmt_num(s.median),
-        fmt_num(s.min),
-        fmt_num(s.max)
-    )
+    format!("{} [{}–{}]", fmt_num(s.median), fmt_num(s.min), fmt_num(s.max))
 }
 
 pub fn fmt_ratio(r: Option<f64>) -> String {

@@ -56,11 +56,7 @@ fn foreign_ticks() -> HashMap<u32, u64> {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
         if pid == me || ours.contains(&pid) {
@@ -194,8 +190,8 @@ pub fn kernel_memory() -> u64 {
 
 /// Resident set size of a process (VmRSS), in bytes.
 pub fn rss(pid: u32) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let status =
+        fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
     for line in status.lines() {
         if let Some(rest) = line.strip_prefix("VmRSS:") {
             let kb: u64 = rest.split_whitespace().next().unwrap_or("0").parse()?;
@@ -212,10 +208,7 @@ pub fn pin_self(cpu: usize) -> Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!(
-                "sched_setaffinity(cpu {cpu}): {}",
-                std::io::Error::last_os_error()
-            );
+            bail!("sched_setaffinity(cpu {cpu}): {}", std::io::Error::last_os_error());
         }
     }
     Ok(())
@@ -250,11 +243,7 @@ pub fn raise_nofile(want: u64) -> u64 {
 pub fn command_line(program: &str, args: &[&str]) -> String {
     match Command::new(program).args(args).output() {
         Ok(out) => {
-            let text = if out.stdout.is_empty() {
-                out.stderr
-            } else {
-                out.stdout
-            };
+            let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
             String::from_utf8_lossy(&text)
                 .lines()
                 .next()
@@ -291,10 +280,7 @@ pub fn machine() -> Machine {
     let os = fs::read_to_string("/etc/os-release")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("PRETTY_NAME=")
-                .map(|v| v.trim_matches('"').to_owned())
-        })
+        .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_owned()))
         .unwrap_or_else(|| "unknown".into());
     Machine {
         cpu_model,
@@ -323,7 +309,8 @@ mod tests {
 
     #[test]
     fn stat_lines_give_busy_and_total_ticks() {
-        let text = "cpu  100 5 50 1000 10 3 7 2 40 0\ncpu0 60 5 30 500 5 2 4 1 0 0\ncpu1 40 0 20 500 5 1 3 1 0 0\nintr 1\n";
+        let text =
+            "cpu  100 5 50 1000 10 3 7 2 40 0\ncpu0 60 5 30 500 5 2 4 1 0 0\ncpu1 40 0 20 500 5 1 3 1 0 0\nintr 1\n";
         let s = parse_stat(text);
         assert_eq!(s.all.busy, 100 + 5 + 50 + 3 + 7);
         assert_eq!(s.all.total, 165 + 1000 + 10 + 2);

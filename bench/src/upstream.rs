@@ -15,18 +15,14 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use crate::load::ws_config;
 
 pub fn run(listen: SocketAddr) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(serve(listen))
 }
 
 async fn serve(listen: SocketAddr) -> Result<()> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
-    socket
-        .bind(listen)
-        .with_context(|| format!("binding {listen}"))?;
+    socket.bind(listen).with_context(|| format!("binding {listen}"))?;
     let listener: TcpListener = socket.listen(4096)?;
     loop {
         let (stream, _) = match listener.accept().await {
@@ -62,9 +58,7 @@ async fn connection(stream: TcpStream) -> Result<()> {
         path = req.uri().path().to_owned();
         Ok(resp)
     };
-    let mut ws =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(false)))
-            .await?;
+    let mut ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(false))).await?;
     if path == "/sink" {
         let mut total: u64 = 0;
         while let Some(msg) = ws.next().await {

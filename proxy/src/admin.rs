@@ -44,7 +44,10 @@ pub async fn serve(listener: TcpListener, server: Server, shutdown: impl Future<
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &server)) }
             });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 debug!(error = %e, "admin connection failed");
             }
         });
@@ -53,9 +56,11 @@ pub async fn serve(listener: TcpListener, server: Server, shutdown: impl Future<
 
 fn handle(req: &Request<Incoming>, server: &Server) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => {
-            response(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", server.metrics_text())
-        }
+        (&Method::GET, "/metrics") => response(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            server.metrics_text(),
+        ),
         (&Method::GET, "/healthz") if server.accepting() => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/healthz") => text(StatusCode::SERVICE_UNAVAILABLE, "not accepting connections\n"),
         (&Method::POST, "/reload") => match server.reload() {
@@ -76,7 +81,10 @@ fn handle(req: &Request<Incoming>, server: &Server) -> Response<Full<Bytes>> {
             }
         },
         (_, "/metrics" | "/healthz" | "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or POST /reload\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or POST /reload\n",
+        ),
     }
 }
 
@@ -87,6 +95,9 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
 fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     r
 }

@@ -26,7 +26,10 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(upstreams: &Upstreams) -> Self {
-        Self { main: upstreams.main.clone(), backup: upstreams.backup.clone() }
+        Self {
+            main: upstreams.main.clone(),
+            backup: upstreams.backup.clone(),
+        }
     }
 
     /// The upstreams to try for `client`, in order: main ones by score, then backup ones by score.
@@ -70,15 +73,28 @@ mod tests {
     use std::time::Duration;
 
     fn server(port: u16, weight: u32) -> UpstreamServer {
-        UpstreamServer { address: SocketAddr::from(([127, 0, 0, 1], port)), weight }
+        UpstreamServer {
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+        }
     }
 
     fn balancer(main: Vec<UpstreamServer>, backup: Vec<UpstreamServer>) -> Balancer {
-        Balancer::new(&Upstreams { main, backup, timeout: Duration::from_secs(1), max_head_bytes: 4096, health: Default::default() })
+        Balancer::new(&Upstreams {
+            main,
+            backup,
+            timeout: Duration::from_secs(1),
+            max_head_bytes: 4096,
+            health: Default::default(),
+        })
     }
 
     fn clients(n: u32) -> impl Iterator<Item = IpAddr> {
-        (0..n).map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32.wrapping_add(i.wrapping_mul(2_654_435_761)))))
+        (0..n).map(|i| {
+            IpAddr::from(std::net::Ipv4Addr::from(
+                0x0a00_0000u32.wrapping_add(i.wrapping_mul(2_654_435_761)),
+            ))
+        })
     }
 
     #[test]
@@ -115,7 +131,10 @@ mod tests {
                 assert_eq!(after[0], before[0], "client {ip} moved although its upstream stayed");
             }
         }
-        assert!((4000..6000).contains(&moved), "about a quarter should have been on it: {moved}");
+        assert!(
+            (4000..6000).contains(&moved),
+            "about a quarter should have been on it: {moved}"
+        );
     }
 
     #[test]

@@ -72,7 +72,11 @@ pub struct Handshake {
 
 impl Default for Handshake {
     fn default() -> Self {
-        Self { max_head_bytes: 16 * 1024, max_headers: 100, header_timeout: Duration::from_secs(10) }
+        Self {
+            max_head_bytes: 16 * 1024,
+            max_headers: 100,
+            header_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -158,7 +162,12 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Self { max_fails: 3, fail_timeout: Duration::from_secs(10), probe_interval: None, probe: Probe::Tcp }
+        Self {
+            max_fails: 3,
+            fail_timeout: Duration::from_secs(10),
+            probe_interval: None,
+            probe: Probe::Tcp,
+        }
     }
 }
 
@@ -189,7 +198,12 @@ pub struct Keepalive {
 
 impl Default for Keepalive {
     fn default() -> Self {
-        Self { enabled: true, idle: Duration::from_secs(60), interval: Duration::from_secs(10), count: 6 }
+        Self {
+            enabled: true,
+            idle: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
+            count: 6,
+        }
     }
 }
 
@@ -274,7 +288,11 @@ struct ListenFile {
 
 impl Default for ListenFile {
     fn default() -> Self {
-        Self { address: "127.0.0.1:8080".into(), max_connections: 50_000, drain_timeout: Duration::from_secs(30) }
+        Self {
+            address: "127.0.0.1:8080".into(),
+            max_connections: 50_000,
+            drain_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -331,7 +349,10 @@ impl Config {
 
     /// Parses and validates TOML text; `source_name` names it in errors.
     pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
-        let fail = |problems| ConfigError { source_name: source_name.to_string(), problems };
+        let fail = |problems| ConfigError {
+            source_name: source_name.to_string(),
+            problems,
+        };
         let file: File = toml::from_str(text).map_err(|e| fail(vec![toml_problem(&e)]))?;
         file.validate().map_err(fail)
     }
@@ -367,7 +388,9 @@ impl File {
             Some(a) => match a.parse::<SocketAddr>() {
                 Ok(a) => Some(a),
                 Err(_) => {
-                    p.push(format!("admin.address: {a:?} is not an IP address and port such as \"127.0.0.1:9090\""));
+                    p.push(format!(
+                        "admin.address: {a:?} is not an IP address and port such as \"127.0.0.1:9090\""
+                    ));
                     None
                 }
             },
@@ -379,7 +402,10 @@ impl File {
 
         let l = &self.limits;
         if !(l.requests_per_second.is_finite() && l.requests_per_second > 0.0) {
-            p.push(format!("limits.requests_per_second: must be above 0, got {}", l.requests_per_second));
+            p.push(format!(
+                "limits.requests_per_second: must be above 0, got {}",
+                l.requests_per_second
+            ));
         }
         if l.burst == 0 {
             p.push("limits.burst: must be at least 1".into());
@@ -393,21 +419,33 @@ impl File {
 
         let h = &self.handshake;
         if h.max_head_bytes < 256 || h.max_head_bytes > 1024 * 1024 {
-            p.push(format!("handshake.max_head_bytes: must be 256 to 1048576, got {}", h.max_head_bytes));
+            p.push(format!(
+                "handshake.max_head_bytes: must be 256 to 1048576, got {}",
+                h.max_head_bytes
+            ));
         }
         if h.max_headers < 8 || h.max_headers > 1000 {
-            p.push(format!("handshake.max_headers: must be 8 to 1000, got {}", h.max_headers));
+            p.push(format!(
+                "handshake.max_headers: must be 8 to 1000, got {}",
+                h.max_headers
+            ));
         }
         if h.header_timeout.is_zero() {
             p.push("handshake.header_timeout: must be above 0".into());
         }
 
         if !is_token(&self.headers.forwarded_proto) {
-            p.push(format!("headers.forwarded_proto: {:?} is not a valid value", self.headers.forwarded_proto));
+            p.push(format!(
+                "headers.forwarded_proto: {:?} is not a valid value",
+                self.headers.forwarded_proto
+            ));
         }
         for (i, sh) in self.headers.add.iter().enumerate() {
             if !is_token(&sh.name) {
-                p.push(format!("headers.add[{i}].name: {:?} is not a valid header name", sh.name));
+                p.push(format!(
+                    "headers.add[{i}].name: {:?} is not a valid header name",
+                    sh.name
+                ));
             }
             if !is_field_value(&sh.value) {
                 p.push(format!("headers.add[{i}].value: control characters are not allowed"));
@@ -427,7 +465,10 @@ impl File {
                     p.push(format!("upstreams.{list}[{i}].address: {} is listed twice", s.address));
                 }
                 if s.weight > 10_000 {
-                    p.push(format!("upstreams.{list}[{i}].weight: must be 0 to 10000, got {}", s.weight));
+                    p.push(format!(
+                        "upstreams.{list}[{i}].weight: must be 0 to 10000, got {}",
+                        s.weight
+                    ));
                 }
             }
         }
@@ -435,7 +476,10 @@ impl File {
             p.push("upstreams.timeout: must be above 0".into());
         }
         if u.max_head_bytes < 256 || u.max_head_bytes > 1024 * 1024 {
-            p.push(format!("upstreams.max_head_bytes: must be 256 to 1048576, got {}", u.max_head_bytes));
+            p.push(format!(
+                "upstreams.max_head_bytes: must be 256 to 1048576, got {}",
+                u.max_head_bytes
+            ));
         }
         if u.health.max_fails == 0 {
             p.push("upstreams.health.max_fails: must be at least 1".into());
@@ -446,10 +490,16 @@ impl File {
 
         let r = &self.relay;
         if r.max_in_flight_bytes < 64 * 1024 || r.max_in_flight_bytes > 1 << 30 {
-            p.push(format!("relay.max_in_flight_bytes: must be 65536 to 1073741824, got {}", r.max_in_flight_bytes));
+            p.push(format!(
+                "relay.max_in_flight_bytes: must be 65536 to 1073741824, got {}",
+                r.max_in_flight_bytes
+            ));
         }
         if r.max_in_flight_skbs < 16 || r.max_in_flight_skbs > 1 << 20 {
-            p.push(format!("relay.max_in_flight_skbs: must be 16 to 1048576, got {}", r.max_in_flight_skbs));
+            p.push(format!(
+                "relay.max_in_flight_skbs: must be 16 to 1048576, got {}",
+                r.max_in_flight_skbs
+            ));
         }
         if r.drain_timeout.is_zero() {
             p.push("relay.drain_timeout: must be above 0".into());
@@ -484,7 +534,9 @@ impl File {
 
 /// An HTTP token (RFC 9110 section 5.6.2): what a header name must be.
 pub(crate) fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn is_field_value(s: &str) -> bool {

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::handshake::{self, Rejection};
 use crate::limits::Refusal;
 use crate::metrics::{HandshakeOutcome, Metrics};
-use crate::upstream::{self, UpstreamError, Upgraded};
+use crate::upstream::{self, Upgraded, UpstreamError};
 use crate::{Shared, config, headers, relay};
 
 /// A refused client gets this long to read the answer (and close) before the socket is closed:
@@ -53,8 +53,25 @@ struct Relayable {
 
 impl Relayable {
     async fn run(self, shared: &Shared, shutdown: &CancellationToken) {
-        let Relayable { client, upstream, ip, addr, request_id, started, rt, _slot } = self;
-        let o = relay::relay(client, upstream, shared.kernel.as_ref(), &rt.config.relay, &shared.metrics, shutdown).await;
+        let Relayable {
+            client,
+            upstream,
+            ip,
+            addr,
+            request_id,
+            started,
+            rt,
+            _slot,
+        } = self;
+        let o = relay::relay(
+            client,
+            upstream,
+            shared.kernel.as_ref(),
+            &rt.config.relay,
+            &shared.metrics,
+            shutdown,
+        )
+        .await;
         info!(
             client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
             client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
@@ -128,9 +145,20 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
             }
         }
     }
-    let Some((addr, Upgraded { stream: mut upstream, response })) = upgraded else {
+    let Some((
+        addr,
+        Upgraded {
+            stream: mut upstream,
+            response,
+        },
+    )) = upgraded
+    else {
         warn!(client = %ip, %request_id, attempts, "no upstream answered");
-        let answer = if attempts > 0 && timeouts == attempts { Answer::UpstreamTimeout } else { Answer::NoUpstream };
+        let answer = if attempts > 0 && timeouts == attempts {
+            Answer::UpstreamTimeout
+        } else {
+            Answer::NoUpstream
+        };
         {
             refuse(client, ip, answer, started, metrics).await;
             return None;
@@ -155,7 +183,16 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         return None;
     }
     drop(request);
-    Some(Relayable { client, upstream, ip, addr, request_id, started, rt, _slot: slot })
+    Some(Relayable {
+        client,
+        upstream,
+        ip,
+        addr,
+        request_id,
+        started,
+        rt,
+        _slot: slot,
+    })
 }
 
 fn secs(since: Instant) -> f64 {
@@ -267,7 +304,10 @@ async fn refuse(mut client: TcpStream, ip: IpAddr, answer: Answer, started: Inst
         client = %ip, status = answer.status(), reason = %answer.reason(),
         duration_ms = started.elapsed().as_millis() as u64, "handshake refused"
     );
-    if tokio::time::timeout(LINGER, client.write_all(&answer.response())).await.is_ok_and(|r| r.is_ok()) {
+    if tokio::time::timeout(LINGER, client.write_all(&answer.response()))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
         close_politely(client).await;
     }
 }
@@ -299,12 +339,21 @@ mod tests {
     #[test]
     fn answers_carry_their_headers() {
         let r = String::from_utf8(
-            Answer::Limited(Refusal::RateLimited { retry_after: Duration::from_millis(1500) }).response(),
+            Answer::Limited(Refusal::RateLimited {
+                retry_after: Duration::from_millis(1500),
+            })
+            .response(),
         )
         .unwrap();
-        assert!(r.starts_with("HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\n"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\n"),
+            "{r}"
+        );
         let r = String::from_utf8(Answer::Rejected(Rejection::UnsupportedVersion).response()).unwrap();
-        assert!(r.starts_with("HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\n"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\n"),
+            "{r}"
+        );
         let r = String::from_utf8(Answer::Rejected(Rejection::HeadTooLarge("x")).response()).unwrap();
         assert!(r.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{r}");
         assert!(r.ends_with("\r\n\r\nrequest head too large: x\n"), "{r}");

@@ -79,12 +79,7 @@ impl KernelPrograms {
     ///
     /// The caller keeps both sockets open for as long as the guard lives. On error, whatever
     /// was inserted has been removed again.
-    pub fn insert_pair(
-        &self,
-        client: &impl AsFd,
-        upstream: &impl AsFd,
-        ctrl: SockCtrl,
-    ) -> anyhow::Result<PairGuard> {
+    pub fn insert_pair(&self, client: &impl AsFd, upstream: &impl AsFd, ctrl: SockCtrl) -> anyhow::Result<PairGuard> {
         let (client, upstream) = (client.as_fd(), upstream.as_fd());
         let cookies = [socket_cookie(client)?, socket_cookie(upstream)?];
         self.maps.insert_states(cookies)?;
@@ -256,8 +251,7 @@ impl RelayMaps {
             let mut sockets = lock(&self.sockets);
             for cookie in cookies {
                 if let Err(e) = sockets.remove(&cookie).or_else(ignore_missing) {
-                    first_error
-                        .get_or_insert(map_error("removing a socket from the socket map", &e));
+                    first_error.get_or_insert(map_error("removing a socket from the socket map", &e));
                 }
             }
         }
@@ -391,17 +385,12 @@ fn short_ebpf_error(what: &str, err: EbpfError) -> anyhow::Error {
 
 fn short_program_error(what: &str, err: ProgramError) -> anyhow::Error {
     match err {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => {
+        ProgramError::LoadError { io_error, verifier_log } => {
             tracing::debug!(%verifier_log, "kernel relay: verifier log");
             if io_error.raw_os_error() == Some(libc::EPERM) {
                 anyhow!("{what}: {}", short_io(&io_error))
             } else {
-                anyhow!(
-                    "{what}: rejected by the kernel ({io_error}); the verifier log is logged at debug level"
-                )
+                anyhow!("{what}: rejected by the kernel ({io_error}); the verifier log is logged at debug level")
             }
         }
         ProgramError::SyscallError(e) => anyhow!("{what}: {}", short_io(&e.io_error)),
@@ -412,9 +401,7 @@ fn short_program_error(what: &str, err: ProgramError) -> anyhow::Error {
 /// One line for the common causes; the OS message otherwise.
 fn short_io(err: &io::Error) -> String {
     match err.raw_os_error() {
-        Some(libc::EPERM | libc::EACCES) => {
-            "operation not permitted: need CAP_BPF and CAP_NET_ADMIN".to_owned()
-        }
+        Some(libc::EPERM | libc::EACCES) => "operation not permitted: need CAP_BPF and CAP_NET_ADMIN".to_owned(),
         // ENOTSUPP (524) is the kernel-internal "not supported", leaked by some BPF paths.
         Some(libc::EINVAL | libc::EOPNOTSUPP | 524) => {
             format!("not supported by this kernel ({err})")
@@ -447,10 +434,7 @@ mod tests {
     fn the_object_is_embedded_and_aligned() {
         // Empty only when the eBPF build was skipped on purpose.
         if std::env::var_os("AYA_BUILD_SKIP").is_none() {
-            assert!(
-                OBJECT.starts_with(b"\x7fELF"),
-                "proxy-ebpf object is not an ELF file"
-            );
+            assert!(OBJECT.starts_with(b"\x7fELF"), "proxy-ebpf object is not an ELF file");
         }
         assert_eq!(OBJECT.as_ptr().align_offset(8), 0);
     }

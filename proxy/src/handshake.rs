@@ -136,7 +136,9 @@ pub fn validate(raw: RawHead, max_headers: usize, underscore: UnderscoreHeaders)
         return Err(Rejection::BadRequest("not a WebSocket upgrade (Connection)"));
     }
     if all("transfer-encoding").next().is_some() {
-        return Err(Rejection::BadRequest("an upgrade request has no body (Transfer-Encoding)"));
+        return Err(Rejection::BadRequest(
+            "an upgrade request has no body (Transfer-Encoding)",
+        ));
     }
     if only("content-length")?.is_some_and(|v| v.trim_ascii() != b"0") {
         return Err(Rejection::BadRequest("an upgrade request has no body (Content-Length)"));
@@ -148,7 +150,10 @@ pub fn validate(raw: RawHead, max_headers: usize, underscore: UnderscoreHeaders)
     }
     let key = only("sec-websocket-key")?.ok_or(Rejection::BadRequest("no Sec-WebSocket-Key"))?;
     let key = key.trim_ascii();
-    if !base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|k| k.len() == 16) {
+    if !base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|k| k.len() == 16)
+    {
         return Err(Rejection::BadRequest("Sec-WebSocket-Key is not 16 bytes in base64"));
     }
     if underscore == UnderscoreHeaders::Reject && headers.iter().any(|h| h.name.contains('_')) {
@@ -158,7 +163,11 @@ pub fn validate(raw: RawHead, max_headers: usize, underscore: UnderscoreHeaders)
     let buf = &raw.buf;
     let line_start = head::offset_in(buf, method.as_bytes());
     let line_end = line_start + buf[line_start..].iter().position(|&b| b == b'\n').unwrap_or(0);
-    let line_end = if line_end > line_start && buf[line_end - 1] == b'\r' { line_end - 1 } else { line_end };
+    let line_end = if line_end > line_start && buf[line_end - 1] == b'\r' {
+        line_end - 1
+    } else {
+        line_end
+    };
     let ranges = headers
         .iter()
         .map(|h| {
@@ -168,7 +177,12 @@ pub fn validate(raw: RawHead, max_headers: usize, underscore: UnderscoreHeaders)
         })
         .collect();
     let key = String::from_utf8_lossy(key).into_owned();
-    Ok(Request { request_line: line_start..line_end, headers: ranges, key, raw })
+    Ok(Request {
+        request_line: line_start..line_end,
+        headers: ranges,
+        key,
+        raw,
+    })
 }
 
 #[cfg(test)]
@@ -190,7 +204,14 @@ mod tests {
             Ok(httparse::Status::Complete(n)) => n,
             other => panic!("test input does not parse: {other:?}"),
         };
-        validate(RawHead { buf: text.as_bytes().to_vec(), head_len: n }, 100, UnderscoreHeaders::Drop)
+        validate(
+            RawHead {
+                buf: text.as_bytes().to_vec(),
+                head_len: n,
+            },
+            100,
+            UnderscoreHeaders::Drop,
+        )
     }
 
     fn replace(from: &str, to: &str) -> String {
@@ -205,7 +226,16 @@ mod tests {
         assert_eq!(r.request_line(), b"GET /chat?x=1 HTTP/1.1");
         assert_eq!(r.key, KEY);
         let names: Vec<_> = r.headers().map(|(n, _)| n.to_string()).collect();
-        assert_eq!(names, ["Host", "Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-WebSocket-Version"]);
+        assert_eq!(
+            names,
+            [
+                "Host",
+                "Upgrade",
+                "Connection",
+                "Sec-WebSocket-Key",
+                "Sec-WebSocket-Version"
+            ]
+        );
     }
 
     #[test]
@@ -221,29 +251,71 @@ mod tests {
             (replace("GET ", "POST "), bad("method is not GET")),
             (replace("GET ", "get "), bad("method is not GET")),
             (replace("HTTP/1.1", "HTTP/1.0"), bad("HTTP version is not 1.1")),
-            (replace("/chat?x=1", "http://example/chat"), bad("request target is not a path")),
-            (replace("Host: example\r\n", ""), bad("no Host")),
-            (replace("Host: example\r\n", "Host: a\r\nHost: b\r\n"), bad("a header field that must be unique is repeated")),
-            (replace("Upgrade: websocket\r\n", ""), bad("not a WebSocket upgrade (Upgrade)")),
-            (replace("Upgrade: websocket", "Upgrade: h2c"), bad("not a WebSocket upgrade (Upgrade)")),
-            (replace("Connection: Upgrade", "Connection: keep-alive"), bad("not a WebSocket upgrade (Connection)")),
-            (replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), Rejection::UnsupportedVersion),
-            (replace("Sec-WebSocket-Version: 13\r\n", ""), bad("no Sec-WebSocket-Version")),
-            (replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), ""), bad("no Sec-WebSocket-Key")),
-            (replace(KEY, "c2hvcnQ="), bad("Sec-WebSocket-Key is not 16 bytes in base64")),
-            (replace(KEY, "not base64 at all!!"), bad("Sec-WebSocket-Key is not 16 bytes in base64")),
             (
-                replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), &format!("Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Key: {KEY}\r\n")),
+                replace("/chat?x=1", "http://example/chat"),
+                bad("request target is not a path"),
+            ),
+            (replace("Host: example\r\n", ""), bad("no Host")),
+            (
+                replace("Host: example\r\n", "Host: a\r\nHost: b\r\n"),
                 bad("a header field that must be unique is repeated"),
             ),
-            (replace("Host: example\r\n", "Host: example\r\nTransfer-Encoding: chunked\r\n"), bad("an upgrade request has no body (Transfer-Encoding)")),
-            (replace("Host: example\r\n", "Host: example\r\nContent-Length: 5\r\n"), bad("an upgrade request has no body (Content-Length)")),
+            (
+                replace("Upgrade: websocket\r\n", ""),
+                bad("not a WebSocket upgrade (Upgrade)"),
+            ),
+            (
+                replace("Upgrade: websocket", "Upgrade: h2c"),
+                bad("not a WebSocket upgrade (Upgrade)"),
+            ),
+            (
+                replace("Connection: Upgrade", "Connection: keep-alive"),
+                bad("not a WebSocket upgrade (Connection)"),
+            ),
+            (
+                replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
+                Rejection::UnsupportedVersion,
+            ),
+            (
+                replace("Sec-WebSocket-Version: 13\r\n", ""),
+                bad("no Sec-WebSocket-Version"),
+            ),
+            (
+                replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), ""),
+                bad("no Sec-WebSocket-Key"),
+            ),
+            (
+                replace(KEY, "c2hvcnQ="),
+                bad("Sec-WebSocket-Key is not 16 bytes in base64"),
+            ),
+            (
+                replace(KEY, "not base64 at all!!"),
+                bad("Sec-WebSocket-Key is not 16 bytes in base64"),
+            ),
+            (
+                replace(
+                    &format!("Sec-WebSocket-Key: {KEY}\r\n"),
+                    &format!("Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Key: {KEY}\r\n"),
+                ),
+                bad("a header field that must be unique is repeated"),
+            ),
+            (
+                replace("Host: example\r\n", "Host: example\r\nTransfer-Encoding: chunked\r\n"),
+                bad("an upgrade request has no body (Transfer-Encoding)"),
+            ),
+            (
+                replace("Host: example\r\n", "Host: example\r\nContent-Length: 5\r\n"),
+                bad("an upgrade request has no body (Content-Length)"),
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(check(&text).unwrap_err(), want, "for {text:?}");
         }
         // A plain GET is not a WebSocket request.
-        assert_eq!(check("GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap_err(), bad("not a WebSocket upgrade (Upgrade)"));
+        assert_eq!(
+            check("GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap_err(),
+            bad("not a WebSocket upgrade (Upgrade)")
+        );
         // A zero Content-Length carries no body and passes.
         assert!(check(&replace("Host: example\r\n", "Host: example\r\nContent-Length: 0\r\n")).is_ok());
     }
@@ -252,8 +324,13 @@ mod tests {
     fn underscore_reject_policy() {
         let text = replace("Host: example\r\n", "Host: example\r\nX_Real_IP: 1.2.3.4\r\n");
         let mut hs = [httparse::EMPTY_HEADER; 100];
-        let Ok(httparse::Status::Complete(n)) = httparse::Request::new(&mut hs).parse(text.as_bytes()) else { panic!() };
-        let raw = || RawHead { buf: text.as_bytes().to_vec(), head_len: n };
+        let Ok(httparse::Status::Complete(n)) = httparse::Request::new(&mut hs).parse(text.as_bytes()) else {
+            panic!()
+        };
+        let raw = || RawHead {
+            buf: text.as_bytes().to_vec(),
+            head_len: n,
+        };
         assert_eq!(
             validate(raw(), 100, UnderscoreHeaders::Reject).unwrap_err(),
             Rejection::BadRequest("header name with an underscore")

@@ -113,7 +113,9 @@ pub fn offset_in(whole: &[u8], part: &[u8]) -> usize {
 /// True when a comma-separated header value holds `token` (ASCII case-insensitive), as in
 /// `Connection: keep-alive, Upgrade`.
 pub fn has_token(value: &[u8], token: &str) -> bool {
-    value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 #[cfg(test)]
@@ -164,9 +166,15 @@ mod tests {
         }
         data.push_str("\r\n");
         let mut r = data.as_bytes();
-        assert!(matches!(read_head(&mut r, 4096, request_parser(8)).await, Err(HeadError::TooManyHeaders(8))));
+        assert!(matches!(
+            read_head(&mut r, 4096, request_parser(8)).await,
+            Err(HeadError::TooManyHeaders(8))
+        ));
         let mut r = &b"GET / HTTP/1.1\r\nHost"[..];
-        assert!(matches!(read_head(&mut r, 4096, request_parser(8)).await, Err(HeadError::Closed(20))));
+        assert!(matches!(
+            read_head(&mut r, 4096, request_parser(8)).await,
+            Err(HeadError::Closed(20))
+        ));
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
     out.extend_from_slice(b"\r\n");
 
     let replaced = |name: &str| {
-        ["x-real-ip", "x-forwarded-proto", "x-request-id"].iter().any(|r| name.eq_ignore_ascii_case(r))
+        ["x-real-ip", "x-forwarded-proto", "x-request-id"]
+            .iter()
+            .any(|r| name.eq_ignore_ascii_case(r))
             || cfg.add.iter().any(|a| a.name.eq_ignore_ascii_case(name))
     };
     let xff = chain(req, "x-forwarded-for");
@@ -42,7 +44,11 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
             && name.eq_ignore_ascii_case("forwarded")
         {
             if !fwd_written {
-                push_field(&mut out, name, &append_hop(fwd, forwarded_element(client, &cfg.forwarded_proto).as_bytes()));
+                push_field(
+                    &mut out,
+                    name,
+                    &append_hop(fwd, forwarded_element(client, &cfg.forwarded_proto).as_bytes()),
+                );
                 fwd_written = true;
             }
             continue;
@@ -53,7 +59,11 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
         push_field(&mut out, "X-Forwarded-For", client.to_string().as_bytes());
     }
     if cfg.forwarded && !fwd_written {
-        push_field(&mut out, "Forwarded", forwarded_element(client, &cfg.forwarded_proto).as_bytes());
+        push_field(
+            &mut out,
+            "Forwarded",
+            forwarded_element(client, &cfg.forwarded_proto).as_bytes(),
+        );
     }
     push_field(&mut out, "X-Real-IP", client.to_string().as_bytes());
     push_field(&mut out, "X-Forwarded-Proto", cfg.forwarded_proto.as_bytes());
@@ -116,7 +126,15 @@ mod tests {
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
         let n = text.len();
-        crate::handshake::validate(RawHead { buf: text.into_bytes(), head_len: n }, 100, UnderscoreHeaders::Keep).unwrap()
+        crate::handshake::validate(
+            RawHead {
+                buf: text.into_bytes(),
+                head_len: n,
+            },
+            100,
+            UnderscoreHeaders::Keep,
+        )
+        .unwrap()
     }
 
     fn build(extra: &str, cfg: &config::Headers, ip: &str) -> String {
@@ -140,9 +158,15 @@ mod tests {
         let extra = "x-forwarded-for: 10.0.0.1\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-For: 10.0.0.2\r\n\
                      x-request-id: forged\r\nX-Forwarded-Proto: https\r\n";
         let out = build(extra, &config::Headers::default(), "192.0.2.7");
-        assert!(out.contains("\r\nx-forwarded-for: 10.0.0.1, 10.0.0.2, 192.0.2.7\r\n"), "{out}");
+        assert!(
+            out.contains("\r\nx-forwarded-for: 10.0.0.1, 10.0.0.2, 192.0.2.7\r\n"),
+            "{out}"
+        );
         assert_eq!(out.to_ascii_lowercase().matches("x-forwarded-for").count(), 1, "{out}");
-        assert!(!out.contains("6.6.6.6") && !out.contains("forged") && !out.contains("https"), "{out}");
+        assert!(
+            !out.contains("6.6.6.6") && !out.contains("forged") && !out.contains("https"),
+            "{out}"
+        );
         assert!(out.contains("X-Real-IP: 192.0.2.7\r\n"));
     }
 
@@ -151,9 +175,15 @@ mod tests {
         let extra = "X_Real_IP: 6.6.6.6\r\nMy_Header: 1\r\n";
         let drop = build(extra, &config::Headers::default(), "192.0.2.7");
         assert!(!drop.contains("My_Header") && !drop.contains("X_Real_IP"), "{drop}");
-        let keep_cfg = config::Headers { underscore_headers: UnderscoreHeaders::Keep, ..Default::default() };
+        let keep_cfg = config::Headers {
+            underscore_headers: UnderscoreHeaders::Keep,
+            ..Default::default()
+        };
         let keep = build(extra, &keep_cfg, "192.0.2.7");
-        assert!(keep.contains("My_Header: 1\r\n") && keep.contains("X_Real_IP: 6.6.6.6\r\n"), "{keep}");
+        assert!(
+            keep.contains("My_Header: 1\r\n") && keep.contains("X_Real_IP: 6.6.6.6\r\n"),
+            "{keep}"
+        );
     }
 
     #[test]
@@ -161,15 +191,24 @@ mod tests {
         let cfg = config::Headers {
             forwarded: true,
             forwarded_proto: "https".into(),
-            add: vec![StaticHeader { name: "X-Edge".into(), value: "pop-1".into() }],
+            add: vec![StaticHeader {
+                name: "X-Edge".into(),
+                value: "pop-1".into(),
+            }],
             ..Default::default()
         };
         let out = build("Forwarded: for=10.0.0.1\r\nx-edge: forged\r\n", &cfg, "2001:db8::5");
-        assert!(out.contains("Forwarded: for=10.0.0.1, for=\"[2001:db8::5]\";proto=https\r\n"), "{out}");
+        assert!(
+            out.contains("Forwarded: for=10.0.0.1, for=\"[2001:db8::5]\";proto=https\r\n"),
+            "{out}"
+        );
         assert!(out.contains("X-Edge: pop-1\r\n") && !out.contains("forged"), "{out}");
         assert!(out.contains("X-Forwarded-Proto: https\r\n"));
         // An IPv4-mapped client is written as IPv4.
         let out = build("", &cfg, "::ffff:192.0.2.9");
-        assert!(out.contains("X-Real-IP: 192.0.2.9\r\n") && out.contains("Forwarded: for=192.0.2.9;proto=https\r\n"), "{out}");
+        assert!(
+            out.contains("X-Real-IP: 192.0.2.9\r\n") && out.contains("Forwarded: for=192.0.2.9;proto=https\r\n"),
+            "{out}"
+        );
     }
 }

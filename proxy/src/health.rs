@@ -31,7 +31,10 @@ pub struct Health {
 
 impl Health {
     pub fn new(cfg: config::Health) -> Self {
-        Self { cfg: Mutex::new(cfg), states: Mutex::new(HashMap::new()) }
+        Self {
+            cfg: Mutex::new(cfg),
+            states: Mutex::new(HashMap::new()),
+        }
     }
 
     /// New settings and upstream list (reload): upstreams that left are forgotten.
@@ -58,7 +61,10 @@ impl Health {
     }
 
     pub fn is_up(&self, addr: SocketAddr, now: Instant) -> bool {
-        lock(&self.states).get(&addr).and_then(|s| s.down_until).is_none_or(|until| now >= until)
+        lock(&self.states)
+            .get(&addr)
+            .and_then(|s| s.down_until)
+            .is_none_or(|until| now >= until)
     }
 
     pub fn success(&self, addr: SocketAddr, metrics: &Metrics) {
@@ -90,10 +96,7 @@ impl Health {
 
 /// Runs the active probes of `upstreams` until `stop` is cancelled. Each probe counts like a
 /// handshake: a failure towards marking down, a success marks up.
-pub(crate) async fn probe_loop(
-    shared: Arc<crate::Shared>,
-    stop: CancellationToken,
-) {
+pub(crate) async fn probe_loop(shared: Arc<crate::Shared>, stop: CancellationToken) {
     loop {
         let rt = shared.runtime.load_full();
         let cfg = rt.config.upstreams.health.clone();
@@ -104,8 +107,14 @@ pub(crate) async fn probe_loop(
                 _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
             }
         };
-        let targets: Vec<SocketAddr> =
-            rt.config.upstreams.main.iter().chain(&rt.config.upstreams.backup).map(|s| s.address).collect();
+        let targets: Vec<SocketAddr> = rt
+            .config
+            .upstreams
+            .main
+            .iter()
+            .chain(&rt.config.upstreams.backup)
+            .map(|s| s.address)
+            .collect();
         for addr in targets {
             let ok = probe(addr, cfg.probe, rt.config.upstreams.timeout).await;
             if ok {
@@ -125,7 +134,10 @@ pub(crate) async fn probe_loop(
 async fn probe(addr: SocketAddr, kind: Probe, timeout: Duration) -> bool {
     match kind {
         Probe::Tcp => {
-            matches!(tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))
+            matches!(
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            )
         }
         Probe::Websocket => {
             const KEY: &str = "d3Nwcm94eSBwcm9iZSBrZXk=";
@@ -133,7 +145,9 @@ async fn probe(addr: SocketAddr, kind: Probe, timeout: Duration) -> bool {
                 "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                  Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: wsproxy-probe\r\n\r\n"
             );
-            crate::upstream::handshake(addr, request.as_bytes(), KEY, timeout, 16 * 1024).await.is_ok()
+            crate::upstream::handshake(addr, request.as_bytes(), KEY, timeout, 16 * 1024)
+                .await
+                .is_ok()
         }
     }
 }
@@ -151,7 +165,11 @@ mod tests {
     }
 
     fn health(max_fails: u32) -> Health {
-        Health::new(config::Health { max_fails, fail_timeout: Duration::from_secs(10), ..Default::default() })
+        Health::new(config::Health {
+            max_fails,
+            fail_timeout: Duration::from_secs(10),
+            ..Default::default()
+        })
     }
 
     #[test]

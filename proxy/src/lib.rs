@@ -42,7 +42,10 @@ pub(crate) struct Runtime {
 
 impl Runtime {
     fn new(config: Config) -> Arc<Runtime> {
-        Arc::new(Runtime { balancer: balance::Balancer::new(&config.upstreams), config })
+        Arc::new(Runtime {
+            balancer: balance::Balancer::new(&config.upstreams),
+            config,
+        })
     }
 }
 
@@ -95,7 +98,9 @@ impl Server {
             config_path,
             runtime: ArcSwap::new(Runtime::new(config)),
         };
-        Ok(Server { shared: Arc::new(shared) })
+        Ok(Server {
+            shared: Arc::new(shared),
+        })
     }
 
     /// Serves `listener` until `shutdown` completes; then stops accepting, lets open connections
@@ -103,7 +108,11 @@ impl Server {
     ///
     /// The proxy counts as accepting (`/healthz`) from this call on, before the returned future
     /// is first polled, so that an admin listener started next never reports it as down.
-    pub fn serve<S: Future<Output = ()>>(&self, listener: TcpListener, shutdown: S) -> impl Future<Output = ()> + use<S> {
+    pub fn serve<S: Future<Output = ()>>(
+        &self,
+        listener: TcpListener,
+        shutdown: S,
+    ) -> impl Future<Output = ()> + use<S> {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(listen = %addr, "accepting connections");
         }
@@ -139,7 +148,10 @@ impl Server {
             new.listen = old.config.listen;
         }
         if new.max_connections != old.config.max_connections {
-            notes.push(format!("listen.max_connections: stays {} until a restart", old.config.max_connections));
+            notes.push(format!(
+                "listen.max_connections: stays {} until a restart",
+                old.config.max_connections
+            ));
             new.max_connections = old.config.max_connections;
         }
         if new.admin != old.config.admin {
@@ -151,7 +163,8 @@ impl Server {
         }
         let s = &self.shared;
         s.limiter.reconfigure(new.limits.clone());
-        s.health.reconfigure(new.upstreams.health.clone(), &upstream_addresses(&new), &s.metrics);
+        s.health
+            .reconfigure(new.upstreams.health.clone(), &upstream_addresses(&new), &s.metrics);
         s.runtime.store(Runtime::new(new));
         s.metrics.reload(true);
         notes
@@ -212,7 +225,12 @@ pub enum StartError {
 }
 
 fn upstream_addresses(c: &Config) -> Vec<std::net::SocketAddr> {
-    c.upstreams.main.iter().chain(&c.upstreams.backup).map(|s| s.address).collect()
+    c.upstreams
+        .main
+        .iter()
+        .chain(&c.upstreams.backup)
+        .map(|s| s.address)
+        .collect()
 }
 
 /// Serves `listener` with `config` until `shutdown` completes; then stops accepting, closes the

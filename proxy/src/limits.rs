@@ -34,7 +34,11 @@ impl ClientKey {
             IpAddr::V4(v4) => ClientKey(IpAddr::V4(v4)),
             IpAddr::V6(v6) => {
                 let bits = u128::from(v6);
-                let mask = if ipv6_prefix >= 128 { u128::MAX } else { !(u128::MAX >> ipv6_prefix) };
+                let mask = if ipv6_prefix >= 128 {
+                    u128::MAX
+                } else {
+                    !(u128::MAX >> ipv6_prefix)
+                };
                 ClientKey(IpAddr::V6(Ipv6Addr::from(bits & mask)))
             }
         }
@@ -68,7 +72,13 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 impl Limiter {
     pub fn new(cfg: config::Limits) -> Arc<Self> {
-        Arc::new(Self { table: Mutex::new(Table { cfg, clients: HashMap::new(), last_sweep: None }) })
+        Arc::new(Self {
+            table: Mutex::new(Table {
+                cfg,
+                clients: HashMap::new(),
+                last_sweep: None,
+            }),
+        })
     }
 
     /// New limits (reload). Clients keep their state: a reload is no way around a limit.
@@ -95,7 +105,11 @@ impl Limiter {
         }
         let burst = f64::from(cfg.burst);
         let rate = cfg.requests_per_second;
-        let e = table.clients.entry(key).or_insert(Entry { tokens: burst, refilled: now, open: 0 });
+        let e = table.clients.entry(key).or_insert(Entry {
+            tokens: burst,
+            refilled: now,
+            open: 0,
+        });
         let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
         e.tokens = (e.tokens + elapsed * rate).min(burst);
         e.refilled = now;
@@ -108,7 +122,10 @@ impl Limiter {
             return Err(Refusal::TooManyConnections);
         }
         e.open += 1;
-        Ok(Slot { limiter: Arc::clone(self), key })
+        Ok(Slot {
+            limiter: Arc::clone(self),
+            key,
+        })
     }
 
     /// Number of clients currently tracked.
@@ -117,7 +134,10 @@ impl Limiter {
     }
 
     fn sweep(table: &mut Table, now: Instant) {
-        if table.last_sweep.is_some_and(|t| now.saturating_duration_since(t) < SWEEP_INTERVAL) {
+        if table
+            .last_sweep
+            .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_INTERVAL)
+        {
             return;
         }
         table.last_sweep = Some(now);
@@ -207,8 +227,14 @@ mod tests {
         let l = limiter(1.0, 1, 0, 10);
         let t = Instant::now();
         let _a = l.admit(ip("2001:db8:1:2::1"), t).unwrap();
-        assert!(matches!(l.admit(ip("2001:db8:1:2:ffff::9"), t), Err(Refusal::RateLimited { .. })));
-        assert!(l.admit(ip("2001:db8:1:3::1"), t).is_ok(), "another /64 is another client");
+        assert!(matches!(
+            l.admit(ip("2001:db8:1:2:ffff::9"), t),
+            Err(Refusal::RateLimited { .. })
+        ));
+        assert!(
+            l.admit(ip("2001:db8:1:3::1"), t).is_ok(),
+            "another /64 is another client"
+        );
         // An IPv4-mapped address is the IPv4 client.
         let _c = l.admit(ip("10.1.1.1"), t).unwrap();
         assert!(l.admit(ip("::ffff:10.1.1.1"), t).is_err());
@@ -219,7 +245,10 @@ mod tests {
         let l = limiter(10.0, 2, 0, 100);
         let t0 = Instant::now();
         for i in 0..100u32 {
-            drop(l.admit(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32 + i)), t0).unwrap());
+            drop(
+                l.admit(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32 + i)), t0)
+                    .unwrap(),
+            );
         }
         assert_eq!(l.tracked(), 100);
         // Full of clients still being limited: a newcomer is refused, memory does not grow.

@@ -84,13 +84,20 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shut
     let drain = shared.runtime.load().config.drain_timeout;
     let open = tasks.len();
     if open > 0 {
-        info!(open, drain_s = drain.as_secs_f64(), "stopped accepting; letting open connections finish");
+        info!(
+            open,
+            drain_s = drain.as_secs_f64(),
+            "stopped accepting; letting open connections finish"
+        );
     }
     if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
         warn!(open = tasks.len(), "drain timeout: closing the connections still open");
     }
     cancel.cancel();
-    if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .is_err()
+    {
         error!("connections did not end within 5 s of being cancelled");
     }
 }

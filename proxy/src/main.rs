@@ -16,7 +16,11 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "wsproxy", version, about = "Reverse WebSocket proxy with a kernel (eBPF sockmap) relay")]
+#[command(
+    name = "wsproxy",
+    version,
+    about = "Reverse WebSocket proxy with a kernel (eBPF sockmap) relay"
+)]
 struct Cli {
     /// Log format: human-readable lines or one JSON object per line.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -66,7 +70,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Reload { config } => reload(&config).unwrap_or_else(fail),
         Command::Run { config } => run(&config).unwrap_or_else(fail),
-        Command::EchoServer { listen } => runtime().and_then(|rt| rt.block_on(echo_server(listen))).unwrap_or_else(fail),
+        Command::EchoServer { listen } => runtime()
+            .and_then(|rt| rt.block_on(echo_server(listen)))
+            .unwrap_or_else(fail),
     }
 }
 
@@ -149,7 +155,11 @@ impl Signals {
 
     /// SIGHUP reloads; the first SIGTERM or SIGINT stops (graceful: see `listen.drain_timeout`).
     async fn handle(self, server: wsproxy::Server, stop: tokio_util::sync::CancellationToken) {
-        let Signals { mut term, mut int, mut hup } = self;
+        let Signals {
+            mut term,
+            mut int,
+            mut hup,
+        } = self;
         loop {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -190,13 +200,22 @@ fn reload(path: &Path) -> Result<ExitCode, Failure> {
     use std::io::{Read, Write};
     let config = wsproxy::Config::load(path).map_err(|e| Failure(EXIT_CONFIG, e.to_string()))?;
     let admin = config.admin.ok_or_else(|| {
-        Failure(EXIT_FAILURE, format!("{}: admin.address is not set; send SIGHUP to the proxy instead", path.display()))
+        Failure(
+            EXIT_FAILURE,
+            format!(
+                "{}: admin.address is not set; send SIGHUP to the proxy instead",
+                path.display()
+            ),
+        )
     })?;
     let io = |e: std::io::Error| Failure(EXIT_FAILURE, format!("cannot reach the admin listener {admin}: {e}"));
     let mut s = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(5)).map_err(io)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).map_err(io)?;
-    s.write_all(format!("POST /reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .map_err(io)?;
+    s.write_all(
+        format!("POST /reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(io)?;
     let mut answer = String::new();
     s.read_to_string(&mut answer).map_err(io)?;
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
@@ -252,7 +271,10 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

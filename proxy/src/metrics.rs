@@ -167,24 +167,66 @@ impl Metrics {
         };
         let r = &mut m.registry;
         r.register(CONNECTIONS_OPEN, "Relayed connections open, by relay", m.open.clone());
-        r.register(CONNECTIONS_ENDED, "Relayed connections ended, by relay and how they ended", m.ended.clone());
-        r.register(HANDSHAKES, "Handshakes by outcome and status answered (0: closed without answer)", m.handshakes.clone());
-        r.register(HANDSHAKE_DURATION, "Time from accept to the end of the handshake", m.handshake_duration.clone());
-        r.register(UPSTREAM_ATTEMPTS, "Handshakes tried on each upstream", m.upstream_attempts.clone());
-        r.register(UPSTREAM_FAILURES, "Failed upstream handshakes, by reason", m.upstream_failures.clone());
-        r.register(UPSTREAM_UP, "1 while an upstream is considered healthy, 0 while marked down", m.upstream_up.clone());
-        r.register(RELAYED_BYTES, "Payload bytes relayed, by relay and direction (counted when a connection ends)", m.bytes.clone());
-        r.register(RELAY_FALLBACKS, "Connections the kernel relay could not take, relayed in userspace", m.fallbacks.clone());
-        r.register(KERNEL_RELAY_AVAILABLE, "1 when the kernel relay is loaded", m.kernel_relay.clone());
+        r.register(
+            CONNECTIONS_ENDED,
+            "Relayed connections ended, by relay and how they ended",
+            m.ended.clone(),
+        );
+        r.register(
+            HANDSHAKES,
+            "Handshakes by outcome and status answered (0: closed without answer)",
+            m.handshakes.clone(),
+        );
+        r.register(
+            HANDSHAKE_DURATION,
+            "Time from accept to the end of the handshake",
+            m.handshake_duration.clone(),
+        );
+        r.register(
+            UPSTREAM_ATTEMPTS,
+            "Handshakes tried on each upstream",
+            m.upstream_attempts.clone(),
+        );
+        r.register(
+            UPSTREAM_FAILURES,
+            "Failed upstream handshakes, by reason",
+            m.upstream_failures.clone(),
+        );
+        r.register(
+            UPSTREAM_UP,
+            "1 while an upstream is considered healthy, 0 while marked down",
+            m.upstream_up.clone(),
+        );
+        r.register(
+            RELAYED_BYTES,
+            "Payload bytes relayed, by relay and direction (counted when a connection ends)",
+            m.bytes.clone(),
+        );
+        r.register(
+            RELAY_FALLBACKS,
+            "Connections the kernel relay could not take, relayed in userspace",
+            m.fallbacks.clone(),
+        );
+        r.register(
+            KERNEL_RELAY_AVAILABLE,
+            "1 when the kernel relay is loaded",
+            m.kernel_relay.clone(),
+        );
         r.register(CONFIG_RELOADS, "Configuration reloads, by result", m.reloads.clone());
         // Zero series exist from the start, so that rates and alerts work before the first event.
         for mode in MODES {
             let _ = m.open.get_or_create(&RelayLabels { relay: mode.as_str() });
             for direction in ["client_to_upstream", "upstream_to_client"] {
-                let _ = m.bytes.get_or_create(&BytesLabels { relay: mode.as_str(), direction });
+                let _ = m.bytes.get_or_create(&BytesLabels {
+                    relay: mode.as_str(),
+                    direction,
+                });
             }
             for end in ENDS {
-                let _ = m.ended.get_or_create(&EndLabels { relay: mode.as_str(), end: end.as_str() });
+                let _ = m.ended.get_or_create(&EndLabels {
+                    relay: mode.as_str(),
+                    end: end.as_str(),
+                });
             }
         }
         for result in ["ok", "error"] {
@@ -207,20 +249,35 @@ impl Metrics {
     }
 
     pub fn upstream_attempt(&self, upstream: SocketAddr) {
-        self.upstream_attempts.get_or_create(&UpstreamLabels { upstream: upstream.to_string() }).inc();
+        self.upstream_attempts
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .inc();
     }
 
     pub fn upstream_failure(&self, upstream: SocketAddr, reason: &'static str) {
-        self.upstream_failures.get_or_create(&FailureLabels { upstream: upstream.to_string(), reason }).inc();
+        self.upstream_failures
+            .get_or_create(&FailureLabels {
+                upstream: upstream.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     pub fn upstream_up(&self, upstream: SocketAddr, up: bool) {
-        self.upstream_up.get_or_create(&UpstreamLabels { upstream: upstream.to_string() }).set(i64::from(up));
+        self.upstream_up
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .set(i64::from(up));
     }
 
     /// Forgets an upstream's health series (it left the configuration).
     pub fn upstream_removed(&self, upstream: SocketAddr) {
-        self.upstream_up.remove(&UpstreamLabels { upstream: upstream.to_string() });
+        self.upstream_up.remove(&UpstreamLabels {
+            upstream: upstream.to_string(),
+        });
     }
 
     pub fn kernel_relay(&self, available: bool) {
@@ -228,7 +285,11 @@ impl Metrics {
     }
 
     pub fn reload(&self, ok: bool) {
-        self.reloads.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" } }).inc();
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
     }
 
     pub fn relay_started(&self, mode: Mode) {
@@ -237,31 +298,71 @@ impl Metrics {
 
     /// A connection the kernel relay was going to carry went to userspace instead.
     pub fn relay_fallback(&self) {
-        self.open.get_or_create(&RelayLabels { relay: Mode::Kernel.as_str() }).dec();
+        self.open
+            .get_or_create(&RelayLabels {
+                relay: Mode::Kernel.as_str(),
+            })
+            .dec();
         self.fallbacks.inc();
     }
 
     pub fn relay_ended(&self, o: &Outcome) {
         let relay = o.mode.as_str();
         self.open.get_or_create(&RelayLabels { relay }).dec();
-        self.ended.get_or_create(&EndLabels { relay, end: o.end.as_str() }).inc();
-        self.bytes.get_or_create(&BytesLabels { relay, direction: "client_to_upstream" }).inc_by(o.client_to_upstream);
-        self.bytes.get_or_create(&BytesLabels { relay, direction: "upstream_to_client" }).inc_by(o.upstream_to_client);
+        self.ended
+            .get_or_create(&EndLabels {
+                relay,
+                end: o.end.as_str(),
+            })
+            .inc();
+        self.bytes
+            .get_or_create(&BytesLabels {
+                relay,
+                direction: "client_to_upstream",
+            })
+            .inc_by(o.client_to_upstream);
+        self.bytes
+            .get_or_create(&BytesLabels {
+                relay,
+                direction: "upstream_to_client",
+            })
+            .inc_by(o.upstream_to_client);
     }
 
     /// The relay totals, read back from the metrics.
     pub fn totals(&self) -> TotalsSnapshot {
-        let mut t = TotalsSnapshot { fallbacks: self.fallbacks.get(), ..Default::default() };
+        let mut t = TotalsSnapshot {
+            fallbacks: self.fallbacks.get(),
+            ..Default::default()
+        };
         for (i, mode) in MODES.into_iter().enumerate() {
             let relay = mode.as_str();
             t.open[i] = self.open.get_or_create(&RelayLabels { relay }).get().max(0) as u64;
-            t.ended[i] = ENDS.iter().map(|e| self.ended.get_or_create(&EndLabels { relay, end: e.as_str() }).get()).sum();
-            t.client_to_upstream[i] =
-                self.bytes.get_or_create(&BytesLabels { relay, direction: "client_to_upstream" }).get();
-            t.upstream_to_client[i] =
-                self.bytes.get_or_create(&BytesLabels { relay, direction: "upstream_to_client" }).get();
-            t.drain_timeouts +=
-                self.ended.get_or_create(&EndLabels { relay, end: End::DrainTimeout.as_str() }).get();
+            t.ended[i] = ENDS
+                .iter()
+                .map(|e| self.ended.get_or_create(&EndLabels { relay, end: e.as_str() }).get())
+                .sum();
+            t.client_to_upstream[i] = self
+                .bytes
+                .get_or_create(&BytesLabels {
+                    relay,
+                    direction: "client_to_upstream",
+                })
+                .get();
+            t.upstream_to_client[i] = self
+                .bytes
+                .get_or_create(&BytesLabels {
+                    relay,
+                    direction: "upstream_to_client",
+                })
+                .get();
+            t.drain_timeouts += self
+                .ended
+                .get_or_create(&EndLabels {
+                    relay,
+                    end: End::DrainTimeout.as_str(),
+                })
+                .get();
         }
         t
     }
@@ -276,7 +377,13 @@ mod tests {
     fn exposition_has_every_metric_from_the_start() {
         let m = Metrics::new();
         let text = m.encode();
-        for name in [CONNECTIONS_OPEN, CONNECTIONS_ENDED, RELAYED_BYTES, KERNEL_RELAY_AVAILABLE, CONFIG_RELOADS] {
+        for name in [
+            CONNECTIONS_OPEN,
+            CONNECTIONS_ENDED,
+            RELAYED_BYTES,
+            KERNEL_RELAY_AVAILABLE,
+            CONFIG_RELOADS,
+        ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing:\n{text}");
         }
         assert!(text.contains("wsproxy_connections_open{relay=\"kernel\"} 0"), "{text}");
@@ -290,7 +397,13 @@ mod tests {
         m.relay_fallback();
         m.relay_started(Mode::Userspace);
         assert_eq!(m.totals().open, [1, 1]);
-        let o = |mode, end| Outcome { mode, end, client_to_upstream: 10, upstream_to_client: 20, duration: Duration::ZERO };
+        let o = |mode, end| Outcome {
+            mode,
+            end,
+            client_to_upstream: 10,
+            upstream_to_client: 20,
+            duration: Duration::ZERO,
+        };
         m.relay_ended(&o(Mode::Kernel, End::DrainTimeout));
         m.relay_ended(&o(Mode::Userspace, End::Closed));
         let t = m.totals();
@@ -300,7 +413,10 @@ mod tests {
         assert_eq!(t.upstream_to_client, [20, 20]);
         assert_eq!((t.fallbacks, t.drain_timeouts), (1, 1));
         let text = m.encode();
-        assert!(text.contains("wsproxy_relayed_bytes_total{relay=\"kernel\",direction=\"upstream_to_client\"} 20"), "{text}");
+        assert!(
+            text.contains("wsproxy_relayed_bytes_total{relay=\"kernel\",direction=\"upstream_to_client\"} 20"),
+            "{text}"
+        );
         assert!(text.contains("wsproxy_relay_fallbacks_total 1"), "{text}");
     }
 
@@ -311,9 +427,18 @@ mod tests {
         m.handshake(HandshakeOutcome::Refused(431), 0.001);
         m.handshake(HandshakeOutcome::RateLimited, 0.0);
         let text = m.encode();
-        assert!(text.contains("wsproxy_handshakes_total{outcome=\"upgraded\",status=\"101\"} 1"), "{text}");
-        assert!(text.contains("wsproxy_handshakes_total{outcome=\"refused\",status=\"431\"} 1"), "{text}");
-        assert!(text.contains("wsproxy_handshakes_total{outcome=\"rate_limited\",status=\"429\"} 1"), "{text}");
+        assert!(
+            text.contains("wsproxy_handshakes_total{outcome=\"upgraded\",status=\"101\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wsproxy_handshakes_total{outcome=\"refused\",status=\"431\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wsproxy_handshakes_total{outcome=\"rate_limited\",status=\"429\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("wsproxy_handshake_duration_seconds_count 3"), "{text}");
     }
 }

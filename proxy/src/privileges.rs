@@ -17,7 +17,10 @@ pub struct Dropped {
 /// bounding set as far as allowed, so nothing can regain them. Call it while the process has a
 /// single thread.
 pub fn drop_all() -> Result<Dropped, caps::errors::CapsError> {
-    let mut before: Vec<String> = caps::read(None, CapSet::Effective)?.iter().map(|c| c.to_string()).collect();
+    let mut before: Vec<String> = caps::read(None, CapSet::Effective)?
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
     before.sort();
     // The bounding set needs CAP_SETPCAP to shrink; without it there is nothing to protect.
     if caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP)? {

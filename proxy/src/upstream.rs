@@ -51,7 +51,10 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// True when trying the next upstream is safe and useful: this one never answered.
     pub fn retryable(&self) -> bool {
-        matches!(self, UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::ClosedBeforeAnswer)
+        matches!(
+            self,
+            UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::ClosedBeforeAnswer
+        )
     }
 
     /// True when the failure says something about the upstream's health. A 4xx answer is about
@@ -60,9 +63,10 @@ impl UpstreamError {
         match self {
             UpstreamError::Status(s) => !(400..500).contains(s),
             // Out of descriptors or memory here: the proxy's trouble, not the upstream's.
-            UpstreamError::Connect(e) => {
-                !matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
-            }
+            UpstreamError::Connect(e) => !matches!(
+                e.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+            ),
             _ => true,
         }
     }
@@ -122,7 +126,9 @@ async fn exchange(addr: SocketAddr, request: &[u8], key: &str, max_head: usize) 
         check_101(response.head(), key)?;
         return Ok(Upgraded { stream, response });
     }
-    Err(UpstreamError::Malformed(format!("more than {MAX_INTERIM_RESPONSES} interim responses")))
+    Err(UpstreamError::Malformed(format!(
+        "more than {MAX_INTERIM_RESPONSES} interim responses"
+    )))
 }
 
 /// Most interim (1xx) responses accepted before the 101.
@@ -140,7 +146,8 @@ fn is_interim(head_bytes: &[u8]) -> bool {
 pub fn check_101(head_bytes: &[u8], key: &str) -> Result<(), UpstreamError> {
     let mut h = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut h);
-    resp.parse(head_bytes).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+    resp.parse(head_bytes)
+        .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
     let code = resp.code.unwrap_or(0);
     if code != 101 {
         return Err(UpstreamError::Status(code));
@@ -156,7 +163,9 @@ pub fn check_101(head_bytes: &[u8], key: &str) -> Result<(), UpstreamError> {
         return Err(UpstreamError::BadUpgrade("no upgrade token in Connection"));
     }
     let mut accepts = all("sec-websocket-accept");
-    let accept = accepts.next().ok_or(UpstreamError::BadUpgrade("no Sec-WebSocket-Accept"))?;
+    let accept = accepts
+        .next()
+        .ok_or(UpstreamError::BadUpgrade("no Sec-WebSocket-Accept"))?;
     if accepts.next().is_some() {
         return Err(UpstreamError::BadUpgrade("repeated Sec-WebSocket-Accept"));
     }
@@ -191,12 +200,30 @@ mod tests {
                   Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         assert!(check_101(ok.as_bytes(), KEY).is_ok());
         let cases = [
-            (ok.replace("101 Switching Protocols", "200 OK"), "answered 200 instead of 101"),
-            (ok.replace("Upgrade: websocket\r\n", ""), "invalid 101: no Upgrade: websocket"),
-            (ok.replace("Connection: Upgrade", "Connection: close"), "invalid 101: no upgrade token in Connection"),
-            (ok.replace("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n", ""), "invalid 101: no Sec-WebSocket-Accept"),
-            (ok.replace("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", "AAAAAAAAAAAAAAAAAAAAAAAAAAA="), "invalid 101: wrong Sec-WebSocket-Accept"),
-            (ok.replace("HTTP/1.1", "HTTP/1.0"), "invalid 101: HTTP version is not 1.1"),
+            (
+                ok.replace("101 Switching Protocols", "200 OK"),
+                "answered 200 instead of 101",
+            ),
+            (
+                ok.replace("Upgrade: websocket\r\n", ""),
+                "invalid 101: no Upgrade: websocket",
+            ),
+            (
+                ok.replace("Connection: Upgrade", "Connection: close"),
+                "invalid 101: no upgrade token in Connection",
+            ),
+            (
+                ok.replace("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n", ""),
+                "invalid 101: no Sec-WebSocket-Accept",
+            ),
+            (
+                ok.replace("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", "AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+                "invalid 101: wrong Sec-WebSocket-Accept",
+            ),
+            (
+                ok.replace("HTTP/1.1", "HTTP/1.0"),
+                "invalid 101: HTTP version is not 1.1",
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(check_101(text.as_bytes(), KEY).unwrap_err().to_string(), want);

@@ -48,7 +48,11 @@ impl Daemon {
                 }
             }
         });
-        Daemon { child, lines, seen: Vec::new() }
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
     }
 
     /// Waits for a log line containing `needle` and returns it.
@@ -67,8 +71,11 @@ impl Daemon {
     }
 
     fn terminate(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
-            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let end = Instant::now() + DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -132,7 +139,10 @@ fn check_config_names_every_bad_field_and_exits_2() {
         "bad.toml",
         "[listen]\naddress = \"nope\"\n[limits]\nburst = 0\n[upstreams]\nmain = []\ntimeout = \"0s\"\n",
     );
-    let out = Command::new(BIN).args(["check-config", path.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     for field in ["listen.address", "limits.burst", "upstreams.main", "upstreams.timeout"] {
@@ -143,15 +153,27 @@ fn check_config_names_every_bad_field_and_exits_2() {
 
 #[test]
 fn missing_file_and_busy_port_are_one_clear_line() {
-    let out = Command::new(BIN).args(["run", "--config", "/nonexistent/wsproxy.toml"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config", "/nonexistent/wsproxy.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot read the file") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("cannot read the file") && !err.contains("panicked"),
+        "{err}"
+    );
 
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();
-    let path = temp_config("busy.toml", &config_text(port, "127.0.0.1:9", "[relay]\nmode = \"userspace\""));
-    let out = Command::new(BIN).args(["run", "--config", path.to_str().unwrap()]).output().unwrap();
+    let path = temp_config(
+        "busy.toml",
+        &config_text(port, "127.0.0.1:9", "[relay]\nmode = \"userspace\""),
+    );
+    let out = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
@@ -174,7 +196,10 @@ fn logs_each_handshake_outcome_and_stops_on_sigterm() {
     let answer = send_and_read(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     let line = proxy.wait_for("handshake refused");
-    assert!(line.contains("status=400") && line.contains("client=127.0.0.1"), "{line}");
+    assert!(
+        line.contains("status=400") && line.contains("client=127.0.0.1"),
+        "{line}"
+    );
 
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -183,10 +208,16 @@ fn logs_each_handshake_outcome_and_stops_on_sigterm() {
     s.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 101");
     let line = proxy.wait_for("status=101");
-    assert!(line.contains(&format!("upstream=127.0.0.1:{echo_port}")) && line.contains("duration_ms="), "{line}");
+    assert!(
+        line.contains(&format!("upstream=127.0.0.1:{echo_port}")) && line.contains("duration_ms="),
+        "{line}"
+    );
     drop(s);
     let line = proxy.wait_for("connection closed");
-    assert!(line.contains("relay=userspace") && line.contains("client_to_upstream="), "{line}");
+    assert!(
+        line.contains("relay=userspace") && line.contains("client_to_upstream="),
+        "{line}"
+    );
 
     assert!(proxy.terminate().success());
     assert!(echo.terminate().success());
@@ -206,25 +237,40 @@ fn upstream_status_is_logged_and_nothing_forwarded() {
         }
     });
     let port = free_port();
-    let path = temp_config("503.toml", &config_text(port, &up_addr.to_string(), "[relay]\nmode = \"userspace\""));
+    let path = temp_config(
+        "503.toml",
+        &config_text(port, &up_addr.to_string(), "[relay]\nmode = \"userspace\""),
+    );
     let mut proxy = Daemon::start(&["--log-format", "json", "run", "--config", path.to_str().unwrap()]);
     proxy.wait_for("accepting connections");
     let answer = send_and_read(port, request().as_bytes());
     assert_eq!(answer, "", "nothing of a failed upstream answer may reach the client");
     let line = proxy.wait_for("upstream refused the handshake");
-    assert!(line.starts_with('{') && line.contains("\"upstream_status\":503"), "{line}");
+    assert!(
+        line.starts_with('{') && line.contains("\"upstream_status\":503"),
+        "{line}"
+    );
     assert!(proxy.terminate().success());
 }
 
 #[test]
 fn kernel_relay_availability_is_logged_at_start() {
     let port = free_port();
-    let path = temp_config("auto.toml", &config_text(port, "127.0.0.1:9", "[relay]\nmode = \"auto\""));
+    let path = temp_config(
+        "auto.toml",
+        &config_text(port, "127.0.0.1:9", "[relay]\nmode = \"auto\""),
+    );
     let mut proxy = Daemon::start(&["run", "--config", path.to_str().unwrap()]);
     let line = proxy.wait_for("kernel relay: ");
-    assert!(line.contains("kernel relay: available") || line.contains("kernel relay: unavailable ("), "{line}");
+    assert!(
+        line.contains("kernel relay: available") || line.contains("kernel relay: unavailable ("),
+        "{line}"
+    );
     if std::env::var("CI").as_deref() == Ok("true") {
-        assert!(line.contains("kernel relay: available"), "in CI the kernel relay must load: {line}");
+        assert!(
+            line.contains("kernel relay: available"),
+            "in CI the kernel relay must load: {line}"
+        );
     }
     // SIGTERM is handled from the moment the proxy accepts (before that it ends the process).
     proxy.wait_for("accepting connections");

@@ -53,7 +53,11 @@ impl Daemon {
                 }
             }
         });
-        Daemon { child, lines, seen: Vec::new() }
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
     }
 
     /// Starts `wsproxy [--log-format json] run --config PATH` and waits until it accepts.
@@ -101,7 +105,11 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 break status;
             }
-            assert!(Instant::now() < end, "wsproxy did not exit within {limit:?}; log:\n{}", self.seen.join("\n"));
+            assert!(
+                Instant::now() < end,
+                "wsproxy did not exit within {limit:?}; log:\n{}",
+                self.seen.join("\n")
+            );
             // std has no readiness signal for a child's exit; this is a deadline-bounded poll.
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
@@ -132,7 +140,11 @@ impl Drop for Daemon {
 // ---- configuration ----
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn temp_path(name: &str) -> PathBuf {
@@ -150,7 +162,10 @@ struct Ports {
 
 impl Ports {
     fn new() -> Ports {
-        Ports { listen: free_port(), admin: free_port() }
+        Ports {
+            listen: free_port(),
+            admin: free_port(),
+        }
     }
 
     fn proxy(&self) -> SocketAddr {
@@ -175,7 +190,10 @@ fn conf(
     backup: &[(SocketAddr, u32)],
 ) -> String {
     let list = |l: &[(SocketAddr, u32)]| {
-        l.iter().map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}")).collect::<Vec<_>>().join(", ")
+        l.iter()
+            .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     format!(
         "[listen]\naddress = \"127.0.0.1:{}\"\n{listen_extra}\n[admin]\naddress = \"127.0.0.1:{}\"\n\
@@ -192,13 +210,17 @@ fn x_gen(generation: &str) -> String {
 }
 
 fn upstreams_of(text: &str) -> wsproxy::config::Upstreams {
-    wsproxy::Config::parse(text, "test").unwrap_or_else(|e| panic!("{e}")).upstreams
+    wsproxy::Config::parse(text, "test")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .upstreams
 }
 
 // ---- clients and upstreams ----
 
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 fn client_ip(n: u32) -> IpAddr {
@@ -213,10 +235,13 @@ async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
 
 async fn ws_connect(from: IpAddr, to: SocketAddr) -> WebSocketStream<TcpStream> {
     let stream = connect_from(from, to).await;
-    within("a WebSocket handshake", tokio_tungstenite::client_async(format!("ws://{to}/ws"), stream))
-        .await
-        .unwrap_or_else(|e| panic!("{from}: {e}"))
-        .0
+    within(
+        "a WebSocket handshake",
+        tokio_tungstenite::client_async(format!("ws://{to}/ws"), stream),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{from}: {e}"))
+    .0
 }
 
 async fn echo_check(ws: &mut WebSocketStream<TcpStream>, text: &str) {
@@ -380,7 +405,8 @@ async fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u1
 async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
     let (code, body) = http(admin, "GET", "/metrics").await.unwrap();
     assert_eq!(code, 200);
-    body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// `wsproxy reload --config PATH`: (exit code, stdout, stderr).
@@ -447,7 +473,12 @@ impl Fleet {
         self.rounds.send(STOP).unwrap();
         let mut out = Vec::new();
         for (i, t) in self.tasks.into_iter().enumerate() {
-            out.push(within("a connection to end", t).await.unwrap().unwrap_or_else(|e| panic!("connection {i}: {e}")));
+            out.push(
+                within("a connection to end", t)
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}")),
+            );
         }
         out
     }
@@ -470,7 +501,9 @@ async fn talk(
         }
         let res = async {
             for k in next..next + PER_ROUND {
-                ws.send(Message::text(format!("conn {i} msg {k}"))).await.map_err(|e| format!("send {k}: {e}"))?;
+                ws.send(Message::text(format!("conn {i} msg {k}")))
+                    .await
+                    .map_err(|e| format!("send {k}: {e}"))?;
             }
             for k in next..next + PER_ROUND {
                 match ws.next().await {
@@ -611,7 +644,9 @@ fn parse_json(text: &str) -> Result<Json, String> {
                 }
                 Some(c) if c == b'-' || c.is_ascii_digit() => {
                     let start = self.i;
-                    while self.i < self.b.len() && (self.b[self.i].is_ascii_digit() || b"+-.eE".contains(&self.b[self.i])) {
+                    while self.i < self.b.len()
+                        && (self.b[self.i].is_ascii_digit() || b"+-.eE".contains(&self.b[self.i]))
+                    {
                         self.i += 1;
                     }
                     let s = std::str::from_utf8(&self.b[start..self.i]).unwrap();
@@ -641,7 +676,8 @@ fn parse_json(text: &str) -> Result<Json, String> {
                             b'b' => out.push(8),
                             b'f' => out.push(12),
                             b'u' => {
-                                let hex = std::str::from_utf8(self.b.get(self.i..self.i + 4).ok_or("bad \\u")?).unwrap();
+                                let hex =
+                                    std::str::from_utf8(self.b.get(self.i..self.i + 4).ok_or("bad \\u")?).unwrap();
                                 let cp = u32::from_str_radix(hex, 16).map_err(|e| e.to_string())?;
                                 self.i += 4;
                                 let ch = char::from_u32(cp).unwrap_or('\u{fffd}');
@@ -656,7 +692,10 @@ fn parse_json(text: &str) -> Result<Json, String> {
             }
         }
     }
-    let mut p = P { b: text.as_bytes(), i: 0 };
+    let mut p = P {
+        b: text.as_bytes(),
+        i: 0,
+    };
     let v = p.value()?;
     p.ws();
     if p.i != p.b.len() {
@@ -684,10 +723,17 @@ async fn req1_binary_healthz_503_while_draining() {
     let echo = echo_upstream().await;
     let ports = Ports::new();
     let path = temp_path("healthz.toml");
-    std::fs::write(&path, conf(ports, "drain_timeout = \"10s\"", "", OPEN_LIMITS, &[(echo, 1)], &[])).unwrap();
+    std::fs::write(
+        &path,
+        conf(ports, "drain_timeout = \"10s\"", "", OPEN_LIMITS, &[(echo, 1)], &[]),
+    )
+    .unwrap();
     let mut proxy = Daemon::run(&path, false).await;
     proxy.wait_for("admin endpoints").await;
-    assert_eq!(http(ports.admin(), "GET", "/healthz").await.unwrap(), (200, "ok\n".to_string()));
+    assert_eq!(
+        http(ports.admin(), "GET", "/healthz").await.unwrap(),
+        (200, "ok\n".to_string())
+    );
 
     let mut ws = ws_connect(client_ip(1), ports.proxy()).await;
     echo_check(&mut ws, "hello").await;
@@ -699,7 +745,10 @@ async fn req1_binary_healthz_503_while_draining() {
     ws_close(ws).await;
     assert!(proxy.wait_exit(Duration::from_secs(5)).await.success());
     match during {
-        Ok((code, body)) => assert_eq!(code, 503, "/healthz during the drain answered {code} {body:?} (0: reset)"),
+        Ok((code, body)) => assert_eq!(
+            code, 503,
+            "/healthz during the drain answered {code} {body:?} (0: reset)"
+        ),
         Err(e) => panic!("/healthz during the drain: the admin listener is gone ({e}); expected 503"),
     }
 }
@@ -714,7 +763,14 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     let ports = Ports::new();
     let path = temp_path("reload.toml");
     let text = |main: &[(SocketAddr, u32)], backup: &[(SocketAddr, u32)], generation: u32, limits: &str| {
-        conf(ports, "", "", &format!("{limits}{}", x_gen(&generation.to_string())), main, backup)
+        conf(
+            ports,
+            "",
+            "",
+            &format!("{limits}{}", x_gen(&generation.to_string())),
+            main,
+            backup,
+        )
     };
     std::fs::write(&path, text(&[(echo, 1)], &[], 0, OPEN_LIMITS)).unwrap();
     let mut proxy = Daemon::run(&path, false).await;
@@ -728,12 +784,16 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     async fn reload(proxy: &mut Daemon, path: &Path, n: usize) {
         if n % 2 == 1 {
             proxy.signal(nix::sys::signal::Signal::SIGHUP);
-            proxy.wait_for_nth("SIGHUP: configuration reloaded", n.div_ceil(2)).await;
+            proxy
+                .wait_for_nth("SIGHUP: configuration reloaded", n.div_ceil(2))
+                .await;
         } else {
             let (code, out, err) = reload_command(path).await;
             assert_eq!(code, Some(0), "wsproxy reload: {out}{err}");
             assert!(out.starts_with("reloaded"), "{out}");
-            proxy.wait_for_nth("configuration reloaded (admin endpoint)", n / 2).await;
+            proxy
+                .wait_for_nth("configuration reloaded (admin endpoint)", n / 2)
+                .await;
         }
     }
 
@@ -744,8 +804,14 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     reloads += 1;
     reload(&mut proxy, &path, reloads).await;
     let b1 = Balancer::new(&upstreams_of(&t1));
-    let c = (1000..3000).map(client_ip).find(|&ip| b1.order(ip)[0] == r1.addr).unwrap();
-    assert_eq!(landing(addr, c, [&mut r1, &mut r2], ids).await, (b'1', Some("1".into())));
+    let c = (1000..3000)
+        .map(client_ip)
+        .find(|&ip| b1.order(ip)[0] == r1.addr)
+        .unwrap();
+    assert_eq!(
+        landing(addr, c, [&mut r1, &mut r2], ids).await,
+        (b'1', Some("1".into()))
+    );
     fleet.finish_round(1).await;
 
     // 2: the echo upstream leaves (its connections stay), r2 joins with weight 3.
@@ -755,8 +821,14 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     reloads += 1;
     reload(&mut proxy, &path, reloads).await;
     let b2 = Balancer::new(&upstreams_of(&t2));
-    let c = (1000..3000).map(client_ip).find(|&ip| b2.order(ip)[0] == r2.addr).unwrap();
-    assert_eq!(landing(addr, c, [&mut r1, &mut r2], ids).await, (b'2', Some("2".into())));
+    let c = (1000..3000)
+        .map(client_ip)
+        .find(|&ip| b2.order(ip)[0] == r2.addr)
+        .unwrap();
+    assert_eq!(
+        landing(addr, c, [&mut r1, &mut r2], ids).await,
+        (b'2', Some("2".into()))
+    );
     fleet.finish_round(2).await;
 
     // 3: one connection per client.
@@ -779,11 +851,22 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     reloads += 1;
     reload(&mut proxy, &path, reloads).await;
     let r1_before = r1.accepted.load(Ordering::SeqCst);
-    let movers: Vec<IpAddr> = (6000..8000).map(client_ip).filter(|&ip| b2.order(ip)[0] == r1.addr).take(5).collect();
+    let movers: Vec<IpAddr> = (6000..8000)
+        .map(client_ip)
+        .filter(|&ip| b2.order(ip)[0] == r1.addr)
+        .take(5)
+        .collect();
     for ip in movers {
-        assert_eq!(landing(addr, ip, [&mut r1, &mut r2], ids).await, (b'2', Some("4".into())));
+        assert_eq!(
+            landing(addr, ip, [&mut r1, &mut r2], ids).await,
+            (b'2', Some("4".into()))
+        );
     }
-    assert_eq!(r1.accepted.load(Ordering::SeqCst), r1_before, "a weight-0 upstream got a new client");
+    assert_eq!(
+        r1.accepted.load(Ordering::SeqCst),
+        r1_before,
+        "a weight-0 upstream got a new client"
+    );
     fleet.finish_round(4).await;
 
     // 5: r1 main, r2 backup.
@@ -791,7 +874,10 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     std::fs::write(&path, text(&[(r1.addr, 1)], &[(r2.addr, 1)], 5, OPEN_LIMITS)).unwrap();
     reloads += 1;
     reload(&mut proxy, &path, reloads).await;
-    assert_eq!(landing(addr, client_ip(9000), [&mut r1, &mut r2], ids).await, (b'1', Some("5".into())));
+    assert_eq!(
+        landing(addr, client_ip(9000), [&mut r1, &mut r2], ids).await,
+        (b'1', Some("5".into()))
+    );
     fleet.finish_round(5).await;
 
     fleet.round(6).await;
@@ -806,8 +892,14 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
         assert!(Instant::now() < end, "open connections: {open:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(metric(admin, "wsproxy_config_reloads_total{result=\"ok\"}").await, Some(5.0));
-    assert_eq!(metric(admin, "wsproxy_config_reloads_total{result=\"error\"}").await, Some(0.0));
+    assert_eq!(
+        metric(admin, "wsproxy_config_reloads_total{result=\"ok\"}").await,
+        Some(5.0)
+    );
+    assert_eq!(
+        metric(admin, "wsproxy_config_reloads_total{result=\"error\"}").await,
+        Some(0.0)
+    );
     assert_eq!(http(admin, "GET", "/healthz").await.unwrap().0, 200);
     assert_eq!(proxy.count("reload refused"), 0, "{}", proxy.log());
 
@@ -822,7 +914,16 @@ async fn req2_binary_refuses_a_broken_config_and_keeps_serving() {
     let ports = Ports::new();
     let path = temp_path("broken.toml");
     let r1_addr = r1.addr;
-    let good = |generation: &str| conf(ports, "", "", &format!("{OPEN_LIMITS}{}", x_gen(generation)), &[(r1_addr, 1)], &[]);
+    let good = |generation: &str| {
+        conf(
+            ports,
+            "",
+            "",
+            &format!("{OPEN_LIMITS}{}", x_gen(generation)),
+            &[(r1_addr, 1)],
+            &[],
+        )
+    };
     std::fs::write(&path, good("old")).unwrap();
     let mut proxy = Daemon::run(&path, true).await;
     proxy.wait_for("admin endpoints").await;
@@ -844,7 +945,10 @@ async fn req2_binary_refuses_a_broken_config_and_keeps_serving() {
     let j = parse_json(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(j.str("level"), Some("ERROR"), "{line}");
     for f in fields {
-        assert!(j.str("message").unwrap_or_default().contains(f), "{f} not logged: {line}");
+        assert!(
+            j.str("message").unwrap_or_default().contains(f),
+            "{f} not logged: {line}"
+        );
     }
 
     // `wsproxy reload` with the broken file: exit 2, every problem printed.
@@ -861,8 +965,13 @@ async fn req2_binary_refuses_a_broken_config_and_keeps_serving() {
         assert!(body.contains(f), "{f} not in {body}");
     }
     // The SIGHUP's line was the first; this is the admin endpoint's.
-    let line = proxy.wait_for_nth("reload refused, keeping the running configuration", 2).await;
-    assert!(line.contains("\"level\":\"WARN\"") && line.contains("limits.burst"), "{line}");
+    let line = proxy
+        .wait_for_nth("reload refused, keeping the running configuration", 2)
+        .await;
+    assert!(
+        line.contains("\"level\":\"WARN\"") && line.contains("limits.burst"),
+        "{line}"
+    );
 
     // Still serving with the old configuration; the open connection still flows.
     let (s, id) = upgrade_id(client_ip(2), addr).await.unwrap();
@@ -873,7 +982,10 @@ async fn req2_binary_refuses_a_broken_config_and_keeps_serving() {
     let mut back = [0u8; 10];
     within("the echo", held.read_exact(&mut back)).await.unwrap();
     assert_eq!(&back, b"still here");
-    assert_eq!(metric(ports.admin(), "wsproxy_config_reloads_total{result=\"error\"}").await, Some(2.0));
+    assert_eq!(
+        metric(ports.admin(), "wsproxy_config_reloads_total{result=\"error\"}").await,
+        Some(2.0)
+    );
 
     // Fixed: the next SIGHUP applies it.
     std::fs::write(&path, good("new")).unwrap();
@@ -890,10 +1002,17 @@ async fn req2_binary_refuses_a_broken_config_and_keeps_serving() {
 fn req2_reload_command_needs_an_admin_address() {
     let path = temp_path("no-admin.toml");
     std::fs::write(&path, "[upstreams]\nmain = [{ address = \"127.0.0.1:9\" }]\n").unwrap();
-    let out = Command::new(BIN).args(["reload", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["reload", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("admin.address is not set") && err.contains("SIGHUP"), "{err}");
+    assert!(
+        err.contains("admin.address is not set") && err.contains("SIGHUP"),
+        "{err}"
+    );
 }
 
 // ---- 3: graceful stop ----
@@ -903,7 +1022,11 @@ async fn req3_sigterm_stops_accepting_and_lets_a_finishing_connection_complete()
     let echo = echo_upstream().await;
     let ports = Ports::new();
     let path = temp_path("drain-finish.toml");
-    std::fs::write(&path, conf(ports, "drain_timeout = \"10s\"", "", OPEN_LIMITS, &[(echo, 1)], &[])).unwrap();
+    std::fs::write(
+        &path,
+        conf(ports, "drain_timeout = \"10s\"", "", OPEN_LIMITS, &[(echo, 1)], &[]),
+    )
+    .unwrap();
     let mut proxy = Daemon::run(&path, false).await;
     let mut ws = ws_connect(client_ip(1), ports.proxy()).await;
     echo_check(&mut ws, "before").await;
@@ -922,7 +1045,11 @@ async fn req3_sigterm_stops_accepting_and_lets_a_finishing_connection_complete()
     ws_close(ws).await;
     let status = proxy.wait_exit(Duration::from_secs(8)).await;
     assert!(status.success(), "{status:?}");
-    assert!(t.elapsed() < Duration::from_secs(5), "exited {:?} after SIGTERM", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "exited {:?} after SIGTERM",
+        t.elapsed()
+    );
     let closed = proxy.wait_for("connection closed").await;
     assert!(closed.contains("end=closed"), "{closed}");
     assert_eq!(proxy.count("drain timeout"), 0, "{}", proxy.log());
@@ -933,7 +1060,11 @@ async fn req3_sigterm_closes_connections_still_open_at_the_drain_timeout() {
     let echo = echo_upstream().await;
     let ports = Ports::new();
     let path = temp_path("drain-timeout.toml");
-    std::fs::write(&path, conf(ports, "drain_timeout = \"1s\"", "", OPEN_LIMITS, &[(echo, 1)], &[])).unwrap();
+    std::fs::write(
+        &path,
+        conf(ports, "drain_timeout = \"1s\"", "", OPEN_LIMITS, &[(echo, 1)], &[]),
+    )
+    .unwrap();
     let mut proxy = Daemon::run(&path, false).await;
     let mut ws = ws_connect(client_ip(1), ports.proxy()).await;
     echo_check(&mut ws, "before").await;
@@ -952,7 +1083,11 @@ async fn req3_sigterm_closes_connections_still_open_at_the_drain_timeout() {
     );
     let status = proxy.wait_exit(Duration::from_secs(8)).await;
     assert!(status.success(), "{status:?}");
-    assert!(proxy.count("drain timeout: closing the connections still open") == 1, "{}", proxy.log());
+    assert!(
+        proxy.count("drain timeout: closing the connections still open") == 1,
+        "{}",
+        proxy.log()
+    );
 }
 
 // ---- 7: the log line of every connection end ----
@@ -962,7 +1097,11 @@ async fn req7_json_log_line_per_connection_end() {
     let up = Recorder::start(None).await;
     let ports = Ports::new();
     let path = temp_path("json.toml");
-    std::fs::write(&path, conf(ports, "", "idle_timeout = \"1s\"", OPEN_LIMITS, &[(up.addr, 1)], &[])).unwrap();
+    std::fs::write(
+        &path,
+        conf(ports, "", "idle_timeout = \"1s\"", OPEN_LIMITS, &[(up.addr, 1)], &[]),
+    )
+    .unwrap();
     let mut proxy = Daemon::run(&path, true).await;
     let addr = ports.proxy();
 
@@ -1005,7 +1144,12 @@ async fn req7_json_log_line_per_connection_end() {
         assert_eq!(j.str("upstream"), Some(up.addr.to_string().as_str()));
         let c2u = j.num("client_to_upstream").unwrap() as u64;
         let u2c = j.num("upstream_to_client").unwrap() as u64;
-        ends.push((j.str("client").unwrap().to_string(), j.str("end").unwrap().to_string(), c2u, u2c));
+        ends.push((
+            j.str("client").unwrap().to_string(),
+            j.str("end").unwrap().to_string(),
+            c2u,
+            u2c,
+        ));
     }
     ends.sort();
     let want = |i: u32, end: &str, c2u: u64, u2c: u64| (client_ip(i).to_string(), end.to_string(), c2u, u2c);
@@ -1030,7 +1174,11 @@ async fn req7_connection_closed_by_the_shutdown_drain_is_logged() {
     let up = Recorder::start(None).await;
     let ports = Ports::new();
     let path = temp_path("json-drain.toml");
-    std::fs::write(&path, conf(ports, "drain_timeout = \"1s\"", "", OPEN_LIMITS, &[(up.addr, 1)], &[])).unwrap();
+    std::fs::write(
+        &path,
+        conf(ports, "drain_timeout = \"1s\"", "", OPEN_LIMITS, &[(up.addr, 1)], &[]),
+    )
+    .unwrap();
     let mut proxy = Daemon::run(&path, true).await;
     let mut s = raw_upgrade(client_ip(1), ports.proxy()).await.unwrap();
     s.write_all(&[b'd'; 40]).await.unwrap();
@@ -1039,12 +1187,20 @@ async fn req7_connection_closed_by_the_shutdown_drain_is_logged() {
     assert!(proxy.terminate().await.success());
     read_to_close(&mut s).await;
     let lines = closed_lines(&proxy);
-    assert_eq!(lines.len(), 1, "no line for the connection closed at the drain timeout:\n{}", proxy.log());
+    assert_eq!(
+        lines.len(),
+        1,
+        "no line for the connection closed at the drain timeout:\n{}",
+        proxy.log()
+    );
     assert_eq!(lines[0].num("client_to_upstream"), Some(40.0));
 }
 
 fn socket_linger_zero(s: &std::net::TcpStream) {
     use std::os::fd::AsFd;
-    let linger = nix::libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     nix::sys::socket::setsockopt(&s.as_fd(), nix::sys::socket::sockopt::Linger, &linger).unwrap();
 }

@@ -52,7 +52,10 @@ impl Daemon {
         // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
         unsafe {
             cmd.pre_exec(|| {
-                let l = libc::rlimit { rlim_cur: NOFILE, rlim_max: NOFILE };
+                let l = libc::rlimit {
+                    rlim_cur: NOFILE,
+                    rlim_max: NOFILE,
+                };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const l) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -69,7 +72,11 @@ impl Daemon {
                 }
             }
         });
-        Daemon { child, lines, seen: Vec::new() }
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -115,8 +122,11 @@ impl Daemon {
 
     /// SIGTERM, then the exit status (bounded poll: std has no readiness signal for a child's exit).
     fn terminate(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), nix::sys::signal::Signal::SIGTERM)
-            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let end = Instant::now() + DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -148,7 +158,9 @@ fn cpu_time(pid: u32) -> Duration {
 }
 
 fn fds_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 fn temp_config(text: &str) -> PathBuf {
@@ -164,7 +176,11 @@ async fn accept_backs_off_when_out_of_descriptors_and_recovers() {
     let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up_addr = up.local_addr().unwrap();
     tokio::spawn(wsproxy::echo::serve(up, std::future::pending()));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     // Accepted connections that send nothing hold their descriptor for the head timeout (60 s,
     // longer than the test): that is what exhausts the proxy.
     let path = temp_config(&format!(
@@ -182,7 +198,12 @@ async fn accept_backs_off_when_out_of_descriptors_and_recovers() {
     // the proxy takes what it can, then accept fails with EMFILE.
     let mut flood = Vec::new();
     for _ in 0..FLOOD {
-        flood.push(tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port))).await.unwrap().unwrap());
+        flood.push(
+            tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port)))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     let first = d.wait_for("accept failed").await;
     let cpu_start = cpu_time(d.pid());
@@ -200,7 +221,14 @@ async fn accept_backs_off_when_out_of_descriptors_and_recovers() {
         .collect();
     let retries: Vec<u64> = failures
         .iter()
-        .filter_map(|l| l.split("retry_in_ms=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("retry_in_ms=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     say(&format!(
         "emfile: RLIMIT_NOFILE {NOFILE}; proxy fds {fds_idle} idle, {fds_exhausted} with {FLOOD} connections offered; \
@@ -213,20 +241,49 @@ async fn accept_backs_off_when_out_of_descriptors_and_recovers() {
         100.0 * cpu.as_secs_f64() / watched.as_secs_f64()
     ));
     assert!(alive, "the proxy died when out of descriptors:\n{}", d.text());
-    assert!(failures[0].contains("Too many open files"), "not EMFILE: {}", failures[0]);
-    assert!(fds_exhausted as u64 >= NOFILE - 2, "not exhausted: {fds_exhausted} fds of {NOFILE}");
+    assert!(
+        failures[0].contains("Too many open files"),
+        "not EMFILE: {}",
+        failures[0]
+    );
+    assert!(
+        fds_exhausted as u64 >= NOFILE - 2,
+        "not exhausted: {fds_exhausted} fds of {NOFILE}"
+    );
     // A spinning accept loop would log thousands of lines and burn a core; with the backoff
     // (5 ms doubling to 1 s) about ten lines come in 3 s.
-    assert!(failures.len() >= 3, "the accept loop stopped retrying: {} lines", failures.len());
-    assert!(failures.len() <= 20, "{} \"accept failed\" lines in {WINDOW:?}:\n{}", failures.len(), d.text());
-    assert!(retries.windows(2).all(|w| w[0] <= w[1]), "the backoff does not grow: {retries:?}");
-    assert_eq!(retries.last(), Some(&1000), "the backoff does not reach its 1 s cap: {retries:?}");
-    assert!(cpu <= Duration::from_millis(450), "{cpu:?} of CPU in {watched:?} while out of descriptors");
+    assert!(
+        failures.len() >= 3,
+        "the accept loop stopped retrying: {} lines",
+        failures.len()
+    );
+    assert!(
+        failures.len() <= 20,
+        "{} \"accept failed\" lines in {WINDOW:?}:\n{}",
+        failures.len(),
+        d.text()
+    );
+    assert!(
+        retries.windows(2).all(|w| w[0] <= w[1]),
+        "the backoff does not grow: {retries:?}"
+    );
+    assert_eq!(
+        retries.last(),
+        Some(&1000),
+        "the backoff does not reach its 1 s cap: {retries:?}"
+    );
+    assert!(
+        cpu <= Duration::from_millis(450),
+        "{cpu:?} of CPU in {watched:?} while out of descriptors"
+    );
 
     // Close them: the proxy gets its descriptors back and serves a new client.
     drop(flood);
     let recovered = Instant::now();
-    let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port))).await.unwrap().unwrap();
+    let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port)))
+        .await
+        .unwrap()
+        .unwrap();
     let url = format!("ws://127.0.0.1:{port}/after");
     let (mut ws, resp) = tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(url, stream))
         .await
@@ -234,7 +291,11 @@ async fn accept_backs_off_when_out_of_descriptors_and_recovers() {
         .expect("handshake after the descriptors were released");
     assert_eq!(resp.status().as_u16(), 101);
     ws.send(Message::text("back")).await.unwrap();
-    let echo = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap().unwrap().unwrap();
+    let echo = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(echo, Message::text("back"));
     say(&format!(
         "emfile: after closing the {FLOOD} connections a new client got its 101 and echo in {} ms; proxy fds {}",

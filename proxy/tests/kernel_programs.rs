@@ -15,7 +15,11 @@ use proxy_common::SockCtrl;
 use wsproxy::ebpf::{KernelPrograms, PairCounters, SocketCounters};
 
 /// Credit that never runs out: this test is about redirection, not the bound.
-const UNLIMITED: SockCtrl = SockCtrl { forwarded: 0, limit_bytes: u64::MAX, limit_skbs: u64::MAX };
+const UNLIMITED: SockCtrl = SockCtrl {
+    forwarded: 0,
+    limit_bytes: u64::MAX,
+    limit_skbs: u64::MAX,
+};
 
 /// Longest wait for any expected byte; loopback delivers in microseconds.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -29,10 +33,7 @@ fn load_or_skip() -> Option<KernelPrograms> {
         }
         Err(err) => {
             // Straight to the stderr handle: libtest swallows `eprintln!` of passing tests.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: kernel relay unavailable: {err:#}"
-            );
+            let _ = writeln!(std::io::stderr(), "SKIPPED: kernel relay unavailable: {err:#}");
             None
         }
     }
@@ -44,9 +45,7 @@ fn loopback_pair() -> (TcpStream, TcpStream) {
     let connected = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
     let (accepted, _) = listener.accept().expect("accept");
     for stream in [&connected, &accepted] {
-        stream
-            .set_read_timeout(Some(DEADLINE))
-            .expect("read timeout");
+        stream.set_read_timeout(Some(DEADLINE)).expect("read timeout");
         stream.set_nodelay(true).expect("nodelay");
     }
     (connected, accepted)
@@ -55,12 +54,9 @@ fn loopback_pair() -> (TcpStream, TcpStream) {
 /// Reads exactly `expected.len()` bytes (or fails after DEADLINE) and compares them.
 fn expect_bytes(stream: &mut TcpStream, expected: &[u8], what: &str) {
     let mut got = vec![0; expected.len()];
-    stream.read_exact(&mut got).unwrap_or_else(|e| {
-        panic!(
-            "{what}: {e} (received {:?} so far)",
-            String::from_utf8_lossy(&got)
-        )
-    });
+    stream
+        .read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("{what}: {e} (received {:?} so far)", String::from_utf8_lossy(&got)));
     assert_eq!(got, expected, "{what}");
 }
 
@@ -111,16 +107,8 @@ fn verdict_relays_a_pair_both_ways_and_leaves_no_entries() {
         .expect("insert_pair");
     assert_eq!(programs.map_entry_counts(), (2, 2, 2));
 
-    expect_bytes(
-        &mut client,
-        b"EARLY",
-        "queued upstream bytes reach the client",
-    );
-    expect_bytes(
-        &mut upstream,
-        b"hello",
-        "queued client bytes reach the upstream",
-    );
+    expect_bytes(&mut client, b"EARLY", "queued upstream bytes reach the client");
+    expect_bytes(&mut upstream, b"hello", "queued client bytes reach the upstream");
 
     let up = b"LATE: a frame from the upstream";
     let down = b"a frame from the client";
@@ -146,19 +134,11 @@ fn verdict_relays_a_pair_both_ways_and_leaves_no_entries() {
         },
     };
     assert_eq!(counters, expected);
-    assert_eq!(
-        programs.map_entry_counts(),
-        (0, 0, 0),
-        "removal leaves no entries"
-    );
+    assert_eq!(programs.map_entry_counts(), (0, 0, 0), "removal leaves no entries");
 
     // Out of the maps, the proxy-side sockets are plain sockets again.
     client.write_all(b"plain").expect("client write");
-    expect_bytes(
-        &mut proxy_a,
-        b"plain",
-        "after removal, userspace reads the client",
-    );
+    expect_bytes(&mut proxy_a, b"plain", "after removal, userspace reads the client");
     for stream in [&client, &proxy_a, &proxy_b, &upstream] {
         let _ = stream.shutdown(Shutdown::Both);
     }

@@ -30,7 +30,9 @@ fn free_port() -> u16 {
 fn unit_file_grants_exactly_three_capabilities_and_verifies() {
     let unit = std::fs::read_to_string(UNIT).unwrap();
     let value = |key: &str| {
-        unit.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("no {key}="))
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}="))
     };
     assert_eq!(value("Type"), "notify");
     for key in ["AmbientCapabilities", "CapabilityBoundingSet"] {
@@ -50,10 +52,17 @@ fn unit_file_grants_exactly_three_capabilities_and_verifies() {
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join("wsproxy.service");
     std::fs::write(&copy, unit.replace("/usr/local/bin/wsproxy", BIN)).unwrap();
-    let out = Command::new("systemd-analyze").arg("verify").arg(&copy).output().unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     let problems: Vec<&str> = err.lines().filter(|l| l.contains("wsproxy.service")).collect();
-    assert!(out.status.success() && problems.is_empty(), "systemd-analyze verify:\n{err}");
+    assert!(
+        out.status.success() && problems.is_empty(),
+        "systemd-analyze verify:\n{err}"
+    );
 }
 
 #[test]
@@ -75,9 +84,16 @@ fn runs_as_nobody_with_three_capabilities_then_drops_them_and_relays_in_the_kern
             head.push(b[0]);
         }
         let text = String::from_utf8_lossy(&head).to_string();
-        let key = text.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ")).unwrap().trim().to_string();
+        let key = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap()
+            .trim()
+            .to_string();
         let accept = wsproxy::upstream::accept_key(&key);
-        let r = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+        let r = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
         s.write_all(r.as_bytes()).unwrap();
         let mut buf = [0u8; 4096];
         loop {
@@ -139,8 +155,14 @@ fn runs_as_nobody_with_three_capabilities_then_drops_them_and_relays_in_the_kern
     }
     let log = seen.join("\n");
     assert!(log.contains("kernel relay: available"), "{log}");
-    assert!(log.contains("privileges: dropped every capability after start-up"), "{log}");
-    assert!(log.contains("CAP_BPF") && !log.contains("CAP_SYS_ADMIN"), "held more than it needs: {log}");
+    assert!(
+        log.contains("privileges: dropped every capability after start-up"),
+        "{log}"
+    );
+    assert!(
+        log.contains("CAP_BPF") && !log.contains("CAP_SYS_ADMIN"),
+        "held more than it needs: {log}"
+    );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     for set in ["CapEff", "CapPrm", "CapAmb"] {
         let line = status.lines().find(|l| l.starts_with(set)).unwrap();
@@ -173,14 +195,18 @@ fn runs_as_nobody_with_three_capabilities_then_drops_them_and_relays_in_the_kern
     let end = Instant::now() + DEADLINE;
     loop {
         let mut a = TcpStream::connect(("127.0.0.1", admin)).unwrap();
-        a.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
+        a.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .unwrap();
         let mut text = String::new();
         a.read_to_string(&mut text).unwrap();
         if text.contains("wsproxy_connections_ended_total{relay=\"kernel\",end=\"closed\"} 1") {
             assert!(text.contains("wsproxy_relay_fallbacks_total 0"), "{text}");
             break;
         }
-        assert!(Instant::now() < end, "the connection never ended as a kernel-relayed one:\n{text}");
+        assert!(
+            Instant::now() < end,
+            "the connection never ended as a kernel-relayed one:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(20)); // poll interval of a deadline-bounded wait
     }
     let _ = Command::new("kill").arg(pid.to_string()).status();

@@ -42,7 +42,9 @@ impl ServerProxy {
 
     /// Serves `config`; an admin address in it is replaced by 127.0.0.1 with a kernel-chosen port.
     pub async fn start_config(mut config: wsproxy::Config) -> ServerProxy {
-        let admin = config.admin.map(|_| wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let admin = config
+            .admin
+            .map(|_| wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap());
         config.admin = admin.as_ref().map(|l| l.local_addr().unwrap());
         let listener = wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         config.listen = listener.local_addr().unwrap();
@@ -53,7 +55,10 @@ impl ServerProxy {
     /// Serves a server made elsewhere (e.g. `Server::from_file`) on fresh loopback listeners; an
     /// admin listener only when its configuration has an admin address.
     pub async fn start_server(server: wsproxy::Server) -> ServerProxy {
-        let admin = server.config().admin.map(|_| wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let admin = server
+            .config()
+            .admin
+            .map(|_| wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap());
         let listener = wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         Self::serve(server, listener, admin)
     }
@@ -81,7 +86,15 @@ impl ServerProxy {
             }));
             admin_stop = Some(tx);
         }
-        ServerProxy { server, addr, admin: admin_addr, stop: Some(stop), task: Some(task), admin_stop, admin_task }
+        ServerProxy {
+            server,
+            addr,
+            admin: admin_addr,
+            stop: Some(stop),
+            task: Some(task),
+            admin_stop,
+            admin_task,
+        }
     }
 
     /// A configuration for [`wsproxy::Server::apply`]: `config_toml` with this proxy's listen and
@@ -136,7 +149,10 @@ impl ServerProxy {
         let r = http(admin, "GET", "/metrics").await;
         assert_eq!(r.status, 200, "{r:?}");
         let ct = r.header("content-type").unwrap_or_default();
-        assert!(ct.starts_with("application/openmetrics-text") || ct.starts_with("text/plain"), "{ct}");
+        assert!(
+            ct.starts_with("application/openmetrics-text") || ct.starts_with("text/plain"),
+            "{ct}"
+        );
         assert!(r.body.ends_with("# EOF\n"), "no OpenMetrics end marker:\n{}", r.body);
         Exposition::parse(&r.body)
     }
@@ -149,7 +165,11 @@ impl ServerProxy {
             if f(&e) {
                 return e;
             }
-            assert!(Instant::now() < end, "timed out waiting for {what}; last scrape:\n{}", e.text);
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; last scrape:\n{}",
+                e.text
+            );
             // Poll interval of a deadline-bounded wait on state only visible by scraping.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -182,7 +202,9 @@ impl HttpResponse {
 
 /// One request (`Connection: close`, empty body) and its whole response.
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> HttpResponse {
-    try_http(addr, method, path).await.unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"))
+    try_http(addr, method, path)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"))
 }
 
 /// Like [`http`], with a connect error returned instead of failing the test.
@@ -192,7 +214,11 @@ pub async fn try_http(addr: SocketAddr, method: &str, path: &str) -> std::io::Re
     s.write_all(req.as_bytes()).await?;
     let text = read_to_close(&mut s).await;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Ok(HttpResponse { status: crate::status(head), head: head.to_string(), body: body.to_string() })
+    Ok(HttpResponse {
+        status: crate::status(head),
+        head: head.to_string(),
+        body: body.to_string(),
+    })
 }
 
 // ---- the exposition ----
@@ -219,7 +245,9 @@ impl Exposition {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
             let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
             let (name, labels) = match series.find('{') {
                 Some(i) => {
@@ -228,9 +256,16 @@ impl Exposition {
                 }
                 None => (series, Vec::new()),
             };
-            samples.push(Sample { name: name.to_string(), labels, value });
+            samples.push(Sample {
+                name: name.to_string(),
+                labels,
+                value,
+            });
         }
-        Exposition { text: text.to_string(), samples }
+        Exposition {
+            text: text.to_string(),
+            samples,
+        }
     }
 
     /// The value of the sample with exactly this name and label set (label order ignored).
@@ -249,14 +284,20 @@ impl Exposition {
 
     /// Like [`Exposition::get`], failing the test (with the whole exposition) when absent.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name, labels).unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{}", self.text))
+        self.get(name, labels)
+            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{}", self.text))
     }
 
     /// Sum of every sample of `name` whose labels include `labels`.
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.samples
             .iter()
-            .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.iter().any(|(k2, v2)| k2 == k && v2 == v)))
+            .filter(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.iter().any(|(k2, v2)| k2 == k && v2 == v))
+            })
             .map(|s| s.value)
             .sum()
     }
@@ -339,12 +380,19 @@ impl Flaky {
     }
 
     fn spawn(&self, listener: TcpListener) -> JoinHandle<()> {
-        let (answer, accepted, tx, id) = (Arc::clone(&self.answer), Arc::clone(&self.accepted), self.tx.clone(), self.id);
+        let (answer, accepted, tx, id) = (
+            Arc::clone(&self.answer),
+            Arc::clone(&self.accepted),
+            self.tx.clone(),
+            self.id,
+        );
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let script = if answer.load(Ordering::SeqCst) {
-                    Script::Upgrade { after: id.as_bytes().to_vec() }
+                    Script::Upgrade {
+                        after: id.as_bytes().to_vec(),
+                    }
                 } else {
                     Script::Close
                 };
@@ -410,7 +458,13 @@ fn sockaddr(fd: RawFd, peer: bool) -> Option<SocketAddr> {
     let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     let p = (&raw mut ss).cast::<libc::sockaddr>();
     // SAFETY: an out-buffer of the length passed; a bad fd only makes the call fail.
-    let rc = unsafe { if peer { libc::getpeername(fd, p, &raw mut len) } else { libc::getsockname(fd, p, &raw mut len) } };
+    let rc = unsafe {
+        if peer {
+            libc::getpeername(fd, p, &raw mut len)
+        } else {
+            libc::getsockname(fd, p, &raw mut len)
+        }
+    };
     if rc != 0 {
         return None;
     }
@@ -418,7 +472,10 @@ fn sockaddr(fd: RawFd, peer: bool) -> Option<SocketAddr> {
         libc::AF_INET => {
             // SAFETY: the family says it is a sockaddr_in.
             let sin = unsafe { *(&raw const ss).cast::<libc::sockaddr_in>() };
-            Some(SocketAddr::from((u32::from_be(sin.sin_addr.s_addr).to_be_bytes(), u16::from_be(sin.sin_port))))
+            Some(SocketAddr::from((
+                u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(sin.sin_port),
+            )))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says it is a sockaddr_in6.
@@ -456,7 +513,12 @@ fn int_opt(fd: RawFd, level: i32, name: i32) -> i32 {
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: an out-buffer of the length passed.
     let rc = unsafe { libc::getsockopt(fd, level, name, (&raw mut v).cast(), &raw mut len) };
-    assert_eq!(rc, 0, "getsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "getsockopt({level}, {name}): {}",
+        std::io::Error::last_os_error()
+    );
     v
 }
 

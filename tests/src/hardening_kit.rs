@@ -40,12 +40,18 @@ pub fn fd_count() -> usize {
 /// Raises this process's soft RLIMIT_NOFILE towards `want` (never above the hard limit, never
 /// lowers it); returns the soft limit now in force.
 pub fn raise_nofile(want: u64) -> u64 {
-    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: an out-pointer to a rlimit.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut l) }, 0);
     let target = want.min(l.rlim_max);
     if l.rlim_cur < target {
-        let new = libc::rlimit { rlim_cur: target, rlim_max: l.rlim_max };
+        let new = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: l.rlim_max,
+        };
         // SAFETY: an in-pointer to a rlimit; raising the soft limit up to the hard one is allowed.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const new) } == 0 {
             return target;
@@ -87,7 +93,12 @@ impl HardProxy {
             })
             .await
         });
-        Ok(HardProxy { server, addr, stop: Some(stop), task: Some(task) })
+        Ok(HardProxy {
+            server,
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
     }
 
     /// Stops accepting, closes what is still open (after `listen.drain_timeout`) and waits until

@@ -57,13 +57,20 @@ impl Proxy {
         let task = tokio::spawn(wsproxy::run(config, listener, async move {
             let _ = stopped.await;
         }));
-        Proxy { addr, stop: Some(stop), task: Some(task) }
+        Proxy {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Stops the proxy and waits until `run` has returned.
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        within("the proxy to stop", self.task.take().unwrap()).await.unwrap().unwrap();
+        within("the proxy to stop", self.task.take().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -77,8 +84,17 @@ impl Drop for Proxy {
 
 /// Config text with the given upstreams and extra sections. `main` and `backup` are addresses.
 pub fn config(main: &[SocketAddr], backup: &[SocketAddr], extra: &str) -> String {
-    let list = |a: &[SocketAddr]| a.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect::<Vec<_>>().join(", ");
-    format!("{extra}\n[upstreams]\nmain = [{}]\nbackup = [{}]\ntimeout = \"2s\"\n", list(main), list(backup))
+    let list = |a: &[SocketAddr]| {
+        a.iter()
+            .map(|a| format!("{{ address = \"{a}\" }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "{extra}\n[upstreams]\nmain = [{}]\nbackup = [{}]\ntimeout = \"2s\"\n",
+        list(main),
+        list(backup)
+    )
 }
 
 /// A WebSocket echo upstream (the proxy's own `echo-server`).
@@ -141,7 +157,9 @@ impl Upstream {
 
     /// The next connection's record (complete once the proxy closed it).
     pub async fn next_seen(&mut self) -> Seen {
-        within("the upstream to see a connection", self.seen.recv()).await.expect("upstream task ended")
+        within("the upstream to see a connection", self.seen.recv())
+            .await
+            .expect("upstream task ended")
     }
 }
 
@@ -222,7 +240,12 @@ pub fn header(head: &str, name: &str) -> Option<String> {
 
 /// Connects to `to` from the loopback address `from` (any address of 127.0.0.0/8, or ::1).
 pub async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
-    let socket = if from.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.unwrap();
+    let socket = if from.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .unwrap();
     socket.bind(SocketAddr::new(from, 0)).unwrap();
     within("connect", socket.connect(to)).await.unwrap()
 }
@@ -283,13 +306,12 @@ pub fn status(response: &str) -> u16 {
 pub async fn ws_connect(
     from: IpAddr,
     to: SocketAddr,
-) -> Result<
-    tokio_tungstenite::WebSocketStream<TcpStream>,
-    tokio_tungstenite::tungstenite::Error,
-> {
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, tokio_tungstenite::tungstenite::Error> {
     let stream = connect_from(from, to).await;
     let url = format!("ws://{to}/ws");
-    within("a WebSocket handshake", tokio_tungstenite::client_async(url, stream)).await.map(|(ws, _)| ws)
+    within("a WebSocket handshake", tokio_tungstenite::client_async(url, stream))
+        .await
+        .map(|(ws, _)| ws)
 }
 
 /// Loopback address 127.x.y.z for client number `n` (never 127.0.0.1, which tests keep for

@@ -90,7 +90,13 @@ impl RelayProxy {
             })
             .await
         });
-        Some(RelayProxy { server, addr, hub, stop: Some(stop), task: Some(task) })
+        Some(RelayProxy {
+            server,
+            addr,
+            hub,
+            stop: Some(stop),
+            task: Some(task),
+        })
     }
 
     /// Connects a client (from a loopback address derived from `id`) and sends the request for
@@ -108,7 +114,10 @@ impl RelayProxy {
         let (mut client, accepted) = self.request(id).await;
         let mut up = Accepted::wait(accepted).await;
         assert!(up.rest.is_empty(), "bytes behind the forwarded request: {:?}", up.rest);
-        up.stream.write_all(upgrade_response(&up.head).as_bytes()).await.unwrap();
+        up.stream
+            .write_all(upgrade_response(&up.head).as_bytes())
+            .await
+            .unwrap();
         let head = read_head(&mut client).await;
         assert_eq!(status(&head), 101, "{head:?}");
         (client, up.stream)
@@ -175,7 +184,9 @@ pub struct Accepted {
 
 impl Accepted {
     pub async fn wait(rx: oneshot::Receiver<Accepted>) -> Accepted {
-        within("the proxy's request to reach the upstream", rx).await.expect("the hub dropped the connection")
+        within("the proxy's request to reach the upstream", rx)
+            .await
+            .expect("the hub dropped the connection")
     }
 }
 
@@ -218,7 +229,10 @@ impl Hub {
     /// The connection whose request asks for `/c/<id>` goes to the returned receiver.
     pub fn expect(&self, id: u64) -> oneshot::Receiver<Accepted> {
         let (tx, rx) = oneshot::channel();
-        assert!(self.waiting.lock().unwrap().insert(id, tx).is_none(), "id {id} opened twice");
+        assert!(
+            self.waiting.lock().unwrap().insert(id, tx).is_none(),
+            "id {id} opened twice"
+        );
         rx
     }
 }
@@ -244,10 +258,19 @@ async fn hand_over(mut stream: TcpStream, waiting: Waiting) {
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
-    let id =
-        head.split_whitespace().nth(1).and_then(|path| path.strip_prefix("/c/")).and_then(|id| id.parse::<u64>().ok());
-    let Some(tx) = id.and_then(|id| waiting.lock().unwrap().remove(&id)) else { return };
-    let _ = tx.send(Accepted { stream, head, rest: buf[head_len..].to_vec() });
+    let id = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|path| path.strip_prefix("/c/"))
+        .and_then(|id| id.parse::<u64>().ok());
+    let Some(tx) = id.and_then(|id| waiting.lock().unwrap().remove(&id)) else {
+        return;
+    };
+    let _ = tx.send(Accepted {
+        stream,
+        head,
+        rest: buf[head_len..].to_vec(),
+    });
 }
 
 /// A valid 101 for a forwarded request head.
@@ -338,13 +361,26 @@ pub async fn read_pattern_from<R: AsyncRead + Unpin>(
     let mut len = from;
     loop {
         if stop_at == Some(len) {
-            return Received { len, end: StreamEnd::Stopped };
+            return Received {
+                len,
+                end: StreamEnd::Stopped,
+            };
         }
         let want = stop_at.map_or(buf.len() as u64, |s| (s - len).min(buf.len() as u64)) as usize;
         let n = match r.read(&mut buf[..want]).await {
-            Ok(0) => return Received { len, end: StreamEnd::Eof },
+            Ok(0) => {
+                return Received {
+                    len,
+                    end: StreamEnd::Eof,
+                };
+            }
             Ok(n) => n,
-            Err(e) => return Received { len, end: StreamEnd::Error(e.kind()) },
+            Err(e) => {
+                return Received {
+                    len,
+                    end: StreamEnd::Error(e.kind()),
+                };
+            }
         };
         if let Some(at) = first_difference(seed, len, &buf[..n]) {
             let here = &buf[(at - len) as usize..n];
@@ -352,11 +388,17 @@ pub async fn read_pattern_from<R: AsyncRead + Unpin>(
                 .then(|| (0..=limit.min(64 << 20)).find(|&o| pattern(seed, o, 16) == &here[..16]))
                 .flatten();
             let bytes = here[..here.len().min(32)].to_vec();
-            return Received { len: at, end: StreamEnd::Mismatch { at, from, bytes } };
+            return Received {
+                len: at,
+                end: StreamEnd::Mismatch { at, from, bytes },
+            };
         }
         len += n as u64;
         if len > limit {
-            return Received { len, end: StreamEnd::Overflow };
+            return Received {
+                len,
+                end: StreamEnd::Overflow,
+            };
         }
     }
 }
@@ -431,7 +473,13 @@ pub fn tcp_info(s: &impl AsRawFd) -> libc::tcp_info {
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: a valid fd and an out-buffer of the length passed.
     let rc = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &raw mut len)
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
     };
     assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
     info
@@ -448,7 +496,13 @@ pub fn so_error(s: &impl AsRawFd) -> i32 {
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: a valid fd and an out-buffer of the length passed.
     let rc = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut err).cast(), &raw mut len)
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &raw mut len,
+        )
     };
     assert_eq!(rc, 0, "SO_ERROR: {}", io::Error::last_os_error());
     err
@@ -465,7 +519,10 @@ pub fn outq(s: &impl AsRawFd) -> u64 {
 
 /// Makes the socket's close send a reset (`SO_LINGER` 0); closing it is up to the caller.
 pub fn linger_zero(s: &impl AsRawFd) {
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: a valid fd and an in-buffer of the size passed.
     let rc = unsafe {
         libc::setsockopt(
@@ -507,7 +564,11 @@ pub fn socket_inodes() -> std::collections::BTreeSet<u64> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let l = std::fs::read_link(e.path()).ok()?;
-            l.to_string_lossy().strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            l.to_string_lossy()
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
         })
         .collect()
 }
@@ -529,16 +590,28 @@ pub fn meminfo(field: &str) -> u64 {
 /// /proc/net/sockstat). Bytes the sockmap redirects and queues are not charged here.
 pub fn tcp_socket_memory() -> u64 {
     let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
-    let line = text.lines().find(|l| l.starts_with("TCP:")).expect("no TCP line in /proc/net/sockstat");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .expect("no TCP line in /proc/net/sockstat");
     let mut f = line.split_whitespace();
-    let pages: u64 = f.by_ref().skip_while(|w| *w != "mem").nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: u64 = f
+        .by_ref()
+        .skip_while(|w| *w != "mem")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
 /// The maximum (third value) of a `min default max` sysctl such as net/ipv4/tcp_rmem.
 pub fn sysctl_max(path: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/sys/{path}")).unwrap();
-    text.split_whitespace().nth(2).unwrap_or_else(|| panic!("{path}: {text:?}")).parse().unwrap()
+    text.split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("{path}: {text:?}"))
+        .parse()
+        .unwrap()
 }
 
 // ---- waiting ----
@@ -574,7 +647,10 @@ pub fn socket_table() -> Vec<String> {
         for line in std::fs::read_to_string(file).unwrap_or_default().lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() > 9 {
-                tcp.insert(f[9].to_string(), format!("{} -> {} state {}", hex_addr(f[1]), hex_addr(f[2]), f[3]));
+                tcp.insert(
+                    f[9].to_string(),
+                    format!("{} -> {} state {}", hex_addr(f[1]), hex_addr(f[2]), f[3]),
+                );
             }
         }
     }
@@ -587,7 +663,9 @@ pub fn socket_table() -> Vec<String> {
             let fd = e.file_name().to_string_lossy().into_owned();
             Some(format!(
                 "fd {fd}: {}",
-                tcp.get(&inode).cloned().unwrap_or_else(|| format!("socket {inode} (not TCP)"))
+                tcp.get(&inode)
+                    .cloned()
+                    .unwrap_or_else(|| format!("socket {inode} (not TCP)"))
             ))
         })
         .collect()
@@ -595,7 +673,9 @@ pub fn socket_table() -> Vec<String> {
 
 /// "0100007F:1F90" -> "127.0.0.1:8080" (IPv4; IPv6 addresses are left in hex).
 fn hex_addr(a: &str) -> String {
-    let Some((ip, port)) = a.split_once(':') else { return a.to_string() };
+    let Some((ip, port)) = a.split_once(':') else {
+        return a.to_string();
+    };
     let port = u16::from_str_radix(port, 16).unwrap_or(0);
     match u32::from_str_radix(ip, 16) {
         Ok(v) if ip.len() == 8 => format!("{}:{port}", std::net::Ipv4Addr::from(v.swap_bytes())),

@@ -29,7 +29,10 @@ const OPEN_LIMITS: &str = "[limits]\nrequests_per_second = 10000.0\nburst = 1000
 /// `[upstreams.health]`).
 fn cfg(main: &[(SocketAddr, u32)], backup: &[(SocketAddr, u32)], upstreams_extra: &str, extra: &str) -> String {
     let list = |l: &[(SocketAddr, u32)]| {
-        l.iter().map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}")).collect::<Vec<_>>().join(", ")
+        l.iter()
+            .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     format!(
         "[relay]\nmode = \"userspace\"\n{extra}\n[upstreams]\nmain = [{}]\nbackup = [{}]\n{upstreams_extra}\n",
@@ -123,7 +126,11 @@ async fn req1_metrics_count_every_handshake_outcome() {
     for relay in ["userspace", "kernel"] {
         assert_eq!(m.value("wsproxy_connections_open", &[("relay", relay)]), 0.0);
     }
-    assert_eq!(m.value("wsproxy_kernel_relay_available", &[]), 0.0, "userspace mode loads no kernel relay");
+    assert_eq!(
+        m.value("wsproxy_kernel_relay_available", &[]),
+        0.0,
+        "userspace mode loads no kernel relay"
+    );
     assert_eq!(m.value("wsproxy_relay_fallbacks_total", &[]), 0.0);
 
     // upgraded/101 (client 1), with 1000 bytes up and 300 down; the open gauge while it is open.
@@ -151,9 +158,17 @@ async fn req1_metrics_count_every_handshake_outcome() {
     // refused: 400 (client 2), 426 (client 3), 431 (client 4), 408 (client 5).
     let r = exchange(client_ip(2), proxy.addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
     assert_eq!(status(&r), 400, "{r}");
-    let r = exchange(client_ip(3), proxy.addr, request("/").replace("Version: 13", "Version: 8").as_bytes()).await;
+    let r = exchange(
+        client_ip(3),
+        proxy.addr,
+        request("/").replace("Version: 13", "Version: 8").as_bytes(),
+    )
+    .await;
     assert_eq!(status(&r), 426, "{r}");
-    let big = request("/").replace("Host: test\r\n", &format!("Host: test\r\nX-Big: {}\r\n", "b".repeat(2000)));
+    let big = request("/").replace(
+        "Host: test\r\n",
+        &format!("Host: test\r\nX-Big: {}\r\n", "b".repeat(2000)),
+    );
     let r = exchange(client_ip(4), proxy.addr, big.as_bytes()).await;
     assert_eq!(status(&r), 431, "{r}");
     let r = exchange(client_ip(5), proxy.addr, b"GET / HTTP/1.1\r\nHost: t\r\n").await;
@@ -166,7 +181,10 @@ async fn req1_metrics_count_every_handshake_outcome() {
     }
     let r = exchange(client_ip(6), proxy.addr, request("/").as_bytes()).await;
     assert_eq!(status(&r), 429, "{r}");
-    assert!(header(&r, "retry-after").is_some() && r.ends_with("request rate limit\n"), "{r}");
+    assert!(
+        header(&r, "retry-after").is_some() && r.ends_with("request rate limit\n"),
+        "{r}"
+    );
 
     // connection_limited (client 7): one open connection is its cap.
     proxy.apply(&cfg(&[(asym, 1)], &[], "timeout = \"2s\"", &capped));
@@ -182,8 +200,10 @@ async fn req1_metrics_count_every_handshake_outcome() {
     assert_eq!(status(&r), 400, "{r}");
 
     // upstream_error (client 9): the upstream answers 503; the client gets nothing.
-    let refusing =
-        Upstream::start(Script::Respond("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".into())).await;
+    let refusing = Upstream::start(Script::Respond(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".into(),
+    ))
+    .await;
     proxy.apply(&cfg(&[(refusing.addr, 1)], &[], "timeout = \"2s\"", &extra));
     let r = exchange(client_ip(9), proxy.addr, request("/").as_bytes()).await;
     assert_eq!(r, "", "nothing of the upstream's refusal reaches the client");
@@ -196,10 +216,14 @@ async fn req1_metrics_count_every_handshake_outcome() {
 
     let m = proxy
         .scrape_until("both relayed connections counted", |e| {
-            e.get("wsproxy_connections_ended_total", &[("relay", "userspace"), ("end", "closed")]) == Some(2.0)
+            e.get(
+                "wsproxy_connections_ended_total",
+                &[("relay", "userspace"), ("end", "closed")],
+            ) == Some(2.0)
         })
         .await;
-    let hs = |outcome: &str, status: &str| m.get("wsproxy_handshakes_total", &[("outcome", outcome), ("status", status)]);
+    let hs =
+        |outcome: &str, status: &str| m.get("wsproxy_handshakes_total", &[("outcome", outcome), ("status", status)]);
     let expected = [
         ("upgraded", "101", 2.0),
         ("refused", "400", 4.0),
@@ -213,14 +237,30 @@ async fn req1_metrics_count_every_handshake_outcome() {
         ("all_upstreams_down", "400", 1.0),
     ];
     for (outcome, status, n) in expected {
-        assert_eq!(hs(outcome, status), Some(n), "handshakes {outcome}/{status}:\n{}", m.text);
+        assert_eq!(
+            hs(outcome, status),
+            Some(n),
+            "handshakes {outcome}/{status}:\n{}",
+            m.text
+        );
     }
-    assert_eq!(m.sum("wsproxy_handshakes_total", &[]), 14.0, "no other outcome:\n{}", m.text);
+    assert_eq!(
+        m.sum("wsproxy_handshakes_total", &[]),
+        14.0,
+        "no other outcome:\n{}",
+        m.text
+    );
 
     // The latency histogram saw every handshake; the 408 and the timeout took 300 ms each.
-    assert_eq!(m.type_of("wsproxy_handshake_duration_seconds").as_deref(), Some("histogram"));
+    assert_eq!(
+        m.type_of("wsproxy_handshake_duration_seconds").as_deref(),
+        Some("histogram")
+    );
     assert_eq!(m.value("wsproxy_handshake_duration_seconds_count", &[]), 14.0);
-    assert_eq!(m.value("wsproxy_handshake_duration_seconds_bucket", &[("le", "+Inf")]), 14.0);
+    assert_eq!(
+        m.value("wsproxy_handshake_duration_seconds_bucket", &[("le", "+Inf")]),
+        14.0
+    );
     let sum = m.value("wsproxy_handshake_duration_seconds_sum", &[]);
     assert!((0.6..10.0).contains(&sum), "duration sum {sum}");
     let buckets: Vec<f64> = m
@@ -229,17 +269,41 @@ async fn req1_metrics_count_every_handshake_outcome() {
         .filter(|s| s.name == "wsproxy_handshake_duration_seconds_bucket")
         .map(|s| s.value)
         .collect();
-    assert!(buckets.len() > 10 && buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    assert!(
+        buckets.len() > 10 && buckets.windows(2).all(|w| w[0] <= w[1]),
+        "{buckets:?}"
+    );
 
     // Attempts and failures per upstream.
     let up = |a: SocketAddr| a.to_string();
-    for (addr, attempts) in [(asym, 2.0), (silent.addr, 1.0), (refusing.addr, 1.0), (dead1, 1.0), (dead2, 1.0)] {
-        assert_eq!(m.get("wsproxy_upstream_attempts_total", &[("upstream", &up(addr))]), Some(attempts), "{addr}");
-    }
-    assert_eq!(m.sum("wsproxy_upstream_failures_total", &[("upstream", &up(asym))]), 0.0);
-    for (addr, reason) in [(silent.addr, "timeout"), (refusing.addr, "status"), (dead1, "connect"), (dead2, "connect")] {
+    for (addr, attempts) in [
+        (asym, 2.0),
+        (silent.addr, 1.0),
+        (refusing.addr, 1.0),
+        (dead1, 1.0),
+        (dead2, 1.0),
+    ] {
         assert_eq!(
-            m.get("wsproxy_upstream_failures_total", &[("upstream", &up(addr)), ("reason", reason)]),
+            m.get("wsproxy_upstream_attempts_total", &[("upstream", &up(addr))]),
+            Some(attempts),
+            "{addr}"
+        );
+    }
+    assert_eq!(
+        m.sum("wsproxy_upstream_failures_total", &[("upstream", &up(asym))]),
+        0.0
+    );
+    for (addr, reason) in [
+        (silent.addr, "timeout"),
+        (refusing.addr, "status"),
+        (dead1, "connect"),
+        (dead2, "connect"),
+    ] {
+        assert_eq!(
+            m.get(
+                "wsproxy_upstream_failures_total",
+                &[("upstream", &up(addr)), ("reason", reason)]
+            ),
             Some(1.0),
             "{addr} {reason}:\n{}",
             m.text
@@ -247,9 +311,23 @@ async fn req1_metrics_count_every_handshake_outcome() {
     }
 
     // Bytes by direction, the gauges back to 0, no fallback, reloads counted.
-    let bytes = |dir: &str| m.value("wsproxy_relayed_bytes_total", &[("relay", "userspace"), ("direction", dir)]);
-    assert_eq!((bytes("client_to_upstream"), bytes("upstream_to_client")), (2000.0, 600.0));
-    assert_eq!(m.value("wsproxy_relayed_bytes_total", &[("relay", "kernel"), ("direction", "client_to_upstream")]), 0.0);
+    let bytes = |dir: &str| {
+        m.value(
+            "wsproxy_relayed_bytes_total",
+            &[("relay", "userspace"), ("direction", dir)],
+        )
+    };
+    assert_eq!(
+        (bytes("client_to_upstream"), bytes("upstream_to_client")),
+        (2000.0, 600.0)
+    );
+    assert_eq!(
+        m.value(
+            "wsproxy_relayed_bytes_total",
+            &[("relay", "kernel"), ("direction", "client_to_upstream")]
+        ),
+        0.0
+    );
     assert_eq!(m.value("wsproxy_connections_open", &[("relay", "userspace")]), 0.0);
     assert_eq!(m.value("wsproxy_connections_open", &[("relay", "kernel")]), 0.0);
     assert_eq!(m.value("wsproxy_relay_fallbacks_total", &[]), 0.0);
@@ -259,7 +337,10 @@ async fn req1_metrics_count_every_handshake_outcome() {
     assert_eq!(m.type_of("wsproxy_connections_open").as_deref(), Some("gauge"));
     // The same numbers through the API.
     let t = proxy.server.totals();
-    assert_eq!((t.client_to_upstream[1], t.upstream_to_client[1], t.ended[1]), (2000, 600, 2));
+    assert_eq!(
+        (t.client_to_upstream[1], t.upstream_to_client[1], t.ended[1]),
+        (2000, 600, 2)
+    );
 
     // Other paths and methods.
     assert_eq!(http(admin, "POST", "/metrics").await.status, 405);
@@ -292,7 +373,10 @@ async fn req1_healthz_ok_while_accepting_503_while_draining() {
     }
     assert!(!proxy.server.accepting());
     let refused = TcpStream::connect(proxy.addr).await;
-    assert_eq!(refused.map(|_| ()).unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(
+        refused.map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
 
     // The open connection still flows during the drain; once it ends, the stop completes long
     // before the 30 s drain timeout.
@@ -301,7 +385,11 @@ async fn req1_healthz_ok_while_accepting_503_while_draining() {
     while let Some(Ok(_)) = within("the close", ws.next()).await {}
     drop(ws);
     proxy.wait_stopped(Duration::from_secs(5)).await;
-    assert_eq!(http(admin, "GET", "/healthz").await.status, 503, "still 503 after the stop");
+    assert_eq!(
+        http(admin, "GET", "/healthz").await.status,
+        503,
+        "still 503 after the stop"
+    );
     assert_eq!(proxy.server.totals().drain_timeouts, 0);
     proxy.stop().await;
 }
@@ -323,12 +411,21 @@ async fn req1_connection_closed_by_the_shutdown_drain_is_counted() {
     read_to_close(&mut s).await;
     let m = proxy.scrape().await;
     assert_eq!(
-        (m.value("wsproxy_connections_open", &[("relay", "userspace")]), m.sum("wsproxy_connections_ended_total", &[])),
+        (
+            m.value("wsproxy_connections_open", &[("relay", "userspace")]),
+            m.sum("wsproxy_connections_ended_total", &[])
+        ),
         (0.0, 1.0),
         "the connection closed at the drain timeout is still counted as open:\n{}",
         m.text
     );
-    assert_eq!(m.value("wsproxy_relayed_bytes_total", &[("relay", "userspace"), ("direction", "client_to_upstream")]), 40.0);
+    assert_eq!(
+        m.value(
+            "wsproxy_relayed_bytes_total",
+            &[("relay", "userspace"), ("direction", "client_to_upstream")]
+        ),
+        40.0
+    );
     proxy.stop().await;
 }
 
@@ -342,7 +439,10 @@ async fn req1_admin_listener_off_without_address() {
     assert!(proxy.admin.is_none());
     // With an address it is on.
     let with = cfg(&[(echo, 1)], &[], "", "[admin]\naddress = \"127.0.0.1:9999\"\n");
-    assert_eq!(wsproxy::Config::parse(&with, "t").unwrap().admin, Some("127.0.0.1:9999".parse().unwrap()));
+    assert_eq!(
+        wsproxy::Config::parse(&with, "t").unwrap().admin,
+        Some("127.0.0.1:9999".parse().unwrap())
+    );
     proxy.stop().await;
 }
 
@@ -353,7 +453,11 @@ fn shipped_config() -> PathBuf {
 #[test]
 fn req1_shipped_config_sets_admin_on_loopback_9090() {
     let c = wsproxy::Config::load(&shipped_config()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.admin, Some("127.0.0.1:9090".parse().unwrap()), "the shipped config must enable the admin listener");
+    assert_eq!(
+        c.admin,
+        Some("127.0.0.1:9090".parse().unwrap()),
+        "the shipped config must enable the admin listener"
+    );
 }
 
 /// The shipped file shows every option (set or commented out) in its section.
@@ -363,7 +467,9 @@ fn req1_shipped_config_documents_every_daemon_option() {
     // Lines with any leading "#" and blanks removed: commented-out options count.
     let lines: Vec<&str> = text.lines().map(|l| l.trim_start_matches(['#', ' '])).collect();
     let has = |section: &str, key: &str| {
-        let Some(start) = lines.iter().position(|l| *l == format!("[{section}]")) else { return false };
+        let Some(start) = lines.iter().position(|l| *l == format!("[{section}]")) else {
+            return false;
+        };
         lines[start + 1..]
             .iter()
             .take_while(|l| !(l.starts_with('[') && l.ends_with(']')))
@@ -382,7 +488,11 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("upstreams.health", "probe"),
         ("relay", "idle_timeout"),
     ];
-    let missing: Vec<String> = wanted.iter().filter(|(s, k)| !has(s, k)).map(|(s, k)| format!("{s}.{k}")).collect();
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|(s, k)| !has(s, k))
+        .map(|(s, k)| format!("{s}.{k}"))
+        .collect();
     assert!(missing.is_empty(), "config/wsproxy.toml does not show: {missing:?}");
 }
 
@@ -406,7 +516,9 @@ impl Fleet {
         let (done_tx, done) = mpsc::unbounded_channel();
         let mut tasks = Vec::new();
         for i in 0..CONNS {
-            let ws = ws_connect(client_ip(first_ip + i as u32), proxy).await.unwrap_or_else(|e| panic!("ws {i}: {e}"));
+            let ws = ws_connect(client_ip(first_ip + i as u32), proxy)
+                .await
+                .unwrap_or_else(|e| panic!("ws {i}: {e}"));
             tasks.push(tokio::spawn(talk(i, ws, round_rx.clone(), done_tx.clone())));
         }
         Fleet { rounds, done, tasks }
@@ -431,7 +543,12 @@ impl Fleet {
         self.rounds.send(STOP).unwrap();
         let mut out = Vec::new();
         for (i, t) in self.tasks.into_iter().enumerate() {
-            out.push(within("a connection to end", t).await.unwrap().unwrap_or_else(|e| panic!("connection {i}: {e}")));
+            out.push(
+                within("a connection to end", t)
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}")),
+            );
         }
         out
     }
@@ -454,7 +571,9 @@ async fn talk(
         }
         let res = async {
             for k in next..next + PER_ROUND {
-                ws.send(Message::text(format!("conn {i} msg {k}"))).await.map_err(|e| format!("send {k}: {e}"))?;
+                ws.send(Message::text(format!("conn {i} msg {k}")))
+                    .await
+                    .map_err(|e| format!("send {k}: {e}"))?;
             }
             for k in next..next + PER_ROUND {
                 match ws.next().await {
@@ -491,9 +610,14 @@ async fn req2_reloads_keep_100_websockets_and_new_ones_get_new_settings() {
 
     // One new raw connection from `ip`: which upstream took it, and the X-Gen it forwarded.
     async fn landing(proxy: SocketAddr, ip: IpAddr, ups: [&mut Flaky; 2]) -> (String, Option<String>) {
-        let (s, id) = upgrade_and_id(ip, proxy, 1).await.unwrap_or_else(|h| panic!("{ip}: {h}"));
+        let (s, id) = upgrade_and_id(ip, proxy, 1)
+            .await
+            .unwrap_or_else(|h| panic!("{ip}: {h}"));
         drop(s);
-        let up = ups.into_iter().find(|u| u.id == id).unwrap_or_else(|| panic!("unknown id {id:?}"));
+        let up = ups
+            .into_iter()
+            .find(|u| u.id == id)
+            .unwrap_or_else(|| panic!("unknown id {id:?}"));
         let seen = within("the upstream's record", up.seen.recv()).await.unwrap();
         (id, header(&seen.head, "x-gen"))
     }
@@ -503,7 +627,10 @@ async fn req2_reloads_keep_100_websockets_and_new_ones_get_new_settings() {
     let t1 = text(&[(echo, 1), (s1.addr, 1)], &[], 1, OPEN_LIMITS);
     proxy.apply(&t1);
     let c = client_where(&proxy.server.config().upstreams, 1000, |o| o[0] == s1.addr);
-    assert_eq!(landing(proxy.addr, c, [&mut s1, &mut s2]).await, ("1".into(), Some("1".into())));
+    assert_eq!(
+        landing(proxy.addr, c, [&mut s1, &mut s2]).await,
+        ("1".into(), Some("1".into()))
+    );
     let c = client_where(&proxy.server.config().upstreams, 1000, |o| o[0] == echo);
     let mut ws = ws_connect(c, proxy.addr).await.unwrap();
     echo_check(&mut ws, "new client on the echo upstream").await;
@@ -517,9 +644,15 @@ async fn req2_reloads_keep_100_websockets_and_new_ones_get_new_settings() {
     proxy.apply(&t2);
     let ups2 = proxy.server.config().upstreams;
     let c = client_where(&ups2, 1000, |o| o[0] == s2.addr);
-    assert_eq!(landing(proxy.addr, c, [&mut s1, &mut s2]).await, ("2".into(), Some("2".into())));
+    assert_eq!(
+        landing(proxy.addr, c, [&mut s1, &mut s2]).await,
+        ("2".into(), Some("2".into()))
+    );
     let c = client_where(&ups2, 1000, |o| o[0] == s1.addr);
-    assert_eq!(landing(proxy.addr, c, [&mut s1, &mut s2]).await, ("1".into(), Some("2".into())));
+    assert_eq!(
+        landing(proxy.addr, c, [&mut s1, &mut s2]).await,
+        ("1".into(), Some("2".into()))
+    );
     extra_relayed += 2;
     fleet.finish_round(2).await;
 
@@ -542,9 +675,16 @@ async fn req2_reloads_keep_100_websockets_and_new_ones_get_new_settings() {
     proxy.apply(&text(&[(s1.addr, 0), (s2.addr, 1)], &[], 4, OPEN_LIMITS));
     let s1_before = s1.accepted();
     let b2 = Balancer::new(&ups2);
-    let movers: Vec<IpAddr> = (4000..6000).map(client_ip).filter(|&ip| b2.order(ip)[0] == s1.addr).take(5).collect();
+    let movers: Vec<IpAddr> = (4000..6000)
+        .map(client_ip)
+        .filter(|&ip| b2.order(ip)[0] == s1.addr)
+        .take(5)
+        .collect();
     for ip in movers {
-        assert_eq!(landing(proxy.addr, ip, [&mut s1, &mut s2]).await, ("2".into(), Some("4".into())));
+        assert_eq!(
+            landing(proxy.addr, ip, [&mut s1, &mut s2]).await,
+            ("2".into(), Some("4".into()))
+        );
     }
     assert_eq!(s1.accepted(), s1_before, "a weight-0 upstream got a new client");
     extra_relayed += 5;
@@ -553,7 +693,10 @@ async fn req2_reloads_keep_100_websockets_and_new_ones_get_new_settings() {
     // Reload 5: s1 main, s2 backup, another header value.
     fleet.start_round(5);
     proxy.apply(&text(&[(s1.addr, 1)], &[(s2.addr, 1)], 5, OPEN_LIMITS));
-    assert_eq!(landing(proxy.addr, client_ip(7000), [&mut s1, &mut s2]).await, ("1".into(), Some("5".into())));
+    assert_eq!(
+        landing(proxy.addr, client_ip(7000), [&mut s1, &mut s2]).await,
+        ("1".into(), Some("5".into()))
+    );
     extra_relayed += 1;
     fleet.finish_round(5).await;
 
@@ -562,7 +705,11 @@ async fn req2_reloads_keep_100_websockets_and_new_ones_get_new_settings() {
     fleet.finish_round(6).await;
     let end = Instant::now() + DEADLINE;
     while proxy.server.totals().ended[1] < extra_relayed {
-        assert!(Instant::now() < end, "the extra connections did not end: {:?}", proxy.server.totals());
+        assert!(
+            Instant::now() < end,
+            "the extra connections did not end: {:?}",
+            proxy.server.totals()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let t = proxy.server.totals();
@@ -583,7 +730,8 @@ async fn req2_invalid_config_file_is_refused_and_the_old_one_kept() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("reload.toml");
     let good = |generation: &str| {
-        let extra = format!("{ADMIN}{OPEN_LIMITS}[headers]\nadd = [{{ name = \"X-Gen\", value = \"{generation}\" }}]\n");
+        let extra =
+            format!("{ADMIN}{OPEN_LIMITS}[headers]\nadd = [{{ name = \"X-Gen\", value = \"{generation}\" }}]\n");
         cfg(&[(s1_addr, 1)], &[], "timeout = \"2s\"", &extra)
     };
     std::fs::write(&path, good("old")).unwrap();
@@ -595,16 +743,29 @@ async fn req2_invalid_config_file_is_refused_and_the_old_one_kept() {
         let (s, id) = upgrade_and_id(ip, proxy, 1).await.unwrap();
         assert_eq!(id, "1");
         drop(s);
-        header(&within("the upstream's record", s1.seen.recv()).await.unwrap().head, "x-gen")
+        header(
+            &within("the upstream's record", s1.seen.recv()).await.unwrap().head,
+            "x-gen",
+        )
     }
-    assert_eq!(gen_seen(proxy.addr, &mut s1, client_ip(1)).await.as_deref(), Some("old"));
+    assert_eq!(
+        gen_seen(proxy.addr, &mut s1, client_ip(1)).await.as_deref(),
+        Some("old")
+    );
     let (mut held, _) = upgrade_and_id(client_ip(2), proxy.addr, 1).await.unwrap();
 
     // A file with bad values: every field named, nothing changed.
-    std::fs::write(&path, format!("{ADMIN}[limits]\nburst = 0\n[upstreams]\nmain = []\ntimeout = \"0s\"\n")).unwrap();
+    std::fs::write(
+        &path,
+        format!("{ADMIN}[limits]\nburst = 0\n[upstreams]\nmain = []\ntimeout = \"0s\"\n"),
+    )
+    .unwrap();
     let e = proxy.server.reload().unwrap_err();
     for field in ["limits.burst", "upstreams.main", "upstreams.timeout"] {
-        assert!(e.problems.iter().any(|p| p.starts_with(field)), "{field} not named: {e}");
+        assert!(
+            e.problems.iter().any(|p| p.starts_with(field)),
+            "{field} not named: {e}"
+        );
     }
     assert_eq!(proxy.server.config().headers.add[0].value, "old");
     // The same through POST /reload: 400 and every problem.
@@ -619,7 +780,10 @@ async fn req2_invalid_config_file_is_refused_and_the_old_one_kept() {
     assert!(e.problems[0].starts_with("syntax"), "{e}");
 
     // Still serving, with the old settings, and the open connection still flows.
-    assert_eq!(gen_seen(proxy.addr, &mut s1, client_ip(3)).await.as_deref(), Some("old"));
+    assert_eq!(
+        gen_seen(proxy.addr, &mut s1, client_ip(3)).await.as_deref(),
+        Some("old")
+    );
     held.write_all(b"still here").await.unwrap();
     let mut back = [0u8; 10];
     within("the echo", held.read_exact(&mut back)).await.unwrap();
@@ -632,11 +796,20 @@ async fn req2_invalid_config_file_is_refused_and_the_old_one_kept() {
     std::fs::write(&path, good("new")).unwrap();
     let r = http(admin, "POST", "/reload").await;
     assert_eq!((r.status, r.body.as_str()), (200, "reloaded\n"), "{r:?}");
-    assert_eq!(gen_seen(proxy.addr, &mut s1, client_ip(4)).await.as_deref(), Some("new"));
+    assert_eq!(
+        gen_seen(proxy.addr, &mut s1, client_ip(4)).await.as_deref(),
+        Some("new")
+    );
 
     // A proxy not started from a file cannot reload one.
     let plain = wsproxy::Server::new(wsproxy::Config::parse(&good("x"), "t").unwrap()).unwrap();
-    assert!(plain.reload().unwrap_err().to_string().contains("not started from a file"));
+    assert!(
+        plain
+            .reload()
+            .unwrap_err()
+            .to_string()
+            .contains("not started from a file")
+    );
     drop(held);
     proxy.stop().await;
 }
@@ -648,7 +821,12 @@ async fn req4_passive_health_marks_down_skips_and_recovers() {
     let mut a = Flaky::start("A").await;
     let (b, c) = (Flaky::start("B").await, Flaky::start("C").await);
     let health = "timeout = \"1s\"\n[upstreams.health]\nmax_fails = 2\nfail_timeout = \"2s\"\n";
-    let text = cfg(&[(a.addr, 1), (b.addr, 1), (c.addr, 1)], &[], health, &format!("{ADMIN}{OPEN_LIMITS}"));
+    let text = cfg(
+        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
+        &[],
+        health,
+        &format!("{ADMIN}{OPEN_LIMITS}"),
+    );
     let proxy = ServerProxy::start(&text).await;
     let ups = proxy.server.config().upstreams;
     let ids = [(a.addr, "A"), (b.addr, "B"), (c.addr, "C")];
@@ -676,14 +854,27 @@ async fn req4_passive_health_marks_down_skips_and_recovers() {
     let m = proxy.scrape().await;
     assert_eq!(up_a(&m), Some(0.0), "{}", m.text);
     assert_eq!(attempts_a(&m), Some(3.0));
-    assert_eq!(m.value("wsproxy_upstream_failures_total", &[("upstream", &a_label), ("reason", "connect")]), 2.0);
+    assert_eq!(
+        m.value(
+            "wsproxy_upstream_failures_total",
+            &[("upstream", &a_label), ("reason", "connect")]
+        ),
+        2.0
+    );
 
     // Down: skipped without an attempt; A's clients go to their own next choice, others stay.
     assert_eq!(land(x).await, id(x_next));
     assert_eq!(land(z).await, id(z_next));
     assert_eq!(land(y).await, "B");
-    assert_eq!(attempts_a(&proxy.scrape().await), Some(3.0), "a down upstream was tried");
-    assert!(marked.elapsed() < Duration::from_secs(2), "the checks above ran past the cool-down; make it longer");
+    assert_eq!(
+        attempts_a(&proxy.scrape().await),
+        Some(3.0),
+        "a down upstream was tried"
+    );
+    assert!(
+        marked.elapsed() < Duration::from_secs(2),
+        "the checks above ran past the cool-down; make it longer"
+    );
 
     // A is back; after the cool-down its clients return to it.
     a.revive().await;
@@ -698,7 +889,10 @@ async fn req4_passive_health_marks_down_skips_and_recovers() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let back_after = marked.elapsed();
-    assert!(back_after >= Duration::from_millis(1800), "back after {back_after:?}, before the 2 s cool-down");
+    assert!(
+        back_after >= Duration::from_millis(1800),
+        "back after {back_after:?}, before the 2 s cool-down"
+    );
     assert_eq!(land(z).await, "A");
     assert_eq!(up_a(&proxy.scrape().await), Some(1.0));
     proxy.stop().await;
@@ -728,34 +922,54 @@ async fn active_probes(kind: &str) {
     wait_probes(&a, 2).await;
     if kind == "websocket" {
         let seen = within("a probe's record", a.seen.recv()).await.unwrap();
-        assert!(seen.head.starts_with("GET ") && seen.head.contains("wsproxy-probe"), "{}", seen.head);
+        assert!(
+            seen.head.starts_with("GET ") && seen.head.contains("wsproxy-probe"),
+            "{}",
+            seen.head
+        );
     }
     assert_eq!(up(&proxy.scrape().await, &a_label), Some(1.0));
 
     // Dead: marked down by the probes alone.
     a.kill().await;
     let t = Instant::now();
-    let m = proxy.scrape_until("A marked down by probes", |e| up(e, &a_label) == Some(0.0)).await;
+    let m = proxy
+        .scrape_until("A marked down by probes", |e| up(e, &a_label) == Some(0.0))
+        .await;
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(up(&m, &b_label), Some(1.0));
     assert_eq!(m.sum("wsproxy_handshakes_total", &[]), 0.0, "there was client traffic");
-    assert_eq!(m.sum("wsproxy_upstream_attempts_total", &[]), 0.0, "probes are not client attempts");
+    assert_eq!(
+        m.sum("wsproxy_upstream_attempts_total", &[]),
+        0.0,
+        "probes are not client attempts"
+    );
 
     // Back on the same port: up again, long before the 30 s cool-down.
     a.revive().await;
     let t = Instant::now();
-    proxy.scrape_until("A marked up by probes", |e| up(e, &a_label) == Some(1.0)).await;
+    proxy
+        .scrape_until("A marked up by probes", |e| up(e, &a_label) == Some(1.0))
+        .await;
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 
     // Accepting TCP but not answering the handshake: only a WebSocket probe notices.
     a.answering(false);
     if kind == "websocket" {
-        proxy.scrape_until("A down: no 101", |e| up(e, &a_label) == Some(0.0)).await;
+        proxy
+            .scrape_until("A down: no 101", |e| up(e, &a_label) == Some(0.0))
+            .await;
         a.answering(true);
-        proxy.scrape_until("A up: 101 again", |e| up(e, &a_label) == Some(1.0)).await;
+        proxy
+            .scrape_until("A up: 101 again", |e| up(e, &a_label) == Some(1.0))
+            .await;
     } else {
         wait_probes(&a, 4).await;
-        assert_eq!(up(&proxy.scrape().await, &a_label), Some(1.0), "a TCP probe only connects");
+        assert_eq!(
+            up(&proxy.scrape().await, &a_label),
+            Some(1.0),
+            "a TCP probe only connects"
+        );
     }
     proxy.stop().await;
 }
@@ -791,7 +1005,10 @@ async fn req5_no_idle_timeout_by_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req5_idle_timeout_closes_a_silent_connection_not_a_talking_one() {
     let up = Flaky::start("U").await;
-    let text = cfg(&[(up.addr, 1)], &[], "", "").replace("mode = \"userspace\"\n", "mode = \"userspace\"\nidle_timeout = \"1s\"\n");
+    let text = cfg(&[(up.addr, 1)], &[], "", "").replace(
+        "mode = \"userspace\"\n",
+        "mode = \"userspace\"\nidle_timeout = \"1s\"\n",
+    );
     let proxy = ServerProxy::start(&text).await;
     let (mut silent, _) = upgrade_and_id(client_ip(1), proxy.addr, 1).await.unwrap();
     let (mut talker, _) = upgrade_and_id(client_ip(2), proxy.addr, 1).await.unwrap();
@@ -817,11 +1034,24 @@ async fn req5_idle_timeout_closes_a_silent_connection_not_a_talking_one() {
     let (closed_at, r) = within("the silent connection to close", closed).await.unwrap();
     assert!(matches!(r, Ok(0) | Err(_)), "the silent connection got data: {r:?}");
     let idle = closed_at - last_byte;
-    assert!((Duration::from_millis(900)..Duration::from_millis(2000)).contains(&idle), "closed after {idle:?}");
+    assert!(
+        (Duration::from_millis(900)..Duration::from_millis(2000)).contains(&idle),
+        "closed after {idle:?}"
+    );
 
     let m = Exposition::parse(&proxy.server.metrics_text());
-    assert_eq!(m.value("wsproxy_connections_ended_total", &[("relay", "userspace"), ("end", "idle timeout")]), 1.0);
-    assert_eq!(m.value("wsproxy_connections_open", &[("relay", "userspace")]), 1.0, "the talker is still open");
+    assert_eq!(
+        m.value(
+            "wsproxy_connections_ended_total",
+            &[("relay", "userspace"), ("end", "idle timeout")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value("wsproxy_connections_open", &[("relay", "userspace")]),
+        1.0,
+        "the talker is still open"
+    );
     drop(talker);
     proxy.stop().await;
 }
@@ -830,7 +1060,10 @@ async fn req5_idle_timeout_closes_a_silent_connection_not_a_talking_one() {
 async fn req5_tcp_keepalive_on_both_proxy_sockets() {
     let cases = [
         ("", Some((60, 10, 6))),
-        ("[keepalive]\nidle = \"45s\"\ninterval = \"7s\"\ncount = 4\n", Some((45, 7, 4))),
+        (
+            "[keepalive]\nidle = \"45s\"\ninterval = \"7s\"\ncount = 4\n",
+            Some((45, 7, 4)),
+        ),
         ("[keepalive]\nenabled = false\n", None),
     ];
     for (section, want) in cases {
@@ -840,14 +1073,24 @@ async fn req5_tcp_keepalive_on_both_proxy_sockets() {
         let client = s.local_addr().unwrap();
         let client_side = sockets_where(|local, peer| local == proxy.addr && peer == client);
         let upstream_side = sockets_where(|_, peer| peer == up.addr);
-        assert_eq!((client_side.len(), upstream_side.len()), (1, 1), "the proxy's two sockets");
+        assert_eq!(
+            (client_side.len(), upstream_side.len()),
+            (1, 1),
+            "the proxy's two sockets"
+        );
         for (side, fd) in [("client", client_side[0]), ("upstream", upstream_side[0])] {
             let o = keepalive_opts(fd);
             assert!(o.nodelay, "{side} side: {o:?}");
             match want {
                 Some((idle_s, interval_s, count)) => assert_eq!(
                     o,
-                    KeepaliveOpts { keepalive: true, idle_s, interval_s, count, nodelay: true },
+                    KeepaliveOpts {
+                        keepalive: true,
+                        idle_s,
+                        interval_s,
+                        count,
+                        nodelay: true
+                    },
                     "{section:?}: {side} side"
                 ),
                 None => assert!(!o.keepalive, "{section:?}: {side} side: {o:?}"),

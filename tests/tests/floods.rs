@@ -103,7 +103,10 @@ async fn handshake_flood_from_one_address_is_limited_while_others_get_through() 
     let mut polite_ok = 0;
     while let Some(r) = within("the well-behaved clients", polite.join_next()).await {
         let got = r.unwrap();
-        assert!(got.iter().all(|&s| s == 101), "a well-behaved client was refused: {got:?}");
+        assert!(
+            got.iter().all(|&s| s == 101),
+            "a well-behaved client was refused: {got:?}"
+        );
         polite_ok += got.len();
     }
     let polite_secs = started.elapsed().as_secs_f64();
@@ -116,11 +119,18 @@ async fn handshake_flood_from_one_address_is_limited_while_others_get_through() 
     ));
     assert!(other.is_empty(), "answers other than 101/429: {other:?}");
     assert!(ok >= BURST, "the flooder's burst was not admitted: {ok} x 101");
-    assert!(ok <= allowed, "the flooder got {ok} handshakes through, more than {allowed}");
+    assert!(
+        ok <= allowed,
+        "the flooder got {ok} handshakes through, more than {allowed}"
+    );
     assert_eq!(ok + limited, FLOOD as u64);
     assert_eq!(polite_ok, POLITE as usize * POLITE_EACH);
     // Refused handshakes never reached the upstream: it saw exactly the admitted ones.
-    assert_eq!(up.accepted() as u64, ok + polite_ok as u64, "refused handshakes reached the upstream");
+    assert_eq!(
+        up.accepted() as u64,
+        ok + polite_ok as u64,
+        "refused handshakes reached the upstream"
+    );
     proxy.stop(DEADLINE).await;
 }
 
@@ -128,7 +138,10 @@ async fn handshake_flood_from_one_address_is_limited_while_others_get_through() 
 /// Source addresses of the half-open flood: 100 (2,000 handshakes) in CI, where time is short;
 /// `FLOOD_ADDRS=500` gives the 10,000 of the full run.
 fn addrs() -> u32 {
-    std::env::var("FLOOD_ADDRS").ok().and_then(|v| v.parse().ok()).unwrap_or(100)
+    std::env::var("FLOOD_ADDRS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
 }
 const PER_ADDR: usize = 20;
 /// Half-open handshakes held at once.
@@ -193,7 +206,9 @@ async fn half_open_round(addr: std::net::SocketAddr, fds_start: usize) -> Round 
     }
     drop(ready_tx);
     for _ in 0..N {
-        within("the half-open handshakes to be sent", ready.recv()).await.expect("a client task failed");
+        within("the half-open handshakes to be sent", ready.recv())
+            .await
+            .expect("a client task failed");
     }
     let open_secs = opened.elapsed().as_secs_f64();
     // Every client socket is open; the proxy has accepted each once its descriptor is here too.
@@ -202,7 +217,12 @@ async fn half_open_round(addr: std::net::SocketAddr, fds_start: usize) -> Round 
         (n + SETTLING_SOCKETS >= fds_start + 2 * N).then_some(n)
     })
     .await
-    .unwrap_or_else(|| panic!("the proxy did not accept {N} connections: {} fds, {fds_start} at start", fd_count()));
+    .unwrap_or_else(|| {
+        panic!(
+            "the proxy did not accept {N} connections: {} fds, {fds_start} at start",
+            fd_count()
+        )
+    });
     let peak_rss = vm_rss();
 
     // Held at once, the proxy still serves: an honest client, and the per-address cap refuses a
@@ -224,12 +244,25 @@ async fn half_open_round(addr: std::net::SocketAddr, fds_start: usize) -> Round 
             (first, last) = (first.min(took), last.max(took));
         }
     }
-    let released = poll_until(DEADLINE, || (fd_count() <= fds_start + SETTLING_SOCKETS).then_some(())).await.is_some();
+    let released = poll_until(DEADLINE, || (fd_count() <= fds_start + SETTLING_SOCKETS).then_some(()))
+        .await
+        .is_some();
     let (fds_after, rss_after) = (fd_count(), vm_rss());
     // SAFETY: malloc_trim only returns free memory of the allocator to the system.
     unsafe { libc::malloc_trim(0) };
     let rss_trimmed = vm_rss();
-    Round { open_secs, statuses, first, last, peak_fds, fds_after, released, peak_rss, rss_after, rss_trimmed }
+    Round {
+        open_secs,
+        statuses,
+        first,
+        last,
+        peak_fds,
+        fds_after,
+        released,
+        peak_rss,
+        rss_after,
+        rss_trimmed,
+    }
 }
 
 /// Sockets of earlier work that close on their own schedule: the warm-up echo's four (client, the
@@ -244,7 +277,10 @@ async fn half_open_handshakes_are_bounded_and_freed_at_the_head_timeout() {
     let _g = ONE_AT_A_TIME.lock().await;
     // Descriptors: each half-open handshake holds two here (the client's and the proxy's).
     let limit = raise_nofile(65_536);
-    assert!(limit as usize >= 2 * N + 512, "RLIMIT_NOFILE {limit} is too low for {N} connections");
+    assert!(
+        limit as usize >= 2 * N + 512,
+        "RLIMIT_NOFILE {limit} is too low for {N} connections"
+    );
     let echo = echo_upstream().await;
     let extra = format!(
         "[relay]\nmode = \"userspace\"\n[handshake]\nheader_timeout = \"{}s\"\n\
@@ -292,15 +328,36 @@ async fn half_open_handshakes_are_bounded_and_freed_at_the_head_timeout() {
         rounds.push(r);
     }
     for r in &rounds {
-        assert_eq!(r.statuses.get(&408), Some(&N), "every half-open handshake gets 408: {:?}", r.statuses);
+        assert_eq!(
+            r.statuses.get(&408),
+            Some(&N),
+            "every half-open handshake gets 408: {:?}",
+            r.statuses
+        );
         // The proxy's clock starts at accept, a moment before the client's write.
-        assert!(r.first >= HEADER_TIMEOUT - Duration::from_secs(1), "a 408 came early: {:?}", r.first);
+        assert!(
+            r.first >= HEADER_TIMEOUT - Duration::from_secs(1),
+            "a 408 came early: {:?}",
+            r.first
+        );
         assert!(r.last <= HEADER_TIMEOUT + DEADLINE, "a 408 came late: {:?}", r.last);
         // Two descriptors per connection (plus the few the runtime opens), all released after.
-        assert!(r.peak_fds <= fds_start + 2 * N + 64, "{} fds for {N} connections", r.peak_fds);
-        assert!(r.released, "descriptors not released: {} now, {fds_start} at start (+{SETTLING_SOCKETS})", r.fds_after);
+        assert!(
+            r.peak_fds <= fds_start + 2 * N + 64,
+            "{} fds for {N} connections",
+            r.peak_fds
+        );
+        assert!(
+            r.released,
+            "descriptors not released: {} now, {fds_start} at start (+{SETTLING_SOCKETS})",
+            r.fds_after
+        );
         // At most 48 KiB resident per connection, proxy and client together.
-        assert!(r.peak_rss <= rss_start + 48 * 1024 * N as u64, "VmRSS {:.1} MiB with {N} held", mib(r.peak_rss));
+        assert!(
+            r.peak_rss <= rss_start + 48 * 1024 * N as u64,
+            "VmRSS {:.1} MiB with {N} held",
+            mib(r.peak_rss)
+        );
         // Afterwards, what is still in use is within 8 MiB of the start.
         assert!(
             r.rss_trimmed <= rss_start + 8 * MIB,

@@ -52,7 +52,10 @@ async fn rule1_request_rate_is_limited_per_ip_with_retry_after() {
 #[tokio::test]
 async fn rule1_concurrent_connections_are_capped_per_ip_and_released() {
     let echo = echo_upstream().await;
-    let extra = format!("{}[limits]\nmax_connections_per_ip = 2\nrequests_per_second = 1000.0\nburst = 1000\n", USERSPACE);
+    let extra = format!(
+        "{}[limits]\nmax_connections_per_ip = 2\nrequests_per_second = 1000.0\nburst = 1000\n",
+        USERSPACE
+    );
     let proxy = Proxy::start(&config(&[echo], &[], &extra)).await;
     let a = client_ip(10);
     let mut first = ws_connect(a, proxy.addr).await.unwrap();
@@ -124,7 +127,10 @@ async fn rule2_oversized_heads_get_431() {
     let mut up = Upstream::start(Script::Upgrade { after: vec![] }).await;
     let extra = format!("{}[handshake]\nmax_head_bytes = 4096\nmax_headers = 20\n", generous());
     let proxy = Proxy::start(&config(&[up.addr], &[], &extra)).await;
-    let big = request("/").replace("Host: test\r\n", &format!("Host: test\r\nX-Big: {}\r\n", "a".repeat(5000)));
+    let big = request("/").replace(
+        "Host: test\r\n",
+        &format!("Host: test\r\nX-Big: {}\r\n", "a".repeat(5000)),
+    );
     let answer = exchange(client_ip(1), proxy.addr, big.as_bytes()).await;
     assert_eq!(status(&answer), 431, "{answer}");
     let many: String = (0..21).map(|i| format!("X-H{i}: v\r\n")).collect();
@@ -178,19 +184,35 @@ async fn rule3_rfc6455_validation() {
         ("no Host", good.replace("Host: test\r\n", ""), 400),
         ("Upgrade: h2c", good.replace("Upgrade: websocket", "Upgrade: h2c"), 400),
         ("no Upgrade", good.replace("Upgrade: websocket\r\n", ""), 400),
-        ("no upgrade token", good.replace("Connection: Upgrade", "Connection: keep-alive"), 400),
+        (
+            "no upgrade token",
+            good.replace("Connection: Upgrade", "Connection: keep-alive"),
+            400,
+        ),
         ("key of 8 bytes", good.replace(KEY, "AAAAAAAAAAs="), 400),
         ("key not base64", good.replace(KEY, "!!!!"), 400),
-        ("no key", good.replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), ""), 400),
+        (
+            "no key",
+            good.replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), ""),
+            400,
+        ),
         ("no version", good.replace("Sec-WebSocket-Version: 13\r\n", ""), 400),
-        ("version 8", good.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
+        (
+            "version 8",
+            good.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
+            426,
+        ),
         ("garbage", "\x16\x03\x01\x02\x00garbage\r\n\r\n".into(), 400),
     ];
     for (name, text, want) in cases {
         let answer = exchange(client_ip(1), proxy.addr, text.as_bytes()).await;
         assert_eq!(status(&answer), want, "{name}: {answer}");
         if want == 426 {
-            assert_eq!(header(&answer, "sec-websocket-version").as_deref(), Some("13"), "{answer}");
+            assert_eq!(
+                header(&answer, "sec-websocket-version").as_deref(),
+                Some("13"),
+                "{answer}"
+            );
         }
     }
     assert_eq!(up.accepted(), 0, "an invalid request reached the upstream");

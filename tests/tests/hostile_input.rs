@@ -102,8 +102,16 @@ impl Recorder {
                 tokio::spawn(record(s, id, act, tx.clone()));
             }
         });
-        let events = Events { rx, done: HashMap::new(), stalled: HashMap::new() };
-        Recorder { addr, act, events: tokio::sync::Mutex::new(events) }
+        let events = Events {
+            rx,
+            done: HashMap::new(),
+            stalled: HashMap::new(),
+        };
+        Recorder {
+            addr,
+            act,
+            events: tokio::sync::Mutex::new(events),
+        }
     }
 }
 
@@ -152,7 +160,10 @@ impl Events {
             let ev = tokio::time::timeout_at(end, self.rx.recv()).await.ok()??;
             let mut heads = Vec::new();
             self.sort(ev, &mut heads);
-            assert!(heads.is_empty(), "a request head arrived while waiting for connection {id} to end");
+            assert!(
+                heads.is_empty(),
+                "a request head arrived while waiting for connection {id} to end"
+            );
         }
     }
 
@@ -237,7 +248,11 @@ async fn flood(s: &mut TcpStream, id: u64, tx: &mpsc::UnboundedSender<Ev>) {
     let buf = vec![0x5a; 64 * 1024];
     let (mut written, mut stalled) = (0u64, false);
     while written < FLOOD_MAX {
-        let w = if stalled { Ok(s.write(&buf).await) } else { tokio::time::timeout(STALL, s.write(&buf)).await };
+        let w = if stalled {
+            Ok(s.write(&buf).await)
+        } else {
+            tokio::time::timeout(STALL, s.write(&buf)).await
+        };
         match w {
             Ok(Ok(n)) if n > 0 => written += n as u64,
             Ok(_) => return,
@@ -325,23 +340,48 @@ impl Ctx {
 }
 
 fn send(bytes: impl Into<Vec<u8>>) -> Case {
-    Case::Send { bytes: bytes.into(), act: Act::Upgrade, fin: false, check: None }
+    Case::Send {
+        bytes: bytes.into(),
+        act: Act::Upgrade,
+        fin: false,
+        check: None,
+    }
 }
 
 fn send_fin(bytes: impl Into<Vec<u8>>) -> Case {
-    Case::Send { bytes: bytes.into(), act: Act::Upgrade, fin: true, check: None }
+    Case::Send {
+        bytes: bytes.into(),
+        act: Act::Upgrade,
+        fin: true,
+        check: None,
+    }
 }
 
 fn upstream(act: Act) -> Case {
-    Case::Send { bytes: request("/up").into_bytes(), act, fin: false, check: None }
+    Case::Send {
+        bytes: request("/up").into_bytes(),
+        act,
+        fin: false,
+        check: None,
+    }
 }
 
 fn checked(bytes: impl Into<Vec<u8>>, act: Act, check: Check) -> Case {
-    Case::Send { bytes: bytes.into(), act, fin: false, check: Some(check) }
+    Case::Send {
+        bytes: bytes.into(),
+        act,
+        fin: false,
+        check: Some(check),
+    }
 }
 
 fn row(name: &str, expect: Answer, heads: usize, case: Case) -> Row {
-    Row { name: name.to_string(), expect, heads, case }
+    Row {
+        name: name.to_string(),
+        expect,
+        heads,
+        case,
+    }
 }
 
 /// The valid request with `from` replaced by `to` (once; `from` must occur).
@@ -416,16 +456,56 @@ fn rows(c: &Ctx) -> Vec<Row> {
 
     vec![
         // -- the client's bytes --
-        row("empty connection (connect, FIN without a byte)", Closed, 0, send_fin(Vec::new())),
+        row(
+            "empty connection (connect, FIN without a byte)",
+            Closed,
+            0,
+            send_fin(Vec::new()),
+        ),
         row("garbage bytes (2 KiB binary with CRLFs)", Status(400), 0, send(garbage)),
-        row("garbage without a line end (TLS ClientHello)", Status(408), 0, send(hello)),
+        row(
+            "garbage without a line end (TLS ClientHello)",
+            Status(408),
+            0,
+            send(hello),
+        ),
         row("request line of 1 MiB", Status(431), 0, send(big_line)),
-        row("10,000 header fields", Status(431), 0, send(with_header(many.as_bytes()))),
-        row("header folding (obs-fold)", Status(400), 0, send(with_header(b"X-Folded: a\r\n b\r\n"))),
-        row("obs-fold of Upgrade", Status(400), 0, send(edit("Upgrade: websocket", "Upgrade:\r\n websocket"))),
-        row("NUL in a header name", Status(400), 0, send(with_header(b"X-N\0me: v\r\n"))),
-        row("NUL in a header value", Status(400), 0, send(with_header(b"X-V: a\0b\r\n"))),
-        row("non-UTF-8 byte in a header name", Status(400), 0, send(with_header(b"X-\xff: v\r\n"))),
+        row(
+            "10,000 header fields",
+            Status(431),
+            0,
+            send(with_header(many.as_bytes())),
+        ),
+        row(
+            "header folding (obs-fold)",
+            Status(400),
+            0,
+            send(with_header(b"X-Folded: a\r\n b\r\n")),
+        ),
+        row(
+            "obs-fold of Upgrade",
+            Status(400),
+            0,
+            send(edit("Upgrade: websocket", "Upgrade:\r\n websocket")),
+        ),
+        row(
+            "NUL in a header name",
+            Status(400),
+            0,
+            send(with_header(b"X-N\0me: v\r\n")),
+        ),
+        row(
+            "NUL in a header value",
+            Status(400),
+            0,
+            send(with_header(b"X-V: a\0b\r\n")),
+        ),
+        row(
+            "non-UTF-8 byte in a header name",
+            Status(400),
+            0,
+            send(with_header(b"X-\xff: v\r\n")),
+        ),
         row(
             "non-UTF-8 bytes in a header value (obs-text)",
             Status(101),
@@ -436,16 +516,33 @@ fn rows(c: &Ctx) -> Vec<Row> {
                     .ok_or_else(|| "value not forwarded verbatim".into())
             }),
         ),
-        row("non-UTF-8 byte in the target", Status(400), 0, send(target(b"/\xc3\x28"))),
+        row(
+            "non-UTF-8 byte in the target",
+            Status(400),
+            0,
+            send(target(b"/\xc3\x28")),
+        ),
         row("NUL in the target", Status(400), 0, send(target(b"/a\0b"))),
-        row("bare CR inside a value", Status(400), 0, send(with_header(b"X-V: a\rb\r\n"))),
+        row(
+            "bare CR inside a value",
+            Status(400),
+            0,
+            send(with_header(b"X-V: a\rb\r\n")),
+        ),
         row(
             "bare LF line ends",
             Status(101),
             1,
             checked(request("/lf").replace("\r\n", "\n"), Act::Upgrade, |_, head, _| {
-                let bare = head.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'));
-                if bare { Err("bare LF forwarded".into()) } else { Ok("forwarded with CRLF line ends".into()) }
+                let bare = head
+                    .iter()
+                    .enumerate()
+                    .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'));
+                if bare {
+                    Err("bare LF forwarded".into())
+                } else {
+                    Ok("forwarded with CRLF line ends".into())
+                }
             }),
         ),
         row(
@@ -461,7 +558,12 @@ fn rows(c: &Ctx) -> Vec<Row> {
             0,
             send(with_header(b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n")),
         ),
-        row("Transfer-Encoding: chunked alone", Status(400), 0, send(with_header(b"Transfer-Encoding: chunked\r\n"))),
+        row(
+            "Transfer-Encoding: chunked alone",
+            Status(400),
+            0,
+            send(with_header(b"Transfer-Encoding: chunked\r\n")),
+        ),
         row(
             "Content-Length: 0 twice",
             Status(400),
@@ -481,14 +583,44 @@ fn rows(c: &Ctx) -> Vec<Row> {
             send(with_header(b"Content-Length : 5\r\n")),
         ),
         row("HTTP/1.0", Status(400), 0, send(edit("HTTP/1.1", "HTTP/1.0"))),
-        row("HTTP/2 preface", Status(400), 0, send(&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..])),
+        row(
+            "HTTP/2 preface",
+            Status(400),
+            0,
+            send(&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..]),
+        ),
         row("lowercase method (get)", Status(400), 0, send(edit("GET ", "get "))),
-        row("uppercase method (GET), valid request", Status(101), 1, send(request("/ok"))),
-        row("absolute-form target", Status(400), 0, send(edit("GET /h ", "GET http://test/h "))),
+        row(
+            "uppercase method (GET), valid request",
+            Status(101),
+            1,
+            send(request("/ok")),
+        ),
+        row(
+            "absolute-form target",
+            Status(400),
+            0,
+            send(edit("GET /h ", "GET http://test/h ")),
+        ),
         row("CONNECT", Status(400), 0, send(edit("GET /h ", "CONNECT test:443 "))),
-        row("client closes mid-head", Closed, 0, send_fin(&request("/h").as_bytes()[..30])),
-        row("slowloris: 1 byte every 300 ms", Status(408), 0, Case::Custom(|c| Box::pin(slowloris(c)))),
-        row("never reads the 101, keeps sending", Status(101), 1, Case::Custom(|c| Box::pin(never_reads(c)))),
+        row(
+            "client closes mid-head",
+            Closed,
+            0,
+            send_fin(&request("/h").as_bytes()[..30]),
+        ),
+        row(
+            "slowloris: 1 byte every 300 ms",
+            Status(408),
+            0,
+            Case::Custom(|c| Box::pin(slowloris(c))),
+        ),
+        row(
+            "never reads the 101, keeps sending",
+            Status(101),
+            1,
+            Case::Custom(|c| Box::pin(never_reads(c))),
+        ),
         // -- the upstream's answer --
         row(
             "upstream: 101 without Sec-WebSocket-Accept",
@@ -515,14 +647,26 @@ fn rows(c: &Ctx) -> Vec<Row> {
             1,
             upstream(Act::Answer(format!("HTTP/1.1 100 Continue\r\n\r\n{ok_101}"))),
         ),
-        row("upstream: 101 head of 32 KiB (> max_head_bytes)", Closed, 1, upstream(Act::Answer(huge_101))),
+        row(
+            "upstream: 101 head of 32 KiB (> max_head_bytes)",
+            Closed,
+            1,
+            upstream(Act::Answer(huge_101)),
+        ),
         row(
             "upstream: closes mid-head",
             Closed,
             1,
-            upstream(Act::AnswerAndClose("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConn".into())),
+            upstream(Act::AnswerAndClose(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConn".into(),
+            )),
         ),
-        row("upstream: closes before answering (failover to the next)", Status(101), 1, upstream(Act::Close)),
+        row(
+            "upstream: closes before answering (failover to the next)",
+            Status(101),
+            1,
+            upstream(Act::Close),
+        ),
         // -- smuggling and spoofing --
         row(
             "pipelined second request in the same write",
@@ -567,7 +711,10 @@ fn rows(c: &Ctx) -> Vec<Row> {
             1,
             checked(spoof, Act::Upgrade, |c, head, _| {
                 let h = String::from_utf8_lossy(head);
-                let real: Vec<_> = h.lines().filter(|l| l.to_ascii_lowercase().starts_with("x-real-ip:")).collect();
+                let real: Vec<_> = h
+                    .lines()
+                    .filter(|l| l.to_ascii_lowercase().starts_with("x-real-ip:"))
+                    .collect();
                 let want = format!("X-Real-IP: {}", c.hostile);
                 if real != [want.as_str()] {
                     return Err(format!("X-Real-IP fields {real:?}, want [{want:?}]"));
@@ -630,7 +777,9 @@ impl Reply {
     /// The body's first line (the proxy's reason for a refusal).
     fn reason(&self) -> String {
         let text = String::from_utf8_lossy(&self.bytes);
-        text.split_once("\r\n\r\n").map(|(_, b)| b.lines().next().unwrap_or("").to_string()).unwrap_or_default()
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.lines().next().unwrap_or("").to_string())
+            .unwrap_or_default()
     }
 
     fn problems(&self) -> Vec<String> {
@@ -661,7 +810,9 @@ async fn run_send(c: Arc<Ctx>, bytes: Vec<u8>, act: Act, fin: bool, check: Optio
     let wr = match tokio::time::timeout(DEADLINE, writer).await {
         Ok(Ok((wr, _))) => Some(wr),
         _ => {
-            problems.push(format!("the client's write of {sent} bytes did not end within {DEADLINE:?}"));
+            problems.push(format!(
+                "the client's write of {sent} bytes did not end within {DEADLINE:?}"
+            ));
             None
         }
     };
@@ -683,7 +834,12 @@ async fn run_send(c: Arc<Ctx>, bytes: Vec<u8>, act: Act, fin: bool, check: Optio
             Err(e) => problems.push(e),
         }
     }
-    Observed { answer: reply.answer(), detail, heads: heads.len(), problems }
+    Observed {
+        answer: reply.answer(),
+        detail,
+        heads: heads.len(),
+        problems,
+    }
 }
 
 /// One byte every 300 ms of a valid request: the head timeout (1 s) must answer 408.
@@ -722,8 +878,17 @@ async fn slowloris(c: Arc<Ctx>) -> Observed {
         problems.push(format!("answered after {answered:?}, header_timeout is 1 s"));
     }
     let heads = c.recorder.events.lock().await.take_heads().len();
-    let detail = format!("after {:.2} s and {sent} bytes; {}", answered.as_secs_f64(), reply.reason());
-    Observed { answer: reply.answer(), detail, heads, problems }
+    let detail = format!(
+        "after {:.2} s and {sent} bytes; {}",
+        answered.as_secs_f64(),
+        reply.reason()
+    );
+    Observed {
+        answer: reply.answer(),
+        detail,
+        heads,
+        problems,
+    }
 }
 
 /// Sends its request and a stream of bytes, never reads: the upstream floods it. The proxy must
@@ -732,7 +897,10 @@ async fn slowloris(c: Arc<Ctx>) -> Observed {
 async fn never_reads(c: Arc<Ctx>) -> Observed {
     let mut problems = Vec::new();
     let server = &c.proxy.server;
-    if poll_until(DEADLINE, || (server.totals().open == [0, 0]).then_some(())).await.is_none() {
+    if poll_until(DEADLINE, || (server.totals().open == [0, 0]).then_some(()))
+        .await
+        .is_none()
+    {
         problems.push(format!("relays of earlier rows still open: {:?}", server.totals().open));
     }
     c.act(Act::Flood);
@@ -752,16 +920,32 @@ async fn never_reads(c: Arc<Ctx>) -> Observed {
     push(&s);
     let Some((id, _)) = c.recorder.events.lock().await.next_head().await else {
         problems.push(format!("no request head at the upstream within {DEADLINE:?}"));
-        return Observed { answer: Answer::Nothing, detail: String::new(), heads: 0, problems };
+        return Observed {
+            answer: Answer::Nothing,
+            detail: String::new(),
+            heads: 0,
+            problems,
+        };
     };
     let Some(flooded) = c.recorder.events.lock().await.stalled(id).await else {
-        problems.push(format!("the upstream's flood was not held back ({FLOOD_MAX} bytes or no stall)"));
-        return Observed { answer: Answer::Nothing, detail: String::new(), heads: 1, problems };
+        problems.push(format!(
+            "the upstream's flood was not held back ({FLOOD_MAX} bytes or no stall)"
+        ));
+        return Observed {
+            answer: Answer::Nothing,
+            detail: String::new(),
+            heads: 1,
+            problems,
+        };
     };
     push(&s);
     // The connection is in the relay (so it got its 101) and stuck on a client that does not read.
     let open = server.totals().open;
-    let answer = if open == [0, 1] { Answer::Status(101) } else { Answer::Nothing };
+    let answer = if open == [0, 1] {
+        Answer::Status(101)
+    } else {
+        Answer::Nothing
+    };
     if open != [0, 1] {
         problems.push(format!("relays open while stuck: {open:?}, want [0, 1]"));
     }
@@ -772,7 +956,10 @@ async fn never_reads(c: Arc<Ctx>) -> Observed {
     drop(s);
     let freed = poll_until(DEADLINE, || (server.totals().open == [0, 0]).then(|| closed.elapsed())).await;
     if freed.is_none() {
-        problems.push(format!("connection not freed {DEADLINE:?} after the client closed: {:?}", server.totals()));
+        problems.push(format!(
+            "connection not freed {DEADLINE:?} after the client closed: {:?}",
+            server.totals()
+        ));
     }
     if c.recorder.events.lock().await.done(id).await.is_none() {
         problems.push("upstream side not closed after the client closed".into());
@@ -784,7 +971,12 @@ async fn never_reads(c: Arc<Ctx>) -> Observed {
         pushed as f64 / f64::from(1 << 20),
         freed.map_or(-1, |d| d.as_millis() as i64)
     );
-    Observed { answer, detail, heads: 1, problems }
+    Observed {
+        answer,
+        detail,
+        heads: 1,
+        problems,
+    }
 }
 
 /// A client whose address hashes to the echo server claims, in every header field there is, the
@@ -812,7 +1004,12 @@ async fn spoof_towards_recorder(c: Arc<Ctx>) -> Observed {
         Err(_) => Answer::Nothing,
     };
     let heads = c.recorder.events.lock().await.take_heads().len();
-    Observed { answer, detail: "reached the echo server (its TCP peer's choice)".into(), heads, problems }
+    Observed {
+        answer,
+        detail: "reached the echo server (its TCP peer's choice)".into(),
+        heads,
+        problems,
+    }
 }
 
 async fn roundtrip(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, text: &str) -> Result<(), String> {
@@ -831,7 +1028,9 @@ async fn roundtrip(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, text:
         }
         Ok(())
     };
-    tokio::time::timeout(DEADLINE, go).await.map_err(|_| format!("no echo within {DEADLINE:?}"))?
+    tokio::time::timeout(DEADLINE, go)
+        .await
+        .map_err(|_| format!("no echo within {DEADLINE:?}"))?
 }
 
 /// An honest client: a WebSocket handshake and one echoed message through the proxy.
@@ -854,7 +1053,11 @@ fn client_for(balancer: &Balancer, first: SocketAddr, from: u32, skip: Option<Ip
 }
 
 fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n { s.to_string() } else { format!("{}…", s.chars().take(n - 1).collect::<String>()) }
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -868,7 +1071,13 @@ async fn catalogue() {
     let honest = client_for(&balancer, echo, 1, None);
     let spoofer = client_for(&balancer, echo, 1, Some(honest));
     let proxy = HardProxy::start(&text).unwrap();
-    let c = Arc::new(Ctx { proxy, recorder, hostile, honest, spoofer });
+    let c = Arc::new(Ctx {
+        proxy,
+        recorder,
+        hostile,
+        honest,
+        spoofer,
+    });
     honest_echo(&c).await.expect("an honest client before any hostile one");
 
     let mut lines = Vec::new();
@@ -881,10 +1090,14 @@ async fn catalogue() {
         };
         let took = started.elapsed();
         if o.answer != row.expect {
-            o.problems.insert(0, format!("expected {}, got {}", row.expect, o.answer));
+            o.problems
+                .insert(0, format!("expected {}, got {}", row.expect, o.answer));
         }
         if o.heads != row.heads {
-            o.problems.push(format!("the upstream saw {} request heads, want {}", o.heads, row.heads));
+            o.problems.push(format!(
+                "the upstream saw {} request heads, want {}",
+                o.heads, row.heads
+            ));
         }
         let after = honest_echo(&c).await;
         if let Err(e) = &after {
@@ -924,5 +1137,10 @@ async fn catalogue() {
     }
     let c = Arc::into_inner(c).expect("every row let go of the context");
     c.proxy.stop(DEADLINE).await;
-    assert!(failures.is_empty(), "{} problem(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

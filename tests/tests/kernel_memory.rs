@@ -61,7 +61,9 @@ fn mib(b: u64) -> f64 {
 async fn bounded(dir: Dir) {
     let _g = ONE_AT_A_TIME.lock().await;
     let relay = format!("max_in_flight_bytes = {CAP}\nmax_in_flight_skbs = 4096\n");
-    let Some(p) = RelayProxy::start("kernel", &relay).await else { return };
+    let Some(p) = RelayProxy::start("kernel", &relay).await else {
+        return;
+    };
     let (rmem, wmem) = (sysctl_max("net/ipv4/tcp_rmem"), sysctl_max("net/ipv4/tcp_wmem"));
     // Where the sender's bytes can be while the receiver does not read, and what bounds each place:
     // the sender's send buffer (tcp_wmem max), the proxy's receiving socket (bytes passed to
@@ -138,16 +140,28 @@ async fn bounded(dir: Dir) {
          (the test stops pushing at twice the bound)"
     );
     // Still open, and still held: nothing was cut.
-    assert!(!writer.is_finished(), "{dir:?}: the sender stopped early: {:?}", within("the writer", writer).await);
+    assert!(
+        !writer.is_finished(),
+        "{dir:?}: the sender stopped early: {:?}",
+        within("the writer", writer).await
+    );
     let total = sent.load(Relaxed);
     let t = p.server.totals();
     assert_eq!(t.open, [1, 0], "{dir:?}: the connection is no longer relayed: {t:?}");
-    assert_eq!(state(&receiver), tcp_state::ESTABLISHED, "{dir:?}: the receiver is not connected");
+    assert_eq!(
+        state(&receiver),
+        tcp_state::ESTABLISHED,
+        "{dir:?}: the receiver is not connected"
+    );
     assert_eq!(so_error(&receiver), 0, "{dir:?}: the receiver has an error");
     let _ = stop.send(());
     let (sender, r) = within("the writer to stop", writer).await.unwrap();
     r.unwrap_or_else(|e| panic!("{dir:?}: the sender's write failed (cut off?): {e}"));
-    assert_eq!(state(&sender), tcp_state::ESTABLISHED, "{dir:?}: the sender is not connected");
+    assert_eq!(
+        state(&sender),
+        tcp_state::ESTABLISHED,
+        "{dir:?}: the sender is not connected"
+    );
     for _ in 0..3 {
         worst_avail = worst_avail.min(meminfo("MemAvailable"));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -169,7 +183,10 @@ async fn bounded(dir: Dir) {
          it drained and closed): {}; TCP socket memory (sockstat) grew by {:.1} MiB; host MemAvailable fell by at most {:.1} MiB during the push (MemFree by {:.1} MiB \
          at its end; host-wide, other processes included); bound {:.1} MiB incl. {:.0} MiB slack",
             mib(total),
-            sent_at.iter().map(|&b| (mib(b) * 10.0).round() / 10.0).collect::<Vec<_>>(),
+            sent_at
+                .iter()
+                .map(|&b| (mib(b) * 10.0).round() / 10.0)
+                .collect::<Vec<_>>(),
             mib(last_5s),
             mib(bound_bytes),
             mib(CAP),
@@ -186,8 +203,14 @@ async fn bounded(dir: Dir) {
     if total > bound_bytes || total < CAP || last_5s > CAP {
         say(&report(None));
     }
-    assert!(total <= bound_bytes, "{dir:?}: the sender got {total} bytes through, more than the bound {bound_bytes}");
-    assert!(total >= CAP, "{dir:?}: the sender got only {total} bytes through, less than the in-flight cap {CAP}");
+    assert!(
+        total <= bound_bytes,
+        "{dir:?}: the sender got {total} bytes through, more than the bound {bound_bytes}"
+    );
+    assert!(
+        total >= CAP,
+        "{dir:?}: the sender got only {total} bytes through, less than the in-flight cap {CAP}"
+    );
     assert!(
         last_5s <= CAP,
         "{dir:?}: the sender still got {last_5s} bytes through in the last 5 s: it is not held back"
@@ -195,8 +218,19 @@ async fn bounded(dir: Dir) {
 
     // Now the receiver reads: every byte, in order, and nothing more.
     let drain = Instant::now();
-    let got = within("the receiver to read everything", read_pattern(&mut receiver, seed, total, Some(total))).await;
-    assert_eq!(got, Received { len: total, end: StreamEnd::Stopped }, "{dir:?}: what the receiver read");
+    let got = within(
+        "the receiver to read everything",
+        read_pattern(&mut receiver, seed, total, Some(total)),
+    )
+    .await;
+    assert_eq!(
+        got,
+        Received {
+            len: total,
+            end: StreamEnd::Stopped
+        },
+        "{dir:?}: what the receiver read"
+    );
     let mut extra = [0u8; 16];
     assert!(
         matches!(receiver.try_read(&mut extra), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
@@ -209,8 +243,13 @@ async fn bounded(dir: Dir) {
     let t = p.wait_idle().await;
     let held = median3("MemAvailable").await.saturating_sub(held_before);
     say(&report(Some(held)));
-    say(&format!("req4 {dir:?}: the receiver then read all {total} bytes, in order, in {drained_in:.1?}"));
-    assert!(held <= bound_mem, "{dir:?}: the stalled pair held {held} bytes of host memory, more than {bound_mem}");
+    say(&format!(
+        "req4 {dir:?}: the receiver then read all {total} bytes, in order, in {drained_in:.1?}"
+    ));
+    assert!(
+        held <= bound_mem,
+        "{dir:?}: the stalled pair held {held} bytes of host memory, more than {bound_mem}"
+    );
     // Host-wide, over 10 s: other processes (builds on a shared host) move it by hundreds of MiB.
     // Only a gross excess (what an unbounded relay causes: GiBs) is judged here.
     assert!(

@@ -57,8 +57,15 @@ async fn expect_soon(s: &mut TcpStream, want: &[u8], what: &str) -> Duration {
 
 async fn expect_eof(s: &mut TcpStream, who: &str) {
     let mut b = [0u8; 256];
-    let n = within(who, s.read(&mut b)).await.unwrap_or_else(|e| panic!("{who}: {e} instead of EOF"));
-    assert_eq!(n, 0, "{who}: bytes {:?} instead of EOF", String::from_utf8_lossy(&b[..n]));
+    let n = within(who, s.read(&mut b))
+        .await
+        .unwrap_or_else(|e| panic!("{who}: {e} instead of EOF"));
+    assert_eq!(
+        n,
+        0,
+        "{who}: bytes {:?} instead of EOF",
+        String::from_utf8_lossy(&b[..n])
+    );
 }
 
 /// One message each way through the relay, each delivered within [`STALL`].
@@ -75,11 +82,17 @@ async fn round_trip(c: &mut TcpStream, u: &mut TcpStream, id: u64) {
 fn explain(got: &Received) -> String {
     match &got.end {
         StreamEnd::Mismatch { at, from: Some(o), .. } if o > at => {
-            format!("after byte {at} came bytes from offset {o}: {} bytes are missing", o - at)
+            format!(
+                "after byte {at} came bytes from offset {o}: {} bytes are missing",
+                o - at
+            )
         }
         StreamEnd::Mismatch { at, from: Some(o), .. } => format!("after byte {at} came bytes from offset {o} again"),
         StreamEnd::Mismatch { at, from: None, bytes } => {
-            format!("after byte {at} came bytes that are not from the stream: {:?}", String::from_utf8_lossy(bytes))
+            format!(
+                "after byte {at} came bytes that are not from the stream: {:?}",
+                String::from_utf8_lossy(bytes)
+            )
         }
         end => format!("{} bytes, then {end:?}", got.len),
     }
@@ -103,7 +116,11 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 }
 
 fn check(what: &str, got: &Received, want: Received) -> Result<(), String> {
-    if *got == want { Ok(()) } else { Err(format!("{what}: got {got:?}, want {want:?}")) }
+    if *got == want {
+        Ok(())
+    } else {
+        Err(format!("{what}: got {got:?}, want {want:?}"))
+    }
 }
 
 /// Sizes from 1 byte to 4 MiB: mostly small, a fifth medium, a tenth 1-4 MiB.
@@ -139,8 +156,15 @@ fn sum_ended(t: &wsproxy::relay::TotalsSnapshot) -> u64 {
 }
 
 fn assert_kernel_totals(t: &wsproxy::relay::TotalsSnapshot, ended: u64) {
-    assert_eq!(t.ended[0] + t.ended[1], ended, "connections ended [kernel, userspace]: {t:?}");
-    assert_eq!(t.ended[1], t.fallbacks, "userspace carried more than the fallbacks: {t:?}");
+    assert_eq!(
+        t.ended[0] + t.ended[1],
+        ended,
+        "connections ended [kernel, userspace]: {t:?}"
+    );
+    assert_eq!(
+        t.ended[1], t.fallbacks,
+        "userspace carried more than the fallbacks: {t:?}"
+    );
     assert!(t.ended[0] * 2 >= ended, "fewer than half in the kernel: {t:?}");
 }
 
@@ -153,7 +177,9 @@ fn assert_kernel_totals(t: &wsproxy::relay::TotalsSnapshot, ended: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_greeting_in_the_101s_write_arrives_at_once() {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else { return };
+    let Some(p) = RelayProxy::start("kernel", "").await else {
+        return;
+    };
     let mut worst = Duration::ZERO;
     for id in 0..20 {
         let (mut c, accepted) = p.request(id).await;
@@ -181,7 +207,9 @@ async fn req1_greeting_in_the_101s_write_arrives_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_greeting_in_a_separate_write_is_not_stalled() {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else { return };
+    let Some(p) = RelayProxy::start("kernel", "").await else {
+        return;
+    };
     let (mut worst_down, mut worst_up) = (Duration::ZERO, Duration::ZERO);
     for id in 0..90 {
         let (mut c, accepted) = p.request(id).await;
@@ -219,7 +247,9 @@ async fn req1_greeting_in_a_separate_write_is_not_stalled() {
     }
     let t = p.wait_idle().await;
     assert_kernel_totals(&t, 90);
-    say(&format!("req1 separate greeting: slowest greeting {worst_down:?}, slowest first client frame {worst_up:?}"));
+    say(&format!(
+        "req1 separate greeting: slowest greeting {worst_down:?}, slowest first client frame {worst_up:?}"
+    ));
 }
 
 /// A client that sends its first frame the instant it has the 101 (or a few scheduler turns
@@ -227,7 +257,9 @@ async fn req1_greeting_in_a_separate_write_is_not_stalled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_client_frame_sent_at_the_101_is_delivered() {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else { return };
+    let Some(p) = RelayProxy::start("kernel", "").await else {
+        return;
+    };
     let mut worst = Duration::ZERO;
     for id in 0..60 {
         let (mut c, mut u) = p.open(id).await;
@@ -251,7 +283,9 @@ async fn req1_client_frame_sent_at_the_101_is_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_bytes_behind_the_101_come_first_and_in_order() {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else { return };
+    let Some(p) = RelayProxy::start("kernel", "").await else {
+        return;
+    };
     const TOTAL: u64 = 512 * KIB;
     for id in 0..20 {
         let (mut c, accepted) = p.request(id).await;
@@ -274,7 +308,12 @@ async fn req1_bytes_behind_the_101_come_first_and_in_order() {
         let head = read_head(&mut c).await;
         assert_eq!(status(&head), 101, "{head:?}");
         let got = within("the stream behind the 101", read_pattern(&mut c, s, TOTAL, Some(TOTAL))).await;
-        assert_eq!(got.end, StreamEnd::Stopped, "connection {id}: of {TOTAL} bytes: {}", explain(&got));
+        assert_eq!(
+            got.end,
+            StreamEnd::Stopped,
+            "connection {id}: of {TOTAL} bytes: {}",
+            explain(&got)
+        );
         let u = within("the upstream task", upstream).await.unwrap();
         drop((c, u));
     }
@@ -289,7 +328,9 @@ async fn req1_bytes_behind_the_101_come_first_and_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_client_bytes_behind_its_request_come_in_order() {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else { return };
+    let Some(p) = RelayProxy::start("kernel", "").await else {
+        return;
+    };
     const TOTAL: u64 = 256 * KIB;
     for id in 0..20 {
         let accepted = p.hub.expect(id);
@@ -310,13 +351,29 @@ async fn req1_client_bytes_behind_its_request_come_in_order() {
         })
         .await;
         let mut up = Accepted::wait(accepted).await;
-        up.stream.write_all(upgrade_response(&up.head).as_bytes()).await.unwrap();
+        up.stream
+            .write_all(upgrade_response(&up.head).as_bytes())
+            .await
+            .unwrap();
         let head = read_head(&mut c).await;
         assert_eq!(status(&head), 101, "{head:?}");
         let early = up.rest.len() as u64;
-        assert_eq!(first_difference(s, 0, &up.rest), None, "connection {id}: the bytes forwarded with the head");
-        let got = within("the client's stream", read_pattern_from(&mut up.stream, s, early, TOTAL, Some(TOTAL))).await;
-        assert_eq!(got.end, StreamEnd::Stopped, "connection {id}: of {TOTAL} bytes: {}", explain(&got));
+        assert_eq!(
+            first_difference(s, 0, &up.rest),
+            None,
+            "connection {id}: the bytes forwarded with the head"
+        );
+        let got = within(
+            "the client's stream",
+            read_pattern_from(&mut up.stream, s, early, TOTAL, Some(TOTAL)),
+        )
+        .await;
+        assert_eq!(
+            got.end,
+            StreamEnd::Stopped,
+            "connection {id}: of {TOTAL} bytes: {}",
+            explain(&got)
+        );
         drop((c, up.stream));
     }
     let t = p.wait_idle().await;
@@ -352,7 +409,9 @@ async fn writes_then_closes(
     late: bool,
 ) -> Result<(), String> {
     let write = async move {
-        write_pattern(&mut from, seed, n, 64 * 1024).await.map_err(|e| format!("writing: {e}"))?;
+        write_pattern(&mut from, seed, n, 64 * 1024)
+            .await
+            .map_err(|e| format!("writing: {e}"))?;
         drop(from);
         Ok::<_, String>(())
     };
@@ -364,14 +423,23 @@ async fn writes_then_closes(
         w?;
         got
     };
-    check("receiver", &got, Received { len: n, end: StreamEnd::Eof })
+    check(
+        "receiver",
+        &got,
+        Received {
+            len: n,
+            end: StreamEnd::Eof,
+        },
+    )
 }
 
 /// `a` writes n bytes and half-closes; `b` reads them and EOF, then writes m bytes and closes;
 /// `a` (half-closed) reads them and EOF.
 async fn half_close(mut a: TcpStream, mut b: TcpStream, s: [u64; 2], n: u64, m: u64, late: bool) -> Result<(), String> {
     let a_writes = async {
-        write_pattern(&mut a, s[0], n, 64 * 1024).await.map_err(|e| format!("a writing: {e}"))?;
+        write_pattern(&mut a, s[0], n, 64 * 1024)
+            .await
+            .map_err(|e| format!("a writing: {e}"))?;
         a.shutdown().await.map_err(|e| format!("a half-closing: {e}"))
     };
     let got = if late {
@@ -382,16 +450,34 @@ async fn half_close(mut a: TcpStream, mut b: TcpStream, s: [u64; 2], n: u64, m: 
         w?;
         got
     };
-    check("the half-close's receiver", &got, Received { len: n, end: StreamEnd::Eof })?;
-    write_pattern(&mut b, s[1], m, 64 * 1024).await.map_err(|e| format!("b writing back: {e}"))?;
+    check(
+        "the half-close's receiver",
+        &got,
+        Received {
+            len: n,
+            end: StreamEnd::Eof,
+        },
+    )?;
+    write_pattern(&mut b, s[1], m, 64 * 1024)
+        .await
+        .map_err(|e| format!("b writing back: {e}"))?;
     drop(b);
     let got = read_pattern(&mut a, s[1], m, None).await;
-    check("the half-closed side", &got, Received { len: m, end: StreamEnd::Eof })
+    check(
+        "the half-closed side",
+        &got,
+        Received {
+            len: m,
+            end: StreamEnd::Eof,
+        },
+    )
 }
 
 async fn close_pattern(kind: Close) {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else { return };
+    let Some(p) = RelayProxy::start("kernel", "").await else {
+        return;
+    };
     let started = Instant::now();
     let p = Arc::new(p);
     let mut rng = Rng::new(kind as u64 + 100);
@@ -492,7 +578,9 @@ async fn req2_upstream_half_closes_and_still_receives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req2_bulk_64_mib_echoed_then_closed() {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else { return };
+    let Some(p) = RelayProxy::start("kernel", "").await else {
+        return;
+    };
     const TOTAL: u64 = 64 * MIB;
     let (c, mut u) = p.open_relayed(1).await;
     let echo = tokio::spawn(async move {
@@ -511,7 +599,12 @@ async fn req2_bulk_64_mib_echoed_then_closed() {
     let got = tokio::time::timeout(Duration::from_secs(60), read_pattern(&mut r, s, TOTAL, None))
         .await
         .expect("64 MiB echo stuck");
-    if got != (Received { len: TOTAL, end: StreamEnd::Eof }) {
+    if got
+        != (Received {
+            len: TOTAL,
+            end: StreamEnd::Eof,
+        })
+    {
         let t = p.wait_idle().await;
         panic!(
             "the client got {got:?} of {TOTAL} bytes; the echo ended with {:?}; relay ends: {}; totals {t:?}",
@@ -525,8 +618,14 @@ async fn req2_bulk_64_mib_echoed_then_closed() {
     let t = p.wait_idle().await;
     assert_kernel_totals(&t, 1);
     let sum = |x: [u64; 2]| x[0] + x[1];
-    assert_eq!((sum(t.client_to_upstream), sum(t.upstream_to_client)), (TOTAL + 1, TOTAL + 1), "{t:?}");
-    say(&format!("req2 bulk: 64 MiB echoed through the kernel relay in {took:.2?}"));
+    assert_eq!(
+        (sum(t.client_to_upstream), sum(t.upstream_to_client)),
+        (TOTAL + 1, TOTAL + 1),
+        "{t:?}"
+    );
+    say(&format!(
+        "req2 bulk: 64 MiB echoed through the kernel relay in {took:.2?}"
+    ));
 }
 
 const DRAIN: Duration = Duration::from_millis(300);
@@ -554,7 +653,10 @@ async fn expect_drain_teardown(
         )
     };
     let took = fin_at.elapsed();
-    assert!(took >= DRAIN, "{what}: cut {took:?} after the FIN, before the drain timeout {DRAIN:?}");
+    assert!(
+        took >= DRAIN,
+        "{what}: cut {took:?} after the FIN, before the drain timeout {DRAIN:?}"
+    );
     assert!(
         wait_state(u, tcp_state::CLOSE, STALL).await.is_some(),
         "{what}: the upstream was not reset: state {}",
@@ -574,16 +676,28 @@ async fn expect_drain_teardown(
 async fn req2_drain_timeout_cuts_a_pair_whose_upstream_never_reads() {
     let _g = shared().await;
     let relay = "max_in_flight_bytes = 16777216\ndrain_timeout = \"300ms\"\n";
-    let Some(p) = RelayProxy::start_with("kernel", relay, Hub::with_rcvbuf(64 * 1024)).await else { return };
+    let Some(p) = RelayProxy::start_with("kernel", relay, Hub::with_rcvbuf(64 * 1024)).await else {
+        return;
+    };
     let wmem = sysctl_max("net/ipv4/tcp_wmem");
     let total = 10 * MIB;
-    assert!(total > 64 * KIB + wmem + MIB, "tcp_wmem max {wmem} too large for this test");
+    assert!(
+        total > 64 * KIB + wmem + MIB,
+        "tcp_wmem max {wmem} too large for this test"
+    );
     let (mut c, u) = p.open_relayed(1).await;
-    within("10 MiB into the proxy", write_pattern(&mut c, seed(1, 0), total, 256 * 1024)).await.unwrap();
+    within(
+        "10 MiB into the proxy",
+        write_pattern(&mut c, seed(1, 0), total, 256 * 1024),
+    )
+    .await
+    .unwrap();
     c.shutdown().await.unwrap();
     let fin_at = Instant::now();
     let took = expect_drain_teardown(&p, &c, &u, fin_at, "10 MiB within the credit", 1).await;
-    say(&format!("req2 drain timeout (bytes within the credit): cut {took:?} after the client's FIN"));
+    say(&format!(
+        "req2 drain timeout (bytes within the credit): cut {took:?} after the client's FIN"
+    ));
 }
 
 /// As above, but the client writes far more than the in-flight cap (64 KiB) plus the
@@ -595,7 +709,9 @@ async fn req2_drain_timeout_cuts_a_pair_whose_upstream_never_reads() {
 async fn req2_drain_timeout_cuts_a_pair_with_bytes_beyond_the_cap() {
     let _g = shared().await;
     let relay = "max_in_flight_bytes = 65536\ndrain_timeout = \"300ms\"\n";
-    let Some(p) = RelayProxy::start_with("kernel", relay, Hub::with_rcvbuf(64 * 1024)).await else { return };
+    let Some(p) = RelayProxy::start_with("kernel", relay, Hub::with_rcvbuf(64 * 1024)).await else {
+        return;
+    };
     let total = 8 * MIB;
     // The FIN can reach the proxy only with the client's last bytes; if the upstream happens to
     // drain the pipe meanwhile, the connection ends cleanly (checked) and the scenario is tried
@@ -662,18 +778,26 @@ async fn req2_drain_timeout_cuts_a_pair_with_bytes_beyond_the_cap() {
         // The proxy's drain ends when the upstream socket's TCP has taken every byte (FIN queued
         // behind them); if its send buffer could take what was left, that is a completed drain,
         // not a stuck one: then the upstream, reading again, must get every byte and the EOF.
-        if wait_state(&c, tcp_state::CLOSE, DRAIN + Duration::from_millis(1500)).await.is_none()
+        if wait_state(&c, tcp_state::CLOSE, DRAIN + Duration::from_millis(1500))
+            .await
+            .is_none()
             && p.server.totals().drain_timeouts == 0
         {
             let mut rest = Vec::new();
-            within("the rest of the stream", u.read_to_end(&mut rest)).await.unwrap();
+            within("the rest of the stream", u.read_to_end(&mut rest))
+                .await
+                .unwrap();
             assert_eq!(read + rest.len() as u64, total, "bytes lost after a completed drain");
             assert_eq!(first_difference(s, read, &rest), None, "corrupt stream");
-            say("req2 drain timeout (beyond the cap): the upstream socket took the rest; delivered in full after the drain");
+            say(
+                "req2 drain timeout (beyond the cap): the upstream socket took the rest; delivered in full after the drain",
+            );
             return;
         }
         let took = expect_drain_teardown(&p, &c, &u, fin_at, "8 MiB beyond a 64 KiB cap", attempt + 1).await;
-        say(&format!("req2 drain timeout (beyond the cap): cut {took:?} after the client's FIN reached the proxy"));
+        say(&format!(
+            "req2 drain timeout (beyond the cap): cut {took:?} after the client's FIN reached the proxy"
+        ));
         return;
     }
     panic!("in 10 attempts the upstream always drained the pipe before the client's FIN arrived");
@@ -797,7 +921,11 @@ async fn one_reset(p: &RelayProxy, id: u64, resetter: Side, traffic: Traffic) ->
     let what = format!("{resetter:?} resets, {traffic:?}");
     let (c, u) = p.open_relayed(id).await;
     let (r, f) = if resetter == Side::Client { (c, u) } else { (u, c) };
-    let (rs, fs) = if resetter == Side::Client { (seed(id, 0), seed(id, 1)) } else { (seed(id, 1), seed(id, 0)) };
+    let (rs, fs) = if resetter == Side::Client {
+        (seed(id, 0), seed(id, 1))
+    } else {
+        (seed(id, 1), seed(id, 0))
+    };
     let (r_count, f_count) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (r_stop, r_stopped) = oneshot::channel();
     let (f_stop, f_stopped) = oneshot::channel();
@@ -866,7 +994,10 @@ async fn one_reset(p: &RelayProxy, id: u64, resetter: Side, traffic: Traffic) ->
             let took = poll_until(STALL, || t.is_finished().then(|| reset_at.elapsed())).await;
             let _ = f_stop.send(());
             let (s, end) = within("the far side's sink", t).await.unwrap();
-            assert!(!matches!(end, StreamEnd::Mismatch { .. }), "{what}: far side got {end:?}");
+            assert!(
+                !matches!(end, StreamEnd::Mismatch { .. }),
+                "{what}: far side got {end:?}"
+            );
             assert!(
                 took.is_none() || matches!(end, StreamEnd::Error(_)),
                 "{what}: far side ended with {end:?}, not a reset"
@@ -875,10 +1006,17 @@ async fn one_reset(p: &RelayProxy, id: u64, resetter: Side, traffic: Traffic) ->
         }
     };
     let Some(took) = took else {
-        panic!("{what}: the far side was not torn down within {STALL:?}: state {}", state(&f));
+        panic!(
+            "{what}: the far side was not torn down within {STALL:?}: state {}",
+            state(&f)
+        );
     };
     assert!(took < STALL, "{what}: teardown took {took:?}");
-    assert_eq!(state(&f), tcp_state::CLOSE, "{what}: the far side was closed but not reset");
+    assert_eq!(
+        state(&f),
+        tcp_state::CLOSE,
+        "{what}: the far side was closed but not reset"
+    );
     drop(f);
     let t = p.wait_idle().await;
     assert_eq!(t.open, [0, 0], "{what}");
@@ -888,7 +1026,9 @@ async fn one_reset(p: &RelayProxy, id: u64, resetter: Side, traffic: Traffic) ->
 async fn resets(resetter: Side) {
     let _g = shared().await;
     // A small cap, so that a stalled pipe has bytes passed to userspace, waiting to be forwarded.
-    let Some(p) = RelayProxy::start("kernel", "max_in_flight_bytes = 262144\n").await else { return };
+    let Some(p) = RelayProxy::start("kernel", "max_in_flight_bytes = 262144\n").await else {
+        return;
+    };
     let traffic = [
         Traffic::Idle,
         Traffic::ToResetter,
@@ -907,7 +1047,10 @@ async fn resets(resetter: Side) {
     }
     let t = p.wait_idle().await;
     assert_kernel_totals(&t, id);
-    say(&format!("req3 {resetter:?} resets, far side torn down after: {}", figures.join(", ")));
+    say(&format!(
+        "req3 {resetter:?} resets, far side torn down after: {}",
+        figures.join(", ")
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -971,7 +1114,12 @@ fn stress_plan(rng: &mut Rng) -> Plan {
         _ => Ending::UpstreamResets,
     };
     let incoming = if ending == Ending::ClientResets { b } else { a };
-    Plan { a, b, ending, k: rng.below(incoming + 1) }
+    Plan {
+        a,
+        b,
+        ending,
+        k: rng.below(incoming + 1),
+    }
 }
 
 /// `x` writes `nx` bytes while reading exactly `ny`, then closes fully; `y` writes `ny` bytes
@@ -980,19 +1128,39 @@ async fn closes_first(mut x: TcpStream, mut y: TcpStream, s: [u64; 2], nx: u64, 
     let xf = async move {
         let (w, got) = {
             let (mut r, mut w) = x.split();
-            tokio::join!(write_pattern(&mut w, s[0], nx, 64 * 1024), read_pattern(&mut r, s[1], ny, Some(ny)))
+            tokio::join!(
+                write_pattern(&mut w, s[0], nx, 64 * 1024),
+                read_pattern(&mut r, s[1], ny, Some(ny))
+            )
         };
         drop(x);
         w.map_err(|e| format!("first closer writing: {e}"))?;
-        check("first closer", &got, Received { len: ny, end: StreamEnd::Stopped })
+        check(
+            "first closer",
+            &got,
+            Received {
+                len: ny,
+                end: StreamEnd::Stopped,
+            },
+        )
     };
     let yf = async move {
         let (w, got) = {
             let (mut r, mut w) = y.split();
-            tokio::join!(write_pattern(&mut w, s[1], ny, 64 * 1024), read_pattern(&mut r, s[0], nx, None))
+            tokio::join!(
+                write_pattern(&mut w, s[1], ny, 64 * 1024),
+                read_pattern(&mut r, s[0], nx, None)
+            )
         };
         w.map_err(|e| format!("second closer writing: {e}"))?;
-        check("second closer", &got, Received { len: nx, end: StreamEnd::Eof })
+        check(
+            "second closer",
+            &got,
+            Received {
+                len: nx,
+                end: StreamEnd::Eof,
+            },
+        )
     };
     let (rx, ry) = tokio::join!(xf, yf);
     rx.and(ry)
@@ -1012,13 +1180,22 @@ async fn half_side(mut st: TcpStream, sw: u64, n_out: u64, sr: u64, n_in: u64, w
         )
     };
     w.map_err(|e| format!("{who} writing: {e}"))?;
-    check(who, &got, Received { len: n_in, end: StreamEnd::Eof })
+    check(
+        who,
+        &got,
+        Received {
+            len: n_in,
+            end: StreamEnd::Eof,
+        },
+    )
 }
 
 /// Both sides write (x: `nx` bytes, y: `ny`), half-close and read the other's bytes and EOF.
 async fn both_half_close(x: TcpStream, y: TcpStream, s: [u64; 2], nx: u64, ny: u64) -> Result<(), String> {
-    let (a, b) =
-        tokio::join!(half_side(x, s[0], nx, s[1], ny, "first side"), half_side(y, s[1], ny, s[0], nx, "second side"));
+    let (a, b) = tokio::join!(
+        half_side(x, s[0], nx, s[1], ny, "first side"),
+        half_side(y, s[1], ny, s[0], nx, "second side")
+    );
     a.and(b)
 }
 
@@ -1049,13 +1226,26 @@ async fn resets_midway(
     };
     let yf = async move {
         let (mut r, mut w) = y.split();
-        tokio::join!(write_pattern(&mut w, s[1], ny, 64 * 1024), read_pattern(&mut r, s[0], nx, None)).1
+        tokio::join!(
+            write_pattern(&mut w, s[1], ny, 64 * 1024),
+            read_pattern(&mut r, s[0], nx, None)
+        )
+        .1
     };
     let (xgot, ygot) = tokio::join!(xf, yf);
-    check("resetting side", &xgot, Received { len: k, end: StreamEnd::Stopped })?;
+    check(
+        "resetting side",
+        &xgot,
+        Received {
+            len: k,
+            end: StreamEnd::Stopped,
+        },
+    )?;
     match ygot.end {
         StreamEnd::Error(_) if ygot.len <= nx => Ok(()),
-        _ => Err(format!("the resetting side's peer got {ygot:?} of {nx} bytes, want a prefix and a reset")),
+        _ => Err(format!(
+            "the resetting side's peer got {ygot:?} of {nx} bytes, want a prefix and a reset"
+        )),
     }
 }
 
@@ -1078,7 +1268,9 @@ const STRESS: u64 = 300;
 
 async fn stress(mode: &str) {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start(mode, "").await else { return };
+    let Some(p) = RelayProxy::start(mode, "").await else {
+        return;
+    };
     let m = usize::from(mode != "kernel");
     let started = Instant::now();
     let p = Arc::new(p);
@@ -1181,7 +1373,9 @@ async fn req5_stress_userspace() {
 /// not counted; no test opens a socket before it holds the lock.
 async fn hygiene(mode: &str) {
     let _g = EXCLUSIVE.write().await;
-    let Some(p) = RelayProxy::start(mode, "").await else { return };
+    let Some(p) = RelayProxy::start(mode, "").await else {
+        return;
+    };
     let m = usize::from(mode != "kernel");
     let p = Arc::new(p);
     let before = socket_inodes();
@@ -1190,8 +1384,13 @@ async fn hygiene(mode: &str) {
     // client has the 101, so every payload byte goes through the relay and its totals.
     const N: usize = 40;
     let mut rng = Rng::new(0x6);
-    let plans: Vec<(u64, u64)> = (0..N as u64).map(|i| (size(&mut rng, i + 1), size(&mut rng, i + 2))).collect();
-    let (opened, go) = (Arc::new(tokio::sync::Barrier::new(N + 1)), Arc::new(tokio::sync::Barrier::new(N + 1)));
+    let plans: Vec<(u64, u64)> = (0..N as u64)
+        .map(|i| (size(&mut rng, i + 1), size(&mut rng, i + 2)))
+        .collect();
+    let (opened, go) = (
+        Arc::new(tokio::sync::Barrier::new(N + 1)),
+        Arc::new(tokio::sync::Barrier::new(N + 1)),
+    );
     let mut set = JoinSet::new();
     for (id, &(a, b)) in (0u64..).zip(&plans) {
         let (p, opened, go) = (Arc::clone(&p), Arc::clone(&opened), Arc::clone(&go));
@@ -1199,7 +1398,9 @@ async fn hygiene(mode: &str) {
             let (c, u) = p.open_relayed(id).await;
             opened.wait().await;
             go.wait().await;
-            both_half_close(c, u, [seed(id, 0), seed(id, 1)], a, b).await.map_err(|e| format!("connection {id}: {e}"))
+            both_half_close(c, u, [seed(id, 0), seed(id, 1)], a, b)
+                .await
+                .map_err(|e| format!("connection {id}: {e}"))
         });
     }
     within("40 connections to open", opened.wait()).await;
@@ -1213,7 +1414,10 @@ async fn hygiene(mode: &str) {
         }
     }
     // Each pair: the test's client and upstream ends, the proxy's two sockets.
-    assert!(during >= 4 * N, "{mode}: {during} new sockets with {N} pairs open: the count misses sockets");
+    assert!(
+        during >= 4 * N,
+        "{mode}: {during} new sockets with {N} pairs open: the count misses sockets"
+    );
     let t = p.wait_idle().await;
     let totals_checked = failures.is_empty();
     let (mut c2u, mut u2c, mut ended) = ([0, 0], [0, 0], [0, 0]);
@@ -1231,7 +1435,11 @@ async fn hygiene(mode: &str) {
             "{mode}: totals against the bytes relayed: {t:?}"
         );
     }
-    assert_eq!((sum(t.ended), t.open, t.drain_timeouts), (sum(ended), [0, 0], 0), "{mode}: {t:?}");
+    assert_eq!(
+        (sum(t.ended), t.open, t.drain_timeouts),
+        (sum(ended), [0, 0], 0),
+        "{mode}: {t:?}"
+    );
     if m == 0 {
         assert_kernel_totals(&t, sum(ended));
     } else {
@@ -1243,9 +1451,17 @@ async fn hygiene(mode: &str) {
         let (c, u) = p.open_relayed(id).await;
         let (a, b, k) = (rng.range(1, 2 * MIB), rng.range(1, 2 * MIB), rng.range(0, 64 * KIB));
         let r = if id % 2 == 0 {
-            within("a reset connection", resets_midway(c, u, [seed(id, 0), seed(id, 1)], a, b, k.min(b))).await
+            within(
+                "a reset connection",
+                resets_midway(c, u, [seed(id, 0), seed(id, 1)], a, b, k.min(b)),
+            )
+            .await
         } else {
-            within("a reset connection", resets_midway(u, c, [seed(id, 1), seed(id, 0)], b, a, k.min(a))).await
+            within(
+                "a reset connection",
+                resets_midway(u, c, [seed(id, 1), seed(id, 0)], b, a, k.min(a)),
+            )
+            .await
         };
         if let Err(e) = r {
             failures.push(format!("connection {id}: {e}"));
@@ -1257,13 +1473,20 @@ async fn hygiene(mode: &str) {
         reset(c);
         let _ = up.stream.write_all(upgrade_response(&up.head).as_bytes()).await;
         let mut b = [0u8; 64];
-        let r = within("the proxy to drop an upstream whose client left", up.stream.read(&mut b)).await;
+        let r = within(
+            "the proxy to drop an upstream whose client left",
+            up.stream.read(&mut b),
+        )
+        .await;
         assert!(matches!(r, Ok(0) | Err(_)), "{mode}: {r:?}");
     }
     let t = p.wait_idle().await;
     // Sockets opened since the baseline and still open: none once everything has ended.
     let leaked = || socket_inodes().difference(&before).copied().collect::<Vec<_>>();
-    if poll_until(DEADLINE, || leaked().is_empty().then_some(())).await.is_none() {
+    if poll_until(DEADLINE, || leaked().is_empty().then_some(()))
+        .await
+        .is_none()
+    {
         panic!(
             "{mode}: sockets still open {DEADLINE:?} after every connection ended: inodes {:?}; this process's sockets:\n{}",
             leaked(),
@@ -1343,19 +1566,32 @@ async fn write_in_pieces(w: &mut (impl tokio::io::AsyncWrite + Unpin), bytes: &[
 
 fn same(what: &str, got: &[u8], want: &[u8]) {
     if got != want {
-        let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-        panic!("{what}: {} bytes, want {}; first difference at {at}", got.len(), want.len());
+        let at = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
+        panic!(
+            "{what}: {} bytes, want {}; first difference at {at}",
+            got.len(),
+            want.len()
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req7_binary_junk_passes_untouched_both_ways() {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else { return };
+    let Some(p) = RelayProxy::start("kernel", "").await else {
+        return;
+    };
     let mut total = 0;
     for id in 0..6u64 {
         let mut rng = Rng::new(700 + id);
-        let (nd, nu) = (rng.range(512 * KIB, 2 * MIB) as usize, rng.range(512 * KIB, 2 * MIB) as usize);
+        let (nd, nu) = (
+            rng.range(512 * KIB, 2 * MIB) as usize,
+            rng.range(512 * KIB, 2 * MIB) as usize,
+        );
         let down = junk(&mut rng, nd);
         let up_bytes = junk(&mut rng, nu);
         total += down.len() + up_bytes.len();
@@ -1404,7 +1640,10 @@ async fn req7_binary_junk_passes_untouched_both_ways() {
     }
     let t = p.wait_idle().await;
     assert_kernel_totals(&t, 6);
-    say(&format!("req7: {:.1} MiB of junk relayed byte for byte", total as f64 / MIB as f64));
+    say(&format!(
+        "req7: {:.1} MiB of junk relayed byte for byte",
+        total as f64 / MIB as f64
+    ));
 }
 
 // ---- relay.mode = "auto" ----
@@ -1412,7 +1651,9 @@ async fn req7_binary_junk_passes_untouched_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_mode_uses_the_kernel_relay() {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start("auto", "").await else { return };
+    let Some(p) = RelayProxy::start("auto", "").await else {
+        return;
+    };
     let (mut a, mut b) = (0, 0);
     for id in 0..3u64 {
         let (x, y) = (256 * KIB * (id + 1), 100 * KIB + id);
@@ -1422,9 +1663,16 @@ async fn auto_mode_uses_the_kernel_relay() {
     }
     let t = p.wait_idle().await;
     assert_eq!(sum_ended(&t), 3, "{t:?}");
-    assert!(t.ended[0] >= 1 && t.ended[1] == t.fallbacks, "auto mode did not use the kernel relay: {t:?}");
+    assert!(
+        t.ended[0] >= 1 && t.ended[1] == t.fallbacks,
+        "auto mode did not use the kernel relay: {t:?}"
+    );
     let sum = |x: [u64; 2]| x[0] + x[1];
-    assert_eq!((sum(t.client_to_upstream), sum(t.upstream_to_client)), (a + 3, b + 3), "{t:?}");
+    assert_eq!(
+        (sum(t.client_to_upstream), sum(t.upstream_to_client)),
+        (a + 3, b + 3),
+        "{t:?}"
+    );
 }
 
 /// A socket map takes only established TCP sockets. A client that half-closes right behind its
@@ -1434,7 +1682,9 @@ async fn auto_mode_uses_the_kernel_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_mode_falls_back_to_userspace_when_insertion_fails() {
     let _g = shared().await;
-    let Some(p) = RelayProxy::start("auto", "").await else { return };
+    let Some(p) = RelayProxy::start("auto", "").await else {
+        return;
+    };
     let (mut c, accepted) = p.request(1).await;
     c.shutdown().await.unwrap();
     let mut up = Accepted::wait(accepted).await;
@@ -1442,7 +1692,10 @@ async fn auto_mode_falls_back_to_userspace_when_insertion_fails() {
         wait_state(&c, tcp_state::FIN_WAIT2, DEADLINE).await.is_some(),
         "the proxy did not acknowledge the client's FIN"
     );
-    up.stream.write_all(upgrade_response(&up.head).as_bytes()).await.unwrap();
+    up.stream
+        .write_all(upgrade_response(&up.head).as_bytes())
+        .await
+        .unwrap();
     let head = read_head(&mut c).await;
     assert_eq!(status(&head), 101, "{head:?}");
     expect_eof(&mut up.stream, "upstream (the client's half-close)").await;

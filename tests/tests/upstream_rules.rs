@@ -28,7 +28,10 @@ const BASE: &str = "[limits]\nrequests_per_second = 10000.0\nburst = 10000\nmax_
 /// Config text with weighted main and backup upstreams, an upstream timeout and extra sections.
 fn config_text(main: &[(SocketAddr, u32)], backup: &[(SocketAddr, u32)], timeout: &str, extra: &str) -> String {
     let list = |l: &[(SocketAddr, u32)]| {
-        l.iter().map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}")).collect::<Vec<_>>().join(", ")
+        l.iter()
+            .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     format!(
         "{BASE}{extra}\n[upstreams]\nmain = [{}]\nbackup = [{}]\ntimeout = \"{timeout}\"\n",
@@ -88,7 +91,11 @@ impl Named {
     }
 
     fn accepted(&self, addr: SocketAddr) -> usize {
-        self.ups.iter().find(|u| u.addr == addr).expect("not one of these upstreams").accepted()
+        self.ups
+            .iter()
+            .find(|u| u.addr == addr)
+            .expect("not one of these upstreams")
+            .accepted()
     }
 
     /// The upstream the proxy at `proxy` connects the client `ip` to.
@@ -99,7 +106,10 @@ impl Named {
         assert_eq!(status(&head), 101, "client {ip} got {head:?}");
         let mut id = vec![0u8; ID_LEN];
         within("the upstream's identity", s.read_exact(&mut id)).await.unwrap();
-        *self.by_id.get(&id).unwrap_or_else(|| panic!("unknown identity {:?}", String::from_utf8_lossy(&id)))
+        *self
+            .by_id
+            .get(&id)
+            .unwrap_or_else(|| panic!("unknown identity {:?}", String::from_utf8_lossy(&id)))
     }
 
     async fn landings(&self, proxy: SocketAddr, ips: &[IpAddr]) -> Vec<SocketAddr> {
@@ -127,7 +137,9 @@ async fn raw_handshake(ip: IpAddr, proxy: SocketAddr) -> TcpStream {
 /// Accepts the proxy's connection on `listener`, reads the forwarded request head and answers a
 /// valid 101. Returns the stream, the request head and bytes that came after the head.
 async fn accept_upgraded(listener: &TcpListener) -> (TcpStream, String, Vec<u8>) {
-    let (mut s, _) = within("the proxy to connect to the upstream", listener.accept()).await.unwrap();
+    let (mut s, _) = within("the proxy to connect to the upstream", listener.accept())
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let head_len = within("the forwarded request head", async {
         for _ in 0..1024 {
@@ -185,7 +197,12 @@ async fn exchange_raw(ip: IpAddr, proxy: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut s = connect_from(ip, proxy).await;
     s.write_all(bytes).await.unwrap();
     let (got, end) = within("the proxy to close", read_until_end(&mut s, 1 << 20)).await;
-    end.unwrap_or_else(|e| panic!("expected a clean EOF, got {e} after {:?}", String::from_utf8_lossy(&got)));
+    end.unwrap_or_else(|e| {
+        panic!(
+            "expected a clean EOF, got {e} after {:?}",
+            String::from_utf8_lossy(&got)
+        )
+    });
     got
 }
 
@@ -223,7 +240,11 @@ impl Checksum {
     const BLOCK: usize = 64 * 1024;
 
     fn new() -> Self {
-        Checksum { hash: 0xcbf2_9ce4_8422_2325, len: 0, block: Vec::with_capacity(Self::BLOCK) }
+        Checksum {
+            hash: 0xcbf2_9ce4_8422_2325,
+            len: 0,
+            block: Vec::with_capacity(Self::BLOCK),
+        }
     }
 
     fn feed(&mut self, mut b: &[u8]) {
@@ -355,7 +376,11 @@ async fn rule4_same_mapping_from_another_instance_a_reordered_config_and_after_a
     let third = Proxy::start(&reordered).await;
     let want = named.landings(first.addr, &ips).await;
     assert_eq!(named.landings(second.addr, &ips).await, want, "another instance");
-    assert_eq!(named.landings(third.addr, &ips).await, want, "the same upstreams listed in another order");
+    assert_eq!(
+        named.landings(third.addr, &ips).await,
+        want,
+        "the same upstreams listed in another order"
+    );
 
     let addr = first.addr;
     first.stop().await;
@@ -378,7 +403,10 @@ async fn rule4_removing_an_upstream_moves_only_its_clients_to_their_second_choic
     proxy.stop().await;
 
     // Remove the upstream with the most clients.
-    let removed = *a.iter().max_by_key(|&&u| before.iter().filter(|&&b| b == u).count()).unwrap();
+    let removed = *a
+        .iter()
+        .max_by_key(|&&u| before.iter().filter(|&&b| b == u).count())
+        .unwrap();
     let rest: Vec<SocketAddr> = a.iter().copied().filter(|&u| u != removed).collect();
     let less = config_text(&weight1(&rest), &[], "2s", "");
     let proxy = Proxy::start(&less).await;
@@ -387,7 +415,11 @@ async fn rule4_removing_an_upstream_moves_only_its_clients_to_their_second_choic
     for (i, ip) in ips.iter().enumerate() {
         if before[i] == removed {
             moved += 1;
-            assert_eq!(after[i], order(&full, *ip)[1], "client {ip} should go to its second choice");
+            assert_eq!(
+                after[i],
+                order(&full, *ip)[1],
+                "client {ip} should go to its second choice"
+            );
         } else {
             assert_eq!(after[i], before[i], "client {ip} moved although its upstream stayed");
         }
@@ -466,7 +498,11 @@ async fn rule4_backup_only_when_every_main_upstream_failed() {
     let proxy = Proxy::start(&text).await;
     let got = named.landings(proxy.addr, &ips).await;
     assert!(got.iter().all(|&u| u == main[0]), "{got:?}");
-    assert_eq!(named.accepted(backup[0]) + named.accepted(backup[1]), 0, "a backup was used while a main one was up");
+    assert_eq!(
+        named.accepted(backup[0]) + named.accepted(backup[1]),
+        0,
+        "a backup was used while a main one was up"
+    );
     proxy.stop().await;
 
     // Every main upstream down: each client goes to its first backup by hash.
@@ -478,7 +514,10 @@ async fn rule4_backup_only_when_every_main_upstream_failed() {
         assert!(backup.contains(&o[2]));
         assert_eq!(*up, o[2], "client {ip}");
     }
-    assert!(backup.iter().all(|b| got.contains(b)), "both backups should get some of 40 clients: {got:?}");
+    assert!(
+        backup.iter().all(|b| got.contains(b)),
+        "both backups should get some of 40 clients: {got:?}"
+    );
     proxy.stop().await;
 }
 
@@ -531,21 +570,39 @@ async fn rule5_request_forwarded_as_sent_with_the_proxy_fields() {
 
     let head = forwarded_head(proxy.addr, &mut up, ip, &req).await;
     assert!(head.starts_with(&format!("{line}\r\n")), "{head:?}");
-    assert!(head.ends_with("\r\n\r\n") && !head.ends_with("\r\n\r\n\r\n"), "{head:?}");
+    assert!(
+        head.ends_with("\r\n\r\n") && !head.ends_with("\r\n\r\n\r\n"),
+        "{head:?}"
+    );
     // The client's fields, minus the dropped and the proxy's own, come in order and case as sent.
-    let own = ["x-forwarded-for", "x-real-ip", "x-forwarded-proto", "x-request-id", "forwarded"];
+    let own = [
+        "x-forwarded-for",
+        "x-real-ip",
+        "x-forwarded-proto",
+        "x-request-id",
+        "forwarded",
+    ];
     let theirs: Vec<&str> = field_lines(&head)
         .into_iter()
-        .filter(|l| !own.iter().any(|o| l.split_once(':').is_some_and(|(n, _)| n.eq_ignore_ascii_case(o))))
+        .filter(|l| {
+            !own.iter()
+                .any(|o| l.split_once(':').is_some_and(|(n, _)| n.eq_ignore_ascii_case(o)))
+        })
         .collect();
     assert_eq!(theirs, kept, "client fields as forwarded, in {head:?}");
-    assert!(!head.contains("My_Secret") && !head.contains("underscore"), "underscore field not dropped: {head:?}");
+    assert!(
+        !head.contains("My_Secret") && !head.contains("underscore"),
+        "underscore field not dropped: {head:?}"
+    );
     assert_eq!(single(&head, "X-Forwarded-For"), format!("203.0.113.7, {ip}"));
     assert_eq!(single(&head, "X-Real-IP"), ip.to_string());
     assert_eq!(single(&head, "X-Forwarded-Proto"), "http");
     let id1 = single(&head, "X-Request-ID");
     assert!(!id1.is_empty() && id1 != "forged-id", "{head:?}");
-    assert!(values(&head, "Forwarded").is_empty(), "Forwarded is off by default: {head:?}");
+    assert!(
+        values(&head, "Forwarded").is_empty(),
+        "Forwarded is off by default: {head:?}"
+    );
 
     // A request without X-Forwarded-For gets one; every request gets its own id.
     let head = forwarded_head(proxy.addr, &mut up, ip, &request("/plain")).await;
@@ -564,19 +621,42 @@ async fn rule5_underscore_headers_drop_keep_and_reject() {
     let ip = client_ip(6);
     let mut up = Upstream::start(Script::Upgrade { after: vec![] }).await;
 
-    let drop = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", "[headers]\nunderscore_headers = \"drop\"\n")).await;
+    let drop = Proxy::start(&config_text(
+        &[(up.addr, 1)],
+        &[],
+        "2s",
+        "[headers]\nunderscore_headers = \"drop\"\n",
+    ))
+    .await;
     let head = forwarded_head(drop.addr, &mut up, ip, &req).await;
-    assert!(!head.contains("My_Header") && head.contains("\r\nX-Plain: 2\r\n"), "{head:?}");
+    assert!(
+        !head.contains("My_Header") && head.contains("\r\nX-Plain: 2\r\n"),
+        "{head:?}"
+    );
     drop.stop().await;
 
-    let keep = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", "[headers]\nunderscore_headers = \"keep\"\n")).await;
+    let keep = Proxy::start(&config_text(
+        &[(up.addr, 1)],
+        &[],
+        "2s",
+        "[headers]\nunderscore_headers = \"keep\"\n",
+    ))
+    .await;
     let head = forwarded_head(keep.addr, &mut up, ip, &req).await;
-    assert!(head.contains("\r\nHost: test\r\nMy_Header: 1\r\nX-Plain: 2\r\n"), "{head:?}");
+    assert!(
+        head.contains("\r\nHost: test\r\nMy_Header: 1\r\nX-Plain: 2\r\n"),
+        "{head:?}"
+    );
     keep.stop().await;
 
     let contacted = up.accepted();
-    let reject =
-        Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", "[headers]\nunderscore_headers = \"reject\"\n")).await;
+    let reject = Proxy::start(&config_text(
+        &[(up.addr, 1)],
+        &[],
+        "2s",
+        "[headers]\nunderscore_headers = \"reject\"\n",
+    ))
+    .await;
     let answer = exchange(ip, reject.addr, req.as_bytes()).await;
     assert_eq!(status(&answer), 400, "{answer:?}");
     assert_eq!(up.accepted(), contacted, "a rejected request reached the upstream");
@@ -599,7 +679,10 @@ async fn rule5_forwarded_field_and_static_headers() {
         "Host: test\r\nForwarded: for=198.51.100.1;proto=http\r\nx-edge-node: forged\r\n",
     );
     let head = forwarded_head(proxy.addr, &mut up, ip, &req).await;
-    assert_eq!(single(&head, "Forwarded"), format!("for=198.51.100.1;proto=http, for={ip};proto=https"));
+    assert_eq!(
+        single(&head, "Forwarded"),
+        format!("for=198.51.100.1;proto=http, for={ip};proto=https")
+    );
     assert_eq!(single(&head, "X-Forwarded-Proto"), "https");
     assert_eq!(single(&head, "X-Edge-Node"), "edge-1");
     assert_eq!(single(&head, "X-Env"), "test env");
@@ -637,8 +720,14 @@ async fn rule6_silent_upstream_times_out_and_the_next_one_answers() {
     let started = Instant::now();
     assert_eq!(named.landing(proxy.addr, ip).await, good);
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(250), "answered after {took:?}, before the silent one timed out");
-    assert!(took < Duration::from_millis(2500), "answered after {took:?}: the 300ms timeout was not applied");
+    assert!(
+        took >= Duration::from_millis(250),
+        "answered after {took:?}, before the silent one timed out"
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "answered after {took:?}: the 300ms timeout was not applied"
+    );
     assert_eq!(silent.accepted(), 1);
     // The proxy gave up on the silent upstream and closed that connection.
     let seen = silent.next_seen().await;
@@ -680,7 +769,10 @@ async fn rule6_no_upstream_answering_gets_400() {
     let answer = exchange(client_ip(8), proxy.addr, request("/none").as_bytes()).await;
     let took = started.elapsed();
     assert_eq!(status(&answer), 400, "{answer:?}");
-    assert!(took >= Duration::from_millis(500), "400 after {took:?}: both silent upstreams should have been waited for");
+    assert!(
+        took >= Duration::from_millis(500),
+        "400 after {took:?}: both silent upstreams should have been waited for"
+    );
     // Every upstream was tried, and each silent one's connection was closed again.
     assert_eq!((s1.accepted(), s2.accepted()), (1, 1));
     s1.next_seen().await;
@@ -702,7 +794,11 @@ async fn rule7_non_101_status_gives_the_client_nothing_and_closes_the_upstream()
         let mut up = Upstream::start(Script::Respond(answer.into())).await;
         let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", "")).await;
         let got = exchange_raw(client_ip(10 + i as u32), proxy.addr, request("/s").as_bytes()).await;
-        assert!(got.is_empty(), "for {answer:?} the client got {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            got.is_empty(),
+            "for {answer:?} the client got {:?}",
+            String::from_utf8_lossy(&got)
+        );
         let seen = up.next_seen().await;
         assert!(seen.head.starts_with("GET /s HTTP/1.1\r\n"));
         proxy.stop().await;
@@ -750,7 +846,9 @@ async fn rule7_non_101_status_closes_the_client_cleanly_even_with_bytes_behind_i
     let proxy = Proxy::start(&config_text(&[(listener.local_addr().unwrap(), 1)], &[], "2s", "")).await;
     let mut client = connect_from(client_ip(60), proxy.addr).await;
     client.write_all(request("/p").as_bytes()).await.unwrap();
-    let (mut up, _) = within("the proxy to connect to the upstream", listener.accept()).await.unwrap();
+    let (mut up, _) = within("the proxy to connect to the upstream", listener.accept())
+        .await
+        .unwrap();
     let mut got = Vec::new();
     within("the forwarded request", async {
         let mut buf = [0u8; 4096];
@@ -764,7 +862,9 @@ async fn rule7_non_101_status_closes_the_client_cleanly_even_with_bytes_behind_i
     // The proxy has read the whole head and now waits on the upstream; these bytes stay unread.
     client.write_all(b"\x81\x05early").await.unwrap();
     wait_delivered(&client).await;
-    up.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+    up.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
     let (bytes, end) = within("the proxy to close the client", read_until_end(&mut client, 1 << 16)).await;
     assert!(bytes.is_empty(), "the client got {:?}", String::from_utf8_lossy(&bytes));
     assert!(end.is_ok(), "the client got {end:?} instead of a clean EOF");
@@ -806,7 +906,9 @@ async fn rule8_valid_101_forwarded_byte_for_byte_with_the_bytes_after_it() {
     let head = read_head(&mut s).await;
     assert_eq!(
         head,
-        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {ACCEPT}\r\n\r\n")
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {ACCEPT}\r\n\r\n"
+        )
     );
     let mut got = vec![0u8; after.len()];
     within("the bytes after the 101", s.read_exact(&mut got)).await.unwrap();
@@ -819,18 +921,34 @@ async fn rule8_invalid_101_gives_the_client_nothing() {
     let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
               Sec-WebSocket-Accept: {accept}\r\n\r\n";
     let cases = [
-        ("missing Sec-WebSocket-Accept", ok.replace("Sec-WebSocket-Accept: {accept}\r\n", "")),
-        ("wrong Sec-WebSocket-Accept", ok.replace("{accept}", "AAAAAAAAAAAAAAAAAAAAAAAAAAA=")),
+        (
+            "missing Sec-WebSocket-Accept",
+            ok.replace("Sec-WebSocket-Accept: {accept}\r\n", ""),
+        ),
+        (
+            "wrong Sec-WebSocket-Accept",
+            ok.replace("{accept}", "AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+        ),
         ("missing Upgrade", ok.replace("Upgrade: websocket\r\n", "")),
-        ("Upgrade of another protocol", ok.replace("Upgrade: websocket", "Upgrade: h2c")),
-        ("Connection without upgrade", ok.replace("Connection: Upgrade", "Connection: keep-alive")),
+        (
+            "Upgrade of another protocol",
+            ok.replace("Upgrade: websocket", "Upgrade: h2c"),
+        ),
+        (
+            "Connection without upgrade",
+            ok.replace("Connection: Upgrade", "Connection: keep-alive"),
+        ),
         ("missing Connection", ok.replace("Connection: Upgrade\r\n", "")),
     ];
     for (i, (what, text)) in cases.into_iter().enumerate() {
         let mut up = Upstream::start(Script::Respond(text)).await;
         let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", "")).await;
         let got = exchange_raw(client_ip(30 + i as u32), proxy.addr, request("/bad").as_bytes()).await;
-        assert!(got.is_empty(), "{what}: the client got {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            got.is_empty(),
+            "{what}: the client got {:?}",
+            String::from_utf8_lossy(&got)
+        );
         up.next_seen().await;
         proxy.stop().await;
     }
@@ -859,7 +977,10 @@ async fn rule9_websocket_echo_text_and_binary_up_to_1mib() {
             Message::binary(bytes)
         };
         within("a message to be sent", ws.send(msg.clone())).await.unwrap();
-        let back = within("the echo of a message", ws.next()).await.expect("stream ended").unwrap();
+        let back = within("the echo of a message", ws.next())
+            .await
+            .expect("stream ended")
+            .unwrap();
         assert!(back == msg, "message {i} of {size} bytes came back different");
     }
     assert!(total > 10 << 20);
@@ -879,7 +1000,8 @@ async fn rule9_raw_bytes_relayed_untouched_both_ways() {
     let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", "")).await;
     let s = raw_handshake(client_ip(41), proxy.addr).await;
     // Not WebSocket frames: HTTP look-alikes, zeros, 0xff runs and noise.
-    let mut junk = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\n\x00\x00\xff\xff\x88\x00".to_vec();
+    let mut junk =
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\n\x00\x00\xff\xff\x88\x00".to_vec();
     junk.extend(vec![0u8; 5000]);
     junk.extend(vec![0xffu8; 5000]);
     junk.extend(Pattern::bytes(7, 1 << 20));
@@ -898,16 +1020,29 @@ async fn rule9_raw_bytes_relayed_untouched_both_ways() {
     });
     let (back, end) = within("the echo and the close", read_until_end(&mut r, junk.len())).await;
     end.unwrap();
-    assert!(back == junk, "echo differs: {} bytes back of {}", back.len(), junk.len());
+    assert!(
+        back == junk,
+        "echo differs: {} bytes back of {}",
+        back.len(),
+        junk.len()
+    );
     within("the writer", writer).await.unwrap();
     let seen = up.next_seen().await;
-    assert!(seen.rest == junk, "the upstream received {} bytes, different from the {} sent", seen.rest.len(), junk.len());
+    assert!(
+        seen.rest == junk,
+        "the upstream received {} bytes, different from the {} sent",
+        seen.rest.len(),
+        junk.len()
+    );
     proxy.stop().await;
 }
 
 #[tokio::test]
 async fn rule9_bytes_sent_with_the_request_follow_it_in_order() {
-    let mut up = Upstream::start(Script::Upgrade { after: b"AFTER".to_vec() }).await;
+    let mut up = Upstream::start(Script::Upgrade {
+        after: b"AFTER".to_vec(),
+    })
+    .await;
     let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", "")).await;
     let early = b"\x81\x8cEARLY-PAYLOAD\x00\xff\r\n\r\nmore".to_vec();
     let mut first = request("/early").into_bytes();
@@ -917,16 +1052,24 @@ async fn rule9_bytes_sent_with_the_request_follow_it_in_order() {
     let head = read_head(&mut s).await;
     assert_eq!(status(&head), 101, "{head:?}");
     let mut got = vec![0u8; 5 + early.len()];
-    within("the upstream's bytes and the echo", s.read_exact(&mut got)).await.unwrap();
+    within("the upstream's bytes and the echo", s.read_exact(&mut got))
+        .await
+        .unwrap();
     assert_eq!(&got[..5], b"AFTER");
     assert_eq!(&got[5..], &early[..]);
     s.write_all(b"LATER").await.unwrap();
     let mut later = [0u8; 5];
-    within("the echo of later bytes", s.read_exact(&mut later)).await.unwrap();
+    within("the echo of later bytes", s.read_exact(&mut later))
+        .await
+        .unwrap();
     assert_eq!(&later, b"LATER");
     drop(s);
     let seen = up.next_seen().await;
-    assert!(seen.head.starts_with("GET /early HTTP/1.1\r\n") && !seen.head.contains("EARLY"), "{:?}", seen.head);
+    assert!(
+        seen.head.starts_with("GET /early HTTP/1.1\r\n") && !seen.head.contains("EARLY"),
+        "{:?}",
+        seen.head
+    );
     let mut want = early.clone();
     want.extend_from_slice(b"LATER");
     assert_eq!(seen.rest, want);
@@ -943,7 +1086,12 @@ async fn rule9_bulk_32mib_each_way_with_checksums() {
     let c_recv = tokio::spawn(async move { receive_checksum(&mut cr, SIZE as u64).await });
     let u_recv = tokio::spawn(async move { receive_checksum(&mut ur, SIZE as u64).await });
     let (up_sent, down_sent, down_got, up_got) = within("the bulk transfer", async {
-        (c_send.await.unwrap(), u_send.await.unwrap(), c_recv.await.unwrap(), u_recv.await.unwrap())
+        (
+            c_send.await.unwrap(),
+            u_send.await.unwrap(),
+            c_recv.await.unwrap(),
+            u_recv.await.unwrap(),
+        )
     })
     .await;
     assert_eq!(up_sent.0, SIZE as u64);
@@ -962,14 +1110,22 @@ async fn rule10_client_half_close() {
     client.write_all(&sent).await.unwrap();
     client.shutdown().await.unwrap();
     // The upstream gets every byte, then EOF.
-    let (got, end) = within("the upstream to see the client's EOF", read_until_end(&mut upstream, sent.len())).await;
+    let (got, end) = within(
+        "the upstream to see the client's EOF",
+        read_until_end(&mut upstream, sent.len()),
+    )
+    .await;
     end.unwrap();
     assert!(got == sent, "upstream got {} of {} bytes", got.len(), sent.len());
     // It can still answer; the client gets that, then EOF.
     let back = Pattern::bytes(6, 50_000);
     upstream.write_all(&back).await.unwrap();
     upstream.shutdown().await.unwrap();
-    let (got, end) = within("the client to see the upstream's EOF", read_until_end(&mut client, back.len())).await;
+    let (got, end) = within(
+        "the client to see the upstream's EOF",
+        read_until_end(&mut client, back.len()),
+    )
+    .await;
     end.unwrap();
     assert!(got == back, "client got {} of {} bytes", got.len(), back.len());
     proxy.stop().await;
@@ -981,13 +1137,21 @@ async fn rule10_upstream_half_close() {
     let sent = Pattern::bytes(7, 100_000);
     upstream.write_all(&sent).await.unwrap();
     upstream.shutdown().await.unwrap();
-    let (got, end) = within("the client to see the upstream's EOF", read_until_end(&mut client, sent.len())).await;
+    let (got, end) = within(
+        "the client to see the upstream's EOF",
+        read_until_end(&mut client, sent.len()),
+    )
+    .await;
     end.unwrap();
     assert!(got == sent, "client got {} of {} bytes", got.len(), sent.len());
     let back = Pattern::bytes(8, 50_000);
     client.write_all(&back).await.unwrap();
     client.shutdown().await.unwrap();
-    let (got, end) = within("the upstream to see the client's EOF", read_until_end(&mut upstream, back.len())).await;
+    let (got, end) = within(
+        "the upstream to see the client's EOF",
+        read_until_end(&mut upstream, back.len()),
+    )
+    .await;
     end.unwrap();
     assert!(got == back, "upstream got {} of {} bytes", got.len(), back.len());
     proxy.stop().await;
@@ -1006,9 +1170,16 @@ async fn rule10_client_half_close_right_behind_the_request() {
     client.shutdown().await.unwrap();
     let (mut upstream, head, rest) = accept_upgraded(&listener).await;
     assert!(head.starts_with("GET /hc HTTP/1.1\r\n"));
-    let (more, end) = within("the payload and the client's EOF", read_until_end(&mut upstream, payload.len())).await;
+    let (more, end) = within(
+        "the payload and the client's EOF",
+        read_until_end(&mut upstream, payload.len()),
+    )
+    .await;
     end.unwrap();
-    assert!([rest, more].concat() == payload, "the upstream did not get the payload intact");
+    assert!(
+        [rest, more].concat() == payload,
+        "the upstream did not get the payload intact"
+    );
     upstream.write_all(b"bye").await.unwrap();
     upstream.shutdown().await.unwrap();
     let head = read_head(&mut client).await;
@@ -1051,6 +1222,9 @@ async fn rule10_client_reset_closes_the_upstream() {
     let r = tokio::time::timeout(PROMPT, upstream.read(&mut buf))
         .await
         .unwrap_or_else(|_| panic!("the upstream side stayed open {PROMPT:?} after the client reset"));
-    assert!(matches!(r, Ok(0) | Err(_)), "the upstream read {r:?} instead of the end");
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "the upstream read {r:?} instead of the end"
+    );
     proxy.stop().await;
 }

@@ -56,17 +56,10 @@ mod tests {
     #[test]
     fn bench_runs_the_release_binary_with_the_results_folder() {
         let cmd = bench_command(Path::new("/w"), true, &["--only".into(), "bulk".into()]);
-        assert!(
-            cmd.program.ends_with("release/wsproxy-bench"),
-            "{}",
-            cmd.program
-        );
+        assert!(cmd.program.ends_with("release/wsproxy-bench"), "{}", cmd.program);
         assert_eq!(cmd.args[0], "run");
         assert!(cmd.args.contains(&"/w/bench/results".to_owned()));
-        assert!(
-            cmd.args
-                .ends_with(&["--quick".into(), "--only".into(), "bulk".into()])
-        );
+        assert!(cmd.args.ends_with(&["--quick".into(), "--only".into(), "bulk".into()]));
         assert!(build_command().args.contains(&"wsproxy-bench".to_owned()));
     }
 }

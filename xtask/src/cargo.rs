@@ -38,11 +38,7 @@ fn cargo() -> Cmd {
 
 pub fn build_command(release: bool) -> Cmd {
     let cmd = cargo().args(["build", "--package", "wsproxy"]);
-    if release {
-        cmd.args(["--release"])
-    } else {
-        cmd
-    }
+    if release { cmd.args(["--release"]) } else { cmd }
 }
 
 /// `cargo test` over every crate that builds for the host (proxy-ebpf builds for the kernel),
@@ -95,20 +91,11 @@ mod tests {
     #[test]
     fn build_command_and_binary_follow_the_profile() {
         assert_eq!(build_command(false).args, ["build", "--package", "wsproxy"]);
-        assert_eq!(
-            build_command(true).args,
-            ["build", "--package", "wsproxy", "--release"]
-        );
+        assert_eq!(build_command(true).args, ["build", "--package", "wsproxy", "--release"]);
         if env::var_os("CARGO_TARGET_DIR").is_none() {
             let root = Path::new("/w");
-            assert_eq!(
-                wsproxy_binary(root, false),
-                Path::new("/w/target/debug/wsproxy")
-            );
-            assert_eq!(
-                wsproxy_binary(root, true),
-                Path::new("/w/target/release/wsproxy")
-            );
+            assert_eq!(wsproxy_binary(root, false), Path::new("/w/target/debug/wsproxy"));
+            assert_eq!(wsproxy_binary(root, true), Path::new("/w/target/release/wsproxy"));
         }
     }
 

@@ -17,7 +17,13 @@ pub fn run_command(target: &str, corpus: &Path, seeds: &Path, seconds: u64) -> C
     Cmd::new("cargo")
         .args(["+nightly", "fuzz", "run", target])
         .args([corpus.to_string_lossy(), seeds.to_string_lossy()])
-        .args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-max_len=65536", "-timeout=10"])
+        .args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            "-rss_limit_mb=2048",
+            "-max_len=65536",
+            "-timeout=10",
+        ])
         // The fuzz targets exercise the userspace parsers; the kernel relay's object is not needed.
         .env("AYA_BUILD_SKIP", "1")
 }
@@ -53,7 +59,9 @@ fn ensure_cargo_fuzz(root: &Path) -> Result<()> {
         .is_ok_and(|o| o.status.success());
     if !installed {
         println!("xtask: cargo-fuzz: installing");
-        Cmd::new("cargo").args(["install", "cargo-fuzz", "--locked"]).run_in(root)?;
+        Cmd::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked"])
+            .run_in(root)?;
     }
     Ok(())
 }
@@ -67,6 +75,9 @@ mod tests {
         let c = run_command("config", Path::new("/c"), Path::new("/s"), 60);
         let line = c.to_string();
         assert!(line.contains("fuzz run config /c /s"), "{line}");
-        assert!(line.contains("-max_total_time=60") && line.contains("-rss_limit_mb=2048"), "{line}");
+        assert!(
+            line.contains("-max_total_time=60") && line.contains("-rss_limit_mb=2048"),
+            "{line}"
+        );
     }
 }

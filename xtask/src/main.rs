@@ -134,8 +134,7 @@ mod tests {
 
     #[test]
     fn test_passes_everything_after_the_separator() {
-        let cli =
-            Cli::try_parse_from(["xtask", "test", "--", "handshake", "--", "--nocapture"]).unwrap();
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "handshake", "--", "--nocapture"]).unwrap();
         let Task::Test { args } = cli.task else {
             panic!("not test")
         };

@@ -121,12 +121,7 @@ pub fn run(root: &Path, binary: &Path) -> Result<ExitCode> {
 fn start_all(root: &Path, binary: &Path, procs: &mut Vec<Proc>) -> Result<()> {
     for (addr, role) in UPSTREAMS {
         let name = format!("echo upstream {addr} ({role})");
-        procs.push(Proc::spawn(
-            name,
-            binary,
-            &["echo-server", "--listen", addr],
-            root,
-        )?);
+        procs.push(Proc::spawn(name, binary, &["echo-server", "--listen", addr], root)?);
     }
     let args = ["run", "--config", CONFIG];
     procs.push(Proc::spawn("wsproxy".to_owned(), binary, &args, root)?);
@@ -142,9 +137,7 @@ fn print_usage() {
         "  curl -i -N -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' \
          -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' http://{PROXY_ADDR}/"
     );
-    println!(
-        "Any WebSocket client works too, e.g. `websocat ws://{PROXY_ADDR}/` echoes what you type."
-    );
+    println!("Any WebSocket client works too, e.g. `websocat ws://{PROXY_ADDR}/` echoes what you type.");
     println!("Ctrl-C stops the proxy and the upstreams.");
     println!();
 }

@@ -77,9 +77,7 @@ pub fn plan(probe: &Probe) -> Vec<Step> {
     } else {
         vec![
             Cmd::new("apt-get").args(["update"]),
-            Cmd::new("apt-get")
-                .args(["install", "-y"])
-                .args(&probe.missing_debs),
+            Cmd::new("apt-get").args(["install", "-y"]).args(&probe.missing_debs),
         ]
     };
     let bpf_linker = if probe.bpf_linker {
@@ -88,13 +86,7 @@ pub fn plan(probe: &Probe) -> Vec<Step> {
         // --force: reinstall over a binary that exists but no longer runs (e.g. its LLVM is gone).
         vec![
             Cmd::new("cargo")
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--version",
-                    BPF_LINKER_VERSION,
-                    "--locked",
-                ])
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
                 .args(["--force", "--no-default-features", "--features", "llvm-22"])
                 .env("LLVM_PREFIX", LLVM_PREFIX),
         ]
@@ -176,9 +168,7 @@ pub fn setup(root: &Path, dry_run: bool) -> Result<()> {
     let steps = plan(&probe()?);
     if dry_run {
         for step in &steps {
-            let line = step
-                .line()
-                .replacen(": installing (", ": would install (", 1);
+            let line = step.line().replacen(": installing (", ": would install (", 1);
             println!("{line}");
         }
         return Ok(());
@@ -309,10 +299,7 @@ mod tests {
         let steps = plan(&probe);
         assert!(steps[0].is_ok() && steps[2].is_ok());
         let cmds: Vec<String> = steps[1].install.iter().map(Cmd::to_string).collect();
-        assert_eq!(
-            cmds,
-            ["apt-get update", "apt-get install -y libpolly-22-dev"]
-        );
+        assert_eq!(cmds, ["apt-get update", "apt-get install -y libpolly-22-dev"]);
     }
 
     #[test]

@@ -74,7 +74,11 @@ pub async fn relay(
         (Ok(c), Ok(u)) => [c, u],
         (Err(e), _) | (_, Err(e)) => return Err(Declined::new(client, upstream, e.into(), &c2u, &u2c)),
     };
-    let credit = SockCtrl { forwarded: 0, limit_bytes: cfg.max_in_flight_bytes, limit_skbs: cfg.max_in_flight_skbs };
+    let credit = SockCtrl {
+        forwarded: 0,
+        limit_bytes: cfg.max_in_flight_bytes,
+        limit_skbs: cfg.max_in_flight_skbs,
+    };
     let pair = match programs.insert_pair(&client, &upstream, credit) {
         Ok(p) => p,
         Err(_) if fin_received(&client) || fin_received(&upstream) => {
@@ -91,7 +95,11 @@ pub async fn relay(
             k.from_client.redirected + k.from_upstream.redirected + c2u.load(Relaxed) + u2c.load(Relaxed)
         };
         let both = async {
-            tokio::try_join!(side_of(up.run(&c2u), Side::Client), side_of(down.run(&u2c), Side::Upstream)).map(|_| ())
+            tokio::try_join!(
+                side_of(up.run(&c2u), Side::Client),
+                side_of(down.run(&u2c), Side::Upstream)
+            )
+            .map(|_| ())
         };
         until_end_or_idle(both, cfg.idle_timeout, shutdown, activity).await
     };
@@ -124,7 +132,13 @@ pub struct Declined {
 impl Declined {
     fn new(client: TcpStream, upstream: TcpStream, reason: anyhow::Error, c2u: &AtomicU64, u2c: &AtomicU64) -> Self {
         let (client_to_upstream, upstream_to_client) = (c2u.load(Relaxed), u2c.load(Relaxed));
-        Declined { client, upstream, reason, client_to_upstream, upstream_to_client }
+        Declined {
+            client,
+            upstream,
+            reason,
+            client_to_upstream,
+            upstream_to_client,
+        }
     }
 }
 
@@ -213,7 +227,15 @@ impl<'a> Direction<'a> {
         pair: &'a PairGuard,
         cfg: &'a config::Relay,
     ) -> Self {
-        Direction { src, dst, side, dst_base, pair, cfg, fin_seen: OnceLock::new() }
+        Direction {
+            src,
+            dst,
+            side,
+            dst_base,
+            pair,
+            cfg,
+            fin_seen: OnceLock::new(),
+        }
     }
 
     /// Runs until EOF on `src` has been passed on as a FIN on `dst`. `forwarded` counts the
@@ -340,7 +362,9 @@ impl<'a> Direction<'a> {
         if self.fin_seen.get().is_none() && fin_received(self.src) {
             let _ = self.fin_seen.set(Instant::now());
         }
-        self.fin_seen.get().is_some_and(|t| t.elapsed() >= self.cfg.drain_timeout)
+        self.fin_seen
+            .get()
+            .is_some_and(|t| t.elapsed() >= self.cfg.drain_timeout)
     }
 
     /// Fails when `src` has a pending error (a reset), or `dst` can no longer take bytes.
@@ -386,7 +410,9 @@ fn fin_received(s: &impl AsFd) -> bool {
     const CLOSE_WAIT: u8 = 8;
     const LAST_ACK: u8 = 9;
     const CLOSING: u8 = 11;
-    tcp_info(s).map_or(true, |i| matches!(i.tcpi_state, TIME_WAIT | TCP_CLOSE | CLOSE_WAIT | LAST_ACK | CLOSING))
+    tcp_info(s).map_or(true, |i| {
+        matches!(i.tcpi_state, TIME_WAIT | TCP_CLOSE | CLOSE_WAIT | LAST_ACK | CLOSING)
+    })
 }
 
 /// True once the connection is gone (reset, or fully closed).
@@ -400,7 +426,13 @@ fn tcp_info(s: &impl AsFd) -> io::Result<libc::tcp_info> {
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: a valid fd and an out-buffer of the length passed.
     let rc = unsafe {
-        libc::getsockopt(s.as_fd().as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &raw mut len)
+        libc::getsockopt(
+            s.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());

@@ -165,7 +165,10 @@ async fn idle_watch(timeout: Duration, activity: impl Fn() -> u64) -> Result<(),
 /// Makes the next close of `s` send a reset: passing an abort on tells the surviving peer the
 /// stream did not end cleanly, and discards whatever would otherwise still be delivered.
 pub(crate) fn reset_on_close(s: &impl AsFd) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // Failure only means a FIN instead of a reset; nothing to recover.
     let _ = nix::sys::socket::setsockopt(&s.as_fd(), nix::sys::socket::sockopt::Linger, &linger);
 }

@@ -42,8 +42,15 @@ struct Args {
 }
 
 fn args() -> Result<Args, String> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let mut a = Args { minutes: 20, concurrency: 64, out: root.join("bench/results/soak.md") };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let mut a = Args {
+        minutes: 20,
+        concurrency: 64,
+        out: root.join("bench/results/soak.md"),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -107,7 +114,9 @@ async fn connect(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// Sends the handshake and reads the answer head (buffered; nothing may follow it).
 async fn handshake(s: &mut TcpStream, path: &str) -> Result<(), String> {
-    s.write_all(request(path).as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+    s.write_all(request(path).as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     while find(&buf, b"\r\n\r\n").is_none() {
@@ -254,8 +263,12 @@ async fn settle(server: &wsproxy::Server) -> (Figures, bool) {
     })
     .await
     .is_some();
-    let f =
-        Figures { fds: fd_count(), rss: trimmed_rss(), maps: server.kernel_map_entries(), open: server.totals().open };
+    let f = Figures {
+        fds: fd_count(),
+        rss: trimmed_rss(),
+        maps: server.kernel_map_entries(),
+        open: server.totals().open,
+    };
     (f, idle)
 }
 
@@ -335,8 +348,13 @@ async fn soak_mode(mode: &'static str, run: Duration, concurrency: usize) -> Mod
     let warm = (run / 10).clamp(Duration::from_secs(5), Duration::from_secs(60));
     let stop = Arc::new(AtomicBool::new(false));
     let warm_stats = Arc::new(Stats::default());
-    let w =
-        tokio::spawn(workers(proxy.addr, concurrency, Arc::clone(&warm_stats), Arc::clone(&next), Arc::clone(&stop)));
+    let w = tokio::spawn(workers(
+        proxy.addr,
+        concurrency,
+        Arc::clone(&warm_stats),
+        Arc::clone(&next),
+        Arc::clone(&stop),
+    ));
     tokio::time::sleep(warm).await;
     stop.store(true, Relaxed);
     w.await.unwrap();
@@ -346,7 +364,13 @@ async fn soak_mode(mode: &'static str, run: Duration, concurrency: usize) -> Mod
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let began = Instant::now();
-    let w = tokio::spawn(workers(proxy.addr, concurrency, Arc::clone(&stats), Arc::clone(&next), Arc::clone(&stop)));
+    let w = tokio::spawn(workers(
+        proxy.addr,
+        concurrency,
+        Arc::clone(&stats),
+        Arc::clone(&next),
+        Arc::clone(&stop),
+    ));
     let mut samples = Vec::new();
     let every = (run / 12).max(Duration::from_secs(5));
     let mut tick = tokio::time::interval(every);
@@ -373,19 +397,32 @@ async fn soak_mode(mode: &'static str, run: Duration, concurrency: usize) -> Mod
 
     let mut problems = Vec::new();
     if !idle_at_start {
-        problems.push(format!("relays still open after the warm-up: {:?} {:?}", start.open, start.maps));
+        problems.push(format!(
+            "relays still open after the warm-up: {:?} {:?}",
+            start.open, start.maps
+        ));
     }
     if !idle_at_end || end.open != [0, 0] {
         problems.push(format!("relays still open at the end: {:?}", end.open));
     }
     if end.maps.is_some_and(|m| m != (0, 0, 0)) || end.maps != start.maps {
-        problems.push(format!("kernel map entries {:?} at the end, {:?} at the start", end.maps, start.maps));
+        problems.push(format!(
+            "kernel map entries {:?} at the end, {:?} at the start",
+            end.maps, start.maps
+        ));
     }
     if end.fds.abs_diff(start.fds) > FD_TOLERANCE {
-        problems.push(format!("descriptors {} at the end, {} at the start", end.fds, start.fds));
+        problems.push(format!(
+            "descriptors {} at the end, {} at the start",
+            end.fds, start.fds
+        ));
     }
     if end.rss > start.rss + RSS_TOLERANCE {
-        problems.push(format!("RSS {:.1} MiB at the end, {:.1} MiB at the start", mib(end.rss), mib(start.rss)));
+        problems.push(format!(
+            "RSS {:.1} MiB at the end, {:.1} MiB at the start",
+            mib(end.rss),
+            mib(start.rss)
+        ));
     }
     let s = &stats;
     let (mismatches, failures) = (s.mismatches.load(Relaxed), s.failures.load(Relaxed));
@@ -515,8 +552,10 @@ fn report(args: &Args, reports: &[ModeReport], started: &str) -> String {
     }
     for r in reports.iter().filter(|r| !r.samples.is_empty()) {
         let _ = writeln!(o, "\n### {} relay: samples while running\n", r.mode);
-        let _ =
-            writeln!(o, "| time | connections | VmRSS (untrimmed) | descriptors | open relays (k/u) | map entries |");
+        let _ = writeln!(
+            o,
+            "| time | connections | VmRSS (untrimmed) | descriptors | open relays (k/u) | map entries |"
+        );
         let _ = writeln!(o, "|---|---|---|---|---|---|");
         for s in &r.samples {
             let _ = writeln!(
@@ -532,13 +571,20 @@ fn report(args: &Args, reports: &[ModeReport], started: &str) -> String {
             );
         }
     }
-    let problems: Vec<String> =
-        reports.iter().flat_map(|r| r.problems.iter().map(move |p| format!("{}: {p}", r.mode))).collect();
-    let notes: Vec<String> =
-        reports.iter().flat_map(|r| r.notes.iter().map(move |p| format!("{}: {p}", r.mode))).collect();
+    let problems: Vec<String> = reports
+        .iter()
+        .flat_map(|r| r.problems.iter().map(move |p| format!("{}: {p}", r.mode)))
+        .collect();
+    let notes: Vec<String> = reports
+        .iter()
+        .flat_map(|r| r.notes.iter().map(move |p| format!("{}: {p}", r.mode)))
+        .collect();
     let _ = writeln!(o, "\n## Verdict\n");
     if problems.is_empty() {
-        let _ = writeln!(o, "Pass: every figure back within its tolerance, no corrupted byte, no failed connection.");
+        let _ = writeln!(
+            o,
+            "Pass: every figure back within its tolerance, no corrupted byte, no failed connection."
+        );
     } else {
         for p in &problems {
             let _ = writeln!(o, "- FAIL {p}");
@@ -570,19 +616,30 @@ async fn main() -> std::process::ExitCode {
     };
     let nofile = raise_nofile(65_536);
     if (nofile as usize) < 4 * args.concurrency + 256 {
-        eprintln!("soak: RLIMIT_NOFILE {nofile} is too low for {} workers", args.concurrency);
+        eprintln!(
+            "soak: RLIMIT_NOFILE {nofile} is too low for {} workers",
+            args.concurrency
+        );
         return std::process::ExitCode::from(2);
     }
     let started = now_utc();
     let half = Duration::from_secs(args.minutes * 60 / 2);
     let mut reports = Vec::new();
     for mode in ["kernel", "userspace"] {
-        eprintln!("soak: {mode} relay for {} s, {} workers", half.as_secs(), args.concurrency);
+        eprintln!(
+            "soak: {mode} relay for {} s, {} workers",
+            half.as_secs(),
+            args.concurrency
+        );
         let r = soak_mode(mode, half, args.concurrency).await;
         if let Some(why) = &r.skipped {
             eprintln!("soak: {mode} relay skipped: {why}");
         } else {
-            eprintln!("soak: {mode} relay: {} connections, {} problems", r.connections, r.problems.len());
+            eprintln!(
+                "soak: {mode} relay: {} connections, {} problems",
+                r.connections,
+                r.problems.len()
+            );
         }
         reports.push(r);
     }
