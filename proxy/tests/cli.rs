@@ -1,6 +1,8 @@
 //! The `wsproxy` binary as an operator meets it: help, configuration checks, start-up failures,
 //! log lines and signals.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -76,16 +78,7 @@ impl Daemon {
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < end, "wsproxy did not exit after SIGTERM");
-            // Polling a child's exit status has no readiness signal in std; this is the poll
-            // interval of a deadline-bounded wait.
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_exit(&mut self.child, DEADLINE).expect("wsproxy did not exit after SIGTERM")
     }
 }
 

@@ -6,6 +6,8 @@
 //! The upstreams run in the test's own runtime; the proxy is the real binary, with the userspace
 //! relay, on loopback ports. Waits are on its log lines, on sockets, or bounded polls.
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -101,18 +103,9 @@ impl Daemon {
     /// Waits (within `limit`) for the process to exit; then collects every remaining log line.
     async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let end = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < end,
-                "wsproxy did not exit within {limit:?}; log:\n{}",
-                self.seen.join("\n")
-            );
-            // std has no readiness signal for a child's exit; this is a deadline-bounded poll.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let left = end.saturating_duration_since(Instant::now());
+        let status = tokio::task::block_in_place(|| common::wait_exit(&mut self.child, left))
+            .unwrap_or_else(|| panic!("wsproxy did not exit within {limit:?}; log:\n{}", self.seen.join("\n")));
         // The stderr pipe closes with the process: the channel ends.
         while let Ok(Some(l)) = tokio::time::timeout(DEADLINE, self.lines.recv()).await {
             self.seen.push(l);

@@ -7,6 +7,8 @@
 //! Its own test binary and the real binary, because lowering the limit of the test process would
 //! starve every other test in it. Figures go to stderr (straight to the handle) for quoting.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -127,14 +129,7 @@ impl Daemon {
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < end, "wsproxy did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_exit(&mut self.child, DEADLINE).expect("wsproxy did not exit after SIGTERM")
     }
 }
 

@@ -2,6 +2,8 @@
 //! after start-up, and still relays in the kernel; the shipped systemd unit is valid and grants
 //! exactly those.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -210,13 +212,6 @@ fn runs_as_nobody_with_three_capabilities_then_drops_them_and_relays_in_the_kern
         std::thread::sleep(Duration::from_millis(20)); // poll interval of a deadline-bounded wait
     }
     let _ = Command::new("kill").arg(pid.to_string()).status();
-    let end = Instant::now() + DEADLINE;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            assert!(st.success(), "{st}");
-            break;
-        }
-        assert!(Instant::now() < end, "no exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20)); // poll interval of a deadline-bounded wait
-    }
+    let st = common::wait_exit(&mut child, DEADLINE).expect("no exit after SIGTERM");
+    assert!(st.success(), "{st}");
 }
