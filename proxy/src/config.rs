@@ -235,6 +235,17 @@ pub struct Relay {
     /// (WebSockets are long-lived, and quiet ones are normal).
     #[serde(with = "humantime_serde::option")]
     pub idle_timeout: Option<Duration>,
+    /// Cut a relayed connection once a peer has taken no byte for this long while bytes wait for
+    /// it (a peer that stopped reading holds the proxy's socket memory); zero: never.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// Socket buffer caps of the relayed sockets, in bytes (`SO_SNDBUF`, `SO_RCVBUF`; the kernel
+    /// doubles the value for its bookkeeping and clamps it to `net.core.wmem_max`/`rmem_max`);
+    /// `None`: the kernel autotunes the buffer.
+    pub client_sndbuf: Option<u32>,
+    pub client_rcvbuf: Option<u32>,
+    pub upstream_sndbuf: Option<u32>,
+    pub upstream_rcvbuf: Option<u32>,
 }
 
 impl Default for Relay {
@@ -245,9 +256,19 @@ impl Default for Relay {
             max_in_flight_skbs: 4096,
             drain_timeout: Duration::from_secs(10),
             idle_timeout: None,
+            send_timeout: Duration::from_secs(60),
+            client_sndbuf: None,
+            client_rcvbuf: None,
+            upstream_sndbuf: None,
+            upstream_rcvbuf: None,
         }
     }
 }
+
+/// Bounds of the relay's socket buffer caps: below a few KiB a socket holds less than one
+/// segment; above 64 MiB a cap bounds nothing an operator would notice.
+const MIN_SOCKET_BUFFER: u32 = 4096;
+const MAX_SOCKET_BUFFER: u32 = 64 << 20;
 
 // ---- the file as written ----
 
@@ -507,6 +528,21 @@ impl File {
         if r.idle_timeout.is_some_and(|t| t < Duration::from_secs(1)) {
             p.push("relay.idle_timeout: must be at least 1s (or left out for none)".into());
         }
+        if !r.send_timeout.is_zero() && r.send_timeout < Duration::from_secs(1) {
+            p.push("relay.send_timeout: must be at least 1s (or \"0s\" for none)".into());
+        }
+        for (field, size) in [
+            ("client_sndbuf", r.client_sndbuf),
+            ("client_rcvbuf", r.client_rcvbuf),
+            ("upstream_sndbuf", r.upstream_sndbuf),
+            ("upstream_rcvbuf", r.upstream_rcvbuf),
+        ] {
+            if let Some(b) = size.filter(|b| !(MIN_SOCKET_BUFFER..=MAX_SOCKET_BUFFER).contains(b)) {
+                p.push(format!(
+                    "relay.{field}: must be {MIN_SOCKET_BUFFER} to {MAX_SOCKET_BUFFER} (or left out for the kernel's autotuning), got {b}"
+                ));
+            }
+        }
 
         match (listen, p.is_empty()) {
             (Some(listen), true) => Ok(Config {
@@ -562,6 +598,8 @@ mod tests {
         assert_eq!(c.relay.mode, RelayMode::Auto);
         assert_eq!(c.relay.max_in_flight_bytes, 4 * 1024 * 1024);
         assert_eq!(c.relay.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.relay.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.relay.client_sndbuf, None);
         assert_eq!(c.upstreams.main[0].weight, 1);
     }
 
@@ -603,6 +641,21 @@ backup = [{ address = "127.0.0.1:9001" }]
             assert!(e.problems.iter().any(|p| p.starts_with(f)), "no problem for {f}: {e}");
         }
         assert_eq!(e.problems.len(), fields.len(), "{e}");
+    }
+
+    #[test]
+    fn relay_limits_are_checked_by_field() {
+        let text = format!(
+            "{MINIMAL}[relay]\nsend_timeout = \"500ms\"\nclient_sndbuf = 100\nupstream_rcvbuf = 4294967295\nclient_rcvbuf = 65536\n"
+        );
+        let e = Config::parse(&text, "t").unwrap_err();
+        let fields = ["relay.send_timeout", "relay.client_sndbuf", "relay.upstream_rcvbuf"];
+        for f in fields {
+            assert!(e.problems.iter().any(|p| p.starts_with(f)), "no problem for {f}: {e}");
+        }
+        assert_eq!(e.problems.len(), fields.len(), "{e}");
+        let c = Config::parse(&format!("{MINIMAL}[relay]\nsend_timeout = \"0s\"\n"), "t").unwrap();
+        assert!(c.relay.send_timeout.is_zero());
     }
 
     #[test]

@@ -116,12 +116,13 @@ pub struct TotalsSnapshot {
 }
 
 const MODES: [Mode; 2] = [Mode::Kernel, Mode::Userspace];
-const ENDS: [End; 7] = [
+const ENDS: [End; 8] = [
     End::Closed,
     End::ClientError(std::io::ErrorKind::Other),
     End::UpstreamError(std::io::ErrorKind::Other),
     End::DrainTimeout,
     End::IdleTimeout,
+    End::SendTimeout,
     End::Shutdown,
     End::Internal,
 ];

@@ -101,6 +101,7 @@ pub async fn relay(
             )
             .map(|_| ())
         };
+        let both = super::stall::or_stalled(both, &client, &upstream, cfg.send_timeout);
         until_end_or_idle(both, cfg.idle_timeout, shutdown, activity).await
     };
     let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());

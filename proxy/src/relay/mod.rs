@@ -6,7 +6,9 @@
 //! closing side has been delivered (half-close); a reset or error on one side closes the other at
 //! once.
 
+mod buffers;
 pub mod kernel;
+mod stall;
 pub mod userspace;
 
 use std::io;
@@ -51,6 +53,9 @@ pub enum End {
     DrainTimeout,
     /// Nothing was relayed either way for the configured idle timeout; both were closed.
     IdleTimeout,
+    /// A peer took no byte for the configured send timeout while bytes waited for it; both
+    /// were cut.
+    SendTimeout,
     /// Still open when the proxy's shutdown drain ended; both were cut.
     Shutdown,
     /// The relay's own machinery failed (a kernel map operation); both were cut.
@@ -65,6 +70,7 @@ impl End {
             End::UpstreamError(_) => "upstream error",
             End::DrainTimeout => "drain timeout",
             End::IdleTimeout => "idle timeout",
+            End::SendTimeout => "send timeout",
             End::Shutdown => "shutdown",
             End::Internal => "internal error",
         }
@@ -93,6 +99,7 @@ pub async fn relay(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Outcome {
+    buffers::cap(&client, &upstream, cfg);
     let (client, upstream, settled) = match programs.filter(|_| cfg.mode != RelayMode::Userspace) {
         Some(programs) => {
             metrics.relay_started(Mode::Kernel);
@@ -117,7 +124,7 @@ pub async fn relay(
         None => (client, upstream, (0, 0)),
     };
     metrics.relay_started(Mode::Userspace);
-    let mut o = userspace::relay(client, upstream, cfg.idle_timeout, shutdown).await;
+    let mut o = userspace::relay(client, upstream, cfg, shutdown).await;
     o.client_to_upstream += settled.0;
     o.upstream_to_client += settled.1;
     metrics.relay_ended(&o);
