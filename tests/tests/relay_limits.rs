@@ -320,3 +320,159 @@ async fn send_timeout_cuts_only_a_stalled_pair_userspace() {
 async fn send_timeout_cuts_only_a_stalled_pair_kernel() {
     send_timeout("kernel").await;
 }
+
+// ---- the socket buffer caps ----
+
+/// Stalled connections per measurement: enough that the figure per connection is an average.
+const STALLED: u64 = 10;
+/// The caps of the capped run, on all four buffers.
+const CAP: u64 = 64 * KIB;
+
+/// Kernel memory of a set of sockets, from `ss -m` (skmem): bytes in receive queues (`r`), in
+/// send queues (`w`) and reserved ahead for them (`f`).
+#[derive(Debug, Default, Clone, Copy)]
+struct SkMem {
+    sockets: u64,
+    rmem: i64,
+    wmem: i64,
+    fwd: i64,
+}
+
+impl SkMem {
+    fn total(&self) -> u64 {
+        (self.rmem + self.wmem + self.fwd).max(0) as u64
+    }
+}
+
+/// The proxy's own relayed sockets: those on its listening port, and those to the hub.
+fn proxy_skmem(p: &RelayProxy) -> SkMem {
+    let filter = format!("( sport = :{} or dport = :{} )", p.addr.port(), p.hub.addr.port());
+    let out = std::process::Command::new("ss")
+        .args(["-tmnH", "state", "established", &filter])
+        .output()
+        .expect("ss (iproute2) is needed to read socket memory");
+    assert!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut m = SkMem::default();
+    for sk in text.split("skmem:(").skip(1) {
+        let fields = sk.split(')').next().unwrap_or("");
+        m.sockets += 1;
+        for f in fields.split(',') {
+            let digits = f.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+            // ss prints the kernel's signed ints as unsigned.
+            let v = i64::from(digits.parse::<u64>().unwrap_or(0) as u32 as i32);
+            match &f[..f.len() - digits.len()] {
+                "r" => m.rmem += v,
+                "w" => m.wmem += v,
+                // Memory charged beyond a socket's reserve is in its queues already.
+                "f" => m.fwd += v.max(0),
+                _ => {}
+            }
+        }
+    }
+    m
+}
+
+/// [`STALLED`] connections whose upstream streams into a client that never reads, through a
+/// proxy with the `relay` lines; returns what the proxy's sockets hold once every upstream is
+/// stalled, and the bytes the upstreams got through until then.
+async fn stalled_memory(mode: &str, relay: &str) -> Option<(SkMem, u64)> {
+    let p = RelayProxy::start(mode, relay).await?;
+    let mut held = Vec::new();
+    for id in 0..STALLED {
+        let (c, u) = open_fixed(&p, id, 64 * KIB as u32, 64 * KIB as usize).await;
+        let sent = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = oneshot::channel();
+        let pump = flood(u, id, Arc::clone(&sent), stopped);
+        held.push((c, sent, stop, pump));
+    }
+    let mut through = 0;
+    for (id, (_, sent, _, _)) in held.iter().enumerate() {
+        through += wait_stalled(sent, &format!("{mode}: stalled connection {id}")).await;
+    }
+    let m = proxy_skmem(&p);
+    assert_eq!(m.sockets, 2 * STALLED, "{mode}: the proxy's relayed sockets ({m:?})");
+    for (c, _, stop, pump) in held {
+        let _ = stop.send(());
+        let (u, r) = within("a flood to stop", pump).await.unwrap();
+        r.unwrap_or_else(|e| panic!("{mode}: a stalled upstream was cut: {e}"));
+        drop((c, u));
+    }
+    p.wait_idle().await;
+    Some((m, through))
+}
+
+/// The kernel relay's in-flight credit in the capped run: bytes the verdict has redirected but
+/// the destination's socket has not yet taken wait in the socket map's queue, outside any socket
+/// buffer (and outside /proc/net/sockstat), so the caps alone do not bound them.
+const CREDIT: u64 = 64 * KIB;
+
+/// What stalled connections hold, without caps (the kernel's autotuning) and with all four
+/// buffers capped at [`CAP`] (kernel mode: and the credit at [`CREDIT`]). Two measures:
+///
+/// - The proxy's sockets (`ss -m`): capped, a connection holds at most its two queues, the
+///   client socket's send queue and the upstream socket's receive queue, each at most twice its
+///   cap (the kernel doubles a set value for skb overhead) plus one skb over (64 KiB of payload
+///   on loopback, its truesize a little more): 4 x CAP + 2 x 96 KiB.
+/// - The bytes the upstream got through before it stalled: every byte held anywhere in the pipe,
+///   the socket map's queue included. Capped: the test's own buffers (64 KiB each, doubled, one
+///   skb over on the sending one), the proxy's sockets as above, the userspace relay's 64 KiB
+///   buffer and the kernel relay's credit.
+///
+/// Uncapped, a connection must hold several times the capped bound, or the caps would prove
+/// nothing here.
+async fn buffer_caps(mode: &str) {
+    let _g = ONE_AT_A_TIME.lock().await;
+    let mut caps =
+        format!("client_sndbuf = {CAP}\nclient_rcvbuf = {CAP}\nupstream_sndbuf = {CAP}\nupstream_rcvbuf = {CAP}\n");
+    if mode == "kernel" {
+        caps.push_str(&format!("max_in_flight_bytes = {CREDIT}\n"));
+    }
+    let Some((free, free_through)) = stalled_memory(mode, "").await else {
+        return;
+    };
+    let (capped, capped_through) = stalled_memory(mode, &caps).await.unwrap();
+    let per = |b: u64| b / STALLED;
+    let bound = 4 * CAP + 2 * 96 * KIB;
+    let credit = if mode == "kernel" { CREDIT } else { 0 };
+    let own = 2 * 64 * KIB + 2 * 64 * KIB + 96 * KIB;
+    let through_bound = own + bound + 64 * KIB + credit;
+    say(&format!(
+        "{mode}: per stalled connection, the proxy's sockets hold {} KiB uncapped ({free:?} for {STALLED}), \
+         {} KiB with every buffer capped at {} KiB ({capped:?}); bound {} KiB. The upstream got {} KiB through before \
+         it stalled uncapped, {} KiB capped (bound {} KiB)",
+        per(free.total()) / KIB,
+        per(capped.total()) / KIB,
+        CAP / KIB,
+        bound / KIB,
+        per(free_through) / KIB,
+        per(capped_through) / KIB,
+        through_bound / KIB,
+    ));
+    assert!(
+        per(capped.total()) <= bound,
+        "{mode}: a stalled connection's sockets hold {} bytes with caps of {CAP}, more than {bound}",
+        per(capped.total())
+    );
+    assert!(
+        per(capped_through) <= through_bound,
+        "{mode}: a stalled connection took {} bytes with caps of {CAP}, more than {through_bound}",
+        per(capped_through)
+    );
+    assert!(
+        per(free.total()) >= 4 * bound && per(free_through) >= 4 * through_bound,
+        "{mode}: a stalled connection holds only {} bytes ({} through) without caps: the measurement cannot tell",
+        per(free.total()),
+        per(free_through)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffer_caps_bound_a_stalled_connection_userspace() {
+    buffer_caps("userspace").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffer_caps_bound_a_stalled_connection_kernel() {
+    buffer_caps("kernel").await;
+}
