@@ -331,3 +331,4 @@ pub mod daemon_kit;
 // ---- process memory and descriptors, a proxy on wsproxy::Server, a raw echo upstream.      ----
 pub mod hardening_kit;
 // ---- end of the hardening block ----
+pub mod bulk_kit;

@@ -1,0 +1,207 @@
+//! Concurrent checksummed bulk echo: the stress that found the kernel relay's duplicated segment
+//! (see `docs/kernel-relay.md`). Used by the soak (`cargo xtask soak`, long) and by
+//! `tests/tests/kernel_relay.rs` (short, with a tiny in-flight credit so that the verdict passes
+//! bytes to userspace all the time: the path the duplicate followed).
+//!
+//! Each connection writes `len` bytes of its own pattern stream in chunks of random size (1 B,
+//! 7 B, 1,000 B, 64 KiB, 512 KiB), so that segments of every size meet credit exhaustion, passes
+//! and re-grants at every offset; meanwhile it reads the echo and checks every byte; then it
+//! half-closes and expects exactly `len` bytes and an EOF. `concurrency` connections run at once,
+//! until `connections` were made or `deadline` passed (every loop is bounded by both).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::relay_kit::{Received, Rng, StreamEnd, pattern, read_pattern};
+use crate::{client_ip, find, request, status};
+
+/// Chunk sizes a writer picks from.
+const CHUNKS: [usize; 5] = [1, 7, 1_000, 64 * 1024, 512 * 1024];
+/// First client address used (127.16.x.y, see [`client_ip`]); connections cycle over `ADDRS`.
+const FIRST_ADDR: u32 = 0x1_0000;
+const ADDRS: u32 = 4_096;
+
+/// What to run.
+#[derive(Clone, Copy, Debug)]
+pub struct Bulk {
+    /// Connections open at once.
+    pub concurrency: usize,
+    /// Most connections in all.
+    pub connections: u64,
+    /// Bytes each connection writes (each gets a length within +-25 % of it).
+    pub len: u64,
+    /// No new connection starts after this; running ones must end within `per_connection`.
+    pub deadline: Duration,
+    /// Longest one connection may take.
+    pub per_connection: Duration,
+    /// Seed of the sizes and streams (the same seed drives the same run).
+    pub seed: u64,
+}
+
+/// What a run saw.
+#[derive(Debug, Default)]
+pub struct BulkReport {
+    pub connections: u64,
+    pub ok: u64,
+    pub bytes_checked: u64,
+    /// Streams that came back with a wrong byte, too many bytes or too few before the EOF.
+    pub wrong: u64,
+    /// Connections that failed otherwise (handshake, reset, timeout).
+    pub failed: u64,
+    /// The first few problems, described.
+    pub notes: Vec<String>,
+}
+
+#[derive(Default)]
+struct Tally {
+    connections: AtomicU64,
+    ok: AtomicU64,
+    bytes: AtomicU64,
+    wrong: AtomicU64,
+    failed: AtomicU64,
+    notes: std::sync::Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn note(&self, what: String) {
+        let mut n = self.notes.lock().unwrap();
+        if n.len() < 20 {
+            n.push(what);
+        }
+    }
+}
+
+/// Runs the stress against a proxy at `proxy` whose upstream echoes every byte until the FIN.
+pub async fn bulk_echo(proxy: SocketAddr, run: Bulk) -> BulkReport {
+    let tally = Arc::new(Tally::default());
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..run.concurrency)
+        .map(|_| {
+            let (tally, next) = (Arc::clone(&tally), Arc::clone(&next));
+            tokio::spawn(async move {
+                loop {
+                    let id = next.fetch_add(1, Relaxed);
+                    if id >= run.connections || started.elapsed() >= run.deadline {
+                        return;
+                    }
+                    tally.connections.fetch_add(1, Relaxed);
+                    let mut rng = Rng::new(run.seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    let len = rng.range(run.len * 3 / 4, run.len * 5 / 4 + 1);
+                    let from = client_ip(FIRST_ADDR + (id % u64::from(ADDRS)) as u32);
+                    let one = one(proxy, from, id, len, rng);
+                    match tokio::time::timeout(run.per_connection, one).await {
+                        Ok(Ok(n)) => {
+                            tally.ok.fetch_add(1, Relaxed);
+                            tally.bytes.fetch_add(n, Relaxed);
+                        }
+                        Ok(Err(Problem::Wrong(what))) => {
+                            tally.wrong.fetch_add(1, Relaxed);
+                            tally.note(format!("connection {id} ({len} bytes): {what}"));
+                        }
+                        Ok(Err(Problem::Failed(what))) => {
+                            tally.failed.fetch_add(1, Relaxed);
+                            tally.note(format!("connection {id} ({len} bytes): {what}"));
+                        }
+                        Err(_) => {
+                            tally.failed.fetch_add(1, Relaxed);
+                            tally.note(format!("connection {id} ({len} bytes): not done within {:?}", run.per_connection));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.expect("a bulk worker panicked");
+    }
+    let t = Arc::try_unwrap(tally).unwrap_or_else(|_| unreachable!("every worker has ended"));
+    BulkReport {
+        connections: t.connections.into_inner(),
+        ok: t.ok.into_inner(),
+        bytes_checked: t.bytes.into_inner(),
+        wrong: t.wrong.into_inner(),
+        failed: t.failed.into_inner(),
+        notes: t.notes.into_inner().unwrap(),
+    }
+}
+
+enum Problem {
+    /// The echoed stream differs from what was sent.
+    Wrong(String),
+    /// The connection failed before the stream could be judged.
+    Failed(String),
+}
+
+/// One connection: handshake, write and check the echo, half-close, expect EOF. `Ok`: the bytes
+/// checked.
+async fn one(proxy: SocketAddr, from: IpAddr, id: u64, len: u64, mut rng: Rng) -> Result<u64, Problem> {
+    let failed = |what: &str, e: std::io::Error| Problem::Failed(format!("{what}: {e}"));
+    let socket = TcpSocket::new_v4().map_err(|e| failed("socket", e))?;
+    socket.bind(SocketAddr::new(from, 0)).map_err(|e| failed("bind", e))?;
+    let mut s = socket.connect(proxy).await.map_err(|e| failed("connect", e))?;
+    handshake(&mut s, id).await.map_err(Problem::Failed)?;
+    let seed = id.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let (mut rd, mut wr) = s.split();
+    let write = async {
+        let mut sent = 0u64;
+        while sent < len {
+            let size = CHUNKS[rng.below(CHUNKS.len() as u64) as usize];
+            let piece = pattern(seed, sent, size.min((len - sent) as usize));
+            wr.write_all(piece).await?;
+            sent += piece.len() as u64;
+        }
+        wr.shutdown().await
+    };
+    // The limit is above `len`, so that a stream that came back too long says so.
+    let (w, r) = tokio::join!(write, read_pattern(&mut rd, seed, len + (1 << 20), None));
+    judge(len, &r)?;
+    w.map_err(|e| failed("write", e))?;
+    Ok(r.len)
+}
+
+fn judge(len: u64, r: &Received) -> Result<(), Problem> {
+    match &r.end {
+        StreamEnd::Eof if r.len == len => Ok(()),
+        StreamEnd::Eof if r.len > len => Err(Problem::Wrong(format!("{} bytes too many, then EOF", r.len - len))),
+        StreamEnd::Eof => Err(Problem::Wrong(format!("EOF after {} of {len} bytes", r.len))),
+        StreamEnd::Mismatch { at, from, bytes } => Err(Problem::Wrong(format!(
+            "byte {at} differs: the bytes there belong at {from:?} ({:02x?})",
+            &bytes[..bytes.len().min(8)]
+        ))),
+        StreamEnd::Overflow => Err(Problem::Wrong(format!("more than {} bytes came back", len + (1 << 20)))),
+        StreamEnd::Error(k) => Err(Problem::Failed(format!("read failed after {} bytes: {k:?}", r.len))),
+        StreamEnd::Stopped => unreachable!("no stop point was set"),
+    }
+}
+
+async fn handshake(s: &mut TcpStream, id: u64) -> Result<(), String> {
+    s.write_all(request(&format!("/bulk/{id}")).as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    // One byte at a time past the first read is not needed: the echo upstream sends nothing
+    // after its 101 until it gets bytes.
+    while find(&buf, b"\r\n\r\n").is_none() {
+        match s.read(&mut chunk).await {
+            Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&buf))),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("handshake read: {e}")),
+        }
+        if buf.len() > 16 * 1024 {
+            return Err("answer head too long".into());
+        }
+    }
+    let end = find(&buf, b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    if status(&head) != 101 || end != buf.len() {
+        return Err(format!("answer {head:?} + {} bytes", buf.len() - end));
+    }
+    Ok(())
+}
