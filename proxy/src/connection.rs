@@ -131,7 +131,7 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
             }
             Err(e) => {
                 metrics.upstream_failure(addr, e.reason());
-                if e.counts_against_health() {
+                if e.counts_against_health(&up.health) {
                     shared.health.failure(addr, Instant::now(), metrics);
                 }
                 if !e.retryable() {

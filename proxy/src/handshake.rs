@@ -91,7 +91,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(
         Err(HeadError::TooLarge(_)) => Err(Rejection::HeadTooLarge("head size")),
         Err(HeadError::TooManyHeaders(_)) => Err(Rejection::HeadTooLarge("header count")),
         Err(HeadError::Malformed(_)) => Err(Rejection::BadRequest("malformed request head")),
-        Err(HeadError::Closed(_) | HeadError::Io(_)) => Ok(None),
+        Err(HeadError::Closed(_) | HeadError::Io { .. }) => Ok(None),
     }
 }
 
