@@ -548,7 +548,7 @@ async fn rule5_request_forwarded_as_sent_with_the_proxy_fields() {
         "x-custom-ORDER: first".into(),
         "Upgrade: websocket".into(),
         "Origin: http://example.test".into(),
-        "connection: keep-alive, Upgrade".into(),
+        "connection: Upgrade".into(),
         format!("Sec-WebSocket-Key: {KEY}"),
         "Sec-WebSocket-Protocol: chat, superchat".into(),
         "Cookie: a=1; b=2".into(),
@@ -562,7 +562,12 @@ async fn rule5_request_forwarded_as_sent_with_the_proxy_fields() {
         (6, "X-Forwarded-Proto: https"),
         (7, "X-Request-ID: forged-id"),
     ];
-    let mut lines: Vec<String> = kept.to_vec();
+    // Connection is the one kept field whose value changes: the upgrade is all this hop asks of
+    // the next (keep-alive is the client's connection's business).
+    let mut lines: Vec<String> = kept
+        .iter()
+        .map(|l| l.replace("connection: Upgrade", "connection: keep-alive, Upgrade"))
+        .collect();
     for (at, c) in claims.iter().rev() {
         lines.insert(*at, c.to_string());
     }
@@ -664,6 +669,42 @@ async fn rule5_underscore_headers_drop_keep_and_reject() {
     let head = forwarded_head(reject.addr, &mut up, ip, &request("/ok")).await;
     assert!(head.starts_with("GET /ok "), "{head:?}");
     reject.stop().await;
+}
+
+#[tokio::test]
+async fn rule5_connection_named_fields_are_removed_and_proxy_fields_kept() {
+    let mut up = Upstream::start(Script::Upgrade { after: vec![] }).await;
+    let extra = "[headers]\nforwarded = true\nadd = [{ name = \"X-Edge\", value = \"edge-1\" }]\n";
+    let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", extra)).await;
+    let ip = client_ip(8);
+    // The client asks the next hop to drop the proxy's own fields, and some of its own.
+    let req = request("/hop")
+        .replace(
+            "Connection: Upgrade\r\n",
+            "Connection: Upgrade, X-Real-IP, X-Forwarded-For\r\nconnection: forwarded,x-request-id , X-Edge, Cookie\r\n",
+        )
+        .replace(
+            "Host: test\r\n",
+            "Host: test\r\nX-Forwarded-For: 203.0.113.7\r\nCookie: a=1\r\nKeep-Alive: timeout=5\r\n\
+             TE: trailers\r\nX-Kept: yes\r\n",
+        );
+    let head = forwarded_head(proxy.addr, &mut up, ip, &req).await;
+    assert_eq!(single(&head, "Connection"), "Upgrade", "{head:?}");
+    assert_eq!(single(&head, "Upgrade"), "websocket");
+    for gone in ["Cookie", "Keep-Alive", "TE"] {
+        assert!(values(&head, gone).is_empty(), "{gone} forwarded: {head:?}");
+    }
+    assert!(
+        !head.contains("203.0.113.7"),
+        "the client's hop-by-hop X-Forwarded-For: {head:?}"
+    );
+    assert_eq!(single(&head, "X-Real-IP"), ip.to_string());
+    assert_eq!(single(&head, "X-Forwarded-For"), ip.to_string());
+    assert_eq!(single(&head, "Forwarded"), format!("for={ip};proto=http"));
+    assert_eq!(single(&head, "X-Edge"), "edge-1");
+    assert!(!single(&head, "X-Request-ID").is_empty());
+    assert_eq!(single(&head, "X-Kept"), "yes");
+    proxy.stop().await;
 }
 
 #[tokio::test]
