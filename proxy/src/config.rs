@@ -148,7 +148,7 @@ fn one() -> u32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Health {
-    /// Consecutive failed handshakes (connect error, timeout, invalid answer) that mark an
+    /// Consecutive failed handshakes (connect error, timeout, reset, invalid answer) that mark an
     /// upstream down.
     pub max_fails: u32,
     /// How long a down upstream is skipped before it is tried again.
@@ -158,6 +158,9 @@ pub struct Health {
     #[serde(with = "humantime_serde::option")]
     pub probe_interval: Option<Duration>,
     pub probe: Probe,
+    /// Whether a 5xx answer counts as a failed handshake. Off by default: a 5xx can be the
+    /// application's answer to one request; 3xx and 4xx never count (any client can provoke them).
+    pub count_5xx: bool,
 }
 
 impl Default for Health {
@@ -167,6 +170,7 @@ impl Default for Health {
             fail_timeout: Duration::from_secs(10),
             probe_interval: None,
             probe: Probe::Tcp,
+            count_5xx: false,
         }
     }
 }
@@ -601,6 +605,15 @@ mod tests {
         assert_eq!(c.relay.send_timeout, Duration::from_secs(60));
         assert_eq!(c.relay.client_sndbuf, None);
         assert_eq!(c.upstreams.main[0].weight, 1);
+    }
+
+    #[test]
+    fn count_5xx_is_off_by_default_and_can_be_set() {
+        assert!(!Config::parse(MINIMAL, "t").unwrap().upstreams.health.count_5xx);
+        let on = format!("{MINIMAL}[upstreams.health]\ncount_5xx = true\n");
+        assert!(Config::parse(&on, "t").unwrap().upstreams.health.count_5xx);
+        let bad = format!("{MINIMAL}[upstreams.health]\ncount_5xx = \"yes\"\n");
+        assert!(Config::parse(&bad, "t").is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::handshake::{self, Rejection};
 use crate::limits::Refusal;
+use crate::log_limit::Throttle;
 use crate::metrics::{HandshakeOutcome, Metrics};
 use crate::upstream::{self, Upgraded, UpstreamError};
 use crate::{Shared, config, headers, relay};
@@ -25,6 +26,11 @@ use crate::{Shared, config, headers, relay};
 const LINGER: Duration = Duration::from_secs(1);
 /// Most bytes read and discarded from a refused client while lingering.
 const LINGER_BYTES: usize = 64 * 1024;
+
+/// Refusals are caused by clients, as are the upstream's answers to their requests (a 404 for a
+/// path, a 403 for an Origin): bounded, so that nobody can fill the log.
+static REFUSAL_LINES: Throttle = Throttle::new(20);
+static UPSTREAM_ANSWER_LINES: Throttle = Throttle::new(20);
 
 /// Serves one connection. `shutdown` is cancelled when the proxy's shutdown drain is over: a
 /// handshake in progress is abandoned, a relayed connection is cut and still logged and counted.
@@ -131,11 +137,11 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
             }
             Err(e) => {
                 metrics.upstream_failure(addr, e.reason());
-                if e.counts_against_health() {
+                if e.counts_against_health(&up.health) {
                     shared.health.failure(addr, Instant::now(), metrics);
                 }
                 if !e.retryable() {
-                    upstream_refused(ip, addr, &request_id, e, started);
+                    upstream_refused(ip, addr, &request_id, e, &up.health, started);
                     metrics.handshake(HandshakeOutcome::UpstreamError, secs(started));
                     close_politely(client).await;
                     return None;
@@ -216,16 +222,32 @@ fn tune(s: &TcpStream, k: &config::Keepalive) {
 }
 
 /// An upstream that answered, but not with a valid 101: both connections are closed and nothing
-/// is forwarded to the client (it learns only that the connection closed).
-fn upstream_refused(ip: IpAddr, addr: SocketAddr, request_id: &str, e: UpstreamError, started: Instant) {
+/// is forwarded to the client (it learns only that the connection closed). A failure of the
+/// upstream's own is a warning; an answer any client can provoke is information, rate-limited.
+fn upstream_refused(
+    ip: IpAddr,
+    addr: SocketAddr,
+    request_id: &str,
+    e: UpstreamError,
+    health: &config::Health,
+    started: Instant,
+) {
     let status = match e {
         UpstreamError::Status(s) => Some(s),
         _ => None,
     };
-    warn!(
-        client = %ip, upstream = %addr, %request_id, upstream_status = status, error = %e,
-        duration_ms = started.elapsed().as_millis() as u64, "upstream refused the handshake"
-    );
+    let duration_ms = started.elapsed().as_millis() as u64;
+    if e.counts_against_health(health) {
+        warn!(
+            client = %ip, upstream = %addr, %request_id, upstream_status = status, error = %e,
+            duration_ms, "upstream refused the handshake"
+        );
+    } else if let Some(suppressed) = UPSTREAM_ANSWER_LINES.admit(Instant::now()) {
+        info!(
+            client = %ip, upstream = %addr, %request_id, upstream_status = status, error = %e,
+            duration_ms, suppressed, "upstream refused the handshake"
+        );
+    }
 }
 
 /// What a refused client is told.
@@ -300,10 +322,12 @@ impl Answer {
 /// Answers a refused client, logs it, and closes after a bounded linger.
 async fn refuse(mut client: TcpStream, ip: IpAddr, answer: Answer, started: Instant, metrics: &Metrics) {
     metrics.handshake(answer.outcome(), secs(started));
-    info!(
-        client = %ip, status = answer.status(), reason = %answer.reason(),
-        duration_ms = started.elapsed().as_millis() as u64, "handshake refused"
-    );
+    if let Some(suppressed) = REFUSAL_LINES.admit(Instant::now()) {
+        info!(
+            client = %ip, status = answer.status(), reason = %answer.reason(),
+            duration_ms = started.elapsed().as_millis() as u64, suppressed, "handshake refused"
+        );
+    }
     if tokio::time::timeout(LINGER, client.write_all(&answer.response()))
         .await
         .is_ok_and(|r| r.is_ok())

@@ -35,12 +35,13 @@ pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()>) {
 async fn echo(stream: TcpStream) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     let _ = stream.set_nodelay(true);
     let mut ws = tokio_tungstenite::accept_async(stream).await?;
+    // The library answers a ping with a pong and a Close with a Close (echoing the code), but
+    // only queues those replies: they are written by the following reads. So the loop reads on
+    // after a Close until the stream ends (the close handshake is complete), instead of dropping
+    // the socket with the reply unsent, which every client would see as an abnormal close (1006).
     while let Some(msg) = ws.next().await {
-        match msg? {
-            m @ (Message::Text(_) | Message::Binary(_)) => ws.send(m).await?,
-            // Pings are answered by the library; a close is answered by it too.
-            Message::Close(_) => break,
-            _ => {}
+        if let m @ (Message::Text(_) | Message::Binary(_)) = msg? {
+            ws.send(m).await?;
         }
     }
     Ok(())

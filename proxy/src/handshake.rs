@@ -5,6 +5,9 @@
 //! connection code writes it in one place. Checks that guard against request smuggling live here
 //! too: an upgrade request never carries a body, so any `Transfer-Encoding` or non-zero
 //! `Content-Length` is refused instead of being forwarded for the upstream to interpret.
+//!
+//! The request target may be in origin-form (`/path?q`) or, as RFC 9112 section 3.2.2 requires a
+//! server to accept, in absolute-form (`http://host/path?q`); the upstream always gets origin-form.
 
 use std::ops::Range;
 
@@ -50,12 +53,34 @@ pub struct Request {
     headers: Vec<(Range<usize>, Range<usize>)>,
     /// `Sec-WebSocket-Key` as sent, to check the upstream's `Sec-WebSocket-Accept`.
     pub key: String,
+    /// Set when the target was in absolute-form.
+    absolute: Option<Absolute>,
+}
+
+/// An absolute-form request target, taken apart.
+#[derive(Debug)]
+struct Absolute {
+    /// The request line with the target in origin-form.
+    line: Vec<u8>,
+    /// The target's `host[:port]`.
+    authority: String,
 }
 
 impl Request {
-    /// The request line as the client sent it, without its line end.
+    /// The request line to forward, without its line end: as the client sent it, except that an
+    /// absolute-form target is given in origin-form (its path and query).
     pub fn request_line(&self) -> &[u8] {
-        &self.raw.buf[self.request_line.clone()]
+        match &self.absolute {
+            Some(a) => &a.line,
+            None => &self.raw.buf[self.request_line.clone()],
+        }
+    }
+
+    /// The authority of an absolute-form target, which replaces the value of `Host`: RFC 9112
+    /// section 3.2.2 has a server ignore the Host field then and use the target's host instead.
+    /// `None` for origin-form, where the client's Host is forwarded as sent.
+    pub fn target_authority(&self) -> Option<&str> {
+        self.absolute.as_ref().map(|a| a.authority.as_str())
     }
 
     /// Header fields in the client's order, names in the client's case, values trimmed.
@@ -91,7 +116,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(
         Err(HeadError::TooLarge(_)) => Err(Rejection::HeadTooLarge("head size")),
         Err(HeadError::TooManyHeaders(_)) => Err(Rejection::HeadTooLarge("header count")),
         Err(HeadError::Malformed(_)) => Err(Rejection::BadRequest("malformed request head")),
-        Err(HeadError::Closed(_) | HeadError::Io(_)) => Ok(None),
+        Err(HeadError::Closed(_) | HeadError::Io { .. }) => Ok(None),
     }
 }
 
@@ -111,9 +136,13 @@ pub fn validate(raw: RawHead, max_headers: usize, underscore: UnderscoreHeaders)
     if req.version != Some(1) {
         return Err(Rejection::BadRequest("HTTP version is not 1.1"));
     }
-    if !path.starts_with('/') {
-        return Err(Rejection::BadRequest("request target is not a path"));
-    }
+    let absolute = if path.starts_with('/') {
+        None
+    } else {
+        let (authority, origin_form) = absolute_form(path)?;
+        let line = format!("{method} {origin_form} HTTP/1.1").into_bytes();
+        Some(Absolute { line, authority })
+    };
 
     let headers: &[httparse::Header] = req.headers;
     let all = |name: &'static str| headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name));
@@ -134,6 +163,15 @@ pub fn validate(raw: RawHead, max_headers: usize, underscore: UnderscoreHeaders)
     }
     if !all("connection").any(|h| head::has_token(h.value, "upgrade")) {
         return Err(Rejection::BadRequest("not a WebSocket upgrade (Connection)"));
+    }
+    // Fields named in Connection are removed before forwarding (RFC 9110 section 7.6.1); naming
+    // one the upstream's handshake needs would forward a request it can only refuse.
+    if all("connection").any(|h| {
+        ["host", "sec-websocket-key", "sec-websocket-version"]
+            .iter()
+            .any(|f| head::has_token(h.value, f))
+    }) {
+        return Err(Rejection::BadRequest("Connection names a field the handshake needs"));
     }
     if all("transfer-encoding").next().is_some() {
         return Err(Rejection::BadRequest(
@@ -181,8 +219,67 @@ pub fn validate(raw: RawHead, max_headers: usize, underscore: UnderscoreHeaders)
         request_line: line_start..line_end,
         headers: ranges,
         key,
+        absolute,
         raw,
     })
+}
+
+/// Takes an absolute-form target (RFC 9112 section 3.2.2) apart: `http://host[:port]/path?q` →
+/// (`host[:port]`, `/path?q`); an empty path is `/`. Only the http and https schemes name this
+/// server (RFC 9110 section 4.2); userinfo is refused as section 4.2.4 advises, and so is an
+/// authority that is not a host with an optional port.
+fn absolute_form(target: &str) -> Result<(String, String), Rejection> {
+    let bad = Rejection::BadRequest;
+    let (scheme, rest) = target
+        .split_once("://")
+        .ok_or(bad("request target is neither a path nor an http(s) URI"))?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(bad("request target is neither a path nor an http(s) URI"));
+    }
+    if rest.contains('#') {
+        return Err(bad("request target has a fragment"));
+    }
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if authority.contains('@') {
+        return Err(bad("request target has userinfo"));
+    }
+    let host = match authority.strip_prefix('[') {
+        // An IP literal: `[...]`, then nothing or `:port`.
+        Some(inner) => {
+            let (lit, after) = inner.split_once(']').ok_or(bad("request target has an invalid host"))?;
+            if lit.is_empty() || !lit.bytes().all(|b| b.is_ascii_hexdigit() || b":.".contains(&b)) {
+                return Err(bad("request target has an invalid host"));
+            }
+            port_ok(after)?;
+            lit
+        }
+        None => {
+            let (host, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
+            port_ok(port)?;
+            host
+        }
+    };
+    // A reg-name or IPv4 address (RFC 3986 section 3.2.2), and not empty, as Host must not be.
+    let reg_name = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
+    if host.is_empty() || (!authority.starts_with('[') && !host.bytes().all(reg_name)) {
+        return Err(bad("request target has an invalid host"));
+    }
+    let path = if tail.starts_with('/') {
+        tail.to_string()
+    } else {
+        format!("/{tail}")
+    };
+    Ok((authority.to_string(), path))
+}
+
+/// Nothing, or `:` and a port of at most 5 digits (RFC 3986 lets it be empty).
+fn port_ok(s: &str) -> Result<(), Rejection> {
+    match s.strip_prefix(':') {
+        None if s.is_empty() => Ok(()),
+        Some(p) if p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
+        _ => Err(Rejection::BadRequest("request target has an invalid port")),
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +336,35 @@ mod tests {
     }
 
     #[test]
+    fn absolute_form_target_is_forwarded_in_origin_form_with_its_authority() {
+        let cases = [
+            ("http://example/chat?x=1", "/chat?x=1", "example"),
+            ("HTTPS://Example.test:8443/a/b", "/a/b", "Example.test:8443"),
+            ("http://example", "/", "example"),
+            ("http://example?x=1", "/?x=1", "example"),
+            ("http://[::1]:9000/v6", "/v6", "[::1]:9000"),
+            ("http://192.0.2.1/", "/", "192.0.2.1"),
+        ];
+        for (target, path, authority) in cases {
+            let r = check(&replace("/chat?x=1", target)).unwrap_or_else(|e| panic!("{target}: {e}"));
+            assert_eq!(
+                String::from_utf8_lossy(r.request_line()),
+                format!("GET {path} HTTP/1.1"),
+                "{target}"
+            );
+            assert_eq!(r.target_authority(), Some(authority), "{target}");
+        }
+        // Origin-form keeps the line as sent and the client's Host.
+        let r = check(&good()).unwrap();
+        assert_eq!(r.target_authority(), None);
+        // A Host field is still required (RFC 9112 section 3.2), even though its value is not used.
+        assert_eq!(
+            check(&replace("/chat?x=1", "http://example/chat").replace("Host: example\r\n", "")).unwrap_err(),
+            Rejection::BadRequest("no Host")
+        );
+    }
+
+    #[test]
     fn token_lists_and_case_are_accepted() {
         assert!(check(&replace("Connection: Upgrade", "connection: keep-alive, UPGRADE")).is_ok());
         assert!(check(&replace("Upgrade: websocket", "upgrade: WebSocket")).is_ok());
@@ -252,8 +378,48 @@ mod tests {
             (replace("GET ", "get "), bad("method is not GET")),
             (replace("HTTP/1.1", "HTTP/1.0"), bad("HTTP version is not 1.1")),
             (
-                replace("/chat?x=1", "http://example/chat"),
-                bad("request target is not a path"),
+                replace("/chat?x=1", "ws://example/chat"),
+                bad("request target is neither a path nor an http(s) URI"),
+            ),
+            (
+                replace("/chat?x=1", "chat"),
+                bad("request target is neither a path nor an http(s) URI"),
+            ),
+            (
+                replace("/chat?x=1", "http:///chat"),
+                bad("request target has an invalid host"),
+            ),
+            (
+                replace("/chat?x=1", "http://user:pw@example/chat"),
+                bad("request target has userinfo"),
+            ),
+            (
+                replace("/chat?x=1", "http://example:80a/chat"),
+                bad("request target has an invalid port"),
+            ),
+            (
+                replace("/chat?x=1", "http://example:123456/chat"),
+                bad("request target has an invalid port"),
+            ),
+            (
+                replace("/chat?x=1", "http://[zz]/chat"),
+                bad("request target has an invalid host"),
+            ),
+            (
+                replace("/chat?x=1", "http://exa\"mple/chat"),
+                bad("request target has an invalid host"),
+            ),
+            (
+                replace("/chat?x=1", "http://example/chat#frag"),
+                bad("request target has a fragment"),
+            ),
+            (
+                replace("Connection: Upgrade", "Connection: Upgrade, Host"),
+                bad("Connection names a field the handshake needs"),
+            ),
+            (
+                replace("Connection: Upgrade", "Connection: Upgrade, sec-websocket-key"),
+                bad("Connection names a field the handshake needs"),
             ),
             (replace("Host: example\r\n", ""), bad("no Host")),
             (

@@ -19,8 +19,9 @@ pub enum HeadError {
     Malformed(httparse::Error),
     #[error("closed before the head was complete ({0} bytes read)")]
     Closed(usize),
-    #[error("read failed: {0}")]
-    Io(#[from] std::io::Error),
+    /// The bytes read before the failure tell "no answer at all" from "failed mid-head".
+    #[error("read failed after {read} bytes: {error}")]
+    Io { read: usize, error: std::io::Error },
 }
 
 /// Result of one parse attempt over the bytes read so far.
@@ -78,7 +79,10 @@ where
             return Err(HeadError::TooLarge(max));
         }
         let want = room.min(chunk.len());
-        let n = io.read(&mut chunk[..want]).await?;
+        let n = io
+            .read(&mut chunk[..want])
+            .await
+            .map_err(|error| HeadError::Io { read: buf.len(), error })?;
         if n == 0 {
             return Err(HeadError::Closed(buf.len()));
         }

@@ -5,6 +5,12 @@
 //! `X-Request-ID`) are the proxy's own view and replace whatever the client claimed, so that an
 //! application can trust them. `X-Forwarded-For` and `Forwarded` are chains: the client's value is
 //! kept and the proxy's hop is appended, as RFC 7239 and common practice expect.
+//!
+//! Hop-by-hop fields (RFC 9110 section 7.6.1) are the client's connection to the proxy, not the
+//! upstream's: every field the client's `Connection` names is removed, and so are the standard
+//! ones, and `Connection` itself becomes `Connection: Upgrade`, the only option this hop asks
+//! of the next. The proxy's own fields are written after that removal, so a client cannot make
+//! them disappear by naming them (`Connection: Upgrade, X-Real-IP`).
 
 use std::net::IpAddr;
 
@@ -24,12 +30,33 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
             .any(|r| name.eq_ignore_ascii_case(r))
             || cfg.add.iter().any(|a| a.name.eq_ignore_ascii_case(name))
     };
-    let xff = chain(req, "x-forwarded-for");
-    let fwd = cfg.forwarded.then(|| chain(req, "forwarded"));
+    let hop_by_hop = hop_by_hop(req);
+    let xff = chain(req, "x-forwarded-for", &hop_by_hop);
+    let fwd = cfg.forwarded.then(|| chain(req, "forwarded", &hop_by_hop));
     let mut xff_written = false;
     let mut fwd_written = false;
+    let mut connection_written = false;
     for (name, value) in req.headers() {
-        if replaced(name) || (cfg.underscore_headers == UnderscoreHeaders::Drop && name.contains('_')) {
+        if name.eq_ignore_ascii_case("connection") {
+            // Where the client's first Connection field stood, in its spelling.
+            if !connection_written {
+                push_field(&mut out, name, b"Upgrade");
+                connection_written = true;
+            }
+            continue;
+        }
+        if replaced(name)
+            || hop_by_hop.is(name)
+            || (cfg.underscore_headers == UnderscoreHeaders::Drop && name.contains('_'))
+        {
+            continue;
+        }
+        if let Some(authority) = req.target_authority()
+            && name.eq_ignore_ascii_case("host")
+        {
+            // An absolute-form target's authority is the host that counts (RFC 9112 section
+            // 3.2.2): the upstream is told that one, not a Host field the proxy ignored.
+            push_field(&mut out, name, authority.as_bytes());
             continue;
         }
         if name.eq_ignore_ascii_case("x-forwarded-for") {
@@ -75,9 +102,47 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
     out
 }
 
-/// The values of every field named `name`, joined as one list.
-fn chain(req: &Request, name: &str) -> Vec<u8> {
+/// The fields that end at this hop: the standard hop-by-hop ones and those the client's
+/// `Connection` fields name (any case, comma lists, several fields).
+struct HopByHop<'a> {
+    named: Vec<&'a [u8]>,
+}
+
+/// Removed whether or not `Connection` names them (RFC 9110 section 7.6.1): `Keep-Alive` and
+/// `Proxy-Connection` describe the client's connection, and `TE` what the client accepts on it.
+/// `Transfer-Encoding` is also hop-by-hop but never gets here (an upgrade request has no body,
+/// handshake.rs refuses it). `Upgrade` is hop-by-hop too, yet this proxy's whole purpose is to
+/// ask the next hop for the same upgrade, so it is forwarded. `Trailer` is not hop-by-hop since
+/// RFC 9110 (section 6.6.2), and `Proxy-Authorization` is not in the list either: section 11.7.2
+/// lets a proxy that does not use the credentials (this one authenticates nobody) relay them to a
+/// next proxy that does; both are removed only when `Connection` names them.
+const ALWAYS_HOP_BY_HOP: [&str; 3] = ["keep-alive", "proxy-connection", "te"];
+
+fn hop_by_hop(req: &Request) -> HopByHop<'_> {
+    let named = req
+        .headers()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"upgrade"))
+        .collect();
+    HopByHop { named }
+}
+
+impl HopByHop<'_> {
+    fn is(&self, name: &str) -> bool {
+        ALWAYS_HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || self.named.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    }
+}
+
+/// The values of every field named `name`, joined as one list; empty when the field is
+/// hop-by-hop (the client's value ends here, the proxy's hop still goes on).
+fn chain(req: &Request, name: &str, hop_by_hop: &HopByHop) -> Vec<u8> {
     let mut v = Vec::new();
+    if hop_by_hop.is(name) {
+        return v;
+    }
     for (_, value) in req.headers().filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
         if value.is_empty() {
             continue;
@@ -168,6 +233,74 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("X-Real-IP: 192.0.2.7\r\n"));
+    }
+
+    #[test]
+    fn connection_named_fields_are_removed_and_proxy_fields_kept() {
+        let cfg = config::Headers {
+            forwarded: true,
+            add: vec![StaticHeader {
+                name: "X-Edge".into(),
+                value: "pop-1".into(),
+            }],
+            ..Default::default()
+        };
+        // Several Connection fields, lists, odd case and spaces; the request() helper adds one
+        // more `Connection: Upgrade` after these.
+        let extra = "connection: close, X-Real-IP ,x-forwarded-for\r\nX-Forwarded-For: 10.0.0.1\r\n\
+                     Connection: FORWARDED, x-request-id, X-Edge, Cookie, Upgrade\r\nForwarded: for=10.0.0.2\r\n\
+                     Cookie: a=1\r\nX-Kept: yes\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
+                     TE: trailers\r\nProxy-Authorization: Basic eA==\r\n";
+        let out = build(extra, &cfg, "192.0.2.7");
+        let lower = out.to_ascii_lowercase();
+        let count = |name: &str| lower.matches(&format!("\r\n{name}:")).count();
+        // One Connection field, where the first stood, asking for the upgrade only.
+        assert_eq!(count("connection"), 1, "{out}");
+        assert!(out.contains("\r\nHost: h\r\nconnection: Upgrade\r\n"), "{out}");
+        // The fields it named are gone, as are the standard hop-by-hop ones.
+        for gone in ["cookie", "keep-alive", "proxy-connection", "te"] {
+            assert_eq!(count(gone), 0, "{gone} in {out}");
+        }
+        assert!(!out.contains("10.0.0.1") && !out.contains("10.0.0.2"), "{out}");
+        // The proxy's own fields are all there, once, with the proxy's values.
+        for (name, value) in [
+            ("X-Forwarded-For", "192.0.2.7"),
+            ("Forwarded", "for=192.0.2.7;proto=http"),
+            ("X-Real-IP", "192.0.2.7"),
+            ("X-Request-ID", "rid-1"),
+            ("X-Edge", "pop-1"),
+        ] {
+            assert_eq!(count(&name.to_ascii_lowercase()), 1, "{name} in {out}");
+            assert!(out.contains(&format!("\r\n{name}: {value}\r\n")), "{name} in {out}");
+        }
+        // Upgrade stays although Connection names it; unnamed end-to-end fields stay.
+        assert!(out.contains("\r\nUpgrade: websocket\r\n"), "{out}");
+        assert!(out.contains("\r\nX-Kept: yes\r\n"), "{out}");
+        assert!(out.contains("\r\nProxy-Authorization: Basic eA==\r\n"), "{out}");
+        assert!(out.contains("\r\nSec-WebSocket-Key: "), "{out}");
+    }
+
+    #[test]
+    fn absolute_form_target_forwards_origin_form_and_its_authority_as_host() {
+        let text = "GET http://target.test:81/a?b=1 HTTP/1.1\r\nHOST: other.test\r\nUpgrade: websocket\r\n\
+                    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                    Sec-WebSocket-Version: 13\r\n\r\n";
+        let req = crate::handshake::validate(
+            RawHead {
+                buf: text.as_bytes().to_vec(),
+                head_len: text.len(),
+            },
+            100,
+            UnderscoreHeaders::Keep,
+        )
+        .unwrap();
+        let out = forwarded_request(&req, "192.0.2.7".parse().unwrap(), "rid-1", &config::Headers::default());
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with("GET /a?b=1 HTTP/1.1\r\nHOST: target.test:81\r\nUpgrade: websocket\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("other.test"), "{out}");
     }
 
     #[test]

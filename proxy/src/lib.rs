@@ -17,6 +17,8 @@ pub mod headers;
 pub mod health;
 pub mod limits;
 pub mod listener;
+// Bounded logging of client-caused events; public so that every module (the relay too) can use it.
+pub mod log_limit;
 pub mod metrics;
 pub mod privileges;
 pub mod relay;

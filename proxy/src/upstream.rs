@@ -3,8 +3,9 @@
 //!
 //! Connect, send and receive share one deadline. Errors say whether another upstream may be tried:
 //! only when the upstream saw nothing it could act on, or never answered (a connect error, a
-//! timeout, a close before any response byte). An upstream that answered, even wrongly, is not
-//! retried elsewhere.
+//! timeout, a close or a reset before any response byte). An upstream that answered, even
+//! wrongly, is not retried elsewhere. They also say whether the failure is the upstream's own
+//! (it counts towards marking it down) or an answer any client could provoke (it does not).
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use sha1::{Digest, Sha1};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::config;
 use crate::head::{self, HeadError, RawHead};
 
 /// Most header fields accepted in an upstream response.
@@ -38,8 +40,9 @@ pub enum UpstreamError {
     ClosedBeforeAnswer,
     #[error("closed mid-head after {0} bytes")]
     ClosedMidHead(usize),
-    #[error("i/o error: {0}")]
-    Io(io::Error),
+    /// Sending the request or reading the answer failed after `read` response bytes.
+    #[error("i/o error after {read} response bytes: {error}")]
+    Io { read: usize, error: io::Error },
     #[error("invalid response head: {0}")]
     Malformed(String),
     #[error("answered {0} instead of 101")]
@@ -49,19 +52,23 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// True when trying the next upstream is safe and useful: this one never answered.
+    /// True when trying the next upstream is safe and useful: this one never answered. A reset
+    /// before the first response byte is no answer, like a close.
     pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::ClosedBeforeAnswer
-        )
+        match self {
+            UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::ClosedBeforeAnswer => true,
+            UpstreamError::Io { read: 0, error } => is_reset(error),
+            _ => false,
+        }
     }
 
-    /// True when the failure says something about the upstream's health. A 4xx answer is about
-    /// the request, not the upstream.
-    pub fn counts_against_health(&self) -> bool {
+    /// True when the failure is the upstream's own and counts towards marking it down. An answer,
+    /// whatever its status, is something a client can provoke (a path that redirects, a 404, a
+    /// 403 for an Origin) and must not move everyone to the next upstream; a 5xx counts only
+    /// when `upstreams.health.count_5xx` says so.
+    pub fn counts_against_health(&self, cfg: &config::Health) -> bool {
         match self {
-            UpstreamError::Status(s) => !(400..500).contains(s),
+            UpstreamError::Status(s) => cfg.count_5xx && (500..600).contains(s),
             // Out of descriptors or memory here: the proxy's trouble, not the upstream's.
             UpstreamError::Connect(e) => !matches!(
                 e.raw_os_error(),
@@ -77,12 +84,21 @@ impl UpstreamError {
             UpstreamError::Connect(_) => "connect",
             UpstreamError::Timeout(_) => "timeout",
             UpstreamError::ClosedBeforeAnswer | UpstreamError::ClosedMidHead(_) => "closed",
-            UpstreamError::Io(_) => "io",
+            UpstreamError::Io { error, .. } if is_reset(error) => "reset",
+            UpstreamError::Io { .. } => "io",
             UpstreamError::Malformed(_) => "malformed",
             UpstreamError::Status(_) => "status",
             UpstreamError::BadUpgrade(_) => "bad_upgrade",
         }
     }
+}
+
+/// A reset (or a write into a connection the upstream already reset or aborted).
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+    )
 }
 
 /// Performs the upstream half of the handshake under one deadline.
@@ -102,8 +118,9 @@ pub async fn handshake(
 async fn exchange(addr: SocketAddr, request: &[u8], key: &str, max_head: usize) -> Result<Upgraded, UpstreamError> {
     let mut stream = TcpStream::connect(addr).await.map_err(UpstreamError::Connect)?;
     // Every message is relayed as it comes; Nagle would add latency to small frames.
-    stream.set_nodelay(true).map_err(UpstreamError::Io)?;
-    stream.write_all(request).await.map_err(UpstreamError::Io)?;
+    let io = |read| move |error| UpstreamError::Io { read, error };
+    stream.set_nodelay(true).map_err(io(0))?;
+    stream.write_all(request).await.map_err(io(0))?;
     let parse = |b: &[u8]| {
         let mut h = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         head::from_httparse(httparse::Response::new(&mut h).parse(b), MAX_RESPONSE_HEADERS)
@@ -111,15 +128,18 @@ async fn exchange(addr: SocketAddr, request: &[u8], key: &str, max_head: usize) 
     // Interim responses (1xx other than 101, such as 100 or 103) may precede the final one
     // (RFC 9110 section 15.2): they are read and dropped, never forwarded to the client.
     let mut behind = Vec::new();
-    for interim in 0..=MAX_INTERIM_RESPONSES {
+    // Bytes of the interim heads read before this one: an answer, even if the final one fails.
+    let mut interim_bytes = 0;
+    for _ in 0..=MAX_INTERIM_RESPONSES {
         let response = match head::read_head_after(&mut stream, behind, max_head, parse).await {
             Ok(r) => r,
-            Err(HeadError::Closed(0)) if interim == 0 => return Err(UpstreamError::ClosedBeforeAnswer),
-            Err(HeadError::Closed(n)) => return Err(UpstreamError::ClosedMidHead(n)),
-            Err(HeadError::Io(e)) => return Err(UpstreamError::Io(e)),
+            Err(HeadError::Closed(0)) if interim_bytes == 0 => return Err(UpstreamError::ClosedBeforeAnswer),
+            Err(HeadError::Closed(n)) => return Err(UpstreamError::ClosedMidHead(interim_bytes + n)),
+            Err(HeadError::Io { read, error }) => return Err(io(interim_bytes + read)(error)),
             Err(e) => return Err(UpstreamError::Malformed(e.to_string())),
         };
         if is_interim(response.head()) {
+            interim_bytes += response.head_len;
             behind = response.rest().to_vec();
             continue;
         }
@@ -238,5 +258,65 @@ mod tests {
         assert!(!UpstreamError::Status(503).retryable());
         assert!(!UpstreamError::BadUpgrade("x").retryable());
         assert!(!UpstreamError::ClosedMidHead(3).retryable());
+    }
+
+    #[test]
+    fn a_reset_before_any_response_byte_is_no_answer() {
+        let reset = |read, kind: io::ErrorKind| UpstreamError::Io {
+            read,
+            error: kind.into(),
+        };
+        let cfg = config::Health::default();
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::ConnectionAborted,
+        ] {
+            let e = reset(0, kind);
+            assert!(e.retryable() && e.counts_against_health(&cfg), "{e}");
+            assert_eq!(e.reason(), "reset");
+            // After part of an answer it is like a close mid-head: not retried, still counted.
+            let e = reset(12, kind);
+            assert!(!e.retryable() && e.counts_against_health(&cfg), "{e}");
+        }
+        let other = reset(0, io::ErrorKind::InvalidInput);
+        assert!(!other.retryable());
+        assert_eq!(other.reason(), "io");
+    }
+
+    #[test]
+    fn only_the_upstreams_own_failures_count_against_its_health() {
+        let default = config::Health::default();
+        let count_5xx = config::Health {
+            count_5xx: true,
+            ..Default::default()
+        };
+        for s in [200, 204, 301, 302, 307, 400, 403, 404, 426, 429] {
+            let e = UpstreamError::Status(s);
+            assert!(
+                !e.counts_against_health(&default) && !e.counts_against_health(&count_5xx),
+                "{s}"
+            );
+        }
+        for s in [500, 502, 503, 599] {
+            let e = UpstreamError::Status(s);
+            assert!(
+                !e.counts_against_health(&default),
+                "{s} counts although count_5xx is off"
+            );
+            assert!(e.counts_against_health(&count_5xx), "{s}");
+        }
+        for e in [
+            UpstreamError::Connect(io::ErrorKind::ConnectionRefused.into()),
+            UpstreamError::Timeout(Duration::from_secs(1)),
+            UpstreamError::ClosedBeforeAnswer,
+            UpstreamError::ClosedMidHead(3),
+            UpstreamError::Malformed("x".into()),
+            UpstreamError::BadUpgrade("x"),
+        ] {
+            assert!(e.counts_against_health(&default), "{e}");
+        }
+        let emfile = UpstreamError::Connect(io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(!emfile.counts_against_health(&default));
     }
 }

@@ -116,6 +116,9 @@ pub enum Script {
     Silent,
     /// Close without answering.
     Close,
+    /// Write these bytes (`{accept}` replaced), then reset the connection (`SO_LINGER` 0, close);
+    /// empty: reset right after reading the request.
+    ResetAfter(String),
 }
 
 /// What a scripted upstream saw of one connection.
@@ -205,6 +208,12 @@ async fn serve_script(mut s: TcpStream, script: Script, tx: mpsc::UnboundedSende
             }
         }
         Script::Close => {}
+        Script::ResetAfter(text) => {
+            let _ = s.write_all(text.replace("{accept}", &accept).as_bytes()).await;
+            relay_kit::reset(s);
+            let _ = tx.send(Seen { head, rest });
+            return;
+        }
     }
     let _ = tx.send(Seen { head, rest });
 }

@@ -234,3 +234,50 @@ async fn rule3_real_client_library_gets_through() {
     echo_roundtrip(&mut ws).await;
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn rule3_absolute_form_target_is_accepted_with_its_path() {
+    let mut up = Upstream::start(Script::Upgrade { after: vec![] }).await;
+    let proxy = Proxy::start(&config(&[up.addr], &[], &generous())).await;
+    // RFC 9112 section 3.2.2: a server accepts absolute-form, and the target's host is the one
+    // that counts, whatever the Host field says: the upstream gets origin-form and that host.
+    let cases = [
+        (
+            "http://example.test:8080/chat?x=1",
+            "GET /chat?x=1 HTTP/1.1",
+            "example.test:8080",
+        ),
+        ("HTTPS://other.test", "GET / HTTP/1.1", "other.test"),
+    ];
+    for (target, line, host) in cases {
+        let req = request("/").replacen("GET / ", &format!("GET {target} "), 1);
+        let mut s = connect_from(client_ip(20), proxy.addr).await;
+        s.write_all(req.as_bytes()).await.unwrap();
+        assert_eq!(status(&read_head(&mut s).await), 101, "{target}");
+        drop(s);
+        let head = up.next_seen().await.head;
+        assert!(
+            head.starts_with(&format!("{line}\r\nHost: {host}\r\n")),
+            "{target}: {head:?}"
+        );
+        assert_eq!(head.matches("Host:").count(), 1, "{head:?}");
+    }
+    let contacted = up.accepted();
+    // Malformed absolute targets, another scheme, and a Connection naming a field the
+    // handshake needs get 400 and never reach the upstream.
+    for target in [
+        "ws://example.test/chat",
+        "http:///chat",
+        "http://u:p@example.test/",
+        "http://ex ample/",
+    ] {
+        let req = request("/").replacen("GET / ", &format!("GET {target} "), 1);
+        let answer = exchange(client_ip(21), proxy.addr, req.as_bytes()).await;
+        assert_eq!(status(&answer), 400, "{target}: {answer}");
+    }
+    let req = request("/").replace("Connection: Upgrade", "Connection: Upgrade, Host");
+    let answer = exchange(client_ip(21), proxy.addr, req.as_bytes()).await;
+    assert_eq!(status(&answer), 400, "{answer}");
+    assert_eq!(up.accepted(), contacted, "a refused request reached the upstream");
+    proxy.stop().await;
+}

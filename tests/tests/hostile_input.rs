@@ -57,6 +57,8 @@ enum Act {
     AnswerAndClose(String),
     /// Close without a byte.
     Close,
+    /// Reset (`SO_LINGER` 0, close) without a byte.
+    Reset,
     /// A valid 101, then write as much as the proxy takes, never reading.
     Flood,
 }
@@ -223,6 +225,11 @@ async fn record(mut s: TcpStream, id: u64, act: Act, tx: mpsc::UnboundedSender<E
             let _ = s.write_all(text.replace("{accept}", &accept).as_bytes()).await;
         }
         Act::Close => {}
+        Act::Reset => {
+            wsproxy_tests::relay_kit::reset(s);
+            let _ = tx.send(Ev::Done { id, rest });
+            return;
+        }
         Act::Flood => {
             if s.write_all(upgrade.as_bytes()).await.is_ok() {
                 flood(&mut s, id, &tx).await;
@@ -596,11 +603,77 @@ fn rows(c: &Ctx) -> Vec<Row> {
             1,
             send(request("/ok")),
         ),
+        // RFC 9112 section 3.2.2: absolute-form is accepted; the upstream gets origin-form and
+        // the target's host as Host.
         row(
             "absolute-form target",
+            Status(101),
+            1,
+            checked(edit("GET /h ", "GET http://test/h "), Act::Upgrade, |_, head, _| {
+                let h = String::from_utf8_lossy(head);
+                if !h.starts_with("GET /h HTTP/1.1\r\nHost: test\r\n") {
+                    return Err(format!("forwarded head: {h:?}"));
+                }
+                Ok("forwarded in origin-form (GET /h)".into())
+            }),
+        ),
+        row(
+            "absolute-form target whose host is not the Host field's",
+            Status(101),
+            1,
+            checked(
+                edit("GET /h ", "GET http://elsewhere.test:81/h "),
+                Act::Upgrade,
+                |_, head, _| {
+                    let h = String::from_utf8_lossy(head);
+                    if !h.starts_with("GET /h HTTP/1.1\r\nHost: elsewhere.test:81\r\n") || h.contains("Host: test") {
+                        return Err(format!("forwarded head: {h:?}"));
+                    }
+                    Ok("Host: elsewhere.test:81 (the target's, as RFC 9112 3.2.2 has it)".into())
+                },
+            ),
+        ),
+        row(
+            "absolute-form target with userinfo",
             Status(400),
             0,
-            send(edit("GET /h ", "GET http://test/h ")),
+            send(edit("GET /h ", "GET http://user:pw@test/h ")),
+        ),
+        row(
+            "absolute-form target of another scheme (ws://)",
+            Status(400),
+            0,
+            send(edit("GET /h ", "GET ws://test/h ")),
+        ),
+        row(
+            "Connection naming X-Real-IP and X-Forwarded-For",
+            Status(101),
+            1,
+            checked(
+                edit(
+                    "Connection: Upgrade",
+                    "Connection: Upgrade, X-Real-IP, X-Forwarded-For\r\nX-Forwarded-For: 6.6.6.6",
+                ),
+                Act::Upgrade,
+                |c, head, _| {
+                    let h = String::from_utf8_lossy(head);
+                    let lines: Vec<&str> = h.split("\r\n").collect();
+                    let want = [
+                        "Connection: Upgrade".to_string(),
+                        format!("X-Forwarded-For: {}", c.hostile),
+                        format!("X-Real-IP: {}", c.hostile),
+                    ];
+                    for w in &want {
+                        if lines.iter().filter(|l| *l == w).count() != 1 {
+                            return Err(format!("not exactly one {w:?} in {h:?}"));
+                        }
+                    }
+                    if h.contains("6.6.6.6") || h.matches("Connection:").count() != 1 {
+                        return Err(format!("forwarded head: {h:?}"));
+                    }
+                    Ok("Connection: Upgrade; the proxy's X-Real-IP and X-Forwarded-For kept".into())
+                },
+            ),
         ),
         row("CONNECT", Status(400), 0, send(edit("GET /h ", "CONNECT test:443 "))),
         row(
@@ -666,6 +739,12 @@ fn rows(c: &Ctx) -> Vec<Row> {
             Status(101),
             1,
             upstream(Act::Close),
+        ),
+        row(
+            "upstream: resets before answering (failover to the next)",
+            Status(101),
+            1,
+            upstream(Act::Reset),
         ),
         // -- smuggling and spoofing --
         row(

@@ -548,7 +548,7 @@ async fn rule5_request_forwarded_as_sent_with_the_proxy_fields() {
         "x-custom-ORDER: first".into(),
         "Upgrade: websocket".into(),
         "Origin: http://example.test".into(),
-        "connection: keep-alive, Upgrade".into(),
+        "connection: Upgrade".into(),
         format!("Sec-WebSocket-Key: {KEY}"),
         "Sec-WebSocket-Protocol: chat, superchat".into(),
         "Cookie: a=1; b=2".into(),
@@ -562,7 +562,12 @@ async fn rule5_request_forwarded_as_sent_with_the_proxy_fields() {
         (6, "X-Forwarded-Proto: https"),
         (7, "X-Request-ID: forged-id"),
     ];
-    let mut lines: Vec<String> = kept.to_vec();
+    // Connection is the one kept field whose value changes: the upgrade is all this hop asks of
+    // the next (keep-alive is the client's connection's business).
+    let mut lines: Vec<String> = kept
+        .iter()
+        .map(|l| l.replace("connection: Upgrade", "connection: keep-alive, Upgrade"))
+        .collect();
     for (at, c) in claims.iter().rev() {
         lines.insert(*at, c.to_string());
     }
@@ -664,6 +669,42 @@ async fn rule5_underscore_headers_drop_keep_and_reject() {
     let head = forwarded_head(reject.addr, &mut up, ip, &request("/ok")).await;
     assert!(head.starts_with("GET /ok "), "{head:?}");
     reject.stop().await;
+}
+
+#[tokio::test]
+async fn rule5_connection_named_fields_are_removed_and_proxy_fields_kept() {
+    let mut up = Upstream::start(Script::Upgrade { after: vec![] }).await;
+    let extra = "[headers]\nforwarded = true\nadd = [{ name = \"X-Edge\", value = \"edge-1\" }]\n";
+    let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", extra)).await;
+    let ip = client_ip(8);
+    // The client asks the next hop to drop the proxy's own fields, and some of its own.
+    let req = request("/hop")
+        .replace(
+            "Connection: Upgrade\r\n",
+            "Connection: Upgrade, X-Real-IP, X-Forwarded-For\r\nconnection: forwarded,x-request-id , X-Edge, Cookie\r\n",
+        )
+        .replace(
+            "Host: test\r\n",
+            "Host: test\r\nX-Forwarded-For: 203.0.113.7\r\nCookie: a=1\r\nKeep-Alive: timeout=5\r\n\
+             TE: trailers\r\nX-Kept: yes\r\n",
+        );
+    let head = forwarded_head(proxy.addr, &mut up, ip, &req).await;
+    assert_eq!(single(&head, "Connection"), "Upgrade", "{head:?}");
+    assert_eq!(single(&head, "Upgrade"), "websocket");
+    for gone in ["Cookie", "Keep-Alive", "TE"] {
+        assert!(values(&head, gone).is_empty(), "{gone} forwarded: {head:?}");
+    }
+    assert!(
+        !head.contains("203.0.113.7"),
+        "the client's hop-by-hop X-Forwarded-For: {head:?}"
+    );
+    assert_eq!(single(&head, "X-Real-IP"), ip.to_string());
+    assert_eq!(single(&head, "X-Forwarded-For"), ip.to_string());
+    assert_eq!(single(&head, "Forwarded"), format!("for={ip};proto=http"));
+    assert_eq!(single(&head, "X-Edge"), "edge-1");
+    assert!(!single(&head, "X-Request-ID").is_empty());
+    assert_eq!(single(&head, "X-Kept"), "yes");
+    proxy.stop().await;
 }
 
 #[tokio::test]
@@ -778,6 +819,99 @@ async fn rule6_no_upstream_answering_gets_400() {
     s1.next_seen().await;
     s2.next_seen().await;
     proxy.stop().await;
+}
+
+#[tokio::test]
+async fn rule6_upstream_reset_before_answering_fails_over() {
+    let resetting = Upstream::start(Script::ResetAfter(String::new())).await;
+    let named = Named::start(1).await;
+    let good = named.addrs()[0];
+    // One failure marks an upstream down: the reset must count against its health too.
+    let extra = "[upstreams.health]\nmax_fails = 1\nfail_timeout = \"60s\"\n";
+    let text = config_text(&weight1(&[resetting.addr, good]), &[], "2s", extra);
+    let proxy = Proxy::start(&text).await;
+    let ip = client_where(&text, 300, |o| o[0] == resetting.addr);
+    assert_eq!(
+        named.landing(proxy.addr, ip).await,
+        good,
+        "a reset is no answer: fail over"
+    );
+    assert_eq!(resetting.accepted(), 1);
+    // Marked down: the next client whose first choice it is goes straight to the other one.
+    let other = client_where(&text, 400, |o| o[0] == resetting.addr);
+    assert_eq!(named.landing(proxy.addr, other).await, good);
+    assert_eq!(
+        resetting.accepted(),
+        1,
+        "a reset did not count against the upstream's health"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn rule6_upstream_reset_after_part_of_its_answer_is_not_retried() {
+    // Part of a head is an answer that went wrong (like a close mid-head): retrying elsewhere
+    // could run the request twice.
+    let resetting = Upstream::start(Script::ResetAfter("HTTP/1.1 101 Switching".into())).await;
+    let named = Named::start(1).await;
+    let good = named.addrs()[0];
+    let text = config_text(&weight1(&[resetting.addr, good]), &[], "2s", "");
+    let proxy = Proxy::start(&text).await;
+    let ip = client_where(&text, 500, |o| o[0] == resetting.addr);
+    let got = exchange_raw(ip, proxy.addr, request("/partial").as_bytes()).await;
+    assert!(got.is_empty(), "the client got {:?}", String::from_utf8_lossy(&got));
+    assert_eq!(resetting.accepted(), 1);
+    assert_eq!(named.accepted(good), 0, "retried after part of an answer");
+    proxy.stop().await;
+}
+
+/// `requests` handshakes from `ip`, each answered `answer` by `failing` (the client's first
+/// choice), under `max_fails = 2`; returns the statuses the client saw (0: closed, no answer).
+async fn statuses_against(answer: &str, requests: usize, extra_health: &str) -> (Vec<u16>, usize, usize) {
+    let failing = Upstream::start(Script::Respond(answer.into())).await;
+    let named = Named::start(1).await;
+    let backup = named.addrs()[0];
+    let extra = format!("[upstreams.health]\nmax_fails = 2\nfail_timeout = \"60s\"\n{extra_health}");
+    let text = config_text(&weight1(&[failing.addr]), &weight1(&[backup]), "2s", &extra);
+    let proxy = Proxy::start(&text).await;
+    let ip = client_ip(600);
+    let mut seen = Vec::new();
+    for _ in 0..requests {
+        let mut s = connect_from(ip, proxy.addr).await;
+        s.write_all(request("/moved").as_bytes()).await.unwrap();
+        // A head (the 101), or nothing up to the close.
+        seen.push(status(&read_head(&mut s).await));
+    }
+    proxy.stop().await;
+    (seen, failing.accepted(), named.accepted(backup))
+}
+
+#[tokio::test]
+async fn rule6_redirecting_upstream_is_not_marked_down() {
+    // Answers any client can provoke (a path that redirects, a 200 page, a 404): however many,
+    // the upstream stays up and nobody is moved to the backup.
+    for answer in [
+        "HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+    ] {
+        let (seen, failing, backup) = statuses_against(answer, 5, "").await;
+        assert_eq!(seen, [0; 5], "for {answer:?}");
+        assert_eq!((failing, backup), (5, 0), "for {answer:?}: marked down after max_fails");
+    }
+}
+
+#[tokio::test]
+async fn rule6_5xx_counts_only_when_configured() {
+    let answer = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+    // By default a 5xx is an answer like any other.
+    let (seen, failing, backup) = statuses_against(answer, 4, "").await;
+    assert_eq!(seen, [0; 4]);
+    assert_eq!((failing, backup), (4, 0), "a 503 counted although count_5xx is off");
+    // With count_5xx, two 503s mark it down: the third handshake goes to the backup.
+    let (seen, failing, backup) = statuses_against(answer, 3, "count_5xx = true\n").await;
+    assert_eq!(seen, [0, 0, 101]);
+    assert_eq!((failing, backup), (2, 1));
 }
 
 // ---- rule 7: upstream answers with another status than 101 ----
