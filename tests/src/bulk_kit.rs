@@ -1,5 +1,5 @@
-//! Concurrent checksummed bulk echo: the stress that found the kernel relay's duplicated segment
-//! (see `docs/kernel-relay.md`). Used by the soak (`cargo xtask soak`, long) and by
+//! Concurrent checksummed bulk echo: the stress that reproduces the kernel relay's duplicated
+//! segment (one skb relayed twice after the verdict went from passing back to redirecting). For the soak (`cargo xtask soak`, long) and by
 //! `tests/tests/kernel_relay.rs` (short, with a tiny in-flight credit so that the verdict passes
 //! bytes to userspace all the time: the path the duplicate followed).
 //!
