@@ -1,6 +1,6 @@
 //! Concurrent checksummed bulk echo: the stress that reproduces the kernel relay's duplicated
-//! segment (one skb relayed twice after the verdict went from passing back to redirecting). For the soak (`cargo xtask soak`, long) and by
-//! `tests/tests/kernel_relay.rs` (short, with a tiny in-flight credit so that the verdict passes
+//! segment (one skb relayed twice after the verdict went from passing back to redirecting). Not wired yet: meant for the soak
+//! (`cargo xtask soak`, long) and for `tests/tests/kernel_relay.rs` (short, with a tiny in-flight credit so that the verdict passes
 //! bytes to userspace all the time: the path the duplicate followed).
 //!
 //! Each connection writes `len` bytes of its own pattern stream in chunks of random size (1 B,
