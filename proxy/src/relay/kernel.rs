@@ -1,7 +1,7 @@
 //! The kernel relay: the pair of sockets is put under the sockmap verdict, which redirects each
 //! side's received bytes to the other side's egress without copying them through userspace.
 //!
-//! What the kernel does not do, this module does (see `shared/design/sockmap-facts.md`):
+//! What the kernel does not do, this module does (see `docs/kernel-relay.md`):
 //! - It bounds the bytes in flight per direction. The verdict redirects only within a credit of
 //!   bytes and skbs; past it, it passes the bytes to this socket's receive queue, which holds the
 //!   sender back by its own TCP window. A pass wakes this module, which waits until the
