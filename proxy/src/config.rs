@@ -215,7 +215,8 @@ impl Default for Keepalive {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayMode {
-    /// The kernel relay when its programs loaded, else userspace (per connection).
+    /// Userspace, until the kernel relay's duplicated-segment fault (`docs/kernel-relay.md`)
+    /// is proven gone; then the kernel relay when its programs loaded, else userspace.
     Auto,
     Kernel,
     Userspace,

@@ -89,6 +89,9 @@ pub struct Outcome {
 
 pub use crate::metrics::TotalsSnapshot;
 
+/// Fallback lines per second: clients can cause fallbacks, so they must not fill the log.
+static FALLBACK_LINES: crate::log_limit::Throttle = crate::log_limit::Throttle::new(20);
+
 /// Relays between the two sockets until both sides have closed or one failed, in the kernel
 /// when the configuration and the loaded programs allow it.
 pub async fn relay(
@@ -100,7 +103,9 @@ pub async fn relay(
     shutdown: &CancellationToken,
 ) -> Outcome {
     buffers::cap(&client, &upstream, cfg);
-    let (client, upstream, settled) = match programs.filter(|_| cfg.mode != RelayMode::Userspace) {
+    // `auto` does not choose the kernel relay until its duplicated-segment fault is proven
+    // gone (docs/kernel-relay.md); only an explicit `kernel` does.
+    let (client, upstream, settled) = match programs.filter(|_| cfg.mode == RelayMode::Kernel) {
         Some(programs) => {
             metrics.relay_started(Mode::Kernel);
             match kernel::relay(client, upstream, programs, cfg, shutdown).await {
@@ -113,9 +118,10 @@ pub async fn relay(
                     if d.reason.is::<kernel::PeerClosed>() {
                         // Ordinary: a peer that closes right after the 101.
                         debug!("kernel relay: {}; relaying it in userspace", d.reason);
-                    } else {
+                    } else if let Some(suppressed) = FALLBACK_LINES.admit(std::time::Instant::now()) {
+                        // A client can cause this (a reset right after the 101): bounded.
                         let error = format!("{:#}", d.reason);
-                        warn!(%error, "kernel relay: cannot take the connection, relaying it in userspace");
+                        warn!(%error, suppressed, "kernel relay: cannot take the connection, relaying it in userspace");
                     }
                     (d.client, d.upstream, (d.client_to_upstream, d.upstream_to_client))
                 }
