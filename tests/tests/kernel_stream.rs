@@ -14,9 +14,9 @@
 use std::time::Duration;
 
 use wsproxy_tests::bulk_kit::{Bulk, bulk_echo};
+use wsproxy_tests::config;
 use wsproxy_tests::hardening_kit::{HardProxy, RawEcho};
 use wsproxy_tests::relay_kit::{kernel_unavailable, say};
-use wsproxy_tests::config;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -54,6 +54,13 @@ async fn kernel_relay_delivers_every_byte_once_with_a_tiny_credit() {
     proxy.stop(Duration::from_secs(60)).await;
     assert_eq!(report.wrong, 0, "streams with a wrong byte: {:?}", report.notes);
     assert_eq!(report.failed, 0, "connections that failed: {:?}", report.notes);
-    assert!(report.connections >= 100, "too few connections ran: {}", report.connections);
-    assert_eq!(totals.ended[1], 0, "every connection stayed in the kernel relay: {totals:?}");
+    assert!(
+        report.connections >= 100,
+        "too few connections ran: {}",
+        report.connections
+    );
+    assert_eq!(
+        totals.ended[1], 0,
+        "every connection stayed in the kernel relay: {totals:?}"
+    );
 }
