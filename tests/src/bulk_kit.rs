@@ -110,7 +110,10 @@ pub async fn bulk_echo(proxy: SocketAddr, run: Bulk) -> BulkReport {
                         }
                         Err(_) => {
                             tally.failed.fetch_add(1, Relaxed);
-                            tally.note(format!("connection {id} ({len} bytes): not done within {:?}", run.per_connection));
+                            tally.note(format!(
+                                "connection {id} ({len} bytes): not done within {:?}",
+                                run.per_connection
+                            ));
                         }
                     }
                 }
