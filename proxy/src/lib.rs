@@ -9,6 +9,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 mod connection;
+pub mod descriptors;
 pub mod ebpf;
 pub mod echo;
 pub mod handshake;
