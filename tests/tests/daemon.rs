@@ -478,6 +478,9 @@ fn req1_shipped_config_documents_every_daemon_option() {
     let wanted = [
         ("listen", "drain_timeout"),
         ("admin", "address"),
+        ("admin", "idle_timeout"),
+        ("admin", "max_connections"),
+        ("admin", "token_file"),
         ("keepalive", "enabled"),
         ("keepalive", "idle"),
         ("keepalive", "interval"),
