@@ -458,11 +458,17 @@ fn parse_admin_address(a: &str) -> Result<AdminAddress, String> {
 /// The token of a token file: its content without surrounding white space (a trailing newline).
 fn read_token(path: &Path) -> Result<Token, String> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let shown = path.display();
     if !path.is_absolute() {
         return Err(format!("{shown}: must be an absolute path"));
     }
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    // Non-blocking, so that a FIFO named by mistake is refused below rather than waited on.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
     let meta = file.metadata().map_err(|e| format!("cannot read {shown}: {e}"))?;
     if !meta.is_file() {
         return Err(format!("{shown} is not a regular file"));
@@ -936,11 +942,17 @@ backup = [{ address = "127.0.0.1:9001" }]
         let unreadable = temp_file("token-unreadable", b"t\n");
         std::fs::set_permissions(&unreadable, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
         let dir = empty.parent().unwrap().to_path_buf();
+        let fifo = dir.join("token-fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let mut cases = vec![
             (empty.display().to_string(), "is empty"),
             (spaces.display().to_string(), "without spaces"),
             (large.display().to_string(), "longer than"),
             (dir.display().to_string(), "not a regular file"),
+            // Nobody writes to it: refused at once, not waited on.
+            (fifo.display().to_string(), "not a regular file"),
+            ("/dev/zero".to_string(), "not a regular file"),
             ("relative/token".to_string(), "absolute path"),
             ("/nonexistent/token".to_string(), "cannot read"),
         ];
