@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -22,7 +22,7 @@ pub struct Config {
     /// At shutdown, time open connections get to finish before they are closed.
     pub drain_timeout: Duration,
     /// Admin listener (metrics, health, reload); `None`: off.
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<Admin>,
     pub keepalive: Keepalive,
     pub limits: Limits,
     pub handshake: Handshake,
@@ -30,6 +30,78 @@ pub struct Config {
     pub upstreams: Upstreams,
     pub relay: Relay,
 }
+
+/// Where the admin listener listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddress {
+    Tcp(SocketAddr),
+    /// `unix:PATH`: a Unix stream socket (mode 0600), removed when the listener stops.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for AdminAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminAddress::Tcp(a) => write!(f, "{a}"),
+            AdminAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub address: AdminAddress,
+    /// A connection without a complete request for this long (from its accept, or from the
+    /// previous answer on a kept-alive connection) is closed.
+    pub idle_timeout: Duration,
+    /// Admin connections open at once; past it a connection is answered 503 and closed.
+    pub max_connections: usize,
+    /// Where `token` was read from.
+    pub token_file: Option<PathBuf>,
+    /// When set, `POST /reload` needs `Authorization: Bearer <token>`.
+    pub token: Option<Token>,
+}
+
+impl Admin {
+    /// The defaults of every setting but the address.
+    pub fn new(address: AdminAddress) -> Admin {
+        let d = AdminFile::default();
+        Admin {
+            address,
+            idle_timeout: d.idle_timeout,
+            max_connections: d.max_connections,
+            token_file: None,
+            token: None,
+        }
+    }
+}
+
+/// A bearer token; its `Debug` form does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Token {
+        Token(token.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Largest token file read: a token is a line, and a path such as /dev/zero must not be read
+/// to its end.
+const MAX_TOKEN_FILE: u64 = 4096;
+/// Longest `sun_path` of a Unix socket address, its terminating NUL excluded.
+const MAX_UNIX_PATH: usize = 107;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -297,10 +369,129 @@ struct File {
     keepalive: Keepalive,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct AdminFile {
     address: Option<String>,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    max_connections: usize,
+    token_file: Option<PathBuf>,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            address: None,
+            idle_timeout: Duration::from_secs(10),
+            max_connections: 64,
+            token_file: None,
+        }
+    }
+}
+
+impl AdminFile {
+    /// The admin listener, or `None` when `address` is unset; every problem goes to `p`.
+    fn validate(&self, p: &mut Vec<String>) -> Option<Admin> {
+        let address = match self.address.as_deref().map(parse_admin_address) {
+            None => None,
+            Some(Ok(a)) => Some(a),
+            Some(Err(e)) => {
+                p.push(format!("admin.address: {e}"));
+                None
+            }
+        };
+        let problems = p.len();
+        if self.idle_timeout < Duration::from_millis(100) || self.idle_timeout > Duration::from_secs(3600) {
+            p.push(format!(
+                "admin.idle_timeout: must be 100ms to 1h, got {:?}",
+                self.idle_timeout
+            ));
+        }
+        if !(1..=4096).contains(&self.max_connections) {
+            p.push(format!(
+                "admin.max_connections: must be 1 to 4096, got {}",
+                self.max_connections
+            ));
+        }
+        let token = match &self.token_file {
+            None => None,
+            Some(path) => match read_token(path) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    p.push(format!("admin.token_file: {e}"));
+                    None
+                }
+            },
+        };
+        if p.len() > problems {
+            return None;
+        }
+        Some(Admin {
+            address: address?,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections,
+            token_file: self.token_file.clone(),
+            token,
+        })
+    }
+}
+
+/// `"IP:PORT"` or `"unix:/absolute/path"`.
+fn parse_admin_address(a: &str) -> Result<AdminAddress, String> {
+    if let Some(path) = a.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(format!(
+                "{a:?}: the socket path must be absolute, such as \"unix:/run/wsproxy/admin.sock\""
+            ));
+        }
+        if path.as_os_str().len() > MAX_UNIX_PATH {
+            return Err(format!("{a:?}: the socket path is longer than {MAX_UNIX_PATH} bytes"));
+        }
+        return Ok(AdminAddress::Unix(path));
+    }
+    a.parse::<SocketAddr>().map(AdminAddress::Tcp).map_err(|_| {
+        format!("{a:?} is not an IP address and port such as \"127.0.0.1:9090\", nor \"unix:\" and a socket path")
+    })
+}
+
+/// The token of a token file: its content without surrounding white space (a trailing newline).
+fn read_token(path: &Path) -> Result<Token, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display();
+    if !path.is_absolute() {
+        return Err(format!("{shown}: must be an absolute path"));
+    }
+    // Non-blocking, so that a FIFO named by mistake is refused below rather than waited on.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_TOKEN_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if bytes.len() as u64 > MAX_TOKEN_FILE {
+        return Err(format!("{shown} is longer than {MAX_TOKEN_FILE} bytes"));
+    }
+    let token = bytes.trim_ascii();
+    if token.is_empty() {
+        return Err(format!("{shown} is empty"));
+    }
+    // What a header value can carry as it is: visible ASCII, no white space.
+    if !token.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "the token in {shown} must be visible ASCII characters without spaces"
+        ));
+    }
+    Ok(Token(String::from_utf8_lossy(token).into_owned()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -409,18 +600,7 @@ impl File {
         if self.listen.max_connections == 0 {
             p.push("listen.max_connections: must be at least 1".into());
         }
-        let admin = match &self.admin.address {
-            None => None,
-            Some(a) => match a.parse::<SocketAddr>() {
-                Ok(a) => Some(a),
-                Err(_) => {
-                    p.push(format!(
-                        "admin.address: {a:?} is not an IP address and port such as \"127.0.0.1:9090\""
-                    ));
-                    None
-                }
-            },
-        };
+        let admin = self.admin.validate(&mut p);
         let k = &self.keepalive;
         if k.enabled && (k.idle.as_secs() < 1 || k.interval.as_secs() < 1 || k.count == 0) {
             p.push("keepalive: idle and interval must be at least 1s, count at least 1".into());
@@ -670,6 +850,127 @@ backup = [{ address = "127.0.0.1:9001" }]
         assert_eq!(e.problems.len(), fields.len(), "{e}");
         let c = Config::parse(&format!("{MINIMAL}[relay]\nsend_timeout = \"0s\"\n"), "t").unwrap();
         assert!(c.relay.send_timeout.is_zero());
+    }
+
+    /// A file in a fresh directory of the temp dir, with `text`.
+    fn temp_file(name: &str, text: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("wsproxy-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn admin_defaults() {
+        let c = Config::parse(&format!("{MINIMAL}[admin]\naddress = \"127.0.0.1:9090\"\n"), "t").unwrap();
+        let a = c.admin.unwrap();
+        assert_eq!(a.address, AdminAddress::Tcp("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(a.idle_timeout, Duration::from_secs(10));
+        assert_eq!(a.max_connections, 64);
+        assert_eq!((&a.token_file, &a.token), (&None, &None));
+        assert_eq!(a, Admin::new(a.address.clone()));
+        // No address: no admin listener, whatever else is set.
+        assert!(
+            Config::parse(&format!("{MINIMAL}[admin]\nmax_connections = 8\n"), "t")
+                .unwrap()
+                .admin
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn admin_settings_and_a_unix_socket_address() {
+        let token = temp_file("token-ok", b"  s3cr3t-t0ken\n");
+        let text = format!(
+            "{MINIMAL}[admin]\naddress = \"unix:/run/wsproxy/admin.sock\"\nidle_timeout = \"250ms\"\n\
+             max_connections = 8\ntoken_file = {:?}\n",
+            token.display().to_string()
+        );
+        let a = Config::parse(&text, "t").unwrap().admin.unwrap();
+        assert_eq!(a.address, AdminAddress::Unix("/run/wsproxy/admin.sock".into()));
+        assert_eq!(a.address.to_string(), "unix:/run/wsproxy/admin.sock");
+        assert_eq!(a.idle_timeout, Duration::from_millis(250));
+        assert_eq!(a.max_connections, 8);
+        assert_eq!(a.token.as_ref().map(Token::as_str), Some("s3cr3t-t0ken"));
+        assert_eq!(a.token_file, Some(token));
+        // The token never shows in the configuration's Debug form.
+        assert!(!format!("{a:?}").contains("s3cr3t"), "{a:?}");
+    }
+
+    #[test]
+    fn bad_admin_values_are_each_reported_by_field() {
+        let text = format!(
+            "{MINIMAL}[admin]\naddress = \"unix:relative.sock\"\nidle_timeout = \"0s\"\nmax_connections = 0\n\
+             token_file = \"/nonexistent/wsproxy-token\"\n"
+        );
+        let e = Config::parse(&text, "t").unwrap_err();
+        let fields = [
+            "admin.address",
+            "admin.idle_timeout",
+            "admin.max_connections",
+            "admin.token_file",
+        ];
+        for f in fields {
+            assert!(e.problems.iter().any(|p| p.starts_with(f)), "no problem for {f}: {e}");
+        }
+        assert_eq!(e.problems.len(), fields.len(), "{e}");
+        let long = format!("unix:/{}", "x".repeat(MAX_UNIX_PATH));
+        for (address, why) in [
+            ("localhost:9090", "not an IP address"),
+            ("9090", "not an IP address"),
+            (long.as_str(), "longer than"),
+        ] {
+            let e = Config::parse(&format!("{MINIMAL}[admin]\naddress = {address:?}\n"), "t").unwrap_err();
+            assert!(
+                e.problems.len() == 1 && e.problems[0].starts_with("admin.address") && e.problems[0].contains(why),
+                "{address}: {e}"
+            );
+        }
+        for bad in ["idle_timeout = \"2h\"", "max_connections = 5000", "idle_timeout = 3"] {
+            assert!(
+                Config::parse(&format!("{MINIMAL}[admin]\n{bad}\n"), "t").is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unusable_token_file_is_a_problem_of_admin_token_file() {
+        let empty = temp_file("token-empty", b" \n\n");
+        let spaces = temp_file("token-spaces", b"two words\n");
+        let large = temp_file("token-large", &[b'a'; 5000]);
+        let unreadable = temp_file("token-unreadable", b"t\n");
+        std::fs::set_permissions(&unreadable, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+        let dir = empty.parent().unwrap().to_path_buf();
+        let fifo = dir.join("token-fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut cases = vec![
+            (empty.display().to_string(), "is empty"),
+            (spaces.display().to_string(), "without spaces"),
+            (large.display().to_string(), "longer than"),
+            (dir.display().to_string(), "not a regular file"),
+            // Nobody writes to it: refused at once, not waited on.
+            (fifo.display().to_string(), "not a regular file"),
+            ("/dev/zero".to_string(), "not a regular file"),
+            ("relative/token".to_string(), "absolute path"),
+            ("/nonexistent/token".to_string(), "cannot read"),
+        ];
+        // Root reads any file whatever its mode.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            cases.push((unreadable.display().to_string(), "cannot read"));
+        }
+        for (path, why) in cases {
+            let text = format!("{MINIMAL}[admin]\naddress = \"127.0.0.1:9090\"\ntoken_file = {path:?}\n");
+            let e = Config::parse(&text, "t").unwrap_err();
+            assert_eq!(e.problems.len(), 1, "{path}: {e}");
+            assert!(
+                e.problems[0].starts_with("admin.token_file") && e.problems[0].contains(why),
+                "{path}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 mod connection;
+pub mod descriptors;
 pub mod ebpf;
 pub mod echo;
 pub mod handshake;
@@ -128,10 +129,20 @@ impl Server {
         }
     }
 
-    /// Serves the admin endpoints (`/metrics`, `/healthz`, `/reload`) on `listener` until
-    /// `shutdown` completes.
-    pub async fn serve_admin(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        admin::serve(listener, self.clone(), shutdown).await;
+    /// Serves the admin endpoints (`/metrics`, `/healthz`, `/reload`) on `listener` (TCP or a
+    /// Unix socket, see [`admin::bind`]) until `shutdown` completes, with the `[admin]` settings
+    /// of the configuration (the defaults when it has none).
+    pub async fn serve_admin(&self, listener: impl Into<admin::Listener>, shutdown: impl Future<Output = ()>) {
+        admin::serve(listener.into(), self.clone(), shutdown).await;
+    }
+
+    /// The admin listener's settings in the configuration now in force.
+    pub(crate) fn admin_config(&self) -> Option<config::Admin> {
+        self.shared.runtime.load().config.admin.clone()
+    }
+
+    pub(crate) fn admin_refused(&self, reason: metrics::AdminRefusal) {
+        self.shared.metrics.admin_refused(reason);
     }
 
     /// The configuration new connections get.
@@ -156,9 +167,26 @@ impl Server {
             ));
             new.max_connections = old.config.max_connections;
         }
-        if new.admin != old.config.admin {
-            notes.push("admin.address: stays as it is until a restart".to_string());
-            new.admin = old.config.admin;
+        match (&old.config.admin, &mut new.admin) {
+            // The token and the idle timeout apply to new requests and connections.
+            (Some(o), Some(n)) => {
+                if n.address != o.address {
+                    notes.push(format!("admin.address: stays {} until a restart", o.address));
+                    n.address = o.address.clone();
+                }
+                if n.max_connections != o.max_connections {
+                    notes.push(format!(
+                        "admin.max_connections: stays {} until a restart",
+                        o.max_connections
+                    ));
+                    n.max_connections = o.max_connections;
+                }
+            }
+            (None, None) => {}
+            (o, n) => {
+                notes.push("admin.address: stays as it is until a restart".to_string());
+                *n = o.clone();
+            }
         }
         if new.relay.mode != config::RelayMode::Userspace && self.shared.kernel.is_none() {
             notes.push("relay.mode: the kernel relay is not loaded; it can only be loaded at start".to_string());

@@ -1,5 +1,6 @@
-//! The accept loop: a global connection cap, backoff when the process is out of file descriptors,
-//! and shutdown.
+//! The accept loop: a global connection cap (`listen.max_connections`, lowered to what the
+//! descriptor budget allows: see `descriptors`), backoff when the process is out of file
+//! descriptors anyway, and shutdown.
 
 use std::future::Future;
 use std::io;
@@ -14,7 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::{Shared, connection};
+use crate::log_limit::Throttle;
+use crate::{Shared, connection, descriptors};
+
+/// "Accepts paused" lines: at most one a second.
+static PAUSED_LINES: Throttle = Throttle::new(1);
 
 /// Pending connections the kernel may queue for us; a burst of handshakes should wait in the
 /// queue rather than be refused by the kernel.
@@ -43,16 +48,34 @@ pub fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// Accepts until `shutdown` completes; then lets open connections finish for the drain timeout,
 /// cancels the rest and waits for their tasks to end.
 pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
-    let cap = Arc::new(Semaphore::new(shared.runtime.load().config.max_connections));
+    let (cap, by_descriptors) = client_cap(&shared);
+    let cap = Arc::new(Semaphore::new(cap));
     let tasks = TaskTracker::new();
     let cancel = CancellationToken::new();
     let mut backoff = BACKOFF_MIN;
     tokio::pin!(shutdown);
     loop {
-        // At the cap, stop accepting: new connections wait in the kernel's queue.
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = Arc::clone(&cap).acquire_owned() => p.expect("the semaphore is never closed"),
+        // At the cap, stop accepting: new connections wait in the kernel's queue, and accepting
+        // resumes as soon as a connection ends.
+        let permit = match Arc::clone(&cap).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if let Some(budget) = by_descriptors
+                    && let Some(suppressed) = PAUSED_LINES.admit(std::time::Instant::now())
+                {
+                    warn!(
+                        clients = budget.clients,
+                        nofile = budget.limit,
+                        reserve = budget.reserve,
+                        suppressed,
+                        "client accepts paused: the descriptor budget is in use; the reserve stays for the admin listener and upstream connects"
+                    );
+                }
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    p = Arc::clone(&cap).acquire_owned() => p.expect("the semaphore is never closed"),
+                }
+            }
         };
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
@@ -99,6 +122,40 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shut
         .is_err()
     {
         error!("connections did not end within 5 s of being cancelled");
+    }
+}
+
+/// The cap on client connections open at once: `listen.max_connections`, or fewer when the
+/// descriptor budget holds fewer (then with the budget, for the "paused" line).
+fn client_cap(shared: &Shared) -> (usize, Option<descriptors::Budget>) {
+    let rt = shared.runtime.load();
+    let c = &rt.config;
+    let upstreams = c.upstreams.main.len() + c.upstreams.backup.len();
+    let budget = match descriptors::Budget::now(c.admin.as_ref().map(|a| a.max_connections), upstreams) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(error = %e, "descriptors: cannot read the limit or the open descriptors; no descriptor budget");
+            return (c.max_connections, None);
+        }
+    };
+    if budget.clients < c.max_connections {
+        warn!(
+            nofile = budget.limit,
+            open = budget.open,
+            reserve = budget.reserve,
+            clients = budget.clients,
+            max_connections = c.max_connections,
+            "descriptors: RLIMIT_NOFILE allows fewer client connections than listen.max_connections; raise it (LimitNOFILE=) to serve that many"
+        );
+        (budget.clients, Some(budget))
+    } else {
+        info!(
+            nofile = budget.limit,
+            open = budget.open,
+            reserve = budget.reserve,
+            "descriptors: the reserve is kept from client connections"
+        );
+        (c.max_connections, None)
     }
 }
 

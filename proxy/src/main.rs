@@ -101,7 +101,14 @@ fn run(path: &Path) -> Result<ExitCode, Failure> {
         wsproxy::listener::bind_std(addr).map_err(|e| Failure(EXIT_FAILURE, format!("cannot listen on {addr}: {e}")))
     };
     let listener = bind(config.listen)?;
-    let admin = config.admin.map(bind).transpose()?;
+    let admin = config
+        .admin
+        .as_ref()
+        .map(|a| {
+            wsproxy::admin::bind_std(&a.address)
+                .map_err(|e| Failure(EXIT_FAILURE, format!("cannot listen on {}: {e}", a.address)))
+        })
+        .transpose()?;
     match wsproxy::privileges::drop_all() {
         Ok(d) if d.before.is_empty() => tracing::info!("privileges: none held"),
         Ok(d) => tracing::info!(dropped = %d.before.join(","), "privileges: dropped every capability after start-up"),
@@ -113,27 +120,34 @@ fn run(path: &Path) -> Result<ExitCode, Failure> {
 async fn serve(
     server: wsproxy::Server,
     listener: std::net::TcpListener,
-    admin: Option<std::net::TcpListener>,
+    admin: Option<wsproxy::admin::StdListener>,
 ) -> Result<ExitCode, Failure> {
     let signals = Signals::install().map_err(|e| Failure(EXIT_FAILURE, format!("cannot handle signals: {e}")))?;
     let tokio_listener = |l| {
         tokio::net::TcpListener::from_std(l).map_err(|e| Failure(EXIT_FAILURE, format!("cannot use the listener: {e}")))
     };
     let listener = tokio_listener(listener)?;
-    let admin = admin.map(tokio_listener).transpose()?;
+    let admin = admin
+        .map(wsproxy::admin::Listener::from_std)
+        .transpose()
+        .map_err(|e| Failure(EXIT_FAILURE, format!("cannot use the admin listener: {e}")))?;
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(signals.handle(server.clone(), stop.clone()));
     // The admin listener outlives the drain, so that /healthz reports it (503) and /metrics
     // can be watched until the end.
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let serving = server.serve(listener, stop.cancelled());
-    if let Some(admin) = admin {
+    let admin_task = admin.map(|admin| {
         let (server, admin_stop) = (server.clone(), admin_stop.clone());
-        tokio::spawn(async move { server.serve_admin(admin, admin_stop.cancelled_owned()).await });
-    }
+        tokio::spawn(async move { server.serve_admin(admin, admin_stop.cancelled_owned()).await })
+    });
     notify(&[sd_notify::NotifyState::Ready]);
     serving.await;
     admin_stop.cancel();
+    // It closes its connections and removes its socket file (a Unix socket) before it ends.
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -195,9 +209,9 @@ fn notify(states: &[sd_notify::NotifyState]) {
     let _ = sd_notify::notify(states);
 }
 
-/// `wsproxy reload`: POST /reload to the admin listener named in the configuration file.
+/// `wsproxy reload`: POST /reload to the admin listener named in the configuration file, with
+/// the token of `admin.token_file` when it is set.
 fn reload(path: &Path) -> Result<ExitCode, Failure> {
-    use std::io::{Read, Write};
     let config = wsproxy::Config::load(path).map_err(|e| Failure(EXIT_CONFIG, e.to_string()))?;
     let admin = config.admin.ok_or_else(|| {
         Failure(
@@ -208,24 +222,30 @@ fn reload(path: &Path) -> Result<ExitCode, Failure> {
             ),
         )
     })?;
-    let io = |e: std::io::Error| Failure(EXIT_FAILURE, format!("cannot reach the admin listener {admin}: {e}"));
-    let mut s = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(5)).map_err(io)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .map_err(io)?;
-    s.write_all(
-        format!("POST /reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .map_err(io)?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).map_err(io)?;
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let ok = head.starts_with("HTTP/1.1 200");
-    if ok {
-        print!("{body}");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprint!("wsproxy: {body}");
-        Ok(ExitCode::from(EXIT_CONFIG))
+    let (status, body) = wsproxy::admin::request_reload(&admin).map_err(|e| {
+        Failure(
+            EXIT_FAILURE,
+            format!("cannot reach the admin listener {}: {e}", admin.address),
+        )
+    })?;
+    match status {
+        200 => {
+            print!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        // The new file is invalid: every problem is in the body.
+        400 => {
+            eprint!("wsproxy: {body}");
+            Ok(ExitCode::from(EXIT_CONFIG))
+        }
+        _ => Err(Failure(
+            EXIT_FAILURE,
+            format!(
+                "the admin listener {} answered {status}: {}",
+                admin.address,
+                body.trim_end()
+            ),
+        )),
     }
 }
 

@@ -25,6 +25,7 @@ pub const RELAYED_BYTES: &str = "wsproxy_relayed_bytes";
 pub const RELAY_FALLBACKS: &str = "wsproxy_relay_fallbacks";
 pub const KERNEL_RELAY_AVAILABLE: &str = "wsproxy_kernel_relay_available";
 pub const CONFIG_RELOADS: &str = "wsproxy_config_reloads";
+pub const ADMIN_REFUSED: &str = "wsproxy_admin_refused";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RelayLabels {
@@ -63,6 +64,47 @@ struct BytesLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Why the admin listener refused a request or closed a connection, as counted in
+/// [`ADMIN_REFUSED`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRefusal {
+    /// 503: `admin.max_connections` connections were already open.
+    OverCapacity,
+    /// 403: the request had an `Origin` field (a browser's cross-site request).
+    Origin,
+    /// 421: the `Host` was not the admin listener's address (DNS rebinding).
+    Host,
+    /// 401: `POST /reload` without the right bearer token.
+    Unauthorized,
+    /// Closed: no complete request within `admin.idle_timeout`.
+    IdleTimeout,
+}
+
+impl AdminRefusal {
+    pub const ALL: [AdminRefusal; 5] = [
+        AdminRefusal::OverCapacity,
+        AdminRefusal::Origin,
+        AdminRefusal::Host,
+        AdminRefusal::Unauthorized,
+        AdminRefusal::IdleTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRefusal::OverCapacity => "over_capacity",
+            AdminRefusal::Origin => "origin",
+            AdminRefusal::Host => "host",
+            AdminRefusal::Unauthorized => "unauthorized",
+            AdminRefusal::IdleTimeout => "idle_timeout",
+        }
+    }
 }
 
 /// How a handshake ended, as counted in [`HANDSHAKES`].
@@ -141,6 +183,7 @@ pub struct Metrics {
     fallbacks: Counter,
     kernel_relay: Gauge,
     reloads: Family<ResultLabels, Counter>,
+    admin_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -165,6 +208,7 @@ impl Metrics {
             fallbacks: Counter::default(),
             kernel_relay: Gauge::default(),
             reloads: Family::default(),
+            admin_refused: Family::default(),
         };
         let r = &mut m.registry;
         r.register(CONNECTIONS_OPEN, "Relayed connections open, by relay", m.open.clone());
@@ -214,6 +258,11 @@ impl Metrics {
             m.kernel_relay.clone(),
         );
         r.register(CONFIG_RELOADS, "Configuration reloads, by result", m.reloads.clone());
+        r.register(
+            ADMIN_REFUSED,
+            "Admin requests refused and admin connections closed, by reason",
+            m.admin_refused.clone(),
+        );
         // Zero series exist from the start, so that rates and alerts work before the first event.
         for mode in MODES {
             let _ = m.open.get_or_create(&RelayLabels { relay: mode.as_str() });
@@ -232,6 +281,9 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             let _ = m.reloads.get_or_create(&ResultLabels { result });
+        }
+        for r in AdminRefusal::ALL {
+            let _ = m.admin_refused.get_or_create(&ReasonLabels { reason: r.as_str() });
         }
         m
     }
@@ -290,6 +342,12 @@ impl Metrics {
             .get_or_create(&ResultLabels {
                 result: if ok { "ok" } else { "error" },
             })
+            .inc();
+    }
+
+    pub fn admin_refused(&self, r: AdminRefusal) {
+        self.admin_refused
+            .get_or_create(&ReasonLabels { reason: r.as_str() })
             .inc();
     }
 
@@ -384,10 +442,32 @@ mod tests {
             RELAYED_BYTES,
             KERNEL_RELAY_AVAILABLE,
             CONFIG_RELOADS,
+            ADMIN_REFUSED,
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing:\n{text}");
         }
         assert!(text.contains("wsproxy_connections_open{relay=\"kernel\"} 0"), "{text}");
+        for r in AdminRefusal::ALL {
+            let series = format!("wsproxy_admin_refused_total{{reason=\"{}\"}} 0", r.as_str());
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn admin_refusals_by_reason() {
+        let m = Metrics::new();
+        m.admin_refused(AdminRefusal::Host);
+        m.admin_refused(AdminRefusal::Host);
+        m.admin_refused(AdminRefusal::OverCapacity);
+        let text = m.encode();
+        assert!(
+            text.contains("wsproxy_admin_refused_total{reason=\"host\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wsproxy_admin_refused_total{reason=\"over_capacity\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,143 +1,35 @@
-//! The accept loop out of file descriptors: the real `wsproxy run`, started with RLIMIT_NOFILE
-//! 64 (set in the child before exec), is given more connections than it has descriptors. It must
-//! back off ("accept failed" with a doubling `retry_in_ms`, not a line per attempt), stay cheap
-//! on CPU while exhausted (utime + stime from /proc/PID/stat), stay alive, and serve a new client
-//! with a 101 once the connections are closed.
+//! The proxy under a low descriptor limit: the real `wsproxy run`, started with a low
+//! RLIMIT_NOFILE (set in the child before exec).
 //!
-//! Its own test binary and the real binary, because lowering the limit of the test process would
-//! starve every other test in it. Figures go to stderr (straight to the handle) for quoting.
+//! - More client connections than it has descriptors for: client accepts pause at the
+//!   descriptor budget ("client accepts paused", at most a line a second), never reaching
+//!   EMFILE ("accept failed"), cheap on CPU (utime + stime from /proc/PID/stat); the admin
+//!   listener still answers from the reserve, and a new client gets its 101 once the
+//!   connections are closed.
+//! - 4,200 idle admin connections under `ulimit -n 4096`: all but `admin.max_connections` of
+//!   them are answered 503 and closed, and an honest WebSocket handshake still succeeds.
+//!
+//! Their own test binary and the real binary, because lowering the limit of the test process
+//! would starve every other test in it. Figures go to stderr (straight to the handle) for quoting.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Daemon, fds_of};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wsproxy");
 const DEADLINE: Duration = Duration::from_secs(20);
-/// The proxy's descriptor limit (soft and hard, so it cannot raise it).
-const NOFILE: u64 = 64;
-/// Connections opened at once: more than the proxy has descriptors for.
-const FLOOD: usize = 150;
-/// How long the exhausted proxy is watched.
-const WINDOW: Duration = Duration::from_secs(3);
 
 fn say(line: &str) {
     let mut e = std::io::stderr().lock();
     let _ = writeln!(e, "{line}");
     let _ = e.flush();
-}
-
-/// A running `wsproxy` whose stderr lines arrive on a channel, each with its arrival time.
-struct Daemon {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<(Instant, String)>,
-    seen: Vec<(Instant, String)>,
-}
-
-impl Daemon {
-    fn start(config: &std::path::Path) -> Daemon {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["run", "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                let l = libc::rlimit {
-                    rlim_cur: NOFILE,
-                    rlim_max: NOFILE,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const l) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send((Instant::now(), line)).is_err() {
-                    break;
-                }
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for the first line containing `needle` (after those already seen) and returns its
-    /// arrival time.
-    async fn wait_for(&mut self, needle: &str) -> Instant {
-        if let Some((t, _)) = self.seen.iter().find(|(_, l)| l.contains(needle)) {
-            return *t;
-        }
-        let end = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            match tokio::time::timeout_at(end, self.lines.recv()).await {
-                Ok(Some((t, l))) => {
-                    let hit = l.contains(needle);
-                    self.seen.push((t, l));
-                    if hit {
-                        return t;
-                    }
-                }
-                _ => panic!("no log line with {needle:?}; got:\n{}", self.text()),
-            }
-        }
-    }
-
-    /// Takes every line that arrives until `until`.
-    async fn collect_until(&mut self, until: Instant) {
-        let end = tokio::time::Instant::from_std(until);
-        while let Ok(Some(line)) = tokio::time::timeout_at(end, self.lines.recv()).await {
-            self.seen.push(line);
-        }
-    }
-
-    fn text(&self) -> String {
-        self.seen.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// SIGTERM, then the exit status (bounded poll: std has no readiness signal for a child's exit).
-    fn terminate(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        common::wait_exit(&mut self.child, DEADLINE).expect("wsproxy did not exit after SIGTERM")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// CPU time (user + system) of process `pid` so far.
@@ -152,45 +44,123 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
-fn fds_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-fn temp_config(text: &str) -> PathBuf {
+fn temp_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("wsproxy-emfile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("wsproxy.toml");
+    let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn accept_backs_off_when_out_of_descriptors_and_recovers() {
-    let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_addr = up.local_addr().unwrap();
-    tokio::spawn(wsproxy::echo::serve(up, std::future::pending()));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    // Accepted connections that send nothing hold their descriptor for the head timeout (60 s,
-    // longer than the test): that is what exhausts the proxy.
-    let path = temp_config(&format!(
+        .port()
+}
+
+async fn echo_upstream() -> std::net::SocketAddr {
+    let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = up.local_addr().unwrap();
+    tokio::spawn(wsproxy::echo::serve(up, std::future::pending()));
+    addr
+}
+
+/// Config text: proxy on `port`, admin on `admin_port` with `admin_keys`, limits out of the way,
+/// accepted connections that send nothing held for the head timeout (60 s, longer than a test).
+fn config(port: u16, admin_port: u16, admin_keys: &str, up: std::net::SocketAddr) -> String {
+    format!(
         "[listen]\naddress = \"127.0.0.1:{port}\"\ndrain_timeout = \"1s\"\n\
+         [admin]\naddress = \"127.0.0.1:{admin_port}\"\n{admin_keys}\n\
          [handshake]\nheader_timeout = \"60s\"\n\
          [limits]\nrequests_per_second = 1000000.0\nburst = 1000000\nmax_connections_per_ip = 0\n\
          [relay]\nmode = \"userspace\"\n\
-         [upstreams]\nmain = [{{ address = \"{up_addr}\" }}]\ntimeout = \"5s\"\n"
-    ));
-    let mut d = Daemon::start(&path);
-    d.wait_for("accepting connections").await;
+         [upstreams]\nmain = [{{ address = \"{up}\" }}]\ntimeout = \"5s\"\n"
+    )
+}
+
+/// A WebSocket handshake and one echoed message through the proxy on `port`.
+async fn honest_echo(port: u16, text: &str) {
+    let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port)))
+        .await
+        .unwrap()
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{port}/honest");
+    let (mut ws, resp) = tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(url, stream))
+        .await
+        .expect("the honest handshake timed out")
+        .expect("the honest handshake failed");
+    assert_eq!(resp.status().as_u16(), 101);
+    ws.send(Message::text(text)).await.unwrap();
+    let echo = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echo, Message::text(text));
+}
+
+/// `GET path` on the admin listener: (status, body).
+async fn admin_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port)))
+        .await
+        .expect("admin connect timed out")
+        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
+        .await
+        .expect("no admin answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Connections waiting in the accept queue of the IPv4 listener on `port` (the `rx_queue` of a
+/// LISTEN socket in /proc/net/tcp).
+fn accept_queue(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        // State 0A: LISTEN.
+        if local_port != port || *f.get(3)? != "0A" {
+            return None;
+        }
+        u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()
+    })
+}
+
+/// The value of a series in an exposition.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_accepts_pause_at_the_descriptor_budget_and_the_admin_listener_still_answers() {
+    /// The proxy's descriptor limit.
+    const NOFILE: u64 = 64;
+    /// Connections opened at once: more than the proxy has descriptors for.
+    const FLOOD: usize = 150;
+    /// How long the proxy is watched at its budget.
+    const WINDOW: Duration = Duration::from_secs(3);
+    let up = echo_upstream().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let path = temp_config("budget.toml", &config(port, admin_port, "max_connections = 4", up));
+    let mut d = Daemon::run(&path, Some(NOFILE)).await;
+    d.wait_for("admin endpoints").await;
     let fds_idle = fds_of(d.pid());
 
     // More connections than descriptors: the kernel completes them all (listen backlog 4096);
-    // the proxy takes what it can, then accept fails with EMFILE.
+    // the proxy takes its budget's worth and pauses.
     let mut flood = Vec::new();
     for _ in 0..FLOOD {
         flood.push(
@@ -200,104 +170,171 @@ async fn accept_backs_off_when_out_of_descriptors_and_recovers() {
                 .unwrap(),
         );
     }
-    let first = d.wait_for("accept failed").await;
+    // Paused at the budget (before the budget: out of descriptors).
+    let first = d.wait_for_any(&["client accepts paused", "accept failed"]).await;
     let cpu_start = cpu_time(d.pid());
     let window_start = Instant::now();
+    // The reserve: the admin listener answers while clients hold their whole budget.
+    let (code, metrics) = admin_get(admin_port, "/metrics").await;
+    assert_eq!(code, 200, "/metrics at the descriptor budget:\n{}", d.text());
+    assert_eq!(admin_get(admin_port, "/healthz").await.0, 200);
     d.collect_until(first + WINDOW).await;
     let cpu = cpu_time(d.pid()) - cpu_start;
     let watched = window_start.elapsed();
-    let fds_exhausted = fds_of(d.pid());
+    let fds_at_budget = fds_of(d.pid());
     let alive = d.alive();
-    let failures: Vec<&String> = d
+    let paused = d
         .seen
         .iter()
-        .filter(|(t, l)| l.contains("accept failed") && *t >= first && *t <= first + WINDOW)
-        .map(|(_, l)| l)
-        .collect();
-    let retries: Vec<u64> = failures
-        .iter()
-        .filter_map(|l| {
-            l.split("retry_in_ms=")
-                .nth(1)?
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+        .filter(|(t, l)| l.contains("client accepts paused") && *t >= first && *t <= first + WINDOW)
+        .count();
     say(&format!(
-        "emfile: RLIMIT_NOFILE {NOFILE}; proxy fds {fds_idle} idle, {fds_exhausted} with {FLOOD} connections offered; \
-         {} \"accept failed\" lines in the {:.1} s after the first (retry_in_ms {retries:?}); CPU {} ms over {:.2} s \
-         watched ({:.1} % of one core)",
-        failures.len(),
+        "emfile: RLIMIT_NOFILE {NOFILE}; proxy fds {fds_idle} idle, {fds_at_budget} with {FLOOD} connections offered; \
+         {paused} \"client accepts paused\" lines in the {:.1} s after the first, {} \"accept failed\"; \
+         CPU {} ms over {:.2} s watched ({:.1} % of one core); /metrics answered at the budget",
         WINDOW.as_secs_f64(),
+        d.count("accept failed"),
         cpu.as_millis(),
         watched.as_secs_f64(),
         100.0 * cpu.as_secs_f64() / watched.as_secs_f64()
     ));
-    assert!(alive, "the proxy died when out of descriptors:\n{}", d.text());
+    assert!(alive, "the proxy died at its descriptor budget:\n{}", d.text());
     assert!(
-        failures[0].contains("Too many open files"),
-        "not EMFILE: {}",
-        failures[0]
-    );
-    assert!(
-        fds_exhausted as u64 >= NOFILE - 2,
-        "not exhausted: {fds_exhausted} fds of {NOFILE}"
-    );
-    // A spinning accept loop would log thousands of lines and burn a core; with the backoff
-    // (5 ms doubling to 1 s) about ten lines come in 3 s.
-    assert!(
-        failures.len() >= 3,
-        "the accept loop stopped retrying: {} lines",
-        failures.len()
-    );
-    assert!(
-        failures.len() <= 20,
-        "{} \"accept failed\" lines in {WINDOW:?}:\n{}",
-        failures.len(),
+        d.text().contains("RLIMIT_NOFILE allows fewer client connections"),
+        "no start-up warning about the budget:\n{}",
         d.text()
     );
-    assert!(
-        retries.windows(2).all(|w| w[0] <= w[1]),
-        "the backoff does not grow: {retries:?}"
-    );
     assert_eq!(
-        retries.last(),
-        Some(&1000),
-        "the backoff does not reach its 1 s cap: {retries:?}"
+        d.count("accept failed"),
+        0,
+        "accept ran out of descriptors:\n{}",
+        d.text()
     );
+    assert_eq!(d.count("Too many open files"), 0, "{}", d.text());
+    assert!(
+        (fds_at_budget as u64) < NOFILE - 4,
+        "the reserve was eaten: {fds_at_budget} fds of {NOFILE}"
+    );
+    assert!(sample(&metrics, "wsproxy_admin_refused_total{reason=\"over_capacity\"}").is_some());
+    // One line a second while paused, not one per connection waiting.
+    assert!(paused <= 5, "{paused} \"paused\" lines in {WINDOW:?}:\n{}", d.text());
     assert!(
         cpu <= Duration::from_millis(450),
-        "{cpu:?} of CPU in {watched:?} while out of descriptors"
+        "{cpu:?} of CPU in {watched:?} at the descriptor budget"
     );
 
-    // Close them: the proxy gets its descriptors back and serves a new client.
+    // Close them: the proxy accepts again and serves a new client.
     drop(flood);
     let recovered = Instant::now();
-    let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port)))
-        .await
-        .unwrap()
-        .unwrap();
-    let url = format!("ws://127.0.0.1:{port}/after");
-    let (mut ws, resp) = tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(url, stream))
-        .await
-        .expect("no handshake after the descriptors were released")
-        .expect("handshake after the descriptors were released");
-    assert_eq!(resp.status().as_u16(), 101);
-    ws.send(Message::text("back")).await.unwrap();
-    let echo = tokio::time::timeout(DEADLINE, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(echo, Message::text("back"));
+    honest_echo(port, "back").await;
     say(&format!(
         "emfile: after closing the {FLOOD} connections a new client got its 101 and echo in {} ms; proxy fds {}",
         recovered.elapsed().as_millis(),
         fds_of(d.pid())
     ));
-    drop(ws);
-    let status = d.terminate();
+    let status = d.terminate().await;
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_cannot_starve_websocket_handshakes() {
+    /// The proxy's descriptor limit: `ulimit -n 4096`.
+    const NOFILE: u64 = 4096;
+    /// Idle admin connections attempted: more than the proxy has descriptors.
+    const IDLE: usize = 4200;
+    const CAP: usize = 64;
+    let own = common::raise_nofile();
+    assert!(
+        own > IDLE as u64 + 512,
+        "this test needs RLIMIT_NOFILE above {}",
+        IDLE + 512
+    );
+    let up = echo_upstream().await;
+    let (port, admin_port) = (free_port(), free_port());
+    // The idle connections that get a slot stay for the whole test.
+    let path = temp_config(
+        "idle-admin.toml",
+        &config(
+            port,
+            admin_port,
+            &format!("max_connections = {CAP}\nidle_timeout = \"1h\""),
+            up,
+        ),
+    );
+    let mut d = Daemon::run(&path, Some(NOFILE)).await;
+    d.wait_for("admin endpoints").await;
+
+    let start = Instant::now();
+    let mut idle = Vec::with_capacity(IDLE);
+    let mut max_fds = 0;
+    for i in 0..IDLE {
+        idle.push(
+            tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", admin_port)))
+                .await
+                .expect("an admin connect timed out")
+                .unwrap(),
+        );
+        if i % 500 == 0 {
+            max_fds = max_fds.max(fds_of(d.pid()));
+        }
+    }
+    max_fds = max_fds.max(fds_of(d.pid()));
+    let opened = start.elapsed();
+    // The admin listener has taken every connection from the kernel's queue (each was held or
+    // refused), or the proxy is out of descriptors (as it was before the cap): then the honest
+    // client comes.
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let queued = accept_queue(admin_port).expect("the admin listener's socket in /proc/net/tcp");
+        let fds = fds_of(d.pid());
+        max_fds = max_fds.max(fds);
+        if queued == 0 || fds as u64 >= NOFILE - 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{queued} admin connections still queued, {fds} proxy fds"
+        );
+        // Poll interval of a deadline-bounded wait on kernel state.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // An honest client gets its WebSocket, and its echo.
+    let honest = Instant::now();
+    honest_echo(port, "still here").await;
+    let honest = honest.elapsed();
+    max_fds = max_fds.max(fds_of(d.pid()));
+
+    // The ones past the cap were answered 503 and closed; the held ones get nothing. Read them
+    // all at once, each for at most a second.
+    let reads = idle.into_iter().map(|mut s| async move {
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(n)) if buf[..n].starts_with(b"HTTP/1.1 503") => Ok(true),
+            Ok(r) => Err(format!("{r:?}: {:?}", String::from_utf8_lossy(&buf))),
+            // Held by the listener: no answer, no close.
+            Err(_) => Ok(false),
+        }
+    });
+    let results = futures_util::future::join_all(reads).await;
+    let answered_503 = results.iter().filter(|r| matches!(r, Ok(true))).count();
+    let still_held = results.iter().filter(|r| matches!(r, Ok(false))).count();
+    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        panic!("an idle admin connection got {e}");
+    }
+    say(&format!(
+        "emfile: RLIMIT_NOFILE {NOFILE}; {IDLE} idle admin connections opened in {} ms: {answered_503} answered 503, \
+         {still_held} held; proxy fds at most {max_fds}; an honest WebSocket handshake and echo took {} ms",
+        opened.as_millis(),
+        honest.as_millis()
+    ));
+    assert_eq!(still_held, CAP, "{answered_503} answered 503");
+    assert_eq!(answered_503, IDLE - CAP);
+    assert!(
+        (max_fds as u64) < 2 * CAP as u64 + 64,
+        "the proxy held {max_fds} descriptors"
+    );
+    assert_eq!(d.count("accept failed"), 0, "{}", d.text());
+    let status = d.terminate().await;
     assert!(status.success(), "exit status {status}");
 }

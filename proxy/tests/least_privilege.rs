@@ -197,8 +197,11 @@ fn runs_as_nobody_with_three_capabilities_then_drops_them_and_relays_in_the_kern
     let end = Instant::now() + DEADLINE;
     loop {
         let mut a = TcpStream::connect(("127.0.0.1", admin)).unwrap();
-        a.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        // The admin listener serves only requests whose Host is its address.
+        a.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{admin}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
         let mut text = String::new();
         a.read_to_string(&mut text).unwrap();
         if text.contains("wsproxy_connections_ended_total{relay=\"kernel\",end=\"closed\"} 1") {

@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -16,17 +17,22 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use wsproxy::config::AdminAddress;
+
 use crate::{DEADLINE, Script, Seen, connect_from, read_head, read_to_close, request, serve_script, within};
 
 // ---- the proxy ----
 
 /// A `wsproxy::Server` serving a listener on 127.0.0.1 (port chosen by the kernel) and, when its
-/// configuration has an `[admin]` address, an admin listener on 127.0.0.1 (port chosen by the
-/// kernel too; the configuration is given the real address).
+/// configuration has an `[admin]` address, an admin listener: a TCP one on 127.0.0.1 (port chosen
+/// by the kernel too; the configuration is given the real address), or the Unix socket it names.
 pub struct ServerProxy {
     pub server: wsproxy::Server,
     pub addr: SocketAddr,
+    /// The TCP admin listener.
     pub admin: Option<SocketAddr>,
+    /// The Unix socket admin listener.
+    pub admin_path: Option<PathBuf>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     admin_stop: Option<oneshot::Sender<()>>,
@@ -40,12 +46,13 @@ impl ServerProxy {
         Self::start_config(config).await
     }
 
-    /// Serves `config`; an admin address in it is replaced by 127.0.0.1 with a kernel-chosen port.
+    /// Serves `config`; a TCP admin address in it is replaced by 127.0.0.1 with a kernel-chosen
+    /// port.
     pub async fn start_config(mut config: wsproxy::Config) -> ServerProxy {
-        let admin = config
-            .admin
-            .map(|_| wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-        config.admin = admin.as_ref().map(|l| l.local_addr().unwrap());
+        let admin = config.admin.as_ref().map(|a| bind_admin(&a.address));
+        if let (Some(c), Some(l)) = (config.admin.as_mut(), &admin) {
+            c.address = l.address().unwrap();
+        }
         let listener = wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         config.listen = listener.local_addr().unwrap();
         let server = wsproxy::Server::new(config).unwrap();
@@ -53,17 +60,15 @@ impl ServerProxy {
     }
 
     /// Serves a server made elsewhere (e.g. `Server::from_file`) on fresh loopback listeners; an
-    /// admin listener only when its configuration has an admin address.
+    /// admin listener only when its configuration has an admin address (a TCP one on a fresh
+    /// loopback port).
     pub async fn start_server(server: wsproxy::Server) -> ServerProxy {
-        let admin = server
-            .config()
-            .admin
-            .map(|_| wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let admin = server.config().admin.map(|a| bind_admin(&a.address));
         let listener = wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         Self::serve(server, listener, admin)
     }
 
-    fn serve(server: wsproxy::Server, listener: TcpListener, admin: Option<TcpListener>) -> ServerProxy {
+    fn serve(server: wsproxy::Server, listener: TcpListener, admin: Option<wsproxy::admin::Listener>) -> ServerProxy {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let s = server.clone();
@@ -73,9 +78,12 @@ impl ServerProxy {
             })
             .await
         });
-        let (mut admin_addr, mut admin_stop, mut admin_task) = (None, None, None);
+        let (mut admin_addr, mut admin_path, mut admin_stop, mut admin_task) = (None, None, None, None);
         if let Some(l) = admin {
-            admin_addr = Some(l.local_addr().unwrap());
+            match l.address().unwrap() {
+                AdminAddress::Tcp(a) => admin_addr = Some(a),
+                AdminAddress::Unix(p) => admin_path = Some(p),
+            }
             let (tx, rx) = oneshot::channel::<()>();
             let s = server.clone();
             admin_task = Some(tokio::spawn(async move {
@@ -90,6 +98,7 @@ impl ServerProxy {
             server,
             addr,
             admin: admin_addr,
+            admin_path,
             stop: Some(stop),
             task: Some(task),
             admin_stop,
@@ -176,6 +185,15 @@ impl ServerProxy {
     }
 }
 
+/// A TCP admin address becomes 127.0.0.1 with a kernel-chosen port; a Unix one is bound as it is.
+fn bind_admin(address: &AdminAddress) -> wsproxy::admin::Listener {
+    match address {
+        AdminAddress::Tcp(_) => wsproxy::admin::bind(&AdminAddress::Tcp("127.0.0.1:0".parse().unwrap())),
+        a => wsproxy::admin::bind(a),
+    }
+    .unwrap_or_else(|e| panic!("admin listener on {address}: {e}"))
+}
+
 impl Drop for ServerProxy {
     fn drop(&mut self) {
         for t in [&self.task, &self.admin_task].into_iter().flatten() {
@@ -209,16 +227,53 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> HttpResponse {
 
 /// Like [`http`], with a connect error returned instead of failing the test.
 pub async fn try_http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<HttpResponse> {
-    let mut s = within("an admin connect", TcpStream::connect(addr)).await?;
     let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await?;
-    let text = read_to_close(&mut s).await;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Ok(HttpResponse {
-        status: crate::status(head),
-        head: head.to_string(),
-        body: body.to_string(),
+    try_http_raw(addr, &req).await
+}
+
+/// Sends `request` as it is on a new connection and reads the whole response (to the close).
+pub async fn http_raw(addr: SocketAddr, request: &str) -> HttpResponse {
+    try_http_raw(addr, request)
+        .await
+        .unwrap_or_else(|e| panic!("{request:?} to {addr}: {e}"))
+}
+
+async fn try_http_raw(addr: SocketAddr, request: &str) -> std::io::Result<HttpResponse> {
+    let mut s = within("an admin connect", TcpStream::connect(addr)).await?;
+    s.write_all(request.as_bytes()).await?;
+    Ok(HttpResponse::parse(&read_to_close(&mut s).await))
+}
+
+/// Like [`http_raw`], on a Unix socket.
+pub async fn http_unix(path: &std::path::Path, request: &str) -> HttpResponse {
+    let mut s = within("an admin connect", tokio::net::UnixStream::connect(path))
+        .await
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    within("the admin listener to close", async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = s.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
     })
+    .await;
+    HttpResponse::parse(&String::from_utf8_lossy(&out))
+}
+
+impl HttpResponse {
+    /// A whole response as text: head, blank line, body.
+    pub fn parse(text: &str) -> HttpResponse {
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
+        HttpResponse {
+            status: crate::status(head),
+            head: head.to_string(),
+            body: body.to_string(),
+        }
+    }
 }
 
 // ---- the exposition ----

@@ -440,8 +440,8 @@ async fn req1_admin_listener_off_without_address() {
     // With an address it is on.
     let with = cfg(&[(echo, 1)], &[], "", "[admin]\naddress = \"127.0.0.1:9999\"\n");
     assert_eq!(
-        wsproxy::Config::parse(&with, "t").unwrap().admin,
-        Some("127.0.0.1:9999".parse().unwrap())
+        wsproxy::Config::parse(&with, "t").unwrap().admin.map(|a| a.address),
+        Some(wsproxy::config::AdminAddress::Tcp("127.0.0.1:9999".parse().unwrap()))
     );
     proxy.stop().await;
 }
@@ -454,8 +454,8 @@ fn shipped_config() -> PathBuf {
 fn req1_shipped_config_sets_admin_on_loopback_9090() {
     let c = wsproxy::Config::load(&shipped_config()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        c.admin,
-        Some("127.0.0.1:9090".parse().unwrap()),
+        c.admin.map(|a| a.address),
+        Some(wsproxy::config::AdminAddress::Tcp("127.0.0.1:9090".parse().unwrap())),
         "the shipped config must enable the admin listener"
     );
 }
@@ -478,6 +478,9 @@ fn req1_shipped_config_documents_every_daemon_option() {
     let wanted = [
         ("listen", "drain_timeout"),
         ("admin", "address"),
+        ("admin", "idle_timeout"),
+        ("admin", "max_connections"),
+        ("admin", "token_file"),
         ("keepalive", "enabled"),
         ("keepalive", "idle"),
         ("keepalive", "interval"),
