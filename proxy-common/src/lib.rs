@@ -58,7 +58,28 @@ pub struct SockState {
     pub redirected_skbs: u64,
     /// `FLAG_*` bits, set by userspace at insertion.
     pub flags: u64,
+    /// Sequence number just past the last byte the verdict took from this socket, in the low
+    /// 32 bits, with [`SEQ_KNOWN`] set once it is known (zero at insertion). The kernel can hand
+    /// the verdict an skb that starts before this (see `docs/kernel-relay.md`): its head has
+    /// been relayed already.
+    pub next_seq: u64,
+    /// Bytes the verdict cut from the head of skbs because they had been relayed already.
+    pub repeated: u64,
+    /// Skbs the verdict could not make start at `next_seq` (a gap, or a repeat too long to cut).
+    /// Their bytes are passed, never redirected, and userspace ends the pair without forwarding
+    /// them: the stream is closed rather than delivered wrong.
+    pub broken: u64,
 }
+
+/// Set in [`SockState::next_seq`] once the low 32 bits hold a sequence number.
+pub const SEQ_KNOWN: u64 = 1 << 32;
+
+/// Names of the verdict's read-only globals that userspace sets at load time from the running
+/// kernel's BTF: byte offsets of `struct sk_buff`'s `cb` and of `struct tcp_sock`'s
+/// `copied_seq`. The verdict reads the skb's sequence numbers (the first two `u32`s of the
+/// `cb`, `struct tcp_skb_cb`) and, for the first skb of a socket, how far userspace had read.
+pub const SKB_CB_OFFSET_GLOBAL: &str = "WSP_SKB_CB_OFF";
+pub const COPIED_SEQ_OFFSET_GLOBAL: &str = "WSP_COPIED_SEQ_OFF";
 
 /// Userspace's side of the bound on bytes in flight from one socket, keyed by its cookie.
 ///
@@ -97,7 +118,7 @@ mod tests {
 
     #[test]
     fn sock_state_has_no_padding() {
-        assert_eq!(size_of::<SockState>(), 5 * size_of::<u64>());
+        assert_eq!(size_of::<SockState>(), 8 * size_of::<u64>());
         assert_eq!(size_of::<SockCtrl>(), 3 * size_of::<u64>());
         assert_eq!(align_of::<SockCtrl>(), align_of::<u64>());
         assert_eq!(align_of::<SockState>(), align_of::<u64>());
@@ -106,6 +127,8 @@ mod tests {
         assert_eq!(offset_of!(SockState, passed), 16);
         assert_eq!(offset_of!(SockState, redirected_skbs), 24);
         assert_eq!(offset_of!(SockState, flags), 32);
+        assert_eq!(offset_of!(SockState, next_seq), 40);
+        assert_eq!(offset_of!(SockState, broken), 56);
     }
 
     #[test]

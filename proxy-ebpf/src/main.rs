@@ -11,12 +11,30 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_socket_cookie,
+    helpers::{
+        bpf_get_socket_cookie, bpf_probe_read_kernel, generated::bpf_skb_adjust_room, generated::bpf_skc_to_tcp_sock,
+    },
     macros::{map, stream_verdict},
     maps::{HashMap, SockHash},
     programs::SkBuffContext,
 };
-use proxy_common::{FLAG_PASS, MAX_SOCKETS, SockCtrl, SockState};
+use proxy_common::{FLAG_PASS, MAX_SOCKETS, SEQ_KNOWN, SockCtrl, SockState};
+
+/// Byte offset of `cb` in `struct sk_buff`, set by userspace from the kernel's BTF
+/// (`proxy_common::SKB_CB_OFFSET_GLOBAL`). A read-only global, so the verifier sees a constant.
+#[unsafe(no_mangle)]
+static WSP_SKB_CB_OFF: u32 = 0;
+
+/// Byte offset of `copied_seq` in `struct tcp_sock`, set like the above
+/// (`proxy_common::COPIED_SEQ_OFFSET_GLOBAL`).
+#[unsafe(no_mangle)]
+static WSP_COPIED_SEQ_OFF: u32 = 0;
+
+/// Most bytes one `bpf_skb_adjust_room` call may cut from an skb's head (`sk_skb_adjust_room`).
+const CUT_STEP: u32 = 0xfff;
+/// Calls made at most to cut one repeated head: 64 x 4,095 bytes cover 256 KiB, four times the
+/// largest skb seen (one 64 KiB GSO segment on loopback).
+const CUT_CALLS: u32 = 64;
 
 /// Socket cookie -> socket. Name must equal `proxy_common::SOCKETS_MAP`.
 #[map]
@@ -52,8 +70,24 @@ pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
         // already recorded the FIN, and userspace still reads EOF.
         return SK_DROP;
     }
-    // SAFETY: a non-null pointer to a live map value; userspace writes the entry before inserting
-    // the socket and deletes it only after removing the socket, so it outlives this call.
+    // SAFETY (for every access to `*state` below): a non-null pointer to a live map value;
+    // userspace writes the entry before inserting the socket and deletes it only after removing
+    // the socket, so it outlives this call.
+    let len = match fresh_bytes(&ctx, unsafe { &mut *state }, len) {
+        Fresh::All => len,
+        Fresh::Cut(rest) => rest,
+        // Every byte of it was relayed already: TCP has them, the peer has them.
+        Fresh::None => return SK_DROP,
+        Fresh::Broken => {
+            // Passed, never redirected (userspace does not forward it, so `passed` stays ahead of
+            // `forwarded` and nothing is redirected after it); userspace ends the pair.
+            unsafe {
+                count(&raw mut (*state).broken, 1);
+                count(&raw mut (*state).passed, len);
+            }
+            return SK_PASS;
+        }
+    };
     let s = unsafe { *state };
     if may_redirect(&s, cookie, len) && redirect_to(&ctx, s.peer_cookie) {
         // SAFETY: as above; the field pointers stay inside the value.
@@ -67,6 +101,117 @@ pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
     }
     // With a redirect target set, SK_PASS means "redirect"; without one, "pass to userspace".
     SK_PASS
+}
+
+/// How much of an skb is new to the relay.
+enum Fresh {
+    /// All of it: it starts where the last one ended.
+    All,
+    /// Its head had been relayed already and was cut; this many bytes are left.
+    Cut(u64),
+    /// None of it.
+    None,
+    /// It cannot be made to start where the last one ended: a gap, a repeat too long to cut, or
+    /// sequence numbers that cannot be read.
+    Broken,
+}
+
+/// Makes the skb start at the first byte not yet relayed from this socket.
+///
+/// Why: `tcp_read_skb` hands the verdict whole skbs and ignores `copied_seq`, while TCP queues a
+/// segment whole when it starts before `rcv_nxt` but also carries new bytes (`tcp_data_queue`,
+/// "Partial packet"; `tcp_ofo_queue`): a normal reader skips the old head by sequence number,
+/// the verdict would relay it a second time (see `docs/kernel-relay.md`). The verdict therefore
+/// keeps the sequence number it has taken bytes up to and cuts what lies before it.
+fn fresh_bytes(ctx: &SkBuffContext, state: &mut SockState, len: u64) -> Fresh {
+    let Some((seq, end_seq)) = skb_seqs(ctx) else {
+        return Fresh::Broken;
+    };
+    let expected = if state.next_seq & SEQ_KNOWN != 0 {
+        state.next_seq as u32
+    } else {
+        // The first skb since insertion: userspace has read everything before `copied_seq`
+        // (it settled the socket before inserting it).
+        match copied_seq(ctx) {
+            Some(c) => c,
+            None => return Fresh::Broken,
+        }
+    };
+    // `end_seq` counts a FIN too; after the FIN nothing follows.
+    if (end_seq.wrapping_sub(expected) as i32) > 0 {
+        state.next_seq = SEQ_KNOWN | u64::from(end_seq);
+    } else {
+        state.next_seq = SEQ_KNOWN | u64::from(expected);
+    }
+    let ahead = expected.wrapping_sub(seq) as i32;
+    if ahead == 0 {
+        return Fresh::All;
+    }
+    if ahead < 0 {
+        return Fresh::Broken; // bytes between `expected` and `seq` never reached the verdict
+    }
+    // Cut even an skb that is old through and through before it is dropped: the kernel
+    // advances `copied_seq` by the length of a dropped or redirected skb (`tcp_eat_skb`), and
+    // old bytes counted there would put it ahead of `rcv_nxt`, which stops the socket's
+    // data-ready calls (`tcp_epollin_ready`) until as many new bytes have arrived.
+    let old = (ahead as u64).min(len);
+    if !cut_head(ctx, old as u32) {
+        return Fresh::Broken;
+    }
+    count(&raw mut state.repeated, old);
+    if old == len { Fresh::None } else { Fresh::Cut(len - old) }
+}
+
+/// Cuts `n` bytes from the skb's head, at most [`CUT_STEP`] per call.
+fn cut_head(ctx: &SkBuffContext, mut n: u32) -> bool {
+    for _ in 0..CUT_CALLS {
+        if n == 0 {
+            return true;
+        }
+        let step = if n < CUT_STEP { n } else { CUT_STEP };
+        // SAFETY: the helper changes only the skb the kernel handed to this program.
+        if unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(step as i32), 0, 0) } != 0 {
+            return false;
+        }
+        n -= step;
+    }
+    n == 0
+}
+
+/// `TCP_SKB_CB(skb)->seq` and `->end_seq`: the first two `u32`s of the skb's `cb`.
+fn skb_seqs(ctx: &SkBuffContext) -> Option<(u32, u32)> {
+    // SAFETY: a read-only global the loader set.
+    let off = unsafe { core::ptr::read_volatile(&WSP_SKB_CB_OFF) };
+    if off == 0 {
+        return None;
+    }
+    // The context is the kernel's `struct sk_buff` itself; the helper reads kernel memory
+    // safely (an error, never a fault).
+    let cb = (ctx.skb.skb as *const u8).wrapping_add(off as usize) as *const [u32; 2];
+    // SAFETY: see above.
+    unsafe { bpf_probe_read_kernel(cb) }.ok().map(|[s, e]| (s, e))
+}
+
+/// `tcp_sk(skb->sk)->copied_seq`: how far this socket's bytes had been read.
+fn copied_seq(ctx: &SkBuffContext) -> Option<u32> {
+    // SAFETY: a read-only global the loader set.
+    let off = unsafe { core::ptr::read_volatile(&WSP_COPIED_SEQ_OFF) };
+    if off == 0 {
+        return None;
+    }
+    // SAFETY: the context's `sk` field, read as the verifier allows (a socket or null).
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: the helper checks the socket's type and returns null unless it is a TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    if tp.is_null() {
+        return None;
+    }
+    let at = (tp as *const u8).wrapping_add(off as usize) as *const u32;
+    // SAFETY: as in `skb_seqs`.
+    unsafe { bpf_probe_read_kernel(at) }.ok()
 }
 
 /// Order and credit (see `proxy_common::SockCtrl`): redirect only when no passed byte is still

@@ -26,6 +26,7 @@ pub const RELAY_FALLBACKS: &str = "wsproxy_relay_fallbacks";
 pub const KERNEL_RELAY_AVAILABLE: &str = "wsproxy_kernel_relay_available";
 pub const CONFIG_RELOADS: &str = "wsproxy_config_reloads";
 pub const ADMIN_REFUSED: &str = "wsproxy_admin_refused";
+pub const KERNEL_RELAY_REPEATED_BYTES: &str = "wsproxy_kernel_relay_repeated_bytes";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RelayLabels {
@@ -155,10 +156,14 @@ pub struct TotalsSnapshot {
     /// Connections the kernel relay could not take, carried by the userspace relay instead.
     pub fallbacks: u64,
     pub drain_timeouts: u64,
+    /// Bytes the kernel handed the kernel relay a second time, cut before relaying.
+    pub repeated_cut: u64,
+    /// Connections ended with [`End::StreamFault`].
+    pub stream_faults: u64,
 }
 
 const MODES: [Mode; 2] = [Mode::Kernel, Mode::Userspace];
-const ENDS: [End; 8] = [
+const ENDS: [End; 9] = [
     End::Closed,
     End::ClientError(std::io::ErrorKind::Other),
     End::UpstreamError(std::io::ErrorKind::Other),
@@ -167,6 +172,7 @@ const ENDS: [End; 8] = [
     End::SendTimeout,
     End::Shutdown,
     End::Internal,
+    End::StreamFault,
 ];
 
 /// The proxy's metrics.
@@ -182,6 +188,7 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     fallbacks: Counter,
     kernel_relay: Gauge,
+    repeated: Counter,
     reloads: Family<ResultLabels, Counter>,
     admin_refused: Family<ReasonLabels, Counter>,
 }
@@ -207,6 +214,7 @@ impl Metrics {
             bytes: Family::default(),
             fallbacks: Counter::default(),
             kernel_relay: Gauge::default(),
+            repeated: Counter::default(),
             reloads: Family::default(),
             admin_refused: Family::default(),
         };
@@ -256,6 +264,11 @@ impl Metrics {
             KERNEL_RELAY_AVAILABLE,
             "1 when the kernel relay is loaded",
             m.kernel_relay.clone(),
+        );
+        r.register(
+            KERNEL_RELAY_REPEATED_BYTES,
+            "Bytes the kernel handed the kernel relay a second time (a retransmitted head), cut before relaying",
+            m.repeated.clone(),
         );
         r.register(CONFIG_RELOADS, "Configuration reloads, by result", m.reloads.clone());
         r.register(
@@ -386,12 +399,14 @@ impl Metrics {
                 direction: "upstream_to_client",
             })
             .inc_by(o.upstream_to_client);
+        self.repeated.inc_by(o.repeated_cut);
     }
 
     /// The relay totals, read back from the metrics.
     pub fn totals(&self) -> TotalsSnapshot {
         let mut t = TotalsSnapshot {
             fallbacks: self.fallbacks.get(),
+            repeated_cut: self.repeated.get(),
             ..Default::default()
         };
         for (i, mode) in MODES.into_iter().enumerate() {
@@ -420,6 +435,13 @@ impl Metrics {
                 .get_or_create(&EndLabels {
                     relay,
                     end: End::DrainTimeout.as_str(),
+                })
+                .get();
+            t.stream_faults += self
+                .ended
+                .get_or_create(&EndLabels {
+                    relay,
+                    end: End::StreamFault.as_str(),
                 })
                 .get();
         }
@@ -483,6 +505,7 @@ mod tests {
             end,
             client_to_upstream: 10,
             upstream_to_client: 20,
+            repeated_cut: 7,
             duration: Duration::ZERO,
         };
         m.relay_ended(&o(Mode::Kernel, End::DrainTimeout));
@@ -499,6 +522,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("wsproxy_relay_fallbacks_total 1"), "{text}");
+        assert_eq!(t.repeated_cut, 14);
+        assert!(text.contains("wsproxy_kernel_relay_repeated_bytes_total 14"), "{text}");
     }
 
     #[test]

@@ -127,10 +127,14 @@ fn verdict_relays_a_pair_both_ways_and_leaves_no_entries() {
         from_client: SocketCounters {
             redirected: (5 + down.len()) as u64,
             passed: 0,
+            repeated: 0,
+            broken: 0,
         },
         from_upstream: SocketCounters {
             redirected: (5 + up.len()) as u64,
             passed: 0,
+            repeated: 0,
+            broken: 0,
         },
     };
     assert_eq!(counters, expected);

@@ -50,6 +50,8 @@ enum Failed {
     DrainTimeout,
     /// A map operation failed.
     Maps,
+    /// The verdict met bytes it could not put in order; they must not be forwarded.
+    Stream,
 }
 
 /// Relays `client` <-> `upstream` in the kernel. If the pair cannot be put under the verdict,
@@ -116,6 +118,7 @@ pub async fn relay(
         end,
         client_to_upstream: counters.from_client.redirected + c2u,
         upstream_to_client: counters.from_upstream.redirected + u2c,
+        repeated_cut: counters.from_client.repeated + counters.from_upstream.repeated,
         duration: started.elapsed(),
     })
 }
@@ -202,6 +205,7 @@ async fn side_of(run: impl Future<Output = Result<(), Failed>>, from: Side) -> R
         Failed::Destination(k) => failed_on(other, k),
         Failed::DrainTimeout => End::DrainTimeout,
         Failed::Maps => End::Internal,
+        Failed::Stream => End::StreamFault,
     })
 }
 
@@ -269,7 +273,13 @@ impl<'a> Direction<'a> {
                 }
                 Ok(0) => return self.finish(forwarded).await,
                 Ok(n) => {
-                    let p = self.pair.state(self.side).map_err(|_| Failed::Maps)?.passed;
+                    let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
+                    if state.broken > 0 {
+                        // The verdict counts a broken skb before its bytes become readable.
+                        tracing::warn!(side = ?self.side, "kernel relay: bytes out of sequence, cutting the pair");
+                        return Err(Failed::Stream);
+                    }
+                    let p = state.passed;
                     if p < forwarded + n as u64 {
                         tracing::warn!(side = ?self.side, n, passed = p, forwarded, "kernel relay: read bytes the verdict has not seen (order no longer guaranteed)");
                     }
@@ -325,6 +335,9 @@ impl<'a> Direction<'a> {
     /// EOF on `src`: once `dst` has taken every byte from `src`, pass the FIN on.
     async fn finish(&self, forwarded: u64) -> Result<(), Failed> {
         let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
+        if state.broken > 0 {
+            return Err(Failed::Stream);
+        }
         tracing::trace!(side = ?self.side, redirected = state.redirected, forwarded, "kernel relay: EOF, draining before FIN");
         self.wait_taken(state.redirected + forwarded).await?;
         nix::sys::socket::shutdown(self.dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)

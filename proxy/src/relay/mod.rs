@@ -60,6 +60,10 @@ pub enum End {
     Shutdown,
     /// The relay's own machinery failed (a kernel map operation); both were cut.
     Internal,
+    /// The kernel relay could not keep one direction's bytes in order (an skb that neither
+    /// followed on from the last nor could be cut to); both were cut before a wrong byte was
+    /// delivered.
+    StreamFault,
 }
 
 impl End {
@@ -73,6 +77,7 @@ impl End {
             End::SendTimeout => "send timeout",
             End::Shutdown => "shutdown",
             End::Internal => "internal error",
+            End::StreamFault => "stream fault",
         }
     }
 }
@@ -84,6 +89,9 @@ pub struct Outcome {
     pub end: End,
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
+    /// Bytes the kernel handed the kernel relay's verdict a second time, which it cut (both
+    /// directions; always 0 in userspace).
+    pub repeated_cut: u64,
     pub duration: Duration,
 }
 

@@ -63,6 +63,7 @@ pub async fn relay(
         end,
         client_to_upstream: c2u.into_inner(),
         upstream_to_client: u2c.into_inner(),
+        repeated_cut: 0,
         duration: started.elapsed(),
     }
 }

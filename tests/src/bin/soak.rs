@@ -469,6 +469,8 @@ fn subtract(a: wsproxy::relay::TotalsSnapshot, b: wsproxy::relay::TotalsSnapshot
         upstream_to_client: d(a.upstream_to_client, b.upstream_to_client),
         fallbacks: a.fallbacks - b.fallbacks,
         drain_timeouts: a.drain_timeouts - b.drain_timeouts,
+        repeated_cut: a.repeated_cut - b.repeated_cut,
+        stream_faults: a.stream_faults - b.stream_faults,
     }
 }
 

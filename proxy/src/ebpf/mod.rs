@@ -12,11 +12,17 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, MapData, MapError, SockHash},
     programs::{ProgramError, SkSkb},
 };
-use proxy_common::{CTRL_MAP, SOCKETS_MAP, STATE_MAP, SockCtrl, SockState, VERDICT_PROGRAM};
+use proxy_common::{
+    COPIED_SEQ_OFFSET_GLOBAL, CTRL_MAP, SKB_CB_OFFSET_GLOBAL, SOCKETS_MAP, STATE_MAP, SockCtrl, SockState,
+    VERDICT_PROGRAM,
+};
+
+mod kernel_layout;
+pub use kernel_layout::KernelLayout;
 
 /// The eBPF object built by `build.rs` (empty when the build was skipped with AYA_BUILD_SKIP).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -49,8 +55,13 @@ impl KernelPrograms {
         if OBJECT.is_empty() {
             bail!("not built (AYA_BUILD_SKIP was set)");
         }
+        let layout = KernelLayout::of_running_kernel().context("kernel layout")?;
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| short_ebpf_error("loading the object", e))?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(SKB_CB_OFFSET_GLOBAL, &layout.skb_cb, true)
+            .override_global(COPIED_SEQ_OFFSET_GLOBAL, &layout.tcp_copied_seq, true)
+            .load(OBJECT)
+            .map_err(|e| short_ebpf_error("loading the object", e))?;
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, SOCKETS_MAP)?;
         let states: HashMap<MapData, u64, SockState> = take_map(&mut ebpf, STATE_MAP)?;
         let ctrls: HashMap<MapData, u64, SockCtrl> = take_map(&mut ebpf, CTRL_MAP)?;
@@ -123,6 +134,10 @@ pub struct SocketCounters {
     pub redirected: u64,
     /// Bytes received on this socket and left to userspace (`SK_PASS`).
     pub passed: u64,
+    /// Bytes the kernel handed the verdict a second time, cut before relaying.
+    pub repeated: u64,
+    /// Skbs that could not be made to follow on from the last (the pair must end).
+    pub broken: u64,
 }
 
 /// Counters of both sides of a pair.
@@ -234,6 +249,8 @@ impl RelayMaps {
             Ok(SocketCounters {
                 redirected: state.redirected,
                 passed: state.passed,
+                repeated: state.repeated,
+                broken: state.broken,
             })
         };
         Ok(PairCounters {
