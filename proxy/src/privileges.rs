@@ -1,6 +1,7 @@
 //! Dropping privileges once start-up is done.
 //!
-//! Loading the kernel relay needs CAP_BPF and CAP_NET_ADMIN, and binding a port below 1024
+//! Loading the kernel relay needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (its verdict reads
+//! kernel memory: each skb's TCP sequence numbers), and binding a port below 1024
 //! needs CAP_NET_BIND_SERVICE; serving needs none of them (map updates go through file
 //! descriptors the proxy already holds). So after both, the daemon gives up every capability,
 //! before its worker threads exist (capabilities are per thread and inherited at creation).

@@ -1,4 +1,4 @@
-//! The daemon needs no more than CAP_BPF, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE, drops them
+//! The daemon needs no more than CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_NET_BIND_SERVICE, drops them
 //! after start-up, and still relays in the kernel; the shipped systemd unit is valid and grants
 //! exactly those.
 
@@ -29,7 +29,7 @@ fn free_port() -> u16 {
 }
 
 #[test]
-fn unit_file_grants_exactly_three_capabilities_and_verifies() {
+fn unit_file_grants_exactly_four_capabilities_and_verifies() {
     let unit = std::fs::read_to_string(UNIT).unwrap();
     let value = |key: &str| {
         unit.lines()
@@ -40,7 +40,11 @@ fn unit_file_grants_exactly_three_capabilities_and_verifies() {
     for key in ["AmbientCapabilities", "CapabilityBoundingSet"] {
         let mut caps: Vec<&str> = value(key).split_whitespace().collect();
         caps.sort();
-        assert_eq!(caps, ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"], "{key}");
+        assert_eq!(
+            caps,
+            ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_PERFMON"],
+            "{key}"
+        );
     }
     assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
     assert_ne!(value("User"), "root");
@@ -68,7 +72,7 @@ fn unit_file_grants_exactly_three_capabilities_and_verifies() {
 }
 
 #[test]
-fn runs_as_nobody_with_three_capabilities_then_drops_them_and_relays_in_the_kernel() {
+fn runs_as_nobody_with_four_capabilities_then_drops_them_and_relays_in_the_kernel() {
     if Command::new("setpriv").arg("--version").output().is_err() {
         return cannot_run("setpriv (util-linux) is not installed");
     }
@@ -118,7 +122,7 @@ fn runs_as_nobody_with_three_capabilities_then_drops_them_and_relays_in_the_kern
         ),
     )
     .unwrap();
-    let caps = "+bpf,+net_admin,+net_bind_service";
+    let caps = "+bpf,+net_admin,+perfmon,+net_bind_service";
     let mut child = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(format!("--inh-caps=-all,{caps}"))

@@ -418,7 +418,9 @@ fn short_program_error(what: &str, err: ProgramError) -> anyhow::Error {
 /// One line for the common causes; the OS message otherwise.
 fn short_io(err: &io::Error) -> String {
     match err.raw_os_error() {
-        Some(libc::EPERM | libc::EACCES) => "operation not permitted: need CAP_BPF and CAP_NET_ADMIN".to_owned(),
+        Some(libc::EPERM | libc::EACCES) => {
+            "operation not permitted: need CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON".to_owned()
+        }
         // ENOTSUPP (524) is the kernel-internal "not supported", leaked by some BPF paths.
         Some(libc::EINVAL | libc::EOPNOTSUPP | 524) => {
             format!("not supported by this kernel ({err})")
@@ -443,7 +445,7 @@ mod tests {
         let err = io::Error::from_raw_os_error(libc::EPERM);
         assert_eq!(
             short_io(&err),
-            "operation not permitted: need CAP_BPF and CAP_NET_ADMIN"
+            "operation not permitted: need CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
         );
     }
 
