@@ -37,7 +37,7 @@ pub const FLAG_PASS: u64 = 1 << 0;
 /// State of one proxy-side socket of a kernel-relayed pair, keyed by the socket's cookie.
 ///
 /// Writers: userspace writes the whole entry once, at insertion (counters zero), and removes it
-/// when the pair ends. After that only the verdict writes, and only the counters (atomic adds).
+/// when the pair ends. After that only the verdict writes, and only the counters and `next_seq`.
 /// Userspace must not rewrite an entry while the pair is live: a map update replaces the value,
 /// which would lose counts the verdict adds at the same moment. Anything userspace must change
 /// during the relay (credit grants) belongs in a map of its own.

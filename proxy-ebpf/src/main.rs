@@ -3,7 +3,8 @@
 //! the pair's other socket, so the payload never reaches userspace.
 //!
 //! Safety rule: TCP has already acknowledged every byte the verdict sees, so the verdict never
-//! drops a byte (only the empty skb of a lone FIN). Anything unexpected (unknown socket, missing peer, failed redirect) becomes `SK_PASS`:
+//! drops a new byte: it drops only the empty skb of a lone FIN and bytes it has relayed before
+//! (see `fresh_bytes`). Anything unexpected (unknown socket, missing peer, failed redirect) becomes `SK_PASS`:
 //! the bytes stay readable by userspace on the socket they arrived on, in order, and are counted.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
