@@ -204,7 +204,7 @@ async fn handshake(s: &mut TcpStream, id: u64) -> Result<(), String> {
     let end = find(&buf, b"\r\n\r\n").unwrap() + 4;
     let head = String::from_utf8_lossy(&buf[..end]);
     if status(&head) != 101 || end != buf.len() {
-        return Err(format!("answer {head:?} + {} bytes", buf.len() - end));
+        return Err(format!("answer {head:?} + {:?}", String::from_utf8_lossy(&buf[end..])));
     }
     Ok(())
 }
