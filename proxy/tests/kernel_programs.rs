@@ -6,59 +6,14 @@
 //! it fails when CI=true and is skipped with a message otherwise.
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
-    net::{Shutdown, TcpListener, TcpStream},
-    time::Duration,
+    io::Write as _,
+    net::{Shutdown, TcpStream},
 };
 
-use proxy_common::SockCtrl;
-use wsproxy::ebpf::{KernelPrograms, PairCounters, SocketCounters};
+mod common;
 
-/// Credit that never runs out: this test is about redirection, not the bound.
-const UNLIMITED: SockCtrl = SockCtrl {
-    forwarded: 0,
-    limit_bytes: u64::MAX,
-    limit_skbs: u64::MAX,
-};
-
-/// Longest wait for any expected byte; loopback delivers in microseconds.
-const DEADLINE: Duration = Duration::from_secs(5);
-
-/// Loads the programs, or says why the test cannot run here.
-fn load_or_skip() -> Option<KernelPrograms> {
-    match KernelPrograms::load() {
-        Ok(programs) => Some(programs),
-        Err(err) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("kernel relay unavailable in CI: {err:#}")
-        }
-        Err(err) => {
-            // Straight to the stderr handle: libtest swallows `eprintln!` of passing tests.
-            let _ = writeln!(std::io::stderr(), "SKIPPED: kernel relay unavailable: {err:#}");
-            None
-        }
-    }
-}
-
-/// A connected loopback pair: (the side that connected, the side that accepted).
-fn loopback_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let connected = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-    let (accepted, _) = listener.accept().expect("accept");
-    for stream in [&connected, &accepted] {
-        stream.set_read_timeout(Some(DEADLINE)).expect("read timeout");
-        stream.set_nodelay(true).expect("nodelay");
-    }
-    (connected, accepted)
-}
-
-/// Reads exactly `expected.len()` bytes (or fails after DEADLINE) and compares them.
-fn expect_bytes(stream: &mut TcpStream, expected: &[u8], what: &str) {
-    let mut got = vec![0; expected.len()];
-    stream
-        .read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("{what}: {e} (received {:?} so far)", String::from_utf8_lossy(&got)));
-    assert_eq!(got, expected, "{what}");
-}
+use common::kernel::{UNLIMITED, assert_nothing_to_read, expect_bytes, load_or_skip, loopback_pair};
+use wsproxy::ebpf::{PairCounters, SocketCounters};
 
 /// Blocks until `stream` has `len` bytes queued, without consuming them.
 fn wait_queued(stream: &TcpStream, len: usize) {
@@ -71,17 +26,6 @@ fn wait_queued(stream: &TcpStream, len: usize) {
             Err(e) => panic!("waiting for {len} queued bytes: {e}"),
         }
     }
-}
-
-/// Nothing is left for userspace on a proxy-side socket: every byte went through the kernel.
-fn assert_nothing_to_read(stream: &mut TcpStream, what: &str) {
-    stream.set_nonblocking(true).expect("nonblocking");
-    let mut buf = [0; 64];
-    match stream.read(&mut buf) {
-        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-        other => panic!("{what}: expected nothing to read, got {other:?}"),
-    }
-    stream.set_nonblocking(false).expect("blocking");
 }
 
 #[test]

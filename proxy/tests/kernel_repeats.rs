@@ -17,22 +17,20 @@
 //! fails when CI=true and is skipped with a message otherwise.
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
+    io::Write as _,
     mem::size_of,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, RawFd},
     time::{Duration, Instant},
 };
 
 use proxy_common::SockCtrl;
-use wsproxy::ebpf::KernelPrograms;
+use wsproxy::relay::kernel::tcp_info;
 
-const UNLIMITED: SockCtrl = SockCtrl {
-    forwarded: 0,
-    limit_bytes: u64::MAX,
-    limit_skbs: u64::MAX,
-};
-const DEADLINE: Duration = Duration::from_secs(5);
+mod common;
+
+use common::kernel::{DEADLINE, UNLIMITED, assert_nothing_to_read, expect_bytes, load_or_skip, loopback_pair};
+
 /// Bytes the rebuilt connection sends again.
 const OLD: usize = 300;
 
@@ -57,19 +55,6 @@ struct TcpRepairWindow {
 struct TcpRepairOpt {
     opt_code: u32,
     opt_val: u32,
-}
-
-fn load_or_skip() -> Option<KernelPrograms> {
-    match KernelPrograms::load() {
-        Ok(programs) => Some(programs),
-        Err(err) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("kernel relay unavailable in CI: {err:#}")
-        }
-        Err(err) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED: kernel relay unavailable: {err:#}");
-            None
-        }
-    }
 }
 
 fn check(what: &str, rc: libc::c_int) {
@@ -123,66 +108,16 @@ fn private_netns() {
     std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", "0").expect("tcp_timestamps = 0");
 }
 
-fn loopback_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let connected = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-    let (accepted, _) = listener.accept().expect("accept");
-    for s in [&connected, &accepted] {
-        s.set_read_timeout(Some(DEADLINE)).expect("read timeout");
-        s.set_nodelay(true).expect("nodelay");
-    }
-    (connected, accepted)
-}
-
-fn expect_bytes(stream: &mut TcpStream, expected: &[u8], what: &str) {
-    let mut got = vec![0; expected.len()];
-    stream
-        .read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("{what}: {e} (received {:?})", String::from_utf8_lossy(&got)));
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(expected),
-        "{what}"
-    );
-}
-
-fn assert_nothing_more(stream: &mut TcpStream, what: &str) {
-    stream.set_nonblocking(true).expect("nonblocking");
-    let mut buf = [0u8; 4096];
-    match stream.read(&mut buf) {
-        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-        other => panic!(
-            "{what}: expected nothing, got {other:?} {:?}",
-            String::from_utf8_lossy(&buf[..16])
-        ),
-    }
-    stream.set_nonblocking(false).expect("blocking");
-}
-
 /// Waits until every byte `s` sent has been acknowledged.
 fn wait_acked(s: &TcpStream) {
     let started = Instant::now();
     loop {
-        let info: libc::tcp_info = {
-            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-            let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-            // SAFETY: `info` is a live tcp_info and `len` its size.
-            let rc = unsafe {
-                libc::getsockopt(
-                    s.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_INFO,
-                    (&raw mut info).cast(),
-                    &mut len,
-                )
-            };
-            check("TCP_INFO", rc);
-            info
-        };
+        let info = tcp_info(s).expect("TCP_INFO");
         if info.tcpi_unacked == 0 {
             return;
         }
         assert!(started.elapsed() < DEADLINE, "the client's bytes were not acknowledged");
+        // No event reports an acknowledgement: poll, bounded by the deadline above.
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -192,15 +127,7 @@ fn wait_acked(s: &TcpStream) {
 fn rewound(old: TcpStream, back: u32) -> TcpStream {
     let fd = old.as_raw_fd();
     let (local, peer): (SocketAddr, SocketAddr) = (old.local_addr().unwrap(), old.peer_addr().unwrap());
-    let info: libc::tcp_info = {
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: as in `wait_acked`.
-        check("TCP_INFO", unsafe {
-            libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
-        });
-        info
-    };
+    let info = tcp_info(&old).expect("TCP_INFO");
     set(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, &1i32, "TCP_REPAIR on");
     set(
         fd,
@@ -366,7 +293,7 @@ fn scenario(path: Path) {
     // repeat as read.
     client.write_all(b"tail").expect("client write");
     expect_bytes(out, b"tail", "later bytes follow at once");
-    assert_nothing_more(out, "after the tail");
+    assert_nothing_to_read(out, "after the tail");
 
     // A segment with nothing new in it: TCP drops it itself ("A retransmit"), the verdict never
     // sees it.
@@ -375,7 +302,7 @@ fn scenario(path: Path) {
     client.write_all(&[b'X'; OLD]).expect("write the repeated segment");
     client.write_all(b"end").expect("client write");
     expect_bytes(out, b"end", "the bytes after an all-old segment follow at once");
-    assert_nothing_more(out, "after the end");
+    assert_nothing_to_read(out, "after the end");
 
     let state = pair.state(wsproxy::ebpf::Side::Client).expect("state");
     assert_eq!(

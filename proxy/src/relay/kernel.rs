@@ -434,7 +434,8 @@ fn is_closed(s: &impl AsFd) -> bool {
     tcp_info(s).map_or(true, |i| i.tcpi_state == TCP_CLOSE)
 }
 
-fn tcp_info(s: &impl AsFd) -> io::Result<libc::tcp_info> {
+/// The socket's `TCP_INFO`.
+pub fn tcp_info(s: &impl AsFd) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;

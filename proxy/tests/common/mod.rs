@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+pub mod kernel;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_wsproxy");
 
 /// Waits for `child` to exit, at most `limit`, on a pidfd (readable once the process has
