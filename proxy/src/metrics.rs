@@ -412,10 +412,15 @@ impl Metrics {
         for (i, mode) in MODES.into_iter().enumerate() {
             let relay = mode.as_str();
             t.open[i] = self.open.get_or_create(&RelayLabels { relay }).get().max(0) as u64;
-            t.ended[i] = ENDS
-                .iter()
-                .map(|e| self.ended.get_or_create(&EndLabels { relay, end: e.as_str() }).get())
-                .sum();
+            let ended_as = |end: End| {
+                self.ended
+                    .get_or_create(&EndLabels {
+                        relay,
+                        end: end.as_str(),
+                    })
+                    .get()
+            };
+            t.ended[i] = ENDS.into_iter().map(ended_as).sum();
             t.client_to_upstream[i] = self
                 .bytes
                 .get_or_create(&BytesLabels {
@@ -430,20 +435,8 @@ impl Metrics {
                     direction: "upstream_to_client",
                 })
                 .get();
-            t.drain_timeouts += self
-                .ended
-                .get_or_create(&EndLabels {
-                    relay,
-                    end: End::DrainTimeout.as_str(),
-                })
-                .get();
-            t.stream_faults += self
-                .ended
-                .get_or_create(&EndLabels {
-                    relay,
-                    end: End::StreamFault.as_str(),
-                })
-                .get();
+            t.drain_timeouts += ended_as(End::DrainTimeout);
+            t.stream_faults += ended_as(End::StreamFault);
         }
         t
     }
