@@ -55,12 +55,15 @@ enum Task {
         args: Vec<String>,
     },
     /// Soak: thousands of checksummed connections opening, relaying and closing in both relay
-    /// modes, then memory, descriptors and kernel map entries checked against their start
-    /// (summary in bench/results/soak.md); as root
+    /// modes, then memory, descriptors and kernel map entries checked against their start, then
+    /// the kernel relay's byte-stream stress (summary in bench/results/soak.md); as root
     Soak {
-        /// Minutes in all (half per relay mode)
+        /// Minutes of opening and closing (half per relay mode)
         #[arg(long, default_value_t = soak::DEFAULT_MINUTES)]
         minutes: u64,
+        /// Minutes of the kernel relay's byte-stream stress after them (0: none)
+        #[arg(long, default_value_t = soak::DEFAULT_STREAM_MINUTES)]
+        stream_minutes: u64,
     },
     /// Run the fuzz targets (request head, response head, configuration) for a bounded time
     /// each; installs cargo-fuzz if missing
@@ -106,9 +109,9 @@ fn dispatch(task: Task) -> Result<ExitCode> {
             setup::ensure(&root)?;
             return bench::bench(&root, quick, &args);
         }
-        Task::Soak { minutes } => {
+        Task::Soak { minutes, stream_minutes } => {
             setup::ensure(&root)?;
-            soak::soak(&root, minutes)?;
+            soak::soak(&root, minutes, stream_minutes)?;
         }
         Task::Fuzz { seconds, targets } => {
             setup::ensure(&root)?;
