@@ -287,8 +287,8 @@ impl Default for Keepalive {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayMode {
-    /// Userspace, until the kernel relay's duplicated-segment fault (`docs/kernel-relay.md`)
-    /// is proven gone; then the kernel relay when its programs loaded, else userspace.
+    /// Userspace for now: the kernel relay is correct (`docs/kernel-relay.md`) but not yet the
+    /// faster path on every workload; once it is, the kernel relay when its programs loaded.
     Auto,
     Kernel,
     Userspace,

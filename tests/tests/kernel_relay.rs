@@ -2,8 +2,8 @@
 //! loopback between raw clients and raw upstreams ([`Hub`]), every payload byte checked against a
 //! seeded pattern. Test names start with the requirement they cover (reqN_): 1 order at the
 //! hand-over, 2 no loss at close and the drain timeout, 3 resets, 5 checksummed stress in both
-//! relay modes, 6 hygiene (maps, fds, totals), 7 transparency; and `relay.mode = "auto"` (userspace until the kernel relay's
-//! duplicated-segment fault is proven gone).
+//! relay modes, 6 hygiene (maps, fds, totals), 7 transparency; and `relay.mode = "auto"` (userspace until the kernel relay is the
+//! faster path).
 //! Requirement 4 (bounded memory) is `kernel_memory.rs`: its own process, so that no other test
 //! disturbs its /proc/meminfo figures.
 //!
@@ -1650,7 +1650,7 @@ async fn req7_binary_junk_passes_untouched_both_ways() {
 // ---- relay.mode = "auto" ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_mode_uses_the_userspace_relay_until_the_kernel_relay_is_proven() {
+async fn auto_mode_uses_the_userspace_relay_until_the_kernel_relay_is_faster() {
     let _g = shared().await;
     let Some(p) = RelayProxy::start("auto", "").await else {
         return;
@@ -1666,7 +1666,7 @@ async fn auto_mode_uses_the_userspace_relay_until_the_kernel_relay_is_proven() {
     assert_eq!(sum_ended(&t), 3, "{t:?}");
     assert!(
         t.ended == [0, 3] && t.fallbacks == 0,
-        "auto mode used the kernel relay before its duplicated-segment fault is proven gone: {t:?}"
+        "auto mode used the kernel relay: {t:?}"
     );
     let sum = |x: [u64; 2]| x[0] + x[1];
     assert_eq!(

@@ -111,8 +111,8 @@ pub async fn relay(
     shutdown: &CancellationToken,
 ) -> Outcome {
     buffers::cap(&client, &upstream, cfg);
-    // `auto` does not choose the kernel relay until its duplicated-segment fault is proven
-    // gone (docs/kernel-relay.md); only an explicit `kernel` does.
+    // `auto` does not choose the kernel relay until it is the faster path on every workload
+    // (docs/kernel-relay.md); only an explicit `kernel` does.
     let (client, upstream, settled) = match programs.filter(|_| cfg.mode == RelayMode::Kernel) {
         Some(programs) => {
             metrics.relay_started(Mode::Kernel);
