@@ -738,7 +738,8 @@ async fn main() -> std::process::ExitCode {
     // Without the kernel relay the soak covers one mode only: a failure under CI.
     let skipped_in_ci = std::env::var("CI").as_deref() == Ok("true")
         && (reports.iter().any(|r| r.skipped.is_some()) || matches!(stream, Some(Err(_))));
-    if reports.iter().any(|r| !r.problems.is_empty()) || skipped_in_ci {
+    let stream_failed = matches!(&stream, Some(Ok(run)) if !run.problems().is_empty());
+    if reports.iter().any(|r| !r.problems.is_empty()) || stream_failed || skipped_in_ci {
         std::process::ExitCode::FAILURE
     } else {
         std::process::ExitCode::SUCCESS
