@@ -1,5 +1,6 @@
-//! The contenders and the processes behind them: the upstream, wsproxy in both relay modes, nginx
-//! and HAProxy, each started from a generated configuration in a temporary directory, pinned with
+//! The contenders and the processes behind them: the upstream, wsproxy in both relay modes, nginx,
+//! HAProxy (with and without splice) and Caddy, each started from a generated configuration in a
+//! temporary directory, in its topology's network namespace (`ip netns exec`), pinned with
 //! `taskset`, and killed when the benchmark ends (on drop, on panic, and through
 //! `PR_SET_PDEATHSIG` if the benchmark itself is killed).
 
@@ -23,16 +24,18 @@ pub enum Kind {
     Nginx,
     Haproxy,
     HaproxySplice,
+    Caddy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Direct,
         Kind::WsproxyKernel,
         Kind::WsproxyUserspace,
         Kind::Nginx,
         Kind::Haproxy,
         Kind::HaproxySplice,
+        Kind::Caddy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +46,7 @@ impl Kind {
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
             Kind::HaproxySplice => "haproxy-splice",
+            Kind::Caddy => "caddy",
         }
     }
 
@@ -58,7 +62,9 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `program args` pinned to `cpu`, output to `log`; it dies with the benchmark.
+    /// Starts `program args` in network namespace `netns` (None: this thread's), pinned to `cpu`,
+    /// output to `log`; it dies with the benchmark. `ip netns exec` and `taskset` exec the
+    /// program, so the pid is the program's.
     pub fn spawn(
         name: &str,
         cpu: usize,
@@ -66,9 +72,17 @@ impl Proc {
         args: &[String],
         envs: &[(&str, &str)],
         log: &Path,
+        netns: Option<&str>,
     ) -> Result<Proc> {
         let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = Command::new("taskset");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "taskset"]);
+                c
+            }
+            None => Command::new("taskset"),
+        };
         cmd.arg("-c").arg(cpu.to_string()).arg(program).args(args);
         cmd.envs(envs.iter().copied());
         cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
@@ -146,6 +160,8 @@ pub struct Setup<'a> {
     pub proxy_cpu: usize,
     /// RLIMIT_NOFILE the proxies inherit; nginx and HAProxy are told to stay within it.
     pub nofile: u64,
+    /// The network namespace the proxies run in (None: the host's).
+    pub netns: Option<String>,
 }
 
 pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
@@ -169,6 +185,7 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
                 &args,
                 &[("RUST_LOG", "warn")],
                 &log,
+                s.netns.as_deref(),
             )?)
         }
         Kind::Nginx => {
@@ -184,7 +201,15 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
                 "-e".into(),
                 prefix.join("logs/error.log").display().to_string(),
             ];
-            Some(Proc::spawn(name, s.proxy_cpu, Path::new("nginx"), &args, &[], &log)?)
+            Some(Proc::spawn(
+                name,
+                s.proxy_cpu,
+                Path::new("nginx"),
+                &args,
+                &[],
+                &log,
+                s.netns.as_deref(),
+            )?)
         }
         Kind::Haproxy | Kind::HaproxySplice => {
             let cfg = s.dir.join(format!("{name}.cfg"));
@@ -193,7 +218,45 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
                 haproxy_config(addr, s.upstream, kind == Kind::HaproxySplice, s.nofile),
             )?;
             let args = vec!["-f".into(), cfg.display().to_string(), "-db".into()];
-            Some(Proc::spawn(name, s.proxy_cpu, Path::new("haproxy"), &args, &[], &log)?)
+            Some(Proc::spawn(
+                name,
+                s.proxy_cpu,
+                Path::new("haproxy"),
+                &args,
+                &[],
+                &log,
+                s.netns.as_deref(),
+            )?)
+        }
+        Kind::Caddy => {
+            let home = s.dir.join("caddy");
+            fs::create_dir_all(&home)?;
+            let cfg = home.join("Caddyfile");
+            fs::write(&cfg, caddy_config(addr, s.upstream))?;
+            let args = vec![
+                "run".into(),
+                "--config".into(),
+                cfg.display().to_string(),
+                "--adapter".into(),
+                "caddyfile".into(),
+            ];
+            let home = home.display().to_string();
+            let envs = [
+                ("HOME", home.as_str()),
+                ("XDG_DATA_HOME", home.as_str()),
+                ("XDG_CONFIG_HOME", home.as_str()),
+                // One CPU, as the other proxies get (taskset pins it there anyway).
+                ("GOMAXPROCS", "1"),
+            ];
+            Some(Proc::spawn(
+                name,
+                s.proxy_cpu,
+                Path::new("caddy"),
+                &args,
+                &envs,
+                &log,
+                s.netns.as_deref(),
+            )?)
         }
     };
     let mut c = Contender {
@@ -347,6 +410,83 @@ backend upstream
     )
 }
 
+/// Caddy as its documentation has it for WebSocket: `reverse_proxy` upgrades by itself. No admin
+/// endpoint, no automatic HTTPS, no access log (Caddy logs none unless told), HTTP/1.1 only.
+pub fn caddy_config(listen: SocketAddr, upstream: SocketAddr) -> String {
+    format!(
+        r#"# Generated by wsproxy-bench.
+{{
+	admin off
+	auto_https off
+	servers {{
+		protocols h1
+	}}
+}}
+
+http://:{port} {{
+	bind {ip}
+	reverse_proxy {upstream}
+}}
+"#,
+        port = listen.port(),
+        ip = listen.ip(),
+    )
+}
+
+/// The first line a contender's program prints about its version.
+pub fn version(kind: Kind) -> String {
+    match kind {
+        Kind::Nginx => crate::sys::command_line("nginx", &["-v"]),
+        Kind::Haproxy | Kind::HaproxySplice => crate::sys::command_line("haproxy", &["-v"]),
+        Kind::Caddy => crate::sys::command_line("caddy", &["version"]),
+        _ => String::new(),
+    }
+}
+
+/// Installs what the chosen contenders need (Debian's nginx-light, haproxy, caddy), a TrueType
+/// font for the plots, and perf when profiling, if missing.
+pub fn ensure_packages(kinds: &[Kind], perf: bool) -> Result<()> {
+    let have = |p: &str| Command::new("which").arg(p).output().is_ok_and(|o| o.status.success());
+    let mut missing = Vec::new();
+    let wants = [
+        (kinds.contains(&Kind::Nginx), "nginx", "nginx-light"),
+        (
+            kinds.iter().any(|k| matches!(k, Kind::Haproxy | Kind::HaproxySplice)),
+            "haproxy",
+            "haproxy",
+        ),
+        (kinds.contains(&Kind::Caddy), "caddy", "caddy"),
+        (perf, "perf", "linux-perf"),
+    ];
+    for (wanted, program, package) in wants {
+        if wanted && !have(program) {
+            missing.push(package);
+        }
+    }
+    if !crate::plot::FONT_PATHS.iter().any(|p| Path::new(p).exists()) {
+        missing.push("fonts-dejavu-core");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("bench: installing {}", missing.join(" "));
+    let install = |update: bool| -> Result<bool> {
+        if update {
+            Command::new("apt-get").arg("update").status()?;
+        }
+        let status = Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()?;
+        Ok(status.success())
+    };
+    if !install(false)? && !install(true)? {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
 /// Where generated configurations and logs go: a fresh directory under the system's temp dir.
 pub fn temp_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("wsproxy-bench-{}", std::process::id()));
@@ -372,5 +512,11 @@ mod tests {
         assert!(haproxy_config(l, u, true, 20000).contains("option splice-response"));
         assert!(!haproxy_config(l, u, false, 20000).contains("splice"));
         assert!(nginx_config(l, u, Path::new("/t"), 20000).contains("server 127.0.0.1:2;"));
+        let caddy = caddy_config(l, u);
+        assert!(
+            caddy.contains("http://:1 {")
+                && caddy.contains("bind 127.0.0.1")
+                && caddy.contains("reverse_proxy 127.0.0.1:2")
+        );
     }
 }

@@ -1,289 +1,141 @@
-//! The load generator: each workload on one thread (a current-thread tokio runtime), bounded in
-//! time and count, against a `ws://` target on loopback.
+//! The load generator: one thread (a current-thread tokio runtime), raw frames (`ws`), bounded in
+//! time and count, against a `ws://` target.
 //!
-//! Latency is measured per message: the first 8 bytes of every payload are the send time (ns since
-//! the generator's start), written just before the message is handed to the socket; the echo's
-//! arrival minus that time goes into an HDR histogram. CPU time is taken from `/proc/stat` over the
-//! measurement window, so it is the whole machine's (proxy, kernel workers, softirq, generator and
-//! upstream), not only the proxy's process.
+//! A `Session` holds a group of open connections through one contender; the workloads that share
+//! them (sink, echo, broadcast) run one after another on it. Each workload runs either at the
+//! maximum (closed loop: one message in flight per active connection, one broadcast round at a
+//! time) or at a fixed offered rate (open loop: message k is due at k / rate, whatever the answers
+//! do). Frames are built once per measurement and only their 8-byte time stamp (CLOCK_MONOTONIC,
+//! shared with the upstream) is rewritten; sends go straight to the socket while its queue is empty;
+//! every connection's reads go through one buffer.
+//!
+//! CPU time is taken over the measurement window from `/proc/stat` (the whole machine) and from
+//! the generator's, the upstream's and the proxy's processes (`sys::cpu_sample`).
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::task::LocalSet;
-use tokio::time::{Instant, sleep_until, timeout};
-use tokio_tungstenite::WebSocketStream;
+use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::sys::{self, CpuDelta};
-
-pub type Ws = WebSocketStream<TcpStream>;
+use crate::ws::{self, Event, Frame, OP_BINARY, OP_CLOSE, OP_TEXT, Out, Parser, StampReader};
 
 /// Time a handshake (connect, upgrade) may take before it counts as failed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// After the sending window, time the last echoes get to come back.
+/// After the sending window, time the last answers get to come back.
 const DRAIN: Duration = Duration::from_secs(3);
+/// Handshakes opened at once when a session opens its connections.
+const OPEN_PARALLEL: usize = 128;
+/// At a fixed handshake rate, handshakes in progress beyond this count as lost, not started.
+const HANDSHAKES_IN_FLIGHT: usize = 2_000;
+/// A bulk sender keeps at most this much queued beyond what the socket took.
+const SINK_QUEUE: usize = 256 * 1024;
+const READ_BUF: usize = 256 * 1024;
 
-/// The generator's and upstream's WebSocket settings. `small` buffers keep 10,000 idle
-/// connections cheap on the generator's side.
-pub fn ws_config(small: bool) -> WebSocketConfig {
-    let c = WebSocketConfig::default().max_message_size(Some(64 << 20));
-    // tungstenite zero-fills its whole read buffer before every read: a small one keeps that
-    // cost (on the generator's and upstream's CPU) low.
-    if small {
-        c.read_buffer_size(4096).write_buffer_size(0)
-    } else {
-        c.read_buffer_size(16 * 1024)
+/// What a measurement offers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Offered {
+    /// Closed loop: as fast as the answers come back.
+    Max,
+    /// Open loop: this many units per second.
+    Rate(f64),
+}
+
+impl Offered {
+    fn rate(self) -> f64 {
+        match self {
+            Offered::Max => 0.0,
+            Offered::Rate(r) => r,
+        }
     }
 }
 
-fn base() -> std::time::Instant {
-    static BASE: OnceLock<std::time::Instant> = OnceLock::new();
-    *BASE.get_or_init(std::time::Instant::now)
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub count: u64,
 }
 
-fn now_ns() -> u64 {
-    base().elapsed().as_nanos() as u64
-}
-
-/// A payload of `size` bytes (at least 8) that starts with the current time.
-fn stamped(size: usize) -> Message {
-    let mut buf = vec![0x5a_u8; size.max(8)];
-    buf[..8].copy_from_slice(&now_ns().to_le_bytes());
-    Message::Binary(Bytes::from(buf))
-}
-
-fn latency_of(payload: &[u8]) -> Option<u64> {
-    let ts = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
-    Some(now_ns().saturating_sub(ts).max(1))
+/// One measurement of one workload through one contender.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Measure {
+    /// Units per second offered; 0 for the maximum (closed loop).
+    pub offered: f64,
+    /// Units completed: messages echoed or delivered, handshakes done, payload bytes counted by the
+    /// upstream (sink).
+    pub done: u64,
+    /// Payload bytes the proxy relayed for them (an echoed message counts both ways).
+    pub bytes: u64,
+    /// Length of the window, seconds.
+    pub secs: f64,
+    /// Units completed per second.
+    pub rate: f64,
+    pub latency: Option<Latency>,
+    /// Units sent (or due) that had not completed by the end of the drain.
+    pub lost: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Open loop: the largest delay of a send behind its schedule, ms.
+    pub max_lag_ms: f64,
+    pub cpu: CpuDelta,
 }
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid histogram bounds")
 }
 
-pub async fn connect(addr: SocketAddr, path: &str, small: bool) -> Result<Ws> {
-    let go = async {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let url = format!("ws://{addr}{path}");
-        let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config(small))).await?;
-        anyhow::Ok(ws)
-    };
-    timeout(HANDSHAKE_TIMEOUT, go)
-        .await
-        .map_err(|_| anyhow!("handshake timed out"))?
-}
-
-/// Opens `n` connections, at most `parallel` handshakes at a time.
-async fn connect_many(addr: SocketAddr, path: &str, n: usize, parallel: usize, small: bool) -> Result<Vec<Ws>> {
-    let path = path.to_owned();
-    let results: Vec<Result<Ws>> = futures_util::stream::iter(0..n)
-        .map(|_| connect(addr, &path, small))
-        .buffer_unordered(parallel)
-        .collect()
-        .await;
-    let mut out = Vec::with_capacity(n);
-    for r in results {
-        out.push(r?);
-    }
-    Ok(out)
+fn latency(h: &Histogram<u64>) -> Option<Latency> {
+    (!h.is_empty()).then(|| Latency {
+        p50_us: h.value_at_quantile(0.5) as f64 / 1e3,
+        p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
+        p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
+        max_us: h.max() as f64 / 1e3,
+        count: h.len(),
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-/// One echo through `addr`: proves that a contender relays before it is measured.
+/// One echo through `addr` with an independent client (tungstenite, random masks): proves that a
+/// contender relays before it is measured.
 pub fn check(addr: SocketAddr) -> Result<()> {
     runtime()?.block_on(async {
-        let mut ws = connect(addr, "/echo", false).await?;
-        ws.send(Message::binary(b"check".to_vec())).await?;
-        let reply = timeout(Duration::from_secs(5), ws.next())
-            .await
-            .context("no echo within 5 s")?;
-        match reply {
-            Some(Ok(Message::Binary(b))) if b.as_ref() == b"check" => {}
-            other => bail!("unexpected echo: {other:?}"),
-        }
-        let _ = ws.close(None).await;
-        Ok(())
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// 1. Bulk
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct BulkResult {
-    pub bytes: u64,
-    pub secs: f64,
-    /// Payload megabytes (10^6 bytes) per second, counted by the upstream.
-    pub mb_per_s: f64,
-    pub cpu: CpuDelta,
-}
-
-/// One connection, client to upstream, `size`-byte binary messages for `duration`; the upstream
-/// counts what it received, and the time runs until its count comes back.
-pub fn bulk(addr: SocketAddr, size: usize, duration: Duration) -> Result<BulkResult> {
-    runtime()?.block_on(async {
-        let mut ws = connect(addr, "/sink", false).await?;
-        let payload = Bytes::from(vec![0xa5_u8; size]);
-        let hard = duration + Duration::from_secs(30);
-        let work = async {
-            let cpu0 = sys::cpu_sample();
-            let start = Instant::now();
-            let end = start + duration;
-            let mut sent: u64 = 0;
-            while Instant::now() < end {
-                ws.send(Message::Binary(payload.clone())).await?;
-                sent += size as u64;
+        let go = async {
+            let stream = TcpStream::connect(addr).await?;
+            let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/echo"), stream).await?;
+            ws.send(Message::binary(b"check".to_vec())).await?;
+            let reply = ws.next().await;
+            match reply {
+                Some(Ok(Message::Binary(b))) if b.as_ref() == b"check" => {}
+                other => bail!("unexpected echo: {other:?}"),
             }
-            ws.send(Message::text("END")).await?;
-            let count = loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => break t.as_str().parse::<u64>()?,
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(e.into()),
-                    None => bail!("upstream closed before its count"),
-                }
-            };
-            let secs = start.elapsed().as_secs_f64();
-            let cpu = sys::cpu_sample().since(&cpu0);
-            if count != sent {
-                bail!("upstream received {count} bytes of {sent}");
-            }
-            anyhow::Ok(BulkResult {
-                bytes: count,
-                secs,
-                mb_per_s: count as f64 / secs / 1e6,
-                cpu,
-            })
+            let _ = ws.close(None).await;
+            Ok(())
         };
-        let result = timeout(hard, work).await.map_err(|_| anyhow!("bulk run timed out"))??;
-        let _ = timeout(Duration::from_secs(2), ws.close(None)).await;
-        Ok(result)
+        timeout(Duration::from_secs(10), go)
+            .await
+            .context("no echo within 10 s")?
     })
 }
 
-// ---------------------------------------------------------------------------------------------
-// 2. Echo at a fixed rate (open loop) and 3. closed loop
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct EchoResult {
-    pub conns: usize,
-    pub size: usize,
-    /// Target rate, messages per second (all connections together); 0 for the closed loop.
-    pub target_rate: f64,
-    pub sent: u64,
-    pub received: u64,
-    pub secs: f64,
-    /// Messages per second sent in the window.
-    pub rate: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub p999_us: f64,
-    pub max_us: f64,
-    /// Largest delay of a send behind its schedule (open loop only), in ms.
-    pub max_lag_ms: f64,
-    pub cpu: CpuDelta,
-    /// Machine CPU per message, in microseconds.
-    pub cpu_us_per_msg: f64,
-}
-
-/// Open loop: `conns` connections share one schedule of `rate` messages per second in total;
-/// message k is due at `k / rate` and goes to connection `k mod conns`, whatever the answers do.
-/// The pacer sleeps on a timerfd (tokio's own timer has 1 ms ticks, which would send bursts).
-pub fn echo(addr: SocketAddr, conns: usize, size: usize, rate: f64, duration: Duration) -> Result<EchoResult> {
-    let size = size.max(8);
-    run_local(
-        async move {
-            let sockets = connect_many(addr, "/echo", conns, 64, false).await?;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let hist = Rc::new(RefCell::new(histogram()));
-            let received = Rc::new(RefCell::new(0u64));
-            let mut sinks = Vec::with_capacity(conns);
-            let mut readers = Vec::with_capacity(conns);
-            for ws in sockets {
-                let (tx, mut rx) = ws.split();
-                sinks.push(tx);
-                let (hist, received) = (hist.clone(), received.clone());
-                readers.push(tokio::task::spawn_local(async move {
-                    while let Some(Ok(msg)) = rx.next().await {
-                        if let Message::Binary(b) = msg {
-                            if let Some(ns) = latency_of(&b) {
-                                let _ = hist.borrow_mut().record(ns);
-                            }
-                            *received.borrow_mut() += 1;
-                        }
-                    }
-                }));
-            }
-            let mut pacer = Pacer::new()?;
-            let cpu0 = sys::cpu_sample();
-            let start = std::time::Instant::now();
-            let total = (duration.as_secs_f64() * rate).floor() as u64;
-            let due = |k: u64| start + Duration::from_secs_f64(k as f64 / rate);
-            let mut sent = 0u64;
-            let mut max_lag = Duration::ZERO;
-            while sent < total {
-                pacer.until(due(sent)).await?;
-                let now = std::time::Instant::now();
-                max_lag = max_lag.max(now.saturating_duration_since(due(sent)));
-                while sent < total && due(sent) <= now {
-                    let i = (sent % conns as u64) as usize;
-                    sinks[i].send(stamped(size)).await?;
-                    sent += 1;
-                }
-            }
-            let window = start.elapsed();
-            let cpu = sys::cpu_sample().since(&cpu0);
-            // Give the last echoes time to return, then close.
-            let drain_end = Instant::now() + DRAIN;
-            while *received.borrow() < sent && Instant::now() < drain_end {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            for mut tx in sinks {
-                let _ = timeout(Duration::from_millis(100), tx.close()).await;
-            }
-            for r in readers {
-                r.abort();
-            }
-            let got = *received.borrow();
-            let h = hist.borrow();
-            let secs = window.as_secs_f64();
-            Ok(EchoResult {
-                conns,
-                size,
-                target_rate: rate,
-                sent,
-                received: got,
-                secs,
-                rate: sent as f64 / secs,
-                p50_us: h.value_at_quantile(0.5) as f64 / 1e3,
-                p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
-                p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
-                max_us: h.max() as f64 / 1e3,
-                max_lag_ms: max_lag.as_secs_f64() * 1e3,
-                cpu_us_per_msg: per_msg_us(&cpu, sent),
-                cpu,
-            })
-        },
-        duration,
-    )
-}
-
-/// A sleep with microsecond precision: a timerfd on CLOCK_MONOTONIC, awaited through tokio.
+/// A sleep with microsecond precision: a timerfd on CLOCK_MONOTONIC, awaited through tokio
+/// (tokio's own timer has 1 ms ticks, which would send bursts).
 struct Pacer {
     fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
 }
@@ -304,21 +156,29 @@ impl Pacer {
         Ok(Pacer { fd })
     }
 
-    async fn until(&mut self, t: std::time::Instant) -> Result<()> {
+    /// Sleeps until `t` (ns on CLOCK_MONOTONIC).
+    async fn until(&mut self, t: u64) -> Result<()> {
         use std::os::fd::AsRawFd as _;
-        let left = t.saturating_duration_since(std::time::Instant::now());
-        if left < Duration::from_micros(2) {
+        if t <= ws::now_ns() + 2_000 {
             return Ok(());
         }
         let spec = libc::itimerspec {
             it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
             it_value: libc::timespec {
-                tv_sec: left.as_secs() as libc::time_t,
-                tv_nsec: libc::c_long::from(left.subsec_nanos() as i32),
+                tv_sec: (t / 1_000_000_000) as libc::time_t,
+                tv_nsec: (t % 1_000_000_000) as libc::c_long,
             },
         };
-        // SAFETY: a valid timerfd and a valid itimerspec.
-        if unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
+        // SAFETY: a valid timerfd and a valid itimerspec; the time is absolute.
+        if unsafe {
+            libc::timerfd_settime(
+                self.fd.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        } != 0
+        {
             bail!("timerfd_settime: {}", std::io::Error::last_os_error());
         }
         loop {
@@ -334,217 +194,647 @@ impl Pacer {
     }
 }
 
-fn per_msg_us(cpu: &CpuDelta, msgs: u64) -> f64 {
-    if msgs == 0 {
-        f64::NAN
-    } else {
-        cpu.ours() * 1e6 / msgs as f64
+/// An open-loop schedule: unit k is due `k * gap` after the start.
+struct Schedule {
+    start: u64,
+    gap_ns: f64,
+    max_lag: u64,
+}
+
+impl Schedule {
+    fn new(per_sec: f64) -> Schedule {
+        Schedule {
+            start: ws::now_ns(),
+            gap_ns: 1e9 / per_sec,
+            max_lag: 0,
+        }
+    }
+
+    fn due(&self, k: u64) -> u64 {
+        self.start + (k as f64 * self.gap_ns) as u64
+    }
+
+    /// Waits for unit `k`'s time; returns how many units (from k on) are due by now, at most `left`.
+    async fn next(&mut self, pacer: &mut Pacer, k: u64, left: u64) -> Result<u64> {
+        pacer.until(self.due(k)).await?;
+        let now = ws::now_ns();
+        self.max_lag = self.max_lag.max(now.saturating_sub(self.due(k)));
+        let mut n = 1;
+        while n < left && self.due(k + n) <= now {
+            n += 1;
+        }
+        Ok(n)
     }
 }
 
-/// Closed loop: `conns` connections, each with one message in flight: send, wait for the echo, repeat.
-pub fn closed_loop(addr: SocketAddr, conns: usize, size: usize, duration: Duration) -> Result<EchoResult> {
-    let size = size.max(8);
-    run_local(
-        async move {
-            let sockets = connect_many(addr, "/echo", conns, 64, false).await?;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let hist = Rc::new(RefCell::new(histogram()));
-            let cpu0 = sys::cpu_sample();
-            let start = Instant::now();
-            let end = start + duration;
-            let mut tasks = Vec::with_capacity(conns);
-            for mut ws in sockets {
-                let hist = hist.clone();
-                tasks.push(tokio::task::spawn_local(async move {
-                    let mut done = 0u64;
-                    while Instant::now() < end {
-                        if ws.send(stamped(size)).await.is_err() {
-                            break;
-                        }
-                        let reply = loop {
-                            match timeout(Duration::from_secs(5), ws.next()).await {
-                                Ok(Some(Ok(Message::Binary(b)))) => break Some(b),
-                                Ok(Some(Ok(_))) => continue,
-                                _ => break None,
-                            }
-                        };
-                        let Some(b) = reply else { break };
-                        if let Some(ns) = latency_of(&b) {
-                            let _ = hist.borrow_mut().record(ns);
-                        }
-                        done += 1;
-                    }
-                    let _ = timeout(Duration::from_millis(200), ws.close(None)).await;
-                    done
-                }));
-            }
-            let mut total = 0;
-            let mut handles = tasks.into_iter();
-            // The window ends for everyone at `end`; CPU is read then, the counts when all stopped.
-            sleep_until(end).await;
-            let cpu = sys::cpu_sample().since(&cpu0);
-            for t in handles.by_ref() {
-                total += t.await.unwrap_or(0);
-            }
-            let secs = start.elapsed().as_secs_f64().max(duration.as_secs_f64());
-            let h = hist.borrow();
-            Ok(EchoResult {
-                conns,
-                size,
-                target_rate: 0.0,
-                sent: total,
-                received: total,
-                secs,
-                rate: total as f64 / secs,
-                p50_us: h.value_at_quantile(0.5) as f64 / 1e3,
-                p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
-                p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
-                max_us: h.max() as f64 / 1e3,
-                max_lag_ms: 0.0,
-                cpu_us_per_msg: per_msg_us(&cpu, total),
-                cpu,
-            })
-        },
-        duration,
-    )
+// ---------------------------------------------------------------------------------------------
+// Sessions: a group of open connections
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Idle,
+    /// Echo; in a closed loop every echo that arrives before `end` sends the next message.
+    Echo {
+        closed: bool,
+    },
+    Broadcast,
+    Sink,
 }
 
-fn run_local<F, T>(fut: F, duration: Duration) -> Result<T>
-where
-    F: Future<Output = Result<T>> + 'static,
-{
-    let hard = duration + Duration::from_secs(60);
-    let local = LocalSet::new();
-    runtime()?.block_on(local.run_until(async move {
-        timeout(hard, fut)
+/// What every connection's reader updates.
+struct State {
+    mode: Mode,
+    /// Messages stamped before this belong to an earlier measurement and are not counted.
+    since: u64,
+    /// Closed loop: no new message after this.
+    end: u64,
+    hist: Histogram<u64>,
+    received: u64,
+    sent: u64,
+    /// The echo frame, stamped anew for each message.
+    frame: Frame,
+    /// The broadcast driver waits until `received` reaches this.
+    target: u64,
+    /// The upstream's answer to `END` (sink).
+    count: Option<u64>,
+    closed_conns: u64,
+}
+
+struct Conn {
+    s: TcpStream,
+    out: Out,
+    parser: RefCell<Parser>,
+    msg: RefCell<(u8, StampReader, Vec<u8>)>,
+}
+
+struct Shared {
+    st: RefCell<State>,
+    progress: Notify,
+}
+
+thread_local! {
+    static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUF]);
+}
+
+pub struct Session {
+    rt: tokio::runtime::Runtime,
+    local: LocalSet,
+    conns: Vec<Rc<Conn>>,
+    shared: Rc<Shared>,
+}
+
+impl Session {
+    /// Opens `n` connections through `addr`, all in the upstream's broadcast group `group`.
+    pub fn open(addr: SocketAddr, n: usize, group: u64) -> Result<Session> {
+        let rt = runtime()?;
+        let local = LocalSet::new();
+        let path = format!("/group/{group}");
+        let opened: Vec<Result<(TcpStream, Vec<u8>)>> = local.block_on(&rt, async {
+            timeout(
+                Duration::from_secs(120),
+                futures_util::stream::iter(0..n)
+                    .map(|_| ws::connect(addr, &path, HANDSHAKE_TIMEOUT))
+                    .buffer_unordered(OPEN_PARALLEL)
+                    .collect(),
+            )
             .await
-            .map_err(|_| anyhow!("run timed out after {hard:?}"))?
-    }))
+            .map_err(|_| anyhow!("opening {n} connections took over 120 s"))
+        })?;
+        let shared = Rc::new(Shared {
+            st: RefCell::new(State {
+                mode: Mode::Idle,
+                since: u64::MAX,
+                end: 0,
+                hist: histogram(),
+                received: 0,
+                sent: 0,
+                frame: Frame::binary(8, true),
+                target: 0,
+                count: None,
+                closed_conns: 0,
+            }),
+            progress: Notify::new(),
+        });
+        let mut conns = Vec::with_capacity(n);
+        for r in opened {
+            let (s, _early) = r?;
+            let c = Rc::new(Conn {
+                s,
+                out: Out::default(),
+                parser: RefCell::new(Parser::default()),
+                msg: RefCell::new((0, StampReader::default(), Vec::new())),
+            });
+            let (rc, rs) = (c.clone(), shared.clone());
+            local.spawn_local(reader(rc, rs));
+            let wc = c.clone();
+            local.spawn_local(async move { wc.out.flush_forever(&wc.s).await });
+            conns.push(c);
+        }
+        Ok(Session {
+            rt,
+            local,
+            conns,
+            shared,
+        })
+    }
+
+    /// Starts a measurement: the mode, a fresh histogram and counts, messages before now ignored.
+    fn begin(&self, mode: Mode, frame: Frame) {
+        let mut st = self.shared.st.borrow_mut();
+        st.mode = mode;
+        st.since = ws::now_ns();
+        st.end = u64::MAX;
+        st.hist.reset();
+        st.received = 0;
+        st.sent = 0;
+        st.frame = frame;
+        st.target = 0;
+        st.count = None;
+    }
+
+    fn run<T>(&self, window: Duration, f: impl Future<Output = Result<T>>) -> Result<T> {
+        let hard = window + Duration::from_secs(60);
+        let r = self.local.block_on(&self.rt, async {
+            timeout(hard, f)
+                .await
+                .map_err(|_| anyhow!("run timed out after {hard:?}"))?
+        });
+        self.shared.st.borrow_mut().mode = Mode::Idle;
+        r
+    }
+
+    /// Waits (at most `DRAIN`) until `received` reaches `sent`.
+    async fn drain(&self) {
+        let end = Instant::now() + DRAIN;
+        loop {
+            let progress = self.shared.progress.notified();
+            {
+                let st = self.shared.st.borrow();
+                if st.received >= st.sent {
+                    return;
+                }
+            }
+            if timeout(end.saturating_duration_since(Instant::now()), progress)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    fn check_conns(&self) -> Result<()> {
+        let closed = self.shared.st.borrow().closed_conns;
+        if closed > 0 {
+            bail!("{closed} of {} connections closed by the far end", self.conns.len());
+        }
+        Ok(())
+    }
+
+    /// Echo on the first `active` connections: `size`-byte messages, closed loop or at `offered`
+    /// messages per second in total (message k to connection k mod active).
+    pub fn echo(&mut self, active: usize, size: usize, offered: Offered, window: Duration) -> Result<Measure> {
+        self.check_conns()?;
+        let active = active.clamp(1, self.conns.len());
+        let size = size.max(8);
+        let closed = offered == Offered::Max;
+        self.begin(Mode::Echo { closed }, Frame::binary(size, true));
+        let conns = &self.conns[..active];
+        let shared = &self.shared;
+        let (secs, cpu, lag) = self.run(window, async {
+            let cpu0 = sys::cpu_sample();
+            let start = ws::now_ns();
+            let mut lag = 0;
+            match offered {
+                Offered::Max => {
+                    shared.st.borrow_mut().end = start + window.as_nanos() as u64;
+                    for c in conns {
+                        let mut st = shared.st.borrow_mut();
+                        st.sent += 1;
+                        let bytes = st.frame.stamp(ws::now_ns());
+                        c.out.push(&c.s, bytes);
+                    }
+                    tokio::time::sleep(window).await;
+                }
+                Offered::Rate(rate) => {
+                    let total = (window.as_secs_f64() * rate).floor() as u64;
+                    let mut sched = Schedule::new(rate);
+                    let mut pacer = Pacer::new()?;
+                    let mut k = 0;
+                    while k < total {
+                        let n = sched.next(&mut pacer, k, total - k).await?;
+                        let mut st = shared.st.borrow_mut();
+                        for j in k..k + n {
+                            let c = &conns[(j % active as u64) as usize];
+                            let bytes = st.frame.stamp(ws::now_ns());
+                            c.out.push(&c.s, bytes);
+                        }
+                        st.sent += n;
+                        k += n;
+                    }
+                    lag = sched.max_lag;
+                }
+            }
+            let secs = (ws::now_ns() - start) as f64 / 1e9;
+            let cpu = sys::cpu_sample().since(&cpu0);
+            self.drain().await;
+            Ok((secs, cpu, lag))
+        })?;
+        let st = self.shared.st.borrow();
+        Ok(Measure {
+            offered: offered.rate(),
+            done: st.received,
+            bytes: st.received * 2 * size as u64,
+            secs,
+            rate: st.received as f64 / secs,
+            latency: latency(&st.hist),
+            lost: st.sent.saturating_sub(st.received),
+            max_lag_ms: lag as f64 / 1e6,
+            cpu,
+            ..Measure::default()
+        })
+    }
+
+    /// The upstream pushes one `size`-byte message to every connection of the session per round:
+    /// closed loop (the next round once every connection has the last one, or after 5 s) or at
+    /// `offered` delivered messages per second (rounds at offered / connections per second).
+    pub fn broadcast(&mut self, size: usize, offered: Offered, window: Duration) -> Result<Measure> {
+        self.check_conns()?;
+        let n = self.conns.len() as u64;
+        let mut trigger = Frame::new(OP_TEXT, format!("B {size}").as_bytes(), true);
+        self.begin(Mode::Broadcast, Frame::binary(8, true));
+        let c0 = self.conns[0].clone();
+        let shared = &self.shared;
+        let (secs, cpu, lag, slow) = self.run(window, async {
+            let cpu0 = sys::cpu_sample();
+            let start = ws::now_ns();
+            let end = start + window.as_nanos() as u64;
+            let mut lag = 0;
+            let mut slow = 0u64;
+            match offered {
+                Offered::Max => {
+                    while ws::now_ns() < end {
+                        let progress = shared.progress.notified();
+                        {
+                            let mut st = shared.st.borrow_mut();
+                            st.sent += n;
+                            st.target = st.sent;
+                        }
+                        c0.out.push(&c0.s, trigger.bytes());
+                        if timeout(Duration::from_secs(5), async {
+                            let mut progress = std::pin::pin!(progress);
+                            loop {
+                                progress.as_mut().await;
+                                let st = shared.st.borrow();
+                                if st.received >= st.target {
+                                    return;
+                                }
+                                drop(st);
+                                progress.set(shared.progress.notified());
+                            }
+                        })
+                        .await
+                        .is_err()
+                        {
+                            slow += 1;
+                            break;
+                        }
+                    }
+                }
+                Offered::Rate(rate) => {
+                    let rounds = (window.as_secs_f64() * rate / n as f64).floor().max(1.0) as u64;
+                    let mut sched = Schedule::new(rate / n as f64);
+                    let mut pacer = Pacer::new()?;
+                    let mut k = 0;
+                    while k < rounds {
+                        let due = sched.next(&mut pacer, k, rounds - k).await?;
+                        for _ in 0..due {
+                            shared.st.borrow_mut().sent += n;
+                            c0.out.push(&c0.s, trigger.stamp(0));
+                        }
+                        k += due;
+                    }
+                    lag = sched.max_lag;
+                }
+            }
+            let secs = (ws::now_ns() - start) as f64 / 1e9;
+            let cpu = sys::cpu_sample().since(&cpu0);
+            self.drain().await;
+            Ok((secs, cpu, lag, slow))
+        })?;
+        let st = self.shared.st.borrow();
+        Ok(Measure {
+            offered: offered.rate(),
+            done: st.received,
+            bytes: st.received * size as u64,
+            secs,
+            rate: st.received as f64 / secs,
+            latency: latency(&st.hist),
+            lost: st.sent.saturating_sub(st.received),
+            errors: slow,
+            first_error: (slow > 0).then(|| "a broadcast round was not delivered within 5 s".to_owned()),
+            max_lag_ms: lag as f64 / 1e6,
+            cpu,
+        })
+    }
+
+    /// `size`-byte messages from the first connection to the upstream, which counts them: as fast
+    /// as the socket takes them, or at `offered` bytes per second. Done when the upstream's count
+    /// of the bytes has come back.
+    pub fn sink(&mut self, size: usize, offered: Offered, window: Duration) -> Result<Measure> {
+        self.check_conns()?;
+        let frame = Frame::binary(size, true);
+        let sink_frame = Frame::new(OP_TEXT, b"SINK", true);
+        let end_frame = Frame::new(OP_TEXT, b"END", true);
+        self.begin(Mode::Sink, Frame::binary(8, true));
+        let c = self.conns[0].clone();
+        let shared = &self.shared;
+        let (secs, cpu, lag, sent, count) = self.run(window + Duration::from_secs(30), async {
+            c.out.push(&c.s, sink_frame.bytes());
+            let cpu0 = sys::cpu_sample();
+            let start = ws::now_ns();
+            let end = start + window.as_nanos() as u64;
+            let mut sent = 0u64;
+            let mut lag = 0;
+            match offered {
+                Offered::Max => {
+                    while ws::now_ns() < end {
+                        c.out.below(SINK_QUEUE).await;
+                        if c.out.broken() {
+                            bail!("the connection failed");
+                        }
+                        c.out.push(&c.s, frame.bytes());
+                        sent += size as u64;
+                    }
+                }
+                Offered::Rate(rate) => {
+                    let total = (window.as_secs_f64() * rate / size as f64).floor().max(1.0) as u64;
+                    let mut sched = Schedule::new(rate / size as f64);
+                    let mut pacer = Pacer::new()?;
+                    let mut k = 0;
+                    while k < total {
+                        let n = sched.next(&mut pacer, k, total - k).await?;
+                        for _ in 0..n {
+                            c.out.push(&c.s, frame.bytes());
+                        }
+                        sent += n * size as u64;
+                        k += n;
+                    }
+                    lag = sched.max_lag;
+                }
+            }
+            let progress = shared.progress.notified();
+            c.out.push(&c.s, end_frame.bytes());
+            let mut progress = std::pin::pin!(progress);
+            let count = loop {
+                if let Some(n) = shared.st.borrow().count {
+                    break n;
+                }
+                progress.as_mut().await;
+                progress.set(shared.progress.notified());
+            };
+            let secs = (ws::now_ns() - start) as f64 / 1e9;
+            let cpu = sys::cpu_sample().since(&cpu0);
+            Ok((secs, cpu, lag, sent, count))
+        })?;
+        if count != sent {
+            bail!("the upstream counted {count} bytes of {sent}");
+        }
+        Ok(Measure {
+            offered: offered.rate(),
+            done: count,
+            bytes: count,
+            secs,
+            rate: count as f64 / secs,
+            max_lag_ms: lag as f64 / 1e6,
+            cpu,
+            ..Measure::default()
+        })
+    }
+}
+
+/// One connection's reads, for the life of the session (it runs only while a measurement drives
+/// the session's tasks).
+async fn reader(c: Rc<Conn>, shared: Rc<Shared>) {
+    loop {
+        if c.s.readable().await.is_err() {
+            break;
+        }
+        let r = BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            match c.s.try_read(&mut b) {
+                Ok(0) => Err(()),
+                Ok(n) => on_bytes(&c, &shared, &mut b[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                Err(_) => Err(()),
+            }
+        });
+        if r.is_err() {
+            shared.st.borrow_mut().closed_conns += 1;
+            break;
+        }
+    }
+}
+
+fn on_bytes(c: &Conn, shared: &Shared, data: &mut [u8]) -> Result<(), ()> {
+    let mut parser = c.parser.borrow_mut();
+    let mut msg = c.msg.borrow_mut();
+    let (first, stamp, text) = &mut *msg;
+    let mut closed = false;
+    parser
+        .feed(data, &mut |e| match e {
+            Event::Start { first: f, .. } => {
+                *first = f;
+                stamp.start();
+                text.clear();
+            }
+            Event::Payload(p) => {
+                stamp.take(p);
+                if Event::opcode(*first) == OP_TEXT && text.len() < 32 {
+                    text.extend_from_slice(&p[..p.len().min(32 - text.len())]);
+                }
+            }
+            Event::End => {
+                let op = Event::opcode(*first);
+                let mut st = shared.st.borrow_mut();
+                match (op, st.mode) {
+                    (OP_BINARY, Mode::Echo { .. } | Mode::Broadcast) => {
+                        let Some(ts) = stamp.stamp() else { return };
+                        if ts < st.since {
+                            return;
+                        }
+                        let now = ws::now_ns();
+                        let _ = st.hist.record(now.saturating_sub(ts).max(1));
+                        st.received += 1;
+                        if st.mode == (Mode::Echo { closed: true }) && now < st.end {
+                            st.sent += 1;
+                            let bytes = st.frame.stamp(ws::now_ns());
+                            c.out.push(&c.s, bytes);
+                        }
+                        shared.progress.notify_one();
+                    }
+                    (OP_TEXT, Mode::Sink) => {
+                        st.count = std::str::from_utf8(text).ok().and_then(|t| t.parse().ok());
+                        shared.progress.notify_one();
+                    }
+                    (OP_CLOSE, _) => closed = true,
+                    _ => {}
+                }
+            }
+        })
+        .map_err(|_| ())?;
+    if closed { Err(()) } else { Ok(()) }
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. Handshakes
+// Handshakes
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct HandshakeResult {
-    pub completed: u64,
-    pub errors: u64,
-    pub secs: f64,
-    pub per_sec: f64,
-    pub cpu: CpuDelta,
-    pub cpu_us_per_handshake: f64,
-    pub first_error: Option<String>,
+/// Connect, upgrade, one 16-byte echo, close (both close frames, then the TCP close).
+async fn one_handshake(addr: SocketAddr) -> Result<()> {
+    let (mut s, _) = ws::connect(addr, "/echo", HANDSHAKE_TIMEOUT).await?;
+    s.write_all(Frame::binary(16, true).bytes()).await?;
+    let mut parser = Parser::default();
+    let mut buf = [0u8; 512];
+    // Read frames until `want` has ended; EOF ends the close wait too.
+    async fn until(s: &mut TcpStream, parser: &mut Parser, buf: &mut [u8], want: u8) -> Result<()> {
+        loop {
+            let n = s.read(buf).await?;
+            if n == 0 {
+                if want == OP_CLOSE {
+                    return Ok(());
+                }
+                bail!("closed before the echo");
+            }
+            let mut first = 0;
+            let mut got = false;
+            parser.feed(&mut buf[..n], &mut |e| match e {
+                Event::Start { first: f, .. } => first = f,
+                Event::End if Event::opcode(first) == want => got = true,
+                _ => {}
+            })?;
+            if got {
+                return Ok(());
+            }
+        }
+    }
+    until(&mut s, &mut parser, &mut buf, OP_BINARY).await?;
+    s.write_all(Frame::new(OP_CLOSE, &1000u16.to_be_bytes(), true).bytes())
+        .await?;
+    until(&mut s, &mut parser, &mut buf, OP_CLOSE).await?;
+    Ok(())
 }
 
-/// `clients` concurrent loops of: connect, upgrade, one 16-byte echo, close (both close frames,
-/// then the TCP close), for `duration`.
-pub fn handshakes(addr: SocketAddr, clients: usize, duration: Duration) -> Result<HandshakeResult> {
+/// Handshakes through `addr`: at the maximum, `clients` loops one after another each; at a fixed
+/// rate, one started every 1/rate s (at most `HANDSHAKES_IN_FLIGHT` at once; the rest are lost).
+pub fn handshakes(addr: SocketAddr, clients: usize, offered: Offered, window: Duration) -> Result<Measure> {
     #[derive(Default)]
     struct Count {
         ok: u64,
         err: u64,
+        lost: u64,
+        in_flight: usize,
         first_error: Option<String>,
+        hist: Option<Histogram<u64>>,
     }
-    run_local(
-        async move {
-            let count = Rc::new(RefCell::new(Count::default()));
+    let count = Rc::new(RefCell::new(Count {
+        hist: Some(histogram()),
+        ..Count::default()
+    }));
+    let one = move |count: Rc<RefCell<Count>>| async move {
+        let t0 = ws::now_ns();
+        count.borrow_mut().in_flight += 1;
+        let r = timeout(Duration::from_secs(10), one_handshake(addr)).await;
+        let mut c = count.borrow_mut();
+        c.in_flight -= 1;
+        match r {
+            Ok(Ok(())) => {
+                c.ok += 1;
+                let _ = c.hist.as_mut().expect("set").record((ws::now_ns() - t0).max(1));
+                true
+            }
+            Ok(Err(e)) => {
+                c.err += 1;
+                c.first_error.get_or_insert_with(|| format!("{e:#}"));
+                false
+            }
+            Err(_) => {
+                c.err += 1;
+                c.first_error.get_or_insert_with(|| "timed out".into());
+                false
+            }
+        }
+    };
+    let rt = runtime()?;
+    let local = LocalSet::new();
+    let hard = window + Duration::from_secs(60);
+    let (secs, cpu, lag) = local.block_on(&rt, async {
+        timeout(hard, async {
             let cpu0 = sys::cpu_sample();
-            let start = Instant::now();
-            let end = start + duration;
+            let start = ws::now_ns();
+            let end = start + window.as_nanos() as u64;
+            let mut lag = 0;
             let mut tasks = Vec::new();
-            for _ in 0..clients {
-                let count = count.clone();
-                tasks.push(tokio::task::spawn_local(async move {
-                    while Instant::now() < end {
-                        let one = async {
-                            let mut ws = connect(addr, "/echo", true).await?;
-                            ws.send(Message::binary(vec![7u8; 16])).await?;
-                            match ws.next().await {
-                                Some(Ok(Message::Binary(b))) if b.len() == 16 => {}
-                                other => bail!("bad echo: {other:?}"),
-                            }
-                            ws.close(None).await?;
-                            while let Some(Ok(_)) = ws.next().await {}
-                            anyhow::Ok(())
-                        };
-                        match timeout(Duration::from_secs(10), one).await {
-                            Ok(Ok(())) => count.borrow_mut().ok += 1,
-                            Ok(Err(e)) => {
-                                {
-                                    let mut c = count.borrow_mut();
-                                    c.err += 1;
-                                    c.first_error.get_or_insert_with(|| format!("{e:#}"));
+            match offered {
+                Offered::Max => {
+                    for _ in 0..clients {
+                        let count = count.clone();
+                        tasks.push(tokio::task::spawn_local(async move {
+                            while ws::now_ns() < end {
+                                if !one(count.clone()).await {
+                                    // A refused or failed handshake: do not spin on it.
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
                                 }
-                                tokio::time::sleep(Duration::from_millis(10)).await;
                             }
-                            Err(_) => {
-                                let mut c = count.borrow_mut();
-                                c.err += 1;
-                                c.first_error.get_or_insert_with(|| "timed out".into());
+                        }));
+                    }
+                    for t in tasks.drain(..) {
+                        let _ = t.await;
+                    }
+                }
+                Offered::Rate(rate) => {
+                    let total = (window.as_secs_f64() * rate).floor() as u64;
+                    let mut sched = Schedule::new(rate);
+                    let mut pacer = Pacer::new()?;
+                    let mut k = 0;
+                    while k < total {
+                        let n = sched.next(&mut pacer, k, total - k).await?;
+                        for _ in 0..n {
+                            if count.borrow().in_flight >= HANDSHAKES_IN_FLIGHT {
+                                count.borrow_mut().lost += 1;
+                            } else {
+                                let f = one(count.clone());
+                                tasks.push(tokio::task::spawn_local(async move {
+                                    f.await;
+                                }));
                             }
                         }
+                        k += n;
                     }
-                }));
+                    lag = sched.max_lag;
+                }
             }
+            let secs = (ws::now_ns() - start) as f64 / 1e9;
+            let cpu = sys::cpu_sample().since(&cpu0);
             for t in tasks {
                 let _ = t.await;
             }
-            let cpu = sys::cpu_sample().since(&cpu0);
-            let secs = start.elapsed().as_secs_f64();
-            let c = count.borrow();
-            Ok(HandshakeResult {
-                completed: c.ok,
-                errors: c.err,
-                secs,
-                per_sec: c.ok as f64 / secs,
-                cpu_us_per_handshake: per_msg_us(&cpu, c.ok),
-                cpu,
-                first_error: c.first_error.clone(),
-            })
-        },
-        duration,
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// 5. Idle memory
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct IdleResult {
-    pub conns: usize,
-    /// The proxy's RSS with every connection open (bytes); 0 for direct.
-    pub proxy_rss: u64,
-    /// Kernel memory (slab, kernel stacks, page tables) with the connections open minus before.
-    pub kernel_delta: i64,
-}
-
-/// Opens `conns` connections through `addr`, leaves them idle for `settle`, then reads the proxy's
-/// RSS and the kernel's memory, and closes them all.
-pub fn idle(addr: SocketAddr, conns: usize, settle: Duration, proxy_pid: Option<u32>) -> Result<IdleResult> {
-    let rt = runtime()?;
-    let hard = settle * 2 + Duration::from_secs(120);
-    rt.block_on(async {
-        timeout(hard, async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let before = sys::kernel_memory();
-            let sockets = connect_many(addr, "/echo", conns, 128, true).await?;
-            tokio::time::sleep(settle).await;
-            let kernel_delta = sys::kernel_memory() as i64 - before as i64;
-            let proxy_rss = match proxy_pid {
-                Some(pid) => sys::rss(pid)?,
-                None => 0,
-            };
-            drop(sockets);
-            // Let every contender take the closes down before the next measurement.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            anyhow::Ok(IdleResult {
-                conns,
-                proxy_rss,
-                kernel_delta,
-            })
+            anyhow::Ok((secs, cpu, lag))
         })
         .await
-        .map_err(|_| anyhow!("idle run timed out"))?
+        .map_err(|_| anyhow!("handshakes run timed out after {hard:?}"))?
+    })?;
+    let c = count.borrow();
+    Ok(Measure {
+        offered: offered.rate(),
+        done: c.ok,
+        bytes: 0,
+        secs,
+        rate: c.ok as f64 / secs,
+        latency: c.hist.as_ref().and_then(latency),
+        lost: c.lost + c.err,
+        errors: c.err,
+        first_error: c.first_error.clone(),
+        max_lag_ms: lag as f64 / 1e6,
+        cpu,
     })
 }

@@ -1,16 +1,23 @@
-//! `wsproxy-bench`: the benchmark of wsproxy against nginx, HAProxy and a direct connection.
+//! `wsproxy-bench`: the benchmark of wsproxy against nginx, HAProxy, Caddy and a direct
+//! connection, in three network topologies.
 //!
-//! `run` does everything (`cargo xtask bench` calls it); the other subcommands are its parts, for
-//! trying one measurement by hand against any `ws://` address on loopback.
+//! `run` does everything (`cargo xtask bench` calls it); `upstream` and `measure` are its parts,
+//! for trying one measurement by hand against any `ws://` address.
 
 mod contenders;
+mod figures;
 mod load;
+mod plan;
 mod plot;
+mod profile;
 mod report;
+mod results;
 mod run;
 mod stats;
 mod sys;
+mod topology;
 mod upstream;
+mod ws;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,9 +41,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The whole benchmark: start the upstream and every contender, run every workload, write the report
+    /// The whole benchmark: per topology, start the upstream and every contender, run every workload, write the report
     Run {
-        /// Smoke run: fewer runs, shorter windows, fewer idle connections (< 5 min)
+        /// Smoke run: 1 run, short windows, 1,000 connections in the largest group (< 5 min)
         #[arg(long)]
         quick: bool,
         /// The wsproxy binary (release build)
@@ -45,19 +52,25 @@ enum Cmd {
         /// Where latest.md, latest.json and the plots go
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
-        /// Only these workloads (bulk, echo, closed, handshakes, idle), comma-separated
+        /// Only these workloads (ids as in the report, e.g. bulk,closed,idle), comma-separated
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
-        /// Only these contenders (direct, wsproxy-kernel, wsproxy-userspace, nginx, haproxy, haproxy-splice)
+        /// Only these contenders (direct, wsproxy-kernel, wsproxy-userspace, nginx, haproxy, haproxy-splice, caddy)
         #[arg(long, value_delimiter = ',')]
         contenders: Vec<String>,
-        /// Runs per measurement (default: 5, quick: 2)
+        /// Only these topologies (loopback, veth, veth-rps), comma-separated
+        #[arg(long, value_delimiter = ',')]
+        topologies: Vec<String>,
+        /// Measured runs per workload (default: 5, quick: 1)
         #[arg(long)]
         runs: Option<usize>,
-        /// Keep the other workloads' results from the previous latest.json (to re-run one workload)
+        /// After the runs, profile one fixed-load measurement per contender and workload with
+        /// `perf record -a -g` into OUT/profiles/ (best with --runs 0 and its own --out)
         #[arg(long)]
-        merge: bool,
+        profile: bool,
     },
+    /// Remove network namespaces an interrupted run may have left (`wspb-*`); idempotent
+    Cleanup,
     /// Rewrite latest.md and the plots from latest.json (e.g. after editing bench/analysis.md)
     Report {
         #[arg(long, default_value = "bench/results")]
@@ -68,56 +81,17 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
-    /// One connection sending SIZE-byte messages to TARGET/sink for SECS
-    Bulk {
+    /// One workload of the plan (`--workload`, ids as in the report) against TARGET: at the
+    /// maximum, or at `--rate` units per second; prints the measurement as JSON
+    Measure {
         #[arg(long)]
         target: SocketAddr,
-        #[arg(long, default_value_t = 65536)]
-        size: usize,
+        #[arg(long)]
+        workload: String,
+        #[arg(long)]
+        rate: Option<f64>,
         #[arg(long, default_value_t = 3.0)]
         secs: f64,
-    },
-    /// Open-loop echo at RATE messages per second over CONNS connections
-    Echo {
-        #[arg(long)]
-        target: SocketAddr,
-        #[arg(long)]
-        rate: f64,
-        #[arg(long, default_value_t = 1)]
-        conns: usize,
-        #[arg(long, default_value_t = 128)]
-        size: usize,
-        #[arg(long, default_value_t = 3.0)]
-        secs: f64,
-    },
-    /// Closed-loop echo: CONNS connections with one message in flight each
-    ClosedLoop {
-        #[arg(long)]
-        target: SocketAddr,
-        #[arg(long, default_value_t = 1000)]
-        conns: usize,
-        #[arg(long, default_value_t = 128)]
-        size: usize,
-        #[arg(long, default_value_t = 3.0)]
-        secs: f64,
-    },
-    /// Handshakes per second: CLIENTS loops of connect, upgrade, one echo, close
-    Handshakes {
-        #[arg(long)]
-        target: SocketAddr,
-        #[arg(long, default_value_t = 50)]
-        clients: usize,
-        #[arg(long, default_value_t = 3.0)]
-        secs: f64,
-    },
-    /// Open CONNS idle connections; with --pid, report that process's RSS
-    Idle {
-        #[arg(long)]
-        target: SocketAddr,
-        #[arg(long, default_value_t = 10000)]
-        conns: usize,
-        #[arg(long)]
-        pid: Option<u32>,
     },
 }
 
@@ -135,12 +109,14 @@ fn main() -> Result<()> {
             out,
             only,
             contenders,
+            topologies,
             runs,
-            merge,
+            profile,
         } => {
+            let ids = run::known_ids(quick);
             for w in &only {
-                if !run::WORKLOADS.contains(&w.as_str()) {
-                    bail!("unknown workload {w:?}: one of {:?}", run::WORKLOADS);
+                if !ids.contains(w) {
+                    bail!("unknown workload {w:?}: one of {ids:?}");
                 }
             }
             let kinds = if contenders.is_empty() {
@@ -152,6 +128,13 @@ fn main() -> Result<()> {
                 }
                 ks
             };
+            let mut tops = Vec::new();
+            for t in &topologies {
+                tops.push(
+                    topology::Topology::from_name(t)
+                        .ok_or_else(|| anyhow::anyhow!("unknown topology {t:?}: loopback, veth or veth-rps"))?,
+                );
+            }
             let wsproxy = std::fs::canonicalize(&wsproxy).map_err(|e| {
                 anyhow::anyhow!(
                     "{}: {e} (build it: cargo build --release -p wsproxy)",
@@ -164,47 +147,30 @@ fn main() -> Result<()> {
                 out,
                 only,
                 contenders: kinds,
+                topologies: tops,
                 runs,
-                merge,
+                profile,
             })
         }
+        Cmd::Cleanup => topology::cleanup(),
         Cmd::Report { out } => {
             let text = std::fs::read_to_string(out.join("latest.json"))?;
-            let results: run::Results = serde_json::from_str(&text)?;
-            report::write(&results, &out)
+            let mut results: results::Results = serde_json::from_str(&text)?;
+            report::write(&mut results, &out)
         }
         Cmd::Upstream { listen } => {
             sys::raise_nofile(200_000);
             upstream::run(listen)
         }
-        Cmd::Bulk { target, size, secs: s } => print(load::bulk(target, size, secs(s))),
-        Cmd::Echo {
+        Cmd::Measure {
             target,
+            workload,
             rate,
-            conns,
-            size,
             secs: s,
         } => {
             sys::raise_nofile(200_000);
-            print(load::echo(target, conns, size, rate, secs(s)))
-        }
-        Cmd::ClosedLoop {
-            target,
-            conns,
-            size,
-            secs: s,
-        } => {
-            sys::raise_nofile(200_000);
-            print(load::closed_loop(target, conns, size, secs(s)))
-        }
-        Cmd::Handshakes {
-            target,
-            clients,
-            secs: s,
-        } => print(load::handshakes(target, clients, secs(s))),
-        Cmd::Idle { target, conns, pid } => {
-            sys::raise_nofile(200_000);
-            print(load::idle(target, conns, Duration::from_secs(1), pid))
+            let offered = rate.map_or(load::Offered::Max, load::Offered::Rate);
+            print(run::measure_alone(target, &workload, offered, secs(s)))
         }
     }
 }

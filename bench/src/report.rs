@@ -1,384 +1,159 @@
-//! `latest.md` and the PNG plots, from the raw results.
+//! `latest.json`, `latest.md` and the PNG plots, all drawn from the same derived figures.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
 
 use anyhow::Result;
 
+use crate::figures::{self, DIRECT, Figure, Verdict, metric};
+use crate::plan::{Plan, Shape, Workload};
 use crate::plot::{self, Bar, Panel};
-use crate::run::{EchoCell, Results};
-use crate::stats::{Summary, fmt_int, fmt_num, fmt_ratio, fmt_summary, ratio};
+use crate::results::{Results, TopologyResult};
+use crate::stats::{Summary, fmt_int, fmt_num, fmt_summary};
 
 pub const KERNEL: &str = "wsproxy-kernel";
-pub const DIRECT: &str = "direct";
-pub const NGINX: &str = "nginx";
-pub const RIVALS: [&str; 3] = ["nginx", "haproxy", "haproxy-splice"];
+/// The hand-written closing analysis, embedded in the report.
+const ANALYSIS: &str = "analysis.md";
 
-/// One metric of one table: a summary per contender.
-#[derive(Debug, Clone)]
-pub struct Metric {
-    pub unit: String,
-    pub higher_is_better: bool,
-    pub by: BTreeMap<String, Summary>,
+/// Recomputes the figures, writes `latest.json`, `latest.md` and the plots into `out`.
+pub fn write(r: &mut Results, out: &Path) -> Result<()> {
+    r.figures = figures::derive(r);
+    fs::create_dir_all(out)?;
+    fs::write(out.join("latest.json"), serde_json::to_string_pretty(r)?)?;
+    let analysis = fs::read_to_string(out.parent().unwrap_or(out).join(ANALYSIS)).unwrap_or_default();
+    fs::write(out.join("latest.md"), markdown(r, &analysis))?;
+    plots(r, out)
 }
 
-impl Metric {
-    fn new<T>(unit: &str, higher: bool, runs: &BTreeMap<String, Vec<T>>, f: impl Fn(&T) -> f64) -> Metric {
-        let by = runs
-            .iter()
-            .filter_map(|(c, rs)| Summary::of(&rs.iter().map(&f).collect::<Vec<_>>()).map(|s| (c.clone(), s)))
-            .collect();
-        Metric {
-            unit: unit.into(),
-            higher_is_better: higher,
-            by,
-        }
-    }
+fn plan(r: &Results) -> Plan {
+    r.plan.clone().unwrap_or_else(|| Plan::new(false))
+}
 
-    fn median(&self, c: &str) -> Option<f64> {
-        self.by.get(c).map(|s| s.median)
-    }
-
-    fn cell(&self, c: &str) -> String {
-        self.by.get(c).map_or_else(|| "–".into(), fmt_summary)
-    }
-
-    fn vs(&self, c: &str, base: &str) -> String {
-        match self.median(c) {
-            Some(v) => fmt_ratio(ratio(v, self.median(base))),
-            None => "–".into(),
-        }
-    }
-
-    fn panel(&self, title: &str, contenders: &[String]) -> Panel {
-        Panel {
-            title: title.into(),
-            unit: self.unit.clone(),
-            higher_is_better: self.higher_is_better,
-            bars: contenders
-                .iter()
-                .map(|c| {
-                    let s = self.by.get(c);
-                    Bar {
-                        label: c.clone(),
-                        median: s.map_or(f64::NAN, |s| s.median),
-                        min: s.map_or(f64::NAN, |s| s.min),
-                        max: s.map_or(f64::NAN, |s| s.max),
-                        highlight: c == KERNEL,
-                    }
-                })
-                .collect(),
-        }
-    }
-
-    /// How wsproxy-kernel compares with the best rival on this metric, in one sentence; `None`
-    /// when either side has no result.
-    pub fn verdict(&self, what: &str) -> Option<(bool, String)> {
-        let k = self.by.get(KERNEL)?;
-        let better = |a: f64, b: f64| if self.higher_is_better { a > b } else { a < b };
-        let rivals: Vec<(&str, &Summary)> = RIVALS.iter().filter_map(|r| self.by.get(*r).map(|s| (*r, s))).collect();
-        if rivals.is_empty() {
-            return None;
-        }
-        let (best_name, best) = rivals
-            .iter()
-            .copied()
-            .reduce(|a, b| if better(b.1.median, a.1.median) { b } else { a })?;
-        let ahead = better(k.median, best.median);
-        let overlap = k.min <= best.max && best.min <= k.max;
-        let pct = (k.median / best.median - 1.0) * 100.0;
-        let noise = if overlap { " (the min–max ranges overlap)" } else { "" };
-        let text = if ahead {
-            format!(
-                "{what}: **ahead** of every rival ({} {} vs best rival {best_name} {}; {pct:+.0} %){noise}",
-                fmt_num(k.median),
-                self.unit,
-                fmt_num(best.median)
-            )
-        } else {
-            format!(
-                "{what}: **behind** {best_name} ({} {} vs {}; {pct:+.0} %){noise}",
-                fmt_num(k.median),
-                self.unit,
-                fmt_num(best.median)
-            )
-        };
-        Some((ahead, text))
+/// The per-unit figure a workload is judged by: per GB for byte streams and large messages,
+/// per message (or handshake) otherwise.
+fn headline(w: &Workload) -> (&'static str, &'static str, &'static str) {
+    match w.shape {
+        Shape::Sink { .. } => (metric::ADDED_CPU_PER_GB, metric::CPU_PER_GB, "CPU ms/GB"),
+        Shape::Echo { size, .. } if size >= 1 << 20 => (metric::ADDED_CPU_PER_GB, metric::CPU_PER_GB, "CPU ms/GB"),
+        Shape::Handshakes { .. } => (metric::ADDED_CPU_PER_UNIT, metric::CPU_PER_UNIT, "CPU µs/handshake"),
+        _ => (metric::ADDED_CPU_PER_UNIT, metric::CPU_PER_UNIT, "CPU µs/msg"),
     }
 }
 
-fn echo_metrics(cell: &EchoCell) -> [Metric; 5] {
-    [
-        Metric::new("µs", false, &cell.runs, |r| r.p50_us),
-        Metric::new("µs", false, &cell.runs, |r| r.p99_us),
-        Metric::new("µs", false, &cell.runs, |r| r.p999_us),
-        Metric::new("µs", false, &cell.runs, |r| r.cpu_us_per_msg),
-        Metric::new("msg/s", true, &cell.runs, |r| r.rate),
-    ]
-}
-
-/// "CPU 0 / CPU 1" busy percentages (medians of the runs) of echo-like results.
-fn cpu_split(runs: Option<&Vec<crate::load::EchoResult>>) -> String {
-    let busy = |i: usize| {
-        Summary::of(&runs.map_or(vec![], |rs| {
-            rs.iter()
-                .map(|e| e.cpu.per_cpu_busy.get(i).copied().unwrap_or(f64::NAN) * 100.0)
-                .collect::<Vec<_>>()
-        }))
-        .map(|s| s.median)
-    };
-    match (busy(0), busy(1)) {
-        (Some(a), Some(b)) => format!("{a:.0} % / {b:.0} %"),
-        _ => "–".into(),
-    }
-}
-
-/// Every measurement window's CPU accounting.
-fn all_cpu(r: &Results) -> Vec<&crate::sys::CpuDelta> {
-    let mut v: Vec<&crate::sys::CpuDelta> = r.bulk.values().flatten().map(|b| &b.cpu).collect();
-    v.extend(r.echo.iter().flat_map(|c| c.runs.values().flatten()).map(|e| &e.cpu));
-    v.extend(r.closed.values().flatten().map(|e| &e.cpu));
-    v.extend(r.handshakes.values().flatten().map(|h| &h.cpu));
-    v
-}
-
-fn size_name(size: usize) -> String {
-    if size >= 1024 && size.is_multiple_of(1024) {
-        format!("{} KiB", size / 1024)
+/// Per-GB figures are printed in milliseconds per GB (the JSON keeps seconds).
+fn scale(m: &str) -> f64 {
+    if m == metric::ADDED_CPU_PER_GB || m == metric::CPU_PER_GB {
+        1e3
     } else {
-        format!("{size} B")
+        1.0
     }
 }
 
-fn added(m: &Metric, c: &str) -> String {
-    match (m.median(c), m.median(DIRECT)) {
-        (Some(v), Some(d)) if c != DIRECT => {
-            let diff = v - d;
-            if diff >= 0.0 {
-                format!("+{}", fmt_num(diff))
-            } else {
-                fmt_num(diff)
-            }
-        }
-        _ => "–".into(),
-    }
+fn cell(f: Option<&Figure>, k: f64) -> String {
+    f.map_or_else(
+        || "–".into(),
+        |f| {
+            fmt_summary(&Summary {
+                median: f.summary.median * k,
+                min: f.summary.min * k,
+                max: f.summary.max * k,
+                runs: f.summary.runs,
+            })
+        },
+    )
 }
 
-fn table(out: &mut String, header: &[&str], rows: Vec<Vec<String>>) {
-    let _ = writeln!(out, "| {} |", header.join(" | "));
-    let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
+fn table(md: &mut String, head: &[String], rows: Vec<Vec<String>>) {
+    let _ = writeln!(md, "| {} |", head.join(" | "));
+    let _ = writeln!(md, "|{}|", head.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
     for r in rows {
-        let _ = writeln!(out, "| {} |", r.join(" | "));
+        let _ = writeln!(md, "| {} |", r.join(" | "));
     }
-    out.push('\n');
+    md.push('\n');
 }
 
-pub struct Tables {
-    pub bulk_mbs: Metric,
-    pub bulk_cpu: Metric,
-    pub closed_rate: Metric,
-    pub closed_cpu: Metric,
-    pub hs_rate: Metric,
-    pub hs_cpu: Metric,
-    pub idle_bytes: Metric,
-}
-
-pub fn tables(r: &Results) -> Tables {
-    let idle_conns = r.plan.as_ref().map_or(1, |p| p.idle_conns).max(1) as f64;
-    Tables {
-        bulk_mbs: Metric::new("MB/s", true, &r.bulk, |b| b.mb_per_s),
-        bulk_cpu: Metric::new("CPU s/GB", false, &r.bulk, |b| b.cpu.ours() / (b.bytes as f64 / 1e9)),
-        closed_rate: Metric::new("msg/s", true, &r.closed, |e| e.rate),
-        closed_cpu: Metric::new("µs", false, &r.closed, |e| e.cpu_us_per_msg),
-        hs_rate: Metric::new("1/s", true, &r.handshakes, |h| h.per_sec),
-        hs_cpu: Metric::new("µs", false, &r.handshakes, |h| h.cpu_us_per_handshake),
-        idle_bytes: Metric::new("bytes", false, &r.idle, |i| {
-            let rss = i.result.proxy_rss.saturating_sub(i.rss_at_start) as f64;
-            (rss + i.result.kernel_delta as f64) / idle_conns
-        }),
+fn unit_rate(w: &Workload, rate: f64) -> String {
+    match w.shape {
+        Shape::Sink { .. } => format!("{} MB/s", fmt_num(rate / 1e6)),
+        s => format!("{}/s", fmt_num(rate)).replace("/s", &format!(" {}/s", s.unit())),
     }
 }
 
-/// The main table: one row per contender, the headline number of each workload.
-pub fn main_table(r: &Results) -> String {
-    let t = tables(r);
-    let cell = |cs: &[EchoCell], conns: usize, size: usize| {
-        cs.iter().find(|c| c.conns == conns && c.size == size).map(echo_metrics)
-    };
-    let e1 = cell(&r.echo, 1, 128);
-    let e1000 = cell(&r.echo, 1000, 128);
-    let with_nginx = |m: &Metric, c: &str| match m.median(c) {
-        Some(v) if c != NGINX => format!("{} ({})", fmt_num(v), m.vs(c, NGINX)),
-        Some(v) => fmt_num(v),
-        None => "–".into(),
-    };
-    let p99 = |e: &Option<[Metric; 5]>, c: &str| e.as_ref().map_or("–".into(), |m| with_nginx(&m[1], c));
-    let idle_added = |c: &str| match (t.idle_bytes.median(c), t.idle_bytes.median(DIRECT)) {
-        (Some(v), Some(d)) if c != DIRECT => fmt_num(v - d),
-        (Some(_), _) => "0".into(),
-        _ => "–".into(),
-    };
-    let mut out = String::new();
-    let rows = r
-        .contenders
-        .iter()
-        .map(|c| {
-            vec![
-                format!("**{c}**"),
-                with_nginx(&t.bulk_mbs, c),
-                with_nginx(&t.bulk_cpu, c),
-                p99(&e1, c),
-                p99(&e1000, c),
-                with_nginx(&t.closed_rate, c),
-                with_nginx(&t.hs_rate, c),
-                idle_added(c),
-            ]
-        })
-        .collect();
-    table(
-        &mut out,
-        &[
-            "contender",
-            "bulk MB/s",
-            "bulk CPU s/GB",
-            "echo p99 µs, 1 conn × 128 B",
-            "echo p99 µs, 1,000 conns × 128 B",
-            "closed loop msg/s",
-            "handshakes/s",
-            "idle bytes/conn over direct",
-        ],
-        rows,
-    );
-    out.push_str("Medians of the runs; in parentheses the ratio to nginx. Bulk MB/s, closed-loop msg/s and handshakes/s: higher is better; the rest: lower is better.\n");
-    out
-}
-
-/// Whether direct beats every proxy on each workload's headline number.
-pub fn generator_check(r: &Results) -> Vec<String> {
-    let t = tables(r);
-    let mut out = Vec::new();
-    let mut check = |what: &str, m: &Metric| {
-        let Some(d) = m.median(DIRECT) else { return };
-        let better = |a: f64, b: f64| if m.higher_is_better { a > b } else { a < b };
-        let best =
-            m.by.iter()
-                .filter(|(c, _)| c.as_str() != DIRECT)
-                .map(|(c, s)| (c.clone(), s.median))
-                .reduce(|a, b| if better(b.1, a.1) { b } else { a });
-        let Some((name, v)) = best else { return };
-        if better(d, v) {
-            out.push(format!(
-                "{what}: yes, direct {} vs best proxy {name} {} {}",
-                fmt_num(d),
-                fmt_num(v),
-                m.unit
-            ));
-        } else {
-            out.push(format!(
-                "{what}: **no**, best proxy {name} {} vs direct {} {}: this workload is bound by CPU 0 (generator and upstream); \
-                 a proxy moves part of the TCP work to CPU 1, so direct is no upper bound here and the proxies' numbers say more \
-                 about how much they offload from CPU 0 than about their own cost",
-                fmt_num(v),
-                fmt_num(d),
-                m.unit
-            ));
-        }
-    };
-    check("bulk MB/s", &t.bulk_mbs);
-    for cell in &r.echo {
-        let em = echo_metrics(cell);
-        check(
-            &format!("echo {} × {}, p99", fmt_int(cell.conns), size_name(cell.size)),
-            &em[1],
-        );
-    }
-    check("closed loop msg/s", &t.closed_rate);
-    check("handshakes/s", &t.hs_rate);
-    out
-}
-
-/// The goals of the issue, checked against the numbers.
-pub fn goals(r: &Results) -> (Vec<String>, Vec<String>) {
-    let t = tables(r);
-    let mut ahead = Vec::new();
-    let mut behind = Vec::new();
-    let mut push = |v: Option<(bool, String)>| {
-        if let Some((ok, text)) = v {
-            if ok { ahead.push(text) } else { behind.push(text) }
-        }
-    };
-    push(t.bulk_mbs.verdict("bulk throughput"));
-    push(t.bulk_cpu.verdict("bulk CPU per GB"));
-    for cell in &r.echo {
-        let m = echo_metrics(cell);
-        let what = format!("echo {} conn(s) × {}", fmt_int(cell.conns), size_name(cell.size));
-        push(m[1].verdict(&format!("{what}, p99")));
-        push(m[3].verdict(&format!("{what}, CPU per message")));
-    }
-    push(t.closed_rate.verdict("closed loop msg/s"));
-    push(t.hs_rate.verdict("handshakes/s"));
-    push(t.idle_bytes.verdict("idle memory per connection"));
-    if let (Some(k), Some(d)) = (t.bulk_mbs.median(KERNEL), t.bulk_mbs.median(DIRECT)) {
-        let pct = (k / d - 1.0) * 100.0;
-        let text = format!(
-            "bulk throughput vs direct: {} vs {} MB/s ({pct:+.0} %)",
-            fmt_num(k),
-            fmt_num(d)
-        );
-        if pct >= -10.0 {
-            ahead.push(format!("{text}: **within 10 %** of direct"));
-        } else {
-            behind.push(format!("{text}: **not within 10 %** of direct"));
+/// Direct must be clearly ahead of every proxy: its range of maxima lies above every proxy's.
+/// Returns (passed, text) per workload.
+pub fn generator_check(fs: &[Figure], t: &str, w: &str, contenders: &[String]) -> Option<(bool, String)> {
+    let d = figures::find(fs, t, w, metric::MAX_RATE, DIRECT)?;
+    let mut worst: Option<(&str, &Figure)> = None;
+    for c in contenders.iter().filter(|c| c.as_str() != DIRECT) {
+        if let Some(f) = figures::find(fs, t, w, metric::MAX_RATE, c)
+            && worst.is_none_or(|(_, b)| f.summary.max > b.summary.max)
+        {
+            worst = Some((c, f));
         }
     }
-    (ahead, behind)
+    let (name, p) = worst?;
+    let pass = d.summary.min > p.summary.max;
+    Some((
+        pass,
+        format!(
+            "{} direct {:.2}× the fastest proxy ({name})",
+            if pass { "ok:" } else { "**FAIL**:" },
+            d.summary.median / p.summary.median
+        ),
+    ))
 }
 
-pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
-    let mut md = String::new();
-    let plan = r.plan.clone().unwrap_or_else(|| crate::run::Plan::new(false));
-    let t = tables(r);
+fn verdict_text(k: &Figure, o: &Figure) -> String {
+    let ratio = if o.summary.median.abs() > 0.0 {
+        format!(" {:.2}×", k.summary.median / o.summary.median)
+    } else {
+        String::new()
+    };
+    match figures::compare(&k.summary, &o.summary, k.higher_is_better) {
+        Verdict::Even => "even".into(),
+        Verdict::Better => format!("**better**{ratio}"),
+        Verdict::Worse => format!("worse{ratio}"),
+    }
+}
+
+fn markdown(r: &Results, analysis: &str) -> String {
+    let p = plan(r);
+    let fs = &r.figures;
     let cs = &r.contenders;
+    let proxies: Vec<String> = cs.iter().filter(|c| c.as_str() != DIRECT).cloned().collect();
+    let mut md = String::new();
     let m = &r.machine;
     let v = &r.versions;
-    let kind = if plan.quick { "Quick smoke run" } else { "Full run" };
     let _ = writeln!(md, "# wsproxy benchmark: latest results\n");
     let _ = writeln!(
         md,
-        "{kind}: {} run(s) per measurement, each number the **median [min–max]** of the runs. Started {}, took {:.1} min. \
-         Reproduce with `cargo xtask bench` (full) or `cargo xtask bench --quick` (fewer runs, 1 s windows, {} idle connections: a smoke test, not numbers to quote).\n",
-        plan.runs,
+        "{}: one calibration run, then {} measured runs per workload and contender, interleaved; every figure is the \
+         **median [min–max]** of the runs. Started {}, took {:.1} min. Reproduce with `cargo xtask bench` (full run, under \
+         40 minutes) or `cargo xtask bench --quick` (a smoke run, under 5 minutes: not numbers to quote). \
+         `cargo xtask bench -- --topologies veth --only closed` narrows a run.\n",
+        if p.quick { "**Quick smoke run**" } else { "Full run" },
+        p.runs,
         r.started,
-        r.total_secs / 60.0,
-        fmt_int(Plan::new(true).idle_conns),
+        r.total_secs / 60.0
     );
-    for rerun in &r.reruns {
-        let _ = writeln!(
-            md,
-            "Workload {rerun} (`cargo xtask bench -- --only WORKLOAD --merge`); the rest is from the run above.\n"
-        );
-    }
-    if plan.quick {
-        md.push_str("**This is a quick run**: 2 runs and 1-second windows; the numbers are noisy.\n\n");
-    }
     table(
         &mut md,
-        &["", ""],
+        &["".into(), "".into()],
         vec![
             vec![
                 "machine".into(),
                 format!("{}, {} CPUs, {:.1} GiB", m.cpu_model, m.cpus, m.memory_gib),
             ],
-            vec!["kernel".into(), m.kernel.clone()],
-            vec!["OS".into(), m.os.clone()],
+            vec!["kernel / OS".into(), format!("{} / {}", m.kernel, m.os)],
             vec!["wsproxy".into(), v.wsproxy.clone()],
-            vec!["nginx".into(), v.nginx.clone()],
-            vec!["HAProxy".into(), v.haproxy.clone()],
             vec![
-                "load generator".into(),
-                format!("wsproxy-bench (tokio, tokio-tungstenite, hdrhistogram), {}", v.rustc),
+                "nginx / HAProxy / Caddy".into(),
+                format!("{} / {} / {}", v.nginx, v.haproxy, v.caddy),
+            ],
+            vec![
+                "load generator and upstream".into(),
+                format!("wsproxy-bench, {}", v.rustc),
             ],
             vec![
                 "load average at start / end".into(),
@@ -387,435 +162,460 @@ pub fn write(r: &Results, out_dir: &Path) -> Result<()> {
         ],
     );
     md.push_str(
-        "**Set-up.** Every proxy runs pinned to CPU 1 (`taskset -c 1`); the load generator and the upstream (both \
-         `wsproxy-bench`, one thread each) run pinned to CPU 0. Loopback only, TCP_NODELAY on every socket, the same upstream \
-         for all. `direct` connects the generator to the upstream without a proxy. wsproxy: both relay modes, limits set \
-         out of the way, logs at `warn`, other settings as shipped (kernel relay credit 4 MiB / 4,096 skbs). nginx: 1 worker, \
-         `proxy_http_version 1.1`, Upgrade/Connection headers, `proxy_read_timeout 3600s`, `tcp_nodelay on`, access log off. \
-         HAProxy: `mode http`, `nbthread 1`, `timeout tunnel 1h`, once without and once with `option splice-request` + \
-         `option splice-response`. Contenders are interleaved within each run.\n\n\
-         **CPU** is the whole machine's busy time from `/proc/stat` (user, system, irq, softirq: kernel workers, softirq, the \
-         generator and the upstream count too) over the measurement window, less the user and system time of processes that \
-         are not part of the benchmark (other users of the machine; their kernel threads cannot be told apart and stay in).\n\n",
+        "## How it measures\n\n\
+         - **Where things run.** The load generator and the upstream (both `wsproxy-bench`, one thread each) are pinned to \
+         CPU 0, every proxy to CPU 1. Kernel work (softirq, the psock backlog worker) runs where the kernel puts it; the \
+         topology decides where that is, which is why every table is given per topology.\n\
+         - **Headline: added machine CPU at a fixed load.** For every workload each contender's maximum is measured once \
+         (calibration); the fixed load is half of the lowest of those maxima, the same for every contender, so that none is \
+         saturated. At that load the machine's CPU time (`/proc/stat`: user, system, irq, softirq on both CPUs, less \
+         processes outside the benchmark) is divided by the work done, and direct's figure of the same run is subtracted: \
+         what remains is what the proxy costs the machine, wherever the kernel ran it.\n\
+         - **Latency** (p50 / p99 / p99.9) is measured at the same fixed load: open loop, each message stamped when sent.\n\
+         - **Maximum rate** is secondary: closed loop (one message in flight per connection, one round of a broadcast at a \
+         time, 50 handshake loops), with the busiest CPU named.\n\
+         - **Even.** A figure whose min–max range overlaps the rival's is reported as even, not as a win or a loss.\n\
+         - **Generator check.** `direct` (no proxy) must be clearly ahead of every proxy at the maximum (its whole range \
+         above every proxy's), or the generator, not the proxy, would be what is measured.\n\n",
     );
-    let shares: Vec<f64> = all_cpu(r)
-        .iter()
-        .filter(|c| c.total_secs > 0.0)
-        .map(|c| c.foreign_secs / c.total_secs * 100.0)
-        .collect();
-    if let Some(s) = Summary::of(&shares) {
+    for t in &r.topologies {
+        let _ = writeln!(md, "- **{}**: {}", t.topology.name(), t.description);
+    }
+    md.push('\n');
+    let _ = writeln!(md, "Workloads:\n");
+    for w in p.workloads() {
+        let _ = writeln!(md, "- `{}`: {}", w.id, w.title);
+    }
+    if p.groups.iter().any(|g| g.idle_memory) {
+        let big = p
+            .groups
+            .iter()
+            .filter(|g| g.idle_memory)
+            .map(|g| g.conns)
+            .max()
+            .unwrap_or(0);
         let _ = writeln!(
             md,
-            "**Shared machine.** The machine (2 CPUs) is shared with other work (other engineers' builds and tests). During the \
-             measurement windows of this run, processes outside the benchmark used a median {:.1} % (max {:.0} %) of the machine's \
-             CPU time. Wide min–max ranges mark the measurements that were disturbed.\n",
-            s.median, s.max
+            "- `idle`: memory of {} open idle connections, over the whole host: the proxy's RSS, kernel memory (slab, \
+             kernel stacks, page tables: sockets, psocks, epoll items) and TCP buffer memory (`/proc/net/sockstat`), \
+             less the same before they opened",
+            fmt_int(big)
         );
     }
+    md.push('\n');
+    if let Some(n) = p.limited_by_nofile {
+        let _ = writeln!(md, "RLIMIT_NOFILE ({n}) capped the largest group of connections.\n");
+    }
+
+    md.push_str("## Generator check\n\n");
+    let mut head = vec!["workload".to_owned()];
+    head.extend(r.topologies.iter().map(|t| t.topology.name().to_owned()));
+    let rows = p
+        .workloads()
+        .map(|w| {
+            let mut row = vec![format!("`{}`", w.id)];
+            for t in &r.topologies {
+                row.push(generator_check(fs, t.topology.name(), &w.id, cs).map_or_else(|| "–".into(), |(_, s)| s));
+            }
+            row
+        })
+        .collect();
+    table(&mut md, &head, rows);
+
+    for t in &r.topologies {
+        topology_section(&mut md, r, &p, t, &proxies);
+    }
+
+    md.push_str("## Analysis\n\n");
+    if analysis.trim().is_empty() {
+        md.push_str("(No analysis written for this run: `bench/analysis.md` is empty.)\n\n");
+    } else {
+        md.push_str(analysis.trim());
+        md.push_str("\n\n");
+    }
     if !r.failures.is_empty() {
-        md.push_str("**Failed runs** (left out of the medians):\n\n");
+        md.push_str("## Failed measurements (left out of the figures)\n\n");
         for f in &r.failures {
             let _ = writeln!(md, "- {f}");
         }
         md.push('\n');
     }
-
-    md.push_str("## Is the generator the bottleneck?\n\nDirect must beat every proxy for a workload to measure the proxies rather than the load generator:\n\n");
-    for line in generator_check(r) {
-        let _ = writeln!(md, "- {line}");
-    }
-    md.push('\n');
-
-    md.push_str("## Main table\n\n");
-    md.push_str(&main_table(r));
-    md.push('\n');
-
-    let (ahead, behind) = goals(r);
-    md.push_str("## Goals\n\nwsproxy-kernel should be ahead of nginx and HAProxy on every workload, and within 10 % of direct on bulk throughput. Measured:\n\n");
-    for b in &behind {
-        let _ = writeln!(md, "- {b}");
-    }
-    for a in &ahead {
-        let _ = writeln!(md, "- {a}");
-    }
-    md.push('\n');
-
-    // 1. Bulk
-    let _ = writeln!(
-        md,
-        "## 1. Bulk: one connection, client → upstream, {} messages\n\n{:.0} s per run. MB/s = 10^6 payload bytes per second, counted by the upstream. CPU s/GB: busy seconds of the whole machine per 10^9 payload bytes.\n",
-        size_name(plan.bulk_size),
-        plan.bulk_secs
-    );
-    let cpu_busy = |c: &str, i: usize| {
-        Summary::of(&r.bulk.get(c).map_or(vec![], |rs| {
-            rs.iter()
-                .map(|b| b.cpu.per_cpu_busy.get(i).copied().unwrap_or(f64::NAN) * 100.0)
-                .collect::<Vec<_>>()
-        }))
-        .map_or("–".into(), |s| format!("{:.0} %", s.median))
-    };
-    table(
-        &mut md,
-        &[
-            "contender",
-            "MB/s",
-            "× direct",
-            "× nginx",
-            "CPU s/GB",
-            "× direct",
-            "× nginx",
-            "CPU 0 busy",
-            "CPU 1 (proxy) busy",
-        ],
-        cs.iter()
-            .map(|c| {
-                vec![
-                    c.clone(),
-                    t.bulk_mbs.cell(c),
-                    t.bulk_mbs.vs(c, DIRECT),
-                    t.bulk_mbs.vs(c, NGINX),
-                    t.bulk_cpu.cell(c),
-                    t.bulk_cpu.vs(c, DIRECT),
-                    t.bulk_cpu.vs(c, NGINX),
-                    cpu_busy(c, 0),
-                    cpu_busy(c, 1),
-                ]
-            })
-            .collect(),
-    );
-    md.push_str("![bulk](bulk.png)\n\n");
-
-    // 2. Echo
-    let _ = writeln!(
-        md,
-        "## 2. Echo at a fixed rate (open loop)\n\nOne schedule for all connections: message k is due at k / rate and goes to connection k mod n, \
-         whatever the answers do (a timerfd paces it with microsecond precision). The rate is {:.0} % of direct's closed-loop \
-         rate for the same connections and size, measured at the start of the workload; a contender that cannot keep up \
-         sends less (\"sent msg/s\") and its latency grows with the queue. Latency: from the send (the time is written into \
-         the payload just before the write) to the echo's arrival, per message. \"added\" = the contender's median minus \
-         direct's. CPU per message: whole machine. {:.0} s per run.\n",
-        plan.echo_load * 100.0,
-        plan.echo_secs
-    );
-    for cell in &r.echo {
-        let em = echo_metrics(cell);
-        let _ = writeln!(
-            md,
-            "### {} connection(s) × {} at {} msg/s (direct's closed loop: {} msg/s)\n",
-            fmt_int(cell.conns),
-            size_name(cell.size),
-            fmt_num(cell.rate),
-            fmt_num(cell.direct_max)
-        );
-        table(
-            &mut md,
-            &[
-                "contender",
-                "sent msg/s",
-                "p50 µs",
-                "p99 µs",
-                "p99.9 µs",
-                "added p50",
-                "added p99",
-                "added p99.9",
-                "p99 × direct",
-                "p99 × nginx",
-                "CPU µs/msg",
-                "CPU × nginx",
-                "CPU 0 / CPU 1 busy",
-            ],
-            cs.iter()
-                .map(|c| {
-                    vec![
-                        c.clone(),
-                        em[4].median(c).map_or("–".into(), fmt_num),
-                        em[0].cell(c),
-                        em[1].cell(c),
-                        em[2].cell(c),
-                        added(&em[0], c),
-                        added(&em[1], c),
-                        added(&em[2], c),
-                        em[1].vs(c, DIRECT),
-                        em[1].vs(c, NGINX),
-                        em[3].cell(c),
-                        em[3].vs(c, NGINX),
-                        cpu_split(cell.runs.get(c)),
-                    ]
-                })
-                .collect(),
-        );
-    }
-    md.push_str("![echo latency](echo_latency.png)\n\n![echo CPU](echo_cpu.png)\n\n");
-
-    // 3. Closed loop
-    let _ = writeln!(
-        md,
-        "## 3. Closed-loop echo: {} connections × {}, one message in flight each\n\n{:.0} s per run.\n",
-        fmt_int(plan.closed_conns),
-        size_name(plan.closed_size),
-        plan.closed_secs
-    );
-    let cl = |f: fn(&crate::load::EchoResult) -> f64| Metric::new("µs", false, &r.closed, f);
-    let (cp50, cp99) = (cl(|e| e.p50_us), cl(|e| e.p99_us));
-    table(
-        &mut md,
-        &[
-            "contender",
-            "msg/s",
-            "× direct",
-            "× nginx",
-            "round trip p50 µs",
-            "p99 µs",
-            "CPU µs/msg",
-            "× nginx",
-            "CPU 0 / CPU 1 busy",
-        ],
-        cs.iter()
-            .map(|c| {
-                vec![
-                    c.clone(),
-                    t.closed_rate.cell(c),
-                    t.closed_rate.vs(c, DIRECT),
-                    t.closed_rate.vs(c, NGINX),
-                    cp50.cell(c),
-                    cp99.cell(c),
-                    t.closed_cpu.cell(c),
-                    t.closed_cpu.vs(c, NGINX),
-                    cpu_split(r.closed.get(c)),
-                ]
-            })
-            .collect(),
-    );
-    md.push_str("![closed loop](closed.png)\n\n");
-
-    // 4. Handshakes
-    let _ = writeln!(
-        md,
-        "## 4. Handshakes: {} concurrent clients, each: connect, upgrade, one 16-byte echo, close\n\n{:.0} s per run.\n",
-        plan.handshake_clients, plan.handshake_secs
-    );
-    table(
-        &mut md,
-        &[
-            "contender",
-            "handshakes/s",
-            "× direct",
-            "× nginx",
-            "failed (all runs)",
-            "CPU µs/handshake",
-            "× nginx",
-        ],
-        cs.iter()
-            .map(|c| {
-                let errs: u64 = r.handshakes.get(c).map_or(0, |v| v.iter().map(|h| h.errors).sum());
-                vec![
-                    c.clone(),
-                    t.hs_rate.cell(c),
-                    t.hs_rate.vs(c, DIRECT),
-                    t.hs_rate.vs(c, NGINX),
-                    errs.to_string(),
-                    t.hs_cpu.cell(c),
-                    t.hs_cpu.vs(c, NGINX),
-                ]
-            })
-            .collect(),
-    );
-    md.push_str("![handshakes](handshakes.png)\n\n");
-
-    // 5. Idle
-    let _ = writeln!(
-        md,
-        "## 5. Idle memory: {} open idle connections\n\nProxy RSS (`VmRSS`) with every connection open minus its RSS right after start, plus the change of the kernel's \
-         own memory (`Slab + KernelStack + PageTables` in `/proc/meminfo`) from before opening to {:.1} s after; per connection. \
-         The kernel part includes the generator's and upstream's sockets, which direct has too: \"over direct\" is the proxy's own cost.\n",
-        fmt_int(plan.idle_conns),
-        plan.idle_settle_secs
-    );
-    if let Some(limit) = plan.idle_limited_by {
-        let _ = writeln!(
-            md,
-            "**Fewer than 10,000 connections**: the file-descriptor limit here is {limit} and cannot be raised (the sandbox \
-             withholds CAP_SYS_RESOURCE); a proxy holds two descriptors per connection and nginx keeps 1/16 of its connection \
-             slots free, so {} connections is the round number that fits every contender. \
-             The per-connection figures are what to compare.\n",
-            fmt_int(plan.idle_conns)
-        );
-    }
-    let idle_m = |f: fn(&crate::run::IdleRun) -> f64| Metric::new("MiB", false, &r.idle, f);
-    let rss = idle_m(|i| i.result.proxy_rss.saturating_sub(i.rss_at_start) as f64 / 1048576.0);
-    let kern = idle_m(|i| i.result.kernel_delta as f64 / 1048576.0);
-    table(
-        &mut md,
-        &[
-            "contender",
-            "proxy RSS growth MiB",
-            "kernel Δ MiB",
-            "bytes/conn",
-            "over direct",
-            "× direct",
-            "× nginx",
-        ],
-        cs.iter()
-            .map(|c| {
-                vec![
-                    c.clone(),
-                    rss.cell(c),
-                    kern.cell(c),
-                    t.idle_bytes.cell(c),
-                    added(&t.idle_bytes, c),
-                    t.idle_bytes.vs(c, DIRECT),
-                    t.idle_bytes.vs(c, NGINX),
-                ]
-            })
-            .collect(),
-    );
-    md.push_str("![idle](idle.png)\n\n");
-
-    md.push_str("## Closing note\n\n");
-    md.push_str("The main table of this run:\n\n");
-    md.push_str(&main_table(r));
-    md.push('\n');
-    if behind.is_empty() {
-        md.push_str("wsproxy-kernel met every goal in this run.\n\n");
-    } else {
-        md.push_str("Where wsproxy-kernel is behind in this run:\n\n");
-        for b in &behind {
-            let _ = writeln!(md, "- {b}");
-        }
-        md.push('\n');
-    }
-    let analysis = Path::new(env!("CARGO_MANIFEST_DIR")).join("analysis.md");
-    if let Ok(text) = fs::read_to_string(&analysis) {
-        md.push_str("### Why, and what would fix it (profile analysis, `bench/analysis.md`)\n\n");
-        md.push_str(&text);
-        md.push('\n');
-    }
-    let timings: Vec<String> = r.timings.iter().map(|(k, v)| format!("{k} {v:.0} s")).collect();
-    let _ = writeln!(
-        md,
-        "\n---\nWall time per workload: {}. Raw numbers: [`latest.json`](latest.json).",
-        timings.join(", ")
-    );
-    fs::write(out_dir.join("latest.md"), md)?;
-    plots(r, &t, out_dir)
+    md
 }
 
-use crate::run::Plan;
-
-fn plots(r: &Results, t: &Tables, dir: &Path) -> Result<()> {
+fn topology_section(md: &mut String, r: &Results, p: &Plan, t: &TopologyResult, proxies: &[String]) {
+    let fs = &r.figures;
     let cs = &r.contenders;
-    let kind = if r.plan.as_ref().is_some_and(|p| p.quick) {
-        " (quick run)"
-    } else {
-        ""
-    };
-    plot::render(
-        &dir.join("bulk.png"),
-        &format!("Bulk, one connection, 64 KiB messages{kind}"),
-        &[
-            t.bulk_mbs.panel("Throughput", cs),
-            t.bulk_cpu.panel("Machine CPU per GB", cs),
-        ],
-    )?;
-    let mut lat = Vec::new();
-    let mut cpu = Vec::new();
-    for cell in &r.echo {
-        let em = echo_metrics(cell);
-        let what = format!(
-            "{} conn × {} at {} msg/s",
-            fmt_int(cell.conns),
-            size_name(cell.size),
-            fmt_num(cell.rate)
+    let tn = t.topology.name();
+    let _ = writeln!(md, "## Topology `{tn}`\n\n{}\n", t.description);
+    let present: Vec<&Workload> = p.workloads().filter(|w| t.workload(&w.id).is_some()).collect();
+
+    let _ = writeln!(
+        md,
+        "### Added machine CPU over direct at the fixed load ({tn})\n\nLower is better. Direct's own cost is in the \
+         second column. ![added CPU]({tn}-cpu.png)\n"
+    );
+    let mut head = vec!["workload".to_owned(), "fixed load".into(), "direct".into()];
+    head.extend(proxies.iter().cloned());
+    let rows = present
+        .iter()
+        .map(|w| {
+            let (added, own, unit) = headline(w);
+            let wr = t.workload(&w.id).expect("present");
+            let mut row = vec![
+                format!("`{}` ({unit})", w.id),
+                if wr.offered > 0.0 {
+                    unit_rate(w, wr.offered)
+                } else {
+                    "–".into()
+                },
+                cell(figures::find(fs, tn, &w.id, own, DIRECT), scale(own)),
+            ];
+            row.extend(
+                proxies
+                    .iter()
+                    .map(|c| cell(figures::find(fs, tn, &w.id, added, c), scale(added))),
+            );
+            row
+        })
+        .collect();
+    table(md, &head, rows);
+
+    let _ = writeln!(
+        md,
+        "### Latency at the fixed load ({tn}), µs: p50 / p99 / p99.9\n\nMedians of the runs (ranges in `latest.json`). \
+         ![p99]({tn}-p99.png)\n"
+    );
+    let mut head = vec!["workload".to_owned()];
+    head.extend(cs.iter().cloned());
+    let rows = present
+        .iter()
+        .filter(|w| w.shape.has_latency())
+        .map(|w| {
+            let mut row = vec![format!("`{}`", w.id)];
+            for c in cs {
+                let q = |m: &str| figures::find(fs, tn, &w.id, m, c).map(|f| fmt_num(f.summary.median));
+                row.push(match (q(metric::P50), q(metric::P99), q(metric::P999)) {
+                    (Some(a), Some(b), Some(c)) => format!("{a} / {b} / {c}"),
+                    _ => "–".into(),
+                });
+            }
+            row
+        })
+        .collect();
+    table(md, &head, rows);
+
+    let _ = writeln!(
+        md,
+        "### Maximum rate ({tn}), secondary\n\nHigher is better; under each figure the busiest CPU of the median run.\n"
+    );
+    let rows = present
+        .iter()
+        .map(|w| {
+            let mut row = vec![format!("`{}`", w.id)];
+            let wr = t.workload(&w.id).expect("present");
+            for c in cs {
+                let f = figures::find(fs, tn, &w.id, metric::MAX_RATE, c);
+                let busy = wr.max.get(c).and_then(|runs| {
+                    let med = f?.summary.median;
+                    runs.iter()
+                        .min_by(|a, b| (a.m.rate - med).abs().total_cmp(&(b.m.rate - med).abs()))
+                        .map(|x| crate::run::busiest(&x.m))
+                });
+                row.push(match f {
+                    Some(f) => format!(
+                        "{} [{}–{}]<br>{}",
+                        unit_rate(w, f.summary.median),
+                        fmt_num(scaled_rate(w, f.summary.min)),
+                        fmt_num(scaled_rate(w, f.summary.max)),
+                        busy.unwrap_or_default()
+                    ),
+                    None => "–".into(),
+                });
+            }
+            row
+        })
+        .collect();
+    table(md, &head, rows);
+
+    let _ = writeln!(
+        md,
+        "### Where the CPU went at the fixed load ({tn}), µs per unit: generator / upstream / proxy / kernel\n\n\
+         The proxy's process (all threads and children), and the kernel's work charged to no process (softirq, kernel \
+         workers): what `/proc/stat` counted minus the processes.\n"
+    );
+    let rows = present
+        .iter()
+        .map(|w| {
+            let mut row = vec![format!("`{}`", w.id)];
+            for c in cs {
+                let q = |m: &str| figures::find(fs, tn, &w.id, m, c).map(|f| fmt_num(f.summary.median));
+                row.push(
+                    match (
+                        q(metric::GENERATOR_CPU),
+                        q(metric::UPSTREAM_CPU),
+                        q(metric::PROXY_CPU),
+                        q(metric::KERNEL_CPU),
+                    ) {
+                        (Some(a), Some(b), Some(c), Some(d)) => format!("{a} / {b} / {c} / {d}"),
+                        _ => "–".into(),
+                    },
+                );
+            }
+            row
+        })
+        .collect();
+    table(md, &head, rows);
+
+    if !t.idle.is_empty() {
+        let conns = t.idle.values().flatten().map(|i| i.conns).max().unwrap_or(0);
+        let _ = writeln!(
+            md,
+            "### Idle connections ({tn}): memory per connection, {} connections\n\nWhole host, bytes per connection, \
+             lower is better; \"added\" is the sum less direct's (the generator's and upstream's sockets are in every \
+             figure).\n",
+            fmt_int(conns)
         );
-        lat.push(em[1].panel(&format!("p99 latency, {what}"), cs));
-        cpu.push(em[3].panel(&format!("Machine CPU per message, {what}"), cs));
+        let head: Vec<String> = [
+            "contender",
+            "proxy RSS",
+            "kernel (slab, stacks)",
+            "TCP buffers",
+            "added over direct",
+            "eBPF maps (total)",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let rows = cs
+            .iter()
+            .map(|c| {
+                let q = |m: &str| cell(figures::find(fs, tn, "idle", m, c), 1.0);
+                vec![
+                    c.clone(),
+                    q(metric::RSS_PER_CONN),
+                    q(metric::KERNEL_PER_CONN),
+                    q(metric::TCP_PER_CONN),
+                    q(metric::ADDED_MEM_PER_CONN),
+                    figures::find(fs, tn, "idle", metric::BPF_MAPS, c)
+                        .map_or_else(|| "–".into(), |f| format!("{:.1} MiB", f.summary.median / 1048576.0)),
+                ]
+            })
+            .collect();
+        table(md, &head, rows);
     }
-    if !lat.is_empty() {
-        plot::render(
-            &dir.join("echo_latency.png"),
-            &format!("Echo at a fixed rate: p99 latency{kind}"),
-            &lat,
-        )?;
-        plot::render(
-            &dir.join("echo_cpu.png"),
-            &format!("Echo at a fixed rate: CPU per message{kind}"),
-            &cpu,
-        )?;
+
+    let rivals: Vec<&String> = proxies.iter().filter(|c| c.as_str() != KERNEL).collect();
+    if proxies.iter().any(|c| c == KERNEL) && !rivals.is_empty() {
+        let _ = writeln!(
+            md,
+            "### wsproxy-kernel against each rival ({tn}): added CPU; p99 latency\n\n\"better 0.40×\" means wsproxy-kernel's \
+             median is 0.40 of the rival's and the ranges do not overlap; \"even\" means they overlap.\n"
+        );
+        let mut head = vec!["workload".to_owned()];
+        head.extend(rivals.iter().map(|c| (*c).clone()));
+        let rows = present
+            .iter()
+            .map(|w| {
+                let (added, _, _) = headline(w);
+                let mut row = vec![format!("`{}`", w.id)];
+                for o in &rivals {
+                    let pair = |m: &str| {
+                        Some(verdict_text(
+                            figures::find(fs, tn, &w.id, m, KERNEL)?,
+                            figures::find(fs, tn, &w.id, m, o)?,
+                        ))
+                    };
+                    let cpu = pair(added).unwrap_or_else(|| "–".into());
+                    let lat = if w.shape.has_latency() {
+                        pair(metric::P99).unwrap_or_else(|| "–".into())
+                    } else {
+                        "n/a".into()
+                    };
+                    row.push(format!("{cpu}; {lat}"));
+                }
+                row
+            })
+            .collect();
+        table(md, &head, rows);
     }
-    plot::render(
-        &dir.join("closed.png"),
-        &format!("Closed-loop echo, 1,000 connections × 128 B{kind}"),
-        &[
-            t.closed_rate.panel("Messages per second", cs),
-            t.closed_cpu.panel("Machine CPU per message", cs),
-        ],
-    )?;
-    plot::render(
-        &dir.join("handshakes.png"),
-        &format!("Handshakes (connect, upgrade, one echo, close){kind}"),
-        &[
-            t.hs_rate.panel("Handshakes per second", cs),
-            t.hs_cpu.panel("Machine CPU per handshake", cs),
-        ],
-    )?;
-    plot::render(
-        &dir.join("idle.png"),
-        &format!("Idle connections: memory per connection{kind}"),
-        &[t.idle_bytes.panel("Proxy RSS + kernel memory per connection", cs)],
-    )?;
+}
+
+fn scaled_rate(w: &Workload, rate: f64) -> f64 {
+    match w.shape {
+        Shape::Sink { .. } => rate / 1e6,
+        _ => rate,
+    }
+}
+
+fn panel(fs: &[Figure], t: &str, w: &Workload, metric: &str, k: f64, unit: &str, cs: &[String]) -> Option<Panel> {
+    let bars: Vec<Bar> = cs
+        .iter()
+        .filter_map(|c| {
+            let f = figures::find(fs, t, &w.id, metric, c)?;
+            Some(Bar {
+                label: c.clone(),
+                median: f.summary.median * k,
+                min: f.summary.min * k,
+                max: f.summary.max * k,
+                highlight: c == KERNEL,
+            })
+        })
+        .collect();
+    (!bars.is_empty()).then(|| Panel {
+        title: w.id.clone(),
+        unit: unit.into(),
+        higher_is_better: false,
+        bars,
+    })
+}
+
+fn plots(r: &Results, out: &Path) -> Result<()> {
+    let p = plan(r);
+    let proxies: Vec<String> = r.contenders.iter().filter(|c| c.as_str() != DIRECT).cloned().collect();
+    for t in &r.topologies {
+        let tn = t.topology.name();
+        let cpu: Vec<Panel> = p
+            .workloads()
+            .filter_map(|w| {
+                let (added, _, unit) = headline(w);
+                panel(
+                    &r.figures,
+                    tn,
+                    w,
+                    added,
+                    scale(added),
+                    &format!("added {unit}"),
+                    &proxies,
+                )
+            })
+            .collect();
+        if !cpu.is_empty() {
+            plot::render(
+                &out.join(format!("{tn}-cpu.png")),
+                &format!("Added machine CPU at the fixed load ({tn})"),
+                &cpu,
+            )?;
+        }
+        let lat: Vec<Panel> = p
+            .workloads()
+            .filter(|w| w.shape.has_latency())
+            .filter_map(|w| panel(&r.figures, tn, w, metric::P99, 1.0, "p99 µs", &r.contenders))
+            .collect();
+        if !lat.is_empty() {
+            plot::render(
+                &out.join(format!("{tn}-p99.png")),
+                &format!("p99 latency at the fixed load ({tn})"),
+                &lat,
+            )?;
+        }
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::BTreeMap;
 
-    fn metric(higher: bool, pairs: &[(&str, f64, f64, f64)]) -> Metric {
-        Metric {
-            unit: "u".into(),
-            higher_is_better: higher,
-            by: pairs
-                .iter()
-                .map(|(c, med, min, max)| {
-                    (
-                        c.to_string(),
-                        Summary {
-                            median: *med,
-                            min: *min,
-                            max: *max,
-                            runs: 5,
-                        },
-                    )
-                })
-                .collect(),
+    use super::*;
+    use crate::load::{Latency, Measure};
+    use crate::results::{RunMeasure, WorkloadResult};
+    use crate::sys::CpuDelta;
+    use crate::topology::Topology;
+
+    fn m(rate: f64, busy: f64, p99: f64) -> Measure {
+        Measure {
+            done: (rate * 1.0) as u64,
+            secs: 1.0,
+            rate,
+            bytes: (rate * 256.0) as u64,
+            latency: Some(Latency {
+                p50_us: p99 / 2.0,
+                p99_us: p99,
+                p999_us: p99 * 2.0,
+                ..Latency::default()
+            }),
+            cpu: CpuDelta {
+                busy_secs: busy,
+                total_secs: 2.0,
+                ..CpuDelta::default()
+            },
+            ..Measure::default()
         }
     }
 
-    #[test]
-    fn verdict_compares_with_the_best_rival() {
-        let m = metric(
-            true,
-            &[
-                (KERNEL, 100.0, 90.0, 110.0),
-                ("nginx", 80.0, 70.0, 85.0),
-                ("haproxy", 120.0, 115.0, 125.0),
-            ],
-        );
-        let (ahead, text) = m.verdict("x").unwrap();
-        assert!(!ahead);
-        assert!(text.contains("**behind** haproxy"), "{text}");
-        let m = metric(false, &[(KERNEL, 10.0, 9.0, 11.0), ("nginx", 12.0, 10.5, 13.0)]);
-        let (ahead, text) = m.verdict("x").unwrap();
-        assert!(ahead);
-        assert!(text.contains("overlap"), "{text}");
+    /// Five runs of each contender: (maximum rate, CPU seconds at the fixed load, p99).
+    fn runs(spec: &[(&str, f64, f64, f64)]) -> (BTreeMap<String, Vec<RunMeasure>>, BTreeMap<String, Vec<RunMeasure>>) {
+        let mut max = BTreeMap::new();
+        let mut fixed = BTreeMap::new();
+        for &(c, rate, busy, p99) in spec {
+            for run in 0..5 {
+                let jitter = 1.0 + run as f64 * 0.01;
+                max.entry(c.to_owned()).or_insert_with(Vec::new).push(RunMeasure {
+                    run,
+                    m: m(rate * jitter, 1.0, p99),
+                });
+                fixed.entry(c.to_owned()).or_insert_with(Vec::new).push(RunMeasure {
+                    run,
+                    m: m(1000.0, busy * jitter, p99 * jitter),
+                });
+            }
+        }
+        (max, fixed)
     }
 
     #[test]
-    fn added_is_the_difference_to_direct() {
-        let m = metric(false, &[(DIRECT, 60.0, 50.0, 70.0), (KERNEL, 75.5, 70.0, 80.0)]);
-        assert_eq!(added(&m, KERNEL), "+15.5");
-        assert_eq!(added(&m, DIRECT), "–");
-        assert_eq!(m.vs(KERNEL, DIRECT), "1.26×");
+    fn the_report_shows_added_cpu_the_generator_check_and_even_verdicts() {
+        let plan = Plan::new(true);
+        let (max, fixed) = runs(&[
+            ("direct", 100_000.0, 0.010, 50.0),
+            ("wsproxy-kernel", 60_000.0, 0.020, 100.0),
+            // nginx: clearly worse CPU, the same latency (overlapping ranges: even).
+            ("nginx", 50_000.0, 0.050, 101.0),
+        ]);
+        let (max_bad, fixed_bad) = runs(&[
+            ("direct", 50_000.0, 0.010, 50.0),
+            ("wsproxy-kernel", 50_500.0, 0.020, 100.0),
+            ("nginx", 40_000.0, 0.050, 101.0),
+        ]);
+        let wr = |id: &str, max, fixed| WorkloadResult {
+            id: id.into(),
+            offered: 1000.0,
+            offered_set_by: "nginx".into(),
+            max,
+            fixed,
+            ..WorkloadResult::default()
+        };
+        let mut r = Results {
+            plan: Some(plan),
+            contenders: vec!["direct".into(), "wsproxy-kernel".into(), "nginx".into()],
+            topologies: vec![TopologyResult {
+                topology: Topology::Veth,
+                description: "two namespaces".into(),
+                workloads: vec![wr("closed", max, fixed), wr("echo-1x128", max_bad, fixed_bad)],
+                idle: BTreeMap::new(),
+                secs: 1.0,
+            }],
+            ..Results::default()
+        };
+        let dir = std::env::temp_dir().join(format!("wsproxy-bench-report-{}", std::process::id()));
+        write(&mut r, &dir).unwrap();
+        let md = fs::read_to_string(dir.join("latest.md")).unwrap();
+        let json: Results = serde_json::from_str(&fs::read_to_string(dir.join("latest.json")).unwrap()).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+
+        // Added CPU: kernel 0.020 - 0.010 s over 1,000 messages = 10 µs/msg, nginx 40.
+        let k = figures::find(&json.figures, "veth", "closed", metric::ADDED_CPU_PER_UNIT, KERNEL).unwrap();
+        assert!((k.summary.median - 10.0).abs() < 0.5, "{k:?}");
+        assert_eq!(k.best_other.as_deref(), Some("nginx"));
+        assert_eq!(k.verdict_vs_best_other, Some(Verdict::Better));
+        let p99 = figures::find(&json.figures, "veth", "closed", metric::P99, KERNEL).unwrap();
+        assert_eq!(p99.verdict_vs_best_other, Some(Verdict::Even));
+        assert!(
+            md.contains("ok: direct 1.67× the fastest proxy (wsproxy-kernel)"),
+            "{md}"
+        );
+        assert!(md.contains("**FAIL**: direct 0.99×"), "{md}");
+        assert!(md.contains("**better** 0.25×; even"), "{md}");
     }
 }

@@ -1,9 +1,14 @@
 //! `wsproxy-bench run`: the whole benchmark in one process.
 //!
-//! The benchmark pins itself (the load generator) and the upstream to CPU 0 and every proxy to
-//! CPU 1, starts all contenders once, then runs each workload `runs` times, interleaving the
-//! contenders within each run so that other activity on the machine spreads over all of them.
-//! Raw results go to `latest.json`, the report to `latest.md`, plots to `*.png`.
+//! For each topology (loopback, veth, veth with RPS) the benchmark sets the network up, starts the
+//! upstream and every contender in it, and measures each group of workloads: first one calibration
+//! run per contender (its maximum rate, which sets the fixed load: a fraction of the lowest
+//! maximum, the same for all), then `runs` runs, each measuring every contender's maximum and its
+//! behaviour at the fixed load. Contenders are interleaved within a run, in an order that rotates
+//! from run to run, so that other activity on the machine spreads over all of them.
+//!
+//! The load generator is this process's main thread (pinned to CPU 0, with the upstream); every
+//! proxy is pinned to CPU 1. Raw results go to `latest.json`, the report to `latest.md`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -11,142 +16,24 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
-use serde::{Deserialize, Serialize};
+use anyhow::Result;
 
 use crate::contenders::{self, Contender, Kind, Proc, Setup};
-use crate::load::{self, BulkResult, EchoResult, HandshakeResult, IdleResult};
-use crate::sys::{self, Machine};
+use crate::load::{self, Measure, Offered, Session};
+use crate::plan::{Group, Plan, Shape, Workload};
+use crate::results::{IdleMemory, Results, RunMeasure, TopologyResult, Versions, WorkloadResult};
+use crate::stats::fmt_num;
+use crate::sys;
+use crate::topology::{self, Net, Topology};
 
 pub const GENERATOR_CPU: usize = 0;
 pub const PROXY_CPU: usize = 1;
 pub const UPSTREAM_PORT: u16 = 24000;
 /// Contender `i` of `Kind::ALL` (other than direct) listens on `BASE_PORT + i`.
 pub const BASE_PORT: u16 = 24000;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Plan {
-    pub quick: bool,
-    pub runs: usize,
-    pub bulk_size: usize,
-    pub bulk_secs: f64,
-    pub echo_secs: f64,
-    /// (connections, message size) of workload 2.
-    pub echo_configs: Vec<(usize, usize)>,
-    /// The open-loop rate is this fraction of direct's closed-loop rate.
-    pub echo_load: f64,
-    pub closed_conns: usize,
-    pub closed_size: usize,
-    pub closed_secs: f64,
-    pub handshake_clients: usize,
-    pub handshake_secs: f64,
-    pub idle_conns: usize,
-    pub idle_settle_secs: f64,
-    /// Set when RLIMIT_NOFILE (this value) capped the idle connections below the plan.
-    #[serde(default)]
-    pub idle_limited_by: Option<u64>,
-}
-
-impl Plan {
-    pub fn new(quick: bool) -> Plan {
-        let echo_configs = vec![
-            (1, 128),
-            (100, 128),
-            (1000, 128),
-            (1, 16384),
-            (100, 16384),
-            (1000, 16384),
-        ];
-        if quick {
-            Plan {
-                quick,
-                runs: 2,
-                bulk_size: 64 * 1024,
-                bulk_secs: 1.0,
-                echo_secs: 1.0,
-                echo_configs,
-                echo_load: 0.5,
-                closed_conns: 1000,
-                closed_size: 128,
-                closed_secs: 1.0,
-                handshake_clients: 50,
-                handshake_secs: 1.0,
-                idle_conns: 2000,
-                idle_settle_secs: 0.5,
-                idle_limited_by: None,
-            }
-        } else {
-            Plan {
-                quick,
-                runs: 5,
-                bulk_size: 64 * 1024,
-                bulk_secs: 4.0,
-                echo_secs: 3.0,
-                echo_configs,
-                echo_load: 0.5,
-                closed_conns: 1000,
-                closed_size: 128,
-                closed_secs: 3.0,
-                handshake_clients: 50,
-                handshake_secs: 3.0,
-                idle_conns: 10_000,
-                idle_settle_secs: 1.5,
-                idle_limited_by: None,
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Versions {
-    pub wsproxy: String,
-    pub nginx: String,
-    pub haproxy: String,
-    pub rustc: String,
-    pub perf_note: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EchoCell {
-    pub conns: usize,
-    pub size: usize,
-    /// Direct's closed-loop rate (one message in flight per connection), messages per second.
-    pub direct_max: f64,
-    /// The open-loop rate used for every contender.
-    pub rate: f64,
-    pub runs: BTreeMap<String, Vec<EchoResult>>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct IdleRun {
-    pub result: IdleResult,
-    pub rss_at_start: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Results {
-    pub plan: Option<Plan>,
-    pub started: String,
-    pub machine: Machine,
-    pub versions: Versions,
-    pub contenders: Vec<String>,
-    pub bulk: BTreeMap<String, Vec<BulkResult>>,
-    pub echo: Vec<EchoCell>,
-    pub closed: BTreeMap<String, Vec<EchoResult>>,
-    pub handshakes: BTreeMap<String, Vec<HandshakeResult>>,
-    pub idle: BTreeMap<String, Vec<IdleRun>>,
-    /// Runs that failed, each with its contender, workload and error.
-    pub failures: Vec<String>,
-    /// Wall time of each workload, seconds.
-    pub timings: BTreeMap<String, f64>,
-    /// Wall time of the whole run, seconds.
-    pub total_secs: f64,
-    /// Workloads re-run on their own (`--merge`), and when.
-    #[serde(default)]
-    pub reruns: Vec<String>,
-}
-
-pub const WORKLOADS: [&str; 5] = ["bulk", "echo", "closed", "handshakes", "idle"];
+/// Bound of the whole run: the full plan takes under 40 minutes on a 2-CPU machine.
+const FULL_LIMIT_SECS: u64 = 2_700;
+const QUICK_LIMIT_SECS: u64 = 600;
 
 pub struct Options {
     pub quick: bool,
@@ -154,217 +41,82 @@ pub struct Options {
     pub out: PathBuf,
     pub only: Vec<String>,
     pub contenders: Vec<Kind>,
+    pub topologies: Vec<Topology>,
     pub runs: Option<usize>,
-    /// Keep the other workloads' results from the previous `latest.json`.
-    pub merge: bool,
+    /// After the measured runs, one more fixed-load measurement per contender and workload under
+    /// `perf record -a`, summarised into `out/profiles/`.
+    pub profile: bool,
+}
+
+pub fn plan(opts: &Options) -> Plan {
+    let mut p = Plan::new(opts.quick);
+    if let Some(r) = opts.runs {
+        p.runs = r;
+    }
+    if !opts.topologies.is_empty() {
+        p.topologies = opts.topologies.clone();
+    }
+    p.keep(&opts.only);
+    p
 }
 
 pub fn run(opts: &Options) -> Result<()> {
     let t0 = Instant::now();
-    let plan = {
-        let mut p = Plan::new(opts.quick);
-        if let Some(r) = opts.runs {
-            p.runs = r;
-        }
-        p
-    };
-    watchdog(if opts.quick { 600 } else { 2700 });
+    let mut plan = plan(opts);
+    topology::cleanup_on_signals()?;
+    watchdog(if opts.quick { QUICK_LIMIT_SECS } else { FULL_LIMIT_SECS });
     sys::pin_self(GENERATOR_CPU)?;
     let nofile = sys::raise_nofile(200_000);
     // A proxy holds two descriptors per connection; where the hard limit cannot be raised (no
-    // CAP_SYS_RESOURCE) the idle workload opens as many connections as fit, in round thousands.
+    // CAP_SYS_RESOURCE) the largest group opens as many connections as fit, in round thousands.
     // nginx starts closing connections that wait for their request once fewer than 1/16 of its
     // connection slots are free, so leave that much room too.
     let fit = (nofile * 15 / 16).saturating_sub(300) as usize / 2 / 1000 * 1000;
-    let mut plan = plan;
-    if plan.idle_conns > fit {
-        println!(
-            "bench: RLIMIT_NOFILE is {nofile} (hard limit): idle workload uses {fit} connections instead of {}",
-            plan.idle_conns
-        );
-        plan.idle_conns = fit;
-        plan.idle_limited_by = Some(nofile);
-    }
-    ensure_packages(&opts.contenders)?;
-    fs::create_dir_all(&opts.out)?;
-    let json_path = opts.out.join("latest.json");
-    let mut results = if opts.merge {
-        let text = fs::read_to_string(&json_path).with_context(|| format!("--merge needs {}", json_path.display()))?;
-        serde_json::from_str(&text).context("parsing the previous latest.json")?
-    } else {
-        Results::default()
-    };
-    results.plan = Some(plan.clone());
-    let now = sys::command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let previous_timings = results.timings.clone();
-    if opts.merge {
-        results.reruns.push(format!("{} re-run at {now}", opts.only.join(", ")));
-        let load_end = results.machine.loadavg_end.clone();
-        results.machine = sys::machine();
-        results.machine.loadavg_start = format!("{} (re-run: {})", load_end, results.machine.loadavg_start);
-    } else {
-        results.started = now;
-        results.machine = sys::machine();
-    }
-    results.versions = versions(&opts.wsproxy);
-    results.contenders = opts.contenders.iter().map(|k| k.name().to_owned()).collect();
-
-    let dir = contenders::temp_dir()?;
-    let upstream: SocketAddr = ([127, 0, 0, 1], UPSTREAM_PORT).into();
-    let self_exe = std::env::current_exe()?;
-    let _upstream = Proc::spawn(
-        "upstream",
-        GENERATOR_CPU,
-        &self_exe,
-        &["upstream".into(), "--listen".into(), upstream.to_string()],
-        &[],
-        &dir.join("upstream.log"),
-    )?;
-    let setup = Setup {
-        dir: &dir,
-        wsproxy: &opts.wsproxy,
-        upstream,
-        proxy_cpu: PROXY_CPU,
-        nofile,
-    };
-    let mut cs: Vec<Contender> = Vec::new();
-    for kind in &opts.contenders {
-        let addr = match kind {
-            Kind::Direct => upstream,
-            k => {
-                let i = Kind::ALL.iter().position(|x| x == k).expect("listed") as u16;
-                ([127, 0, 0, 1], BASE_PORT + i).into()
-            }
-        };
-        println!("bench: starting {} on {addr}", kind.name());
-        cs.push(contenders::start(*kind, addr, &setup)?);
-    }
-    println!(
-        "bench: {} contenders up; logs and configs in {}",
-        cs.len(),
-        dir.display()
-    );
-
-    let wants = |w: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == w);
-    let secs = Duration::from_secs_f64;
-    let mut failures = Vec::new();
-
-    if wants("bulk") {
-        let t = Instant::now();
-        results.bulk.clear();
-        each_run(&plan, &mut cs, "bulk", &mut failures, |c| {
-            let r = load::bulk(c.addr, plan.bulk_size, secs(plan.bulk_secs))?;
-            let line = format!(
-                "{:.0} MB/s, {:.2} CPU s/GB (others used {:.2} CPU s)",
-                r.mb_per_s,
-                r.cpu.ours() / (r.bytes as f64 / 1e9),
-                r.cpu.foreign_secs
-            );
-            results.bulk.entry(c.name().into()).or_default().push(r);
-            Ok(line)
-        });
-        results.timings.insert("bulk".into(), t.elapsed().as_secs_f64());
-    }
-
-    if wants("echo") {
-        let t = Instant::now();
-        results.echo.clear();
-        for &(conns, size) in &plan.echo_configs {
-            let direct = cs.iter().find(|c| c.kind == Kind::Direct).map_or(upstream, |c| c.addr);
-            let max = load::closed_loop(direct, conns, size, secs(plan.echo_secs))
-                .with_context(|| format!("calibrating echo {conns}x{size} on direct"))?
-                .rate;
-            let rate = (max * plan.echo_load).max(10.0);
+    for g in &mut plan.groups {
+        if g.conns > fit {
             println!(
-                "bench: echo {conns} conns x {size} B: direct closed-loop {max:.0} msg/s -> open loop at {rate:.0} msg/s"
+                "bench: RLIMIT_NOFILE is {nofile}: a group of {} connections uses {fit}",
+                g.conns
             );
-            let mut cell = EchoCell {
-                conns,
-                size,
-                direct_max: max,
-                rate,
-                runs: BTreeMap::new(),
-            };
-            each_run(&plan, &mut cs, &format!("echo {conns}x{size}"), &mut failures, |c| {
-                let r = load::echo(c.addr, conns, size, rate, secs(plan.echo_secs))?;
-                let line = echo_line(&r);
-                cell.runs.entry(c.name().into()).or_default().push(r);
-                Ok(line)
-            });
-            results.echo.push(cell);
+            g.conns = fit;
+            plan.limited_by_nofile = Some(nofile);
         }
-        results.timings.insert("echo".into(), t.elapsed().as_secs_f64());
     }
-
-    if wants("closed") {
-        let t = Instant::now();
-        results.closed.clear();
-        each_run(&plan, &mut cs, "closed", &mut failures, |c| {
-            let r = load::closed_loop(c.addr, plan.closed_conns, plan.closed_size, secs(plan.closed_secs))?;
-            let line = echo_line(&r);
-            results.closed.entry(c.name().into()).or_default().push(r);
-            Ok(line)
-        });
-        results.timings.insert("closed".into(), t.elapsed().as_secs_f64());
+    contenders::ensure_packages(&opts.contenders, opts.profile)?;
+    fs::create_dir_all(&opts.out)?;
+    let mut results = Results {
+        plan: Some(plan.clone()),
+        started: sys::command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine: sys::machine(),
+        versions: versions(&opts.wsproxy),
+        contenders: opts.contenders.iter().map(|k| k.name().to_owned()).collect(),
+        ..Results::default()
+    };
+    let dir = contenders::temp_dir()?;
+    for &t in &plan.topologies {
+        println!("bench: topology {}: {}", t.name(), t.describe());
+        match measure_topology(t, &plan, opts, &dir, nofile, &mut results.failures) {
+            Ok(r) => {
+                println!("bench: topology {} done in {:.0} s", t.name(), r.secs);
+                results.topologies.push(r);
+            }
+            Err(e) => {
+                println!("bench: topology {} FAILED: {e:#}", t.name());
+                results.failures.push(format!("{}: {e:#}", t.name()));
+            }
+        }
     }
-
-    if wants("handshakes") {
-        let t = Instant::now();
-        results.handshakes.clear();
-        each_run(&plan, &mut cs, "handshakes", &mut failures, |c| {
-            let r = load::handshakes(c.addr, plan.handshake_clients, secs(plan.handshake_secs))?;
-            let line = format!(
-                "{:.0}/s, {} errors {}",
-                r.per_sec,
-                r.errors,
-                r.first_error.clone().unwrap_or_default()
-            );
-            results.handshakes.entry(c.name().into()).or_default().push(r);
-            Ok(line)
-        });
-        results.timings.insert("handshakes".into(), t.elapsed().as_secs_f64());
-    }
-
-    if wants("idle") {
-        let t = Instant::now();
-        results.idle.clear();
-        each_run(&plan, &mut cs, "idle", &mut failures, |c| {
-            let r = load::idle(c.addr, plan.idle_conns, secs(plan.idle_settle_secs), c.pid())?;
-            let line = format!(
-                "RSS {:.1} MiB (+{:.1} since start), kernel +{:.1} MiB",
-                r.proxy_rss as f64 / 1048576.0,
-                r.proxy_rss.saturating_sub(c.rss_at_start) as f64 / 1048576.0,
-                r.kernel_delta as f64 / 1048576.0
-            );
-            results.idle.entry(c.name().into()).or_default().push(IdleRun {
-                result: r,
-                rss_at_start: c.rss_at_start,
-            });
-            Ok(line)
-        });
-        results.timings.insert("idle".into(), t.elapsed().as_secs_f64());
-    }
-
     results.machine.loadavg_end = sys::loadavg();
-    if opts.merge {
-        // The whole run's wall time: the previous run's, with the re-run workloads' new times.
-        let replaced: f64 = opts.only.iter().filter_map(|w| previous_timings.get(w)).sum();
-        let added: f64 = opts.only.iter().filter_map(|w| results.timings.get(w)).sum();
-        results.total_secs = results.total_secs - replaced + added;
-    } else {
-        results.total_secs = t0.elapsed().as_secs_f64();
+    results.total_secs = t0.elapsed().as_secs_f64();
+    if plan.runs == 0 {
+        // A calibration (or profiling) pass only: nothing to report, and latest.json stays.
+        println!(
+            "bench: done in {:.0} s (no measured runs, no report)",
+            results.total_secs
+        );
+        return Ok(());
     }
-    if opts.merge {
-        results
-            .failures
-            .retain(|f| !opts.only.iter().any(|w| f.contains(&format!(" {w}"))));
-        results.failures.extend(failures);
-    } else {
-        results.failures = failures;
-    }
-    drop(cs);
-    fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
-    crate::report::write(&results, &opts.out)?;
+    crate::report::write(&mut results, &opts.out)?;
     println!(
         "bench: done in {:.0} s; report {}",
         results.total_secs,
@@ -373,54 +125,419 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-fn echo_line(r: &EchoResult) -> String {
-    format!(
-        "{:.0} msg/s, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, {:.1} CPU us/msg, lost {}, lag {:.1} ms",
-        r.rate,
-        r.p50_us,
-        r.p99_us,
-        r.p999_us,
-        r.cpu_us_per_msg,
-        r.sent.saturating_sub(r.received),
-        r.max_lag_ms
-    )
+fn measure_topology(
+    t: Topology,
+    plan: &Plan,
+    opts: &Options,
+    dir: &Path,
+    nofile: u64,
+    failures: &mut Vec<String>,
+) -> Result<TopologyResult> {
+    let start = Instant::now();
+    let net = Net::up(t)?;
+    net.enter_load()?;
+    let measured = measure_in(&net, plan, opts, &dir.join(t.name()), nofile, failures);
+    // Back to where we were before tearing the namespaces down (`net` drops after this).
+    net.leave()?;
+    let mut r = measured?;
+    r.secs = start.elapsed().as_secs_f64();
+    Ok(r)
 }
 
-/// Runs `measure` for every contender, `plan.runs` times, contenders interleaved within each run.
-/// A failed run is recorded and the benchmark goes on; a contender whose process died fails hard.
-fn each_run(
+fn measure_in(
+    net: &Net,
     plan: &Plan,
-    cs: &mut [Contender],
-    workload: &str,
+    opts: &Options,
+    dir: &Path,
+    nofile: u64,
     failures: &mut Vec<String>,
-    mut measure: impl FnMut(&Contender) -> Result<String>,
-) {
-    for run in 0..plan.runs {
-        for c in cs.iter_mut() {
-            if let Some(p) = c.proc.as_mut()
-                && let Err(e) = p.alive()
-            {
-                failures.push(format!("{}: {workload}: {e}", c.kind.name()));
-                continue;
+) -> Result<TopologyResult> {
+    let t = net.topology();
+    fs::create_dir_all(dir)?;
+    let upstream: SocketAddr = (net.load_ip(), UPSTREAM_PORT).into();
+    let self_exe = std::env::current_exe()?;
+    let up = Proc::spawn(
+        "upstream",
+        GENERATOR_CPU,
+        &self_exe,
+        &["upstream".into(), "--listen".into(), upstream.to_string()],
+        &[],
+        &dir.join("upstream.log"),
+        net.load_ns(),
+    )?;
+    let setup = Setup {
+        dir,
+        wsproxy: &opts.wsproxy,
+        upstream,
+        proxy_cpu: PROXY_CPU,
+        nofile,
+        netns: net.proxy_ns().map(str::to_owned),
+    };
+    let mut cs: Vec<Contender> = Vec::new();
+    for kind in &opts.contenders {
+        let addr: SocketAddr = match kind {
+            Kind::Direct => upstream,
+            k => {
+                let i = Kind::ALL.iter().position(|x| x == k).expect("listed") as u16;
+                (net.proxy_ip(), BASE_PORT + i).into()
             }
-            match measure(c) {
-                Ok(line) => println!(
-                    "bench: {workload} run {}/{} {:<18} {line}",
-                    run + 1,
-                    plan.runs,
-                    c.name()
-                ),
-                Err(e) => {
+        };
+        match contenders::start(*kind, addr, &setup) {
+            Ok(c) => cs.push(c),
+            Err(e) => {
+                println!("bench: [{}] {} did not start: {e:#}", t.name(), kind.name());
+                failures.push(format!("{}: {}: start: {e:#}", t.name(), kind.name()));
+            }
+        }
+    }
+    println!(
+        "bench: [{}] {} contenders up; logs in {}",
+        t.name(),
+        cs.len(),
+        dir.display()
+    );
+    let mut out = TopologyResult {
+        topology: t,
+        description: t.describe().into(),
+        workloads: Vec::new(),
+        idle: BTreeMap::new(),
+        secs: 0.0,
+    };
+    let mut m = Measurer {
+        plan,
+        topology: t,
+        upstream_pid: up.pid(),
+        failures,
+        group_id: 0,
+        profiles: opts.profile.then(|| opts.out.join("profiles")),
+    };
+    for g in &plan.groups {
+        m.group(g, &mut cs, &mut out)?;
+    }
+    drop(cs);
+    drop(up);
+    Ok(out)
+}
+
+struct Measurer<'a> {
+    plan: &'a Plan,
+    topology: Topology,
+    upstream_pid: u32,
+    failures: &'a mut Vec<String>,
+    /// Each session gets its own broadcast group at the upstream, so that connections of an
+    /// earlier session still closing never receive (or count against) a later round.
+    group_id: u64,
+    profiles: Option<PathBuf>,
+}
+
+/// Which pass over the contenders: the calibration (maxima only) or a measured run.
+#[derive(Clone, Copy)]
+enum Pass {
+    Calibrate,
+    Run(usize),
+    /// The fixed load only, under perf (kept out of the figures).
+    Profile,
+}
+
+impl Measurer<'_> {
+    fn group(&mut self, g: &Group, cs: &mut [Contender], out: &mut TopologyResult) -> Result<()> {
+        let first = out.workloads.len();
+        for w in &g.workloads {
+            out.workloads.push(WorkloadResult {
+                id: w.id.clone(),
+                ..WorkloadResult::default()
+            });
+        }
+        if !g.workloads.is_empty() {
+            for c in cs.iter_mut() {
+                self.contender(g, c, Pass::Calibrate, out, first);
+            }
+            for (w, r) in g.workloads.iter().zip(&mut out.workloads[first..]) {
+                let slowest = r
+                    .calibration
+                    .iter()
+                    .filter(|(_, m)| m.rate > 0.0 && m.errors == 0)
+                    .min_by(|a, b| a.1.rate.total_cmp(&b.1.rate));
+                if let Some((name, m)) = slowest {
+                    r.offered = m.rate * self.plan.load_fraction;
+                    r.offered_set_by = name.clone();
                     println!(
-                        "bench: {workload} run {}/{} {:<18} FAILED: {e:#}",
-                        run + 1,
-                        plan.runs,
-                        c.name()
+                        "bench: [{}] {}: slowest maximum {} {}/s ({name}) -> fixed load {} {}/s",
+                        self.topology.name(),
+                        w.id,
+                        fmt_num(m.rate),
+                        w.shape.unit(),
+                        fmt_num(r.offered),
+                        w.shape.unit()
                     );
-                    failures.push(format!("{}: {workload} run {}: {e:#}", c.name(), run + 1));
                 }
             }
         }
+        for run in 0..self.plan.runs {
+            // Rotate the order so that no contender always follows the same one.
+            let n = cs.len();
+            for i in 0..n {
+                let c = &mut cs[(i + run) % n];
+                self.contender(g, c, Pass::Run(run), out, first);
+            }
+        }
+        if self.profiles.is_some() {
+            for c in cs.iter_mut() {
+                self.contender(g, c, Pass::Profile, out, first);
+            }
+        }
+        Ok(())
+    }
+
+    fn contender(&mut self, g: &Group, c: &mut Contender, pass: Pass, out: &mut TopologyResult, first: usize) {
+        let t = self.topology.name();
+        if let Some(p) = c.proc.as_mut()
+            && let Err(e) = p.alive()
+        {
+            self.failures.push(format!("{t}: {}: {e:#}", c.name()));
+            return;
+        }
+        sys::set_roles(Some(self.upstream_pid), c.pid());
+        let tag = match pass {
+            Pass::Calibrate => "calibration".to_owned(),
+            Pass::Run(r) => format!("run {}/{}", r + 1, self.plan.runs),
+            Pass::Profile => "profile".to_owned(),
+        };
+        if g.conns == 0 {
+            for (w, r) in g.workloads.iter().zip(&mut out.workloads[first..]) {
+                self.workload(w, None, c, pass, r, &tag);
+            }
+            return;
+        }
+        let idle_before = match pass {
+            Pass::Run(_) if g.idle_memory => {
+                wait_quiet(c.pid());
+                Some(sys::memory(c.pid()))
+            }
+            _ => None,
+        };
+        self.group_id += 1;
+        let mut session = match Session::open(c.addr, g.conns, self.group_id) {
+            Ok(s) => s,
+            Err(e) => {
+                println!(
+                    "bench: [{t}] {} connections {tag} {:<18} FAILED to open: {e:#}",
+                    g.conns,
+                    c.name()
+                );
+                self.failures.push(format!(
+                    "{t}: {} connections: {}: {tag}: open: {e:#}",
+                    g.conns,
+                    c.name()
+                ));
+                return;
+            }
+        };
+        if let (Some(before), Pass::Run(run)) = (idle_before, pass) {
+            std::thread::sleep(Duration::from_secs_f64(self.plan.idle_settle_secs));
+            let after = sys::memory(c.pid());
+            let per = |a: u64, b: u64| (a as f64 - b as f64) / g.conns as f64;
+            println!(
+                "bench: [{t}] idle {tag} {:<18} {} connections: RSS +{:.0} B/conn, kernel +{:.0} B/conn, TCP buffers +{:.0} B/conn, eBPF maps {:.1} MiB",
+                c.name(),
+                g.conns,
+                per(after.proxy_rss, before.proxy_rss),
+                per(after.kernel, before.kernel),
+                per(after.tcp_mem, before.tcp_mem),
+                after.bpf_maps as f64 / 1048576.0
+            );
+            out.idle.entry(c.name().into()).or_default().push(IdleMemory {
+                run,
+                conns: g.conns,
+                before,
+                after,
+            });
+        }
+        for (w, r) in g.workloads.iter().zip(&mut out.workloads[first..]) {
+            self.workload(w, Some(&mut session), c, pass, r, &tag);
+        }
+    }
+
+    fn workload(
+        &mut self,
+        w: &Workload,
+        mut session: Option<&mut Session>,
+        c: &Contender,
+        pass: Pass,
+        r: &mut WorkloadResult,
+        tag: &str,
+    ) {
+        let t = self.topology.name();
+        let mut once = |offered: Offered, secs: f64| -> Result<Measure> {
+            measure(
+                w,
+                c.addr,
+                session.as_deref_mut(),
+                offered,
+                Duration::from_secs_f64(secs),
+            )
+        };
+        if let (Pass::Profile, Some(dir)) = (pass, &self.profiles) {
+            if r.offered > 0.0 {
+                let _ = fs::create_dir_all(dir);
+                let file = dir.join(format!("{t}-{}-{}.txt", w.id, c.name()));
+                let profiled = crate::profile::start(&dir.join("perf.data")).and_then(|perf| {
+                    let m = once(Offered::Rate(r.offered), self.plan.fixed_secs)?;
+                    let title = format!(
+                        "{t}, {}, {} at {} {}/s: {}",
+                        w.id,
+                        c.name(),
+                        fmt_num(r.offered),
+                        w.shape.unit(),
+                        fixed_line(&m, w.shape.unit())
+                    );
+                    perf.finish(&file, &title)
+                });
+                match profiled {
+                    Ok(()) => println!("bench: [{t}] {} profile {:<18} {}", w.id, c.name(), file.display()),
+                    Err(e) => self
+                        .failures
+                        .push(format!("{t}: {}: {}: profile: {e:#}", w.id, c.name())),
+                }
+            }
+            return;
+        }
+        let max = once(Offered::Max, self.plan.max_secs);
+        let fixed = match pass {
+            Pass::Run(_) if r.offered > 0.0 => Some(once(Offered::Rate(r.offered), self.plan.fixed_secs)),
+            _ => None,
+        };
+        let unit = w.shape.unit();
+        let mut line = String::new();
+        match &max {
+            Ok(m) => line += &format!("max {} {unit}/s ({})", fmt_num(m.rate), busiest(m)),
+            Err(e) => line += &format!("max FAILED: {e:#}"),
+        }
+        if let Some(f) = &fixed {
+            match f {
+                Ok(m) => line += &format!("; fixed {}", fixed_line(m, unit)),
+                Err(e) => line += &format!("; fixed FAILED: {e:#}"),
+            }
+        }
+        println!("bench: [{t}] {} {tag} {:<18} {line}", w.id, c.name());
+        let mut record = |what: &str, res: Result<Measure>| -> Option<Measure> {
+            match res {
+                Ok(m) => {
+                    if m.errors > 0 {
+                        self.failures.push(format!(
+                            "{t}: {}: {}: {tag} {what}: {} errors, first: {}",
+                            w.id,
+                            c.name(),
+                            m.errors,
+                            m.first_error.clone().unwrap_or_default()
+                        ));
+                    }
+                    Some(m)
+                }
+                Err(e) => {
+                    self.failures
+                        .push(format!("{t}: {}: {}: {tag} {what}: {e:#}", w.id, c.name()));
+                    None
+                }
+            }
+        };
+        let name = c.name().to_owned();
+        match pass {
+            Pass::Calibrate => {
+                if let Some(m) = record("max", max) {
+                    r.calibration.insert(name, m);
+                }
+            }
+            Pass::Profile => {}
+            Pass::Run(run) => {
+                if let Some(m) = record("max", max) {
+                    r.max.entry(name.clone()).or_default().push(RunMeasure { run, m });
+                }
+                if let Some(m) = fixed.and_then(|f| record("fixed", f)) {
+                    r.fixed.entry(name).or_default().push(RunMeasure { run, m });
+                }
+            }
+        }
+    }
+}
+
+/// One measurement of workload `w` through `addr`, on `session`'s open connections (every
+/// workload but the handshakes needs them).
+pub fn measure(
+    w: &Workload,
+    addr: SocketAddr,
+    session: Option<&mut Session>,
+    offered: Offered,
+    window: Duration,
+) -> Result<Measure> {
+    match (w.shape, session) {
+        (Shape::Handshakes { clients }, _) => load::handshakes(addr, clients, offered, window),
+        (Shape::Sink { size }, Some(s)) => s.sink(size, offered, window),
+        (Shape::Echo { active, size }, Some(s)) => s.echo(active, size, offered, window),
+        (Shape::Broadcast { size }, Some(s)) => s.broadcast(size, offered, window),
+        (_, None) => anyhow::bail!("{}: needs open connections", w.id),
+    }
+}
+
+/// `wsproxy-bench measure`: one workload of the full plan against any target, by hand (with its
+/// group's connections opened first).
+pub fn measure_alone(addr: SocketAddr, id: &str, offered: Offered, window: Duration) -> Result<Measure> {
+    let plan = Plan::new(false);
+    let (g, w) = plan
+        .groups
+        .iter()
+        .find_map(|g| g.workloads.iter().find(|w| w.id == id).map(|w| (g, w)))
+        .ok_or_else(|| anyhow::anyhow!("unknown workload {id:?}: one of {:?}", plan.ids()))?;
+    let mut session = (g.conns > 0).then(|| Session::open(addr, g.conns, 1)).transpose()?;
+    measure(w, addr, session.as_mut(), offered, window)
+}
+
+/// The busiest CPU of a measurement, e.g. "cpu0 99 %, softirq 31 %": at the maximum, the one that
+/// saturated.
+pub fn busiest(m: &Measure) -> String {
+    m.cpu
+        .per_cpu
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.busy.total_cmp(&b.1.busy))
+        .map_or_else(String::new, |(i, s)| {
+            format!("cpu{i} {:.0} %, softirq {:.0} %", s.busy * 100.0, s.softirq * 100.0)
+        })
+}
+
+fn fixed_line(m: &Measure, unit: &str) -> String {
+    let lat = m.latency.as_ref().map_or_else(String::new, |l| {
+        format!(", p50 {:.0} p99 {:.0} p99.9 {:.0} us", l.p50_us, l.p99_us, l.p999_us)
+    });
+    let per = if m.done > 0 {
+        m.cpu.ours() * 1e6 / m.done as f64
+    } else {
+        f64::NAN
+    };
+    format!(
+        "{} of {} {unit}/s{lat}, {} CPU us/{unit} (proxy {}, kernel {}), lost {}, lag {:.1} ms",
+        fmt_num(m.rate),
+        fmt_num(m.offered),
+        fmt_num(per),
+        fmt_num(m.cpu.proxy_secs * 1e6 / m.done.max(1) as f64),
+        fmt_num(m.cpu.kernel_secs * 1e6 / m.done.max(1) as f64),
+        m.lost,
+        m.max_lag_ms
+    )
+}
+
+/// Waits (up to 5 s) until the sockets of earlier sessions are gone from the proxy's network
+/// namespace, so that idle memory is measured from a quiet start.
+fn wait_quiet(proxy: Option<u32>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = sys::memory(proxy).tcp_inuse;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = sys::memory(proxy).tcp_inuse;
+        if now == last && now < 200 {
+            return;
+        }
+        last = now;
     }
 }
 
@@ -429,47 +546,9 @@ fn watchdog(limit_secs: u64) {
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(limit_secs));
         eprintln!("bench: still running after {limit_secs} s: giving up");
+        let _ = topology::cleanup();
         std::process::exit(3);
     });
-}
-
-/// Installs nginx and HAProxy (Debian packages) and a TrueType font for the plots if missing.
-fn ensure_packages(kinds: &[Kind]) -> Result<()> {
-    let mut missing = Vec::new();
-    let have = |p: &str| {
-        std::process::Command::new("which")
-            .arg(p)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if kinds.contains(&Kind::Nginx) && !have("nginx") {
-        missing.push("nginx-light");
-    }
-    if kinds.iter().any(|k| matches!(k, Kind::Haproxy | Kind::HaproxySplice)) && !have("haproxy") {
-        missing.push("haproxy");
-    }
-    if !crate::plot::FONT_PATHS.iter().any(|p| Path::new(p).exists()) {
-        missing.push("fonts-dejavu-core");
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("bench: installing {}", missing.join(" "));
-    let install = |update: bool| -> Result<bool> {
-        if update {
-            std::process::Command::new("apt-get").arg("update").status()?;
-        }
-        let status = std::process::Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()?;
-        Ok(status.success())
-    };
-    if !install(false)? && !install(true)? {
-        bail!("apt-get install {} failed", missing.join(" "));
-    }
-    Ok(())
 }
 
 fn versions(wsproxy: &Path) -> Versions {
@@ -494,9 +573,37 @@ fn versions(wsproxy: &Path) -> Versions {
             "{ws} (git {rev}{})",
             if dirty { ", with uncommitted changes" } else { "" }
         ),
-        nginx: sys::command_line("nginx", &["-v"]),
-        haproxy: sys::command_line("haproxy", &["-v"]),
+        nginx: contenders::version(Kind::Nginx),
+        haproxy: contenders::version(Kind::Haproxy),
+        caddy: contenders::version(Kind::Caddy),
         rustc: sys::command_line("rustc", &["--version"]),
-        perf_note: String::new(),
+    }
+}
+
+/// Lets a caller check that a plan's workload ids exist (for `--only`).
+pub fn known_ids(quick: bool) -> Vec<String> {
+    Plan::new(quick).ids()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_narrow_the_plan() {
+        let opts = Options {
+            quick: true,
+            wsproxy: PathBuf::new(),
+            out: PathBuf::new(),
+            only: vec!["bulk".into()],
+            contenders: vec![],
+            topologies: vec![Topology::Veth],
+            runs: Some(3),
+            profile: false,
+        };
+        let p = plan(&opts);
+        assert_eq!(p.runs, 3);
+        assert_eq!(p.topologies, vec![Topology::Veth]);
+        assert_eq!(p.workloads().map(|w| w.id.as_str()).collect::<Vec<_>>(), vec!["bulk"]);
     }
 }

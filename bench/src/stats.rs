@@ -1,8 +1,8 @@
 //! Median, min and max over the runs of one measurement, and the ratios the report prints.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub median: f64,
     pub min: f64,
@@ -82,10 +82,6 @@ pub fn fmt_summary(s: &Summary) -> String {
     format!("{} [{}–{}]", fmt_num(s.median), fmt_num(s.min), fmt_num(s.max))
 }
 
-pub fn fmt_ratio(r: Option<f64>) -> String {
-    r.map_or_else(|| "–".into(), |r| format!("{r:.2}×"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,7 +99,6 @@ mod tests {
     fn ratios_and_numbers_format_for_the_report() {
         assert_eq!(ratio(50.0, Some(100.0)), Some(0.5));
         assert_eq!(ratio(50.0, Some(0.0)), None);
-        assert_eq!(fmt_ratio(Some(1.234)), "1.23×");
         assert_eq!(fmt_num(1_234_567.4), "1,234,567");
         assert_eq!(fmt_num(-1234.0), "-1,234");
         assert_eq!(fmt_num(12.345), "12.3");

@@ -8,20 +8,52 @@ use std::process::Command;
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-/// Busy and total clock ticks of one CPU line of `/proc/stat`.
+/// Clock ticks of one CPU line of `/proc/stat`.
+///
+/// With a tickless kernel the idle figures (idle, iowait) are measured exactly, while the busy
+/// ones (user, system, softirq, ...) are sampled at each tick, which misses short bursts of work
+/// between idle periods (seen here: a generator at 24 % of a CPU by its own accounting showed as 9 %
+/// busy). So busy time is taken as wall time less idle (and less steal), and only the split of
+/// busy time (softirq) comes from the samples.
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub struct Ticks {
     pub busy: u64,
+    pub softirq: u64,
     pub total: u64,
+    /// idle + iowait + steal: time that was not this machine's work.
+    pub idle: u64,
 }
 
-/// The whole machine and each CPU, from `/proc/stat`, and the CPU time of every process that is
-/// not part of the benchmark (by pid, clock ticks), to tell how much of the machine others used.
+/// The processes whose CPU time the report names: the upstream and the proxy under measurement
+/// (the generator is this process). Set before each contender's measurements.
+#[derive(Debug, Clone, Copy, Default)]
+struct Roles {
+    upstream: Option<u32>,
+    proxy: Option<u32>,
+}
+
+static ROLES: std::sync::Mutex<Roles> = std::sync::Mutex::new(Roles {
+    upstream: None,
+    proxy: None,
+});
+
+pub fn set_roles(upstream: Option<u32>, proxy: Option<u32>) {
+    *ROLES.lock().expect("not poisoned") = Roles { upstream, proxy };
+}
+
+/// The whole machine and each CPU, from `/proc/stat`; the CPU time of the generator, the upstream
+/// and the proxy; and that of every process that is not part of the benchmark (by pid, clock
+/// ticks), to tell how much of the machine others used.
 #[derive(Debug, Clone, Default)]
 pub struct CpuSample {
+    /// CLOCK_MONOTONIC when taken, ns.
+    pub wall_ns: u64,
     pub all: Ticks,
     pub per_cpu: Vec<Ticks>,
     pub foreign: HashMap<u32, u64>,
+    pub generator: u64,
+    pub upstream: u64,
+    pub proxy: u64,
 }
 
 /// The benchmark's own processes: itself, the upstream and the proxies.
@@ -48,6 +80,13 @@ pub fn parse_proc_ticks(stat: &str) -> Option<u64> {
     Some(n(11) + n(12))
 }
 
+fn proc_ticks(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .as_deref()
+        .and_then(parse_proc_ticks)
+}
+
 fn foreign_ticks() -> HashMap<u32, u64> {
     let ours = OURS.lock().expect("not poisoned").clone();
     let me = std::process::id();
@@ -62,30 +101,40 @@ fn foreign_ticks() -> HashMap<u32, u64> {
         if pid == me || ours.contains(&pid) {
             continue;
         }
-        if let Some(t) = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .as_deref()
-            .and_then(parse_proc_ticks)
-        {
+        if let Some(t) = proc_ticks(pid) {
             out.insert(pid, t);
         }
     }
     out
 }
 
+/// One CPU's share of a window (0..=1).
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
+pub struct CpuShare {
+    /// Busy (user, nice, system, irq, softirq).
+    pub busy: f64,
+    /// Of which softirq.
+    pub softirq: f64,
+}
+
 /// CPU time spent between two samples.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct CpuDelta {
-    /// Busy seconds of all CPUs together (user, nice, system, irq, softirq; not idle, iowait, steal).
+    /// Busy seconds of all CPUs together: wall time less idle, iowait and steal.
     pub busy_secs: f64,
-    /// Wall seconds times the number of CPUs, as the kernel counted them.
+    /// Wall seconds times the number of CPUs.
     pub total_secs: f64,
-    /// Busy fraction of each CPU (0..=1).
-    pub per_cpu_busy: Vec<f64>,
+    pub per_cpu: Vec<CpuShare>,
     /// CPU seconds of processes that are not part of the benchmark (other users of the machine):
     /// growth of those alive at both ends, plus all of those that started in between.
-    #[serde(default)]
     pub foreign_secs: f64,
+    /// CPU seconds of the load generator (this process), the upstream and the proxy's process.
+    pub generator_secs: f64,
+    pub upstream_secs: f64,
+    pub proxy_secs: f64,
+    /// What the machine spent that no process of the benchmark was charged with: softirq, kernel
+    /// workers (the psock backlog worker among them), interrupts.
+    pub kernel_secs: f64,
 }
 
 impl CpuDelta {
@@ -101,7 +150,12 @@ pub fn parse_ticks(fields: &[u64]) -> Ticks {
     let get = |i: usize| fields.get(i).copied().unwrap_or(0);
     let busy = get(0) + get(1) + get(2) + get(5) + get(6);
     let total = busy + get(3) + get(4) + get(7);
-    Ticks { busy, total }
+    Ticks {
+        busy,
+        softirq: get(6),
+        total,
+        idle: get(3) + get(4) + get(7),
+    }
 }
 
 pub fn parse_stat(text: &str) -> CpuSample {
@@ -124,9 +178,14 @@ pub fn parse_stat(text: &str) -> CpuSample {
 }
 
 pub fn cpu_sample() -> CpuSample {
+    let roles = *ROLES.lock().expect("not poisoned");
     let foreign = foreign_ticks();
     let mut s = parse_stat(&fs::read_to_string("/proc/stat").unwrap_or_default());
+    s.wall_ns = crate::ws::now_ns();
     s.foreign = foreign;
+    s.generator = proc_ticks(std::process::id()).unwrap_or(0);
+    s.upstream = roles.upstream.and_then(proc_ticks).unwrap_or(0);
+    s.proxy = roles.proxy.and_then(proc_ticks).unwrap_or(0);
     s
 }
 
@@ -139,12 +198,15 @@ fn ticks_per_sec() -> f64 {
 impl CpuSample {
     pub fn since(&self, earlier: &CpuSample) -> CpuDelta {
         let hz = ticks_per_sec();
-        let frac = |now: &Ticks, then: &Ticks| {
-            let total = now.total.saturating_sub(then.total);
-            if total == 0 {
-                0.0
-            } else {
-                now.busy.saturating_sub(then.busy) as f64 / total as f64
+        let wall = self.wall_ns.saturating_sub(earlier.wall_ns) as f64 / 1e9;
+        let share = |now: &Ticks, then: &Ticks| {
+            if wall <= 0.0 {
+                return CpuShare::default();
+            }
+            let idle = now.idle.saturating_sub(then.idle) as f64 / hz;
+            CpuShare {
+                busy: (1.0 - idle / wall).clamp(0.0, 1.0),
+                softirq: (now.softirq.saturating_sub(then.softirq) as f64 / hz / wall).clamp(0.0, 1.0),
             }
         };
         let foreign: u64 = self
@@ -152,17 +214,25 @@ impl CpuSample {
             .iter()
             .map(|(pid, t)| t.saturating_sub(earlier.foreign.get(pid).copied().unwrap_or(0)))
             .sum();
-        CpuDelta {
+        let secs = |now: u64, then: u64| now.saturating_sub(then) as f64 / hz;
+        let per_cpu: Vec<CpuShare> = self
+            .per_cpu
+            .iter()
+            .zip(&earlier.per_cpu)
+            .map(|(n, t)| share(n, t))
+            .collect();
+        let mut d = CpuDelta {
             foreign_secs: foreign as f64 / hz,
-            busy_secs: self.all.busy.saturating_sub(earlier.all.busy) as f64 / hz,
-            total_secs: self.all.total.saturating_sub(earlier.all.total) as f64 / hz,
-            per_cpu_busy: self
-                .per_cpu
-                .iter()
-                .zip(&earlier.per_cpu)
-                .map(|(n, t)| frac(n, t))
-                .collect(),
-        }
+            busy_secs: per_cpu.iter().map(|c| c.busy * wall).sum(),
+            total_secs: wall * per_cpu.len() as f64,
+            per_cpu,
+            generator_secs: secs(self.generator, earlier.generator),
+            upstream_secs: secs(self.upstream, earlier.upstream),
+            proxy_secs: secs(self.proxy, earlier.proxy),
+            kernel_secs: 0.0,
+        };
+        d.kernel_secs = (d.ours() - d.generator_secs - d.upstream_secs - d.proxy_secs).max(0.0);
+        d
     }
 }
 
@@ -186,6 +256,69 @@ pub fn kernel_memory() -> u64 {
         .iter()
         .map(|k| m.get(*k).copied().unwrap_or(0))
         .sum()
+}
+
+/// Host memory that idle connections can hold, at one moment.
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
+pub struct MemSample {
+    /// The proxy's RSS (0 for direct).
+    pub proxy_rss: u64,
+    /// Kernel memory: slab (sockets, psocks, epoll items, map elements), kernel stacks, page tables.
+    pub kernel: u64,
+    /// TCP buffer memory of the whole host (`/proc/net/sockstat`, `mem` pages).
+    pub tcp_mem: u64,
+    /// TCP sockets in use in the proxy's namespace (this thread's for direct).
+    pub tcp_inuse: u64,
+    /// Memory of the eBPF maps the proxy holds (the `memlock` of each map in its fdinfo).
+    pub bpf_maps: u64,
+}
+
+/// `TCP: inuse N ... mem M` of a `sockstat` text: (inuse, mem in pages).
+pub fn parse_sockstat(text: &str) -> (u64, u64) {
+    let Some(line) = text.lines().find(|l| l.starts_with("TCP:")) else {
+        return (0, 0);
+    };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let field = |name: &str| {
+        words
+            .iter()
+            .position(|w| *w == name)
+            .and_then(|i| words.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("inuse"), field("mem"))
+}
+
+fn bpf_map_bytes(pid: u32) -> u64 {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| fs::read_to_string(e.path()).ok())
+        .filter(|t| t.contains("map_type:"))
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+pub fn memory(proxy: Option<u32>) -> MemSample {
+    let sockstat = match proxy {
+        Some(pid) => fs::read_to_string(format!("/proc/{pid}/net/sockstat")),
+        None => fs::read_to_string("/proc/thread-self/net/sockstat"),
+    }
+    .unwrap_or_default();
+    let (inuse, pages) = parse_sockstat(&sockstat);
+    MemSample {
+        proxy_rss: proxy.and_then(|p| rss(p).ok()).unwrap_or(0),
+        kernel: kernel_memory(),
+        tcp_mem: pages * 4096,
+        tcp_inuse: inuse,
+        bpf_maps: proxy.map_or(0, bpf_map_bytes),
+    }
 }
 
 /// Resident set size of a process (VmRSS), in bytes.
@@ -316,6 +449,14 @@ mod tests {
         assert_eq!(s.all.total, 165 + 1000 + 10 + 2);
         assert_eq!(s.per_cpu.len(), 2);
         assert_eq!(s.per_cpu[1].busy, 64);
+        assert_eq!(s.per_cpu[1].softirq, 3);
+    }
+
+    #[test]
+    fn sockstat_gives_tcp_sockets_and_pages() {
+        let text = "sockets: used 10\nTCP: inuse 7 orphan 0 tw 2 alloc 9 mem 123\nUDP: inuse 1 mem 4\n";
+        assert_eq!(parse_sockstat(text), (7, 123));
+        assert_eq!(parse_sockstat("nothing"), (0, 0));
     }
 
     #[test]

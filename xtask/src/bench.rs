@@ -21,9 +21,13 @@ pub fn build_command() -> Cmd {
     ])
 }
 
+fn bench_binary(root: &Path) -> std::path::PathBuf {
+    cargo::wsproxy_binary(root, true).with_file_name("wsproxy-bench")
+}
+
 pub fn bench_command(root: &Path, quick: bool, extra: &[String]) -> Cmd {
     let wsproxy = cargo::wsproxy_binary(root, true);
-    let bench = wsproxy.with_file_name("wsproxy-bench");
+    let bench = bench_binary(root);
     let results = root.join("bench/results");
     let cmd = Cmd::new(&bench.display().to_string()).args([
         "run",
@@ -43,6 +47,12 @@ pub fn bench(root: &Path, quick: bool, extra: &[String]) -> Result<ExitCode> {
     let cmd = bench_command(root, quick, extra);
     println!("xtask: {cmd}");
     let status = cmd.status_in(root)?;
+    // The benchmark tears its network namespaces down itself, also on SIGINT and SIGTERM; after
+    // a SIGKILL only this can.
+    let cleanup = Cmd::new(&bench_binary(root).display().to_string()).args(["cleanup"]);
+    if let Err(e) = cleanup.status_in(root) {
+        eprintln!("xtask: {cleanup}: {e:#}");
+    }
     if !status.success() {
         eprintln!("xtask: benchmark failed ({status})");
     }

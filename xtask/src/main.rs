@@ -44,13 +44,13 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Set up if needed, build in release, then benchmark wsproxy against nginx, HAProxy and direct
-    /// (bench/results/latest.md); as root
+    /// Set up if needed, build in release, then benchmark wsproxy against nginx, HAProxy, Caddy
+    /// and direct in three topologies (bench/results/latest.md, latest.json); as root
     Bench {
         /// Smoke run: fewer runs and shorter windows (under 5 minutes)
         #[arg(long)]
         quick: bool,
-        /// Passed on to `wsproxy-bench run` (e.g. `-- --only bulk,echo --merge`)
+        /// Passed on to `wsproxy-bench run` (e.g. `-- --topologies veth --only bulk,closed`)
         #[arg(last = true)]
         args: Vec<String>,
     },

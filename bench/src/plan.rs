@@ -1,0 +1,244 @@
+//! What the benchmark measures: the workloads, grouped by the connections they share, and how long
+//! and how often each is measured. One place for the list, so the run, the report and the JSON
+//! agree on names and units.
+
+use serde::{Deserialize, Serialize};
+
+use crate::topology::Topology;
+
+/// How one workload drives its connections (see `load::Session`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Shape {
+    /// `size`-byte messages to the upstream, which counts and drops them. Unit: bytes.
+    Sink { size: usize },
+    /// Echo on the first `active` connections of the group. Unit: an echoed message.
+    Echo { active: usize, size: usize },
+    /// The upstream pushes one `size`-byte message to every connection of the group per round.
+    /// Unit: a delivered message.
+    Broadcast { size: usize },
+    /// Connect, upgrade, one 16-byte echo, close; `clients` loops at the maximum. Unit: a handshake.
+    Handshakes { clients: usize },
+}
+
+impl Shape {
+    /// What one unit of this workload is, for the report ("msg", "byte", "handshake").
+    pub fn unit(self) -> &'static str {
+        match self {
+            Shape::Sink { .. } => "byte",
+            Shape::Echo { .. } | Shape::Broadcast { .. } => "msg",
+            Shape::Handshakes { .. } => "handshake",
+        }
+    }
+
+    pub fn has_latency(self) -> bool {
+        !matches!(self, Shape::Sink { .. })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Workload {
+    /// Short id, used in the JSON, `--only` and the plots' file names.
+    pub id: String,
+    /// One line for the report.
+    pub title: String,
+    pub shape: Shape,
+}
+
+/// Workloads that run on one set of open connections, one after another. A group of 0
+/// connections is the handshake workload, which opens its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Group {
+    pub conns: usize,
+    /// Measure the memory of the open, idle connections before the workloads run (`idle`).
+    pub idle_memory: bool,
+    pub workloads: Vec<Workload>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub quick: bool,
+    pub topologies: Vec<Topology>,
+    /// Measured runs per workload and contender (after one calibration run).
+    pub runs: usize,
+    /// Window of one maximum-rate measurement, seconds.
+    pub max_secs: f64,
+    /// Window of one fixed-load measurement, seconds.
+    pub fixed_secs: f64,
+    /// The fixed load is this fraction of the lowest maximum any contender reached in calibration.
+    pub load_fraction: f64,
+    /// Time the idle connections sit before their memory is read, seconds.
+    pub idle_settle_secs: f64,
+    pub groups: Vec<Group>,
+    /// Set when RLIMIT_NOFILE (this value) capped the largest group below the plan.
+    #[serde(default)]
+    pub limited_by_nofile: Option<u64>,
+}
+
+fn w(id: &str, title: &str, shape: Shape) -> Workload {
+    Workload {
+        id: id.into(),
+        title: title.into(),
+        shape,
+    }
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Plan {
+        let big = if quick { 1_000 } else { 10_000 };
+        let groups = vec![
+            Group {
+                conns: 1,
+                idle_memory: false,
+                workloads: vec![
+                    w(
+                        "bulk",
+                        "bulk: one connection, 64 KiB messages to the upstream",
+                        Shape::Sink { size: 64 * 1024 },
+                    ),
+                    w(
+                        "echo-1x128",
+                        "echo: one connection, 128 B messages",
+                        Shape::Echo { active: 1, size: 128 },
+                    ),
+                    w(
+                        "large",
+                        "large messages: one connection, 1 MiB echoed",
+                        Shape::Echo {
+                            active: 1,
+                            size: 1 << 20,
+                        },
+                    ),
+                ],
+            },
+            Group {
+                conns: 100,
+                idle_memory: false,
+                workloads: vec![w(
+                    "echo-100x16k",
+                    "echo: 100 connections, 16 KiB messages",
+                    Shape::Echo {
+                        active: 100,
+                        size: 16 * 1024,
+                    },
+                )],
+            },
+            Group {
+                conns: 1_000,
+                idle_memory: false,
+                workloads: vec![
+                    w(
+                        "closed",
+                        "many connections: 1,000 connections, 128 B messages",
+                        Shape::Echo {
+                            active: 1_000,
+                            size: 128,
+                        },
+                    ),
+                    w(
+                        "broadcast-1k",
+                        "broadcast: 64 B from the upstream to 1,000 connections",
+                        Shape::Broadcast { size: 64 },
+                    ),
+                ],
+            },
+            Group {
+                conns: big,
+                idle_memory: true,
+                workloads: vec![
+                    w(
+                        "mostly-idle",
+                        &format!(
+                            "mostly idle: {} connections open, 1 % of them echo 128 B",
+                            crate::stats::fmt_int(big)
+                        ),
+                        Shape::Echo {
+                            active: big / 100,
+                            size: 128,
+                        },
+                    ),
+                    w(
+                        "broadcast-10k",
+                        &format!(
+                            "broadcast: 64 B from the upstream to {} connections",
+                            crate::stats::fmt_int(big)
+                        ),
+                        Shape::Broadcast { size: 64 },
+                    ),
+                ],
+            },
+            Group {
+                conns: 0,
+                idle_memory: false,
+                workloads: vec![w(
+                    "handshakes",
+                    "handshakes: connect, upgrade, one echo, close",
+                    Shape::Handshakes { clients: 50 },
+                )],
+            },
+        ];
+        Plan {
+            quick,
+            topologies: Topology::ALL.to_vec(),
+            runs: if quick { 1 } else { 5 },
+            max_secs: if quick { 0.3 } else { 0.5 },
+            fixed_secs: if quick { 0.3 } else { 0.8 },
+            load_fraction: 0.5,
+            idle_settle_secs: if quick { 0.2 } else { 1.0 },
+            groups,
+            limited_by_nofile: None,
+        }
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.groups.iter().flat_map(|g| g.workloads.iter())
+    }
+
+    /// Keeps only the named workloads (and groups that still have one, or measure idle memory and
+    /// `idle` is named).
+    pub fn keep(&mut self, only: &[String]) {
+        if only.is_empty() {
+            return;
+        }
+        for g in &mut self.groups {
+            g.workloads.retain(|w| only.contains(&w.id));
+            g.idle_memory &= only.iter().any(|o| o == "idle");
+        }
+        self.groups.retain(|g| !g.workloads.is_empty() || g.idle_memory);
+    }
+
+    /// Every id `--only` accepts.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.workloads().map(|w| w.id.clone()).collect();
+        ids.push("idle".into());
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_keep_filters_groups() {
+        let mut p = Plan::new(false);
+        let ids = p.ids();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len());
+        for kept in [
+            "bulk",
+            "echo-1x128",
+            "closed",
+            "handshakes",
+            "idle",
+            "broadcast-10k",
+            "large",
+        ] {
+            assert!(ids.contains(&kept.to_owned()), "{kept}");
+        }
+        p.keep(&["idle".into()]);
+        assert_eq!(p.groups.len(), 1);
+        assert!(p.groups[0].idle_memory && p.groups[0].workloads.is_empty());
+    }
+}

@@ -1,0 +1,83 @@
+//! The raw results of a run, as `latest.json` holds them, and the figures derived from them.
+//!
+//! Raw measurements are kept whole (every run of every contender) so that the report can be
+//! redrawn and the figures recomputed (`wsproxy-bench report`) without running again.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::figures::Figure;
+use crate::load::Measure;
+use crate::plan::Plan;
+use crate::sys::{Machine, MemSample};
+use crate::topology::Topology;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Versions {
+    pub wsproxy: String,
+    pub nginx: String,
+    pub haproxy: String,
+    pub caddy: String,
+    pub rustc: String,
+}
+
+/// One measurement with the run it belongs to: runs are interleaved, so run `i` of every
+/// contender was measured in the same stretch of time, and differences are taken run by run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunMeasure {
+    pub run: usize,
+    #[serde(flatten)]
+    pub m: Measure,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkloadResult {
+    pub id: String,
+    /// Each contender's maximum in the calibration run, which sets the fixed load.
+    pub calibration: BTreeMap<String, Measure>,
+    /// The fixed load every contender was offered (units per second), and whose maximum set it.
+    pub offered: f64,
+    pub offered_set_by: String,
+    pub max: BTreeMap<String, Vec<RunMeasure>>,
+    pub fixed: BTreeMap<String, Vec<RunMeasure>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdleMemory {
+    pub run: usize,
+    pub conns: usize,
+    pub before: MemSample,
+    pub after: MemSample,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopologyResult {
+    pub topology: Topology,
+    pub description: String,
+    pub workloads: Vec<WorkloadResult>,
+    pub idle: BTreeMap<String, Vec<IdleMemory>>,
+    pub secs: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub plan: Option<Plan>,
+    pub started: String,
+    pub machine: Machine,
+    pub versions: Versions,
+    pub contenders: Vec<String>,
+    pub topologies: Vec<TopologyResult>,
+    /// Measurements that failed, each naming topology, workload, contender and error.
+    pub failures: Vec<String>,
+    pub total_secs: f64,
+    /// Derived from the raw results when the report is written; kept here for other tools.
+    #[serde(default)]
+    pub figures: Vec<Figure>,
+}
+
+impl TopologyResult {
+    pub fn workload(&self, id: &str) -> Option<&WorkloadResult> {
+        self.workloads.iter().find(|w| w.id == id)
+    }
+}
