@@ -168,8 +168,9 @@ fn markdown(r: &Results, analysis: &str) -> String {
          topology decides where that is, which is why every table is given per topology.\n\
          - **Headline: added machine CPU at a fixed load.** For every workload each contender's maximum is measured once \
          (calibration); the fixed load is half of the lowest of those maxima, the same for every contender, so that none is \
-         saturated. At that load the machine's CPU time (`/proc/stat`: user, system, irq, softirq on both CPUs, less \
-         processes outside the benchmark) is divided by the work done, and direct's figure of the same run is subtracted: \
+         saturated. At that load the machine's CPU time (both CPUs' wall time less their idle time from `/proc/stat`, \
+         which a tickless kernel measures exactly, less processes outside the benchmark) is divided by the work done, and \
+         direct's figure of the same run is subtracted: \
          what remains is what the proxy costs the machine, wherever the kernel ran it.\n\
          - **Latency** (p50 / p99 / p99.9) is measured at the same fixed load: open loop, each message stamped when sent.\n\
          - **Maximum rate** is secondary: closed loop (one message in flight per connection, one round of a broadcast at a \

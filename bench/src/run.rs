@@ -312,7 +312,11 @@ impl Measurer<'_> {
         let idle_before = match pass {
             Pass::Run(_) if g.idle_memory => {
                 wait_quiet(c.pid());
-                Some(sys::memory(c.pid()))
+                // The proxy's RSS from its start: allocators keep what earlier, busier sessions
+                // used, so RSS right before opening would hide the connections' share.
+                let mut before = sys::memory(c.pid());
+                before.proxy_rss = c.rss_at_start;
+                Some(before)
             }
             _ => None,
         };
