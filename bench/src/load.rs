@@ -436,8 +436,9 @@ impl Session {
                 }
             }
             let secs = (ws::now_ns() - start) as f64 / 1e9;
-            let cpu = sys::cpu_sample().since(&cpu0);
+            // The CPU of every unit sent, also of those still on their way at the window's end.
             self.drain().await;
+            let cpu = sys::cpu_sample().since(&cpu0);
             Ok((secs, cpu, lag))
         })?;
         let st = self.shared.st.borrow();
@@ -461,7 +462,7 @@ impl Session {
     pub fn broadcast(&mut self, size: usize, offered: Offered, window: Duration) -> Result<Measure> {
         self.check_conns()?;
         let n = self.conns.len() as u64;
-        let mut trigger = Frame::new(OP_TEXT, format!("B {size}").as_bytes(), true);
+        let trigger = Frame::new(OP_TEXT, format!("B {size}").as_bytes(), true);
         self.begin(Mode::Broadcast, Frame::binary(8, true));
         let c0 = self.conns[0].clone();
         let shared = &self.shared;
@@ -502,7 +503,9 @@ impl Session {
                     }
                 }
                 Offered::Rate(rate) => {
-                    let rounds = (window.as_secs_f64() * rate / n as f64).floor().max(1.0) as u64;
+                    // At least five rounds, however long that takes: a round to 10,000 connections
+                    // is one burst, and one or two of them make a poor sample.
+                    let rounds = (window.as_secs_f64() * rate / n as f64).floor().max(5.0) as u64;
                     let mut sched = Schedule::new(rate / n as f64);
                     let mut pacer = Pacer::new()?;
                     let mut k = 0;
@@ -510,7 +513,7 @@ impl Session {
                         let due = sched.next(&mut pacer, k, rounds - k).await?;
                         for _ in 0..due {
                             shared.st.borrow_mut().sent += n;
-                            c0.out.push(&c0.s, trigger.stamp(0));
+                            c0.out.push(&c0.s, trigger.bytes());
                         }
                         k += due;
                     }
@@ -518,8 +521,8 @@ impl Session {
                 }
             }
             let secs = (ws::now_ns() - start) as f64 / 1e9;
-            let cpu = sys::cpu_sample().since(&cpu0);
             self.drain().await;
+            let cpu = sys::cpu_sample().since(&cpu0);
             Ok((secs, cpu, lag, slow))
         })?;
         let st = self.shared.st.borrow();
@@ -814,10 +817,10 @@ pub fn handshakes(addr: SocketAddr, clients: usize, offered: Offered, window: Du
                 }
             }
             let secs = (ws::now_ns() - start) as f64 / 1e9;
-            let cpu = sys::cpu_sample().since(&cpu0);
             for t in tasks {
                 let _ = t.await;
             }
+            let cpu = sys::cpu_sample().since(&cpu0);
             anyhow::Ok((secs, cpu, lag))
         })
         .await

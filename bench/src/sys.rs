@@ -10,11 +10,12 @@ use serde::Serialize;
 
 /// Clock ticks of one CPU line of `/proc/stat`.
 ///
-/// With a tickless kernel the idle figures (idle, iowait) are measured exactly, while the busy
-/// ones (user, system, softirq, ...) are sampled at each tick, which misses short bursts of work
-/// between idle periods (seen here: a generator at 24 % of a CPU by its own accounting showed as 9 %
-/// busy). So busy time is taken as wall time less idle (and less steal), and only the split of
-/// busy time (softirq) comes from the samples.
+/// The busy figures (user, system, softirq, ...) are sampled at each tick, which misses short
+/// bursts of work between idle periods (seen here: a generator at 24 % of a CPU by its own
+/// accounting showed as 9 % busy), and every figure comes in 10 ms steps, coarse for a window of
+/// under a second. So busy time is wall time less idle time, idle taken from cpuidle's per-state
+/// times (µs) where the machine has them (`CpuSample::idle_ns`), and only the share of softirq
+/// comes from these samples.
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub struct Ticks {
     pub busy: u64,
@@ -51,6 +52,10 @@ pub struct CpuSample {
     pub all: Ticks,
     pub per_cpu: Vec<Ticks>,
     pub foreign: HashMap<u32, u64>,
+    /// Each CPU's idle time, ns: from cpuidle's per-state times (µs) where the machine has them,
+    /// otherwise from the `/proc/stat` ticks (10 ms steps).
+    pub idle_ns: Vec<u64>,
+    /// CPU time of the generator, the upstream and the proxy, ns.
     pub generator: u64,
     pub upstream: u64,
     pub proxy: u64,
@@ -78,6 +83,38 @@ pub fn parse_proc_ticks(stat: &str) -> Option<u64> {
     }
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     Some(n(11) + n(12))
+}
+
+/// A process's CPU time in ns: the sum of its threads' `schedstat` run times (exact), or its
+/// `stat` ticks where schedstat is missing.
+fn proc_runtime_ns(pid: u32) -> Option<u64> {
+    let exact = fs::read_dir(format!("/proc/{pid}/task")).ok().map(|dir| {
+        dir.flatten()
+            .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    });
+    match exact {
+        Some(ns) if ns > 0 => Some(ns),
+        _ => proc_ticks(pid).map(|t| (t as f64 * 1e9 / ticks_per_sec()) as u64),
+    }
+}
+
+/// Idle time of `cpu` in ns from cpuidle (µs per idle state), if the machine has a cpuidle driver.
+fn cpuidle_ns(cpu: usize) -> Option<u64> {
+    let dir = fs::read_dir(format!("/sys/devices/system/cpu/cpu{cpu}/cpuidle")).ok()?;
+    let mut us = 0u64;
+    let mut any = false;
+    for state in dir.flatten() {
+        if let Some(t) = fs::read_to_string(state.path().join("time"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+        {
+            us += t;
+            any = true;
+        }
+    }
+    any.then_some(us * 1000)
 }
 
 fn proc_ticks(pid: u32) -> Option<u64> {
@@ -183,9 +220,13 @@ pub fn cpu_sample() -> CpuSample {
     let mut s = parse_stat(&fs::read_to_string("/proc/stat").unwrap_or_default());
     s.wall_ns = crate::ws::now_ns();
     s.foreign = foreign;
-    s.generator = proc_ticks(std::process::id()).unwrap_or(0);
-    s.upstream = roles.upstream.and_then(proc_ticks).unwrap_or(0);
-    s.proxy = roles.proxy.and_then(proc_ticks).unwrap_or(0);
+    let tick_ns = 1e9 / ticks_per_sec();
+    s.idle_ns = (0..s.per_cpu.len())
+        .map(|c| cpuidle_ns(c).unwrap_or((s.per_cpu[c].idle as f64 * tick_ns) as u64))
+        .collect();
+    s.generator = proc_runtime_ns(std::process::id()).unwrap_or(0);
+    s.upstream = roles.upstream.and_then(proc_runtime_ns).unwrap_or(0);
+    s.proxy = roles.proxy.and_then(proc_runtime_ns).unwrap_or(0);
     s
 }
 
@@ -199,11 +240,14 @@ impl CpuSample {
     pub fn since(&self, earlier: &CpuSample) -> CpuDelta {
         let hz = ticks_per_sec();
         let wall = self.wall_ns.saturating_sub(earlier.wall_ns) as f64 / 1e9;
-        let share = |now: &Ticks, then: &Ticks| {
+        let share = |(c, (now, then)): (usize, (&Ticks, &Ticks))| {
             if wall <= 0.0 {
                 return CpuShare::default();
             }
-            let idle = now.idle.saturating_sub(then.idle) as f64 / hz;
+            let idle = self.idle_ns.get(c).zip(earlier.idle_ns.get(c)).map_or_else(
+                || now.idle.saturating_sub(then.idle) as f64 / hz,
+                |(n, t)| n.saturating_sub(*t) as f64 / 1e9,
+            );
             CpuShare {
                 busy: (1.0 - idle / wall).clamp(0.0, 1.0),
                 softirq: (now.softirq.saturating_sub(then.softirq) as f64 / hz / wall).clamp(0.0, 1.0),
@@ -214,12 +258,13 @@ impl CpuSample {
             .iter()
             .map(|(pid, t)| t.saturating_sub(earlier.foreign.get(pid).copied().unwrap_or(0)))
             .sum();
-        let secs = |now: u64, then: u64| now.saturating_sub(then) as f64 / hz;
+        let secs = |now: u64, then: u64| now.saturating_sub(then) as f64 / 1e9;
         let per_cpu: Vec<CpuShare> = self
             .per_cpu
             .iter()
             .zip(&earlier.per_cpu)
-            .map(|(n, t)| share(n, t))
+            .enumerate()
+            .map(share)
             .collect();
         let mut d = CpuDelta {
             foreign_secs: foreign as f64 / hz,
