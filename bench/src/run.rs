@@ -110,6 +110,9 @@ pub fn run(opts: &Options) -> Result<()> {
     results.total_secs = t0.elapsed().as_secs_f64();
     if plan.runs == 0 {
         // A calibration (or profiling) pass only: nothing to report, and latest.json stays.
+        for f in &results.failures {
+            println!("bench: failed: {f}");
+        }
         println!(
             "bench: done in {:.0} s (no measured runs, no report)",
             results.total_secs
@@ -385,7 +388,9 @@ impl Measurer<'_> {
             if r.offered > 0.0 {
                 let _ = fs::create_dir_all(dir);
                 let file = dir.join(format!("{t}-{}-{}.txt", w.id, c.name()));
-                let profiled = crate::profile::start(&dir.join("perf.data")).and_then(|perf| {
+                // Sampling covers the window and the drain that follows it.
+                let secs = self.plan.fixed_secs + 0.5;
+                let profiled = crate::profile::start(&dir.join("perf.data"), secs).and_then(|perf| {
                     let m = once(Offered::Rate(r.offered), self.plan.fixed_secs)?;
                     let title = format!(
                         "{t}, {}, {} at {} {}/s: {}",
