@@ -7,11 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
 use crate::load::Measure;
 use crate::plan::Shape;
-use crate::results::{IdleMemory, Results, RunMeasure};
+use crate::results::{Figure, IdleMemory, Results, RunMeasure, Verdict};
 use crate::stats::Summary;
 
 pub const DIRECT: &str = "direct";
@@ -49,15 +47,6 @@ pub mod metric {
     pub const BPF_MAPS: &str = "bpf_map_bytes";
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Better,
-    Worse,
-    /// The ranges overlap: no difference that the runs can tell.
-    Even,
-}
-
 /// Compares two ranges: overlap is even, otherwise the side the metric prefers.
 pub fn compare(a: &Summary, b: &Summary, higher_is_better: bool) -> Verdict {
     if a.min <= b.max && b.min <= a.max {
@@ -67,22 +56,6 @@ pub fn compare(a: &Summary, b: &Summary, higher_is_better: bool) -> Verdict {
     } else {
         Verdict::Worse
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Figure {
-    pub topology: String,
-    pub workload: String,
-    pub metric: String,
-    pub higher_is_better: bool,
-    pub contender: String,
-    #[serde(flatten)]
-    pub summary: Summary,
-    pub vs_direct: Option<f64>,
-    /// The best proxy other than this one on this metric, and how this one compares with it.
-    pub best_other: Option<String>,
-    pub vs_best_other: Option<f64>,
-    pub verdict_vs_best_other: Option<Verdict>,
 }
 
 /// Values of one metric per contender, each tagged with its run.

@@ -94,6 +94,21 @@ pub struct Measure {
     pub cpu: CpuDelta,
 }
 
+impl Measure {
+    /// The busiest CPU of the window, e.g. "cpu0 99 %, softirq 31 %": at the maximum, the one that
+    /// saturated.
+    pub fn busiest(&self) -> String {
+        self.cpu
+            .per_cpu
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.busy.total_cmp(&b.1.busy))
+            .map_or_else(String::new, |(i, s)| {
+                format!("cpu{i} {:.0} %, softirq {:.0} %", s.busy * 100.0, s.softirq * 100.0)
+            })
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid histogram bounds")
 }

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::figures::{self, DIRECT, Figure, Verdict, metric};
+use crate::figures::{self, DIRECT, metric};
 use crate::plan::{Plan, Shape, Workload};
 use crate::plot::{self, Bar, Panel};
-use crate::results::{Results, TopologyResult};
+use crate::results::{Figure, Results, TopologyResult, Verdict};
 use crate::stats::{Summary, fmt_int, fmt_num, fmt_summary};
 
 pub const KERNEL: &str = "wsproxy-kernel";
@@ -321,7 +321,7 @@ fn topology_section(md: &mut String, r: &Results, p: &Plan, t: &TopologyResult, 
                     let med = f?.summary.median;
                     runs.iter()
                         .min_by(|a, b| (a.m.rate - med).abs().total_cmp(&(b.m.rate - med).abs()))
-                        .map(|x| crate::run::busiest(&x.m))
+                        .map(|x| x.m.busiest())
                 });
                 row.push(match f {
                     Some(f) => format!(

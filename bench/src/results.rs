@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::figures::Figure;
 use crate::load::Measure;
 use crate::plan::Plan;
+use crate::stats::Summary;
 use crate::sys::{Machine, MemSample};
 use crate::topology::Topology;
 
@@ -80,4 +80,31 @@ impl TopologyResult {
     pub fn workload(&self, id: &str) -> Option<&WorkloadResult> {
         self.workloads.iter().find(|w| w.id == id)
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Better,
+    Worse,
+    /// The ranges overlap: no difference that the runs can tell.
+    Even,
+}
+
+/// One derived figure (see `figures`): a metric of one contender on one workload in one topology,
+/// summarised over the runs, with its ratios.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Figure {
+    pub topology: String,
+    pub workload: String,
+    pub metric: String,
+    pub higher_is_better: bool,
+    pub contender: String,
+    #[serde(flatten)]
+    pub summary: Summary,
+    pub vs_direct: Option<f64>,
+    /// The best proxy other than this one on this metric, and how this one compares with it.
+    pub best_other: Option<String>,
+    pub vs_best_other: Option<f64>,
+    pub verdict_vs_best_other: Option<Verdict>,
 }

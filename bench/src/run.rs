@@ -78,6 +78,11 @@ pub fn run(opts: &Options) -> Result<()> {
                 "bench: RLIMIT_NOFILE is {nofile}: a group of {} connections uses {fit}",
                 g.conns
             );
+            // The titles name the group's size.
+            let (was, now) = (crate::stats::fmt_int(g.conns), crate::stats::fmt_int(fit));
+            for w in &mut g.workloads {
+                w.title = w.title.replace(&was, &now);
+            }
             g.conns = fit;
             plan.limited_by_nofile = Some(nofile);
         }
@@ -419,7 +424,7 @@ impl Measurer<'_> {
         let unit = w.shape.unit();
         let mut line = String::new();
         match &max {
-            Ok(m) => line += &format!("max {} {unit}/s ({})", fmt_num(m.rate), busiest(m)),
+            Ok(m) => line += &format!("max {} {unit}/s ({})", fmt_num(m.rate), m.busiest()),
             Err(e) => line += &format!("max FAILED: {e:#}"),
         }
         if let Some(f) = &fixed {
@@ -501,19 +506,6 @@ pub fn measure_alone(addr: SocketAddr, id: &str, offered: Offered, window: Durat
     measure(w, addr, session.as_mut(), offered, window)
 }
 
-/// The busiest CPU of a measurement, e.g. "cpu0 99 %, softirq 31 %": at the maximum, the one that
-/// saturated.
-pub fn busiest(m: &Measure) -> String {
-    m.cpu
-        .per_cpu
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.busy.total_cmp(&b.1.busy))
-        .map_or_else(String::new, |(i, s)| {
-            format!("cpu{i} {:.0} %, softirq {:.0} %", s.busy * 100.0, s.softirq * 100.0)
-        })
-}
-
 fn fixed_line(m: &Measure, unit: &str) -> String {
     let lat = m.latency.as_ref().map_or_else(String::new, |l| {
         format!(", p50 {:.0} p99 {:.0} p99.9 {:.0} us", l.p50_us, l.p99_us, l.p999_us)
@@ -573,6 +565,10 @@ fn versions(wsproxy: &Path) -> Versions {
             "status",
             "--porcelain",
             "--untracked-files=no",
+            "--",
+            ".",
+            // The results a run replaces are no change to what is measured.
+            ":!bench/results",
         ])
         .output()
         .is_ok_and(|o| !o.stdout.is_empty());
