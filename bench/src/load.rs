@@ -332,6 +332,7 @@ impl Session {
         });
         let mut conns = Vec::with_capacity(n);
         for r in opened {
+            // The upstream sends nothing until asked, so nothing can follow the 101 here.
             let (s, _early) = r?;
             let c = Rc::new(Conn {
                 s,

@@ -222,10 +222,12 @@ impl Handler<'_> {
                         sink = path_sink;
                     }
                     OP_TEXT => {
-                        if let Some(size) = small.strip_prefix(b"B ").and_then(|s| std::str::from_utf8(s).ok()) {
-                            if let Ok(size) = size.trim().parse::<usize>() {
-                                rounds.push(size);
-                            }
+                        if let Some(size) = small
+                            .strip_prefix(b"B ")
+                            .and_then(|s| std::str::from_utf8(s).ok())
+                            .and_then(|s| s.trim().parse::<usize>().ok())
+                        {
+                            rounds.push(size);
                         }
                     }
                     OP_PING => out.extend_from_slice(Frame::new(OP_PONG, small, false).bytes()),
