@@ -242,6 +242,21 @@ impl Schedule {
     }
 }
 
+/// Open loop: `total` units at `per_sec`, unit k due k / per_sec after the start; `send(k, n)`
+/// sends the `n` units from k on that are due (more than one when the pacer woke late). Returns
+/// the largest delay of a unit behind its schedule, ns.
+async fn paced(per_sec: f64, total: u64, mut send: impl FnMut(u64, u64)) -> Result<u64> {
+    let mut sched = Schedule::new(per_sec);
+    let mut pacer = Pacer::new()?;
+    let mut k = 0;
+    while k < total {
+        let n = sched.next(&mut pacer, k, total - k).await?;
+        send(k, n);
+        k += n;
+    }
+    Ok(sched.max_lag)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sessions: a group of open connections
 
@@ -434,11 +449,7 @@ impl Session {
                 }
                 Offered::Rate(rate) => {
                     let total = (window.as_secs_f64() * rate).floor() as u64;
-                    let mut sched = Schedule::new(rate);
-                    let mut pacer = Pacer::new()?;
-                    let mut k = 0;
-                    while k < total {
-                        let n = sched.next(&mut pacer, k, total - k).await?;
+                    lag = paced(rate, total, |k, n| {
                         let mut st = shared.st.borrow_mut();
                         for j in k..k + n {
                             let c = &conns[(j % active as u64) as usize];
@@ -446,9 +457,8 @@ impl Session {
                             c.out.push(&c.s, bytes);
                         }
                         st.sent += n;
-                        k += n;
-                    }
-                    lag = sched.max_lag;
+                    })
+                    .await?;
                 }
             }
             let secs = (ws::now_ns() - start) as f64 / 1e9;
@@ -488,6 +498,9 @@ impl Session {
             let end = start + window.as_nanos() as u64;
             let mut lag = 0;
             let mut slow = 0u64;
+            // At a fixed rate the window is the schedule's: round k is due k / rounds-per-second,
+            // and the last round's own share of the window follows its trigger.
+            let mut span = 0.0;
             match offered {
                 Offered::Max => {
                     while ws::now_ns() < end {
@@ -522,21 +535,17 @@ impl Session {
                     // At least five rounds, however long that takes: a round to 10,000 connections
                     // is one burst, and one or two of them make a poor sample.
                     let rounds = (window.as_secs_f64() * rate / n as f64).floor().max(5.0) as u64;
-                    let mut sched = Schedule::new(rate / n as f64);
-                    let mut pacer = Pacer::new()?;
-                    let mut k = 0;
-                    while k < rounds {
-                        let due = sched.next(&mut pacer, k, rounds - k).await?;
+                    lag = paced(rate / n as f64, rounds, |_, due| {
                         for _ in 0..due {
                             shared.st.borrow_mut().sent += n;
                             c0.out.push(&c0.s, trigger.bytes());
                         }
-                        k += due;
-                    }
-                    lag = sched.max_lag;
+                    })
+                    .await?;
+                    span = rounds as f64 * n as f64 / rate;
                 }
             }
-            let secs = (ws::now_ns() - start) as f64 / 1e9;
+            let secs = ((ws::now_ns() - start) as f64 / 1e9).max(span);
             self.drain().await;
             let cpu = sys::cpu_sample().since(&cpu0);
             Ok((secs, cpu, lag, slow))
@@ -588,18 +597,13 @@ impl Session {
                 }
                 Offered::Rate(rate) => {
                     let total = (window.as_secs_f64() * rate / size as f64).floor().max(1.0) as u64;
-                    let mut sched = Schedule::new(rate / size as f64);
-                    let mut pacer = Pacer::new()?;
-                    let mut k = 0;
-                    while k < total {
-                        let n = sched.next(&mut pacer, k, total - k).await?;
+                    lag = paced(rate / size as f64, total, |_, n| {
                         for _ in 0..n {
                             c.out.push(&c.s, frame.bytes());
                         }
                         sent += n * size as u64;
-                        k += n;
-                    }
-                    lag = sched.max_lag;
+                    })
+                    .await?;
                 }
             }
             let progress = shared.progress.notified();
@@ -812,11 +816,7 @@ pub fn handshakes(addr: SocketAddr, clients: usize, offered: Offered, window: Du
                 }
                 Offered::Rate(rate) => {
                     let total = (window.as_secs_f64() * rate).floor() as u64;
-                    let mut sched = Schedule::new(rate);
-                    let mut pacer = Pacer::new()?;
-                    let mut k = 0;
-                    while k < total {
-                        let n = sched.next(&mut pacer, k, total - k).await?;
+                    lag = paced(rate, total, |_, n| {
                         for _ in 0..n {
                             if count.borrow().in_flight >= HANDSHAKES_IN_FLIGHT {
                                 count.borrow_mut().lost += 1;
@@ -827,9 +827,8 @@ pub fn handshakes(addr: SocketAddr, clients: usize, offered: Offered, window: Du
                                 }));
                             }
                         }
-                        k += n;
-                    }
-                    lag = sched.max_lag;
+                    })
+                    .await?;
                 }
             }
             let secs = (ws::now_ns() - start) as f64 / 1e9;
