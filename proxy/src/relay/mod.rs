@@ -8,10 +8,10 @@
 
 mod buffers;
 pub mod kernel;
+pub mod outcome;
 mod stall;
 pub mod userspace;
 
-use std::io;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -22,78 +22,7 @@ use tracing::{debug, warn};
 use crate::config::{self, RelayMode};
 use crate::ebpf::KernelPrograms;
 use crate::metrics::Metrics;
-
-/// Which relay carried a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Kernel,
-    Userspace,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Kernel => "kernel",
-            Mode::Userspace => "userspace",
-        }
-    }
-}
-
-/// Which side ended the relay, and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Both sides closed in turn; every byte was delivered.
-    Closed,
-    /// The client side failed (reset, error); the upstream side was cut at once.
-    ClientError(io::ErrorKind),
-    /// The upstream side failed; the client side was cut at once.
-    UpstreamError(io::ErrorKind),
-    /// After one side closed, the other did not take the remaining bytes within the drain
-    /// timeout; both were cut.
-    DrainTimeout,
-    /// Nothing was relayed either way for the configured idle timeout; both were closed.
-    IdleTimeout,
-    /// A peer took no byte for the configured send timeout while bytes waited for it; both
-    /// were cut.
-    SendTimeout,
-    /// Still open when the proxy's shutdown drain ended; both were cut.
-    Shutdown,
-    /// The relay's own machinery failed (a kernel map operation); both were cut.
-    Internal,
-    /// The kernel relay could not keep one direction's bytes in order (an skb that neither
-    /// followed on from the last nor could be cut to); both were cut before a wrong byte was
-    /// delivered.
-    StreamFault,
-}
-
-impl End {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            End::Closed => "closed",
-            End::ClientError(_) => "client error",
-            End::UpstreamError(_) => "upstream error",
-            End::DrainTimeout => "drain timeout",
-            End::IdleTimeout => "idle timeout",
-            End::SendTimeout => "send timeout",
-            End::Shutdown => "shutdown",
-            End::Internal => "internal error",
-            End::StreamFault => "stream fault",
-        }
-    }
-}
-
-/// What one relayed connection did.
-#[derive(Debug, Clone, Copy)]
-pub struct Outcome {
-    pub mode: Mode,
-    pub end: End,
-    pub client_to_upstream: u64,
-    pub upstream_to_client: u64,
-    /// Bytes the kernel handed the kernel relay's verdict a second time, which it cut (both
-    /// directions; always 0 in userspace).
-    pub repeated_cut: u64,
-    pub duration: Duration,
-}
+pub use outcome::{End, Mode, Outcome};
 
 pub use crate::metrics::TotalsSnapshot;
 
