@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn sock_state_has_no_padding() {
-        assert_eq!(size_of::<SockState>(), 8 * size_of::<u64>());
+        assert_eq!(size_of::<SockState>(), size_of::<[u64; 8]>());
         assert_eq!(size_of::<SockCtrl>(), 3 * size_of::<u64>());
         assert_eq!(align_of::<SockCtrl>(), align_of::<u64>());
         assert_eq!(align_of::<SockState>(), align_of::<u64>());

@@ -883,6 +883,7 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
             break;
         }
         assert!(Instant::now() < end, "open connections: {open:?}");
+        // Poll interval of a deadline-bounded wait: the gauge raises no event.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(

@@ -99,6 +99,7 @@ fn private_netns() {
     });
     // SAFETY: the flags member of the union, just filled in by the kernel.
     unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: `ifr` is a live ifreq, as the request expects.
     check("SIOCSIFFLAGS lo", unsafe {
         libc::ioctl(s, libc::SIOCSIFFLAGS, &raw mut ifr)
     });
@@ -202,6 +203,7 @@ fn rewound(old: TcpStream, back: u32) -> TcpStream {
     // SAFETY: valid sockaddr_in values and their size.
     check("bind (new)", unsafe { libc::bind(fd, (&raw const l).cast(), len) });
     // In repair mode connect sends nothing: the socket is established at once.
+    // SAFETY: valid sockaddr_in values and their size.
     check("connect (new)", unsafe {
         libc::connect(fd, (&raw const p).cast(), len)
     });

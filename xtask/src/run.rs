@@ -69,7 +69,7 @@ impl Proc {
 
     fn signal(&mut self, sig: libc::c_int) {
         if self.status.is_none() {
-            // A pid we have not reaped yet still names our child.
+            // SAFETY: a pid we have not reaped yet still names our child.
             unsafe { libc::kill(self.child.id().cast_signed(), sig) };
         }
     }
