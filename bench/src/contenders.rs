@@ -475,7 +475,14 @@ pub fn ensure_packages(kinds: &[Kind], perf: bool) -> Result<()> {
             Command::new("apt-get").arg("update").status()?;
         }
         let status = Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
+            // Wait for another install's dpkg lock instead of failing.
+            .args([
+                "-o",
+                "DPkg::Lock::Timeout=600",
+                "install",
+                "-y",
+                "--no-install-recommends",
+            ])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()?;

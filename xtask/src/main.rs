@@ -109,7 +109,10 @@ fn dispatch(task: Task) -> Result<ExitCode> {
             setup::ensure(&root)?;
             return bench::bench(&root, quick, &args);
         }
-        Task::Soak { minutes, stream_minutes } => {
+        Task::Soak {
+            minutes,
+            stream_minutes,
+        } => {
             setup::ensure(&root)?;
             soak::soak(&root, minutes, stream_minutes)?;
         }

@@ -1,11 +1,16 @@
 //! `cargo xtask run`: two echo upstreams and the proxy on the shipped config, supervised.
 //!
+//! How to try it is printed once the proxy is ready, which it says as it says it to systemd:
+//! `READY=1` on the datagram socket named by `NOTIFY_SOCKET`, which this task binds. A proxy that
+//! fails to start (a port already taken) prints its error and no invitation.
+//!
 //! Ctrl-C or SIGTERM is forwarded as SIGTERM to every child (SIGKILL after a grace period or a
 //! second signal); when any child ends on its own the others are stopped. The exit status is the
 //! proxy's.
 
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::ExitStatusExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
@@ -42,9 +47,10 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: String, binary: &Path, args: &[&str], root: &Path) -> Result<Self> {
+    fn spawn(name: String, binary: &Path, args: &[&str], envs: &[(&str, &Path)], root: &Path) -> Result<Self> {
         let child = Command::new(binary)
             .args(args)
+            .envs(envs.iter().copied())
             .current_dir(root)
             .stdin(Stdio::null())
             .spawn()
@@ -97,12 +103,16 @@ pub fn run(root: &Path, binary: &Path) -> Result<ExitCode> {
         );
     }
     catch_signals();
+    let notify = Readiness::bind()?;
     let mut procs = Vec::new();
-    let started = start_all(root, binary, &mut procs);
-    if started.is_ok() {
-        print_usage();
-    }
-    let outcome = started.and_then(|()| supervise(&mut procs));
+    let outcome = start_all(root, binary, &notify.path, &mut procs)
+        .and_then(|()| {
+            if wait_ready(&mut procs, &notify)? {
+                print_usage();
+            }
+            Ok(())
+        })
+        .and_then(|()| supervise(&mut procs));
     stop_all(&mut procs)?;
     let status = procs.last().and_then(|p| p.status);
     match outcome? {
@@ -118,27 +128,88 @@ pub fn run(root: &Path, binary: &Path) -> Result<ExitCode> {
 }
 
 /// Echo upstreams first, the proxy last (so `procs.last()` is the proxy).
-fn start_all(root: &Path, binary: &Path, procs: &mut Vec<Proc>) -> Result<()> {
+fn start_all(root: &Path, binary: &Path, notify: &Path, procs: &mut Vec<Proc>) -> Result<()> {
     for (addr, role) in UPSTREAMS {
         let name = format!("echo upstream {addr} ({role})");
-        procs.push(Proc::spawn(name, binary, &["echo-server", "--listen", addr], root)?);
+        procs.push(Proc::spawn(
+            name,
+            binary,
+            &["echo-server", "--listen", addr],
+            &[],
+            root,
+        )?);
     }
     let args = ["run", "--config", CONFIG];
-    procs.push(Proc::spawn("wsproxy".to_owned(), binary, &args, root)?);
+    let envs = [("NOTIFY_SOCKET", notify)];
+    procs.push(Proc::spawn("wsproxy".to_owned(), binary, &args, &envs, root)?);
     Ok(())
+}
+
+/// The socket wsproxy reports its readiness to (sd_notify), removed when dropped.
+struct Readiness {
+    sock: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Readiness {
+    fn bind() -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("wsproxy-xtask-run-{}.notify", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        // The wait for a message doubles as the supervisor's poll interval.
+        sock.set_read_timeout(Some(POLL))?;
+        Ok(Self { sock, path })
+    }
+
+    /// True once a `READY=1` message has arrived; waits at most one poll interval.
+    fn ready(&self) -> bool {
+        let mut buf = [0u8; 512];
+        self.sock.recv(&mut buf).is_ok_and(|n| is_ready(&buf[..n]))
+    }
+}
+
+impl Drop for Readiness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// An sd_notify message (newline-separated assignments) that says `READY=1`.
+fn is_ready(message: &[u8]) -> bool {
+    message.split(|&b| b == b'\n').any(|line| line == b"READY=1")
+}
+
+/// Waits until the proxy says it is ready (true), or a signal arrives or a child ends first
+/// (false: `supervise` then reports it).
+fn wait_ready(procs: &mut [Proc], notify: &Readiness) -> Result<bool> {
+    loop {
+        if SIGNALS.load(Ordering::SeqCst) > 0 {
+            return Ok(false);
+        }
+        for proc in procs.iter_mut() {
+            if proc.poll()? {
+                return Ok(false);
+            }
+        }
+        if notify.ready() {
+            return Ok(true);
+        }
+    }
 }
 
 fn print_usage() {
     let [(main, _), (backup, _)] = UPSTREAMS;
     println!();
     println!("wsproxy on {PROXY_ADDR} ({CONFIG}), upstreams {main} (main) and {backup} (backup).");
-    println!("Try a handshake (expect `HTTP/1.1 101 Switching Protocols`):");
+    println!("It is ready. Talk to it with the client the set-up installed (type a line, see it echoed):");
+    println!("  python3 -m websockets ws://{PROXY_ADDR}/");
+    println!("or look at the handshake itself (expect `HTTP/1.1 101 Switching Protocols`; curl then keeps");
+    println!("the connection open, printing nothing more, until you press Ctrl-C):");
     println!(
         "  curl -i -N -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' \
          -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' http://{PROXY_ADDR}/"
     );
-    println!("Any WebSocket client works too, e.g. `websocat ws://{PROXY_ADDR}/` echoes what you type.");
-    println!("Ctrl-C stops the proxy and the upstreams.");
+    println!("Ctrl-C here stops the proxy and the upstreams.");
     println!();
 }
 
@@ -200,6 +271,14 @@ fn stop_all(procs: &mut [Proc]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_is_the_ready_line_of_a_notify_message() {
+        assert!(is_ready(b"READY=1"));
+        assert!(is_ready(b"STATUS=serving\nREADY=1\n"));
+        assert!(!is_ready(b"RELOADING=1\nMONOTONIC_USEC=5"));
+        assert!(!is_ready(b"READY=10"));
+    }
 
     #[test]
     fn exit_codes_follow_the_shell_convention() {

@@ -3,6 +3,7 @@
 //! - the nightly toolchain with `rust-src` (aya-build compiles the eBPF crate with `-Z build-std`)
 //! - the Debian packages of LLVM 22 that `bpf-linker` links against
 //! - `bpf-linker`, built from crates.io against that LLVM
+//! - Python's `websockets`, a WebSocket client to try the proxy with (`python3 -m websockets`)
 
 use std::path::Path;
 
@@ -13,6 +14,10 @@ use crate::cmd::Cmd;
 pub const NIGHTLY: &str = "nightly";
 pub const DEBS: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// apt waits this long (seconds) for another install to release dpkg's lock instead of failing.
+pub const APT_LOCK_WAIT: &str = "DPkg::Lock::Timeout=600";
+/// The PyPI package of the client `cargo xtask run` suggests.
+pub const PY_CLIENT: &str = "websockets";
 /// Where `llvm-22-dev` puts LLVM. bpf-linker's build looks for `llvm-config` on PATH otherwise,
 /// which on Debian can be another LLVM's (`/usr/bin/llvm-config` from the `llvm` package).
 pub const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -30,6 +35,8 @@ pub struct Probe {
     pub nightly: Nightly,
     pub missing_debs: Vec<String>,
     pub bpf_linker: bool,
+    /// `python3 -c "import websockets"` succeeds.
+    pub py_client: bool,
 }
 
 /// One prerequisite and the commands that install it (none when it is present).
@@ -76,8 +83,10 @@ pub fn plan(probe: &Probe) -> Vec<Step> {
         vec![]
     } else {
         vec![
-            Cmd::new("apt-get").args(["update"]),
-            Cmd::new("apt-get").args(["install", "-y"]).args(&probe.missing_debs),
+            Cmd::new("apt-get").args(["-o", APT_LOCK_WAIT, "update"]),
+            Cmd::new("apt-get")
+                .args(["-o", APT_LOCK_WAIT, "install", "-y"])
+                .args(&probe.missing_debs),
         ]
     };
     let bpf_linker = if probe.bpf_linker {
@@ -91,6 +100,18 @@ pub fn plan(probe: &Probe) -> Vec<Step> {
                 .env("LLVM_PREFIX", LLVM_PREFIX),
         ]
     };
+    let py_client = if probe.py_client {
+        vec![]
+    } else {
+        vec![Cmd::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+            PY_CLIENT,
+        ])]
+    };
     vec![
         Step {
             item: format!("{NIGHTLY} toolchain with rust-src"),
@@ -103,6 +124,10 @@ pub fn plan(probe: &Probe) -> Vec<Step> {
         Step {
             item: "bpf-linker".to_owned(),
             install: bpf_linker,
+        },
+        Step {
+            item: format!("Python {PY_CLIENT} (a client to try the proxy)"),
+            install: py_client,
         },
     ]
 }
@@ -156,10 +181,16 @@ pub fn probe() -> Result<Probe> {
         .probe()?
         .is_some_and(|out| out.status.success());
 
+    let py_client = Cmd::new("python3")
+        .args(["-c", &format!("import {PY_CLIENT}")])
+        .probe()?
+        .is_some_and(|out| out.status.success());
+
     Ok(Probe {
         nightly,
         missing_debs,
         bpf_linker,
+        py_client,
     })
 }
 
@@ -222,6 +253,7 @@ mod tests {
             nightly: Nightly::Ready,
             missing_debs: vec![],
             bpf_linker: true,
+            py_client: true,
         }
     }
 
@@ -232,7 +264,7 @@ mod tests {
     #[test]
     fn nothing_missing_installs_nothing() {
         let steps = plan(&all_present());
-        assert_eq!(steps.len(), 3);
+        assert_eq!(steps.len(), 4);
         assert!(steps.iter().all(Step::is_ok));
         assert_eq!(
             lines(&all_present()),
@@ -240,6 +272,7 @@ mod tests {
                 "setup: nightly toolchain with rust-src: ok",
                 "setup: Debian packages llvm-22-dev libpolly-22-dev: ok",
                 "setup: bpf-linker: ok",
+                "setup: Python websockets (a client to try the proxy): ok",
             ]
         );
     }
@@ -250,6 +283,7 @@ mod tests {
             nightly: Nightly::WithoutRustSrc,
             missing_debs: DEBS.map(String::from).to_vec(),
             bpf_linker: false,
+            py_client: false,
         };
         let cmds: Vec<String> = plan(&fresh)
             .iter()
@@ -260,10 +294,11 @@ mod tests {
             cmds,
             [
                 "rustup component add rust-src --toolchain nightly",
-                "apt-get update",
-                "apt-get install -y llvm-22-dev libpolly-22-dev",
+                "apt-get -o DPkg::Lock::Timeout=600 update",
+                "apt-get -o DPkg::Lock::Timeout=600 install -y llvm-22-dev libpolly-22-dev",
                 "LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --locked \
                  --force --no-default-features --features llvm-22",
+                "python3 -m pip install --quiet --root-user-action=ignore websockets",
             ]
         );
     }
@@ -299,7 +334,13 @@ mod tests {
         let steps = plan(&probe);
         assert!(steps[0].is_ok() && steps[2].is_ok());
         let cmds: Vec<String> = steps[1].install.iter().map(Cmd::to_string).collect();
-        assert_eq!(cmds, ["apt-get update", "apt-get install -y libpolly-22-dev"]);
+        assert_eq!(
+            cmds,
+            [
+                "apt-get -o DPkg::Lock::Timeout=600 update",
+                "apt-get -o DPkg::Lock::Timeout=600 install -y libpolly-22-dev"
+            ]
+        );
     }
 
     #[test]
@@ -308,7 +349,7 @@ mod tests {
             bpf_linker: false,
             ..all_present()
         });
-        assert!(steps[..2].iter().all(Step::is_ok));
+        assert!(steps[..2].iter().all(Step::is_ok) && steps[3].is_ok());
         assert_eq!(steps[2].install.len(), 1);
         assert_eq!(
             steps[2].install[0].env,
