@@ -46,6 +46,30 @@ impl ServerProxy {
         Self::start_config(config).await
     }
 
+    /// A proxy whose relay mode is `mode` ("kernel", "userspace", "auto") in front of `upstream`,
+    /// with generous rate limits and `limits` (more `[limits]` lines); `None` (after saying why,
+    /// or failing under CI=true) when the mode needs the kernel relay and it cannot load.
+    pub async fn in_mode(mode: &str, upstream: SocketAddr, limits: &str) -> Option<ServerProxy> {
+        let text = format!(
+            "[limits]\nrequests_per_second = 1000.0\nburst = 1000\n{limits}\n[relay]\nmode = \"{mode}\"\n\
+             [upstreams]\nmain = [{{ address = \"{upstream}\" }}]\ntimeout = \"5s\"\n"
+        );
+        let config = wsproxy::Config::parse(&text, "test config").unwrap_or_else(|e| panic!("{e}"));
+        let server = match wsproxy::Server::new(config) {
+            Ok(s) => s,
+            Err(e) => {
+                assert_ne!(mode, "userspace", "{e:#}");
+                crate::relay_kit::kernel_unavailable(&format!("{e:#}"));
+                return None;
+            }
+        };
+        if mode == "kernel" && !server.kernel_relay() {
+            crate::relay_kit::kernel_unavailable("relay.mode = \"kernel\" started without the kernel relay");
+            return None;
+        }
+        Some(Self::start_server(server).await)
+    }
+
     /// Serves `config`; a TCP admin address in it is replaced by 127.0.0.1 with a kernel-chosen
     /// port.
     pub async fn start_config(mut config: wsproxy::Config) -> ServerProxy {

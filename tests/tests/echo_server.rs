@@ -2,8 +2,6 @@
 //! newcomer puts behind the proxy: it echoes, answers pings, and completes the close handshake,
 //! directly and through the proxy in both relay modes.
 
-use std::net::SocketAddr;
-
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -12,7 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use wsproxy_tests::daemon_kit::ServerProxy;
-use wsproxy_tests::relay_kit::{kernel_unavailable, poll_until};
+use wsproxy_tests::relay_kit::poll_until;
 use wsproxy_tests::*;
 
 /// Echo, ping, then Close(1000, "bye"): the answer must be a Close with code 1000, after which
@@ -59,33 +57,13 @@ async fn echo_server_answers_close_with_close_and_ends_cleanly() {
     echo_ping_and_clean_close(ws).await;
 }
 
-/// A proxy with `mode` in front of the echo server; `None` when the kernel relay cannot load.
-async fn proxy(mode: &str, echo: SocketAddr) -> Option<ServerProxy> {
-    let text = format!(
-        "[limits]\nrequests_per_second = 1000.0\nburst = 1000\n[relay]\nmode = \"{mode}\"\n\
-         [upstreams]\nmain = [{{ address = \"{echo}\" }}]\ntimeout = \"5s\"\n"
-    );
-    let config = wsproxy::Config::parse(&text, "echo test config").unwrap();
-    let server = match wsproxy::Server::new(config) {
-        Ok(s) => s,
-        Err(e) => {
-            assert_ne!(mode, "userspace", "{e:#}");
-            kernel_unavailable(&format!("{e:#}"));
-            return None;
-        }
-    };
-    if mode == "kernel" && !server.kernel_relay() {
-        kernel_unavailable("relay.mode = \"kernel\" started without the kernel relay");
-        return None;
-    }
-    Some(ServerProxy::start_server(server).await)
-}
-
 #[tokio::test]
 async fn echo_server_close_handshake_completes_through_the_proxy_in_both_relay_modes() {
     let echo = echo_upstream().await;
     for (n, mode) in ["userspace", "kernel"].into_iter().enumerate() {
-        let Some(p) = proxy(mode, echo).await else { continue };
+        let Some(p) = ServerProxy::in_mode(mode, echo, "").await else {
+            continue;
+        };
         let ws = ws_connect(client_ip(10 + n as u32), p.addr).await.unwrap();
         echo_ping_and_clean_close(ws).await;
         // The connection was carried by the relay asked for (index: kernel 0, userspace 1).
