@@ -508,6 +508,20 @@ pub fn so_error(s: &impl AsRawFd) -> i32 {
     err
 }
 
+/// How the stream read from `s` really ended, for a socket that writes too and has not shut
+/// its own side down. Its failed write can take the reset's pending error (ECONNRESET) before
+/// the read does, and the read then finds only the closed receive side: EOF. Such a socket is in
+/// TCP_CLOSE only after a reset (after a FIN it waits in CLOSE_WAIT), so that tells them apart.
+pub fn reset_read_as_eof(s: &impl AsRawFd, got: Received) -> Received {
+    match got.end {
+        StreamEnd::Eof if state(s) == tcp_state::CLOSE => Received {
+            end: StreamEnd::Error(io::ErrorKind::ConnectionReset),
+            ..got
+        },
+        _ => got,
+    }
+}
+
 /// Bytes in the socket's send queue not yet acknowledged (`SIOCOUTQ`).
 pub fn outq(s: &impl AsRawFd) -> u64 {
     let mut n: libc::c_int = 0;

@@ -1064,6 +1064,84 @@ async fn req3_upstream_reset_tears_down_the_client_side() {
     resets(Side::Upstream).await;
 }
 
+/// `x` writes all of its `nx` bytes, waits until the proxy has them, then resets, while `y`
+/// keeps writing towards it: a reset that meets bytes redirected into the reset socket. `y` must
+/// get a correct prefix and then a reset, never a clean EOF (which would pass a cut stream off as
+/// complete). A prefix only: a reset tears both sides down at once, dropping what was queued.
+async fn resets_right_after_its_last_byte(p: &RelayProxy, id: u64, resetter: Side) -> Result<(), String> {
+    let (c, u) = p.open_relayed(id).await;
+    let (mut x, mut y) = match resetter {
+        Side::Client => (c, u),
+        Side::Upstream => (u, c),
+    };
+    let (sx, sy, nx) = (seed(id, 0), seed(id, 1), 256 * KIB);
+    let xf = async move {
+        write_pattern(&mut x, sx, nx, 64 * 1024)
+            .await
+            .map_err(|e| format!("the resetting side writing: {e}"))?;
+        // A reset discards what its sender has not sent yet: reset once the proxy has acked
+        // every byte, so that all of them must reach the peer.
+        poll_until(DEADLINE, || (outq(&x) == 0).then_some(()))
+            .await
+            .ok_or("the proxy did not take the resetting side's bytes")?;
+        reset(x);
+        Ok::<_, String>(())
+    };
+    let yf = async move {
+        let got = {
+            let (mut r, mut w) = y.split();
+            // Bounded: the resetting side reads nothing, so at most its window and the relay's
+            // credit get through before the writes stall, and the reset ends them.
+            let writer = async {
+                let _ = write_pattern(&mut w, sy, 64 * MIB, 16 * 1024).await;
+            };
+            let reader = read_pattern(&mut r, sx, nx, None);
+            tokio::pin!(writer, reader);
+            tokio::select! {
+                got = &mut reader => got,
+                _ = &mut writer => (&mut reader).await,
+            }
+        };
+        reset_read_as_eof(&y, got)
+    };
+    let (wrote, got) = tokio::join!(xf, within("the reset to reach the peer", yf));
+    wrote?;
+    match got.end {
+        StreamEnd::Error(_) => Ok(()),
+        _ => Err(format!("the peer got {got:?} of {nx} bytes, want a prefix and a reset")),
+    }
+}
+
+async fn reset_after_last_byte(resetter: Side) {
+    let _g = shared().await;
+    let Some(p) = RelayProxy::start("kernel", "").await else {
+        return;
+    };
+    const ROUNDS: u64 = 40;
+    let mut failures = Vec::new();
+    for id in 0..ROUNDS {
+        if let Err(e) = resets_right_after_its_last_byte(&p, id, resetter).await {
+            failures.push(format!("round {id}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{resetter:?} resets: {}", failures.join("\n"));
+    let t = p.wait_idle().await;
+    assert_kernel_totals(&t, ROUNDS);
+    say(&format!(
+        "req3 {resetter:?} resets right after its last byte: {ROUNDS} of {ROUNDS} peers got a correct prefix and a reset"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req3_client_reset_after_its_last_byte_reaches_the_upstream_as_a_reset() {
+    reset_after_last_byte(Side::Client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req3_upstream_reset_after_its_last_byte_reaches_the_client_as_a_reset() {
+    reset_after_last_byte(Side::Upstream).await;
+}
+
 // ---- 5. checksummed stress ----
 
 /// How a stress connection ends.
@@ -1226,12 +1304,15 @@ async fn resets_midway(
         got
     };
     let yf = async move {
-        let (mut r, mut w) = y.split();
-        tokio::join!(
-            write_pattern(&mut w, s[1], ny, 64 * 1024),
-            read_pattern(&mut r, s[0], nx, None)
-        )
-        .1
+        let got = {
+            let (mut r, mut w) = y.split();
+            tokio::join!(
+                write_pattern(&mut w, s[1], ny, 64 * 1024),
+                read_pattern(&mut r, s[0], nx, None)
+            )
+            .1
+        };
+        reset_read_as_eof(&y, got)
     };
     let (xgot, ygot) = tokio::join!(xf, yf);
     check(

@@ -17,7 +17,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use proxy_common::SockCtrl;
@@ -88,9 +88,11 @@ pub async fn relay(
         }
         Err(e) => return Err(Declined::new(client, upstream, e, &c2u, &u2c)),
     };
+    // Set once this relay has shut a socket down for writing (index: the socket's side).
+    let shut = [AtomicBool::new(false), AtomicBool::new(false)];
     let end = {
-        let up = Direction::new(&client, &upstream, Side::Client, bases[1], &pair, cfg);
-        let down = Direction::new(&upstream, &client, Side::Upstream, bases[0], &pair, cfg);
+        let up = Direction::new([&client, &upstream], Side::Client, bases[1], &pair, cfg, &shut);
+        let down = Direction::new([&upstream, &client], Side::Upstream, bases[0], &pair, cfg, &shut);
         // Activity: bytes the verdict moved plus bytes userspace forwarded.
         let activity = || {
             let k = pair.counters().unwrap_or_default();
@@ -221,16 +223,19 @@ struct Direction<'a> {
     cfg: &'a config::Relay,
     /// When `src`'s peer was first seen to have sent its FIN: the drain timeout runs from there.
     fin_seen: OnceLock<Instant>,
+    /// Per side: this relay has shut that socket down for writing.
+    shut: &'a [AtomicBool; 2],
 }
 
 impl<'a> Direction<'a> {
+    /// `[src, dst]`: bytes arrive on the first and leave on the second.
     fn new(
-        src: &'a TcpStream,
-        dst: &'a TcpStream,
+        [src, dst]: [&'a TcpStream; 2],
         side: Side,
         dst_base: u64,
         pair: &'a PairGuard,
         cfg: &'a config::Relay,
+        shut: &'a [AtomicBool; 2],
     ) -> Self {
         Direction {
             src,
@@ -240,6 +245,15 @@ impl<'a> Direction<'a> {
             pair,
             cfg,
             fin_seen: OnceLock::new(),
+            shut,
+        }
+    }
+
+    /// The side `dst` is on.
+    fn dst_side(&self) -> Side {
+        match self.side {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
         }
     }
 
@@ -340,8 +354,18 @@ impl<'a> Direction<'a> {
         }
         tracing::trace!(side = ?self.side, redirected = state.redirected, forwarded, "kernel relay: EOF, draining before FIN");
         self.wait_taken(state.redirected + forwarded).await?;
+        // EOF is also what a reset source reads once its pending error has been taken, and the
+        // kernel takes it when it redirects the other direction's bytes into the reset socket
+        // (the failed send reads `sk_err`). A source we have not shut down ends in TCP_CLOSE
+        // only by a reset (after a FIN it waits in CLOSE_WAIT for our own), and a reset must
+        // reach the other side as one, never as a clean FIN.
+        if !self.shut[self.side as usize].load(Relaxed) && is_closed(self.src) {
+            return Err(Failed::Source(io::ErrorKind::ConnectionReset));
+        }
         nix::sys::socket::shutdown(self.dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
-            .map_err(|e| Failed::Destination(io::Error::from(e).kind()))
+            .map_err(|e| Failed::Destination(io::Error::from(e).kind()))?;
+        self.shut[self.dst_side() as usize].store(true, Relaxed);
+        Ok(())
     }
 
     /// Waits until `dst`'s TCP has taken `bytes` since insertion, polling (no event reports
