@@ -69,6 +69,14 @@ pub struct SockState {
     /// Their bytes are passed, never redirected, and userspace ends the pair without forwarding
     /// them: the stream is closed rather than delivered wrong.
     pub broken: u64,
+    /// The peer's `tcp_sock.write_seq` less every byte written into the peer since insertion, in
+    /// the low 32 bits, with [`SEQ_KNOWN`] set once known (zero at insertion). The peer's TCP
+    /// has taken `write_seq - this` bytes of this direction (redirected and forwarded): the
+    /// verdict's measure of the destination's progress.
+    pub peer_base: u64,
+    /// `redirected_skbs` when the peer was last seen to have taken every byte: the skbs
+    /// redirected since are the ones that may still be queued for it.
+    pub skb_base: u64,
 }
 
 /// Set in [`SockState::next_seq`] once the low 32 bits hold a sequence number.
@@ -80,25 +88,35 @@ pub const SEQ_KNOWN: u64 = 1 << 32;
 /// `cb`, `struct tcp_skb_cb`) and, for the first skb of a socket, how far userspace had read.
 pub const SKB_CB_OFFSET_GLOBAL: &str = "WSP_SKB_CB_OFF";
 pub const COPIED_SEQ_OFFSET_GLOBAL: &str = "WSP_COPIED_SEQ_OFF";
+/// Byte offset of `struct tcp_sock`'s `write_seq`: how far the peer's TCP has taken bytes into
+/// its send queue, the progress the verdict's in-flight bound is measured against.
+pub const WRITE_SEQ_OFFSET_GLOBAL: &str = "WSP_WRITE_SEQ_OFF";
 
 /// Userspace's side of the bound on bytes in flight from one socket, keyed by its cookie.
 ///
 /// The verdict redirects an skb only while (a) every byte it ever passed to userspace has been
 /// forwarded (`SockState::passed == forwarded`: otherwise a redirected byte could overtake a
-/// passed one), and (b) the credit allows it (`redirected + len <= limit_bytes` and
-/// `redirected_skbs < limit_skbs`). Otherwise it passes the skb: the bytes wait in this socket's
-/// receive queue and the sender is held back by its own TCP window. Userspace forwards passed
-/// bytes once the peer's TCP has taken every redirected byte, then grants new credit.
-/// Only userspace writes this map (whole values), so there is no lost update.
+/// passed one), and (b) the bytes not yet taken by the peer's TCP (redirected plus forwarded,
+/// less the peer's progress: see `SockState::peer_base`) stay within `window_bytes` and the skbs
+/// redirected since the peer last caught up stay below `window_skbs`. The verdict renews this
+/// credit itself as the peer's TCP takes bytes, so a destination that keeps up never sees a
+/// pass. Otherwise it passes the skb: the bytes wait in this socket's receive queue and the
+/// sender is held back by its own TCP window. Userspace forwards passed bytes once the peer's TCP
+/// has taken every redirected byte. Only userspace writes this map (whole values), so there is
+/// no lost update.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockCtrl {
     /// Passed bytes userspace has written to the peer.
     pub forwarded: u64,
-    /// The verdict may redirect while `SockState::redirected` stays at or below this.
-    pub limit_bytes: u64,
-    /// The verdict may redirect while `SockState::redirected_skbs` stays below this.
-    pub limit_skbs: u64,
+    /// Most bytes in flight towards the peer (redirected or forwarded, not yet taken by its TCP).
+    /// A redirect into a peer that has taken everything is allowed whatever its size; 0 means
+    /// never redirect (every byte goes to userspace).
+    pub window_bytes: u64,
+    /// Most skbs redirected since the peer last had nothing in flight. Memory held by queued
+    /// skbs is their true size, not their payload: a sender of one-byte segments would hold far
+    /// more than its byte window, so skbs are bounded too.
+    pub window_skbs: u64,
 }
 
 // SAFETY: `SockState` is `#[repr(C)]`, `Copy`, has only `u64` fields (no padding, checked by the
@@ -118,7 +136,7 @@ mod tests {
 
     #[test]
     fn sock_state_has_no_padding() {
-        assert_eq!(size_of::<SockState>(), size_of::<[u64; 8]>());
+        assert_eq!(size_of::<SockState>(), size_of::<[u64; 10]>());
         assert_eq!(size_of::<SockCtrl>(), 3 * size_of::<u64>());
         assert_eq!(align_of::<SockCtrl>(), align_of::<u64>());
         assert_eq!(align_of::<SockState>(), align_of::<u64>());
@@ -129,6 +147,7 @@ mod tests {
         assert_eq!(offset_of!(SockState, flags), 32);
         assert_eq!(offset_of!(SockState, next_seq), 40);
         assert_eq!(offset_of!(SockState, broken), 56);
+        assert_eq!(offset_of!(SockState, skb_base), 72);
     }
 
     #[test]

@@ -13,7 +13,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::{
-        bpf_get_socket_cookie, bpf_probe_read_kernel, generated::bpf_skb_adjust_room, generated::bpf_skc_to_tcp_sock,
+        bpf_get_socket_cookie, bpf_probe_read_kernel,
+        generated::{bpf_map_lookup_elem, bpf_sk_release, bpf_skb_adjust_room, bpf_skc_to_tcp_sock},
     },
     macros::{map, stream_verdict},
     maps::{HashMap, SockHash},
@@ -30,6 +31,11 @@ static WSP_SKB_CB_OFF: u32 = 0;
 /// (`proxy_common::COPIED_SEQ_OFFSET_GLOBAL`).
 #[unsafe(no_mangle)]
 static WSP_COPIED_SEQ_OFF: u32 = 0;
+
+/// Byte offset of `write_seq` in `struct tcp_sock`, set like the above
+/// (`proxy_common::WRITE_SEQ_OFFSET_GLOBAL`).
+#[unsafe(no_mangle)]
+static WSP_WRITE_SEQ_OFF: u32 = 0;
 
 /// Most bytes one `bpf_skb_adjust_room` call may cut from an skb's head (`sk_skb_adjust_room`).
 const CUT_STEP: u32 = 0xfff;
@@ -89,8 +95,8 @@ pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
             return SK_PASS;
         }
     };
-    let s = unsafe { *state };
-    if may_redirect(&s, cookie, len) && redirect_to(&ctx, s.peer_cookie) {
+    // SAFETY: as above.
+    if may_redirect(unsafe { &mut *state }, cookie, len) && redirect_to(&ctx, unsafe { (*state).peer_cookie }) {
         // SAFETY: as above; the field pointers stay inside the value.
         unsafe {
             count(&raw mut (*state).redirected, len);
@@ -215,17 +221,78 @@ fn copied_seq(ctx: &SkBuffContext) -> Option<u32> {
     unsafe { bpf_probe_read_kernel(at) }.ok()
 }
 
-/// Order and credit (see `proxy_common::SockCtrl`): redirect only when no passed byte is still
-/// waiting for userspace, and within the credit userspace granted. No credit entry: pass.
-fn may_redirect(s: &SockState, cookie: u64, len: u64) -> bool {
+/// Order and credit (see `proxy_common::SockCtrl`): redirect only when no passed byte can still
+/// be in userspace's hands, and while the bytes the peer's TCP has not taken yet stay within the
+/// window. The window renews itself as the peer takes bytes: userspace is needed only when the
+/// peer falls behind. No credit entry, or a peer whose progress cannot be read: pass.
+fn may_redirect(s: &mut SockState, cookie: u64, len: u64) -> bool {
     // SAFETY: the value is copied out at once; userspace replaces entries whole.
     let Some(ctrl) = (unsafe { WSP_CTRL.get(&cookie) }) else {
         return false;
     };
-    s.flags & FLAG_PASS == 0
-        && s.passed == ctrl.forwarded
-        && s.redirected + len <= ctrl.limit_bytes
-        && s.redirected_skbs < ctrl.limit_skbs
+    if s.flags & FLAG_PASS != 0 || ctrl.window_bytes == 0 {
+        return false;
+    }
+    let Some(write_seq) = peer_write_seq(s.peer_cookie) else {
+        return false;
+    };
+    if s.peer_base & SEQ_KNOWN == 0 {
+        if s.passed != ctrl.forwarded {
+            // Userspace may have written some passed bytes into the peer without reporting
+            // them yet: the peer's progress cannot be told apart from them now.
+            return false;
+        }
+        // Nothing redirected yet, and every byte written into the peer since insertion was
+        // forwarded by userspace and reported in `forwarded`.
+        s.peer_base = SEQ_KNOWN | u64::from(write_seq.wrapping_sub(ctrl.forwarded as u32));
+    }
+    let taken = write_seq.wrapping_sub(s.peer_base as u32);
+    // Bytes owed to the peer (redirected, and passed for userspace to forward) less the bytes
+    // its TCP has taken; modulo 2^32 like the sequence numbers, and far below 2^31 since the
+    // window bounds it.
+    let owed = s.redirected.wrapping_add(s.passed) as u32;
+    let in_flight = u64::from(owed.wrapping_sub(taken));
+    if in_flight == 0 {
+        // The peer has taken every byte: every passed byte was written by userspace (so a
+        // redirected byte cannot overtake one), and no redirected skb is queued any more.
+        // This is how a pair leaves the pass path without waiting for userspace's report.
+        s.skb_base = s.redirected_skbs;
+        return true;
+    }
+    // A passed byte that userspace has not reported written may still be in its hands.
+    s.passed == ctrl.forwarded
+        && in_flight + len <= ctrl.window_bytes
+        && s.redirected_skbs - s.skb_base < ctrl.window_skbs
+}
+
+/// The peer's `tcp_sock.write_seq`: how far its TCP has taken bytes into its send queue. `None`
+/// if the peer is not in the socket map (not yet, or no longer) or the field cannot be read.
+fn peer_write_seq(mut peer: u64) -> Option<u32> {
+    // SAFETY: a read-only global the loader set.
+    let off = unsafe { core::ptr::read_volatile(&WSP_WRITE_SEQ_OFF) };
+    if off == 0 {
+        return None;
+    }
+    // aya-ebpf has no lookup for a socket map: the raw helper returns the socket with a
+    // reference taken, which must be released on every path.
+    // SAFETY: the map is the program's own socket hash (a `SockHash` is its map definition),
+    // the key a u64 as the map's key size says.
+    let sk = unsafe { bpf_map_lookup_elem((&raw const WSP_SOCKETS).cast_mut().cast(), (&raw mut peer).cast()) };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: the helper checks the socket's type and returns null unless it is a TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
+    let seq = if tp.is_null() {
+        None
+    } else {
+        let at = (tp as *const u8).wrapping_add(off as usize) as *const u32;
+        // SAFETY: as in `skb_seqs`.
+        unsafe { bpf_probe_read_kernel(at) }.ok()
+    };
+    // SAFETY: `sk` came from the lookup above and is released exactly once.
+    unsafe { bpf_sk_release(sk) };
+    seq
 }
 
 /// Cookie of the socket the bytes arrived on (0 if the skb has no socket: never a map key).

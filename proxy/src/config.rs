@@ -287,8 +287,9 @@ impl Default for Keepalive {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayMode {
-    /// Userspace for now: the kernel relay is correct (`docs/kernel-relay.md`) but not yet the
-    /// faster path on every workload; once it is, the kernel relay when its programs loaded.
+    /// Userspace first; a connection that shows message traffic moves to the kernel relay
+    /// (when its programs loaded), at a point where no byte is in userspace's hands
+    /// (`relay::promotion`).
     Auto,
     Kernel,
     Userspace,
@@ -298,6 +299,12 @@ pub enum RelayMode {
 #[serde(deny_unknown_fields, default)]
 pub struct Relay {
     pub mode: RelayMode,
+    /// `auto`: reads (about one message each, both directions) a connection carries in
+    /// userspace before it moves to the kernel relay; 0 moves it at once.
+    pub promote_after_reads: u64,
+    /// `auto`: a connection whose average read is larger (bulk) stays in userspace, where the
+    /// kernel relay is no cheaper per byte.
+    pub promote_max_average_read: u64,
     /// Kernel relay: bytes one direction may have redirected but not yet taken by the
     /// destination's TCP. Past it the sender is held back by its own TCP window.
     pub max_in_flight_bytes: u64,
@@ -329,6 +336,8 @@ impl Default for Relay {
     fn default() -> Self {
         Self {
             mode: RelayMode::Auto,
+            promote_after_reads: 8,
+            promote_max_average_read: 16 * 1024,
             max_in_flight_bytes: 4 * 1024 * 1024,
             max_in_flight_skbs: 4096,
             drain_timeout: Duration::from_secs(10),
@@ -706,6 +715,9 @@ impl File {
                 "relay.max_in_flight_skbs: must be 16 to 1048576, got {}",
                 r.max_in_flight_skbs
             ));
+        }
+        if r.promote_max_average_read == 0 {
+            p.push("relay.promote_max_average_read: must be at least 1".into());
         }
         if r.drain_timeout.is_zero() {
             p.push("relay.drain_timeout: must be above 0".into());

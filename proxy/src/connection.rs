@@ -81,7 +81,7 @@ impl Relayable {
         info!(
             client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
             client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
-            repeated_cut = o.repeated_cut, duration_ms = started.elapsed().as_millis() as u64, "connection closed"
+            repeated_cut = o.repeated_cut, passed = o.passed, duration_ms = started.elapsed().as_millis() as u64, "connection closed"
         );
     }
 }

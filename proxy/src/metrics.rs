@@ -23,10 +23,12 @@ pub const UPSTREAM_FAILURES: &str = "wsproxy_upstream_failures";
 pub const UPSTREAM_UP: &str = "wsproxy_upstream_up";
 pub const RELAYED_BYTES: &str = "wsproxy_relayed_bytes";
 pub const RELAY_FALLBACKS: &str = "wsproxy_relay_fallbacks";
+pub const RELAY_PROMOTIONS: &str = "wsproxy_relay_promotions";
 pub const KERNEL_RELAY_AVAILABLE: &str = "wsproxy_kernel_relay_available";
 pub const CONFIG_RELOADS: &str = "wsproxy_config_reloads";
 pub const ADMIN_REFUSED: &str = "wsproxy_admin_refused";
 pub const KERNEL_RELAY_REPEATED_BYTES: &str = "wsproxy_kernel_relay_repeated_bytes";
+pub const KERNEL_RELAY_PASSED_BYTES: &str = "wsproxy_kernel_relay_passed_bytes";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RelayLabels {
@@ -155,9 +157,13 @@ pub struct TotalsSnapshot {
     pub upstream_to_client: [u64; 2],
     /// Connections the kernel relay could not take, carried by the userspace relay instead.
     pub fallbacks: u64,
+    /// Connections moved from the userspace relay to the kernel relay.
+    pub promotions: u64,
     pub drain_timeouts: u64,
     /// Bytes the kernel handed the kernel relay a second time, cut before relaying.
     pub repeated_cut: u64,
+    /// Bytes the kernel relay left to userspace, forwarded by it.
+    pub passed: u64,
     /// Connections ended with [`End::StreamFault`].
     pub stream_faults: u64,
 }
@@ -187,8 +193,10 @@ pub struct Metrics {
     upstream_up: Family<UpstreamLabels, Gauge>,
     bytes: Family<BytesLabels, Counter>,
     fallbacks: Counter,
+    promotions: Counter,
     kernel_relay: Gauge,
     repeated: Counter,
+    passed: Counter,
     reloads: Family<ResultLabels, Counter>,
     admin_refused: Family<ReasonLabels, Counter>,
 }
@@ -213,8 +221,10 @@ impl Metrics {
             upstream_up: Family::default(),
             bytes: Family::default(),
             fallbacks: Counter::default(),
+            promotions: Counter::default(),
             kernel_relay: Gauge::default(),
             repeated: Counter::default(),
+            passed: Counter::default(),
             reloads: Family::default(),
             admin_refused: Family::default(),
         };
@@ -261,6 +271,11 @@ impl Metrics {
             m.fallbacks.clone(),
         );
         r.register(
+            RELAY_PROMOTIONS,
+            "Connections relay.mode = \"auto\" moved from the userspace relay to the kernel relay",
+            m.promotions.clone(),
+        );
+        r.register(
             KERNEL_RELAY_AVAILABLE,
             "1 when the kernel relay is loaded",
             m.kernel_relay.clone(),
@@ -269,6 +284,11 @@ impl Metrics {
             KERNEL_RELAY_REPEATED_BYTES,
             "Bytes the kernel handed the kernel relay a second time (a retransmitted head), cut before relaying",
             m.repeated.clone(),
+        );
+        r.register(
+            KERNEL_RELAY_PASSED_BYTES,
+            "Bytes the kernel relay left to userspace because a destination fell behind (forwarded by userspace)",
+            m.passed.clone(),
         );
         r.register(CONFIG_RELOADS, "Configuration reloads, by result", m.reloads.clone());
         r.register(
@@ -378,6 +398,17 @@ impl Metrics {
         self.fallbacks.inc();
     }
 
+    /// A connection the userspace relay hands to the kernel relay (`relay.mode = "auto"`); the
+    /// kernel relay then counts it as started.
+    pub fn relay_promoted(&self) {
+        self.open
+            .get_or_create(&RelayLabels {
+                relay: Mode::Userspace.as_str(),
+            })
+            .dec();
+        self.promotions.inc();
+    }
+
     pub fn relay_ended(&self, o: &Outcome) {
         let relay = o.mode.as_str();
         self.open.get_or_create(&RelayLabels { relay }).dec();
@@ -400,13 +431,16 @@ impl Metrics {
             })
             .inc_by(o.upstream_to_client);
         self.repeated.inc_by(o.repeated_cut);
+        self.passed.inc_by(o.passed);
     }
 
     /// The relay totals, read back from the metrics.
     pub fn totals(&self) -> TotalsSnapshot {
         let mut t = TotalsSnapshot {
             fallbacks: self.fallbacks.get(),
+            promotions: self.promotions.get(),
             repeated_cut: self.repeated.get(),
+            passed: self.passed.get(),
             ..Default::default()
         };
         for (i, mode) in MODES.into_iter().enumerate() {
@@ -493,12 +527,17 @@ mod tests {
         m.relay_fallback();
         m.relay_started(Mode::Userspace);
         assert_eq!(m.totals().open, [1, 1]);
+        m.relay_started(Mode::Userspace);
+        m.relay_promoted();
+        assert_eq!(m.totals().open, [1, 1]);
+        assert_eq!(m.totals().promotions, 1);
         let o = |mode, end| Outcome {
             mode,
             end,
             client_to_upstream: 10,
             upstream_to_client: 20,
             repeated_cut: 7,
+            passed: 3,
             duration: Duration::ZERO,
         };
         m.relay_ended(&o(Mode::Kernel, End::DrainTimeout));
@@ -517,6 +556,8 @@ mod tests {
         assert!(text.contains("wsproxy_relay_fallbacks_total 1"), "{text}");
         assert_eq!(t.repeated_cut, 14);
         assert!(text.contains("wsproxy_kernel_relay_repeated_bytes_total 14"), "{text}");
+        assert_eq!(t.passed, 6);
+        assert!(text.contains("wsproxy_kernel_relay_passed_bytes_total 6"), "{text}");
     }
 
     #[test]

@@ -266,8 +266,8 @@ fn scenario(path: Path) {
         Path::Redirected => UNLIMITED,
         Path::Passed => SockCtrl {
             forwarded: 0,
-            limit_bytes: 0,
-            limit_skbs: 0,
+            window_bytes: 0,
+            window_skbs: 0,
         },
     };
     let pair = programs

@@ -511,6 +511,8 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("keepalive", "interval"),
         ("keepalive", "count"),
         ("relay", "mode"),
+        ("relay", "promote_after_reads"),
+        ("relay", "promote_max_average_read"),
         ("relay", "max_in_flight_bytes"),
         ("relay", "max_in_flight_skbs"),
         ("relay", "drain_timeout"),

@@ -1,6 +1,7 @@
-//! Where the verdict finds two kernel fields, read from the running kernel's BTF
+//! Where the verdict finds three kernel fields, read from the running kernel's BTF
 //! (`/sys/kernel/btf/vmlinux`): `struct sk_buff`'s `cb` (whose first two `u32`s are the TCP
-//! sequence numbers, `struct tcp_skb_cb`) and `struct tcp_sock`'s `copied_seq`. Their offsets
+//! sequence numbers, `struct tcp_skb_cb`), and `struct tcp_sock`'s `copied_seq` and
+//! `write_seq`. Their offsets
 //! change with the kernel's configuration and version, so they are looked up at load time and
 //! handed to the verdict as read-only globals.
 //!
@@ -12,11 +13,12 @@ use anyhow::{Context as _, bail};
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// The two offsets the verdict needs, in bytes.
+/// The offsets the verdict needs, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelLayout {
     pub skb_cb: u32,
     pub tcp_copied_seq: u32,
+    pub tcp_write_seq: u32,
 }
 
 impl KernelLayout {
@@ -27,21 +29,31 @@ impl KernelLayout {
     }
 
     /// Reads the offsets from a BTF blob; checks each field's size too (8 bytes of sequence
-    /// numbers must fit in `cb`; `copied_seq` is a `u32`).
+    /// numbers must fit in `cb`; the sequence numbers of `tcp_sock` are `u32`s).
     pub fn from_btf(raw: &[u8]) -> anyhow::Result<Self> {
         let btf = Btf::parse(raw)?;
         let (skb_cb, cb_size) = btf.member("sk_buff", "cb")?;
-        let (tcp_copied_seq, seq_size) = btf.member("tcp_sock", "copied_seq")?;
         if cb_size < 8 {
             bail!("sk_buff.cb is {cb_size} bytes, too small for TCP sequence numbers");
         }
-        if seq_size != 4 {
-            bail!("tcp_sock.copied_seq is {seq_size} bytes, not 4");
+        let seq = |name: &str| -> anyhow::Result<u32> {
+            let (at, size) = btf.member("tcp_sock", name)?;
+            if size != 4 {
+                bail!("tcp_sock.{name} is {size} bytes, not 4");
+            }
+            if at == 0 {
+                bail!("tcp_sock.{name} at offset 0 is not expected");
+            }
+            Ok(at)
+        };
+        if skb_cb == 0 {
+            bail!("sk_buff.cb at offset 0 is not expected");
         }
-        if skb_cb == 0 || tcp_copied_seq == 0 {
-            bail!("a field offset of 0 is not expected (sk_buff.cb {skb_cb}, tcp_sock.copied_seq {tcp_copied_seq})");
-        }
-        Ok(Self { skb_cb, tcp_copied_seq })
+        Ok(Self {
+            skb_cb,
+            tcp_copied_seq: seq("copied_seq")?,
+            tcp_write_seq: seq("write_seq")?,
+        })
     }
 }
 
@@ -215,9 +227,9 @@ mod tests {
     use super::*;
 
     /// A BTF blob built by hand: `int` (4 bytes), `char[48]`, a struct with an anonymous union
-    /// in front of `cb`, and `tcp_sock` with `copied_seq` behind a typedef.
+    /// in front of `cb`, and `tcp_sock` with `copied_seq` and `write_seq` behind a typedef.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0char\0sk_buff\0cb\0tcp_sock\0copied_seq\0u32\0next\0".to_vec();
+        let strings = b"\0int\0char\0sk_buff\0cb\0tcp_sock\0copied_seq\0write_seq\0u32\0next\0".to_vec();
         let s = |name: &str| {
             let pat = format!("\0{name}\0");
             (strings.windows(pat.len()).position(|w| w == pat.as_bytes()).unwrap() + 1) as u32
@@ -236,8 +248,18 @@ mod tests {
         t.extend([s("sk_buff"), info(KIND_STRUCT, 2), 88, 0, 4, 0, s("cb"), 3, 320]);
         // 6: typedef int u32
         t.extend([s("u32"), info(KIND_TYPEDEF, 0), 1]);
-        // 7: struct tcp_sock { u32 copied_seq at byte 1464 }
-        t.extend([s("tcp_sock"), info(KIND_STRUCT, 1), 2304, s("copied_seq"), 6, 1464 * 8]);
+        // 7: struct tcp_sock { u32 copied_seq at byte 1464; u32 write_seq at byte 1600 }
+        t.extend([
+            s("tcp_sock"),
+            info(KIND_STRUCT, 2),
+            2304,
+            s("copied_seq"),
+            6,
+            1464 * 8,
+            s("write_seq"),
+            6,
+            1600 * 8,
+        ]);
         let types: Vec<u8> = t.iter().flat_map(|w| w.to_le_bytes()).collect();
         let mut raw = Vec::new();
         raw.extend(MAGIC.to_le_bytes());
@@ -257,7 +279,8 @@ mod tests {
             layout,
             KernelLayout {
                 skb_cb: 40,
-                tcp_copied_seq: 1464
+                tcp_copied_seq: 1464,
+                tcp_write_seq: 1600,
             }
         );
     }
@@ -280,13 +303,16 @@ mod tests {
     }
 
     #[test]
-    fn the_running_kernel_has_both_fields() {
+    fn the_running_kernel_has_every_field() {
         if !std::path::Path::new(VMLINUX_BTF).exists() {
             eprintln!("SKIPPED: {VMLINUX_BTF} is missing");
             return;
         }
         let layout = KernelLayout::of_running_kernel().unwrap();
         // Both lie inside their structs on every kernel built so far.
-        assert!(layout.skb_cb < 256 && layout.tcp_copied_seq < 4096, "{layout:?}");
+        assert!(
+            layout.skb_cb < 256 && layout.tcp_copied_seq < 4096 && layout.tcp_write_seq < 4096,
+            "{layout:?}"
+        );
     }
 }

@@ -18,7 +18,7 @@ use aya::{
 };
 use proxy_common::{
     COPIED_SEQ_OFFSET_GLOBAL, CTRL_MAP, SKB_CB_OFFSET_GLOBAL, SOCKETS_MAP, STATE_MAP, SockCtrl, SockState,
-    VERDICT_PROGRAM,
+    VERDICT_PROGRAM, WRITE_SEQ_OFFSET_GLOBAL,
 };
 
 mod kernel_layout;
@@ -60,6 +60,7 @@ impl KernelPrograms {
         let mut ebpf = EbpfLoader::new()
             .override_global(SKB_CB_OFFSET_GLOBAL, &layout.skb_cb, true)
             .override_global(COPIED_SEQ_OFFSET_GLOBAL, &layout.tcp_copied_seq, true)
+            .override_global(WRITE_SEQ_OFFSET_GLOBAL, &layout.tcp_write_seq, true)
             .load(OBJECT)
             .map_err(|e| short_ebpf_error("loading the object", e))?;
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, SOCKETS_MAP)?;

@@ -76,11 +76,7 @@ pub async fn relay(
         (Ok(c), Ok(u)) => [c, u],
         (Err(e), _) | (_, Err(e)) => return Err(Declined::new(client, upstream, e.into(), &c2u, &u2c)),
     };
-    let credit = SockCtrl {
-        forwarded: 0,
-        limit_bytes: cfg.max_in_flight_bytes,
-        limit_skbs: cfg.max_in_flight_skbs,
-    };
+    let credit = window(cfg, 0);
     let pair = match programs.insert_pair(&client, &upstream, credit) {
         Ok(p) => p,
         Err(_) if fin_received(&client) || fin_received(&upstream) => {
@@ -106,7 +102,10 @@ pub async fn relay(
             .map(|_| ())
         };
         let both = super::stall::or_stalled(both, &client, &upstream, cfg.send_timeout);
-        until_end_or_idle(both, cfg.idle_timeout, shutdown, activity).await
+        until_end_or_idle(both, cfg.idle_timeout, shutdown, activity)
+            .await
+            .err()
+            .unwrap_or(End::Closed)
     };
     let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
     // Out of the maps before the sockets close: no verdict may redirect into a closing socket.
@@ -121,6 +120,7 @@ pub async fn relay(
         client_to_upstream: counters.from_client.redirected + c2u,
         upstream_to_client: counters.from_upstream.redirected + u2c,
         repeated_cut: counters.from_client.repeated + counters.from_upstream.repeated,
+        passed: c2u + u2c,
         duration: started.elapsed(),
     })
 }
@@ -334,16 +334,12 @@ impl<'a> Direction<'a> {
         Ok(())
     }
 
-    /// New credit after passed bytes were forwarded: every redirected byte has been taken, so
-    /// the verdict may redirect up to the cap again.
+    /// Tells the verdict how many passed bytes have been forwarded: once that catches up with
+    /// what it passed, it may redirect again (the window itself it renews on its own).
     fn grant(&self, forwarded: u64) -> Result<(), Failed> {
-        let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
-        let ctrl = SockCtrl {
-            forwarded,
-            limit_bytes: state.redirected + self.cfg.max_in_flight_bytes,
-            limit_skbs: state.redirected_skbs + self.cfg.max_in_flight_skbs,
-        };
-        self.pair.set_ctrl(self.side, ctrl).map_err(|_| Failed::Maps)
+        self.pair
+            .set_ctrl(self.side, window(self.cfg, forwarded))
+            .map_err(|_| Failed::Maps)
     }
 
     /// EOF on `src`: once `dst` has taken every byte from `src`, pass the FIN on.
@@ -418,6 +414,16 @@ impl<'a> Direction<'a> {
             return Err(Failed::Destination(io::ErrorKind::ConnectionReset));
         }
         Ok(())
+    }
+}
+
+/// The verdict's bound on bytes in flight per direction (see [`SockCtrl`]), with `forwarded`
+/// passed bytes written by userspace.
+fn window(cfg: &config::Relay, forwarded: u64) -> SockCtrl {
+    SockCtrl {
+        forwarded,
+        window_bytes: cfg.max_in_flight_bytes,
+        window_skbs: cfg.max_in_flight_skbs,
     }
 }
 

@@ -9,6 +9,7 @@
 mod buffers;
 pub mod kernel;
 pub mod outcome;
+pub mod promotion;
 mod stall;
 pub mod userspace;
 
@@ -29,8 +30,10 @@ pub use crate::metrics::TotalsSnapshot;
 /// Fallback lines per second: clients can cause fallbacks, so they must not fill the log.
 static FALLBACK_LINES: crate::log_limit::Throttle = crate::log_limit::Throttle::new(20);
 
-/// Relays between the two sockets until both sides have closed or one failed, in the kernel
-/// when the configuration and the loaded programs allow it.
+/// Relays between the two sockets until both sides have closed or one failed: in the kernel
+/// (`kernel`), in userspace (`userspace`), or in userspace first and in the kernel once the
+/// connection shows message traffic (`auto`, see [`promotion`]). Without loaded programs every
+/// mode is userspace.
 pub async fn relay(
     client: TcpStream,
     upstream: TcpStream,
@@ -39,14 +42,40 @@ pub async fn relay(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Outcome {
+    let began = std::time::Instant::now();
     buffers::cap(&client, &upstream, cfg);
-    // `auto` does not choose the kernel relay until it is the faster path on every workload
-    // (docs/kernel-relay.md); only an explicit `kernel` does.
-    let (client, upstream, settled) = match programs.filter(|_| cfg.mode == RelayMode::Kernel) {
+    let programs = programs.filter(|_| cfg.mode != RelayMode::Userspace);
+    let (client, upstream, before) = match (programs, cfg.mode) {
+        (Some(_), RelayMode::Auto) => {
+            metrics.relay_started(Mode::Userspace);
+            let policy = promotion::Policy::new(cfg);
+            match userspace::relay(client, upstream, cfg, shutdown, Some(policy)).await {
+                userspace::Carried::Ended(o) => {
+                    metrics.relay_ended(&o);
+                    return o;
+                }
+                userspace::Carried::Promote(h) => {
+                    metrics.relay_promoted();
+                    debug!(
+                        reads = h.reads,
+                        client_to_upstream = h.client_to_upstream,
+                        upstream_to_client = h.upstream_to_client,
+                        "relay: moving the connection to the kernel relay"
+                    );
+                    (h.client, h.upstream, (h.client_to_upstream, h.upstream_to_client))
+                }
+            }
+        }
+        _ => (client, upstream, (0, 0)),
+    };
+    let (client, upstream, settled) = match programs {
         Some(programs) => {
             metrics.relay_started(Mode::Kernel);
             match kernel::relay(client, upstream, programs, cfg, shutdown).await {
-                Ok(o) => {
+                Ok(mut o) => {
+                    o.client_to_upstream += before.0;
+                    o.upstream_to_client += before.1;
+                    o.duration = began.elapsed();
                     metrics.relay_ended(&o);
                     return o;
                 }
@@ -60,46 +89,50 @@ pub async fn relay(
                         let error = format!("{:#}", d.reason);
                         warn!(%error, suppressed, "kernel relay: cannot take the connection, relaying it in userspace");
                     }
-                    (d.client, d.upstream, (d.client_to_upstream, d.upstream_to_client))
+                    (
+                        d.client,
+                        d.upstream,
+                        (before.0 + d.client_to_upstream, before.1 + d.upstream_to_client),
+                    )
                 }
             }
         }
-        None => (client, upstream, (0, 0)),
+        None => (client, upstream, before),
     };
     metrics.relay_started(Mode::Userspace);
-    let mut o = userspace::relay(client, upstream, cfg, shutdown).await;
+    let mut o = userspace::relay_to_end(client, upstream, cfg, shutdown).await;
     o.client_to_upstream += settled.0;
     o.upstream_to_client += settled.1;
+    o.duration = began.elapsed();
     metrics.relay_ended(&o);
     o
 }
 
 /// Runs `relay` (both directions) to its end, or until `activity` (a count of bytes relayed) has
 /// not moved for `idle_timeout`, or until the proxy's shutdown drain is over.
-pub(crate) async fn until_end_or_idle(
-    relay: impl Future<Output = Result<(), End>>,
+pub(crate) async fn until_end_or_idle<T>(
+    relay: impl Future<Output = Result<T, End>>,
     idle_timeout: Option<Duration>,
     shutdown: &CancellationToken,
     activity: impl Fn() -> u64,
-) -> End {
+) -> Result<T, End> {
     let idle = async {
         match idle_timeout {
             Some(t) => idle_watch(t, activity).await,
             None => std::future::pending().await,
         }
     };
-    let result = tokio::select! {
+    tokio::select! {
         r = relay => r,
-        r = idle => r,
+        Err(end) = idle => Err(end),
         _ = shutdown.cancelled() => Err(End::Shutdown),
-    };
-    result.err().unwrap_or(End::Closed)
+    }
 }
 
 /// Completes with [`End::IdleTimeout`] once `activity` has not moved for `timeout`. Checked a
 /// few times per timeout, so a connection is closed between 1 and 1.25 times the timeout after
 /// its last byte.
-async fn idle_watch(timeout: Duration, activity: impl Fn() -> u64) -> Result<(), End> {
+async fn idle_watch(timeout: Duration, activity: impl Fn() -> u64) -> Result<std::convert::Infallible, End> {
     let (mut last, mut since) = (activity(), tokio::time::Instant::now());
     loop {
         tokio::time::sleep(timeout / 4).await;

@@ -74,5 +74,9 @@ pub struct Outcome {
     /// Bytes the kernel handed the kernel relay's verdict a second time, which it cut (both
     /// directions; always 0 in userspace).
     pub repeated_cut: u64,
+    /// Bytes the kernel relay's verdict left to userspace because a destination fell behind its
+    /// window (or was not yet in the map), which userspace then forwarded (both directions;
+    /// always 0 in userspace).
+    pub passed: u64,
     pub duration: Duration,
 }

@@ -97,12 +97,12 @@ fn acked_and_queued(s: &impl AsFd) -> io::Result<(u64, u64)> {
 }
 
 /// Runs `relay` to its end, or until [`watch`] finds a stalled peer.
-pub(crate) async fn or_stalled(
-    relay: impl Future<Output = Result<(), End>>,
+pub(crate) async fn or_stalled<T>(
+    relay: impl Future<Output = Result<T, End>>,
     client: &TcpStream,
     upstream: &TcpStream,
     timeout: Duration,
-) -> Result<(), End> {
+) -> Result<T, End> {
     tokio::select! {
         r = relay => r,
         end = watch(client, upstream, timeout) => Err(end),

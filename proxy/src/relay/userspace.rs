@@ -1,5 +1,9 @@
 //! The userspace relay: both directions copied by tokio, with half-close.
 //!
+//! Given a promotion [`Policy`] (`relay.mode = "auto"`), it hands the pair back once the policy
+//! says so, at a point where neither direction holds a byte (each has written all it read), so
+//! that the kernel relay can carry on exactly where it stopped.
+//!
 //! A direction blocked on its destination (a peer that does not read) does not look at its
 //! source, and a direction waiting for its source does not write to its destination: neither
 //! would see that socket fail. So a watcher, beside the copies, waits for an error on either
@@ -14,6 +18,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::promotion::Policy;
 use super::{End, Mode, Outcome, reset_on_close, stall, until_end_or_idle};
 use crate::config;
 
@@ -27,19 +32,63 @@ enum Failed {
     Write(io::Error),
 }
 
+/// How the userspace relay let go of a connection.
+pub enum Carried {
+    /// It carried the connection to its end.
+    Ended(Outcome),
+    /// The promotion policy was met: the pair, with nothing in userspace's hands, for the
+    /// kernel relay.
+    Promote(Handover),
+}
+
+/// A pair the userspace relay hands over, with what it relayed so far.
+pub struct Handover {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+    /// Reads the userspace relay made (both directions).
+    pub reads: u64,
+}
+
+/// Relays to the end, or (with a `policy`) until the pair is due to move to the kernel relay.
 pub async fn relay(
     client: TcpStream,
     upstream: TcpStream,
     cfg: &config::Relay,
     shutdown: &CancellationToken,
-) -> Outcome {
+    policy: Option<Policy>,
+) -> Carried {
     let started = Instant::now();
-    let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
-    let end = {
-        let up = copy(&client, &upstream, &c2u);
-        let down = copy(&upstream, &client, &u2c);
+    let counts = Counts::default();
+    // Cancelled once the policy is met: each direction then stops at its next point with an
+    // empty buffer.
+    let promote = CancellationToken::new();
+    let watch = Watch {
+        policy,
+        promote: &promote,
+        counts: &counts,
+    };
+    let flow = {
+        let up = copy(&client, &upstream, &counts.c2u, &watch);
+        let down = copy(&upstream, &client, &counts.u2c, &watch);
         // The first error ends both directions: try_join drops the other copy at once.
-        let copies = async { tokio::try_join!(up_side(up, true), up_side(down, false)).map(|_| ()) };
+        let copies = async {
+            let (a, b) = tokio::try_join!(up_side(up, true), up_side(down, false))?;
+            // A direction that finished (EOF passed on) cannot move: the other goes on here.
+            match (a, b) {
+                (Copied::Paused, Copied::Paused) => Ok(Flow::Promote),
+                (Copied::Finished, Copied::Finished) => Ok(Flow::Done),
+                (Copied::Paused, Copied::Finished) => {
+                    up_side(copy(&client, &upstream, &counts.c2u, &Watch::never(&counts)), true).await?;
+                    Ok(Flow::Done)
+                }
+                (Copied::Finished, Copied::Paused) => {
+                    up_side(copy(&upstream, &client, &counts.u2c, &Watch::never(&counts)), false).await?;
+                    Ok(Flow::Done)
+                }
+            }
+        };
         let both = async {
             tokio::select! {
                 r = copies => r,
@@ -47,10 +96,20 @@ pub async fn relay(
             }
         };
         let both = stall::or_stalled(both, &client, &upstream, cfg.send_timeout);
-        until_end_or_idle(both, cfg.idle_timeout, shutdown, || {
-            c2u.load(Relaxed) + u2c.load(Relaxed)
-        })
-        .await
+        until_end_or_idle(both, cfg.idle_timeout, shutdown, || counts.bytes()).await
+    };
+    let end = match flow {
+        Ok(Flow::Promote) => {
+            return Carried::Promote(Handover {
+                client,
+                upstream,
+                client_to_upstream: counts.c2u.into_inner(),
+                upstream_to_client: counts.u2c.into_inner(),
+                reads: counts.reads.into_inner(),
+            });
+        }
+        Ok(Flow::Done) => End::Closed,
+        Err(end) => end,
     };
     if end != End::Closed {
         // Pass the abort on: a reset tells the surviving peer the stream did not end cleanly, and
@@ -58,13 +117,92 @@ pub async fn relay(
         reset_on_close(&client);
         reset_on_close(&upstream);
     }
-    Outcome {
+    Carried::Ended(Outcome {
         mode: Mode::Userspace,
         end,
-        client_to_upstream: c2u.into_inner(),
-        upstream_to_client: u2c.into_inner(),
+        client_to_upstream: counts.c2u.into_inner(),
+        upstream_to_client: counts.u2c.into_inner(),
         repeated_cut: 0,
+        passed: 0,
         duration: started.elapsed(),
+    })
+}
+
+/// [`relay`] without promotion: always to the end.
+pub async fn relay_to_end(
+    client: TcpStream,
+    upstream: TcpStream,
+    cfg: &config::Relay,
+    shutdown: &CancellationToken,
+) -> Outcome {
+    match relay(client, upstream, cfg, shutdown, None).await {
+        Carried::Ended(o) => o,
+        Carried::Promote(_) => unreachable!("no policy, no promotion"),
+    }
+}
+
+/// How both directions left off.
+enum Flow {
+    Done,
+    Promote,
+}
+
+/// How one direction left off.
+enum Copied {
+    /// EOF, passed on as a FIN.
+    Finished,
+    /// Stopped for a promotion, holding no byte.
+    Paused,
+}
+
+#[derive(Default)]
+struct Counts {
+    c2u: AtomicU64,
+    u2c: AtomicU64,
+    reads: AtomicU64,
+}
+
+impl Counts {
+    fn bytes(&self) -> u64 {
+        self.c2u.load(Relaxed) + self.u2c.load(Relaxed)
+    }
+}
+
+/// What a direction checks after each write: whether the pair is due to move.
+struct Watch<'a> {
+    policy: Option<Policy>,
+    promote: &'a CancellationToken,
+    counts: &'a Counts,
+}
+
+impl<'a> Watch<'a> {
+    fn never(counts: &'a Counts) -> Self {
+        static NEVER: std::sync::LazyLock<CancellationToken> = std::sync::LazyLock::new(CancellationToken::new);
+        Watch {
+            policy: None,
+            promote: &NEVER,
+            counts,
+        }
+    }
+
+    /// Counts a read of `n` bytes, written on; true once the pair should stop for the move.
+    fn after_write(&self) -> bool {
+        let reads = self.counts.reads.fetch_add(1, Relaxed) + 1;
+        if let Some(p) = self.policy
+            && p.due(reads, self.counts.bytes())
+        {
+            self.promote.cancel();
+        }
+        self.promote.is_cancelled()
+    }
+
+    /// Completes once a move was asked for (never without a policy).
+    async fn requested(&self) {
+        if self.policy.is_some() {
+            self.promote.cancelled().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -86,27 +224,37 @@ async fn failed(client: &TcpStream, upstream: &TcpStream) -> End {
 }
 
 /// Maps a direction's failure onto the side that caused it.
-async fn up_side(copy: impl Future<Output = Result<(), Failed>>, client_to_upstream: bool) -> Result<(), End> {
+async fn up_side<T>(copy: impl Future<Output = Result<T, Failed>>, client_to_upstream: bool) -> Result<T, End> {
     copy.await.map_err(|f| match (f, client_to_upstream) {
         (Failed::Read(e), true) | (Failed::Write(e), false) => End::ClientError(e.kind()),
         (Failed::Read(e), false) | (Failed::Write(e), true) => End::UpstreamError(e.kind()),
     })
 }
 
-/// Copies until EOF, then shuts the destination down for writing (passes the FIN on).
-async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64) -> Result<(), Failed> {
+/// Copies until EOF, then shuts the destination down for writing (passes the FIN on); or, once
+/// a promotion is asked for, stops where it holds no byte.
+async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, watch: &Watch<'_>) -> Result<Copied, Failed> {
     loop {
-        from.readable().await.map_err(Failed::Read)?;
+        tokio::select! {
+            // A promotion asked for while this direction waits: it holds nothing, stop here.
+            biased;
+            () = watch.requested() => return Ok(Copied::Paused),
+            r = from.readable() => r.map_err(Failed::Read)?,
+        }
         let mut buf = vec![0u8; BUF_SIZE];
         loop {
             match from.try_read(&mut buf) {
                 Ok(0) => {
-                    return nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write)
-                        .map_err(|e| Failed::Write(e.into()));
+                    nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write)
+                        .map_err(|e| Failed::Write(e.into()))?;
+                    return Ok(Copied::Finished);
                 }
                 Ok(n) => {
                     write_all(to, &buf[..n]).await.map_err(Failed::Write)?;
                     count.fetch_add(n as u64, Relaxed);
+                    if watch.after_write() {
+                        return Ok(Copied::Paused);
+                    }
                 }
                 // Drained: drop the buffer while waiting for more.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

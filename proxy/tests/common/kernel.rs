@@ -11,8 +11,8 @@ use wsproxy::ebpf::KernelPrograms;
 /// Credit that never runs out: for tests about redirection, not the bound.
 pub const UNLIMITED: SockCtrl = SockCtrl {
     forwarded: 0,
-    limit_bytes: u64::MAX,
-    limit_skbs: u64::MAX,
+    window_bytes: u64::MAX,
+    window_skbs: u64::MAX,
 };
 
 /// Longest wait for any expected byte; loopback delivers in microseconds.
