@@ -21,6 +21,8 @@ pub enum Kind {
     Direct,
     WsproxyKernel,
     WsproxyUserspace,
+    /// `relay.mode = "auto"`: userspace first, the kernel relay for message traffic.
+    WsproxyAuto,
     Nginx,
     Haproxy,
     HaproxySplice,
@@ -28,10 +30,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Direct,
         Kind::WsproxyKernel,
         Kind::WsproxyUserspace,
+        Kind::WsproxyAuto,
         Kind::Nginx,
         Kind::Haproxy,
         Kind::HaproxySplice,
@@ -43,6 +46,7 @@ impl Kind {
             Kind::Direct => "direct",
             Kind::WsproxyKernel => "wsproxy-kernel",
             Kind::WsproxyUserspace => "wsproxy-userspace",
+            Kind::WsproxyAuto => "wsproxy-auto",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
             Kind::HaproxySplice => "haproxy-splice",
@@ -169,11 +173,11 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
     let log = s.dir.join(format!("{name}.log"));
     let proc = match kind {
         Kind::Direct => None,
-        Kind::WsproxyKernel | Kind::WsproxyUserspace => {
-            let mode = if kind == Kind::WsproxyKernel {
-                "kernel"
-            } else {
-                "userspace"
+        Kind::WsproxyKernel | Kind::WsproxyUserspace | Kind::WsproxyAuto => {
+            let mode = match kind {
+                Kind::WsproxyKernel => "kernel",
+                Kind::WsproxyAuto => "auto",
+                _ => "userspace",
             };
             let cfg = s.dir.join(format!("{name}.toml"));
             fs::write(&cfg, wsproxy_config(addr, s.upstream, mode))?;

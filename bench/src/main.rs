@@ -55,7 +55,7 @@ enum Cmd {
         /// Only these workloads (ids as in the report, e.g. bulk,closed,idle), comma-separated
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
-        /// Only these contenders (direct, wsproxy-kernel, wsproxy-userspace, nginx, haproxy, haproxy-splice, caddy)
+        /// Only these contenders (direct, wsproxy-kernel, wsproxy-userspace, wsproxy-auto, nginx, haproxy, haproxy-splice, caddy)
         #[arg(long, value_delimiter = ',')]
         contenders: Vec<String>,
         /// Only these topologies (loopback, veth, veth-rps), comma-separated

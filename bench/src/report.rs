@@ -13,6 +13,8 @@ use crate::results::{Figure, Results, TopologyResult, Verdict};
 use crate::stats::{Summary, fmt_int, fmt_num, fmt_summary};
 
 pub const KERNEL: &str = "wsproxy-kernel";
+pub const AUTO: &str = "wsproxy-auto";
+pub const USERSPACE: &str = "wsproxy-userspace";
 /// The hand-written closing analysis, embedded in the report.
 const ANALYSIS: &str = "analysis.md";
 
@@ -407,39 +409,54 @@ fn topology_section(md: &mut String, r: &Results, p: &Plan, t: &TopologyResult, 
     }
 
     let rivals: Vec<&String> = proxies.iter().filter(|c| c.as_str() != KERNEL).collect();
-    if proxies.iter().any(|c| c == KERNEL) && !rivals.is_empty() {
-        let _ = writeln!(
-            md,
-            "### wsproxy-kernel against each rival ({tn}): added CPU; p99 latency\n\n\"better 0.40×\" means wsproxy-kernel's \
-             median is 0.40 of the rival's and the ranges do not overlap; \"even\" means they overlap.\n"
-        );
-        let mut head = vec!["workload".to_owned()];
-        head.extend(rivals.iter().map(|c| (*c).clone()));
-        let rows = present
-            .iter()
-            .map(|w| {
-                let (added, _, _) = headline(w);
-                let mut row = vec![format!("`{}`", w.id)];
-                for o in &rivals {
-                    let pair = |m: &str| {
-                        Some(verdict_text(
-                            figures::find(fs, tn, &w.id, m, KERNEL)?,
-                            figures::find(fs, tn, &w.id, m, o)?,
-                        ))
-                    };
-                    let cpu = pair(added).unwrap_or_else(|| "–".into());
-                    let lat = if w.shape.has_latency() {
-                        pair(metric::P99).unwrap_or_else(|| "–".into())
-                    } else {
-                        "n/a".into()
-                    };
-                    row.push(format!("{cpu}; {lat}"));
-                }
-                row
-            })
-            .collect();
-        table(md, &head, rows);
+    versus(md, fs, tn, &present, KERNEL, &rivals);
+    // `auto` is judged against the relay it starts in: it must never be behind it.
+    let userspace: Vec<&String> = proxies.iter().filter(|c| c.as_str() == USERSPACE).collect();
+    versus(md, fs, tn, &present, AUTO, &userspace);
+}
+
+/// A table of `subject`'s added CPU and p99 against each of `rivals`, per workload; nothing if
+/// the subject or every rival is missing.
+fn versus(md: &mut String, fs: &[Figure], tn: &str, present: &[&Workload], subject: &str, rivals: &[&String]) {
+    if rivals.is_empty() || !fs.iter().any(|f| f.topology == tn && f.contender == subject) {
+        return;
     }
+    let _ = writeln!(
+        md,
+        "### {subject} against {} ({tn}): added CPU; p99 latency\n\n\"better 0.40×\" means {subject}'s \
+         median is 0.40 of the rival's and the ranges do not overlap; \"even\" means they overlap.\n",
+        if rivals.len() == 1 {
+            rivals[0].as_str()
+        } else {
+            "each rival"
+        }
+    );
+    let mut head = vec!["workload".to_owned()];
+    head.extend(rivals.iter().map(|c| (*c).clone()));
+    let rows = present
+        .iter()
+        .map(|w| {
+            let (added, _, _) = headline(w);
+            let mut row = vec![format!("`{}`", w.id)];
+            for o in rivals {
+                let pair = |m: &str| {
+                    Some(verdict_text(
+                        figures::find(fs, tn, &w.id, m, subject)?,
+                        figures::find(fs, tn, &w.id, m, o)?,
+                    ))
+                };
+                let cpu = pair(added).unwrap_or_else(|| "–".into());
+                let lat = if w.shape.has_latency() {
+                    pair(metric::P99).unwrap_or_else(|| "–".into())
+                } else {
+                    "n/a".into()
+                };
+                row.push(format!("{cpu}; {lat}"));
+            }
+            row
+        })
+        .collect();
+    table(md, &head, rows);
 }
 
 fn scaled_rate(w: &Workload, rate: f64) -> f64 {

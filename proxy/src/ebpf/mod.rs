@@ -128,6 +128,16 @@ pub enum Side {
     Upstream = 1,
 }
 
+impl Side {
+    /// The other side of the pair.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+}
+
 /// Byte counts of one proxy-side socket, as the verdict saw them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketCounters {

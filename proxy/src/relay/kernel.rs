@@ -68,7 +68,22 @@ pub async fn relay(
     match settle(&client, &upstream, &c2u, &u2c).await {
         Ok(true) => {}
         Ok(false) => return Err(Declined::new(client, upstream, PeerClosed.into(), &c2u, &u2c)),
-        Err(e) => return Err(Declined::new(client, upstream, e.into(), &c2u, &u2c)),
+        // A side failed (a reset): the connection ends here. Handing it to the userspace relay
+        // would be wrong: the read that failed has taken the socket's pending error, so that
+        // relay would read a plain EOF and pass a FIN on instead of the reset.
+        Err(end) => {
+            reset_on_close(&client);
+            reset_on_close(&upstream);
+            return Ok(Outcome {
+                mode: Mode::Kernel,
+                end,
+                client_to_upstream: c2u.into_inner(),
+                upstream_to_client: u2c.into_inner(),
+                repeated_cut: 0,
+                passed: 0,
+                duration: started.elapsed(),
+            });
+        }
     }
     // Everything userspace wrote so far (the 101, the request, settled bytes) is in the send
     // queues now; the destinations' "taken" counts start from here.
@@ -158,22 +173,27 @@ pub struct PeerClosed;
 /// whole skbs from a receive queue (`tcp_read_skb`), so an skb that userspace has read in part
 /// (the handshake reads in chunks) would be relayed again from its start. A read shorter than
 /// the buffer emptied the queue, so no skb is left in part; bytes that arrive after it come in
-/// whole skbs, which the kick after insertion relays. `Ok(false)`: a side reached EOF.
-async fn settle(client: &TcpStream, upstream: &TcpStream, c2u: &AtomicU64, u2c: &AtomicU64) -> io::Result<bool> {
+/// whole skbs, which the kick after insertion relays. `Ok(false)`: a side reached EOF; `Err`:
+/// a side failed, as the end of the connection.
+async fn settle(client: &TcpStream, upstream: &TcpStream, c2u: &AtomicU64, u2c: &AtomicU64) -> Result<bool, End> {
     let mut buf = vec![0; BUF_SIZE];
-    for (src, dst, count) in [(client, upstream, c2u), (upstream, client, u2c)] {
+    let on = |side: Side, e: io::Error| failed_on(side, e.kind());
+    for (src, dst, count, from) in [
+        (client, upstream, c2u, Side::Client),
+        (upstream, client, u2c, Side::Upstream),
+    ] {
         loop {
             match src.try_read(&mut buf) {
                 Ok(0) => return Ok(false),
                 Ok(n) => {
-                    write_all(dst, &buf[..n]).await?;
+                    write_all(dst, &buf[..n]).await.map_err(|e| on(from.other(), e))?;
                     count.fetch_add(n as u64, Relaxed);
                     if n < buf.len() {
                         break;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+                Err(e) => return Err(on(from, e)),
             }
         }
     }
@@ -192,19 +212,19 @@ async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Maps a direction's failure onto the side that caused it.
-async fn side_of(run: impl Future<Output = Result<(), Failed>>, from: Side) -> Result<(), End> {
-    let failed_on = |side: Side, kind| match side {
+/// How the connection ends when `side`'s socket failed.
+fn failed_on(side: Side, kind: io::ErrorKind) -> End {
+    match side {
         Side::Client => End::ClientError(kind),
         Side::Upstream => End::UpstreamError(kind),
-    };
-    let other = match from {
-        Side::Client => Side::Upstream,
-        Side::Upstream => Side::Client,
-    };
+    }
+}
+
+/// Maps a direction's failure onto the side that caused it.
+async fn side_of(run: impl Future<Output = Result<(), Failed>>, from: Side) -> Result<(), End> {
     run.await.map_err(|f| match f {
         Failed::Source(k) => failed_on(from, k),
-        Failed::Destination(k) => failed_on(other, k),
+        Failed::Destination(k) => failed_on(from.other(), k),
         Failed::DrainTimeout => End::DrainTimeout,
         Failed::Maps => End::Internal,
         Failed::Stream => End::StreamFault,
@@ -246,14 +266,6 @@ impl<'a> Direction<'a> {
             cfg,
             fin_seen: OnceLock::new(),
             shut,
-        }
-    }
-
-    /// The side `dst` is on.
-    fn dst_side(&self) -> Side {
-        match self.side {
-            Side::Client => Side::Upstream,
-            Side::Upstream => Side::Client,
         }
     }
 
@@ -360,7 +372,7 @@ impl<'a> Direction<'a> {
         }
         nix::sys::socket::shutdown(self.dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
             .map_err(|e| Failed::Destination(io::Error::from(e).kind()))?;
-        self.shut[self.dst_side() as usize].store(true, Relaxed);
+        self.shut[self.side.other() as usize].store(true, Relaxed);
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::promotion::Policy;
+use super::promotion::{Policy, Run};
 use super::{End, Mode, Outcome, reset_on_close, stall, until_end_or_idle};
 use crate::config;
 
@@ -60,6 +60,16 @@ pub async fn relay(
     policy: Option<Policy>,
 ) -> Carried {
     let started = Instant::now();
+    if policy.is_some_and(|p| p.due(&mut Run::default())) {
+        // `promote_after_reads = 0`: nothing to carry here.
+        return Carried::Promote(Handover {
+            client,
+            upstream,
+            client_to_upstream: 0,
+            upstream_to_client: 0,
+            reads: 0,
+        });
+    }
     let counts = Counts::default();
     // Cancelled once the policy is met: each direction then stops at its next point with an
     // empty buffer.
@@ -160,6 +170,8 @@ struct Counts {
     c2u: AtomicU64,
     u2c: AtomicU64,
     reads: AtomicU64,
+    /// The promotion policy's current run of reads (both directions).
+    run: std::sync::Mutex<Run>,
 }
 
 impl Counts {
@@ -186,12 +198,17 @@ impl<'a> Watch<'a> {
     }
 
     /// Counts a read of `n` bytes, written on; true once the pair should stop for the move.
-    fn after_write(&self) -> bool {
-        let reads = self.counts.reads.fetch_add(1, Relaxed) + 1;
-        if let Some(p) = self.policy
-            && p.due(reads, self.counts.bytes())
-        {
-            self.promote.cancel();
+    fn after_write(&self, n: usize) -> bool {
+        self.counts.reads.fetch_add(1, Relaxed);
+        if let Some(p) = self.policy {
+            let mut run = self
+                .counts
+                .run
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if p.observe(&mut run, n as u64) {
+                self.promote.cancel();
+            }
         }
         self.promote.is_cancelled()
     }
@@ -252,7 +269,7 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, watch: &Watch
                 Ok(n) => {
                     write_all(to, &buf[..n]).await.map_err(Failed::Write)?;
                     count.fetch_add(n as u64, Relaxed);
-                    if watch.after_write() {
+                    if watch.after_write(n) {
                         return Ok(Copied::Paused);
                     }
                 }
