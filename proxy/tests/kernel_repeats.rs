@@ -25,7 +25,7 @@ use std::{
 };
 
 use proxy_common::SockCtrl;
-use wsproxy::relay::kernel::tcp_info;
+use wsproxy::relay::tcp_probe::tcp_info;
 
 mod common;
 

@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod outcome;
 pub mod promotion;
 mod stall;
+pub mod tcp_probe;
 pub mod userspace;
 
 use std::os::fd::AsFd;

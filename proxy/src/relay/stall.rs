@@ -7,14 +7,12 @@
 //! socket's acknowledged count (`tcpi_bytes_acked`) moved. An idle connection has an empty send
 //! queue, so it is never stalled; a slow reader's acknowledgements keep its connection open.
 
-use std::io;
-use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::End;
+use super::{End, tcp_probe};
 
 /// Completes with [`End::SendTimeout`] once the client or the upstream has taken no byte for
 /// `timeout` while bytes waited for it; never if `timeout` is zero. Checked four times per
@@ -54,7 +52,7 @@ impl<'a> Peer<'a> {
     /// How long bytes have waited without progress, as of this check. A socket that cannot be
     /// read out counts as not stalled: a failed connection is the relay's own end to find.
     fn stalled_for(&mut self, now: Instant) -> Duration {
-        let Ok((acked, queued)) = acked_and_queued(self.socket) else {
+        let Ok((acked, queued)) = tcp_probe::acked_and_unacked(self.socket) else {
             self.since = None;
             return Duration::ZERO;
         };
@@ -66,34 +64,6 @@ impl<'a> Peer<'a> {
         self.acked = acked;
         self.since.map_or(Duration::ZERO, |t| now - t)
     }
-}
-
-/// Bytes the peer has acknowledged since the connection started (`tcpi_bytes_acked`), and bytes
-/// in the send queue not yet acknowledged (`SIOCOUTQ`).
-fn acked_and_queued(s: &impl AsFd) -> io::Result<(u64, u64)> {
-    let fd = s.as_fd().as_raw_fd();
-    // SAFETY: tcp_info is plain old data; zero is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid fd and an out-buffer of the length passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut outq: libc::c_int = 0;
-    // SAFETY: a valid socket fd and an out-pointer to a c_int, as SIOCOUTQ expects.
-    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut outq) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((info.tcpi_bytes_acked, outq.max(0) as u64))
 }
 
 /// Runs `relay` to its end, or until [`watch`] finds a stalled peer.

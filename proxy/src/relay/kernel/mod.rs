@@ -1,0 +1,237 @@
+//! The kernel relay: the pair of sockets is put under the sockmap verdict, which redirects each
+//! side's received bytes to the other side's egress without copying them through userspace.
+//!
+//! What the kernel does not do, this module does (see `docs/kernel-relay.md`):
+//! - It bounds the bytes in flight per direction. The verdict redirects while the bytes the
+//!   destination's TCP has not taken stay within a window (it reads the destination's progress
+//!   itself); past it, it passes the bytes to this socket's receive queue, which holds the sender
+//!   back by its own TCP window. A pass wakes [`direction`], which waits until the destination
+//!   has taken every redirected byte, forwards the passed bytes itself (in order: the verdict
+//!   redirects nothing while a passed byte may be in userspace's hands) and reports them.
+//! - It relays FIN. At EOF on one side it waits, bounded by the drain timeout, until the other
+//!   side's TCP has taken every byte from this side, then shuts that side down for writing.
+//!   Closing earlier loses the bytes still queued in the kernel.
+//! - It tears both sides down at once on a reset or error, and always takes the pair out of the
+//!   maps before the sockets close.
+
+mod direction;
+pub mod step;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use proxy_common::SockCtrl;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::tcp_probe::{fin_received, taken};
+use super::{End, Mode, Outcome, reset_on_close, until_end_or_idle};
+use crate::config;
+use crate::ebpf::{KernelPrograms, Side};
+use direction::Direction;
+
+/// Settling's buffer (see [`settle`]).
+const BUF_SIZE: usize = 64 * 1024;
+
+/// Why a direction stopped early.
+#[derive(Debug)]
+enum Failed {
+    /// Reading from the source, or the source's connection failed.
+    Source(io::ErrorKind),
+    /// Writing to the destination, or the destination's connection failed.
+    Destination(io::ErrorKind),
+    /// The destination did not take the bytes within the drain timeout.
+    DrainTimeout,
+    /// A map operation failed.
+    Maps,
+    /// The verdict met bytes it could not put in order; they must not be forwarded.
+    Stream,
+}
+
+/// Relays `client` <-> `upstream` in the kernel. If the pair cannot be put under the verdict,
+/// the sockets come back with the reason, for the userspace relay to carry.
+pub async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    programs: &KernelPrograms,
+    cfg: &config::Relay,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, Declined> {
+    let started = Instant::now();
+    let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
+    match settle(&client, &upstream, &c2u, &u2c).await {
+        Ok(true) => {}
+        Ok(false) => return Err(Declined::new(client, upstream, PeerClosed.into(), &c2u, &u2c)),
+        // A side failed (a reset): the connection ends here. Handing it to the userspace relay
+        // would be wrong: the read that failed has taken the socket's pending error, so that
+        // relay would read a plain EOF and pass a FIN on instead of the reset.
+        Err(end) => {
+            reset_on_close(&client);
+            reset_on_close(&upstream);
+            return Ok(Outcome {
+                mode: Mode::Kernel,
+                end,
+                client_to_upstream: c2u.into_inner(),
+                upstream_to_client: u2c.into_inner(),
+                repeated_cut: 0,
+                passed: 0,
+                duration: started.elapsed(),
+            });
+        }
+    }
+    // Everything userspace wrote so far (the 101, the request, settled bytes) is in the send
+    // queues now; the destinations' "taken" counts start from here.
+    let bases = match (taken(&client), taken(&upstream)) {
+        (Ok(c), Ok(u)) => [c, u],
+        (Err(e), _) | (_, Err(e)) => return Err(Declined::new(client, upstream, e.into(), &c2u, &u2c)),
+    };
+    let credit = window(cfg, 0);
+    let pair = match programs.insert_pair(&client, &upstream, credit) {
+        Ok(p) => p,
+        Err(_) if fin_received(&client) || fin_received(&upstream) => {
+            return Err(Declined::new(client, upstream, PeerClosed.into(), &c2u, &u2c));
+        }
+        Err(e) => return Err(Declined::new(client, upstream, e, &c2u, &u2c)),
+    };
+    // Set once this relay has shut a socket down for writing (index: the socket's side).
+    let shut = [AtomicBool::new(false), AtomicBool::new(false)];
+    let end = {
+        let up = Direction::new([&client, &upstream], Side::Client, bases[1], &pair, cfg, &shut);
+        let down = Direction::new([&upstream, &client], Side::Upstream, bases[0], &pair, cfg, &shut);
+        // Activity: bytes the verdict moved plus bytes userspace forwarded.
+        let activity = || {
+            let k = pair.counters().unwrap_or_default();
+            k.from_client.redirected + k.from_upstream.redirected + c2u.load(Relaxed) + u2c.load(Relaxed)
+        };
+        let both = async {
+            tokio::try_join!(
+                side_of(up.run(&c2u), Side::Client),
+                side_of(down.run(&u2c), Side::Upstream)
+            )
+            .map(|_| ())
+        };
+        let both = super::stall::or_stalled(both, &client, &upstream, cfg.send_timeout);
+        until_end_or_idle(both, cfg.idle_timeout, shutdown, activity)
+            .await
+            .err()
+            .unwrap_or(End::Closed)
+    };
+    let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
+    // Out of the maps before the sockets close: no verdict may redirect into a closing socket.
+    let counters = pair.remove().unwrap_or_default();
+    if end != End::Closed {
+        reset_on_close(&client);
+        reset_on_close(&upstream);
+    }
+    Ok(Outcome {
+        mode: Mode::Kernel,
+        end,
+        client_to_upstream: counters.from_client.redirected + c2u,
+        upstream_to_client: counters.from_upstream.redirected + u2c,
+        repeated_cut: counters.from_client.repeated + counters.from_upstream.repeated,
+        passed: c2u + u2c,
+        duration: started.elapsed(),
+    })
+}
+
+/// A connection the kernel relay did not take: the sockets, untouched but for the bytes
+/// [`settle`] already moved (counted here), for the userspace relay to carry on.
+pub struct Declined {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub reason: anyhow::Error,
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+}
+
+impl Declined {
+    fn new(client: TcpStream, upstream: TcpStream, reason: anyhow::Error, c2u: &AtomicU64, u2c: &AtomicU64) -> Self {
+        let (client_to_upstream, upstream_to_client) = (c2u.load(Relaxed), u2c.load(Relaxed));
+        Declined {
+            client,
+            upstream,
+            reason,
+            client_to_upstream,
+            upstream_to_client,
+        }
+    }
+}
+
+/// A side closed before the pair could be put under the verdict (the socket map takes only
+/// established sockets); the userspace relay carries such a connection to its end.
+#[derive(Debug, thiserror::Error)]
+#[error("a side closed before the kernel relay could take the connection")]
+pub struct PeerClosed;
+
+/// Reads what both sockets have queued, writing it to the other side. The verdict path takes
+/// whole skbs from a receive queue (`tcp_read_skb`), so an skb that userspace has read in part
+/// (the handshake reads in chunks) would be relayed again from its start. A read shorter than
+/// the buffer emptied the queue, so no skb is left in part; bytes that arrive after it come in
+/// whole skbs, which the kick after insertion relays. `Ok(false)`: a side reached EOF; `Err`:
+/// a side failed, as the end of the connection.
+async fn settle(client: &TcpStream, upstream: &TcpStream, c2u: &AtomicU64, u2c: &AtomicU64) -> Result<bool, End> {
+    let mut buf = vec![0; BUF_SIZE];
+    let on = |side: Side, e: io::Error| failed_on(side, e.kind());
+    for (src, dst, count, from) in [
+        (client, upstream, c2u, Side::Client),
+        (upstream, client, u2c, Side::Upstream),
+    ] {
+        loop {
+            match src.try_read(&mut buf) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    write_all(dst, &buf[..n]).await.map_err(|e| on(from.other(), e))?;
+                    count.fetch_add(n as u64, Relaxed);
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(on(from, e)),
+            }
+        }
+    }
+    Ok(true)
+}
+
+async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How the connection ends when `side`'s socket failed.
+fn failed_on(side: Side, kind: io::ErrorKind) -> End {
+    match side {
+        Side::Client => End::ClientError(kind),
+        Side::Upstream => End::UpstreamError(kind),
+    }
+}
+
+/// Maps a direction's failure onto the side that caused it.
+async fn side_of(run: impl Future<Output = Result<(), Failed>>, from: Side) -> Result<(), End> {
+    run.await.map_err(|f| match f {
+        Failed::Source(k) => failed_on(from, k),
+        Failed::Destination(k) => failed_on(from.other(), k),
+        Failed::DrainTimeout => End::DrainTimeout,
+        Failed::Maps => End::Internal,
+        Failed::Stream => End::StreamFault,
+    })
+}
+
+/// The verdict's bound on bytes in flight per direction (see [`SockCtrl`]), with `forwarded`
+/// passed bytes written by userspace.
+fn window(cfg: &config::Relay, forwarded: u64) -> SockCtrl {
+    SockCtrl {
+        forwarded,
+        window_bytes: cfg.max_in_flight_bytes,
+        window_skbs: cfg.max_in_flight_skbs,
+    }
+}
