@@ -15,6 +15,7 @@ pub mod tcp_probe;
 pub mod userspace;
 
 use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -50,7 +51,9 @@ pub async fn relay(
         (Some(_), RelayMode::Auto) => {
             metrics.relay_started(Mode::Userspace);
             let policy = promotion::Policy::new(cfg);
-            match userspace::relay(client, upstream, cfg, shutdown, Some(policy)).await {
+            // Boxed: each relay's state is allocated only while that relay runs (see
+            // `connection::serve`).
+            match Box::pin(userspace::relay(client, upstream, cfg, shutdown, Some(policy))).await {
                 userspace::Carried::Ended(o) => {
                     metrics.relay_ended(&o);
                     return o;
@@ -72,7 +75,7 @@ pub async fn relay(
     let (client, upstream, settled) = match programs {
         Some(programs) => {
             metrics.relay_started(Mode::Kernel);
-            match kernel::relay(client, upstream, programs, cfg, shutdown).await {
+            match Box::pin(kernel::relay(client, upstream, programs, cfg, shutdown)).await {
                 Ok(mut o) => {
                     o.client_to_upstream += before.0;
                     o.upstream_to_client += before.1;
@@ -101,7 +104,7 @@ pub async fn relay(
         None => (client, upstream, before),
     };
     metrics.relay_started(Mode::Userspace);
-    let mut o = userspace::relay_to_end(client, upstream, cfg, shutdown).await;
+    let mut o = Box::pin(userspace::relay_to_end(client, upstream, cfg, shutdown)).await;
     o.client_to_upstream += settled.0;
     o.upstream_to_client += settled.1;
     o.duration = began.elapsed();
@@ -109,22 +112,28 @@ pub async fn relay(
     o
 }
 
-/// Runs `relay` (both directions) to its end, or until `activity` (a count of bytes relayed) has
-/// not moved for `idle_timeout`, or until the proxy's shutdown drain is over.
-pub(crate) async fn until_end_or_idle<T>(
-    relay: impl Future<Output = Result<T, End>>,
-    idle_timeout: Option<Duration>,
+/// Runs `relay` (both directions) to its end, or until a peer stalls past the send timeout
+/// ([`stall::watch`]), or `activity` (a count of bytes relayed) has not moved for the idle
+/// timeout, or the proxy's shutdown drain is over.
+///
+/// `relay` is borrowed, pinned by the caller: every kept connection holds this state, and a
+/// future passed by value would be stored twice (as the argument and inside the `select!`).
+pub(crate) async fn until_end<T>(
+    relay: Pin<&mut impl Future<Output = Result<T, End>>>,
+    [client, upstream]: [&TcpStream; 2],
+    cfg: &config::Relay,
     shutdown: &CancellationToken,
     activity: impl Fn() -> u64,
 ) -> Result<T, End> {
     let idle = async {
-        match idle_timeout {
+        match cfg.idle_timeout {
             Some(t) => idle_watch(t, activity).await,
             None => std::future::pending().await,
         }
     };
     tokio::select! {
         r = relay => r,
+        end = stall::watch(client, upstream, cfg.send_timeout) => Err(end),
         Err(end) = idle => Err(end),
         _ = shutdown.cancelled() => Err(End::Shutdown),
     }

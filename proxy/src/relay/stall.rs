@@ -65,16 +65,3 @@ impl<'a> Peer<'a> {
         self.since.map_or(Duration::ZERO, |t| now - t)
     }
 }
-
-/// Runs `relay` to its end, or until [`watch`] finds a stalled peer.
-pub(crate) async fn or_stalled<T>(
-    relay: impl Future<Output = Result<T, End>>,
-    client: &TcpStream,
-    upstream: &TcpStream,
-    timeout: Duration,
-) -> Result<T, End> {
-    tokio::select! {
-        r = relay => r,
-        end = watch(client, upstream, timeout) => Err(end),
-    }
-}

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::promotion::{Policy, Run};
-use super::{End, Mode, Outcome, reset_on_close, stall, until_end_or_idle};
+use super::{End, Mode, Outcome, reset_on_close, until_end};
 use crate::config;
 
 /// Large enough that a bulk transfer costs few system calls. Allocated only while bytes are
@@ -85,16 +85,19 @@ pub async fn relay(
         // The first error ends both directions: try_join drops the other copy at once.
         let copies = async {
             let (a, b) = tokio::try_join!(up_side(up, true), up_side(down, false))?;
-            // A direction that finished (EOF passed on) cannot move: the other goes on here.
+            // A direction that finished (EOF passed on) cannot move: the other goes on here
+            // (boxed: rare, and every connection would otherwise carry its state).
             match (a, b) {
                 (Copied::Paused, Copied::Paused) => Ok(Flow::Promote),
                 (Copied::Finished, Copied::Finished) => Ok(Flow::Done),
                 (Copied::Paused, Copied::Finished) => {
-                    up_side(copy(&client, &upstream, &counts.c2u, &Watch::never(&counts)), true).await?;
+                    let never = Watch::never(&counts);
+                    Box::pin(up_side(copy(&client, &upstream, &counts.c2u, &never), true)).await?;
                     Ok(Flow::Done)
                 }
                 (Copied::Finished, Copied::Paused) => {
-                    up_side(copy(&upstream, &client, &counts.u2c, &Watch::never(&counts)), false).await?;
+                    let never = Watch::never(&counts);
+                    Box::pin(up_side(copy(&upstream, &client, &counts.u2c, &never), false)).await?;
                     Ok(Flow::Done)
                 }
             }
@@ -105,8 +108,8 @@ pub async fn relay(
                 end = failed(&client, &upstream) => Err(end),
             }
         };
-        let both = stall::or_stalled(both, &client, &upstream, cfg.send_timeout);
-        until_end_or_idle(both, cfg.idle_timeout, shutdown, || counts.bytes()).await
+        let both = std::pin::pin!(both);
+        until_end(both, [&client, &upstream], cfg, shutdown, || counts.bytes()).await
     };
     let end = match flow {
         Ok(Flow::Promote) => {

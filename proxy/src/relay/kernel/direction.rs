@@ -108,13 +108,15 @@ impl<'a> Direction<'a> {
                     if seen.passed < forwarded + n as u64 {
                         tracing::warn!(side = ?self.side, n, passed = seen.passed, forwarded, "kernel relay: read bytes the verdict has not seen (order no longer guaranteed)");
                     }
-                    self.forward(&buf[..n], forwarded).await?;
+                    // Boxed, like the FIN below: rarely needed, so the waiting direction (the
+                    // state an idle kernel-relayed connection keeps) does not carry them.
+                    Box::pin(self.forward(&buf[..n], forwarded)).await?;
                     forwarded += n as u64;
                     forwarded_total.fetch_add(n as u64, Relaxed);
                     self.report(forwarded)?;
                 }
                 Action::PauseAndRead => tokio::time::sleep(POLL_MAX).await,
-                Action::PassFin => self.pass_fin(forwarded).await?,
+                Action::PassFin => Box::pin(self.pass_fin(forwarded)).await?,
                 Action::Fail(f) => {
                     if f == Failure::Stream {
                         tracing::warn!(side = ?self.side, "kernel relay: bytes out of sequence, cutting the pair");

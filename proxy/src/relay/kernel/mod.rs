@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::tcp_probe::{fin_received, taken};
-use super::{End, Mode, Outcome, reset_on_close, until_end_or_idle};
+use super::{End, Mode, Outcome, reset_on_close, until_end};
 use crate::config;
 use crate::ebpf::{KernelPrograms, Side};
 use direction::Direction;
@@ -111,8 +111,8 @@ pub async fn relay(
             )
             .map(|_| ())
         };
-        let both = super::stall::or_stalled(both, &client, &upstream, cfg.send_timeout);
-        until_end_or_idle(both, cfg.idle_timeout, shutdown, activity)
+        let both = std::pin::pin!(both);
+        until_end(both, [&client, &upstream], cfg, shutdown, activity)
             .await
             .err()
             .unwrap_or(End::Closed)
