@@ -1,7 +1,8 @@
 //! Prerequisites that a fresh Debian machine lacks: probe them, plan the installs (pure), apply.
 //!
 //! - the nightly toolchain with `rust-src` (aya-build compiles the eBPF crate with `-Z build-std`)
-//! - the Debian packages of LLVM 22 that `bpf-linker` links against
+//! - the Debian packages of LLVM 22 that `bpf-linker` links against, and Node.js with its `ws`
+//!   module (an independent client and server for the interop tests)
 //! - `bpf-linker`, built from crates.io against that LLVM
 //! - Python's `websockets`, a WebSocket client to try the proxy with (`python3 -m websockets`)
 
@@ -12,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd::Cmd;
 
 pub const NIGHTLY: &str = "nightly";
-pub const DEBS: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
+pub const DEBS: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "nodejs", "node-ws"];
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// apt waits this long (seconds) for another install to release dpkg's lock instead of failing.
 pub const APT_LOCK_WAIT: &str = "DPkg::Lock::Timeout=600";
@@ -170,7 +171,7 @@ pub fn probe() -> Result<Probe> {
         let out = Cmd::new("dpkg")
             .args(["-s", deb])
             .probe()?
-            .context("dpkg not found: setup installs LLVM 22 with apt and supports Debian only")?;
+            .context("dpkg not found: setup installs Debian packages with apt and supports Debian only")?;
         if !parse_deb_installed(out.status.success(), &String::from_utf8_lossy(&out.stdout)) {
             missing_debs.push(deb.to_owned());
         }
@@ -270,7 +271,7 @@ mod tests {
             lines(&all_present()),
             [
                 "setup: nightly toolchain with rust-src: ok",
-                "setup: Debian packages llvm-22-dev libpolly-22-dev: ok",
+                "setup: Debian packages llvm-22-dev libpolly-22-dev nodejs node-ws: ok",
                 "setup: bpf-linker: ok",
                 "setup: Python websockets (a client to try the proxy): ok",
             ]
@@ -295,7 +296,7 @@ mod tests {
             [
                 "rustup component add rust-src --toolchain nightly",
                 "apt-get -o DPkg::Lock::Timeout=600 update",
-                "apt-get -o DPkg::Lock::Timeout=600 install -y llvm-22-dev libpolly-22-dev",
+                "apt-get -o DPkg::Lock::Timeout=600 install -y llvm-22-dev libpolly-22-dev nodejs node-ws",
                 "LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --locked \
                  --force --no-default-features --features llvm-22",
                 "python3 -m pip install --quiet --root-user-action=ignore websockets",
