@@ -18,6 +18,20 @@ pub const STATE_MAP: &str = "WSP_STATE";
 /// only).
 pub const CTRL_MAP: &str = "WSP_CTRL";
 
+/// Name of the ring buffer the verdict writes a socket's cookie to when userspace has work on
+/// that socket: bytes passed to it after none were waiting, or bytes out of order. Userspace
+/// keeps relayed sockets off its reactor's read interest (the verdict's redirects would wake it
+/// for every batch) and learns of passes from here.
+pub const EVENTS_MAP: &str = "WSP_EVENTS";
+
+/// Size of [`EVENTS_MAP`] in bytes (a power of two, a multiple of the page size). A record is a
+/// cookie (8 bytes) and an 8-byte header: room for 16,384 pending wake-ups.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Name of the one-element `Array<u64>` the verdict sets to 1 when the ring buffer was full and
+/// a wake-up was lost: userspace then wakes every relayed socket once.
+pub const LOST_MAP: &str = "WSP_LOST";
+
 /// Name of the `sk_skb` stream_verdict program (the Rust function name in `proxy-ebpf`).
 pub const VERDICT_PROGRAM: &str = "wsp_verdict";
 
@@ -154,7 +168,7 @@ mod tests {
     fn map_names_fit_the_kernel_limit() {
         // The kernel keeps 15 bytes of a map or program name; shorter names show up whole in
         // `bpftool map` / `bpftool prog`, so operators see the names used here.
-        for name in [SOCKETS_MAP, STATE_MAP, CTRL_MAP, VERDICT_PROGRAM] {
+        for name in [SOCKETS_MAP, STATE_MAP, CTRL_MAP, EVENTS_MAP, LOST_MAP, VERDICT_PROGRAM] {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
         }
     }

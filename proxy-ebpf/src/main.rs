@@ -17,10 +17,10 @@ use aya_ebpf::{
         generated::{bpf_map_lookup_elem, bpf_sk_release, bpf_skb_adjust_room, bpf_skc_to_tcp_sock},
     },
     macros::{map, stream_verdict},
-    maps::{HashMap, SockHash},
+    maps::{Array, HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-use proxy_common::{FLAG_PASS, MAX_SOCKETS, SEQ_KNOWN, SockCtrl, SockState};
+use proxy_common::{EVENTS_BYTES, FLAG_PASS, MAX_SOCKETS, SEQ_KNOWN, SockCtrl, SockState};
 
 /// Byte offset of `cb` in `struct sk_buff`, set by userspace from the kernel's BTF
 /// (`proxy_common::SKB_CB_OFFSET_GLOBAL`). A read-only global, so the verifier sees a constant.
@@ -63,6 +63,15 @@ static WSP_STATE: HashMap<u64, SockState> = HashMap::with_max_entries(MAX_SOCKET
 #[map]
 static WSP_CTRL: HashMap<u64, SockCtrl> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
+/// Cookies of sockets userspace has work on. Name must equal `proxy_common::EVENTS_MAP`.
+#[map]
+static WSP_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Set to 1 when a wake-up did not fit in the ring buffer. Name must equal
+/// `proxy_common::LOST_MAP`.
+#[map]
+static WSP_LOST: Array<u64> = Array::with_max_entries(1, 0);
+
 /// The verdict. Name must equal `proxy_common::VERDICT_PROGRAM`.
 #[stream_verdict]
 pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
@@ -92,6 +101,7 @@ pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
                 count(&raw mut (*state).broken, 1);
                 count(&raw mut (*state).passed, len);
             }
+            wake(cookie);
             return SK_PASS;
         }
     };
@@ -104,7 +114,14 @@ pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
         }
     } else {
         // SAFETY: as above.
+        let idle = unsafe { (*state).passed } == reported_forwarded(cookie);
+        // SAFETY: as above.
         count(unsafe { &raw mut (*state).passed }, len);
+        if idle {
+            // Userspace had nothing waiting from this socket: tell it. (While it has, it reads
+            // on until it has caught up, and finds these bytes too.)
+            wake(cookie);
+        }
     }
     // With a redirect target set, SK_PASS means "redirect"; without one, "pass to userspace".
     SK_PASS
@@ -293,6 +310,23 @@ fn peer_write_seq(mut peer: u64) -> Option<u32> {
     // SAFETY: `sk` came from the lookup above and is released exactly once.
     unsafe { bpf_sk_release(sk) };
     seq
+}
+
+/// Passed bytes userspace has reported forwarded from this socket (0 without a credit entry).
+fn reported_forwarded(cookie: u64) -> u64 {
+    // SAFETY: the value is copied out at once.
+    unsafe { WSP_CTRL.get(&cookie) }.map_or(0, |c| c.forwarded)
+}
+
+/// Tells userspace it has work on this socket; if the ring buffer is full, raises the lost flag
+/// instead, on which userspace looks at every socket.
+fn wake(cookie: u64) {
+    if WSP_EVENTS.output::<u64>(&cookie, 0).is_err()
+        && let Some(flag) = WSP_LOST.get_ptr_mut(0)
+    {
+        // SAFETY: a pointer into the array's only element, valid while the program runs.
+        unsafe { *flag = 1 };
+    }
 }
 
 /// Cookie of the socket the bytes arrived on (0 if the skb has no socket: never a map key).

@@ -1826,6 +1826,83 @@ async fn req8_the_credit_renews_in_the_kernel_while_the_destination_keeps_up() {
     ));
 }
 
+/// The events every epoll instance of this process watches `fd` for (from `/proc/self/fdinfo`).
+fn epoll_interest(fd: i32) -> Vec<u32> {
+    let mut masks = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in info.lines().filter(|l| l.starts_with("tfd:")) {
+            // "tfd:        4 events:     2019 data: ..."
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.get(1).and_then(|w| w.parse::<i32>().ok()) == Some(fd)
+                && let Some(mask) = words.get(3).and_then(|w| u32::from_str_radix(w, 16).ok())
+            {
+                masks.push(mask);
+            }
+        }
+    }
+    masks
+}
+
+/// The fd of this process's TCP socket from `local` to `peer` (IPv4 loopback), via
+/// `/proc/net/tcp` and `/proc/self/fd`.
+fn socket_fd(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<i32> {
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port()),
+        std::net::SocketAddr::V6(_) => unreachable!("loopback IPv4 only"),
+    };
+    let (l, p) = (hex(local), hex(peer));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let inode = table.lines().skip(1).find_map(|row| {
+        let w: Vec<&str> = row.split_whitespace().collect();
+        (w.get(1) == Some(&l.as_str()) && w.get(2) == Some(&p.as_str())).then(|| w.get(9).map(|i| i.to_string()))?
+    })?;
+    let target = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc/self/fd").ok()?.flatten().find_map(|e| {
+        let link = std::fs::read_link(e.path()).ok()?;
+        (link.to_string_lossy() == target).then(|| e.file_name().to_string_lossy().parse().ok())?
+    })
+}
+
+/// While the kernel relays a pair, its sockets are watched for a FIN, a reset and errors only:
+/// no epoll instance of the proxy watches them for input (each redirected batch would wake it,
+/// for nothing to read). Messages still flow, and a FIN still reaches the other side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_sockets_are_watched_for_hang_up_and_errors_only() {
+    let _g = shared().await;
+    let Some(p) = RelayProxy::start("kernel", "").await else {
+        return;
+    };
+    let (mut c, mut u) = p.open_relayed(1).await;
+    let fd = socket_fd(p.addr, c.local_addr().unwrap()).expect("the proxy's client-side socket");
+    let masks = epoll_interest(fd);
+    const IN: u32 = libc::EPOLLIN as u32;
+    const OUT: u32 = libc::EPOLLOUT as u32;
+    const HANG_UP: u32 = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+    assert!(
+        !masks.is_empty() && masks.iter().all(|m| m & (IN | OUT) == 0 && m & HANG_UP == HANG_UP),
+        "epoll interest in the relayed socket: {masks:x?}"
+    );
+    for i in 0..100u64 {
+        let m = pattern(seed(1, 0), i * 64, 64);
+        c.write_all(m).await.unwrap();
+        expect_soon(&mut u, m, "a message to the upstream").await;
+        u.write_all(m).await.unwrap();
+        expect_soon(&mut c, m, "a message back").await;
+    }
+    c.shutdown().await.unwrap();
+    expect_eof(&mut u, "the upstream (the client's FIN)").await;
+    drop((c, u));
+    let t = p.wait_idle().await;
+    assert_kernel_totals(&t, 1);
+    assert_eq!(t.passed, 0, "{t:?}");
+    say(&format!(
+        "relayed socket fd {fd}: epoll interest {masks:x?} (no input, no output)"
+    ));
+}
+
 // ---- relay.mode = "auto" ----
 
 /// Small messages both ways, one at a time, each checked: `n` round trips of connection `id`.

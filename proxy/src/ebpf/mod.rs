@@ -13,16 +13,18 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, MapError, SockHash},
+    maps::{Array, HashMap, MapData, MapError, RingBuf, SockHash},
     programs::{ProgramError, SkSkb},
 };
 use proxy_common::{
-    COPIED_SEQ_OFFSET_GLOBAL, CTRL_MAP, SKB_CB_OFFSET_GLOBAL, SOCKETS_MAP, STATE_MAP, SockCtrl, SockState,
-    VERDICT_PROGRAM, WRITE_SEQ_OFFSET_GLOBAL,
+    COPIED_SEQ_OFFSET_GLOBAL, CTRL_MAP, EVENTS_MAP, LOST_MAP, SKB_CB_OFFSET_GLOBAL, SOCKETS_MAP, STATE_MAP, SockCtrl,
+    SockState, VERDICT_PROGRAM, WRITE_SEQ_OFFSET_GLOBAL,
 };
 
 mod kernel_layout;
+mod watch;
 pub use kernel_layout::KernelLayout;
+pub use watch::Watch;
 
 /// The eBPF object built by `build.rs` (empty when the build was skipped with AYA_BUILD_SKIP).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -36,6 +38,7 @@ const BPF_NOEXIST: u64 = 1;
 /// connections: every method takes `&self`.
 pub struct KernelPrograms {
     maps: Arc<RelayMaps>,
+    watch: Arc<Watch>,
     /// Owns the program and its attachment to the socket map.
     _ebpf: Ebpf,
 }
@@ -66,6 +69,9 @@ impl KernelPrograms {
         let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, SOCKETS_MAP)?;
         let states: HashMap<MapData, u64, SockState> = take_map(&mut ebpf, STATE_MAP)?;
         let ctrls: HashMap<MapData, u64, SockCtrl> = take_map(&mut ebpf, CTRL_MAP)?;
+        let events: RingBuf<MapData> = take_map(&mut ebpf, EVENTS_MAP)?;
+        let lost: Array<MapData, u64> = take_map(&mut ebpf, LOST_MAP)?;
+        let watch = Watch::new(events, lost).context("an epoll instance for relayed sockets")?;
         attach_verdict(&mut ebpf, &sockets)?;
         let maps = RelayMaps {
             sockets: Mutex::new(sockets),
@@ -74,8 +80,14 @@ impl KernelPrograms {
         };
         Ok(Self {
             maps: Arc::new(maps),
+            watch: Arc::new(watch),
             _ebpf: ebpf,
         })
+    }
+
+    /// Where relayed sockets wait for a FIN, an error or passed bytes (see [`Watch`]).
+    pub fn watch(&self) -> &Arc<Watch> {
+        &self.watch
     }
 
     /// Puts a pair of proxy-side sockets under the verdict: bytes received on `client` go out
@@ -118,6 +130,12 @@ impl KernelPrograms {
         let states = lock(&self.maps.states).keys().count();
         let ctrls = lock(&self.maps.ctrls).keys().count();
         (sockets, states, ctrls)
+    }
+}
+
+impl Drop for KernelPrograms {
+    fn drop(&mut self) {
+        self.watch.stop();
     }
 }
 

@@ -118,9 +118,9 @@ pub async fn relay(
 ///
 /// `relay` is borrowed, pinned by the caller: every kept connection holds this state, and a
 /// future passed by value would be stored twice (as the argument and inside the `select!`).
-pub(crate) async fn until_end<T>(
+pub(crate) async fn until_end<T, S: AsFd>(
     relay: Pin<&mut impl Future<Output = Result<T, End>>>,
-    [client, upstream]: [&TcpStream; 2],
+    [client, upstream]: [&S; 2],
     cfg: &config::Relay,
     shutdown: &CancellationToken,
     activity: impl Fn() -> u64,

@@ -7,9 +7,9 @@
 //! socket's acknowledged count (`tcpi_bytes_acked`) moved. An idle connection has an empty send
 //! queue, so it is never stalled; a slow reader's acknowledgements keep its connection open.
 
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{End, tcp_probe};
@@ -18,7 +18,7 @@ use super::{End, tcp_probe};
 /// `timeout` while bytes waited for it; never if `timeout` is zero. Checked four times per
 /// timeout, so a pair is cut between 1 and 1.25 times the timeout after its peer's last
 /// acknowledgement.
-pub(crate) async fn watch(client: &TcpStream, upstream: &TcpStream, timeout: Duration) -> End {
+pub(crate) async fn watch<S: AsFd>(client: &S, upstream: &S, timeout: Duration) -> End {
     if timeout.is_zero() {
         return std::future::pending().await;
     }
@@ -34,14 +34,15 @@ pub(crate) async fn watch(client: &TcpStream, upstream: &TcpStream, timeout: Dur
 
 /// What was last seen of the proxy's socket towards one peer.
 struct Peer<'a> {
-    socket: &'a TcpStream,
+    socket: BorrowedFd<'a>,
     acked: u64,
     /// Since when bytes have waited with no acknowledgement; `None`: nothing waits.
     since: Option<Instant>,
 }
 
 impl<'a> Peer<'a> {
-    fn new(socket: &'a TcpStream) -> Self {
+    fn new(socket: &'a impl AsFd) -> Self {
+        let socket = socket.as_fd();
         Peer {
             socket,
             acked: 0,
@@ -52,7 +53,7 @@ impl<'a> Peer<'a> {
     /// How long bytes have waited without progress, as of this check. A socket that cannot be
     /// read out counts as not stalled: a failed connection is the relay's own end to find.
     fn stalled_for(&mut self, now: Instant) -> Duration {
-        let Ok((acked, queued)) = tcp_probe::acked_and_unacked(self.socket) else {
+        let Ok((acked, queued)) = tcp_probe::acked_and_unacked(&self.socket) else {
             self.since = None;
             return Duration::ZERO;
         };

@@ -1,15 +1,19 @@
 //! One direction of a kernel-relayed pair: what userspace does while the verdict moves the
-//! bytes. It waits; on a wake-up it reads what the verdict passed, forwards it in order and
-//! reports it; at EOF it waits for the destination to take every byte and passes the FIN on.
-//! Its decisions are [`step::next`]; this module performs them.
+//! bytes. It waits (off the reactor: the watch wakes it on a FIN, an error, or bytes passed to
+//! it); on a wake-up it reads what the verdict passed, forwards it in order and reports it; at
+//! EOF it waits for the destination to take every byte and passes the FIN on. Its decisions are
+//! [`step::next`]; this module performs them.
 
-use std::io;
-use std::os::fd::AsRawFd;
+use std::io::{self, Read as _, Write as _};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use super::step::{self, Action, Failure, Phase, Read, Seen};
 use super::{Failed, window};
@@ -39,6 +43,17 @@ pub(super) struct Direction<'a> {
     fin_seen: OnceLock<Instant>,
     /// Per side: this relay has shut that socket down for writing.
     shut: &'a [AtomicBool; 2],
+    /// Notified on a FIN, an error or passed bytes on `src`.
+    wake: &'a Notify,
+}
+
+/// A raw fd, to register a socket the caller keeps open with the reactor for a while.
+struct Fd(RawFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
 }
 
 impl From<Failure> for Failed {
@@ -60,6 +75,7 @@ impl<'a> Direction<'a> {
         pair: &'a PairGuard,
         cfg: &'a config::Relay,
         shut: &'a [AtomicBool; 2],
+        wake: &'a Notify,
     ) -> Self {
         Direction {
             src,
@@ -70,6 +86,7 @@ impl<'a> Direction<'a> {
             cfg,
             fin_seen: OnceLock::new(),
             shut,
+            wake,
         }
     }
 
@@ -80,28 +97,34 @@ impl<'a> Direction<'a> {
         let mut buf: Vec<u8> = Vec::new();
         let mut forwarded = 0u64;
         let mut phase = Phase::Relaying;
+        // Read first: bytes may have been passed before the watch knew the socket.
+        let mut wait = false;
         loop {
-            match phase {
-                Phase::Relaying => self.src.readable().await.map_err(|e| Failed::Source(e.kind()))?,
-                Phase::AwaitingPassed => {}
-                Phase::Done => return Ok(()),
+            if phase == Phase::Done {
+                return Ok(());
+            }
+            if wait {
+                self.wake.notified().await;
             }
             if buf.is_empty() {
                 buf = vec![0; BUF_SIZE];
             }
-            let read = match self.src.try_read(&mut buf) {
+            let read = match (&*self.src).read(&mut buf) {
                 Ok(0) => Read::Eof,
                 Ok(n) => Read::Bytes(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read::Nothing,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => Read::Failed(e.kind()),
             };
             let seen = match read {
-                Read::Bytes(_) | Read::Eof => self.seen(forwarded)?,
-                Read::Nothing | Read::Failed(_) => Seen::default(),
+                Read::Failed(_) => Seen::default(),
+                Read::Bytes(_) | Read::Eof | Read::Nothing => self.seen(forwarded)?,
             };
             let (next, action) = step::next(phase, read, seen);
             tracing::trace!(side = ?self.side, ?phase, ?read, ?action, "kernel relay: step");
             phase = next;
+            // Only a read that found nothing waits for a wake-up: after bytes, more may be there.
+            wait = action == Action::Wait;
             match action {
                 Action::Wait => buf = Vec::new(),
                 Action::Forward(n) => {
@@ -115,7 +138,7 @@ impl<'a> Direction<'a> {
                     forwarded_total.fetch_add(n as u64, Relaxed);
                     self.report(forwarded)?;
                 }
-                Action::PauseAndRead => tokio::time::sleep(POLL_MAX).await,
+                Action::PauseAndRead => tokio::time::sleep(POLL_MIN).await,
                 Action::PassFin => Box::pin(self.pass_fin(forwarded)).await?,
                 Action::Fail(f) => {
                     if f == Failure::Stream {
@@ -153,20 +176,36 @@ impl<'a> Direction<'a> {
         let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
         self.wait_taken(state.redirected + forwarded).await?;
         let mut rest = bytes;
+        // `dst` is off the reactor: it is registered for writability only while a write waits.
+        let mut writable: Option<AsyncFd<Fd>> = None;
         while !rest.is_empty() {
+            match (&*self.dst).write(rest) {
+                Ok(n) => {
+                    rest = &rest[n..];
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Failed::Destination(e.kind())),
+            }
             self.alive()?;
             if self.drain_expired() {
                 return Err(Failed::DrainTimeout);
             }
+            let w = match &mut writable {
+                Some(w) => w,
+                None => {
+                    // SAFETY: the fd stays open while registered: `dst` outlives this call,
+                    // and the registration is dropped at its end.
+                    let fd = unsafe { AsyncFd::register_with_interest(Fd(self.dst.as_raw_fd()), Interest::WRITABLE) }
+                        .map_err(|e| Failed::Destination(io::Error::from(e).kind()))?;
+                    writable.insert(fd)
+                }
+            };
             tokio::select! {
-                r = self.dst.writable() => r.map_err(|e| Failed::Destination(e.kind()))?,
+                r = w.writable() => r.map_err(|e| Failed::Destination(e.kind()))?.clear_ready(),
                 // A slow reader may keep `dst` unwritable for long: still notice a failing `src`.
-                _ = tokio::time::sleep(POLL_MAX) => continue,
-            }
-            match self.dst.try_write(rest) {
-                Ok(n) => rest = &rest[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(Failed::Destination(e.kind())),
+                _ = tokio::time::sleep(POLL_MAX) => {}
             }
         }
         Ok(())

@@ -18,6 +18,7 @@ mod direction;
 pub mod step;
 
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
@@ -94,11 +95,77 @@ pub async fn relay(
         }
         Err(e) => return Err(Declined::new(client, upstream, e, &c2u, &u2c)),
     };
+    // Off the reactor: while the verdict redirects, every batch would wake it for nothing to
+    // read. The watch wakes a direction on a FIN, an error or passed bytes instead.
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(c), Ok(u)) => (c, u),
+        (c, u) => {
+            tracing::warn!("kernel relay: cannot take the sockets off the reactor");
+            let _ = pair.remove();
+            for s in [c.ok(), u.ok()].into_iter().flatten() {
+                reset_on_close(&s);
+            }
+            return Ok(Outcome {
+                mode: Mode::Kernel,
+                end: End::Internal,
+                client_to_upstream: c2u.into_inner(),
+                upstream_to_client: u2c.into_inner(),
+                repeated_cut: 0,
+                passed: 0,
+                duration: started.elapsed(),
+            });
+        }
+    };
+    let watch = programs.watch();
+    let (cookies, wakes) = {
+        let (c, u) = pair.cookies();
+        let wake = |cookie, s: &std::net::TcpStream| watch.register(cookie, s.as_fd());
+        ([c, u], (wake(c, &client), wake(u, &upstream)))
+    };
+    let unwatch = || {
+        watch.unregister(cookies[0], client.as_fd());
+        watch.unregister(cookies[1], upstream.as_fd());
+    };
+    let wakes = match wakes {
+        (Ok(c), Ok(u)) => [c, u],
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "kernel relay: cannot watch the sockets");
+            unwatch();
+            let _ = pair.remove();
+            reset_on_close(&client);
+            reset_on_close(&upstream);
+            return Ok(Outcome {
+                mode: Mode::Kernel,
+                end: End::Internal,
+                client_to_upstream: c2u.into_inner(),
+                upstream_to_client: u2c.into_inner(),
+                repeated_cut: 0,
+                passed: 0,
+                duration: started.elapsed(),
+            });
+        }
+    };
     // Set once this relay has shut a socket down for writing (index: the socket's side).
     let shut = [AtomicBool::new(false), AtomicBool::new(false)];
     let end = {
-        let up = Direction::new([&client, &upstream], Side::Client, bases[1], &pair, cfg, &shut);
-        let down = Direction::new([&upstream, &client], Side::Upstream, bases[0], &pair, cfg, &shut);
+        let up = Direction::new(
+            [&client, &upstream],
+            Side::Client,
+            bases[1],
+            &pair,
+            cfg,
+            &shut,
+            &wakes[0],
+        );
+        let down = Direction::new(
+            [&upstream, &client],
+            Side::Upstream,
+            bases[0],
+            &pair,
+            cfg,
+            &shut,
+            &wakes[1],
+        );
         // Activity: bytes the verdict moved plus bytes userspace forwarded.
         let activity = || {
             let k = pair.counters().unwrap_or_default();
@@ -120,6 +187,7 @@ pub async fn relay(
     let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
     // Out of the maps before the sockets close: no verdict may redirect into a closing socket.
     let counters = pair.remove().unwrap_or_default();
+    unwatch();
     if end != End::Closed {
         reset_on_close(&client);
         reset_on_close(&upstream);

@@ -1,9 +1,9 @@
 //! The states of one direction of the kernel relay, and what it does next: a pure function of
 //! its phase and what it just saw, so that every transition is tested without root or sockets.
 //!
-//! While the verdict redirects, a direction only waits: its source socket becomes readable when
-//! the verdict passed bytes to userspace (the destination fell a window behind), at EOF, or on
-//! an error. [`next`] turns what a read found into the next action.
+//! While the verdict redirects, a direction only waits: it is woken when the verdict passed bytes
+//! to userspace (the destination fell a window behind), at EOF, or on an error. [`next`] turns
+//! what a read then found into the next action.
 
 use std::io;
 
@@ -13,7 +13,7 @@ pub enum Phase {
     /// The kernel moves the bytes; wait until the source is readable.
     Relaying,
     /// EOF is readable, but bytes the verdict passed are still on their way into the receive
-    /// queue (no readiness event reports them): look again after a pause.
+    /// queue (nothing wakes the direction for them): look again after a pause.
     AwaitingPassed,
     /// EOF passed on as a FIN: the direction is over.
     Done,
@@ -27,7 +27,7 @@ pub enum Read {
     /// End of stream: the source's peer sent its FIN, or (once the kernel has taken the
     /// socket's pending error) was reset.
     Eof,
-    /// Nothing to read: a wake-up for bytes the verdict redirected.
+    /// Nothing to read (yet).
     Nothing,
     /// The read failed (a reset).
     Failed(io::ErrorKind),
@@ -51,7 +51,7 @@ pub struct Seen {
 /// What to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Wait until the source is readable again.
+    /// Wait for the next wake-up.
     Wait,
     /// Write `n` passed bytes to the destination once it has taken every redirected byte
     /// before them, then report them forwarded.
@@ -82,6 +82,10 @@ pub fn next(phase: Phase, read: Read, seen: Seen) -> (Phase, Action) {
     match (phase, read) {
         (Phase::Done, _) => (Phase::Done, Wait),
         (_, Read::Failed(kind)) => (phase, Fail(Failure::Source(kind))),
+        // The verdict counts a pass before the bytes are readable, and wakes the direction only
+        // when nothing was waiting before: bytes counted but not yet readable are read after a
+        // pause, never waited for.
+        (Phase::Relaying, Read::Nothing) if seen.passed > seen.forwarded => (Phase::Relaying, PauseAndRead),
         (Phase::Relaying, Read::Nothing) => (Phase::Relaying, Wait),
         // EOF is already readable: nothing else will wake the direction.
         (Phase::AwaitingPassed, Read::Nothing) => (phase, PauseAndRead),
@@ -114,10 +118,23 @@ mod tests {
     };
 
     #[test]
-    fn a_redirect_wake_up_waits_again() {
+    fn nothing_to_read_waits_for_the_next_wake_up() {
         assert_eq!(
             next(Phase::Relaying, Read::Nothing, QUIET),
             (Phase::Relaying, Action::Wait)
+        );
+    }
+
+    #[test]
+    fn passed_bytes_not_yet_readable_are_read_after_a_pause() {
+        let coming = Seen {
+            passed: 10,
+            forwarded: 4,
+            ..QUIET
+        };
+        assert_eq!(
+            next(Phase::Relaying, Read::Nothing, coming),
+            (Phase::Relaying, Action::PauseAndRead)
         );
     }
 
