@@ -337,7 +337,7 @@ impl Default for Relay {
         Self {
             mode: RelayMode::Auto,
             promote_after_reads: 8,
-            promote_max_average_read: 16 * 1024,
+            promote_max_average_read: 32 * 1024,
             max_in_flight_bytes: 4 * 1024 * 1024,
             max_in_flight_skbs: 4096,
             drain_timeout: Duration::from_secs(10),

@@ -1954,11 +1954,29 @@ async fn auto_mode_keeps_short_connections_and_bulk_in_userspace() {
     // Short: a byte each way and a close.
     let (c, u) = p.open_relayed(1).await;
     both_half_close(c, u, [seed(1, 0), seed(1, 1)], 100, 100).await.unwrap();
-    // Bulk: 16 MiB one way in 64 KiB writes, read in the userspace relay's 64 KiB reads.
-    let (c, u) = p.open_relayed(2).await;
-    both_half_close(c, u, [seed(2, 0), seed(2, 1)], 16 * MIB, 0)
-        .await
-        .unwrap();
+    // Bulk: 16 MiB one way in 1 MiB writes, faster than the relay: its 64 KiB reads come full.
+    let (mut c, mut u) = p.open_relayed(2).await;
+    let (wrote, got) = within("16 MiB of bulk", async {
+        tokio::join!(
+            async {
+                write_pattern(&mut c, seed(2, 0), 16 * MIB, 1 << 20).await?;
+                c.shutdown().await
+            },
+            read_pattern(&mut u, seed(2, 0), 16 * MIB, None)
+        )
+    })
+    .await;
+    wrote.unwrap();
+    check(
+        "bulk",
+        &got,
+        Received {
+            len: 16 * MIB,
+            end: StreamEnd::Eof,
+        },
+    )
+    .unwrap();
+    drop((c, u));
     let t = p.wait_idle().await;
     assert_eq!((t.ended, t.promotions), ([0, 2], 0), "{t:?}");
     assert_eq!(

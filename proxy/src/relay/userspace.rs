@@ -74,14 +74,14 @@ pub async fn relay(
     // Cancelled once the policy is met: each direction then stops at its next point with an
     // empty buffer.
     let promote = CancellationToken::new();
-    let watch = Watch {
+    let promoter = Promoter {
         policy,
         promote: &promote,
         counts: &counts,
     };
     let flow = {
-        let up = copy(&client, &upstream, &counts.c2u, &watch);
-        let down = copy(&upstream, &client, &counts.u2c, &watch);
+        let up = copy(&client, &upstream, &counts.c2u, &promoter);
+        let down = copy(&upstream, &client, &counts.u2c, &promoter);
         // The first error ends both directions: try_join drops the other copy at once.
         let copies = async {
             let (a, b) = tokio::try_join!(up_side(up, true), up_side(down, false))?;
@@ -91,12 +91,12 @@ pub async fn relay(
                 (Copied::Paused, Copied::Paused) => Ok(Flow::Promote),
                 (Copied::Finished, Copied::Finished) => Ok(Flow::Done),
                 (Copied::Paused, Copied::Finished) => {
-                    let never = Watch::never(&counts);
+                    let never = Promoter::never(&counts);
                     Box::pin(up_side(copy(&client, &upstream, &counts.c2u, &never), true)).await?;
                     Ok(Flow::Done)
                 }
                 (Copied::Finished, Copied::Paused) => {
-                    let never = Watch::never(&counts);
+                    let never = Promoter::never(&counts);
                     Box::pin(up_side(copy(&upstream, &client, &counts.u2c, &never), false)).await?;
                     Ok(Flow::Done)
                 }
@@ -184,16 +184,16 @@ impl Counts {
 }
 
 /// What a direction checks after each write: whether the pair is due to move.
-struct Watch<'a> {
+struct Promoter<'a> {
     policy: Option<Policy>,
     promote: &'a CancellationToken,
     counts: &'a Counts,
 }
 
-impl<'a> Watch<'a> {
+impl<'a> Promoter<'a> {
     fn never(counts: &'a Counts) -> Self {
         static NEVER: std::sync::LazyLock<CancellationToken> = std::sync::LazyLock::new(CancellationToken::new);
-        Watch {
+        Promoter {
             policy: None,
             promote: &NEVER,
             counts,
@@ -253,12 +253,12 @@ async fn up_side<T>(copy: impl Future<Output = Result<T, Failed>>, client_to_ups
 
 /// Copies until EOF, then shuts the destination down for writing (passes the FIN on); or, once
 /// a promotion is asked for, stops where it holds no byte.
-async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, watch: &Watch<'_>) -> Result<Copied, Failed> {
+async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, promoter: &Promoter<'_>) -> Result<Copied, Failed> {
     loop {
         tokio::select! {
             // A promotion asked for while this direction waits: it holds nothing, stop here.
             biased;
-            () = watch.requested() => return Ok(Copied::Paused),
+            () = promoter.requested() => return Ok(Copied::Paused),
             r = from.readable() => r.map_err(Failed::Read)?,
         }
         let mut buf = vec![0u8; BUF_SIZE];
@@ -272,7 +272,7 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, watch: &Watch
                 Ok(n) => {
                     write_all(to, &buf[..n]).await.map_err(Failed::Write)?;
                     count.fetch_add(n as u64, Relaxed);
-                    if watch.after_write(n) {
+                    if promoter.after_write(n) {
                         return Ok(Copied::Paused);
                     }
                 }

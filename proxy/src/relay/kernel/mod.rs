@@ -61,6 +61,16 @@ pub async fn relay(
 ) -> Result<Outcome, Declined> {
     let started = Instant::now();
     let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
+    // The pair ended before the kernel relayed a byte of it (settled bytes are counted).
+    let ended_early = |end| Outcome {
+        mode: Mode::Kernel,
+        end,
+        client_to_upstream: c2u.load(Relaxed),
+        upstream_to_client: u2c.load(Relaxed),
+        repeated_cut: 0,
+        passed: 0,
+        duration: started.elapsed(),
+    };
     match settle(&client, &upstream, &c2u, &u2c).await {
         Ok(true) => {}
         Ok(false) => return Err(Declined::new(client, upstream, PeerClosed.into(), &c2u, &u2c)),
@@ -70,15 +80,7 @@ pub async fn relay(
         Err(end) => {
             reset_on_close(&client);
             reset_on_close(&upstream);
-            return Ok(Outcome {
-                mode: Mode::Kernel,
-                end,
-                client_to_upstream: c2u.into_inner(),
-                upstream_to_client: u2c.into_inner(),
-                repeated_cut: 0,
-                passed: 0,
-                duration: started.elapsed(),
-            });
+            return Ok(ended_early(end));
         }
     }
     // Everything userspace wrote so far (the 101, the request, settled bytes) is in the send
@@ -105,15 +107,7 @@ pub async fn relay(
             for s in [c.ok(), u.ok()].into_iter().flatten() {
                 reset_on_close(&s);
             }
-            return Ok(Outcome {
-                mode: Mode::Kernel,
-                end: End::Internal,
-                client_to_upstream: c2u.into_inner(),
-                upstream_to_client: u2c.into_inner(),
-                repeated_cut: 0,
-                passed: 0,
-                duration: started.elapsed(),
-            });
+            return Ok(ended_early(End::Internal));
         }
     };
     let watch = programs.watch();
@@ -134,15 +128,7 @@ pub async fn relay(
             let _ = pair.remove();
             reset_on_close(&client);
             reset_on_close(&upstream);
-            return Ok(Outcome {
-                mode: Mode::Kernel,
-                end: End::Internal,
-                client_to_upstream: c2u.into_inner(),
-                upstream_to_client: u2c.into_inner(),
-                repeated_cut: 0,
-                passed: 0,
-                duration: started.elapsed(),
-            });
+            return Ok(ended_early(End::Internal));
         }
     };
     // Set once this relay has shut a socket down for writing (index: the socket's side).
