@@ -111,6 +111,13 @@ pub fn run(opts: &Options) -> Result<()> {
             }
         }
     }
+    // The contenders' generated configurations and logs: kept only when something failed, for
+    // the diagnosis (runs left one directory each in the temp dir before).
+    if results.failures.is_empty() {
+        let _ = fs::remove_dir_all(&dir);
+    } else {
+        println!("bench: contender logs kept in {}", dir.display());
+    }
     results.machine.loadavg_end = sys::loadavg();
     results.total_secs = t0.elapsed().as_secs_f64();
     if plan.runs == 0 {
