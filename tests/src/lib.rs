@@ -341,3 +341,6 @@ pub mod daemon_kit;
 pub mod hardening_kit;
 // ---- end of the hardening block ----
 pub mod bulk_kit;
+
+// Interop tests with independent clients (tests/tests/interop_*.rs).
+pub mod interop_kit;

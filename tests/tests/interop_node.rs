@@ -10,11 +10,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use wsproxy_tests::DEADLINE;
 use wsproxy_tests::daemon_kit::ServerProxy;
+use wsproxy_tests::interop_kit;
 use wsproxy_tests::relay_kit::{poll_until, say};
 
 const CONNECTIONS: u64 = 4;
@@ -26,20 +26,12 @@ fn script(name: &str) -> PathBuf {
 }
 
 fn node_ws() -> bool {
-    let found = std::process::Command::new("node")
-        .args(["-e", "require('ws')"])
-        .env("NODE_PATH", NODE_PATH)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "Node's ws is missing (and CI=true): `cargo xtask setup` installs nodejs and node-ws"
-        );
-        say("SKIPPED: Node's ws is not installed (`cargo xtask setup` installs it)");
-    }
-    found
+    interop_kit::installed(
+        std::process::Command::new("node")
+            .args(["-e", "require('ws')"])
+            .env("NODE_PATH", NODE_PATH),
+        "Node's ws",
+    )
 }
 
 /// Starts the Node echo server; returns it (killed on drop) and its address.
@@ -66,33 +58,13 @@ async fn start_server() -> (tokio::process::Child, SocketAddr) {
 
 /// Runs the client against `addr`; returns the payload bytes it got back.
 async fn run_client(addr: SocketAddr, what: &str) -> u64 {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("node")
-            .arg(script("node_client.js"))
-            .arg(format!("ws://{addr}/chat"))
-            .arg(CONNECTIONS.to_string())
-            .env("NODE_PATH", NODE_PATH)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{what}: the Node client did not finish within 120 s"))
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{what}: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let words: Vec<&str> = stdout.split_whitespace().collect();
-    assert_eq!(
-        words.get(..2),
-        Some(&["ok", CONNECTIONS.to_string().as_str()][..]),
-        "{what}: {stdout}"
-    );
-    words[2].parse().unwrap()
+    let mut client = tokio::process::Command::new("node");
+    client
+        .arg(script("node_client.js"))
+        .arg(format!("ws://{addr}/chat"))
+        .arg(CONNECTIONS.to_string())
+        .env("NODE_PATH", NODE_PATH);
+    interop_kit::run_client(&mut client, CONNECTIONS, what).await
 }
 
 #[tokio::test]

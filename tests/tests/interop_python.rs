@@ -6,11 +6,11 @@
 //! Without Python's `websockets` the test fails under CI=true and says it was skipped elsewhere.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use wsproxy_tests::DEADLINE;
 use wsproxy_tests::daemon_kit::ServerProxy;
 use wsproxy_tests::echo_upstream;
+use wsproxy_tests::interop_kit;
 use wsproxy_tests::relay_kit::{poll_until, say};
 
 const CONNECTIONS: usize = 200;
@@ -49,43 +49,19 @@ asyncio.run(main())
 "#;
 
 fn python_websockets() -> bool {
-    let found = std::process::Command::new("python3")
-        .args(["-c", "import websockets.asyncio.client"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "Python's websockets is missing (and CI=true): `cargo xtask setup` installs it"
-        );
-        say("SKIPPED: Python's websockets is not installed (`cargo xtask setup` installs it)");
-    }
-    found
+    interop_kit::installed(
+        std::process::Command::new("python3").args(["-c", "import websockets.asyncio.client"]),
+        "Python's websockets",
+    )
 }
 
 /// Runs the client against `addr`; returns the payload bytes it got back.
 async fn run_client(addr: SocketAddr, what: &str) -> u64 {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("python3")
-            .args(["-c", CLIENT, &format!("ws://{addr}/")])
-            .args([CONNECTIONS.to_string(), MESSAGES.to_string()])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{what}: the Python client did not finish within 120 s"))
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{what}: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let words: Vec<&str> = stdout.split_whitespace().collect();
-    assert_eq!(words.get(..2), Some(&["ok", "200"][..]), "{what}: {stdout}");
-    words[2].parse().unwrap()
+    let mut client = tokio::process::Command::new("python3");
+    client
+        .args(["-c", CLIENT, &format!("ws://{addr}/")])
+        .args([CONNECTIONS.to_string(), MESSAGES.to_string()]);
+    interop_kit::run_client(&mut client, CONNECTIONS as u64, what).await
 }
 
 #[tokio::test]

@@ -155,6 +155,20 @@ async fn idle_watch(timeout: Duration, activity: impl Fn() -> u64) -> Result<std
     }
 }
 
+/// Writes all of `bytes` to `to`, shared with the other direction (hence `&TcpStream`, which
+/// tokio's `AsyncWriteExt` does not write through).
+pub(crate) async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        to.writable().await?;
+        match to.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Makes the next close of `s` send a reset: passing an abort on tells the surviving peer the
 /// stream did not end cleanly, and discards whatever would otherwise still be delivered.
 pub(crate) fn reset_on_close(s: &impl AsFd) {

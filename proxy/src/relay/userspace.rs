@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::promotion::{Policy, Run};
-use super::{End, Mode, Outcome, reset_on_close, until_end};
+use super::{End, Mode, Outcome, reset_on_close, until_end, write_all};
 use crate::config;
 
 /// Large enough that a bulk transfer costs few system calls. Allocated only while bytes are
@@ -282,16 +282,4 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, promoter: &Pr
             }
         }
     }
-}
-
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        to.writable().await?;
-        match to.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

@@ -6,7 +6,7 @@
 
 use std::io::{self, Read as _, Write as _};
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -45,15 +45,6 @@ pub(super) struct Direction<'a> {
     shut: &'a [AtomicBool; 2],
     /// Notified on a FIN, an error or passed bytes on `src`.
     wake: &'a Notify,
-}
-
-/// A raw fd, to register a socket the caller keeps open with the reactor for a while.
-struct Fd(RawFd);
-
-impl AsRawFd for Fd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
 }
 
 impl From<Failure> for Failed {
@@ -177,7 +168,7 @@ impl<'a> Direction<'a> {
         self.wait_taken(state.redirected + forwarded).await?;
         let mut rest = bytes;
         // `dst` is off the reactor: it is registered for writability only while a write waits.
-        let mut writable: Option<AsyncFd<Fd>> = None;
+        let mut writable: Option<AsyncFd<BorrowedFd<'_>>> = None;
         while !rest.is_empty() {
             match (&*self.dst).write(rest) {
                 Ok(n) => {
@@ -197,7 +188,7 @@ impl<'a> Direction<'a> {
                 None => {
                     // SAFETY: the fd stays open while registered: `dst` outlives this call,
                     // and the registration is dropped at its end.
-                    let fd = unsafe { AsyncFd::register_with_interest(Fd(self.dst.as_raw_fd()), Interest::WRITABLE) }
+                    let fd = unsafe { AsyncFd::register_with_interest(self.dst.as_fd(), Interest::WRITABLE) }
                         .map_err(|e| Failed::Destination(io::Error::from(e).kind()))?;
                     writable.insert(fd)
                 }

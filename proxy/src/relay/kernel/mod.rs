@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::tcp_probe::{fin_received, taken};
-use super::{End, Mode, Outcome, reset_on_close, until_end};
+use super::{End, Mode, Outcome, reset_on_close, until_end, write_all};
 use crate::config;
 use crate::ebpf::{KernelPrograms, Side};
 use direction::Direction;
@@ -247,18 +247,6 @@ async fn settle(client: &TcpStream, upstream: &TcpStream, c2u: &AtomicU64, u2c: 
         }
     }
     Ok(true)
-}
-
-async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// How the connection ends when `side`'s socket failed.
