@@ -1,10 +1,11 @@
 //! Prerequisites that a fresh Debian machine lacks: probe them, plan the installs (pure), apply.
 //!
 //! - the nightly toolchain with `rust-src` (aya-build compiles the eBPF crate with `-Z build-std`)
-//! - the Debian packages of LLVM 22 that `bpf-linker` links against, and Node.js with its `ws`
-//!   module (an independent client and server for the interop tests)
+//! - the Debian packages of LLVM 22 that `bpf-linker` links against, Node.js with its `ws` module
+//!   and Chromium (independent clients and a server for the interop tests)
 //! - `bpf-linker`, built from crates.io against that LLVM
-//! - Python's `websockets`, a WebSocket client to try the proxy with (`python3 -m websockets`)
+//! - from PyPI: `websockets`, a WebSocket client to try the proxy with (`python3 -m websockets`)
+//!   and for the interop tests, and `kosoku`, a runner of the Autobahn cases
 
 use std::path::Path;
 
@@ -13,12 +14,14 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd::Cmd;
 
 pub const NIGHTLY: &str = "nightly";
-pub const DEBS: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "nodejs", "node-ws"];
+pub const DEBS: [&str; 5] = ["llvm-22-dev", "libpolly-22-dev", "nodejs", "node-ws", "chromium"];
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// apt waits this long (seconds) for another install to release dpkg's lock instead of failing.
 pub const APT_LOCK_WAIT: &str = "DPkg::Lock::Timeout=600";
-/// The PyPI package of the client `cargo xtask run` suggests.
-pub const PY_CLIENT: &str = "websockets";
+/// The PyPI packages, each as (module to import, requirement to install): the client `cargo xtask
+/// run` suggests, and the Autobahn runner of the interop tests (pinned: its case list is compared
+/// between runs).
+pub const PY_PACKAGES: [(&str, &str); 2] = [("websockets", "websockets"), ("kosoku", "kosoku==0.1.0")];
 /// Where `llvm-22-dev` puts LLVM. bpf-linker's build looks for `llvm-config` on PATH otherwise,
 /// which on Debian can be another LLVM's (`/usr/bin/llvm-config` from the `llvm` package).
 pub const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -36,8 +39,8 @@ pub struct Probe {
     pub nightly: Nightly,
     pub missing_debs: Vec<String>,
     pub bpf_linker: bool,
-    /// `python3 -c "import websockets"` succeeds.
-    pub py_client: bool,
+    /// The requirements of [`PY_PACKAGES`] whose module `python3` cannot import.
+    pub missing_py: Vec<String>,
 }
 
 /// One prerequisite and the commands that install it (none when it is present).
@@ -101,17 +104,14 @@ pub fn plan(probe: &Probe) -> Vec<Step> {
                 .env("LLVM_PREFIX", LLVM_PREFIX),
         ]
     };
-    let py_client = if probe.py_client {
+    let python = if probe.missing_py.is_empty() {
         vec![]
     } else {
-        vec![Cmd::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--root-user-action=ignore",
-            PY_CLIENT,
-        ])]
+        vec![
+            Cmd::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--root-user-action=ignore"])
+                .args(&probe.missing_py),
+        ]
     };
     vec![
         Step {
@@ -127,8 +127,11 @@ pub fn plan(probe: &Probe) -> Vec<Step> {
             install: bpf_linker,
         },
         Step {
-            item: format!("Python {PY_CLIENT} (a client to try the proxy)"),
-            install: py_client,
+            item: format!(
+                "Python packages {}",
+                PY_PACKAGES.map(|(module, _)| module).join(" ")
+            ),
+            install: python,
         },
     ]
 }
@@ -182,16 +185,22 @@ pub fn probe() -> Result<Probe> {
         .probe()?
         .is_some_and(|out| out.status.success());
 
-    let py_client = Cmd::new("python3")
-        .args(["-c", &format!("import {PY_CLIENT}")])
-        .probe()?
-        .is_some_and(|out| out.status.success());
+    let mut missing_py = Vec::new();
+    for (module, requirement) in PY_PACKAGES {
+        let imports = Cmd::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .probe()?
+            .is_some_and(|out| out.status.success());
+        if !imports {
+            missing_py.push(requirement.to_owned());
+        }
+    }
 
     Ok(Probe {
         nightly,
         missing_debs,
         bpf_linker,
-        py_client,
+        missing_py,
     })
 }
 
@@ -254,7 +263,7 @@ mod tests {
             nightly: Nightly::Ready,
             missing_debs: vec![],
             bpf_linker: true,
-            py_client: true,
+            missing_py: vec![],
         }
     }
 
@@ -271,9 +280,9 @@ mod tests {
             lines(&all_present()),
             [
                 "setup: nightly toolchain with rust-src: ok",
-                "setup: Debian packages llvm-22-dev libpolly-22-dev nodejs node-ws: ok",
+                "setup: Debian packages llvm-22-dev libpolly-22-dev nodejs node-ws chromium: ok",
                 "setup: bpf-linker: ok",
-                "setup: Python websockets (a client to try the proxy): ok",
+                "setup: Python packages websockets kosoku: ok",
             ]
         );
     }
@@ -284,7 +293,7 @@ mod tests {
             nightly: Nightly::WithoutRustSrc,
             missing_debs: DEBS.map(String::from).to_vec(),
             bpf_linker: false,
-            py_client: false,
+            missing_py: PY_PACKAGES.map(|(_, r)| r.to_owned()).to_vec(),
         };
         let cmds: Vec<String> = plan(&fresh)
             .iter()
@@ -296,10 +305,10 @@ mod tests {
             [
                 "rustup component add rust-src --toolchain nightly",
                 "apt-get -o DPkg::Lock::Timeout=600 update",
-                "apt-get -o DPkg::Lock::Timeout=600 install -y llvm-22-dev libpolly-22-dev nodejs node-ws",
+                "apt-get -o DPkg::Lock::Timeout=600 install -y llvm-22-dev libpolly-22-dev nodejs node-ws chromium",
                 "LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --locked \
                  --force --no-default-features --features llvm-22",
-                "python3 -m pip install --quiet --root-user-action=ignore websockets",
+                "python3 -m pip install --quiet --root-user-action=ignore websockets kosoku==0.1.0",
             ]
         );
     }
