@@ -16,15 +16,19 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Where `cargo build -p wsproxy [--release]` puts the `wsproxy` binary.
-pub fn wsproxy_binary(root: &Path, release: bool) -> PathBuf {
+/// The workspace's target directory (`CARGO_TARGET_DIR` when set).
+pub fn target_dir(root: &Path) -> PathBuf {
     let target = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let target = if target.is_relative() {
+    if target.is_relative() {
         root.join(target)
     } else {
         target
-    };
-    target.join(profile_dir(release)).join("wsproxy")
+    }
+}
+
+/// Where `cargo build -p wsproxy [--release]` puts the `wsproxy` binary.
+pub fn wsproxy_binary(root: &Path, release: bool) -> PathBuf {
+    target_dir(root).join(profile_dir(release)).join("wsproxy")
 }
 
 fn profile_dir(release: bool) -> &'static str {

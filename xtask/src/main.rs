@@ -3,6 +3,7 @@
 mod bench;
 mod cargo;
 mod cmd;
+mod ebpf;
 mod fuzz;
 mod run;
 mod setup;
@@ -97,35 +98,45 @@ fn dispatch(task: Task) -> Result<ExitCode> {
     match task {
         Task::Setup { dry_run } => setup::setup(&root, dry_run)?,
         Task::Build { release } => {
-            setup::ensure(&root)?;
+            prepare(&root)?;
             cargo::build(&root, release)?;
         }
         Task::Run { release } => {
-            setup::ensure(&root)?;
+            prepare(&root)?;
             cargo::build(&root, release)?;
             return run::run(&root, &cargo::wsproxy_binary(&root, release));
         }
         Task::Bench { quick, args } => {
-            setup::ensure(&root)?;
+            prepare(&root)?;
             return bench::bench(&root, quick, &args);
         }
         Task::Soak {
             minutes,
             stream_minutes,
         } => {
-            setup::ensure(&root)?;
+            prepare(&root)?;
             soak::soak(&root, minutes, stream_minutes)?;
         }
         Task::Fuzz { seconds, targets } => {
-            setup::ensure(&root)?;
+            prepare(&root)?;
             fuzz::fuzz(&root, seconds, &targets)?;
         }
         Task::Test { args } => {
-            setup::ensure(&root)?;
+            prepare(&root)?;
             return cargo::test(&root, &args);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What every task but `setup` needs first: the prerequisites, then the kernel programs, built
+/// with their progress on the terminal and handed to every cargo build this task starts.
+fn prepare(root: &std::path::Path) -> Result<()> {
+    setup::ensure(root)?;
+    let object = ebpf::build(root)?;
+    // SAFETY: xtask is single-threaded here; no other thread reads the environment.
+    unsafe { std::env::set_var(ebpf::OBJECT_ENV, object) };
+    Ok(())
 }
 
 #[cfg(test)]
