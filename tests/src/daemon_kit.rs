@@ -1,7 +1,6 @@
 //! Helpers of the daemon tests (`tests/daemon.rs`): a proxy on `wsproxy::Server` with its admin
 //! listener, whose proxy listener can be stopped apart from the admin one ([`ServerProxy`]); a
-//! tiny HTTP client for the admin endpoints; a parser of the Prometheus text exposition
-//! ([`Exposition`]); an upstream that can be switched between answering, refusing and dead
+//! tiny HTTP client for the admin endpoints; an upstream that can be switched between answering, refusing and dead
 //! ([`Flaky`]); and the proxy's own sockets, found through `/proc/self/fd`, with their keepalive
 //! options ([`sockets_where`], [`keepalive_opts`]).
 
@@ -19,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use wsproxy::config::AdminAddress;
 
+use crate::exposition::Exposition;
 use crate::{DEADLINE, Script, Seen, connect_from, read_head, read_to_close, request, serve_script, within};
 
 // ---- the proxy ----
@@ -296,131 +296,6 @@ impl HttpResponse {
             status: crate::status(head),
             head: head.to_string(),
             body: body.to_string(),
-        }
-    }
-}
-
-// ---- the exposition ----
-
-/// One sample line: name, labels, value.
-#[derive(Debug, Clone)]
-pub struct Sample {
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-    pub value: f64,
-}
-
-/// A parsed Prometheus/OpenMetrics text exposition.
-#[derive(Debug)]
-pub struct Exposition {
-    pub text: String,
-    pub samples: Vec<Sample>,
-}
-
-impl Exposition {
-    pub fn parse(text: &str) -> Exposition {
-        let mut samples = Vec::new();
-        for line in text.lines() {
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (series, value) = line
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
-            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
-            let (name, labels) = match series.find('{') {
-                Some(i) => {
-                    assert!(series.ends_with('}'), "bad series {series:?}");
-                    (&series[..i], parse_labels(&series[i + 1..series.len() - 1]))
-                }
-                None => (series, Vec::new()),
-            };
-            samples.push(Sample {
-                name: name.to_string(),
-                labels,
-                value,
-            });
-        }
-        Exposition {
-            text: text.to_string(),
-            samples,
-        }
-    }
-
-    /// The value of the sample with exactly this name and label set (label order ignored).
-    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let mut want: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        want.sort();
-        self.samples
-            .iter()
-            .find(|s| {
-                let mut have = s.labels.clone();
-                have.sort();
-                s.name == name && have == want
-            })
-            .map(|s| s.value)
-    }
-
-    /// Like [`Exposition::get`], failing the test (with the whole exposition) when absent.
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name, labels)
-            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{}", self.text))
-    }
-
-    /// Sum of every sample of `name` whose labels include `labels`.
-    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|s| {
-                s.name == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| s.labels.iter().any(|(k2, v2)| k2 == k && v2 == v))
-            })
-            .map(|s| s.value)
-            .sum()
-    }
-
-    /// The declared type of a metric family (`# TYPE name type`).
-    pub fn type_of(&self, family: &str) -> Option<String> {
-        self.text.lines().find_map(|l| {
-            let rest = l.strip_prefix("# TYPE ")?;
-            let (name, ty) = rest.split_once(' ')?;
-            (name == family).then(|| ty.to_string())
-        })
-    }
-}
-
-fn parse_labels(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        let mut key = String::new();
-        for c in chars.by_ref() {
-            if c == '=' {
-                break;
-            }
-            key.push(c);
-        }
-        if key.is_empty() {
-            return out;
-        }
-        assert_eq!(chars.next(), Some('"'), "bad labels {s:?}");
-        let mut value = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some('n') => value.push('\n'),
-                    Some(c) => value.push(c),
-                    None => panic!("bad labels {s:?}"),
-                },
-                '"' => break,
-                c => value.push(c),
-            }
-        }
-        out.push((key.trim().to_string(), value));
-        if chars.peek() == Some(&',') {
-            chars.next();
         }
     }
 }

@@ -334,6 +334,7 @@ pub mod relay_kit;
 // ---- daemon tests block (tests/tests/daemon.rs): wsproxy::Server with its admin listener, ----
 // ---- the Prometheus exposition, a switchable upstream and the proxy's socket options.    ----
 pub mod daemon_kit;
+pub mod exposition;
 // ---- end of the daemon tests block ----
 
 // ---- hardening block (tests/tests/hostile_input.rs, tests/tests/floods.rs, src/bin/soak.rs): ----

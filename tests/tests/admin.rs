@@ -152,7 +152,7 @@ async fn connections_past_the_cap_get_503_and_are_counted() {
         assert!(Instant::now() < end, "no slot freed after a close");
         tokio::task::yield_now().await;
     };
-    let e = wsproxy_tests::daemon_kit::Exposition::parse(&scrape.body);
+    let e = wsproxy_tests::exposition::Exposition::parse(&scrape.body);
     assert_eq!(e.value(REFUSED, &[("reason", "over_capacity")]), 1.0 + more);
     proxy.stop().await;
 }

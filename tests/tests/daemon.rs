@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use wsproxy::balance::Balancer;
 use wsproxy_tests::daemon_kit::*;
+use wsproxy_tests::exposition::Exposition;
 use wsproxy_tests::*;
 
 // ---- helpers of this file ----
@@ -257,18 +258,12 @@ async fn req1_metrics_count_every_handshake_outcome() {
         Some("histogram")
     );
     assert_eq!(m.value("wsproxy_handshake_duration_seconds_count", &[]), 14.0);
-    assert_eq!(
-        m.value("wsproxy_handshake_duration_seconds_bucket", &[("le", "+Inf")]),
-        14.0
-    );
     let sum = m.value("wsproxy_handshake_duration_seconds_sum", &[]);
     assert!((0.6..10.0).contains(&sum), "duration sum {sum}");
-    let buckets: Vec<f64> = m
-        .samples
-        .iter()
-        .filter(|s| s.name == "wsproxy_handshake_duration_seconds_bucket")
-        .map(|s| s.value)
-        .collect();
+    let buckets = m.buckets("wsproxy_handshake_duration_seconds");
+    let last = buckets.last().unwrap();
+    assert_eq!((last.less_than, last.count), (f64::INFINITY, 14.0));
+    let buckets: Vec<f64> = buckets.iter().map(|b| b.count).collect();
     assert!(
         buckets.len() > 10 && buckets.windows(2).all(|w| w[0] <= w[1]),
         "{buckets:?}"
