@@ -1,9 +1,16 @@
 //! What the interop tests with independent clients share: whether a client is installed (a
-//! failure under CI=true, a "SKIPPED" line elsewhere), and running one to its "ok N BYTES" line.
+//! failure under CI=true, a "SKIPPED" line elsewhere), and running one to its "ok N BYTES" line;
+//! Node's `ws` echo server (`tests/interop/node_echo_server.js`) and where the tests leave files
+//! for CI to keep.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::DEADLINE;
 use crate::relay_kit::say;
 
 /// True when `probe` succeeds. Otherwise fails under CI=true and says it skipped elsewhere;
@@ -47,4 +54,56 @@ pub async fn run_client(client: &mut tokio::process::Command, connections: u64, 
         "{what}: {stdout}"
     );
     words[2].parse().unwrap()
+}
+
+/// Where Debian's `node-*` packages put their modules (not on the search path of every Node).
+pub const NODE_PATH: &str = "/usr/share/nodejs";
+
+/// A file of `tests/interop/`.
+pub fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop").join(name)
+}
+
+/// True when Node's `ws` loads (see [`installed`]).
+pub fn node_ws() -> bool {
+    installed(
+        Command::new("node")
+            .args(["-e", "require('ws')"])
+            .env("NODE_PATH", NODE_PATH),
+        "Node's ws",
+    )
+}
+
+/// Starts `node_echo_server.js` (a WebSocket echo server that also serves the Chromium page on
+/// GET /); returns it (killed on drop) and its address on 127.0.0.1.
+pub async fn node_echo_server() -> (tokio::process::Child, SocketAddr) {
+    let mut child = tokio::process::Command::new("node")
+        .arg(script("node_echo_server.js"))
+        .env("NODE_PATH", NODE_PATH)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("the Node server did not say its port")
+        .unwrap()
+        .unwrap_or_default();
+    let port: u16 = line
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the Node server said {line:?}"));
+    (child, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// `interop/` in the workspace's target directory (`CARGO_TARGET_DIR` when set, a relative one
+/// taken from the workspace root), created if need be: what the interop tests leave there (e.g.
+/// screenshots) outlives the run, for CI to keep.
+pub fn artifacts() -> PathBuf {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), |d| workspace.join(d));
+    let dir = target.join("interop");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir.canonicalize().unwrap()
 }
