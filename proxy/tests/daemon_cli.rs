@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use serde_json::Value;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use wsproxy::balance::Balancer;
@@ -519,191 +520,13 @@ async fn talk(
     Ok(next)
 }
 
-// ---- a tiny JSON parser (for the log lines) ----
-
-#[derive(Debug, Clone, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
-
-impl Json {
-    fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    fn num(&self, key: &str) -> Option<f64> {
-        match self.get(key)? {
-            Json::Num(n) => Some(*n),
-            _ => None,
-        }
-    }
-
-    fn str(&self, key: &str) -> Option<&str> {
-        match self.get(key)? {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-fn parse_json(text: &str) -> Result<Json, String> {
-    struct P<'a> {
-        b: &'a [u8],
-        i: usize,
-    }
-    impl P<'_> {
-        fn ws(&mut self) {
-            while self.i < self.b.len() && self.b[self.i].is_ascii_whitespace() {
-                self.i += 1;
-            }
-        }
-        fn eat(&mut self, c: u8) -> Result<(), String> {
-            self.ws();
-            if self.b.get(self.i) == Some(&c) {
-                self.i += 1;
-                Ok(())
-            } else {
-                Err(format!("expected {:?} at {}", c as char, self.i))
-            }
-        }
-        fn value(&mut self) -> Result<Json, String> {
-            self.ws();
-            match self.b.get(self.i).copied() {
-                Some(b'{') => {
-                    self.i += 1;
-                    let mut m = Vec::new();
-                    self.ws();
-                    if self.b.get(self.i) == Some(&b'}') {
-                        self.i += 1;
-                        return Ok(Json::Obj(m));
-                    }
-                    loop {
-                        self.ws();
-                        let k = self.string()?;
-                        self.eat(b':')?;
-                        m.push((k, self.value()?));
-                        self.ws();
-                        match self.b.get(self.i) {
-                            Some(b',') => self.i += 1,
-                            Some(b'}') => {
-                                self.i += 1;
-                                return Ok(Json::Obj(m));
-                            }
-                            _ => return Err(format!("bad object at {}", self.i)),
-                        }
-                    }
-                }
-                Some(b'[') => {
-                    self.i += 1;
-                    let mut v = Vec::new();
-                    self.ws();
-                    if self.b.get(self.i) == Some(&b']') {
-                        self.i += 1;
-                        return Ok(Json::Arr(v));
-                    }
-                    loop {
-                        v.push(self.value()?);
-                        self.ws();
-                        match self.b.get(self.i) {
-                            Some(b',') => self.i += 1,
-                            Some(b']') => {
-                                self.i += 1;
-                                return Ok(Json::Arr(v));
-                            }
-                            _ => return Err(format!("bad array at {}", self.i)),
-                        }
-                    }
-                }
-                Some(b'"') => Ok(Json::Str(self.string()?)),
-                Some(b't') if self.b[self.i..].starts_with(b"true") => {
-                    self.i += 4;
-                    Ok(Json::Bool(true))
-                }
-                Some(b'f') if self.b[self.i..].starts_with(b"false") => {
-                    self.i += 5;
-                    Ok(Json::Bool(false))
-                }
-                Some(b'n') if self.b[self.i..].starts_with(b"null") => {
-                    self.i += 4;
-                    Ok(Json::Null)
-                }
-                Some(c) if c == b'-' || c.is_ascii_digit() => {
-                    let start = self.i;
-                    while self.i < self.b.len()
-                        && (self.b[self.i].is_ascii_digit() || b"+-.eE".contains(&self.b[self.i]))
-                    {
-                        self.i += 1;
-                    }
-                    let s = std::str::from_utf8(&self.b[start..self.i]).unwrap();
-                    s.parse().map(Json::Num).map_err(|_| format!("bad number {s:?}"))
-                }
-                _ => Err(format!("unexpected input at {}", self.i)),
-            }
-        }
-        fn string(&mut self) -> Result<String, String> {
-            if self.b.get(self.i) != Some(&b'"') {
-                return Err(format!("expected a string at {}", self.i));
-            }
-            self.i += 1;
-            let mut out = Vec::new();
-            loop {
-                let c = *self.b.get(self.i).ok_or("unterminated string")?;
-                self.i += 1;
-                match c {
-                    b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
-                    b'\\' => {
-                        let e = *self.b.get(self.i).ok_or("bad escape")?;
-                        self.i += 1;
-                        match e {
-                            b'n' => out.push(b'\n'),
-                            b't' => out.push(b'\t'),
-                            b'r' => out.push(b'\r'),
-                            b'b' => out.push(8),
-                            b'f' => out.push(12),
-                            b'u' => {
-                                let hex =
-                                    std::str::from_utf8(self.b.get(self.i..self.i + 4).ok_or("bad \\u")?).unwrap();
-                                let cp = u32::from_str_radix(hex, 16).map_err(|e| e.to_string())?;
-                                self.i += 4;
-                                let ch = char::from_u32(cp).unwrap_or('\u{fffd}');
-                                out.extend_from_slice(ch.to_string().as_bytes());
-                            }
-                            c => out.push(c),
-                        }
-                    }
-                    c if c < 0x20 => return Err("control character in string".into()),
-                    c => out.push(c),
-                }
-            }
-        }
-    }
-    let mut p = P {
-        b: text.as_bytes(),
-        i: 0,
-    };
-    let v = p.value()?;
-    p.ws();
-    if p.i != p.b.len() {
-        return Err(format!("trailing input at {}", p.i));
-    }
-    Ok(v)
-}
-
 /// Every `connection closed` line of a JSON log, parsed.
-fn closed_lines(d: &Daemon) -> Vec<Json> {
+fn closed_lines(d: &Daemon) -> Vec<Value> {
     d.seen
         .iter()
         .filter(|l| l.contains("connection closed"))
-        .map(|l| parse_json(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .filter(|j| j.str("message") == Some("connection closed"))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|j| j["message"] == "connection closed")
         .collect()
 }
 
@@ -936,11 +759,11 @@ async fn req2_binary_refuses_a_broken_config_and_keeps_serving() {
     // SIGHUP: refused, every problem logged.
     proxy.signal(nix::sys::signal::Signal::SIGHUP);
     let line = proxy.wait_for("SIGHUP: reload refused").await;
-    let j = parse_json(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-    assert_eq!(j.str("level"), Some("ERROR"), "{line}");
+    let j: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(j["level"].as_str(), Some("ERROR"), "{line}");
     for f in fields {
         assert!(
-            j.str("message").unwrap_or_default().contains(f),
+            j["message"].as_str().unwrap_or_default().contains(f),
             "{f} not logged: {line}"
         );
     }
@@ -1129,18 +952,18 @@ async fn req7_json_log_line_per_connection_end() {
     let mut ends = Vec::new();
     for j in &lines {
         for key in ["duration_ms", "client_to_upstream", "upstream_to_client"] {
-            assert!(j.num(key).is_some_and(|v| v >= 0.0), "{key} in {j:?}");
+            assert!(j[key].as_f64().is_some_and(|v| v >= 0.0), "{key} in {j:?}");
         }
         for key in ["client", "upstream", "request_id", "relay", "end"] {
-            assert!(j.str(key).is_some(), "{key} in {j:?}");
+            assert!(j[key].as_str().is_some(), "{key} in {j:?}");
         }
-        assert_eq!(j.str("relay"), Some("userspace"));
-        assert_eq!(j.str("upstream"), Some(up.addr.to_string().as_str()));
-        let c2u = j.num("client_to_upstream").unwrap() as u64;
-        let u2c = j.num("upstream_to_client").unwrap() as u64;
+        assert_eq!(j["relay"].as_str(), Some("userspace"));
+        assert_eq!(j["upstream"].as_str(), Some(up.addr.to_string().as_str()));
+        let c2u = j["client_to_upstream"].as_f64().unwrap() as u64;
+        let u2c = j["upstream_to_client"].as_f64().unwrap() as u64;
         ends.push((
-            j.str("client").unwrap().to_string(),
-            j.str("end").unwrap().to_string(),
+            j["client"].as_str().unwrap().to_string(),
+            j["end"].as_str().unwrap().to_string(),
             c2u,
             u2c,
         ));
@@ -1157,8 +980,8 @@ async fn req7_json_log_line_per_connection_end() {
             want(5, "idle timeout", 10, 10),
         ]
     );
-    let idle = lines.iter().find(|j| j.str("end") == Some("idle timeout")).unwrap();
-    let ms = idle.num("duration_ms").unwrap();
+    let idle = lines.iter().find(|j| j["end"].as_str() == Some("idle timeout")).unwrap();
+    let ms = idle["duration_ms"].as_f64().unwrap();
     assert!((900.0..3000.0).contains(&ms), "idle connection lasted {ms} ms");
 }
 
@@ -1187,7 +1010,7 @@ async fn req7_connection_closed_by_the_shutdown_drain_is_logged() {
         "no line for the connection closed at the drain timeout:\n{}",
         proxy.log()
     );
-    assert_eq!(lines[0].num("client_to_upstream"), Some(40.0));
+    assert_eq!(lines[0]["client_to_upstream"].as_f64(), Some(40.0));
 }
 
 fn socket_linger_zero(s: &std::net::TcpStream) {
