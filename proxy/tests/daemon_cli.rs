@@ -15,15 +15,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use futures_util::StreamExt;
 use serde_json::Value;
-use tokio_tungstenite::WebSocketStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use wsproxy::balance::Balancer;
+use wsproxy_tests::fleet::{Fleet, PER_ROUND, echo_check, ws_close};
+use wsproxy_tests::relay_kit::linger_zero;
+use wsproxy_tests::{
+    client_ip, connect_from, echo_upstream, header, read_head, read_to_close, request, status, within, ws_connect,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsproxy");
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -211,98 +214,6 @@ fn upstreams_of(text: &str) -> wsproxy::config::Upstreams {
 
 // ---- clients and upstreams ----
 
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-fn client_ip(n: u32) -> IpAddr {
-    IpAddr::from(std::net::Ipv4Addr::from(0x7f20_0000u32 + n))
-}
-
-async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(from, 0)).unwrap();
-    within("connect", socket.connect(to)).await.unwrap()
-}
-
-async fn ws_connect(from: IpAddr, to: SocketAddr) -> WebSocketStream<TcpStream> {
-    let stream = connect_from(from, to).await;
-    within(
-        "a WebSocket handshake",
-        tokio_tungstenite::client_async(format!("ws://{to}/ws"), stream),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{from}: {e}"))
-    .0
-}
-
-async fn echo_check(ws: &mut WebSocketStream<TcpStream>, text: &str) {
-    within("a send", ws.send(Message::text(text))).await.unwrap();
-    match within("an echo", ws.next()).await {
-        Some(Ok(Message::Text(t))) if t.as_str() == text => {}
-        other => panic!("expected the echo of {text:?}, got {other:?}"),
-    }
-}
-
-/// Closes a WebSocket cleanly and drops it.
-async fn ws_close(mut ws: WebSocketStream<TcpStream>) {
-    within("the close", ws.close(None)).await.unwrap();
-    while let Some(Ok(_)) = within("the close", ws.next()).await {}
-}
-
-async fn echo_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(wsproxy::echo::serve(listener, std::future::pending()));
-    addr
-}
-
-const REQUEST: &str = "GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                       Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-
-async fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    within("a head", async {
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if s.read(&mut b).await.unwrap_or(0) == 0 {
-                break;
-            }
-            head.push(b[0]);
-        }
-    })
-    .await;
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-fn status(head: &str) -> u16 {
-    head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
-}
-
-fn header(head: &str, name: &str) -> Option<String> {
-    head.lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim().to_string())
-}
-
-async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    within("the close", async {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = s.read(&mut chunk).await {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await;
-    out
-}
-
 /// A raw upstream: a valid 101 followed by its one-byte `id` if it has one, then it echoes raw
 /// bytes; at the client's EOF it sends `bye` and closes. Every request head it gets arrives on `heads`.
 struct Recorder {
@@ -359,11 +270,11 @@ impl Recorder {
 /// A raw handshake through the proxy; Ok: the stream right after the 101.
 async fn raw_upgrade(from: IpAddr, proxy: SocketAddr) -> Result<TcpStream, String> {
     let mut s = connect_from(from, proxy).await;
-    s.write_all(REQUEST.as_bytes()).await.unwrap();
+    s.write_all(request("/").as_bytes()).await.unwrap();
     let head = read_head(&mut s).await;
     if status(&head) != 101 {
         let rest = read_to_close(&mut s).await;
-        return Err(format!("{head}{}", String::from_utf8_lossy(&rest)));
+        return Err(format!("{head}{rest}"));
     }
     Ok(s)
 }
@@ -390,7 +301,7 @@ async fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u1
     let mut s = within("an admin connect", TcpStream::connect(addr)).await?;
     let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
-    let text = String::from_utf8_lossy(&read_to_close(&mut s).await).into_owned();
+    let text = read_to_close(&mut s).await;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     Ok((status(head), body.to_string()))
 }
@@ -420,106 +331,6 @@ async fn reload_command(path: &Path) -> (Option<i32>, String, String) {
 // ---- many WebSockets talking in rounds ----
 
 const CONNS: usize = 100;
-const PER_ROUND: usize = 5;
-const STOP: usize = usize::MAX;
-
-/// WebSockets that exchange numbered messages one round at a time: each round every connection
-/// sends `PER_ROUND` messages and checks every echo.
-struct Fleet {
-    rounds: watch::Sender<usize>,
-    done: mpsc::UnboundedReceiver<(usize, usize, Result<(), String>)>,
-    tasks: Vec<JoinHandle<Result<usize, String>>>,
-}
-
-impl Fleet {
-    async fn open(proxy: SocketAddr, n: usize, first_ip: u32) -> Fleet {
-        let (rounds, round_rx) = watch::channel(0usize);
-        let (done_tx, done) = mpsc::unbounded_channel();
-        let mut tasks = Vec::new();
-        for i in 0..n {
-            let ws = ws_connect(client_ip(first_ip + i as u32), proxy).await;
-            tasks.push(tokio::spawn(talk(i, ws, round_rx.clone(), done_tx.clone())));
-        }
-        Fleet { rounds, done, tasks }
-    }
-
-    fn start_round(&self, r: usize) {
-        self.rounds.send(r).unwrap();
-    }
-
-    async fn finish_round(&mut self, r: usize) {
-        for _ in 0..self.tasks.len() {
-            let (i, got, res) = within("a round's reports", self.done.recv()).await.unwrap();
-            assert_eq!(got, r, "connection {i} reported another round");
-            if let Err(e) = res {
-                panic!("connection {i}, round {r}: {e}");
-            }
-        }
-    }
-
-    async fn round(&mut self, r: usize) {
-        self.start_round(r);
-        self.finish_round(r).await;
-    }
-
-    /// Ends every connection; returns the messages each exchanged.
-    async fn close(self) -> Vec<usize> {
-        self.rounds.send(STOP).unwrap();
-        let mut out = Vec::new();
-        for (i, t) in self.tasks.into_iter().enumerate() {
-            out.push(
-                within("a connection to end", t)
-                    .await
-                    .unwrap()
-                    .unwrap_or_else(|e| panic!("connection {i}: {e}")),
-            );
-        }
-        out
-    }
-}
-
-async fn talk(
-    i: usize,
-    mut ws: WebSocketStream<TcpStream>,
-    mut rounds: watch::Receiver<usize>,
-    done: mpsc::UnboundedSender<(usize, usize, Result<(), String>)>,
-) -> Result<usize, String> {
-    let mut next = 0usize;
-    loop {
-        if rounds.changed().await.is_err() {
-            return Err("the test went away".into());
-        }
-        let r = *rounds.borrow_and_update();
-        if r == STOP {
-            break;
-        }
-        let res = async {
-            for k in next..next + PER_ROUND {
-                ws.send(Message::text(format!("conn {i} msg {k}")))
-                    .await
-                    .map_err(|e| format!("send {k}: {e}"))?;
-            }
-            for k in next..next + PER_ROUND {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) if t.as_str() == format!("conn {i} msg {k}") => {}
-                    other => return Err(format!("message {k}: got {other:?}")),
-                }
-            }
-            Ok(())
-        }
-        .await;
-        next += PER_ROUND;
-        let failed = res.clone().err();
-        let _ = done.send((i, r, res));
-        if let Some(e) = failed {
-            return Err(e);
-        }
-    }
-    ws.close(None).await.map_err(|e| format!("close: {e}"))?;
-    while let Some(Ok(_)) = ws.next().await {}
-    Ok(next)
-}
-
 /// Every `connection closed` line of a JSON log, parsed.
 fn closed_lines(d: &Daemon) -> Vec<Value> {
     d.seen
@@ -551,7 +362,7 @@ async fn req1_binary_healthz_503_while_draining() {
         (200, "ok\n".to_string())
     );
 
-    let mut ws = ws_connect(client_ip(1), ports.proxy()).await;
+    let mut ws = ws_connect(client_ip(1), ports.proxy()).await.unwrap();
     echo_check(&mut ws, "hello").await;
     proxy.signal(nix::sys::signal::Signal::SIGTERM);
     proxy.wait_for("stopped accepting").await;
@@ -845,7 +656,7 @@ async fn req3_sigterm_stops_accepting_and_lets_a_finishing_connection_complete()
     )
     .unwrap();
     let mut proxy = Daemon::run(&path, false).await;
-    let mut ws = ws_connect(client_ip(1), ports.proxy()).await;
+    let mut ws = ws_connect(client_ip(1), ports.proxy()).await.unwrap();
     echo_check(&mut ws, "before").await;
 
     let t = Instant::now();
@@ -883,7 +694,7 @@ async fn req3_sigterm_closes_connections_still_open_at_the_drain_timeout() {
     )
     .unwrap();
     let mut proxy = Daemon::run(&path, false).await;
-    let mut ws = ws_connect(client_ip(1), ports.proxy()).await;
+    let mut ws = ws_connect(client_ip(1), ports.proxy()).await.unwrap();
     echo_check(&mut ws, "before").await;
 
     let t = Instant::now();
@@ -936,7 +747,7 @@ async fn req7_json_log_line_per_connection_end() {
     let mut back = [0u8; 50];
     within("the echo", s.read_exact(&mut back)).await.unwrap();
     let std = s.into_std().unwrap();
-    socket_linger_zero(&std);
+    linger_zero(&std);
     drop(std);
     // One left silent: the idle timeout closes it.
     let mut s = raw_upgrade(client_ip(5), addr).await.unwrap();
@@ -980,7 +791,10 @@ async fn req7_json_log_line_per_connection_end() {
             want(5, "idle timeout", 10, 10),
         ]
     );
-    let idle = lines.iter().find(|j| j["end"].as_str() == Some("idle timeout")).unwrap();
+    let idle = lines
+        .iter()
+        .find(|j| j["end"].as_str() == Some("idle timeout"))
+        .unwrap();
     let ms = idle["duration_ms"].as_f64().unwrap();
     assert!((900.0..3000.0).contains(&ms), "idle connection lasted {ms} ms");
 }
@@ -1011,13 +825,4 @@ async fn req7_connection_closed_by_the_shutdown_drain_is_logged() {
         proxy.log()
     );
     assert_eq!(lines[0]["client_to_upstream"].as_f64(), Some(40.0));
-}
-
-fn socket_linger_zero(s: &std::net::TcpStream) {
-    use std::os::fd::AsFd;
-    let linger = nix::libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    nix::sys::socket::setsockopt(&s.as_fd(), nix::sys::socket::sockopt::Linger, &linger).unwrap();
 }

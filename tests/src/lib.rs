@@ -329,6 +329,7 @@ pub fn client_ip(n: u32) -> IpAddr {
     IpAddr::from(std::net::Ipv4Addr::from(0x7f10_0000u32 + n))
 }
 
+pub mod fleet;
 pub mod relay_kit;
 
 // ---- daemon tests block (tests/tests/daemon.rs): wsproxy::Server with its admin listener, ----

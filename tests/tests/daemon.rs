@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use wsproxy::balance::Balancer;
 use wsproxy_tests::daemon_kit::*;
 use wsproxy_tests::exposition::Exposition;
+use wsproxy_tests::fleet::{Fleet, PER_ROUND, echo_check};
 use wsproxy_tests::*;
 
 // ---- helpers of this file ----
@@ -96,15 +97,6 @@ async fn asymmetric_upstream() -> SocketAddr {
         }
     });
     addr
-}
-
-/// Sends a text message and checks its echo.
-async fn echo_check(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, text: &str) {
-    within("a send", ws.send(Message::text(text))).await.unwrap();
-    match within("an echo", ws.next()).await {
-        Some(Ok(Message::Text(t))) if t.as_str() == text => {}
-        other => panic!("expected the echo of {text:?}, got {other:?}"),
-    }
 }
 
 // ---- 1: metrics and health on the admin listener ----
@@ -529,103 +521,6 @@ fn req1_shipped_config_documents_every_daemon_option() {
 // ---- 2: reload without drops ----
 
 const CONNS: usize = 100;
-const PER_ROUND: usize = 5;
-const STOP: usize = usize::MAX;
-
-/// WebSockets that exchange numbered messages, one round at a time: each round every connection
-/// sends `PER_ROUND` messages and checks every echo; rounds are started by the test.
-struct Fleet {
-    rounds: watch::Sender<usize>,
-    done: mpsc::UnboundedReceiver<(usize, usize, Result<(), String>)>,
-    tasks: Vec<JoinHandle<Result<usize, String>>>,
-}
-
-impl Fleet {
-    async fn open(proxy: SocketAddr, first_ip: u32) -> Fleet {
-        let (rounds, round_rx) = watch::channel(0usize);
-        let (done_tx, done) = mpsc::unbounded_channel();
-        let mut tasks = Vec::new();
-        for i in 0..CONNS {
-            let ws = ws_connect(client_ip(first_ip + i as u32), proxy)
-                .await
-                .unwrap_or_else(|e| panic!("ws {i}: {e}"));
-            tasks.push(tokio::spawn(talk(i, ws, round_rx.clone(), done_tx.clone())));
-        }
-        Fleet { rounds, done, tasks }
-    }
-
-    fn start_round(&self, r: usize) {
-        self.rounds.send(r).unwrap();
-    }
-
-    async fn finish_round(&mut self, r: usize) {
-        for _ in 0..CONNS {
-            let (i, got, res) = within("a round's reports", self.done.recv()).await.unwrap();
-            assert_eq!(got, r, "connection {i} reported another round");
-            if let Err(e) = res {
-                panic!("connection {i}, round {r}: {e}");
-            }
-        }
-    }
-
-    /// Ends every connection; returns the messages each exchanged.
-    async fn close(self) -> Vec<usize> {
-        self.rounds.send(STOP).unwrap();
-        let mut out = Vec::new();
-        for (i, t) in self.tasks.into_iter().enumerate() {
-            out.push(
-                within("a connection to end", t)
-                    .await
-                    .unwrap()
-                    .unwrap_or_else(|e| panic!("connection {i}: {e}")),
-            );
-        }
-        out
-    }
-}
-
-async fn talk(
-    i: usize,
-    mut ws: tokio_tungstenite::WebSocketStream<TcpStream>,
-    mut rounds: watch::Receiver<usize>,
-    done: mpsc::UnboundedSender<(usize, usize, Result<(), String>)>,
-) -> Result<usize, String> {
-    let mut next = 0usize;
-    loop {
-        if rounds.changed().await.is_err() {
-            return Err("the test went away".into());
-        }
-        let r = *rounds.borrow_and_update();
-        if r == STOP {
-            break;
-        }
-        let res = async {
-            for k in next..next + PER_ROUND {
-                ws.send(Message::text(format!("conn {i} msg {k}")))
-                    .await
-                    .map_err(|e| format!("send {k}: {e}"))?;
-            }
-            for k in next..next + PER_ROUND {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) if t.as_str() == format!("conn {i} msg {k}") => {}
-                    other => return Err(format!("message {k}: got {other:?}")),
-                }
-            }
-            Ok(())
-        }
-        .await;
-        next += PER_ROUND;
-        let failed = res.clone().err();
-        let _ = done.send((i, r, res));
-        if let Some(e) = failed {
-            return Err(e);
-        }
-    }
-    ws.close(None).await.map_err(|e| format!("close: {e}"))?;
-    while let Some(Ok(_)) = ws.next().await {}
-    Ok(next)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req2_reloads_keep_100_websockets_and_new_ones_get_new_settings() {
     let echo = echo_upstream().await;
@@ -635,7 +530,7 @@ async fn req2_reloads_keep_100_websockets_and_new_ones_get_new_settings() {
         cfg(main, backup, "timeout = \"2s\"", &extra)
     };
     let proxy = ServerProxy::start(&text(&[(echo, 1)], &[], 0, OPEN_LIMITS)).await;
-    let mut fleet = Fleet::open(proxy.addr, 1).await;
+    let mut fleet = Fleet::open(proxy.addr, CONNS, 1).await;
     let mut extra_relayed = 0u64;
 
     // One new raw connection from `ip`: which upstream took it, and the X-Gen it forwarded.
