@@ -7,105 +7,32 @@
 mod common;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::path::PathBuf;
 
-use common::{BIN, Daemon};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use common::{Daemon, admin_tcp, admin_unix, free_port, reload_command, temp_config, temp_path};
+use wsproxy_tests::echo_upstream;
 
-const DEADLINE: Duration = Duration::from_secs(20);
 const BEYOND_LOOPBACK: &str = "admin listener reachable beyond loopback without a token";
-
-fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wsproxy-admin-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn echo_upstream() -> std::net::SocketAddr {
-    let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = up.local_addr().unwrap();
-    tokio::spawn(wsproxy::echo::serve(up, std::future::pending()));
-    addr
-}
 
 /// A configuration file `name` with this `[admin]` section body.
 async fn config_file(name: &str, admin: &str) -> PathBuf {
     let up = echo_upstream().await;
-    let path = temp_path(name);
-    std::fs::write(
-        &path,
-        format!(
+    temp_config(
+        name,
+        &format!(
             "[listen]\naddress = \"127.0.0.1:{}\"\ndrain_timeout = \"1s\"\n[admin]\n{admin}\n\
              [relay]\nmode = \"userspace\"\n[upstreams]\nmain = [{{ address = \"{up}\" }}]\n",
             free_port()
         ),
     )
-    .unwrap();
-    path
 }
 
 fn token_file(name: &str, token: &str) -> PathBuf {
-    let path = temp_path(name);
-    std::fs::write(&path, format!("{token}\n")).unwrap();
-    path
-}
-
-/// `wsproxy reload --config PATH`: (exit code, stdout, stderr).
-async fn reload_command(path: &Path) -> (Option<i32>, String, String) {
-    let path = path.to_path_buf();
-    let out = tokio::task::spawn_blocking(move || Command::new(BIN).args(["reload", "--config"]).arg(path).output())
-        .await
-        .unwrap()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Sends `request` and reads to the close: (status, body).
-async fn exchange(mut s: impl AsyncRead + AsyncWrite + Unpin, request: &str) -> (u16, String) {
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
-        .await
-        .expect("no admin answer")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    temp_config(name, &format!("{token}\n"))
 }
 
 fn request(method: &str, path: &str, headers: &str) -> String {
     format!("{method} {path} HTTP/1.1\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")
-}
-
-async fn tcp(port: u16, req: &str) -> (u16, String) {
-    let s = tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port)))
-        .await
-        .unwrap()
-        .unwrap();
-    exchange(s, req).await
-}
-
-async fn unix(path: &Path, req: &str) -> (u16, String) {
-    exchange(UnixStream::connect(path).await.unwrap(), req).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +58,7 @@ async fn wsproxy_reload_sends_the_token_of_its_configuration() {
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(err.contains("answered 401"), "{err}");
     let host = format!("Host: 127.0.0.1:{port}\r\n");
-    assert_eq!(tcp(port, &request("POST", "/reload", &host)).await.0, 401);
+    assert_eq!(admin_tcp(port, &request("POST", "/reload", &host)).await.0, 401);
     // A token file that cannot be read is the configuration's problem, named by its field.
     let broken = config_file(
         "broken-token.toml",
@@ -161,7 +88,7 @@ async fn unix_socket_admin_listener_of_the_binary() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 
-    let (code, body) = unix(&sock, &request("GET", "/metrics", "Host: localhost\r\n")).await;
+    let (code, body) = admin_unix(&sock, &request("GET", "/metrics", "Host: localhost\r\n")).await;
     assert_eq!(code, 200);
     assert!(
         body.contains("wsproxy_admin_refused_total{reason=\"host\"} 0"),
@@ -195,7 +122,7 @@ async fn a_warning_when_the_admin_listener_is_beyond_loopback_without_a_token() 
     assert!(warning.contains("WARN"), "{warning}");
     assert!(warning.contains(&format!("0.0.0.0:{port}")), "{warning}");
     // The address a connection came to is its Host.
-    let (code, _) = tcp(
+    let (code, _) = admin_tcp(
         port,
         &request("GET", "/healthz", &format!("Host: 127.0.0.1:{port}\r\n")),
     )
@@ -214,7 +141,7 @@ async fn a_warning_when_the_admin_listener_is_beyond_loopback_without_a_token() 
     let mut d = Daemon::run(&path, None).await;
     d.wait_for("admin endpoints").await;
     let origin = format!("Host: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\n");
-    assert_eq!(tcp(port, &request("GET", "/healthz", &origin)).await.0, 403);
+    assert_eq!(admin_tcp(port, &request("GET", "/healthz", &origin)).await.0, 403);
     d.wait_for("admin request refused").await;
     assert_eq!(d.count(BEYOND_LOOPBACK), 0, "{}", d.text());
     let status = d.terminate().await;

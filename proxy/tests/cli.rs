@@ -3,91 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wsproxy");
-const DEADLINE: Duration = Duration::from_secs(20);
-
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wsproxy-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A running `wsproxy` whose stderr lines arrive on a channel.
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-                return l.clone();
-            }
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => self.seen.push(l),
-                Err(_) => panic!("no log line with {needle:?}; got:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        common::wait_exit(&mut self.child, DEADLINE).expect("wsproxy did not exit after SIGTERM")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{BIN, DAEMON_DEADLINE, Daemon, free_port, temp_config};
+use wsproxy_tests::request;
 
 fn config_text(listen_port: u16, upstream: &str, extra: &str) -> String {
     format!(
@@ -96,14 +17,9 @@ fn config_text(listen_port: u16, upstream: &str, extra: &str) -> String {
     )
 }
 
-fn request() -> &'static str {
-    "GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-}
-
 fn send_and_read(port: u16, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.set_read_timeout(Some(DAEMON_DEADLINE)).unwrap();
     s.write_all(bytes).unwrap();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
@@ -174,50 +90,49 @@ fn missing_file_and_busy_port_are_one_clear_line() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-#[test]
-fn logs_each_handshake_outcome_and_stops_on_sigterm() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_each_handshake_outcome_and_stops_on_sigterm() {
     let echo_port = free_port();
-    let mut echo = Daemon::start(&["echo-server", "--listen", &format!("127.0.0.1:{echo_port}")]);
-    echo.wait_for("echo server accepting connections");
+    let mut echo = Daemon::start(&["echo-server", "--listen", &format!("127.0.0.1:{echo_port}")], None);
+    echo.wait_for("echo server accepting connections").await;
 
     let port = free_port();
     let extra = "[relay]\nmode = \"userspace\"\n[handshake]\nheader_timeout = \"10s\"";
     let path = temp_config("run.toml", &config_text(port, &format!("127.0.0.1:{echo_port}"), extra));
-    let mut proxy = Daemon::start(&["run", "--config", path.to_str().unwrap()]);
-    proxy.wait_for("accepting connections");
+    let mut proxy = Daemon::run(&path, None).await;
 
     let answer = send_and_read(port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-    let line = proxy.wait_for("handshake refused");
+    let line = proxy.wait_for("handshake refused").await;
     assert!(
         line.contains("status=400") && line.contains("client=127.0.0.1"),
         "{line}"
     );
 
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    s.write_all(request().as_bytes()).unwrap();
+    s.set_read_timeout(Some(DAEMON_DEADLINE)).unwrap();
+    s.write_all(request("/").as_bytes()).unwrap();
     let mut head = [0u8; 12];
     s.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 101");
-    let line = proxy.wait_for("status=101");
+    let line = proxy.wait_for("status=101").await;
     assert!(
         line.contains(&format!("upstream=127.0.0.1:{echo_port}")) && line.contains("duration_ms="),
         "{line}"
     );
     drop(s);
-    let line = proxy.wait_for("connection closed");
+    let line = proxy.wait_for("connection closed").await;
     assert!(
         line.contains("relay=userspace") && line.contains("client_to_upstream="),
         "{line}"
     );
 
-    assert!(proxy.terminate().success());
-    assert!(echo.terminate().success());
+    assert!(proxy.terminate().await.success());
+    assert!(echo.terminate().await.success());
 }
 
-#[test]
-fn upstream_status_is_logged_and_nothing_forwarded() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_status_is_logged_and_nothing_forwarded() {
     // An upstream that answers 503 to anything.
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let up_addr = upstream.local_addr().unwrap();
@@ -234,27 +149,26 @@ fn upstream_status_is_logged_and_nothing_forwarded() {
         "503.toml",
         &config_text(port, &up_addr.to_string(), "[relay]\nmode = \"userspace\""),
     );
-    let mut proxy = Daemon::start(&["--log-format", "json", "run", "--config", path.to_str().unwrap()]);
-    proxy.wait_for("accepting connections");
-    let answer = send_and_read(port, request().as_bytes());
+    let mut proxy = Daemon::run_json(&path).await;
+    let answer = send_and_read(port, request("/").as_bytes());
     assert_eq!(answer, "", "nothing of a failed upstream answer may reach the client");
-    let line = proxy.wait_for("upstream refused the handshake");
+    let line = proxy.wait_for("upstream refused the handshake").await;
     assert!(
         line.starts_with('{') && line.contains("\"upstream_status\":503"),
         "{line}"
     );
-    assert!(proxy.terminate().success());
+    assert!(proxy.terminate().await.success());
 }
 
-#[test]
-fn kernel_relay_availability_is_logged_at_start() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_relay_availability_is_logged_at_start() {
     let port = free_port();
     let path = temp_config(
         "auto.toml",
         &config_text(port, "127.0.0.1:9", "[relay]\nmode = \"auto\""),
     );
-    let mut proxy = Daemon::start(&["run", "--config", path.to_str().unwrap()]);
-    let line = proxy.wait_for("kernel relay: ");
+    let mut proxy = Daemon::start(&["run", "--config", path.to_str().unwrap()], None);
+    let line = proxy.wait_for("kernel relay: ").await;
     assert!(
         line.contains("kernel relay: available") || line.contains("kernel relay: unavailable ("),
         "{line}"
@@ -266,6 +180,6 @@ fn kernel_relay_availability_is_logged_at_start() {
         );
     }
     // SIGTERM is handled from the moment the proxy accepts (before that it ends the process).
-    proxy.wait_for("accepting connections");
-    assert!(proxy.terminate().success());
+    proxy.wait_for("accepting connections").await;
+    assert!(proxy.terminate().await.success());
 }

@@ -9,11 +9,13 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use common::{BIN, DAEMON_DEADLINE, Daemon, free_port, reload_command, temp_path};
 
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -22,133 +24,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use wsproxy::balance::Balancer;
+use wsproxy_tests::daemon_kit::try_http;
 use wsproxy_tests::fleet::{Fleet, PER_ROUND, echo_check, ws_close};
 use wsproxy_tests::relay_kit::linger_zero;
 use wsproxy_tests::{
     client_ip, connect_from, echo_upstream, header, read_head, read_to_close, request, status, within, ws_connect,
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_wsproxy");
-const DEADLINE: Duration = Duration::from_secs(20);
-
-// ---- the daemon ----
-
-/// A running `wsproxy` whose stderr lines arrive on a channel.
-struct Daemon {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Starts `wsproxy [--log-format json] run --config PATH` and waits until it accepts.
-    async fn run(path: &Path, json: bool) -> Daemon {
-        let path = path.to_str().unwrap();
-        let mut d = if json {
-            Daemon::start(&["--log-format", "json", "run", "--config", path])
-        } else {
-            Daemon::start(&["run", "--config", path])
-        };
-        d.wait_for("accepting connections").await;
-        d
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.seen.iter().filter(|l| l.contains(needle)).count()
-    }
-
-    /// Waits for the `n`th log line (from 1) containing `needle` and returns it.
-    async fn wait_for_nth(&mut self, needle: &str, n: usize) -> String {
-        let end = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(l) = self.seen.iter().filter(|l| l.contains(needle)).nth(n - 1) {
-                return l.clone();
-            }
-            match tokio::time::timeout_at(end, self.lines.recv()).await {
-                Ok(Some(l)) => self.seen.push(l),
-                _ => panic!("no log line #{n} with {needle:?}; got:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    async fn wait_for(&mut self, needle: &str) -> String {
-        self.wait_for_nth(needle, 1).await
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    /// Waits (within `limit`) for the process to exit; then collects every remaining log line.
-    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let end = Instant::now() + limit;
-        let left = end.saturating_duration_since(Instant::now());
-        let status = tokio::task::block_in_place(|| common::wait_exit(&mut self.child, left))
-            .unwrap_or_else(|| panic!("wsproxy did not exit within {limit:?}; log:\n{}", self.seen.join("\n")));
-        // The stderr pipe closes with the process: the channel ends.
-        while let Ok(Some(l)) = tokio::time::timeout(DEADLINE, self.lines.recv()).await {
-            self.seen.push(l);
-        }
-        status
-    }
-
-    async fn terminate(&mut self) -> ExitStatus {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        self.wait_exit(DEADLINE).await
-    }
-
-    fn log(&self) -> String {
-        self.seen.join("\n")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---- configuration ----
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wsproxy-daemon-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
 
 /// Where a test's proxy listens.
 #[derive(Clone, Copy)]
@@ -298,12 +179,7 @@ async fn landing(proxy: SocketAddr, ip: IpAddr, ups: [&mut Recorder; 2], ids: [u
 
 /// One request to the admin listener: (status, body).
 async fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = within("an admin connect", TcpStream::connect(addr)).await?;
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await?;
-    let text = read_to_close(&mut s).await;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Ok((status(head), body.to_string()))
+    try_http(addr, method, path).await.map(|r| (r.status, r.body))
 }
 
 /// The value of one sample of the admin listener's `/metrics` (exact series text).
@@ -314,20 +190,6 @@ async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// `wsproxy reload --config PATH`: (exit code, stdout, stderr).
-async fn reload_command(path: &Path) -> (Option<i32>, String, String) {
-    let path = path.to_path_buf();
-    let out = tokio::task::spawn_blocking(move || Command::new(BIN).args(["reload", "--config"]).arg(path).output())
-        .await
-        .unwrap()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 // ---- many WebSockets talking in rounds ----
 
 const CONNS: usize = 100;
@@ -335,6 +197,7 @@ const CONNS: usize = 100;
 fn closed_lines(d: &Daemon) -> Vec<Value> {
     d.seen
         .iter()
+        .map(|(_, l)| l)
         .filter(|l| l.contains("connection closed"))
         .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .filter(|j| j["message"] == "connection closed")
@@ -355,7 +218,7 @@ async fn req1_binary_healthz_503_while_draining() {
         conf(ports, "drain_timeout = \"10s\"", "", OPEN_LIMITS, &[(echo, 1)], &[]),
     )
     .unwrap();
-    let mut proxy = Daemon::run(&path, false).await;
+    let mut proxy = Daemon::run(&path, None).await;
     proxy.wait_for("admin endpoints").await;
     assert_eq!(
         http(ports.admin(), "GET", "/healthz").await.unwrap(),
@@ -400,7 +263,7 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
         )
     };
     std::fs::write(&path, text(&[(echo, 1)], &[], 0, OPEN_LIMITS)).unwrap();
-    let mut proxy = Daemon::run(&path, false).await;
+    let mut proxy = Daemon::run(&path, None).await;
     proxy.wait_for("admin endpoints").await;
     let addr = ports.proxy();
     let mut fleet = Fleet::open(addr, CONNS, 1).await;
@@ -510,7 +373,7 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     fleet.round(6).await;
     // None of the 100 ended: they are all still open (the extra connections above have ended).
     let admin = ports.admin();
-    let end = Instant::now() + DEADLINE;
+    let end = Instant::now() + DAEMON_DEADLINE;
     loop {
         let open = metric(admin, "wsproxy_connections_open{relay=\"userspace\"}").await;
         if open == Some(CONNS as f64) {
@@ -529,7 +392,7 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
         Some(0.0)
     );
     assert_eq!(http(admin, "GET", "/healthz").await.unwrap().0, 200);
-    assert_eq!(proxy.count("reload refused"), 0, "{}", proxy.log());
+    assert_eq!(proxy.count("reload refused"), 0, "{}", proxy.text());
 
     let counts = fleet.close().await;
     assert!(counts.iter().all(|&n| n == 7 * PER_ROUND), "{counts:?}");
@@ -553,7 +416,7 @@ async fn req2_binary_refuses_a_broken_config_and_keeps_serving() {
         )
     };
     std::fs::write(&path, good("old")).unwrap();
-    let mut proxy = Daemon::run(&path, true).await;
+    let mut proxy = Daemon::run_json(&path).await;
     proxy.wait_for("admin endpoints").await;
     let addr = ports.proxy();
     let (mut held, _) = upgrade_id(client_ip(1), addr).await.unwrap();
@@ -655,7 +518,7 @@ async fn req3_sigterm_stops_accepting_and_lets_a_finishing_connection_complete()
         conf(ports, "drain_timeout = \"10s\"", "", OPEN_LIMITS, &[(echo, 1)], &[]),
     )
     .unwrap();
-    let mut proxy = Daemon::run(&path, false).await;
+    let mut proxy = Daemon::run(&path, None).await;
     let mut ws = ws_connect(client_ip(1), ports.proxy()).await.unwrap();
     echo_check(&mut ws, "before").await;
 
@@ -680,7 +543,7 @@ async fn req3_sigterm_stops_accepting_and_lets_a_finishing_connection_complete()
     );
     let closed = proxy.wait_for("connection closed").await;
     assert!(closed.contains("end=closed"), "{closed}");
-    assert_eq!(proxy.count("drain timeout"), 0, "{}", proxy.log());
+    assert_eq!(proxy.count("drain timeout"), 0, "{}", proxy.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -693,7 +556,7 @@ async fn req3_sigterm_closes_connections_still_open_at_the_drain_timeout() {
         conf(ports, "drain_timeout = \"1s\"", "", OPEN_LIMITS, &[(echo, 1)], &[]),
     )
     .unwrap();
-    let mut proxy = Daemon::run(&path, false).await;
+    let mut proxy = Daemon::run(&path, None).await;
     let mut ws = ws_connect(client_ip(1), ports.proxy()).await.unwrap();
     echo_check(&mut ws, "before").await;
 
@@ -714,7 +577,7 @@ async fn req3_sigterm_closes_connections_still_open_at_the_drain_timeout() {
     assert!(
         proxy.count("drain timeout: closing the connections still open") == 1,
         "{}",
-        proxy.log()
+        proxy.text()
     );
 }
 
@@ -730,7 +593,7 @@ async fn req7_json_log_line_per_connection_end() {
         conf(ports, "", "idle_timeout = \"1s\"", OPEN_LIMITS, &[(up.addr, 1)], &[]),
     )
     .unwrap();
-    let mut proxy = Daemon::run(&path, true).await;
+    let mut proxy = Daemon::run_json(&path).await;
     let addr = ports.proxy();
 
     // Three that close cleanly: n bytes up, n + 3 down (the echo, then "bye").
@@ -759,7 +622,7 @@ async fn req7_json_log_line_per_connection_end() {
     proxy.wait_for_nth("connection closed", 5).await;
     assert!(proxy.terminate().await.success());
     let lines = closed_lines(&proxy);
-    assert_eq!(lines.len(), 5, "one line per connection end:\n{}", proxy.log());
+    assert_eq!(lines.len(), 5, "one line per connection end:\n{}", proxy.text());
     let mut ends = Vec::new();
     for j in &lines {
         for key in ["duration_ms", "client_to_upstream", "upstream_to_client"] {
@@ -810,7 +673,7 @@ async fn req7_connection_closed_by_the_shutdown_drain_is_logged() {
         conf(ports, "drain_timeout = \"1s\"", "", OPEN_LIMITS, &[(up.addr, 1)], &[]),
     )
     .unwrap();
-    let mut proxy = Daemon::run(&path, true).await;
+    let mut proxy = Daemon::run_json(&path).await;
     let mut s = raw_upgrade(client_ip(1), ports.proxy()).await.unwrap();
     s.write_all(&[b'd'; 40]).await.unwrap();
     let mut back = [0u8; 40];
@@ -822,7 +685,7 @@ async fn req7_connection_closed_by_the_shutdown_drain_is_logged() {
         lines.len(),
         1,
         "no line for the connection closed at the drain timeout:\n{}",
-        proxy.log()
+        proxy.text()
     );
     assert_eq!(lines[0]["client_to_upstream"].as_f64(), Some(40.0));
 }

@@ -14,23 +14,15 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, fds_of};
+use common::{DAEMON_DEADLINE, Daemon, admin_tcp, fds_of, free_port, temp_config};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-
-const DEADLINE: Duration = Duration::from_secs(20);
-
-fn say(line: &str) {
-    let mut e = std::io::stderr().lock();
-    let _ = writeln!(e, "{line}");
-    let _ = e.flush();
-}
+use wsproxy_tests::echo_upstream;
+use wsproxy_tests::relay_kit::say;
 
 /// CPU time (user + system) of process `pid` so far.
 fn cpu_time(pid: u32) -> Duration {
@@ -42,29 +34,6 @@ fn cpu_time(pid: u32) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Duration::from_millis(ticks * 1000 / hz)
-}
-
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wsproxy-emfile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn echo_upstream() -> std::net::SocketAddr {
-    let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = up.local_addr().unwrap();
-    tokio::spawn(wsproxy::echo::serve(up, std::future::pending()));
-    addr
 }
 
 /// Config text: proxy on `port`, admin on `admin_port` with `admin_keys`, limits out of the way,
@@ -82,18 +51,18 @@ fn config(port: u16, admin_port: u16, admin_keys: &str, up: std::net::SocketAddr
 
 /// A WebSocket handshake and one echoed message through the proxy on `port`.
 async fn honest_echo(port: u16, text: &str) {
-    let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port)))
+    let stream = tokio::time::timeout(DAEMON_DEADLINE, TcpStream::connect(("127.0.0.1", port)))
         .await
         .unwrap()
         .unwrap();
     let url = format!("ws://127.0.0.1:{port}/honest");
-    let (mut ws, resp) = tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(url, stream))
+    let (mut ws, resp) = tokio::time::timeout(DAEMON_DEADLINE, tokio_tungstenite::client_async(url, stream))
         .await
         .expect("the honest handshake timed out")
         .expect("the honest handshake failed");
     assert_eq!(resp.status().as_u16(), 101);
     ws.send(Message::text(text)).await.unwrap();
-    let echo = tokio::time::timeout(DEADLINE, ws.next())
+    let echo = tokio::time::timeout(DAEMON_DEADLINE, ws.next())
         .await
         .unwrap()
         .unwrap()
@@ -103,24 +72,11 @@ async fn honest_echo(port: u16, text: &str) {
 
 /// `GET path` on the admin listener: (status, body).
 async fn admin_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port)))
-        .await
-        .expect("admin connect timed out")
-        .unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
-        .await
-        .expect("no admin answer")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    admin_tcp(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
 }
 
 /// Connections waiting in the accept queue of the IPv4 listener on `port` (the `rx_queue` of a
@@ -164,7 +120,7 @@ async fn client_accepts_pause_at_the_descriptor_budget_and_the_admin_listener_st
     let mut flood = Vec::new();
     for _ in 0..FLOOD {
         flood.push(
-            tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port)))
+            tokio::time::timeout(DAEMON_DEADLINE, TcpStream::connect(("127.0.0.1", port)))
                 .await
                 .unwrap()
                 .unwrap(),
@@ -269,7 +225,7 @@ async fn idle_admin_connections_cannot_starve_websocket_handshakes() {
     let mut max_fds = 0;
     for i in 0..IDLE {
         idle.push(
-            tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", admin_port)))
+            tokio::time::timeout(DAEMON_DEADLINE, TcpStream::connect(("127.0.0.1", admin_port)))
                 .await
                 .expect("an admin connect timed out")
                 .unwrap(),
@@ -283,7 +239,7 @@ async fn idle_admin_connections_cannot_starve_websocket_handshakes() {
     // The admin listener has taken every connection from the kernel's queue (each was held or
     // refused), or the proxy is out of descriptors (as it was before the cap): then the honest
     // client comes.
-    let end = Instant::now() + DEADLINE;
+    let end = Instant::now() + DAEMON_DEADLINE;
     loop {
         let queued = accept_queue(admin_port).expect("the admin listener's socket in /proc/net/tcp");
         let fds = fds_of(d.pid());

@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_wsproxy");
+use common::{BIN, free_port};
+
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/wsproxy.service");
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -22,10 +23,6 @@ fn in_ci() -> bool {
 fn cannot_run(why: &str) {
     assert!(!in_ci(), "{why}");
     let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[test]

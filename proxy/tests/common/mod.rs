@@ -1,15 +1,19 @@
-//! What the binary-driving tests share: waiting for a child's exit on a pidfd, and a running
-//! `wsproxy` whose log lines the test reads ([`Daemon`]), optionally under a descriptor limit.
+//! What the binary-driving tests share (only they know the binary's path): waiting for a child's
+//! exit on a pidfd, a running `wsproxy` whose log lines the test reads ([`Daemon`]), optionally
+//! under a descriptor limit, configuration files in a directory of the test's own, `wsproxy
+//! reload`, and raw requests to the binary's admin listener.
 // Each test binary uses a part of it.
 #![allow(dead_code)]
 
 use std::io::BufRead;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 
 pub mod kernel;
@@ -60,10 +64,80 @@ pub fn fds_of(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// Deadline of every wait on a [`Daemon`].
+/// Deadline of every wait on a [`Daemon`] and on the admin listener of the binary.
 pub const DAEMON_DEADLINE: Duration = Duration::from_secs(20);
 
-/// A running `wsproxy` whose stderr lines arrive on a channel, each with its arrival time.
+/// A port free on 127.0.0.1 a moment ago (for a configuration file the binary reads: it binds
+/// the port itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A path `name` in a directory of this test process's own (each test binary is a process).
+pub fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wsproxy-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// Writes `text` to [`temp_path`]`(name)` and returns the path.
+pub fn temp_config(name: &str, text: &str) -> PathBuf {
+    let path = temp_path(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `wsproxy reload --config PATH`: (exit code, stdout, stderr).
+pub async fn reload_command(path: &Path) -> (Option<i32>, String, String) {
+    let path = path.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || Command::new(BIN).args(["reload", "--config"]).arg(path).output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Sends `request` as it is to the admin listener on 127.0.0.1:`port` and reads to the close:
+/// (status, body).
+pub async fn admin_tcp(port: u16, request: &str) -> (u16, String) {
+    let s = tokio::time::timeout(DAEMON_DEADLINE, TcpStream::connect(("127.0.0.1", port)))
+        .await
+        .expect("admin connect timed out")
+        .unwrap();
+    admin_exchange(s, request).await
+}
+
+/// Like [`admin_tcp`], on the admin listener's Unix socket.
+pub async fn admin_unix(path: &Path, request: &str) -> (u16, String) {
+    admin_exchange(UnixStream::connect(path).await.unwrap(), request).await
+}
+
+async fn admin_exchange(mut s: impl AsyncRead + AsyncWrite + Unpin, request: &str) -> (u16, String) {
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(DAEMON_DEADLINE, s.read_to_end(&mut out))
+        .await
+        .expect("no admin answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A running `wsproxy` whose stderr lines arrive on a channel, each with its arrival time. Every
+/// wait on it has the deadline [`DAEMON_DEADLINE`] and fails with the log so far.
 pub struct Daemon {
     pub child: Child,
     lines: mpsc::UnboundedReceiver<(Instant, String)>,
@@ -115,7 +189,20 @@ impl Daemon {
 
     /// `wsproxy run --config PATH`, waited for until it accepts connections.
     pub async fn run(config: &Path, nofile: Option<u64>) -> Daemon {
-        let mut d = Daemon::start(&["run", "--config", config.to_str().unwrap()], nofile);
+        Self::run_args(&["run", "--config", config.to_str().unwrap()], nofile).await
+    }
+
+    /// [`Daemon::run`] with JSON log lines (`--log-format json`).
+    pub async fn run_json(config: &Path) -> Daemon {
+        Self::run_args(
+            &["--log-format", "json", "run", "--config", config.to_str().unwrap()],
+            None,
+        )
+        .await
+    }
+
+    async fn run_args(args: &[&str], nofile: Option<u64>) -> Daemon {
+        let mut d = Daemon::start(args, nofile);
         d.wait_for("accepting connections").await;
         d
     }
@@ -125,28 +212,38 @@ impl Daemon {
     }
 
     /// Waits for the first line containing `needle` (among all, those already seen included)
-    /// and returns its arrival time.
-    pub async fn wait_for(&mut self, needle: &str) -> Instant {
-        self.wait_for_any(&[needle]).await
+    /// and returns it.
+    pub async fn wait_for(&mut self, needle: &str) -> String {
+        self.wait_for_nth(needle, 1).await
     }
 
-    /// Like [`Daemon::wait_for`], for the first line containing any of `needles`.
+    /// Waits for the `n`th line (from 1) containing `needle` and returns it.
+    pub async fn wait_for_nth(&mut self, needle: &str, n: usize) -> String {
+        self.wait_line(&format!("#{n} with {needle:?}"), |l| l.contains(needle), n)
+            .await
+            .1
+    }
+
+    /// Waits for the first line containing any of `needles` and returns its arrival time.
     pub async fn wait_for_any(&mut self, needles: &[&str]) -> Instant {
-        let hit = |l: &str| needles.iter().any(|n| l.contains(n));
-        if let Some((t, _)) = self.seen.iter().find(|(_, l)| hit(l)) {
-            return *t;
-        }
+        self.wait_line(
+            &format!("with any of {needles:?}"),
+            |l| needles.iter().any(|n| l.contains(n)),
+            1,
+        )
+        .await
+        .0
+    }
+
+    async fn wait_line(&mut self, what: &str, hit: impl Fn(&str) -> bool, n: usize) -> (Instant, String) {
         let end = tokio::time::Instant::now() + DAEMON_DEADLINE;
         loop {
+            if let Some(found) = self.seen.iter().filter(|(_, l)| hit(l)).nth(n - 1) {
+                return found.clone();
+            }
             match tokio::time::timeout_at(end, self.lines.recv()).await {
-                Ok(Some((t, l))) => {
-                    let found = hit(&l);
-                    self.seen.push((t, l));
-                    if found {
-                        return t;
-                    }
-                }
-                _ => panic!("no log line with any of {needles:?}; got:\n{}", self.text()),
+                Ok(Some(line)) => self.seen.push(line),
+                _ => panic!("no log line {what}; got:\n{}", self.text()),
             }
         }
     }
@@ -164,6 +261,7 @@ impl Daemon {
         self.seen.iter().filter(|(_, l)| l.contains(needle)).count()
     }
 
+    /// The lines seen so far, one per line.
     pub fn text(&self) -> String {
         self.seen.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
     }
@@ -172,20 +270,25 @@ impl Daemon {
         self.child.try_wait().unwrap().is_none()
     }
 
-    /// SIGTERM; waits for the exit and then for the rest of its log lines.
-    pub async fn terminate(&mut self) -> ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = tokio::task::block_in_place(|| wait_exit(&mut self.child, DAEMON_DEADLINE))
-            .unwrap_or_else(|| panic!("wsproxy did not exit after SIGTERM; log:\n{}", self.text()));
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// Waits (within `limit`) for the process to exit; then for the rest of its log lines.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let status = tokio::task::block_in_place(|| wait_exit(&mut self.child, limit))
+            .unwrap_or_else(|| panic!("wsproxy did not exit within {limit:?}; log:\n{}", self.text()));
         // The stderr pipe closes with the process: the channel ends.
         while let Ok(Some(l)) = tokio::time::timeout(DAEMON_DEADLINE, self.lines.recv()).await {
             self.seen.push(l);
         }
         status
+    }
+
+    /// SIGTERM; waits for the exit and then for the rest of its log lines.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(DAEMON_DEADLINE).await
     }
 }
 
