@@ -299,12 +299,12 @@ pub enum RelayMode {
 #[serde(deny_unknown_fields, default)]
 pub struct Relay {
     pub mode: RelayMode,
-    /// `auto`: reads (about one message each, both directions) a connection carries in
-    /// userspace before it moves to the kernel relay; 0 moves it at once.
-    pub promote_after_reads: u64,
-    /// `auto`: a connection whose average read is larger (bulk) stays in userspace, where the
-    /// kernel relay is no cheaper per byte.
-    pub promote_max_average_read: u64,
+    /// `auto`: messages (frames, both directions; a read counts as at least one) a connection
+    /// carries in userspace before it moves to the kernel relay; 0 moves it at once.
+    pub promote_after_messages: u64,
+    /// `auto`: a connection whose average message is larger (bulk) stays in userspace, where
+    /// the kernel relay is no cheaper per byte.
+    pub promote_max_average_message: u64,
     /// Kernel relay: bytes one direction may have redirected but not yet taken by the
     /// destination's TCP. Past it the sender is held back by its own TCP window.
     pub max_in_flight_bytes: u64,
@@ -336,8 +336,8 @@ impl Default for Relay {
     fn default() -> Self {
         Self {
             mode: RelayMode::Auto,
-            promote_after_reads: 8,
-            promote_max_average_read: 32 * 1024,
+            promote_after_messages: 8,
+            promote_max_average_message: 32 * 1024,
             max_in_flight_bytes: 4 * 1024 * 1024,
             max_in_flight_skbs: 4096,
             drain_timeout: Duration::from_secs(10),
@@ -716,8 +716,8 @@ impl File {
                 r.max_in_flight_skbs
             ));
         }
-        if r.promote_max_average_read == 0 {
-            p.push("relay.promote_max_average_read: must be at least 1".into());
+        if r.promote_max_average_message == 0 {
+            p.push("relay.promote_max_average_message: must be at least 1".into());
         }
         if r.drain_timeout.is_zero() {
             p.push("relay.drain_timeout: must be above 0".into());

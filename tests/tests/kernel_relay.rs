@@ -1344,9 +1344,10 @@ async fn stress_one(p: &RelayProxy, id: u64, plan: Plan) -> Result<(), String> {
 
 const STRESS: u64 = 300;
 
-/// `auto` moves every connection to the kernel relay after a few reads, wherever its transfer
+/// `auto` moves every connection to the kernel relay after a few messages (the random streams of
+/// these tests count as at least one per read), wherever its transfer
 /// stands: the move itself must lose, repeat or reorder nothing.
-const PROMOTE_EARLY: &str = "promote_after_reads = 4\npromote_max_average_read = 1073741824\n";
+const PROMOTE_EARLY: &str = "promote_after_messages = 4\npromote_max_average_message = 1073741824\n";
 
 async fn stress(mode: &str) {
     let _g = shared().await;
@@ -1924,7 +1925,7 @@ async fn auto_mode_moves_message_traffic_to_the_kernel_relay() {
     let Some(p) = RelayProxy::start("auto", "").await else {
         return;
     };
-    // Past the default 8 reads in round trips; then bulk both ways to the end, in the kernel.
+    // Past the default 8 messages in round trips; then bulk both ways to the end, in the kernel.
     let (mut c, mut u) = p.open_relayed(1).await;
     ping_pong(&mut c, &mut u, 1, 10).await;
     let in_userspace = p.server.totals();
@@ -1954,15 +1955,25 @@ async fn auto_mode_keeps_short_connections_and_bulk_in_userspace() {
     // Short: a byte each way and a close.
     let (c, u) = p.open_relayed(1).await;
     both_half_close(c, u, [seed(1, 0), seed(1, 1)], 100, 100).await.unwrap();
-    // Bulk: 16 MiB one way in 1 MiB writes, faster than the relay: its 64 KiB reads come full.
-    let (mut c, mut u) = p.open_relayed(2).await;
+    // Bulk: one binary message of 16 MiB (its frame header, then the payload in 1 MiB writes),
+    // faster than the relay: its 64 KiB reads come full, one message in 256 of them. The stream
+    // starts at the header, as a WebSocket's does after the 101 (no probe byte before it).
+    let (mut c, mut u) = p.open(2).await;
+    let mut header = vec![0x82, 127];
+    header.extend_from_slice(&(16 * MIB).to_be_bytes());
     let (wrote, got) = within("16 MiB of bulk", async {
         tokio::join!(
             async {
+                c.write_all(&header).await?;
                 write_pattern(&mut c, seed(2, 0), 16 * MIB, 1 << 20).await?;
                 c.shutdown().await
             },
-            read_pattern(&mut u, seed(2, 0), 16 * MIB, None)
+            async {
+                let mut got = vec![0; header.len()];
+                u.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, header, "the frame header");
+                read_pattern(&mut u, seed(2, 0), 16 * MIB, None).await
+            }
         )
     })
     .await;
@@ -1981,9 +1992,49 @@ async fn auto_mode_keeps_short_connections_and_bulk_in_userspace() {
     assert_eq!((t.ended, t.promotions), ([0, 2], 0), "{t:?}");
     assert_eq!(
         (t.client_to_upstream[1], t.upstream_to_client[1]),
-        (2 + 100 + 16 * MIB, 2 + 100),
+        (1 + 100 + 10 + 16 * MIB, 1 + 100),
         "{t:?}"
     );
+}
+
+/// Frames of `len` bytes each from a server (unmasked), back to back: what a relay that is behind
+/// its sender finds in one read.
+fn queued_frames(n: usize, len: usize) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| {
+            let mut f = vec![0x82, len as u8];
+            f.extend(std::iter::repeat_n(i as u8, len));
+            f
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_counts_messages_not_reads() {
+    let _g = shared().await;
+    let Some(p) = RelayProxy::start("auto", "").await else {
+        return;
+    };
+    // Twelve 64 B messages in one write, so in one or a few reads: past the default 8 messages,
+    // though not past 8 reads.
+    let (mut c, mut u) = p.open(1).await;
+    let burst = queued_frames(12, 64);
+    u.write_all(&burst).await.unwrap();
+    expect_soon(&mut c, &burst, "twelve queued messages").await;
+    let moved = poll_until(DEADLINE, || (p.server.totals().promotions == 1).then_some(())).await;
+    assert!(moved.is_some(), "not moved: {:?}", p.server.totals());
+    // After the move, more of them both ways, in the kernel relay.
+    for _ in 0..3 {
+        u.write_all(&burst).await.unwrap();
+        expect_soon(&mut c, &burst, "messages after the move").await;
+        c.write_all(&burst).await.unwrap();
+        expect_soon(&mut u, &burst, "messages up after the move").await;
+    }
+    drop((c, u));
+    let t = p.wait_idle().await;
+    let n = burst.len() as u64;
+    assert_eq!((t.ended, t.promotions, t.fallbacks), ([1, 0], 1, 0), "{t:?}");
+    assert_eq!((t.client_to_upstream[0], t.upstream_to_client[0]), (3 * n, 4 * n), "{t:?}");
 }
 
 /// A socket map takes only established TCP sockets. A client that half-closes right behind its

@@ -7,6 +7,7 @@
 //! once.
 
 mod buffers;
+mod frames;
 pub mod kernel;
 pub mod outcome;
 pub mod promotion;
@@ -61,7 +62,7 @@ pub async fn relay(
                 userspace::Carried::Promote(h) => {
                     metrics.relay_promoted();
                     debug!(
-                        reads = h.reads,
+                        messages = h.messages,
                         client_to_upstream = h.client_to_upstream,
                         upstream_to_client = h.upstream_to_client,
                         "relay: moving the connection to the kernel relay"

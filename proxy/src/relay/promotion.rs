@@ -4,52 +4,57 @@
 //! and at the end; it pays back per message (the kernel relay moves a small message for a
 //! fraction of the userspace relay's CPU), not per byte (for bulk transfers it is no cheaper on
 //! the measured machines: `docs/kernel-relay.md`). So a connection starts in userspace and
-//! moves once it shows message traffic: a run of reads that are small on average. The run is
+//! moves once it shows message traffic: a run of messages that are small on average. The run is
 //! judged on its own, not the connection's whole past, so a connection that began with a bulk
 //! transfer still moves once it turns to messages. Short connections and bulk transfers never
 //! pay for the maps.
+//!
+//! Messages are counted by their frame headers (`relay::frames`), not by reads: a relay that
+//! falls behind takes several queued messages per read, and counting reads would move exactly
+//! the busiest connections late. A read counts as at least one message, so that a stream whose
+//! headers say little (one frame in many reads) is still judged by its reads.
 
 use crate::config;
 
 /// The promotion rule of one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
-    /// Reads (about one message each, both directions) in a run.
-    pub after_reads: u64,
-    /// Largest average read of a run that still counts as message traffic.
-    pub max_average_read: u64,
+    /// Messages (both directions) in a run.
+    pub after_messages: u64,
+    /// Largest average message of a run that still counts as message traffic.
+    pub max_average_message: u64,
 }
 
-/// The current run of reads of one connection.
+/// The current run of messages of one connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Run {
-    reads: u64,
+    messages: u64,
     bytes: u64,
 }
 
 impl Policy {
     pub fn new(cfg: &config::Relay) -> Self {
         Policy {
-            after_reads: cfg.promote_after_reads,
-            max_average_read: cfg.promote_max_average_read,
+            after_messages: cfg.promote_after_messages,
+            max_average_message: cfg.promote_max_average_message,
         }
     }
 
-    /// Adds a read of `n` bytes to `run`; true once the connection should move. A full run
-    /// whose average read is too large starts a new one.
-    pub fn observe(&self, run: &mut Run, n: u64) -> bool {
-        run.reads += 1;
+    /// Adds a read of `n` bytes that completed `headers` frame headers to `run`; true once the
+    /// connection should move. A full run whose average message is too large starts a new one.
+    pub fn observe(&self, run: &mut Run, n: u64, headers: u64) -> bool {
+        run.messages = run.messages.saturating_add(headers.max(1));
         run.bytes = run.bytes.saturating_add(n);
         self.due(run)
     }
 
-    /// True when `run` shows message traffic (also for a run of no reads when `after_reads`
-    /// is 0: move at the first chance).
+    /// True when `run` shows message traffic (also for a run of no messages when
+    /// `after_messages` is 0: move at the first chance).
     pub fn due(&self, run: &mut Run) -> bool {
-        if run.reads < self.after_reads {
+        if run.messages < self.after_messages {
             return false;
         }
-        if run.bytes <= run.reads.saturating_mul(self.max_average_read) {
+        if run.bytes <= run.messages.saturating_mul(self.max_average_message) {
             return true;
         }
         *run = Run::default();
@@ -62,12 +67,13 @@ mod tests {
     use super::*;
 
     const P: Policy = Policy {
-        after_reads: 8,
-        max_average_read: 16 * 1024,
+        after_messages: 8,
+        max_average_message: 16 * 1024,
     };
 
+    /// Reads of one message each; the index of the read after which the connection moves.
     fn feed(p: &Policy, run: &mut Run, reads: impl IntoIterator<Item = u64>) -> Option<usize> {
-        reads.into_iter().position(|n| p.observe(run, n))
+        reads.into_iter().position(|n| p.observe(run, n, 1))
     }
 
     #[test]
@@ -116,17 +122,34 @@ mod tests {
 
     #[test]
     fn zero_reads_moves_at_the_first_chance() {
-        let p = Policy { after_reads: 0, ..P };
+        let p = Policy { after_messages: 0, ..P };
         assert!(p.due(&mut Run::default()));
     }
 
     #[test]
     fn no_overflow() {
         let p = Policy {
-            after_reads: 1,
-            max_average_read: u64::MAX,
+            after_messages: 1,
+            max_average_message: u64::MAX,
         };
         let mut run = Run::default();
-        assert!(p.observe(&mut run, u64::MAX));
+        assert!(p.observe(&mut run, u64::MAX, u64::MAX));
+    }
+
+    #[test]
+    fn queued_messages_read_at_once_count_each() {
+        // A relay behind its sender: each read takes 10 frames of 70 B.
+        let mut run = Run::default();
+        let moved = (0..8).position(|_| P.observe(&mut run, 700, 10));
+        assert_eq!(moved, Some(0), "10 messages in the first read are a run of 8");
+    }
+
+    #[test]
+    fn a_read_without_a_header_counts_as_one_message() {
+        // The middle of a large frame, or a stream that is not WebSocket: judged by reads.
+        let mut run = Run::default();
+        assert_eq!((0..20).position(|_| P.observe(&mut run, 100, 0)), Some(7));
+        let mut run = Run::default();
+        assert_eq!((0..1000).position(|_| P.observe(&mut run, 64 * 1024, 0)), None);
     }
 }

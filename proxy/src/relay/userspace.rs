@@ -18,6 +18,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::frames::Frames;
 use super::promotion::{Policy, Run};
 use super::{End, Mode, Outcome, reset_on_close, until_end, write_all};
 use crate::config;
@@ -47,8 +48,8 @@ pub struct Handover {
     pub upstream: TcpStream,
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
-    /// Reads the userspace relay made (both directions).
-    pub reads: u64,
+    /// Messages the userspace relay carried (both directions; see `relay::promotion`).
+    pub messages: u64,
 }
 
 /// Relays to the end, or (with a `policy`) until the pair is due to move to the kernel relay.
@@ -61,13 +62,13 @@ pub async fn relay(
 ) -> Carried {
     let started = Instant::now();
     if policy.is_some_and(|p| p.due(&mut Run::default())) {
-        // `promote_after_reads = 0`: nothing to carry here.
+        // `promote_after_messages = 0`: nothing to carry here.
         return Carried::Promote(Handover {
             client,
             upstream,
             client_to_upstream: 0,
             upstream_to_client: 0,
-            reads: 0,
+            messages: 0,
         });
     }
     let counts = Counts::default();
@@ -118,7 +119,7 @@ pub async fn relay(
                 upstream,
                 client_to_upstream: counts.c2u.into_inner(),
                 upstream_to_client: counts.u2c.into_inner(),
-                reads: counts.reads.into_inner(),
+                messages: counts.messages.into_inner(),
             });
         }
         Ok(Flow::Done) => End::Closed,
@@ -172,8 +173,8 @@ enum Copied {
 struct Counts {
     c2u: AtomicU64,
     u2c: AtomicU64,
-    reads: AtomicU64,
-    /// The promotion policy's current run of reads (both directions).
+    messages: AtomicU64,
+    /// The promotion policy's current run of messages (both directions).
     run: std::sync::Mutex<Run>,
 }
 
@@ -200,16 +201,17 @@ impl<'a> Promoter<'a> {
         }
     }
 
-    /// Counts a read of `n` bytes, written on; true once the pair should stop for the move.
-    fn after_write(&self, n: usize) -> bool {
-        self.counts.reads.fetch_add(1, Relaxed);
+    /// Counts a read of `n` bytes that completed `headers` frame headers, written on; true once
+    /// the pair should stop for the move.
+    fn after_write(&self, n: usize, headers: u64) -> bool {
+        self.counts.messages.fetch_add(headers.max(1), Relaxed);
         if let Some(p) = self.policy {
             let mut run = self
                 .counts
                 .run
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if p.observe(&mut run, n as u64) {
+            if p.observe(&mut run, n as u64, headers) {
                 self.promote.cancel();
             }
         }
@@ -254,6 +256,7 @@ async fn up_side<T>(copy: impl Future<Output = Result<T, Failed>>, client_to_ups
 /// Copies until EOF, then shuts the destination down for writing (passes the FIN on); or, once
 /// a promotion is asked for, stops where it holds no byte.
 async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, promoter: &Promoter<'_>) -> Result<Copied, Failed> {
+    let mut frames = Frames::default();
     loop {
         tokio::select! {
             // A promotion asked for while this direction waits: it holds nothing, stop here.
@@ -272,7 +275,7 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, promoter: &Pr
                 Ok(n) => {
                     write_all(to, &buf[..n]).await.map_err(Failed::Write)?;
                     count.fetch_add(n as u64, Relaxed);
-                    if promoter.after_write(n) {
+                    if promoter.after_write(n, frames.feed(&buf[..n])) {
                         return Ok(Copied::Paused);
                     }
                 }
