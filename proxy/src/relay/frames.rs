@@ -127,12 +127,17 @@ mod tests {
     fn any_bytes_are_followed_without_panic() {
         // Not WebSocket: whatever it counts, it never panics nor overflows.
         let mut f = Frames::default();
-        let junk: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let junk: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         for c in junk.chunks(333) {
             f.feed(c);
         }
         let mut f = Frames::default();
-        assert_eq!(f.feed(&[0x82, 127, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]), 1);
+        assert_eq!(
+            f.feed(&[0x82, 127, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]),
+            1
+        );
         assert_eq!(f.feed(&[0; 4096]), 0);
     }
 }
