@@ -15,13 +15,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BIN, DAEMON_DEADLINE, Daemon, free_port, reload_command, temp_path};
+use common::{BIN, DAEMON_DEADLINE, Daemon, free_port, reload_command, temp_config, temp_path};
 
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use wsproxy::balance::Balancer;
 use wsproxy_tests::daemon_kit::try_http;
@@ -83,6 +84,39 @@ fn conf(
     )
 }
 
+/// The binary (ports of its own, [`OPEN_LIMITS`]) in front of the one upstream `up`, from the
+/// file `name` with `listen_extra` keys of `[listen]` and `relay_extra` keys of `[relay]`; JSON
+/// log lines when `json`. Waited for until it accepts.
+async fn start_in_front_of(
+    name: &str,
+    up: SocketAddr,
+    listen_extra: &str,
+    relay_extra: &str,
+    json: bool,
+) -> (Daemon, Ports) {
+    let ports = Ports::new();
+    let path = temp_config(
+        name,
+        &conf(ports, listen_extra, relay_extra, OPEN_LIMITS, &[(up, 1)], &[]),
+    );
+    let proxy = if json {
+        Daemon::run_json(&path).await
+    } else {
+        Daemon::run(&path, None).await
+    };
+    (proxy, ports)
+}
+
+/// [`start_in_front_of`] an echo upstream with the drain timeout `drain`, and a WebSocket through
+/// it that has echoed a message.
+async fn echo_proxy_with_a_websocket(name: &str, drain: &str) -> (Daemon, Ports, WebSocketStream<TcpStream>) {
+    let echo = echo_upstream().await;
+    let (proxy, ports) = start_in_front_of(name, echo, &format!("drain_timeout = \"{drain}\""), "", false).await;
+    let mut ws = ws_connect(client_ip(1), ports.proxy()).await.unwrap();
+    echo_check(&mut ws, "before").await;
+    (proxy, ports, ws)
+}
+
 fn x_gen(generation: &str) -> String {
     format!("[headers]\nadd = [{{ name = \"X-Gen\", value = \"{generation}\" }}]\n")
 }
@@ -91,6 +125,12 @@ fn upstreams_of(text: &str) -> wsproxy::config::Upstreams {
     wsproxy::Config::parse(text, "test")
         .unwrap_or_else(|e| panic!("{e}"))
         .upstreams
+}
+
+/// A client (among `client_ip(1000..3000)`) whose first choice under the config `text` is `up`.
+fn first_choice_of(text: &str, up: SocketAddr) -> IpAddr {
+    let b = Balancer::new(&upstreams_of(text));
+    (1000..3000).map(client_ip).find(|&ip| b.order(ip)[0] == up).unwrap()
 }
 
 // ---- clients and upstreams ----
@@ -211,14 +251,7 @@ fn closed_lines(d: &Daemon) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_binary_healthz_503_while_draining() {
     let echo = echo_upstream().await;
-    let ports = Ports::new();
-    let path = temp_path("healthz.toml");
-    std::fs::write(
-        &path,
-        conf(ports, "drain_timeout = \"10s\"", "", OPEN_LIMITS, &[(echo, 1)], &[]),
-    )
-    .unwrap();
-    let mut proxy = Daemon::run(&path, None).await;
+    let (mut proxy, ports) = start_in_front_of("healthz.toml", echo, "drain_timeout = \"10s\"", "", false).await;
     proxy.wait_for("admin endpoints").await;
     assert_eq!(
         http(ports.admin(), "GET", "/healthz").await.unwrap(),
@@ -270,8 +303,12 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     fleet.round(0).await;
     let mut reloads = 0;
 
-    // Odd reloads by SIGHUP, even ones by `wsproxy reload`; each applied while the fleet talks.
-    async fn reload(proxy: &mut Daemon, path: &Path, n: usize) {
+    // Writes `text` to the file and reloads it: odd reloads by SIGHUP, even ones by `wsproxy
+    // reload`; each applied while the fleet talks.
+    async fn reload(proxy: &mut Daemon, path: &Path, text: &str, reloads: &mut usize) {
+        std::fs::write(path, text).unwrap();
+        *reloads += 1;
+        let n = *reloads;
         if n % 2 == 1 {
             proxy.signal(nix::sys::signal::Signal::SIGHUP);
             proxy
@@ -290,14 +327,8 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     // 1: r1 joins: clients whose first choice it is go to it, with the new header.
     fleet.start_round(1);
     let t1 = text(&[(echo, 1), (r1.addr, 1)], &[], 1, OPEN_LIMITS);
-    std::fs::write(&path, &t1).unwrap();
-    reloads += 1;
-    reload(&mut proxy, &path, reloads).await;
-    let b1 = Balancer::new(&upstreams_of(&t1));
-    let c = (1000..3000)
-        .map(client_ip)
-        .find(|&ip| b1.order(ip)[0] == r1.addr)
-        .unwrap();
+    reload(&mut proxy, &path, &t1, &mut reloads).await;
+    let c = first_choice_of(&t1, r1.addr);
     assert_eq!(
         landing(addr, c, [&mut r1, &mut r2], ids).await,
         (b'1', Some("1".into()))
@@ -307,14 +338,8 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     // 2: the echo upstream leaves (its connections stay), r2 joins with weight 3.
     fleet.start_round(2);
     let t2 = text(&[(r1.addr, 1), (r2.addr, 3)], &[], 2, OPEN_LIMITS);
-    std::fs::write(&path, &t2).unwrap();
-    reloads += 1;
-    reload(&mut proxy, &path, reloads).await;
-    let b2 = Balancer::new(&upstreams_of(&t2));
-    let c = (1000..3000)
-        .map(client_ip)
-        .find(|&ip| b2.order(ip)[0] == r2.addr)
-        .unwrap();
+    reload(&mut proxy, &path, &t2, &mut reloads).await;
+    let c = first_choice_of(&t2, r2.addr);
     assert_eq!(
         landing(addr, c, [&mut r1, &mut r2], ids).await,
         (b'2', Some("2".into()))
@@ -324,9 +349,8 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     // 3: one connection per client.
     fleet.start_round(3);
     let capped = "[limits]\nrequests_per_second = 10000.0\nburst = 10000\nmax_connections_per_ip = 1\n";
-    std::fs::write(&path, text(&[(r1.addr, 1), (r2.addr, 3)], &[], 3, capped)).unwrap();
-    reloads += 1;
-    reload(&mut proxy, &path, reloads).await;
+    let t3 = text(&[(r1.addr, 1), (r2.addr, 3)], &[], 3, capped);
+    reload(&mut proxy, &path, &t3, &mut reloads).await;
     let (held, id) = upgrade_id(client_ip(5000), addr).await.unwrap();
     let refused = raw_upgrade(client_ip(5000), addr).await.unwrap_err();
     assert_eq!(status(&refused), 429, "{refused}");
@@ -337,10 +361,11 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
 
     // 4: r1's weight goes to 0: its clients move to r2.
     fleet.start_round(4);
-    std::fs::write(&path, text(&[(r1.addr, 0), (r2.addr, 1)], &[], 4, OPEN_LIMITS)).unwrap();
-    reloads += 1;
-    reload(&mut proxy, &path, reloads).await;
+    let t4 = text(&[(r1.addr, 0), (r2.addr, 1)], &[], 4, OPEN_LIMITS);
+    reload(&mut proxy, &path, &t4, &mut reloads).await;
     let r1_before = r1.accepted.load(Ordering::SeqCst);
+    // Clients whose first choice r1 was before.
+    let b2 = Balancer::new(&upstreams_of(&t2));
     let movers: Vec<IpAddr> = (6000..8000)
         .map(client_ip)
         .filter(|&ip| b2.order(ip)[0] == r1.addr)
@@ -361,9 +386,8 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
 
     // 5: r1 main, r2 backup.
     fleet.start_round(5);
-    std::fs::write(&path, text(&[(r1.addr, 1)], &[(r2.addr, 1)], 5, OPEN_LIMITS)).unwrap();
-    reloads += 1;
-    reload(&mut proxy, &path, reloads).await;
+    let t5 = text(&[(r1.addr, 1)], &[(r2.addr, 1)], 5, OPEN_LIMITS);
+    reload(&mut proxy, &path, &t5, &mut reloads).await;
     assert_eq!(
         landing(addr, client_ip(9000), [&mut r1, &mut r2], ids).await,
         (b'1', Some("5".into()))
@@ -510,17 +534,7 @@ fn req2_reload_command_needs_an_admin_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req3_sigterm_stops_accepting_and_lets_a_finishing_connection_complete() {
-    let echo = echo_upstream().await;
-    let ports = Ports::new();
-    let path = temp_path("drain-finish.toml");
-    std::fs::write(
-        &path,
-        conf(ports, "drain_timeout = \"10s\"", "", OPEN_LIMITS, &[(echo, 1)], &[]),
-    )
-    .unwrap();
-    let mut proxy = Daemon::run(&path, None).await;
-    let mut ws = ws_connect(client_ip(1), ports.proxy()).await.unwrap();
-    echo_check(&mut ws, "before").await;
+    let (mut proxy, ports, mut ws) = echo_proxy_with_a_websocket("drain-finish.toml", "10s").await;
 
     let t = Instant::now();
     proxy.signal(nix::sys::signal::Signal::SIGTERM);
@@ -548,17 +562,7 @@ async fn req3_sigterm_stops_accepting_and_lets_a_finishing_connection_complete()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req3_sigterm_closes_connections_still_open_at_the_drain_timeout() {
-    let echo = echo_upstream().await;
-    let ports = Ports::new();
-    let path = temp_path("drain-timeout.toml");
-    std::fs::write(
-        &path,
-        conf(ports, "drain_timeout = \"1s\"", "", OPEN_LIMITS, &[(echo, 1)], &[]),
-    )
-    .unwrap();
-    let mut proxy = Daemon::run(&path, None).await;
-    let mut ws = ws_connect(client_ip(1), ports.proxy()).await.unwrap();
-    echo_check(&mut ws, "before").await;
+    let (mut proxy, _, mut ws) = echo_proxy_with_a_websocket("drain-timeout.toml", "1s").await;
 
     let t = Instant::now();
     proxy.signal(nix::sys::signal::Signal::SIGTERM);
@@ -586,14 +590,7 @@ async fn req3_sigterm_closes_connections_still_open_at_the_drain_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req7_json_log_line_per_connection_end() {
     let up = Recorder::start(None).await;
-    let ports = Ports::new();
-    let path = temp_path("json.toml");
-    std::fs::write(
-        &path,
-        conf(ports, "", "idle_timeout = \"1s\"", OPEN_LIMITS, &[(up.addr, 1)], &[]),
-    )
-    .unwrap();
-    let mut proxy = Daemon::run_json(&path).await;
+    let (mut proxy, ports) = start_in_front_of("json.toml", up.addr, "", "idle_timeout = \"1s\"", true).await;
     let addr = ports.proxy();
 
     // Three that close cleanly: n bytes up, n + 3 down (the echo, then "bye").
@@ -666,14 +663,7 @@ async fn req7_json_log_line_per_connection_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req7_connection_closed_by_the_shutdown_drain_is_logged() {
     let up = Recorder::start(None).await;
-    let ports = Ports::new();
-    let path = temp_path("json-drain.toml");
-    std::fs::write(
-        &path,
-        conf(ports, "drain_timeout = \"1s\"", "", OPEN_LIMITS, &[(up.addr, 1)], &[]),
-    )
-    .unwrap();
-    let mut proxy = Daemon::run_json(&path).await;
+    let (mut proxy, ports) = start_in_front_of("json-drain.toml", up.addr, "drain_timeout = \"1s\"", "", true).await;
     let mut s = raw_upgrade(client_ip(1), ports.proxy()).await.unwrap();
     s.write_all(&[b'd'; 40]).await.unwrap();
     let mut back = [0u8; 40];
