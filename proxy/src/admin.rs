@@ -50,8 +50,14 @@ const BACKLOG: i32 = 1024;
 /// At stop, time open admin connections get to finish the request they are answering.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// The whole answer to a connection over `admin.max_connections`.
-const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-Content-Length: 27\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many admin connections\n";
+static OVER_CAPACITY: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    crate::plain_http::closing_answer(
+        503,
+        "Retry-After: 1\r\n",
+        "text/plain; charset=utf-8",
+        "too many admin connections\n",
+    )
+});
 
 /// Refusals are caused by whoever connects: bounded, so that nobody can fill the log.
 static REFUSAL_LINES: Throttle = Throttle::new(20);
@@ -192,11 +198,11 @@ impl Conn {
         match &self {
             Conn::Tcp(s, _) => {
                 while matches!(s.try_read(&mut sink), Ok(n) if n > 0) {}
-                let _ = s.try_write(OVER_CAPACITY);
+                let _ = s.try_write(&OVER_CAPACITY);
             }
             Conn::Unix(s) => {
                 while matches!(s.try_read(&mut sink), Ok(n) if n > 0) {}
-                let _ = s.try_write(OVER_CAPACITY);
+                let _ = s.try_write(&OVER_CAPACITY);
             }
         }
     }
@@ -571,12 +577,5 @@ mod tests {
         let public = Hosts::Tcp(tcp_hosts("192.0.2.7:9090".parse().unwrap()));
         assert!(public.allow("192.0.2.7:9090") && !public.allow("localhost:9090"));
         assert!(Hosts::Unix.allow("localhost") && !Hosts::Unix.allow("localhost:80"));
-    }
-
-    #[test]
-    fn the_over_capacity_answer_has_the_right_length() {
-        let text = std::str::from_utf8(OVER_CAPACITY).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("Content-Length: {}", body.len())), "{text}");
     }
 }

@@ -295,14 +295,6 @@ impl Answer {
 
     /// The whole HTTP response: small, plain text, and always closing the connection.
     fn response(&self) -> Vec<u8> {
-        let status = self.status();
-        let phrase = match status {
-            400 => "Bad Request",
-            408 => "Request Timeout",
-            426 => "Upgrade Required",
-            429 => "Too Many Requests",
-            _ => "Request Header Fields Too Large",
-        };
         let mut extra = String::new();
         match self {
             Answer::Limited(Refusal::RateLimited { retry_after }) => {
@@ -312,13 +304,7 @@ impl Answer {
             Answer::Rejected(Rejection::UnsupportedVersion) => extra.push_str("Sec-WebSocket-Version: 13\r\n"),
             Answer::Rejected(_) | Answer::UpstreamTimeout | Answer::NoUpstream => {}
         }
-        let body = format!("{}\n", self.reason());
-        format!(
-            "HTTP/1.1 {status} {phrase}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes()
+        crate::plain_http::closing_answer(self.status(), &extra, "text/plain", &format!("{}\n", self.reason()))
     }
 }
 

@@ -21,6 +21,7 @@ pub mod listener;
 // Bounded logging of client-caused events; public so that every module (the relay too) can use it.
 pub mod log_limit;
 pub mod metrics;
+mod plain_http;
 pub mod privileges;
 pub mod relay;
 pub mod upstream;
