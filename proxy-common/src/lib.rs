@@ -42,12 +42,6 @@ pub const MAX_RELAYED_PAIRS: u32 = 32_768;
 /// Capacity of both maps: two entries per relayed connection.
 pub const MAX_SOCKETS: u32 = 2 * MAX_RELAYED_PAIRS;
 
-/// Verdict flag: pass every byte from this socket to userspace instead of redirecting it.
-/// `SK_PASS` keeps the bytes in the socket's receive queue, so the sender is held back by its own
-/// TCP window (measured: real backpressure, no host memory growth). This is the lever the
-/// credit-based bound on in-flight bytes will use.
-pub const FLAG_PASS: u64 = 1 << 0;
-
 /// State of one proxy-side socket of a kernel-relayed pair, keyed by the socket's cookie.
 ///
 /// Writers: userspace writes the whole entry once, at insertion (counters zero), and removes it
@@ -63,15 +57,13 @@ pub struct SockState {
     /// Bytes the verdict redirected from this socket to the peer's egress. Userspace needs it to
     /// know when the peer's TCP has taken everything before it sends a FIN there.
     pub redirected: u64,
-    /// Bytes the verdict left to userspace (`SK_PASS`) on this socket: because of [`FLAG_PASS`],
-    /// or because the redirect failed (the peer is not, or no longer, in the socket map).
+    /// Bytes the verdict left to userspace (`SK_PASS`) on this socket: past the in-flight window
+    /// ([`SockCtrl`]), or because the redirect failed (the peer is not, or no longer, in the socket map).
     pub passed: u64,
     /// Number of skbs the verdict redirected from this socket. Memory held by queued skbs is
     /// their true size, not their payload: a sender of one-byte segments would hold far more
     /// than its byte credit, so skbs are bounded too.
     pub redirected_skbs: u64,
-    /// `FLAG_*` bits, set by userspace at insertion.
-    pub flags: u64,
     /// Sequence number just past the last byte the verdict took from this socket, in the low
     /// 32 bits, with [`SEQ_KNOWN`] set once it is known (zero at insertion). The kernel can hand
     /// the verdict an skb that starts before this (see `docs/kernel-relay.md`): its head has
@@ -150,7 +142,7 @@ mod tests {
 
     #[test]
     fn sock_state_has_no_padding() {
-        assert_eq!(size_of::<SockState>(), size_of::<[u64; 10]>());
+        assert_eq!(size_of::<SockState>(), size_of::<[u64; 9]>());
         assert_eq!(size_of::<SockCtrl>(), 3 * size_of::<u64>());
         assert_eq!(align_of::<SockCtrl>(), align_of::<u64>());
         assert_eq!(align_of::<SockState>(), align_of::<u64>());
@@ -158,10 +150,9 @@ mod tests {
         assert_eq!(offset_of!(SockState, redirected), 8);
         assert_eq!(offset_of!(SockState, passed), 16);
         assert_eq!(offset_of!(SockState, redirected_skbs), 24);
-        assert_eq!(offset_of!(SockState, flags), 32);
-        assert_eq!(offset_of!(SockState, next_seq), 40);
-        assert_eq!(offset_of!(SockState, broken), 56);
-        assert_eq!(offset_of!(SockState, skb_base), 72);
+        assert_eq!(offset_of!(SockState, next_seq), 32);
+        assert_eq!(offset_of!(SockState, broken), 48);
+        assert_eq!(offset_of!(SockState, skb_base), 64);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-use proxy_common::{EVENTS_BYTES, FLAG_PASS, MAX_SOCKETS, SEQ_KNOWN, SockCtrl, SockState};
+use proxy_common::{EVENTS_BYTES, MAX_SOCKETS, SEQ_KNOWN, SockCtrl, SockState};
 
 /// Byte offset of `cb` in `struct sk_buff`, set by userspace from the kernel's BTF
 /// (`proxy_common::SKB_CB_OFFSET_GLOBAL`). A read-only global, so the verifier sees a constant.
@@ -247,7 +247,7 @@ fn may_redirect(s: &mut SockState, cookie: u64, len: u64) -> bool {
     let Some(ctrl) = (unsafe { WSP_CTRL.get(&cookie) }) else {
         return false;
     };
-    if s.flags & FLAG_PASS != 0 || ctrl.window_bytes == 0 {
+    if ctrl.window_bytes == 0 {
         return false;
     }
     let Some(write_seq) = peer_write_seq(s.peer_cookie) else {
