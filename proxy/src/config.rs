@@ -992,6 +992,42 @@ backup = [{ address = "127.0.0.1:9001" }]
         assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
     }
 
+    /// The shipped file says it shows every option with its default value: every value it sets
+    /// is the default a file without it gets, apart from the upstreams (required) and the admin
+    /// address (off by default, on in the shipped file).
+    #[test]
+    fn shipped_config_sets_every_option_to_its_true_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/wsproxy.toml");
+        let shipped = Config::load(&path).unwrap();
+        let defaults = Config::parse(MINIMAL, "t").unwrap();
+        let show = |c: &Config| {
+            let admin = c
+                .admin
+                .as_ref()
+                .map(|a| (a.idle_timeout, a.max_connections, a.token.is_some()));
+            let u = &c.upstreams;
+            [
+                format!("listen {} {} {:?}", c.listen, c.max_connections, c.drain_timeout),
+                format!("admin {admin:?}"),
+                format!("{:?}", c.keepalive),
+                format!("{:?}", c.limits),
+                format!("{:?}", c.handshake),
+                format!("{:?}", c.headers),
+                format!("upstreams {:?} {:?} {}", u.health, u.timeout, u.max_head_bytes),
+                format!("{:?}", c.relay),
+            ]
+        };
+        let default_admin = Config::parse(&format!("{MINIMAL}[admin]\naddress = \"127.0.0.1:9090\"\n"), "t").unwrap();
+        let mut want = show(&defaults);
+        want[1] = show(&default_admin)[1].clone();
+        for (shipped, default) in show(&shipped).iter().zip(&want) {
+            assert_eq!(
+                shipped, default,
+                "config/wsproxy.toml shows a value that is not the default"
+            );
+        }
+    }
+
     #[test]
     fn missing_file_is_one_clear_problem() {
         let e = Config::load(Path::new("/nonexistent/wsproxy.toml")).unwrap_err();
