@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::hardening_kit::{HardProxy, RawEcho};
+use crate::hardening_kit::RawEcho;
 use crate::relay_kit::{Received, Rng, StreamEnd, pattern, read_pattern};
-use crate::{client_ip, config, find, request, status};
+use crate::{Proxy, client_ip, config, find, request, status};
 
 /// The relay section of the stress: the kernel relay, with a credit so small that the verdict
 /// passes bytes to userspace many times per connection.
@@ -60,7 +60,7 @@ impl StreamRun {
 /// or `deadline` passed. `Err`: the kernel relay cannot be loaded here (the reason).
 pub async fn kernel_stream(connections: u64, deadline: Duration, seed: u64) -> Result<StreamRun, String> {
     let echo = RawEcho::start().await;
-    let proxy = HardProxy::start(&config(&[echo.addr], &[], TINY_CREDIT)).map_err(|e| format!("{e:#}"))?;
+    let proxy = Proxy::try_start(&config(&[echo.addr], &[], TINY_CREDIT)).map_err(|e| format!("{e:#}"))?;
     if !proxy.server.kernel_relay() {
         return Err("the proxy started without the kernel relay".into());
     }
@@ -76,7 +76,7 @@ pub async fn kernel_stream(connections: u64, deadline: Duration, seed: u64) -> R
     let report = bulk_echo(proxy.addr, run).await;
     let secs = started.elapsed().as_secs_f64();
     let totals = proxy.server.totals();
-    proxy.stop(Duration::from_secs(60)).await;
+    proxy.stop_within(Duration::from_secs(60)).await;
     Ok(StreamRun { report, totals, secs })
 }
 

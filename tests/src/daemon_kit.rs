@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use wsproxy::config::AdminAddress;
 
 use crate::exposition::Exposition;
-use crate::{DEADLINE, Script, Seen, connect_from, read_head, read_to_close, request, serve_script, within};
+use crate::{DEADLINE, Proxy, Script, Seen, connect_from, read_head, read_to_close, request, serve_script, within};
 
 // ---- the proxy ----
 
@@ -27,16 +27,28 @@ use crate::{DEADLINE, Script, Seen, connect_from, read_head, read_to_close, requ
 /// configuration has an `[admin]` address, an admin listener: a TCP one on 127.0.0.1 (port chosen
 /// by the kernel too; the configuration is given the real address), or the Unix socket it names.
 pub struct ServerProxy {
-    pub server: wsproxy::Server,
-    pub addr: SocketAddr,
+    /// The proxy listener (the struct dereferences to it: `server`, `addr`, `begin_stop`, ...).
+    proxy: Proxy,
     /// The TCP admin listener.
     pub admin: Option<SocketAddr>,
     /// The Unix socket admin listener.
     pub admin_path: Option<PathBuf>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
     admin_stop: Option<oneshot::Sender<()>>,
     admin_task: Option<JoinHandle<()>>,
+}
+
+impl std::ops::Deref for ServerProxy {
+    type Target = Proxy;
+
+    fn deref(&self) -> &Proxy {
+        &self.proxy
+    }
+}
+
+impl std::ops::DerefMut for ServerProxy {
+    fn deref_mut(&mut self) -> &mut Proxy {
+        &mut self.proxy
+    }
 }
 
 impl ServerProxy {
@@ -55,18 +67,7 @@ impl ServerProxy {
              [upstreams]\nmain = [{{ address = \"{upstream}\" }}]\ntimeout = \"5s\"\n"
         );
         let config = wsproxy::Config::parse(&text, "test config").unwrap_or_else(|e| panic!("{e}"));
-        let server = match wsproxy::Server::new(config) {
-            Ok(s) => s,
-            Err(e) => {
-                assert_ne!(mode, "userspace", "{e:#}");
-                crate::relay_kit::kernel_unavailable(&format!("{e:#}"));
-                return None;
-            }
-        };
-        if mode == "kernel" && !server.kernel_relay() {
-            crate::relay_kit::kernel_unavailable("relay.mode = \"kernel\" started without the kernel relay");
-            return None;
-        }
+        let server = crate::relay_kit::server_in_mode(config, mode, mode == "kernel")?;
         Some(Self::start_server(server).await)
     }
 
@@ -93,15 +94,6 @@ impl ServerProxy {
     }
 
     fn serve(server: wsproxy::Server, listener: TcpListener, admin: Option<wsproxy::admin::Listener>) -> ServerProxy {
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let s = server.clone();
-        let task = tokio::spawn(async move {
-            s.serve(listener, async move {
-                let _ = stopped.await;
-            })
-            .await
-        });
         let (mut admin_addr, mut admin_path, mut admin_stop, mut admin_task) = (None, None, None, None);
         if let Some(l) = admin {
             match l.address().unwrap() {
@@ -119,12 +111,9 @@ impl ServerProxy {
             admin_stop = Some(tx);
         }
         ServerProxy {
-            server,
-            addr,
+            proxy: Proxy::serve(server, listener),
             admin: admin_addr,
             admin_path,
-            stop: Some(stop),
-            task: Some(task),
             admin_stop,
             admin_task,
         }
@@ -146,27 +135,12 @@ impl ServerProxy {
         assert!(notes.is_empty(), "apply held settings back: {notes:?}");
     }
 
-    /// Starts the graceful stop of the proxy listener (the admin listener keeps serving).
-    pub fn begin_stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-
-    /// Waits (within `limit`) until `serve` has returned: drain done and connections closed.
-    pub async fn wait_stopped(&mut self, limit: Duration) {
-        let task = self.task.take().expect("already waited for");
-        match tokio::time::timeout(limit, task).await {
-            Ok(r) => r.unwrap(),
-            Err(_) => panic!("the proxy did not stop within {limit:?}"),
-        }
-    }
-
-    /// Stops both listeners and waits for them.
+    /// Stops both listeners and waits for them (the proxy listener's graceful stop, begun with
+    /// `begin_stop` and waited for with `wait_stopped`, leaves the admin listener serving).
     pub async fn stop(mut self) {
-        self.begin_stop();
-        if self.task.is_some() {
-            self.wait_stopped(DEADLINE).await;
+        self.proxy.begin_stop();
+        if self.proxy.running() {
+            self.proxy.wait_stopped(DEADLINE).await;
         }
         if let Some(s) = self.admin_stop.take() {
             let _ = s.send(());
@@ -220,7 +194,7 @@ fn bind_admin(address: &AdminAddress) -> wsproxy::admin::Listener {
 
 impl Drop for ServerProxy {
     fn drop(&mut self) {
-        for t in [&self.task, &self.admin_task].into_iter().flatten() {
+        if let Some(t) = &self.admin_task {
             t.abort();
         }
     }

@@ -1,15 +1,14 @@
 //! Helpers of the hardening tests (`tests/hostile_input.rs`, `tests/floods.rs`) and of the soak
 //! driver (`src/bin/soak.rs`): this process's resident memory and descriptors (the proxy runs
-//! in-process, so they are the proxy's plus the test's own clients), the descriptor limit, a
-//! proxy on `wsproxy::Server` from config text, and a raw upstream that answers a valid 101 and
-//! then echoes bytes untouched.
+//! in-process, so they are the proxy's plus the test's own clients), the descriptor limit, and a
+//! raw upstream that answers a valid 101 and then echoes bytes untouched. (Their proxy is
+//! [`crate::Proxy::try_start`].)
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::{find, header};
@@ -62,62 +61,6 @@ pub fn raise_nofile(want: u64) -> u64 {
 
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
-}
-
-// ---- a proxy whose Server the test keeps ----
-
-/// A `wsproxy::Server` serving 127.0.0.1 (port chosen by the kernel) with the configuration
-/// `config_toml`; the test keeps the server to read `totals()` and `kernel_map_entries()`.
-pub struct HardProxy {
-    pub server: wsproxy::Server,
-    pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl HardProxy {
-    /// Starts the proxy; `Err` when the server cannot be built (e.g. `relay.mode = "kernel"`
-    /// where the kernel relay cannot load).
-    pub fn start(config_toml: &str) -> anyhow::Result<HardProxy> {
-        let mut config = wsproxy::Config::parse(config_toml, "hardening config").map_err(|e| anyhow::anyhow!("{e}"))?;
-        let listener = wsproxy::listener::bind("127.0.0.1:0".parse().unwrap())?;
-        config.listen = listener.local_addr()?;
-        config.admin = None;
-        let server = wsproxy::Server::new(config)?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let s = server.clone();
-        let task = tokio::spawn(async move {
-            s.serve(listener, async move {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        Ok(HardProxy {
-            server,
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        })
-    }
-
-    /// Stops accepting, closes what is still open (after `listen.drain_timeout`) and waits until
-    /// `serve` returned, for at most `limit`.
-    pub async fn stop(mut self, limit: Duration) {
-        let _ = self.stop.take().unwrap().send(());
-        match tokio::time::timeout(limit, self.task.take().unwrap()).await {
-            Ok(r) => r.unwrap(),
-            Err(_) => panic!("the proxy did not stop within {limit:?}"),
-        }
-    }
-}
-
-impl Drop for HardProxy {
-    fn drop(&mut self) {
-        if let Some(t) = &self.task {
-            t.abort();
-        }
-    }
 }
 
 // ---- a raw echo upstream ----

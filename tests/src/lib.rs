@@ -33,11 +33,17 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
-/// A proxy served by `wsproxy::run` on 127.0.0.1, port chosen by the kernel.
+/// An in-process proxy: a `wsproxy::Server` serving a listener on 127.0.0.1 (port chosen by the
+/// kernel) in a task of its own, stopped gracefully on demand and aborted when dropped. The one
+/// way the harness runs a proxy: [`relay_kit::RelayProxy`] and [`daemon_kit::ServerProxy`] are
+/// one of these plus what their tests inspect (they dereference to it); the hardening tests use
+/// it as it is ([`Proxy::try_start`]).
 pub struct Proxy {
+    /// The running server, for `totals()`, `metrics_text()`, `apply()`, ...
+    pub server: wsproxy::Server,
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -46,31 +52,81 @@ impl Proxy {
         Self::start_on("127.0.0.1:0".parse().unwrap(), config_toml).await
     }
 
+    /// Starts a proxy with `config_toml` listening on `listen`.
     pub async fn start_on(listen: SocketAddr, config_toml: &str) -> Proxy {
         let mut config = wsproxy::Config::parse(config_toml, "test config").unwrap_or_else(|e| panic!("{e}"));
         // A test that stops its proxy with connections still open should not wait the default
         // 30 s drain; tests of the drain set their own, shorter one.
         config.drain_timeout = config.drain_timeout.min(Duration::from_secs(2));
         let listener = wsproxy::listener::bind(listen).unwrap();
+        config.listen = listener.local_addr().unwrap();
+        Self::serve(
+            wsproxy::Server::new(config).unwrap_or_else(|e| panic!("{e:#}")),
+            listener,
+        )
+    }
+
+    /// Starts a proxy with `config_toml` as it is (drain timeout included), without its admin
+    /// listener; `Err` when the server cannot be built (e.g. `relay.mode = "kernel"` where the
+    /// kernel relay cannot load).
+    pub fn try_start(config_toml: &str) -> anyhow::Result<Proxy> {
+        let mut config = wsproxy::Config::parse(config_toml, "test config").map_err(|e| anyhow::anyhow!("{e}"))?;
+        let listener = wsproxy::listener::bind("127.0.0.1:0".parse().unwrap())?;
+        config.listen = listener.local_addr()?;
+        config.admin = None;
+        Ok(Self::serve(wsproxy::Server::new(config)?, listener))
+    }
+
+    /// Serves `server` on `listener` until [`Proxy::begin_stop`].
+    pub fn serve(server: wsproxy::Server, listener: TcpListener) -> Proxy {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(wsproxy::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
+        let s = server.clone();
+        let task = tokio::spawn(async move {
+            s.serve(listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
         Proxy {
+            server,
             addr,
             stop: Some(stop),
             task: Some(task),
         }
     }
 
-    /// Stops the proxy and waits until `run` has returned.
-    pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        within("the proxy to stop", self.task.take().unwrap())
-            .await
-            .unwrap()
-            .unwrap();
+    /// Starts the graceful stop: no more accepts; open connections get the drain timeout.
+    pub fn begin_stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// Waits (within `limit`) until `serve` has returned: drain done and connections closed.
+    pub async fn wait_stopped(&mut self, limit: Duration) {
+        let task = self.task.take().expect("already waited for");
+        match tokio::time::timeout(limit, task).await {
+            Ok(r) => r.unwrap(),
+            Err(_) => panic!("the proxy did not stop within {limit:?}"),
+        }
+    }
+
+    /// Whether [`Proxy::wait_stopped`] is still to be done.
+    pub fn running(&self) -> bool {
+        self.task.is_some()
+    }
+
+    /// Stops the proxy and waits (within [`DEADLINE`]) until `serve` has returned.
+    pub async fn stop(self) {
+        self.stop_within(DEADLINE).await;
+    }
+
+    /// Stops accepting, closes what is still open (after the drain timeout) and waits until
+    /// `serve` returned, for at most `limit`.
+    pub async fn stop_within(mut self, limit: Duration) {
+        self.begin_stop();
+        self.wait_stopped(limit).await;
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::{DEADLINE, client_ip, connect_from, find, header, read_head, request, status, within};
+use crate::{DEADLINE, Proxy, client_ip, connect_from, find, header, read_head, request, status, within};
 
 // ---- skipping ----
 
@@ -45,13 +45,18 @@ pub fn say(line: &str) {
 /// Limits out of the way: these tests are about the relay.
 const LIMITS: &str = "[limits]\nrequests_per_second = 1000000.0\nburst = 1000000\nmax_connections_per_ip = 0\n";
 
-/// A proxy (`wsproxy::Server`) on 127.0.0.1 with one upstream, a [`Hub`].
+/// A proxy ([`Proxy`], which it dereferences to) on 127.0.0.1 with one upstream, a [`Hub`].
 pub struct RelayProxy {
-    pub server: wsproxy::Server,
-    pub addr: SocketAddr,
+    proxy: Proxy,
     pub hub: Hub,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+}
+
+impl std::ops::Deref for RelayProxy {
+    type Target = Proxy;
+
+    fn deref(&self) -> &Proxy {
+        &self.proxy
+    }
 }
 
 impl RelayProxy {
@@ -68,34 +73,11 @@ impl RelayProxy {
             hub.addr
         );
         let config = wsproxy::Config::parse(&text, "relay test config").unwrap_or_else(|e| panic!("{e}"));
-        let server = match wsproxy::Server::new(config) {
-            Ok(s) => s,
-            Err(e) => {
-                assert_ne!(mode, "userspace", "the userspace relay must always start: {e:#}");
-                kernel_unavailable(&format!("{e:#}"));
-                return None;
-            }
-        };
-        if mode != "userspace" && !server.kernel_relay() {
-            kernel_unavailable(&format!("relay.mode = \"{mode}\" started without the kernel relay"));
-            return None;
-        }
+        let server = server_in_mode(config, mode, mode != "userspace")?;
         let listener = wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let s = server.clone();
-        let task = tokio::spawn(async move {
-            s.serve(listener, async move {
-                let _ = stopped.await;
-            })
-            .await
-        });
         Some(RelayProxy {
-            server,
-            addr,
+            proxy: Proxy::serve(server, listener),
             hub,
-            stop: Some(stop),
-            task: Some(task),
         })
     }
 
@@ -130,13 +112,7 @@ impl RelayProxy {
     /// two bytes.
     pub async fn open_relayed(&self, id: u64) -> (TcpStream, TcpStream) {
         let (mut c, mut u) = self.open(id).await;
-        let mut b = [0u8; 1];
-        c.write_all(b"c").await.unwrap();
-        within("the client's first byte", u.read_exact(&mut b)).await.unwrap();
-        assert_eq!(&b, b"c");
-        u.write_all(b"u").await.unwrap();
-        within("the upstream's first byte", c.read_exact(&mut b)).await.unwrap();
-        assert_eq!(&b, b"u");
+        first_byte_each_way(&mut c, &mut u).await;
         (c, u)
     }
 
@@ -157,18 +133,39 @@ impl RelayProxy {
     }
 
     /// Stops accepting, closes what is still open and waits until `serve` returned.
-    pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        within("the proxy to stop", self.task.take().unwrap()).await.unwrap();
+    pub async fn stop(self) {
+        self.proxy.stop().await;
     }
 }
 
-impl Drop for RelayProxy {
-    fn drop(&mut self) {
-        if let Some(t) = &self.task {
-            t.abort();
+/// One byte each way (client first), each read by the other side: once both arrived, the relay
+/// has taken the pair (see [`RelayProxy::open_relayed`]).
+pub async fn first_byte_each_way(c: &mut TcpStream, u: &mut TcpStream) {
+    let mut b = [0u8; 1];
+    c.write_all(b"c").await.unwrap();
+    within("the client's first byte", u.read_exact(&mut b)).await.unwrap();
+    assert_eq!(&b, b"c");
+    u.write_all(b"u").await.unwrap();
+    within("the upstream's first byte", c.read_exact(&mut b)).await.unwrap();
+    assert_eq!(&b, b"u");
+}
+
+/// The server of `config`, whose relay mode is `mode`; `None` (after [`kernel_unavailable`])
+/// when it cannot be built, or when `kernel_required` and it runs without the kernel relay.
+pub fn server_in_mode(config: wsproxy::Config, mode: &str, kernel_required: bool) -> Option<wsproxy::Server> {
+    let server = match wsproxy::Server::new(config) {
+        Ok(s) => s,
+        Err(e) => {
+            assert_ne!(mode, "userspace", "the userspace relay must always start: {e:#}");
+            kernel_unavailable(&format!("{e:#}"));
+            return None;
         }
+    };
+    if kernel_required && !server.kernel_relay() {
+        kernel_unavailable(&format!("relay.mode = \"{mode}\" started without the kernel relay"));
+        return None;
     }
+    Some(server)
 }
 
 // ---- the upstream ----
@@ -645,6 +642,28 @@ pub async fn poll_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) ->
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     f()
+}
+
+/// Polls until `count` stops growing for 100 ms (a stalled sender), bounded by [`DEADLINE`];
+/// returns the count then.
+pub async fn wait_stalled(count: &std::sync::atomic::AtomicU64, what: &str) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let start = Instant::now();
+    let (mut last, mut quiet) = (u64::MAX, 0);
+    for _ in 0..2000 {
+        let now = count.load(Relaxed);
+        if now == last && now > 0 {
+            quiet += 1;
+            if quiet >= 10 {
+                return now;
+            }
+        } else {
+            (last, quiet) = (now, 0);
+        }
+        assert!(start.elapsed() < DEADLINE, "{what}: never stalled ({now} bytes)");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: never stalled");
 }
 
 /// Polls until the socket's TCP state is `want`; returns the time it took, or `None` at `limit`.

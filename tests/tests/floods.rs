@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
-use wsproxy_tests::hardening_kit::{HardProxy, fd_count, mib, raise_nofile, vm_rss};
+use wsproxy_tests::hardening_kit::{fd_count, mib, raise_nofile, vm_rss};
 use wsproxy_tests::relay_kit::{poll_until, say};
 use wsproxy_tests::*;
 
@@ -56,7 +56,7 @@ async fn handshake_flood_from_one_address_is_limited_while_others_get_through() 
     let extra = format!(
         "[relay]\nmode = \"userspace\"\n[limits]\nrequests_per_second = {RATE:.1}\nburst = {BURST}\nmax_connections_per_ip = 0\n"
     );
-    let proxy = HardProxy::start(&config(&[up.addr], &[], &extra)).unwrap();
+    let proxy = Proxy::try_start(&config(&[up.addr], &[], &extra)).unwrap();
     let addr = proxy.addr;
     let flooder = client_ip(1000);
 
@@ -131,7 +131,7 @@ async fn handshake_flood_from_one_address_is_limited_while_others_get_through() 
         ok + polite_ok as u64,
         "refused handshakes reached the upstream"
     );
-    proxy.stop(DEADLINE).await;
+    proxy.stop().await;
 }
 
 /// Connections of one half-open round: 20 from each of 100 addresses.
@@ -287,7 +287,7 @@ async fn half_open_handshakes_are_bounded_and_freed_at_the_head_timeout() {
          [limits]\nrequests_per_second = 100.0\nburst = 100\nmax_connections_per_ip = {PER_ADDR}\n",
         HEADER_TIMEOUT.as_secs()
     );
-    let proxy = HardProxy::start(&config(&[echo], &[], &extra)).unwrap();
+    let proxy = Proxy::try_start(&config(&[echo], &[], &extra)).unwrap();
     let addr = proxy.addr;
     // Descriptors before any connection; memory after a warm-up (runtime threads, allocator
     // arenas, the echo path), whose sockets may still be closing.
@@ -375,5 +375,5 @@ async fn half_open_handshakes_are_bounded_and_freed_at_the_head_timeout() {
     );
     // And it still serves.
     echo_roundtrip(client_ip(9002), addr).await;
-    proxy.stop(DEADLINE).await;
+    proxy.stop().await;
 }

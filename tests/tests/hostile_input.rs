@@ -26,7 +26,6 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use wsproxy::balance::Balancer;
-use wsproxy_tests::hardening_kit::HardProxy;
 use wsproxy_tests::relay_kit::{poll_until, say};
 use wsproxy_tests::*;
 
@@ -332,7 +331,7 @@ struct Row {
 }
 
 struct Ctx {
-    proxy: HardProxy,
+    proxy: Proxy,
     recorder: Recorder,
     /// Clients whose first upstream is the recorder (hostile) or the echo server (honest, spoofer).
     hostile: IpAddr,
@@ -1149,7 +1148,7 @@ async fn catalogue() {
     let hostile = client_for(&balancer, recorder.addr, 1, None);
     let honest = client_for(&balancer, echo, 1, None);
     let spoofer = client_for(&balancer, echo, 1, Some(honest));
-    let proxy = HardProxy::start(&text).unwrap();
+    let proxy = Proxy::try_start(&text).unwrap();
     let c = Arc::new(Ctx {
         proxy,
         recorder,
@@ -1215,7 +1214,7 @@ async fn catalogue() {
         say(&format!("FAIL {f}"));
     }
     let c = Arc::into_inner(c).expect("every row let go of the context");
-    c.proxy.stop(DEADLINE).await;
+    c.proxy.stop().await;
     assert!(
         failures.is_empty(),
         "{} problem(s):\n{}",

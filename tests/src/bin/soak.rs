@@ -30,8 +30,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use wsproxy_tests::Proxy;
 use wsproxy_tests::bulk_kit::{StreamRun, kernel_stream};
-use wsproxy_tests::hardening_kit::{HardProxy, RawEcho, fd_count, mib, raise_nofile, vm_rss};
+use wsproxy_tests::hardening_kit::{RawEcho, fd_count, mib, raise_nofile, vm_rss};
 use wsproxy_tests::relay_kit::{Rng, StreamEnd, poll_until, read_pattern, write_pattern};
 use wsproxy_tests::{client_ip, find, request, status};
 
@@ -346,7 +347,7 @@ async fn soak_mode(mode: &'static str, run: Duration, concurrency: usize) -> Mod
          [upstreams]\nmain = [{{ address = \"{}\" }}]\ntimeout = \"10s\"\n",
         upstream.addr
     );
-    let proxy = match HardProxy::start(&text) {
+    let proxy = match Proxy::try_start(&text) {
         Ok(p) => p,
         Err(e) => return ModeReport::skipped(mode, format!("{e:#}")),
     };
@@ -404,7 +405,7 @@ async fn soak_mode(mode: &'static str, run: Duration, concurrency: usize) -> Mod
     let secs = began.elapsed().as_secs_f64();
     let (end, idle_at_end) = settle(&server).await;
     let totals = server.totals();
-    proxy.stop(Duration::from_secs(30)).await;
+    proxy.stop_within(Duration::from_secs(30)).await;
     drop(upstream);
 
     let mut problems = Vec::new();
