@@ -39,6 +39,14 @@ async fn shared() -> RwLockReadGuard<'static, ()> {
     EXCLUSIVE.read().await
 }
 
+/// A proxy in relay mode `mode` with the `relay` lines, and this test's read share of
+/// [`EXCLUSIVE`] (taken first: a socket-counting test sees none of its sockets); `None` where the
+/// mode needs the kernel relay and it cannot load (the test returns: skipped).
+async fn proxy_in(mode: &str, relay: &str) -> Option<(RwLockReadGuard<'static, ()>, RelayProxy)> {
+    let g = shared().await;
+    Some((g, RelayProxy::start(mode, relay).await?))
+}
+
 /// The pattern stream of one direction of connection `id` (0: client to upstream, 1: back).
 fn seed(id: u64, dir: u64) -> u64 {
     Rng::new(id * 2 + dir).next()
@@ -165,6 +173,14 @@ fn assert_kernel_totals(t: &wsproxy::relay::TotalsSnapshot, ended: u64) {
     assert!(t.ended[0] * 2 >= ended, "fewer than half in the kernel: {t:?}");
 }
 
+/// Waits until the relay is idle and checks that `ended` connections ended, most in the kernel
+/// ([`assert_kernel_totals`]); returns the totals.
+async fn idle_mostly_in_kernel(p: &RelayProxy, ended: u64) -> wsproxy::relay::TotalsSnapshot {
+    let t = p.wait_idle().await;
+    assert_kernel_totals(&t, ended);
+    t
+}
+
 // ---- 1. order at the hand-over ----
 //
 // These tests end each connection by dropping both ends: how a pair closes is requirement 2's
@@ -173,8 +189,7 @@ fn assert_kernel_totals(t: &wsproxy::relay::TotalsSnapshot, ended: u64) {
 /// The upstream sends a greeting in the same write as its 101, then waits for the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_greeting_in_the_101s_write_arrives_at_once() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     let mut worst = Duration::ZERO;
@@ -191,8 +206,7 @@ async fn req1_greeting_in_the_101s_write_arrives_at_once() {
         round_trip(&mut c, &mut up.stream, id).await;
         drop((c, up.stream));
     }
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, 20);
+    idle_mostly_in_kernel(&p, 20).await;
     say(&format!("req1 greeting in the 101's write: slowest delivery {worst:?}"));
 }
 
@@ -203,8 +217,7 @@ async fn req1_greeting_in_the_101s_write_arrives_at_once() {
 /// segment would wait forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_greeting_in_a_separate_write_is_not_stalled() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     let (mut worst_down, mut worst_up) = (Duration::ZERO, Duration::ZERO);
@@ -242,8 +255,7 @@ async fn req1_greeting_in_a_separate_write_is_not_stalled() {
         round_trip(&mut c, &mut u, id).await;
         drop((c, u));
     }
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, 90);
+    idle_mostly_in_kernel(&p, 90).await;
     say(&format!(
         "req1 separate greeting: slowest greeting {worst_down:?}, slowest first client frame {worst_up:?}"
     ));
@@ -253,8 +265,7 @@ async fn req1_greeting_in_a_separate_write_is_not_stalled() {
 /// later), to an upstream that waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_client_frame_sent_at_the_101_is_delivered() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     let mut worst = Duration::ZERO;
@@ -269,8 +280,7 @@ async fn req1_client_frame_sent_at_the_101_is_delivered() {
         round_trip(&mut c, &mut u, id).await;
         drop((c, u));
     }
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, 60);
+    idle_mostly_in_kernel(&p, 60).await;
     say(&format!("req1 client frame at the 101: slowest delivery {worst:?}"));
 }
 
@@ -279,8 +289,7 @@ async fn req1_client_frame_sent_at_the_101_is_delivered() {
 /// relayed in the kernel. The client must get the 101, then every byte, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_bytes_behind_the_101_come_first_and_in_order() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     const TOTAL: u64 = 512 * KIB;
@@ -314,8 +323,7 @@ async fn req1_bytes_behind_the_101_come_first_and_in_order() {
         let u = within("the upstream task", upstream).await.unwrap();
         drop((c, u));
     }
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, 20);
+    idle_mostly_in_kernel(&p, 20).await;
 }
 
 /// The same on the client's side: a client that pipelines bytes right behind its request (in the
@@ -324,8 +332,7 @@ async fn req1_bytes_behind_the_101_come_first_and_in_order() {
 /// byte, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req1_client_bytes_behind_its_request_come_in_order() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     const TOTAL: u64 = 256 * KIB;
@@ -373,8 +380,7 @@ async fn req1_client_bytes_behind_its_request_come_in_order() {
         );
         drop((c, up.stream));
     }
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, 20);
+    idle_mostly_in_kernel(&p, 20).await;
 }
 
 // ---- 2. no loss at close ----
@@ -471,8 +477,7 @@ async fn half_close(mut a: TcpStream, mut b: TcpStream, s: [u64; 2], n: u64, m: 
 }
 
 async fn close_pattern(kind: Close) {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     let started = Instant::now();
@@ -526,8 +531,7 @@ async fn close_pattern(kind: Close) {
             failures[..failures.len().min(12)].join("\n")
         );
     }
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, REPS);
+    let t = idle_mostly_in_kernel(&p, REPS).await;
     assert_eq!(t.drain_timeouts, 0, "{t:?}");
     let (first, second): (u64, u64) = (plan.iter().map(|x| x.0).sum(), plan.iter().map(|x| x.1).sum());
     let (c2u, u2c) = match kind {
@@ -574,8 +578,7 @@ async fn req2_upstream_half_closes_and_still_receives() {
 /// order, then EOF. (This replaces the early smoke test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req2_bulk_64_mib_echoed_then_closed() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     const TOTAL: u64 = 64 * MIB;
@@ -612,8 +615,7 @@ async fn req2_bulk_64_mib_echoed_then_closed() {
     within("the writer", writer).await.unwrap().unwrap();
     assert_eq!(within("the echo", echo).await.unwrap().unwrap(), TOTAL);
     let took = started.elapsed();
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, 1);
+    let t = idle_mostly_in_kernel(&p, 1).await;
     let sum = |x: [u64; 2]| x[0] + x[1];
     assert_eq!(
         (sum(t.client_to_upstream), sum(t.upstream_to_client)),
@@ -892,26 +894,6 @@ async fn wait_count(count: &AtomicU64, at_least: u64, what: &str) {
         .unwrap_or_else(|| panic!("{what}: only {} of {at_least} bytes", count.load(Relaxed)));
 }
 
-/// Polls until `count` stops growing for 100 ms (a stalled sender), bounded by the deadline.
-async fn wait_stalled(count: &AtomicU64, what: &str) -> u64 {
-    let start = Instant::now();
-    let (mut last, mut quiet) = (u64::MAX, 0);
-    for _ in 0..2000 {
-        let now = count.load(Relaxed);
-        if now == last && now > 0 {
-            quiet += 1;
-            if quiet >= 10 {
-                return now;
-            }
-        } else {
-            (last, quiet) = (now, 0);
-        }
-        assert!(start.elapsed() < DEADLINE, "{what}: never stalled ({now} bytes)");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: never stalled");
-}
-
 /// One reset: sets up `traffic`, resets `resetter`'s socket, and measures how long the far side
 /// takes to be reset by the proxy.
 async fn one_reset(p: &RelayProxy, id: u64, resetter: Side, traffic: Traffic) -> Duration {
@@ -1021,9 +1003,8 @@ async fn one_reset(p: &RelayProxy, id: u64, resetter: Side, traffic: Traffic) ->
 }
 
 async fn resets(resetter: Side) {
-    let _g = shared().await;
     // A small cap, so that a stalled pipe has bytes passed to userspace, waiting to be forwarded.
-    let Some(p) = RelayProxy::start("kernel", "max_in_flight_bytes = 262144\n").await else {
+    let Some((_g, p)) = proxy_in("kernel", "max_in_flight_bytes = 262144\n").await else {
         return;
     };
     let traffic = [
@@ -1042,8 +1023,7 @@ async fn resets(resetter: Side) {
             id += 1;
         }
     }
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, id);
+    idle_mostly_in_kernel(&p, id).await;
     say(&format!(
         "req3 {resetter:?} resets, far side torn down after: {}",
         figures.join(", ")
@@ -1109,8 +1089,7 @@ async fn resets_right_after_its_last_byte(p: &RelayProxy, id: u64, resetter: Sid
 }
 
 async fn reset_after_last_byte(resetter: Side) {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     const ROUNDS: u64 = 40;
@@ -1121,8 +1100,7 @@ async fn reset_after_last_byte(resetter: Side) {
         }
     }
     assert!(failures.is_empty(), "{resetter:?} resets: {}", failures.join("\n"));
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, ROUNDS);
+    idle_mostly_in_kernel(&p, ROUNDS).await;
     say(&format!(
         "req3 {resetter:?} resets right after its last byte: {ROUNDS} of {ROUNDS} peers got a correct prefix and a reset"
     ));
@@ -1350,9 +1328,8 @@ const STRESS: u64 = 300;
 const PROMOTE_EARLY: &str = "promote_after_messages = 4\npromote_max_average_message = 1073741824\n";
 
 async fn stress(mode: &str) {
-    let _g = shared().await;
     let extra = if mode == "auto" { PROMOTE_EARLY } else { "" };
-    let Some(p) = RelayProxy::start(mode, extra).await else {
+    let Some((_g, p)) = proxy_in(mode, extra).await else {
         return;
     };
     // Totals index of the relay that carries the connections; both for `auto`.
@@ -1689,8 +1666,7 @@ fn same(what: &str, got: &[u8], want: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req7_binary_junk_passes_untouched_both_ways() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     let mut total = 0;
@@ -1746,8 +1722,7 @@ async fn req7_binary_junk_passes_untouched_both_ways() {
             &up_bytes,
         );
     }
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, 6);
+    idle_mostly_in_kernel(&p, 6).await;
     say(&format!(
         "req7: {:.1} MiB of junk relayed byte for byte",
         total as f64 / MIB as f64
@@ -1762,9 +1737,8 @@ async fn req7_binary_junk_passes_untouched_both_ways() {
 /// only userspace renews runs out after one window and passes bytes on every renewal.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req8_the_credit_renews_in_the_kernel_while_the_destination_keeps_up() {
-    let _g = shared().await;
     const WINDOW: u64 = 2 * MIB;
-    let Some(p) = RelayProxy::start("kernel", &format!("max_in_flight_bytes = {WINDOW}\n")).await else {
+    let Some((_g, p)) = proxy_in("kernel", &format!("max_in_flight_bytes = {WINDOW}\n")).await else {
         return;
     };
     const STEP: u64 = WINDOW / 2;
@@ -1804,8 +1778,7 @@ async fn req8_the_credit_renews_in_the_kernel_while_the_destination_keeps_up() {
         }
     }
     drop((c, u));
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, 1);
+    let t = idle_mostly_in_kernel(&p, 1).await;
     let each = STEPS * STEP;
     assert_eq!(
         (t.client_to_upstream[0], t.upstream_to_client[0]),
@@ -1872,8 +1845,7 @@ fn socket_fd(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<
 /// for nothing to read). Messages still flow, and a FIN still reaches the other side.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayed_sockets_are_watched_for_hang_up_and_errors_only() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     let (mut c, mut u) = p.open_relayed(1).await;
@@ -1896,8 +1868,7 @@ async fn relayed_sockets_are_watched_for_hang_up_and_errors_only() {
     c.shutdown().await.unwrap();
     expect_eof(&mut u, "the upstream (the client's FIN)").await;
     drop((c, u));
-    let t = p.wait_idle().await;
-    assert_kernel_totals(&t, 1);
+    let t = idle_mostly_in_kernel(&p, 1).await;
     assert_eq!(t.passed, 0, "{t:?}");
     say(&format!(
         "relayed socket fd {fd}: epoll interest {masks:x?} (no input, no output)"
@@ -1921,8 +1892,7 @@ async fn ping_pong(c: &mut TcpStream, u: &mut TcpStream, id: u64, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_mode_moves_message_traffic_to_the_kernel_relay() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("auto", "").await else {
+    let Some((_g, p)) = proxy_in("auto", "").await else {
         return;
     };
     // Past the default 8 messages in round trips; then bulk both ways to the end, in the kernel.
@@ -1948,8 +1918,7 @@ async fn auto_mode_moves_message_traffic_to_the_kernel_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_mode_keeps_short_connections_and_bulk_in_userspace() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("auto", "").await else {
+    let Some((_g, p)) = proxy_in("auto", "").await else {
         return;
     };
     // Short: a byte each way and a close.
@@ -2011,8 +1980,7 @@ fn queued_frames(n: usize, len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_mode_counts_messages_not_reads() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("auto", "").await else {
+    let Some((_g, p)) = proxy_in("auto", "").await else {
         return;
     };
     // Twelve 64 B messages in one write, so in one or a few reads: past the default 8 messages,
@@ -2034,7 +2002,11 @@ async fn auto_mode_counts_messages_not_reads() {
     let t = p.wait_idle().await;
     let n = burst.len() as u64;
     assert_eq!((t.ended, t.promotions, t.fallbacks), ([1, 0], 1, 0), "{t:?}");
-    assert_eq!((t.client_to_upstream[0], t.upstream_to_client[0]), (3 * n, 4 * n), "{t:?}");
+    assert_eq!(
+        (t.client_to_upstream[0], t.upstream_to_client[0]),
+        (3 * n, 4 * n),
+        "{t:?}"
+    );
 }
 
 /// A socket map takes only established TCP sockets. A client that half-closes right behind its
@@ -2043,8 +2015,7 @@ async fn auto_mode_counts_messages_not_reads() {
 /// fallback, with the half-close intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_mode_falls_back_to_userspace_when_insertion_fails() {
-    let _g = shared().await;
-    let Some(p) = RelayProxy::start("kernel", "").await else {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
         return;
     };
     let (mut c, accepted) = p.request(1).await;

@@ -51,26 +51,6 @@ fn flood(
     })
 }
 
-/// Polls until `count` stops growing for 100 ms (a stalled sender), bounded by the deadline.
-async fn wait_stalled(count: &AtomicU64, what: &str) -> u64 {
-    let start = Instant::now();
-    let (mut last, mut quiet) = (u64::MAX, 0);
-    for _ in 0..2000 {
-        let now = count.load(Relaxed);
-        if now == last && now > 0 {
-            quiet += 1;
-            if quiet >= 10 {
-                return now;
-            }
-        } else {
-            (last, quiet) = (now, 0);
-        }
-        assert!(start.elapsed() < DEADLINE, "{what}: never stalled ({now} bytes)");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: never stalled");
-}
-
 /// A relayed connection as [`RelayProxy::open_relayed`] makes it, with the test's own buffers
 /// fixed (a set buffer is not autotuned): the client's receive buffer and the upstream's send
 /// buffer, so that the test's own share of a stalled pipe is small and known.
@@ -89,11 +69,7 @@ async fn open_fixed(p: &RelayProxy, id: u64, client_rcvbuf: u32, upstream_sndbuf
     u.write_all(upgrade_response(&up.head).as_bytes()).await.unwrap();
     let head = read_head(&mut c).await;
     assert_eq!(status(&head), 101, "{head:?}");
-    let mut b = [0u8; 1];
-    c.write_all(b"c").await.unwrap();
-    within("the client's first byte", u.read_exact(&mut b)).await.unwrap();
-    u.write_all(b"u").await.unwrap();
-    within("the upstream's first byte", c.read_exact(&mut b)).await.unwrap();
+    first_byte_each_way(&mut c, &mut u).await;
     (c, u)
 }
 
