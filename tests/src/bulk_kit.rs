@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpSocket;
 
 use crate::hardening_kit::RawEcho;
 use crate::relay_kit::{Received, Rng, StreamEnd, pattern, read_pattern};
-use crate::{Proxy, client_ip, config, find, request, status};
+use crate::{Proxy, client_ip, config, try_upgrade};
 
 /// The relay section of the stress: the kernel relay, with a credit so small that the verdict
 /// passes bytes to userspace many times per connection.
@@ -208,7 +208,9 @@ async fn one(proxy: SocketAddr, from: IpAddr, id: u64, len: u64, mut rng: Rng) -
     let socket = TcpSocket::new_v4().map_err(|e| failed("socket", e))?;
     socket.bind(SocketAddr::new(from, 0)).map_err(|e| failed("bind", e))?;
     let mut s = socket.connect(proxy).await.map_err(|e| failed("connect", e))?;
-    handshake(&mut s, id).await.map_err(Problem::Failed)?;
+    try_upgrade(&mut s, &format!("/bulk/{id}"))
+        .await
+        .map_err(Problem::Failed)?;
     let seed = id.wrapping_mul(0x2545_f491_4f6c_dd1d);
     let (mut rd, mut wr) = s.split();
     let write = async {
@@ -241,30 +243,4 @@ fn judge(len: u64, r: &Received) -> Result<(), Problem> {
         StreamEnd::Error(k) => Err(Problem::Failed(format!("read failed after {} bytes: {k:?}", r.len))),
         StreamEnd::Stopped => unreachable!("no stop point was set"),
     }
-}
-
-async fn handshake(s: &mut TcpStream, id: u64) -> Result<(), String> {
-    s.write_all(request(&format!("/bulk/{id}")).as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    // One byte at a time past the first read is not needed: the echo upstream sends nothing
-    // after its 101 until it gets bytes.
-    while find(&buf, b"\r\n\r\n").is_none() {
-        match s.read(&mut chunk).await {
-            Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&buf))),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("handshake read: {e}")),
-        }
-        if buf.len() > 16 * 1024 {
-            return Err("answer head too long".into());
-        }
-    }
-    let end = find(&buf, b"\r\n\r\n").unwrap() + 4;
-    let head = String::from_utf8_lossy(&buf[..end]);
-    if status(&head) != 101 || end != buf.len() {
-        return Err(format!("answer {head:?} + {:?}", String::from_utf8_lossy(&buf[end..])));
-    }
-    Ok(())
 }

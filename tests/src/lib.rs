@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -151,6 +151,22 @@ pub fn config(main: &[SocketAddr], backup: &[SocketAddr], extra: &str) -> String
         list(main),
         list(backup)
     )
+}
+
+/// The inside of a TOML array of weighted upstreams, `{ address = "A", weight = W }, ...`, for
+/// `main = [...]` and `backup = [...]`.
+pub fn weighted(upstreams: &[(SocketAddr, u32)]) -> String {
+    upstreams
+        .iter()
+        .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An address where nothing listens: a listener's address after the listener is gone.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
 }
 
 /// A WebSocket echo upstream (the proxy's own `echo-server`).
@@ -331,7 +347,7 @@ pub async fn exchange(from: IpAddr, to: SocketAddr, bytes: &[u8]) -> String {
 }
 
 /// Reads until EOF or reset; a reset after a response still counts as the end.
-pub async fn read_to_close(s: &mut TcpStream) -> String {
+pub async fn read_to_close(s: &mut (impl AsyncRead + Unpin)) -> String {
     let mut out = Vec::new();
     within("the proxy to close", async {
         let mut chunk = [0u8; 4096];
@@ -360,6 +376,33 @@ pub async fn read_head(s: &mut TcpStream) -> String {
     })
     .await;
     String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Sends the handshake for `path` on `s` and reads the answer head; `Err` (no panic: the soak
+/// and the bulk runs count failures) unless it is a 101 with nothing behind it. The head is read
+/// in buffered chunks: nothing may follow a 101 before the client sends (an echo upstream).
+pub async fn try_upgrade(s: &mut TcpStream, path: &str) -> Result<(), String> {
+    s.write_all(request(path).as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while find(&buf, b"\r\n\r\n").is_none() {
+        match s.read(&mut chunk).await {
+            Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&buf))),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("handshake read: {e}")),
+        }
+        if buf.len() > 16 * 1024 {
+            return Err("answer head too long".into());
+        }
+    }
+    let end = find(&buf, b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    if status(&head) != 101 || end != buf.len() {
+        return Err(format!("answer {head:?} + {:?}", String::from_utf8_lossy(&buf[end..])));
+    }
+    Ok(())
 }
 
 /// The status code of a response.

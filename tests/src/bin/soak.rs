@@ -28,13 +28,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
-use wsproxy_tests::Proxy;
 use wsproxy_tests::bulk_kit::{StreamRun, kernel_stream};
 use wsproxy_tests::hardening_kit::{RawEcho, fd_count, mib, raise_nofile, vm_rss};
 use wsproxy_tests::relay_kit::{Rng, StreamEnd, poll_until, read_pattern, write_pattern};
-use wsproxy_tests::{client_ip, find, request, status};
+use wsproxy_tests::{Proxy, client_ip, try_upgrade};
 
 const FD_TOLERANCE: usize = 2;
 const RSS_TOLERANCE: u64 = 16 << 20;
@@ -125,38 +124,13 @@ async fn connect(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     socket.connect(to).await
 }
 
-/// Sends the handshake and reads the answer head (buffered; nothing may follow it).
-async fn handshake(s: &mut TcpStream, path: &str) -> Result<(), String> {
-    s.write_all(request(path).as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while find(&buf, b"\r\n\r\n").is_none() {
-        match s.read(&mut chunk).await {
-            Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&buf))),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("read: {e}")),
-        }
-        if buf.len() > 16 * 1024 {
-            return Err("answer head too long".into());
-        }
-    }
-    let end = find(&buf, b"\r\n\r\n").unwrap() + 4;
-    let head = String::from_utf8_lossy(&buf[..end]);
-    if status(&head) != 101 || end != buf.len() {
-        return Err(format!("answer {head:?} + {} bytes", buf.len() - end));
-    }
-    Ok(())
-}
-
 async fn one(addr: SocketAddr, from: IpAddr, id: u64, kind: Kind, len: u64, stats: &Stats) -> Result<(), String> {
     let mut s = connect(from, addr).await.map_err(|e| format!("connect: {e}"))?;
     let path = match kind {
         Kind::UpstreamReset => format!("/reset/{id}"),
         _ => format!("/soak/{id}"),
     };
-    handshake(&mut s, &path).await?;
+    try_upgrade(&mut s, &path).await?;
     let seed = id.wrapping_mul(0x9e37_79b9);
     match kind {
         Kind::Clean => {
