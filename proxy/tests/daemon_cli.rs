@@ -29,7 +29,8 @@ use wsproxy_tests::daemon_kit::try_http;
 use wsproxy_tests::fleet::{Fleet, PER_ROUND, echo_check, ws_close};
 use wsproxy_tests::relay_kit::linger_zero;
 use wsproxy_tests::{
-    client_ip, connect_from, echo_upstream, header, read_head, read_to_close, request, status, within, ws_connect,
+    client_ip, connect_from, echo_upstream, header, read_head, read_to_close, request, status, weighted, within,
+    ws_connect,
 };
 
 /// Where a test's proxy listens.
@@ -68,19 +69,13 @@ fn conf(
     main: &[(SocketAddr, u32)],
     backup: &[(SocketAddr, u32)],
 ) -> String {
-    let list = |l: &[(SocketAddr, u32)]| {
-        l.iter()
-            .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     format!(
         "[listen]\naddress = \"127.0.0.1:{}\"\n{listen_extra}\n[admin]\naddress = \"127.0.0.1:{}\"\n\
          [relay]\nmode = \"userspace\"\n{relay_extra}\n{extra}\n[upstreams]\nmain = [{}]\nbackup = [{}]\ntimeout = \"2s\"\n",
         ports.listen,
         ports.admin,
-        list(main),
-        list(backup)
+        weighted(main),
+        weighted(backup)
     )
 }
 

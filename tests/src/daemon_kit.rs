@@ -248,18 +248,7 @@ pub async fn http_unix(path: &std::path::Path, request: &str) -> HttpResponse {
         .await
         .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
     s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    within("the admin listener to close", async {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = s.read(&mut chunk).await {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await;
-    HttpResponse::parse(&String::from_utf8_lossy(&out))
+    HttpResponse::parse(&read_to_close(&mut s).await)
 }
 
 impl HttpResponse {

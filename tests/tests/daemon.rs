@@ -27,23 +27,11 @@ const OPEN_LIMITS: &str = "[limits]\nrequests_per_second = 10000.0\nburst = 1000
 /// upstreams, then `upstreams_extra` (keys of `[upstreams]`, then sub-tables such as
 /// `[upstreams.health]`).
 fn cfg(main: &[(SocketAddr, u32)], backup: &[(SocketAddr, u32)], upstreams_extra: &str, extra: &str) -> String {
-    let list = |l: &[(SocketAddr, u32)]| {
-        l.iter()
-            .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     format!(
         "[relay]\nmode = \"userspace\"\n{extra}\n[upstreams]\nmain = [{}]\nbackup = [{}]\n{upstreams_extra}\n",
-        list(main),
-        list(backup)
+        weighted(main),
+        weighted(backup)
     )
-}
-
-/// An address where nothing listens: a listener's address after the listener is gone.
-async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
 }
 
 /// The first client `client_ip(n)`, n from `from`, whose upstream order satisfies `pred`.

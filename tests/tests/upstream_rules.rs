@@ -27,16 +27,10 @@ const BASE: &str = "[limits]\nrequests_per_second = 10000.0\nburst = 10000\nmax_
 
 /// Config text with weighted main and backup upstreams, an upstream timeout and extra sections.
 fn config_text(main: &[(SocketAddr, u32)], backup: &[(SocketAddr, u32)], timeout: &str, extra: &str) -> String {
-    let list = |l: &[(SocketAddr, u32)]| {
-        l.iter()
-            .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     format!(
         "{BASE}{extra}\n[upstreams]\nmain = [{}]\nbackup = [{}]\ntimeout = \"{timeout}\"\n",
-        list(main),
-        list(backup)
+        weighted(main),
+        weighted(backup)
     )
 }
 
@@ -56,12 +50,6 @@ fn client_where(text: &str, from: u32, pred: impl Fn(&[SocketAddr]) -> bool) -> 
         .map(client_ip)
         .find(|&ip| pred(&order(text, ip)))
         .expect("no client among 2000 has the wanted upstream order")
-}
-
-/// An address where nothing listens: a listener's address after the listener is gone.
-async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
 }
 
 const ID_LEN: usize = 12;
