@@ -105,7 +105,7 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
     // This connection keeps the configuration it started with, whatever a reload does meanwhile.
     let rt = shared.runtime.load_full();
     let cfg = &rt.config;
-    tune(&client, &cfg.keepalive);
+    tune(&client, &cfg.keepalive, true);
     let read = handshake::read_request(&mut client, &cfg.handshake, cfg.headers.underscore_headers);
     let request = match tokio::time::timeout(cfg.handshake.header_timeout, read).await {
         Ok(Ok(Some(r))) => r,
@@ -173,7 +173,7 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
             return None;
         }
     };
-    tune(&upstream, &cfg.keepalive);
+    tune(&upstream, &cfg.keepalive, false);
     info!(
         client = %ip, upstream = %addr, %request_id, status = 101,
         duration_ms = started.elapsed().as_millis() as u64, "handshake"
@@ -208,11 +208,14 @@ fn secs(since: Instant) -> f64 {
     since.elapsed().as_secs_f64()
 }
 
-/// Socket options of both sides: no Nagle delay on the small frames of interactive WebSockets,
-/// and TCP keepalive so that a peer that vanished is noticed and its resources freed.
-fn tune(s: &TcpStream, k: &config::Keepalive) {
+/// Socket options: TCP keepalive, so that a peer that vanished is noticed and its resources
+/// freed. (No Nagle delay on the small frames of interactive WebSockets: `nodelay` for the client
+/// side; `upstream::connect` sets it on its socket before it writes the request.)
+fn tune(s: &TcpStream, k: &config::Keepalive, nodelay: bool) {
     use nix::sys::socket::{setsockopt, sockopt};
-    let _ = s.set_nodelay(true);
+    if nodelay {
+        let _ = s.set_nodelay(true);
+    }
     if !k.enabled {
         return;
     }
