@@ -210,7 +210,7 @@ fn secs(since: Instant) -> f64 {
 
 /// Socket options: TCP keepalive, so that a peer that vanished is noticed and its resources
 /// freed. (No Nagle delay on the small frames of interactive WebSockets: `nodelay` for the client
-/// side; `upstream::connect` sets it on its socket before it writes the request.)
+/// side; the upstream module sets it on its socket before it writes the request.)
 fn tune(s: &TcpStream, k: &config::Keepalive, nodelay: bool) {
     use nix::sys::socket::{setsockopt, sockopt};
     if nodelay {
