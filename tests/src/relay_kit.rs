@@ -314,6 +314,31 @@ pub async fn write_pattern<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, len: u64
     Ok(())
 }
 
+/// Writes stream `seed` on `s` until told to `stop` or a write fails, counting the bytes written
+/// in `sent` (a test watches it grow or stall); returns the stream and the outcome.
+pub fn pump(
+    mut s: TcpStream,
+    seed: u64,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    mut stop: oneshot::Receiver<()>,
+) -> JoinHandle<(TcpStream, io::Result<()>)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    tokio::spawn(async move {
+        let r = loop {
+            let off = sent.load(Relaxed);
+            tokio::select! {
+                biased;
+                _ = &mut stop => break Ok(()),
+                r = s.write(pattern(seed, off, 256 * 1024)) => match r {
+                    Ok(n) => { sent.fetch_add(n as u64, Relaxed); }
+                    Err(e) => break Err(e),
+                },
+            }
+        };
+        (s, r)
+    })
+}
+
 /// How a received stream ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEnd {

@@ -834,29 +834,6 @@ enum Traffic {
     StalledToResetter,
 }
 
-/// Writes stream `seed` until told to stop or a write fails; returns the stream and the outcome.
-fn pump(
-    mut s: TcpStream,
-    seed: u64,
-    sent: Arc<AtomicU64>,
-    mut stop: oneshot::Receiver<()>,
-) -> tokio::task::JoinHandle<(TcpStream, io::Result<()>)> {
-    tokio::spawn(async move {
-        let r = loop {
-            let off = sent.load(Relaxed);
-            tokio::select! {
-                biased;
-                _ = &mut stop => break Ok(()),
-                r = s.write(pattern(seed, off, 256 * 1024)) => match r {
-                    Ok(n) => { sent.fetch_add(n as u64, Relaxed); }
-                    Err(e) => break Err(e),
-                },
-            }
-        };
-        (s, r)
-    })
-}
-
 /// Reads and checks stream `seed` until told to stop, EOF or an error.
 fn sink(
     mut s: TcpStream,

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Mutex, oneshot};
-use tokio::task::JoinHandle;
 use wsproxy_tests::relay_kit::*;
 use wsproxy_tests::*;
 
@@ -27,29 +26,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 /// Longest the proxy may take to pass a reset on: it notices one at once (milliseconds); the
 /// bug this guards against held the pair for a minute.
 const TEARDOWN: Duration = Duration::from_secs(2);
-
-/// Writes stream `seed` until told to stop or a write fails; returns the stream and the outcome.
-fn flood(
-    mut s: TcpStream,
-    seed: u64,
-    sent: Arc<AtomicU64>,
-    mut stop: oneshot::Receiver<()>,
-) -> JoinHandle<(TcpStream, io::Result<()>)> {
-    tokio::spawn(async move {
-        let r = loop {
-            let off = sent.load(Relaxed);
-            tokio::select! {
-                biased;
-                _ = &mut stop => break Ok(()),
-                r = s.write(pattern(seed, off, 256 * 1024)) => match r {
-                    Ok(n) => { sent.fetch_add(n as u64, Relaxed); }
-                    Err(e) => break Err(e),
-                },
-            }
-        };
-        (s, r)
-    })
-}
 
 /// A relayed connection as [`RelayProxy::open_relayed`] makes it, with the test's own buffers
 /// fixed (a set buffer is not autotuned): the client's receive buffer and the upstream's send
@@ -128,7 +104,7 @@ async fn reset_while_blocked(mode: &str, resetter: Side) {
     let (r, f) = if resetter == Side::Client { (c, u) } else { (u, c) };
     let sent = Arc::new(AtomicU64::new(0));
     let (stop, stopped) = oneshot::channel();
-    let pump = flood(r, 0x5e7, Arc::clone(&sent), stopped);
+    let pump = pump(r, 0x5e7, Arc::clone(&sent), stopped);
     let stalled_at = wait_stalled(&sent, &what).await;
     let _ = stop.send(());
     let (r, res) = within("the flood to stop", pump).await.unwrap();
@@ -204,11 +180,11 @@ async fn send_timeout(mode: &str) {
 
     let slow_sent = Arc::new(AtomicU64::new(0));
     let (slow_stop, slow_stopped) = oneshot::channel();
-    let slow_pump = flood(slow_u, 0x51, Arc::clone(&slow_sent), slow_stopped);
+    let slow_pump = pump(slow_u, 0x51, Arc::clone(&slow_sent), slow_stopped);
     let stalled_sent = Arc::new(AtomicU64::new(0));
     let (_stalled_stop, stalled_stopped) = oneshot::channel();
     let started = Instant::now();
-    let stalled_pump = flood(stalled_u, 0x57, Arc::clone(&stalled_sent), stalled_stopped);
+    let stalled_pump = pump(stalled_u, 0x57, Arc::clone(&stalled_sent), stalled_stopped);
 
     // The slow reader reads for 4 timeouts (bounded: 80 reads); meanwhile the stalled pair must
     // be cut.
@@ -359,7 +335,7 @@ async fn stalled_memory(mode: &str, relay: &str) -> Option<(SkMem, u64)> {
         let (c, u) = open_fixed(&p, id, 64 * KIB as u32, 64 * KIB as usize).await;
         let sent = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = oneshot::channel();
-        let pump = flood(u, id, Arc::clone(&sent), stopped);
+        let pump = pump(u, id, Arc::clone(&sent), stopped);
         held.push((c, sent, stop, pump));
     }
     let mut through = 0;
