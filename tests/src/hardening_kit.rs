@@ -17,11 +17,16 @@ use crate::{find, header};
 
 /// A `kB` field of /proc/self/status (VmRSS, VmHWM, ...), in bytes.
 pub fn proc_status_bytes(field: &str) -> u64 {
-    let text = std::fs::read_to_string("/proc/self/status").unwrap();
+    kib_field_bytes("/proc/self/status", field)
+}
+
+/// A `Field:   N kB` line of a /proc file (/proc/self/status, /proc/meminfo), in bytes.
+pub fn kib_field_bytes(file: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap();
     let line = text
         .lines()
         .find(|l| l.split(':').next() == Some(field))
-        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+        .unwrap_or_else(|| panic!("no {field} in {file}"));
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
 }

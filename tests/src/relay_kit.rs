@@ -613,13 +613,7 @@ pub fn socket_inodes() -> std::collections::BTreeSet<u64> {
 
 /// A field of /proc/meminfo, in bytes.
 pub fn meminfo(field: &str) -> u64 {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.split(':').next() == Some(field))
-        .unwrap_or_else(|| panic!("no {field} in /proc/meminfo"));
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib * 1024
+    crate::hardening_kit::kib_field_bytes("/proc/meminfo", field)
 }
 
 /// Memory charged to TCP sockets host-wide, in bytes (`TCP: ... mem <pages>` of
