@@ -21,6 +21,9 @@ pub struct Config {
     pub max_connections: usize,
     /// At shutdown, time open connections get to finish before they are closed.
     pub drain_timeout: Duration,
+    /// The PROXY protocol required of every connection (the listener is behind an L4 layer);
+    /// `None`: off, the connection's own peer address is the client's.
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// Admin listener (metrics, health, reload); `None`: off.
     pub admin: Option<Admin>,
     pub keepalive: Keepalive,
@@ -29,6 +32,17 @@ pub struct Config {
     pub headers: Headers,
     pub upstreams: Upstreams,
     pub relay: Relay,
+}
+
+/// `[listen.proxy_protocol]`: every connection must begin with a PROXY protocol header (v1 or
+/// v2) from a trusted sender, whose source address is then the client's for limits, upstream
+/// choice, headers and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    /// Networks the L4 layer's connections come from; any other peer is refused unread.
+    pub trusted: Vec<ipnet::IpNet>,
+    /// The whole header must arrive within this time.
+    pub header_timeout: Duration,
 }
 
 /// Where the admin listener listens.
@@ -510,6 +524,52 @@ struct ListenFile {
     max_connections: usize,
     #[serde(with = "humantime_serde")]
     drain_timeout: Duration,
+    proxy_protocol: Option<ProxyProtocolFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxyProtocolFile {
+    trusted: Vec<String>,
+    #[serde(default = "default_proxy_header_timeout", with = "humantime_serde")]
+    header_timeout: Duration,
+}
+
+fn default_proxy_header_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl ProxyProtocolFile {
+    /// Every problem goes to `p`.
+    fn validate(&self, p: &mut Vec<String>) -> Option<ProxyProtocol> {
+        let problems = p.len();
+        if self.trusted.is_empty() {
+            p.push("listen.proxy_protocol.trusted: name the networks the PROXY protocol comes from, such as [\"10.0.0.0/8\"]".into());
+        }
+        let mut trusted = Vec::new();
+        for net in &self.trusted {
+            // A plain address is a network of one.
+            match net
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            {
+                Ok(n) => trusted.push(n.trunc()),
+                Err(_) => p.push(format!(
+                    "listen.proxy_protocol.trusted: {net:?} is not a network such as \"10.0.0.0/8\" or an address"
+                )),
+            }
+        }
+        if self.header_timeout.is_zero() || self.header_timeout > Duration::from_secs(60) {
+            p.push(format!(
+                "listen.proxy_protocol.header_timeout: must be above 0 and at most 60s, got {:?}",
+                self.header_timeout
+            ));
+        }
+        (p.len() == problems).then_some(ProxyProtocol {
+            trusted,
+            header_timeout: self.header_timeout,
+        })
+    }
 }
 
 impl Default for ListenFile {
@@ -518,6 +578,7 @@ impl Default for ListenFile {
             address: "127.0.0.1:8080".into(),
             max_connections: 50_000,
             drain_timeout: Duration::from_secs(30),
+            proxy_protocol: None,
         }
     }
 }
@@ -609,6 +670,7 @@ impl File {
         if self.listen.max_connections == 0 {
             p.push("listen.max_connections: must be at least 1".into());
         }
+        let proxy_protocol = self.listen.proxy_protocol.as_ref().and_then(|pp| pp.validate(&mut p));
         let admin = self.admin.validate(&mut p);
         let k = &self.keepalive;
         if k.enabled && (k.idle.as_secs() < 1 || k.interval.as_secs() < 1 || k.count == 0) {
@@ -746,6 +808,7 @@ impl File {
                 listen,
                 max_connections: self.listen.max_connections,
                 drain_timeout: self.listen.drain_timeout,
+                proxy_protocol,
                 admin,
                 keepalive: self.keepalive,
                 limits: self.limits,
@@ -1026,6 +1089,31 @@ backup = [{ address = "127.0.0.1:9001" }]
                 "config/wsproxy.toml shows a value that is not the default"
             );
         }
+    }
+
+    #[test]
+    fn proxy_protocol_networks_and_timeout_are_checked_all_at_once() {
+        let ok =
+            format!("[listen.proxy_protocol]\ntrusted = [\"10.0.0.0/8\", \"192.0.2.1\", \"2001:db8::/32\"]\n{MINIMAL}");
+        let pp = Config::parse(&ok, "t").unwrap().proxy_protocol.unwrap();
+        assert_eq!(pp.trusted.len(), 3);
+        assert_eq!(pp.header_timeout, Duration::from_secs(5));
+        assert!(Config::parse(MINIMAL, "t").unwrap().proxy_protocol.is_none());
+        let bad = format!(
+            "[listen.proxy_protocol]\ntrusted = [\"10.0.0.0/33\", \"nowhere\"]\nheader_timeout = \"0s\"\n{MINIMAL}"
+        );
+        let e = Config::parse(&bad, "t").unwrap_err();
+        assert_eq!(e.problems.len(), 3, "{e}");
+        assert!(
+            e.problems.iter().all(|p| p.starts_with("listen.proxy_protocol.")),
+            "{e}"
+        );
+        let empty = format!("[listen.proxy_protocol]\ntrusted = []\n{MINIMAL}");
+        let e = Config::parse(&empty, "t").unwrap_err();
+        assert!(
+            e.problems[0].starts_with("listen.proxy_protocol.trusted: name the networks"),
+            "{e}"
+        );
     }
 
     #[test]

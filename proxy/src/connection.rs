@@ -19,7 +19,7 @@ use crate::limits::Refusal;
 use crate::log_limit::Throttle;
 use crate::metrics::{HandshakeOutcome, Metrics};
 use crate::upstream::{self, Upgraded, UpstreamError};
-use crate::{Shared, config, headers, relay};
+use crate::{Shared, config, headers, proxy_protocol, relay};
 
 /// A refused client gets this long to read the answer (and close) before the socket is closed:
 /// closing with unread input would send a reset that can destroy the answer in flight.
@@ -93,8 +93,26 @@ impl Relayable {
 /// here (refused, failed, or the client left), already answered, logged and counted.
 async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Option<Relayable> {
     let started = Instant::now();
-    let ip = peer.ip().to_canonical();
     let metrics = &shared.metrics;
+    // This connection keeps the configuration it started with, whatever a reload does meanwhile.
+    let rt = shared.runtime.load_full();
+    let cfg = &rt.config;
+    // Behind an L4 layer the client is the one its PROXY protocol header names; the bytes read
+    // past the header are the request's start.
+    let (client_addr, early) = match &cfg.proxy_protocol {
+        None => (peer, Vec::new()),
+        Some(pp) => match proxy_protocol::read_header(&mut client, peer, pp).await {
+            Ok(read) => read,
+            Err(refusal) => {
+                metrics.proxy_protocol_refused(refusal);
+                if let Some(suppressed) = REFUSAL_LINES.admit(Instant::now()) {
+                    info!(peer = %peer, reason = refusal.as_str(), suppressed, "PROXY protocol header refused; connection closed");
+                }
+                return None;
+            }
+        },
+    };
+    let ip = client_addr.ip().to_canonical();
     let slot = match shared.limiter.admit(ip, started) {
         Ok(slot) => slot,
         Err(refusal) => {
@@ -102,11 +120,9 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
             return None;
         }
     };
-    // This connection keeps the configuration it started with, whatever a reload does meanwhile.
-    let rt = shared.runtime.load_full();
-    let cfg = &rt.config;
     tune(&client, &cfg.keepalive, true);
-    let read = handshake::read_request(&mut client, &cfg.handshake, cfg.headers.underscore_headers);
+    let mut reader = early.as_slice().chain(&mut client);
+    let read = handshake::read_request(&mut reader, &cfg.handshake, cfg.headers.underscore_headers);
     let request = match tokio::time::timeout(cfg.handshake.header_timeout, read).await {
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => {

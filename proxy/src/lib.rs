@@ -22,6 +22,7 @@ pub mod listener;
 pub mod log_limit;
 pub mod metrics;
 mod plain_http;
+pub mod proxy_protocol;
 pub mod privileges;
 pub mod relay;
 pub mod upstream;

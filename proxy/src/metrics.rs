@@ -29,6 +29,7 @@ pub const CONFIG_RELOADS: &str = "wsproxy_config_reloads";
 pub const ADMIN_REFUSED: &str = "wsproxy_admin_refused";
 pub const KERNEL_RELAY_REPEATED_BYTES: &str = "wsproxy_kernel_relay_repeated_bytes";
 pub const KERNEL_RELAY_PASSED_BYTES: &str = "wsproxy_kernel_relay_passed_bytes";
+pub const PROXY_PROTOCOL_REFUSED: &str = "wsproxy_proxy_protocol_refused";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RelayLabels {
@@ -199,6 +200,7 @@ pub struct Metrics {
     passed: Counter,
     reloads: Family<ResultLabels, Counter>,
     admin_refused: Family<ReasonLabels, Counter>,
+    proxy_protocol_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -227,6 +229,7 @@ impl Metrics {
             passed: Counter::default(),
             reloads: Family::default(),
             admin_refused: Family::default(),
+            proxy_protocol_refused: Family::default(),
         };
         let r = &mut m.registry;
         r.register(CONNECTIONS_OPEN, "Relayed connections open, by relay", m.open.clone());
@@ -296,6 +299,11 @@ impl Metrics {
             "Admin requests refused and admin connections closed, by reason",
             m.admin_refused.clone(),
         );
+        r.register(
+            PROXY_PROTOCOL_REFUSED,
+            "Connections closed before their first HTTP byte for their PROXY protocol header, by reason",
+            m.proxy_protocol_refused.clone(),
+        );
         // Zero series exist from the start, so that rates and alerts work before the first event.
         for mode in MODES {
             let _ = m.open.get_or_create(&RelayLabels { relay: mode.as_str() });
@@ -317,6 +325,11 @@ impl Metrics {
         }
         for r in AdminRefusal::ALL {
             let _ = m.admin_refused.get_or_create(&ReasonLabels { reason: r.as_str() });
+        }
+        for r in crate::proxy_protocol::Refusal::ALL {
+            let _ = m
+                .proxy_protocol_refused
+                .get_or_create(&ReasonLabels { reason: r.as_str() });
         }
         m
     }
@@ -380,6 +393,12 @@ impl Metrics {
 
     pub fn admin_refused(&self, r: AdminRefusal) {
         self.admin_refused
+            .get_or_create(&ReasonLabels { reason: r.as_str() })
+            .inc();
+    }
+
+    pub fn proxy_protocol_refused(&self, r: crate::proxy_protocol::Refusal) {
+        self.proxy_protocol_refused
             .get_or_create(&ReasonLabels { reason: r.as_str() })
             .inc();
     }

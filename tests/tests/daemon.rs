@@ -453,6 +453,8 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("listen", "address"),
         ("listen", "max_connections"),
         ("listen", "drain_timeout"),
+        ("listen.proxy_protocol", "trusted"),
+        ("listen.proxy_protocol", "header_timeout"),
         ("admin", "address"),
         ("admin", "idle_timeout"),
         ("admin", "max_connections"),

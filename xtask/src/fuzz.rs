@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::cmd::Cmd;
 
-pub const TARGETS: [&str; 3] = ["request_head", "response_head", "config"];
+pub const TARGETS: [&str; 4] = ["request_head", "response_head", "config", "proxy_header"];
 
 /// The libFuzzer run of one target: bounded in time, memory and input size, in a scratch
 /// corpus seeded from `fuzz/seeds/TARGET` so the committed seeds stay as they are.
