@@ -85,6 +85,7 @@ mod tests {
             backup,
             timeout: Duration::from_secs(1),
             max_head_bytes: 4096,
+            send_proxy_protocol: false,
             health: Default::default(),
         })
     }

@@ -215,6 +215,9 @@ pub struct Upstreams {
     pub timeout: Duration,
     /// Largest upstream response head accepted, in bytes.
     pub max_head_bytes: usize,
+    /// Begin every upstream connection with a PROXY protocol v2 header: the client's address,
+    /// and the request id as a TLV (`PP2_TYPE_UNIQUE_ID`); active WebSocket probes send LOCAL.
+    pub send_proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -595,6 +598,8 @@ struct UpstreamsFile {
     #[serde(default = "default_upstream_head")]
     max_head_bytes: usize,
     #[serde(default)]
+    send_proxy_protocol: bool,
+    #[serde(default)]
     health: Health,
 }
 
@@ -819,6 +824,7 @@ impl File {
                     backup: self.upstreams.backup,
                     timeout: self.upstreams.timeout,
                     max_head_bytes: self.upstreams.max_head_bytes,
+                    send_proxy_protocol: self.upstreams.send_proxy_protocol,
                     health: self.upstreams.health,
                 },
                 relay: self.relay,
@@ -1076,7 +1082,10 @@ backup = [{ address = "127.0.0.1:9001" }]
                 format!("{:?}", c.limits),
                 format!("{:?}", c.handshake),
                 format!("{:?}", c.headers),
-                format!("upstreams {:?} {:?} {}", u.health, u.timeout, u.max_head_bytes),
+                format!(
+                    "upstreams {:?} {:?} {} {}",
+                    u.health, u.timeout, u.max_head_bytes, u.send_proxy_protocol
+                ),
                 format!("{:?}", c.relay),
             ]
         };

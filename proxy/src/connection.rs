@@ -141,7 +141,14 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
     };
 
     let request_id = uuid::Uuid::new_v4().simple().to_string();
-    let forwarded = headers::forwarded_request(&request, ip, &request_id, &cfg.headers);
+    let mut forwarded = headers::forwarded_request(&request, ip, &request_id, &cfg.headers);
+    if cfg.upstreams.send_proxy_protocol {
+        // Sent with the request, in one write: the upstream reads the header first.
+        let local = client.local_addr().unwrap_or(client_addr);
+        let mut with_header = proxy_protocol::v2_header(client_addr, local, &request_id);
+        with_header.extend_from_slice(&forwarded);
+        forwarded = with_header;
+    }
     let (mut attempts, mut timeouts) = (0, 0);
     let mut upgraded = None;
     for addr in shared.health.filter(rt.balancer.order(ip), started) {

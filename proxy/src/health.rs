@@ -116,7 +116,7 @@ pub(crate) async fn probe_loop(shared: Arc<crate::Shared>, stop: CancellationTok
             .map(|s| s.address)
             .collect();
         for addr in targets {
-            let ok = probe(addr, cfg.probe, rt.config.upstreams.timeout).await;
+            let ok = probe(addr, cfg.probe, &rt.config.upstreams).await;
             if ok {
                 shared.health.success(addr, &shared.metrics);
             } else {
@@ -130,22 +130,31 @@ pub(crate) async fn probe_loop(shared: Arc<crate::Shared>, stop: CancellationTok
     }
 }
 
-/// One probe: a TCP connect, or a full WebSocket handshake checked like a client's.
-async fn probe(addr: SocketAddr, kind: Probe, timeout: Duration) -> bool {
+/// One probe: a TCP connect, or a full WebSocket handshake checked like a client's (after a
+/// PROXY protocol LOCAL header when the upstreams expect one).
+async fn probe(addr: SocketAddr, kind: Probe, up: &crate::config::Upstreams) -> bool {
     match kind {
         Probe::Tcp => {
             matches!(
-                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
+                tokio::time::timeout(up.timeout, tokio::net::TcpStream::connect(addr)).await,
                 Ok(Ok(_))
             )
         }
         Probe::Websocket => {
             const KEY: &str = "d3Nwcm94eSBwcm9iZSBrZXk=";
-            let request = format!(
-                "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                 Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: wsproxy-probe\r\n\r\n"
+            let mut request = if up.send_proxy_protocol {
+                crate::proxy_protocol::v2_local()
+            } else {
+                Vec::new()
+            };
+            request.extend_from_slice(
+                format!(
+                    "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: wsproxy-probe\r\n\r\n"
+                )
+                .as_bytes(),
             );
-            crate::upstream::handshake(addr, request.as_bytes(), KEY, timeout, 16 * 1024)
+            crate::upstream::handshake(addr, &request, KEY, up.timeout, 16 * 1024)
                 .await
                 .is_ok()
         }

@@ -120,6 +120,41 @@ fn complete(len: usize, source: Option<SocketAddr>) -> Parsed {
     }
 }
 
+/// The PROXY protocol v2 header an upstream connection begins with when the service sends one:
+/// the client's address and the address it connected to (as IPv6 when their families differ),
+/// and the request id as `PP2_TYPE_UNIQUE_ID`.
+pub fn v2_header(client: SocketAddr, local: SocketAddr, request_id: &str) -> Vec<u8> {
+    use ppp::v2::{Builder, Command, Protocol, Type, Version};
+    let v6 = |a: SocketAddr| {
+        let ip = match a.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        SocketAddr::new(IpAddr::V6(ip), a.port())
+    };
+    let (client, local) = match (client.ip().to_canonical(), local.ip().to_canonical()) {
+        (IpAddr::V4(c), IpAddr::V4(l)) => (
+            SocketAddr::new(c.into(), client.port()),
+            SocketAddr::new(l.into(), local.port()),
+        ),
+        _ => (v6(client), v6(local)),
+    };
+    // The id is at most 128 bytes by the protocol; the proxy's are 32.
+    let id = &request_id.as_bytes()[..request_id.len().min(128)];
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (client, local))
+        .write_tlv(Type::UniqueId, id)
+        .and_then(Builder::build)
+        .expect("a header of two addresses and a short TLV fits")
+}
+
+/// The v2 LOCAL header: a connection of the proxy's own (a health probe), no client behind it.
+pub fn v2_local() -> Vec<u8> {
+    use ppp::v2::{Builder, Command, Version};
+    Builder::new(Version::Two | Command::Local, 0)
+        .build()
+        .expect("an empty header fits")
+}
+
 /// Whether `peer` may send a header.
 pub fn trusted(cfg: &ProxyProtocol, peer: IpAddr) -> bool {
     let peer = peer.to_canonical();
@@ -245,6 +280,41 @@ mod tests {
             Parsed::Invalid,
             "refused once the cap is reached"
         );
+    }
+
+    #[test]
+    fn the_header_sent_upstream_reads_back_with_the_client_and_the_request_id() {
+        let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let h = v2_header(client, "127.0.0.1:8080".parse().unwrap(), "abc123");
+        assert_eq!(
+            parse(&h),
+            Parsed::Complete {
+                len: h.len(),
+                source: Some(client)
+            }
+        );
+        let HeaderResult::V2(Ok(parsed)) = HeaderResult::parse(&h) else {
+            panic!("not a v2 header");
+        };
+        let id: Vec<_> = parsed
+            .tlvs()
+            .filter_map(Result::ok)
+            .filter(|t| t.kind == 0x05)
+            .collect();
+        assert_eq!(id.len(), 1);
+        assert_eq!(&id[0].value[..], b"abc123");
+        // Families differ: both as IPv6.
+        let h = v2_header(client, "[::1]:8080".parse().unwrap(), "x");
+        let want: SocketAddr = "[::ffff:192.0.2.7]:40000".parse().unwrap();
+        assert_eq!(
+            parse(&h),
+            Parsed::Complete {
+                len: h.len(),
+                source: Some(want)
+            }
+        );
+        let local = v2_local();
+        assert_eq!(parse(&local), Parsed::Complete { len: 16, source: None });
     }
 
     #[test]

@@ -475,6 +475,7 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("upstreams", "backup"),
         ("upstreams", "timeout"),
         ("upstreams", "max_head_bytes"),
+        ("upstreams", "send_proxy_protocol"),
         ("upstreams.health", "max_fails"),
         ("upstreams.health", "fail_timeout"),
         ("upstreams.health", "probe_interval"),

@@ -2,7 +2,9 @@
 //! layer puts in its header is the client's for the forwarded headers and the per-IP limits;
 //! untrusted peers, bad headers and slow headers are closed before any HTTP is read, and counted.
 //! A real sender too: HAProxy (`send-proxy-v2`, installed by the set-up) in front of the proxy, in
-//! both relay modes.
+//! both relay modes. And the other way: `upstreams.send_proxy_protocol` puts a v2 header with the
+//! client's address and the request id before the request, read by a parsing upstream and by a
+//! second proxy that requires one.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -11,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wsproxy_tests::daemon_kit::ServerProxy;
 use wsproxy_tests::exposition::Exposition;
-use wsproxy_tests::relay_kit::{poll_until, say};
+use wsproxy_tests::relay_kit::{poll_until, say, upgrade_response};
 use wsproxy_tests::*;
 
 const TRUSTED_LOOPBACK: &str = "[listen.proxy_protocol]\ntrusted = [\"127.0.0.0/8\"]\nheader_timeout = \"500ms\"\n";
@@ -217,4 +219,86 @@ async fn haproxy_send_proxy_v2_in_front_in_both_relay_modes() {
         ));
         p.stop().await;
     }
+}
+
+/// One upstream connection that must begin with a PROXY protocol v2 header: returns the header's
+/// source and unique-id TLV and the request head, after answering 101 and echoing 4 bytes.
+async fn parsing_upstream(listener: tokio::net::TcpListener) -> (SocketAddr, Vec<u8>, String) {
+    use wsproxy::proxy_protocol::{Parsed, parse};
+    let (mut s, _) = within("the proxy to connect", listener.accept()).await.unwrap();
+    let mut buf = Vec::new();
+    let (len, source) = loop {
+        if let Parsed::Complete { len, source } = parse(&buf) {
+            break (len, source.expect("a client address"));
+        }
+        assert_ne!(parse(&buf), Parsed::Invalid, "not a PROXY header: {buf:?}");
+        let mut chunk = [0u8; 512];
+        let n = within("the header", s.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "closed before the header");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let ppp::HeaderResult::V2(Ok(h)) = ppp::HeaderResult::parse(&buf[..len]) else {
+        panic!("not a v2 header");
+    };
+    let id = h
+        .tlvs()
+        .filter_map(Result::ok)
+        .find(|t| t.kind == 0x05)
+        .map(|t| t.value.to_vec())
+        .unwrap_or_default();
+    let mut rest = buf.split_off(len);
+    while !rest.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 512];
+        let n = within("the request", s.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "closed before the request");
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&rest).into_owned();
+    s.write_all(upgrade_response(&head).as_bytes()).await.unwrap();
+    let mut four = [0u8; 4];
+    within("the client's bytes", s.read_exact(&mut four)).await.unwrap();
+    s.write_all(&four).await.unwrap();
+    (source, id, head)
+}
+
+#[tokio::test]
+async fn upstreams_get_a_v2_header_with_the_client_and_the_request_id() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let seen = tokio::spawn(parsing_upstream(listener));
+    let text = format!("{}send_proxy_protocol = true\n", config(&[up], &[], ""));
+    let proxy = Proxy::start(&text).await;
+    let from = client_ip(3);
+    let mut s = connect_from(from, proxy.addr).await;
+    s.write_all(request("/").as_bytes()).await.unwrap();
+    assert_eq!(status(&read_head(&mut s).await), 101);
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    within("the echo", s.read_exact(&mut back)).await.unwrap();
+    let (source, id, head) = within("the upstream", seen).await.unwrap();
+    assert_eq!(source.ip(), from);
+    let id = String::from_utf8(id).unwrap();
+    assert_eq!(header(&head, "x-request-id"), Some(id.clone()), "{head}");
+    assert_eq!(id.len(), 32);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_proxy_requiring_the_header_learns_the_client_from_the_first() {
+    let mut up = Upstream::start(Script::Upgrade { after: vec![] }).await;
+    let inner = Proxy::start(&config(&[up.addr], &[], TRUSTED_LOOPBACK)).await;
+    let outer_text = format!("{}send_proxy_protocol = true\n", config(&[inner.addr], &[], ""));
+    let outer = Proxy::start(&outer_text).await;
+    let from = client_ip(4);
+    let mut s = connect_from(from, outer.addr).await;
+    s.write_all(request("/").as_bytes()).await.unwrap();
+    assert_eq!(status(&read_head(&mut s).await), 101);
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    within("the echo", s.read_exact(&mut back)).await.unwrap();
+    drop(s);
+    let seen = up.next_seen().await;
+    assert_eq!(header(&seen.head, "x-real-ip"), Some(from.to_string()), "{}", seen.head);
+    outer.stop().await;
+    inner.stop().await;
 }
