@@ -141,7 +141,8 @@ async fn probe(addr: SocketAddr, kind: Probe, up: &crate::config::Upstreams) -> 
             )
         }
         Probe::Websocket => {
-            const KEY: &str = "d3Nwcm94eSBwcm9iZSBrZXk=";
+            // 16 bytes once decoded ("wsproxy probe 16"), as RFC 6455 requires of a key.
+            const KEY: &str = "d3Nwcm94eSBwcm9iZSAxNg==";
             let mut request = if up.send_proxy_protocol {
                 crate::proxy_protocol::v2_local()
             } else {
