@@ -302,3 +302,21 @@ async fn a_second_proxy_requiring_the_header_learns_the_client_from_the_first() 
     outer.stop().await;
     inner.stop().await;
 }
+
+#[tokio::test]
+async fn active_websocket_probes_send_a_local_header() {
+    let up = Upstream::start(Script::Upgrade { after: vec![] }).await;
+    let inner = Proxy::start(&config(&[up.addr], &[], TRUSTED_LOOPBACK)).await;
+    let outer_text = format!(
+        "{}send_proxy_protocol = true\n[upstreams.health]\nprobe_interval = \"100ms\"\nprobe = \"websocket\"\n",
+        config(&[inner.addr], &[], "")
+    );
+    let outer = Proxy::start(&outer_text).await;
+    // Probes reach the inner proxy's upstream only if the inner proxy took their header.
+    let probed = poll_until(DEADLINE, || (up.accepted() >= 2).then_some(())).await;
+    let m = Exposition::parse(&inner.server.metrics_text());
+    assert!(probed.is_some(), "no probe got through: {}", m.text);
+    assert_eq!(refused(&m, "bad_header") + refused(&m, "untrusted"), 0.0);
+    outer.stop().await;
+    inner.stop().await;
+}
