@@ -186,6 +186,13 @@ pub struct Headers {
     pub forwarded: bool,
     /// Fields added to every forwarded request, replacing any the client sent with the same name.
     pub add: Vec<StaticHeader>,
+    /// Clients (networks or addresses, as written) that are proxies themselves: their
+    /// `X-Forwarded-For` and `Forwarded` chains are appended to and their `True-Client-IP` and
+    /// `CF-Connecting-IP` kept. From any other client those fields are removed.
+    pub trusted_proxies: Vec<String>,
+    /// `trusted_proxies`, validated.
+    #[serde(skip)]
+    pub trusted: Vec<ipnet::IpNet>,
 }
 
 impl Default for Headers {
@@ -195,8 +202,28 @@ impl Default for Headers {
             forwarded_proto: "http".into(),
             forwarded: false,
             add: Vec::new(),
+            trusted_proxies: Vec::new(),
+            trusted: Vec::new(),
         }
     }
+}
+
+/// Networks written as "10.0.0.0/8" or as an address (a network of one); every entry that is
+/// neither goes to `p`, named by `field`.
+fn networks(field: &str, written: &[String], p: &mut Vec<String>) -> Vec<ipnet::IpNet> {
+    let mut nets = Vec::new();
+    for net in written {
+        match net
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        {
+            Ok(n) => nets.push(n.trunc()),
+            Err(_) => p.push(format!(
+                "{field}: {net:?} is not a network such as \"10.0.0.0/8\" or an address"
+            )),
+        }
+    }
+    nets
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -549,19 +576,7 @@ impl ProxyProtocolFile {
         if self.trusted.is_empty() {
             p.push("listen.proxy_protocol.trusted: name the networks the PROXY protocol comes from, such as [\"10.0.0.0/8\"]".into());
         }
-        let mut trusted = Vec::new();
-        for net in &self.trusted {
-            // A plain address is a network of one.
-            match net
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            {
-                Ok(n) => trusted.push(n.trunc()),
-                Err(_) => p.push(format!(
-                    "listen.proxy_protocol.trusted: {net:?} is not a network such as \"10.0.0.0/8\" or an address"
-                )),
-            }
-        }
+        let trusted = networks("listen.proxy_protocol.trusted", &self.trusted, p);
         if self.header_timeout.is_zero() || self.header_timeout > Duration::from_secs(60) {
             p.push(format!(
                 "listen.proxy_protocol.header_timeout: must be above 0 and at most 60s, got {:?}",
@@ -676,6 +691,7 @@ impl File {
             p.push("listen.max_connections: must be at least 1".into());
         }
         let proxy_protocol = self.listen.proxy_protocol.as_ref().and_then(|pp| pp.validate(&mut p));
+        let trusted_proxies = networks("headers.trusted_proxies", &self.headers.trusted_proxies, &mut p);
         let admin = self.admin.validate(&mut p);
         let k = &self.keepalive;
         if k.enabled && (k.idle.as_secs() < 1 || k.interval.as_secs() < 1 || k.count == 0) {
@@ -818,7 +834,10 @@ impl File {
                 keepalive: self.keepalive,
                 limits: self.limits,
                 handshake: self.handshake,
-                headers: self.headers,
+                headers: Headers {
+                    trusted: trusted_proxies,
+                    ..self.headers
+                },
                 upstreams: Upstreams {
                     main: self.upstreams.main,
                     backup: self.upstreams.backup,
@@ -1117,6 +1136,10 @@ backup = [{ address = "127.0.0.1:9001" }]
             e.problems.iter().all(|p| p.starts_with("listen.proxy_protocol.")),
             "{e}"
         );
+        let headers = format!("[headers]\ntrusted_proxies = [\"10.1.2.3\", \"proxies\"]\n{MINIMAL}");
+        let e = Config::parse(&headers, "t").unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert!(e.problems[0].starts_with("headers.trusted_proxies: \"proxies\""), "{e}");
         let empty = format!("[listen.proxy_protocol]\ntrusted = []\n{MINIMAL}");
         let e = Config::parse(&empty, "t").unwrap_err();
         assert!(

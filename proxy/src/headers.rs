@@ -3,8 +3,11 @@
 //!
 //! Fields that state facts about the connection (`X-Real-IP`, `X-Forwarded-Proto`,
 //! `X-Request-ID`) are the proxy's own view and replace whatever the client claimed, so that an
-//! application can trust them. `X-Forwarded-For` and `Forwarded` are chains: the client's value is
-//! kept and the proxy's hop is appended, as RFC 7239 and common practice expect.
+//! application can trust them. `X-Forwarded-For` and `Forwarded` are chains: from a client that is
+//! a trusted proxy (`headers.trusted_proxies`) its value is kept and this hop appended, as RFC 7239
+//! and common practice expect; from any other client the chain starts at the client, and the
+//! single-address claims `True-Client-IP` and `CF-Connecting-IP` are removed, so that nobody can
+//! name an address an application would take for the client's.
 //!
 //! Hop-by-hop fields (RFC 9110 section 7.6.1) are the client's connection to the proxy, not the
 //! upstream's: every field the client's `Connection` names is removed, and so are the standard
@@ -20,6 +23,7 @@ use crate::handshake::Request;
 /// Builds the request head for the upstream.
 pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &config::Headers) -> Vec<u8> {
     let client = client.to_canonical();
+    let trusted = cfg.trusted.iter().any(|net| net.contains(&client));
     let mut out = Vec::with_capacity(req.request_line().len() + 512);
     out.extend_from_slice(req.request_line());
     out.extend_from_slice(b"\r\n");
@@ -29,6 +33,7 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
             .iter()
             .any(|r| name.eq_ignore_ascii_case(r))
             || cfg.add.iter().any(|a| a.name.eq_ignore_ascii_case(name))
+            || (!trusted && CLIENT_CLAIMS.iter().any(|c| name.eq_ignore_ascii_case(c)))
     };
     let hop_by_hop = hop_by_hop(req);
     let xff = chain(req, "x-forwarded-for", &hop_by_hop);
@@ -101,6 +106,10 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
     out.extend_from_slice(b"\r\n");
     out
 }
+
+/// Fields that claim the client's address, believed only from a trusted proxy: the chains are
+/// restarted at the client, the others removed.
+const CLIENT_CLAIMS: [&str; 4] = ["x-forwarded-for", "forwarded", "true-client-ip", "cf-connecting-ip"];
 
 /// The fields that end at this hop: the standard hop-by-hop ones and those the client's
 /// `Connection` fields name (any case, comma lists, several fields).
@@ -218,11 +227,19 @@ mod tests {
         );
     }
 
+    /// Headers whose `trusted` networks hold `nets`.
+    fn trusting(nets: &[&str], cfg: config::Headers) -> config::Headers {
+        config::Headers {
+            trusted: nets.iter().map(|n| n.parse().unwrap()).collect(),
+            ..cfg
+        }
+    }
+
     #[test]
-    fn chains_are_appended_and_claims_replaced() {
+    fn a_trusted_proxy_s_chains_are_appended_and_claims_replaced() {
         let extra = "x-forwarded-for: 10.0.0.1\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-For: 10.0.0.2\r\n\
-                     x-request-id: forged\r\nX-Forwarded-Proto: https\r\n";
-        let out = build(extra, &config::Headers::default(), "192.0.2.7");
+                     x-request-id: forged\r\nX-Forwarded-Proto: https\r\nTrue-Client-IP: 10.0.0.1\r\n";
+        let out = build(extra, &trusting(&["192.0.2.0/24"], Default::default()), "192.0.2.7");
         assert!(
             out.contains("\r\nx-forwarded-for: 10.0.0.1, 10.0.0.2, 192.0.2.7\r\n"),
             "{out}"
@@ -233,6 +250,23 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("X-Real-IP: 192.0.2.7\r\n"));
+        assert!(out.contains("True-Client-IP: 10.0.0.1\r\n"), "{out}");
+    }
+
+    #[test]
+    fn an_untrusted_client_s_address_claims_are_removed_and_the_chains_start_at_it() {
+        let extra = "X-Forwarded-For: 10.0.0.1\r\nForwarded: for=10.0.0.1\r\nTrue-Client-IP: 10.0.0.1\r\n\
+                     cf-connecting-ip: 10.0.0.1\r\n";
+        let cfg = config::Headers {
+            forwarded: true,
+            ..Default::default()
+        };
+        for cfg in [cfg.clone(), trusting(&["198.51.100.0/24"], cfg)] {
+            let out = build(extra, &cfg, "192.0.2.7");
+            assert!(!out.contains("10.0.0.1"), "{out}");
+            assert!(out.contains("X-Forwarded-For: 192.0.2.7\r\n"), "{out}");
+            assert!(out.contains("Forwarded: for=192.0.2.7;proto=http\r\n"), "{out}");
+        }
     }
 
     #[test]
@@ -330,6 +364,7 @@ mod tests {
             }],
             ..Default::default()
         };
+        let cfg = trusting(&["2001:db8::/32"], cfg);
         let out = build("Forwarded: for=10.0.0.1\r\nx-edge: forged\r\n", &cfg, "2001:db8::5");
         assert!(
             out.contains("Forwarded: for=10.0.0.1, for=\"[2001:db8::5]\";proto=https\r\n"),

@@ -470,6 +470,7 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("headers", "underscore_headers"),
         ("headers", "forwarded_proto"),
         ("headers", "forwarded"),
+        ("headers", "trusted_proxies"),
         ("headers", "add"),
         ("upstreams", "main"),
         ("upstreams", "backup"),

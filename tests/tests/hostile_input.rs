@@ -747,11 +747,19 @@ fn rows(c: &Ctx) -> Vec<Row> {
                 if real != [want.as_str()] {
                     return Err(format!("X-Real-IP fields {real:?}, want [{want:?}]"));
                 }
+                // Not a trusted proxy: its chain starts at itself, its other claims are gone.
                 let xff = header(&h, "x-forwarded-for").unwrap_or_default();
-                if xff != format!("{}, {}", c.honest, c.hostile) {
+                if xff != c.hostile.to_string() {
                     return Err(format!("X-Forwarded-For {xff:?}"));
                 }
-                Ok(format!("reached its peer's upstream; {want}, X-Forwarded-For: {xff}"))
+                for claim in ["forwarded", "true-client-ip", "cf-connecting-ip"] {
+                    if let Some(v) = header(&h, claim) {
+                        return Err(format!("{claim}: {v:?} forwarded"));
+                    }
+                }
+                Ok(format!(
+                    "reached its peer's upstream; {want}, X-Forwarded-For: {xff}, no other claim"
+                ))
             }),
         ),
         row(

@@ -527,8 +527,10 @@ async fn rule4_ipv6_client_gets_its_hash_choice() {
 #[tokio::test]
 async fn rule5_request_forwarded_as_sent_with_the_proxy_fields() {
     let mut up = Upstream::start(Script::Upgrade { after: vec![] }).await;
-    let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", "")).await;
+    // The client is a trusted proxy: its X-Forwarded-For chain is appended to.
     let ip = client_ip(5);
+    let trusted = format!("[headers]\ntrusted_proxies = [\"{ip}\"]\n");
+    let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", &trusted)).await;
     let line = "GET /chat/room?x=1&y=%20z HTTP/1.1";
     let kept = [
         "hOsT: example.test:8443".to_string(),
@@ -605,6 +607,11 @@ async fn rule5_request_forwarded_as_sent_with_the_proxy_fields() {
     let id2 = single(&head, "X-Request-ID");
     assert!(!id2.is_empty());
     assert_ne!(id1, id2, "two requests got the same X-Request-ID");
+
+    // Any other client's chain starts at the client.
+    let other = client_ip(6);
+    let head = forwarded_head(proxy.addr, &mut up, other, &req).await;
+    assert_eq!(single(&head, "X-Forwarded-For"), other.to_string());
     proxy.stop().await;
 }
 
@@ -698,10 +705,12 @@ async fn rule5_connection_named_fields_are_removed_and_proxy_fields_kept() {
 #[tokio::test]
 async fn rule5_forwarded_field_and_static_headers() {
     let mut up = Upstream::start(Script::Upgrade { after: vec![] }).await;
-    let extra = "[headers]\nforwarded = true\nforwarded_proto = \"https\"\n\
-                 add = [{ name = \"X-Edge-Node\", value = \"edge-1\" }, { name = \"X-Env\", value = \"test env\" }]\n";
-    let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", extra)).await;
     let ip = client_ip(7);
+    let extra = format!(
+        "[headers]\nforwarded = true\nforwarded_proto = \"https\"\ntrusted_proxies = [\"{ip}/32\"]\n\
+         add = [{{ name = \"X-Edge-Node\", value = \"edge-1\" }}, {{ name = \"X-Env\", value = \"test env\" }}]\n"
+    );
+    let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", &extra)).await;
 
     let req = request("/f").replace(
         "Host: test\r\n",
