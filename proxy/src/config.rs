@@ -27,6 +27,7 @@ pub struct Config {
     /// Admin listener (metrics, health, reload); `None`: off.
     pub admin: Option<Admin>,
     pub keepalive: Keepalive,
+    pub access: Access,
     pub limits: Limits,
     pub handshake: Handshake,
     pub headers: Headers,
@@ -43,6 +44,47 @@ pub struct ProxyProtocol {
     pub trusted: Vec<ipnet::IpNet>,
     /// The whole header must arrive within this time.
     pub header_timeout: Duration,
+}
+
+/// `[access]`: which clients and pages may open a WebSocket through the proxy; the rest get 403.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Client networks allowed; empty: every client (but the denied).
+    pub allow: Vec<ipnet::IpNet>,
+    /// Client networks refused, whatever `allow` says.
+    pub deny: Vec<ipnet::IpNet>,
+    /// `Origin` values allowed (compared case-insensitively); empty: any Origin, or none.
+    pub origins: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AccessFile {
+    allow: Vec<String>,
+    deny: Vec<String>,
+    origins: Vec<String>,
+}
+
+impl AccessFile {
+    fn validate(self, p: &mut Vec<String>) -> Access {
+        for o in &self.origins {
+            // What a browser sends: a scheme, "://" and a host (with a port when not the
+            // scheme's), nothing after it.
+            let ok = o
+                .split_once("://")
+                .is_some_and(|(scheme, host)| !scheme.is_empty() && !host.is_empty() && !host.contains('/'));
+            if !ok && o != "null" {
+                p.push(format!(
+                    "access.origins: {o:?} is not an origin such as \"https://chat.example.com\""
+                ));
+            }
+        }
+        Access {
+            allow: networks("access.allow", &self.allow, p),
+            deny: networks("access.deny", &self.deny, p),
+            origins: self.origins,
+        }
+    }
 }
 
 /// Where the admin listener listens.
@@ -420,6 +462,8 @@ struct File {
     admin: AdminFile,
     #[serde(default)]
     keepalive: Keepalive,
+    #[serde(default)]
+    access: AccessFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -692,6 +736,7 @@ impl File {
         }
         let proxy_protocol = self.listen.proxy_protocol.as_ref().and_then(|pp| pp.validate(&mut p));
         let trusted_proxies = networks("headers.trusted_proxies", &self.headers.trusted_proxies, &mut p);
+        let access = self.access.validate(&mut p);
         let admin = self.admin.validate(&mut p);
         let k = &self.keepalive;
         if k.enabled && (k.idle.as_secs() < 1 || k.interval.as_secs() < 1 || k.count == 0) {
@@ -832,6 +877,7 @@ impl File {
                 proxy_protocol,
                 admin,
                 keepalive: self.keepalive,
+                access,
                 limits: self.limits,
                 handshake: self.handshake,
                 headers: Headers {
@@ -1098,6 +1144,7 @@ backup = [{ address = "127.0.0.1:9001" }]
                 format!("listen {} {} {:?}", c.listen, c.max_connections, c.drain_timeout),
                 format!("admin {admin:?}"),
                 format!("{:?}", c.keepalive),
+                format!("{:?}", c.access),
                 format!("{:?}", c.limits),
                 format!("{:?}", c.handshake),
                 format!("{:?}", c.headers),
@@ -1140,6 +1187,18 @@ backup = [{ address = "127.0.0.1:9001" }]
         let e = Config::parse(&headers, "t").unwrap_err();
         assert_eq!(e.problems.len(), 1, "{e}");
         assert!(e.problems[0].starts_with("headers.trusted_proxies: \"proxies\""), "{e}");
+        let access = format!(
+            "[access]\nallow = [\"10.0.0.0/8\"]\ndeny = [\"x\"]\norigins = [\"https://a.example\", \"a.example\"]\n{MINIMAL}"
+        );
+        let e = Config::parse(&access, "t").unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+        assert!(e.problems.iter().any(|p| p.starts_with("access.deny: \"x\"")), "{e}");
+        assert!(
+            e.problems
+                .iter()
+                .any(|p| p.starts_with("access.origins: \"a.example\"")),
+            "{e}"
+        );
         let empty = format!("[listen.proxy_protocol]\ntrusted = []\n{MINIMAL}");
         let e = Config::parse(&empty, "t").unwrap_err();
         assert!(

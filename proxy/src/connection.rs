@@ -19,7 +19,7 @@ use crate::limits::Refusal;
 use crate::log_limit::Throttle;
 use crate::metrics::{HandshakeOutcome, Metrics};
 use crate::upstream::{self, Upgraded, UpstreamError};
-use crate::{Shared, config, headers, proxy_protocol, relay};
+use crate::{Shared, access, config, headers, proxy_protocol, relay};
 
 /// A refused client gets this long to read the answer (and close) before the socket is closed:
 /// closing with unread input would send a reset that can destroy the answer in flight.
@@ -113,6 +113,17 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         },
     };
     let ip = client_addr.ip().to_canonical();
+    if !access::client_allowed(&cfg.access, ip) {
+        refuse(
+            client,
+            ip,
+            Answer::Rejected(Rejection::Forbidden("client network")),
+            started,
+            metrics,
+        )
+        .await;
+        return None;
+    }
     let slot = match shared.limiter.admit(ip, started) {
         Ok(slot) => slot,
         Err(refusal) => {
@@ -139,6 +150,18 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
             return None;
         }
     };
+
+    if !access::origin_allowed(&cfg.access, &request) {
+        refuse(
+            client,
+            ip,
+            Answer::Rejected(Rejection::Forbidden("origin")),
+            started,
+            metrics,
+        )
+        .await;
+        return None;
+    }
 
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let mut forwarded = headers::forwarded_request(&request, ip, &request_id, &cfg.headers);

@@ -32,6 +32,9 @@ pub enum Rejection {
     /// 408: the head was not complete in time.
     #[error("request head not complete in time")]
     Timeout,
+    /// 403: the client's network or the request's `Origin` is not allowed (`[access]`).
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
 }
 
 impl Rejection {
@@ -41,6 +44,7 @@ impl Rejection {
             Rejection::UnsupportedVersion => 426,
             Rejection::HeadTooLarge(_) => 431,
             Rejection::Timeout => 408,
+            Rejection::Forbidden(_) => 403,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! [`run`] serves one listener until a shutdown future completes; the binary and the tests both
 //! call it. One concern per module; `connection` follows one connection through them.
 
+pub mod access;
 pub mod admin;
 pub mod balance;
 pub mod config;

@@ -116,7 +116,7 @@ impl AdminRefusal {
 pub enum HandshakeOutcome {
     /// 101 forwarded to the client.
     Upgraded,
-    /// Refused by the proxy with this status (400, 408, 426, 431).
+    /// Refused by the proxy with this status (400, 403, 408, 426, 431).
     Refused(u16),
     /// 429: over the request rate.
     RateLimited,
