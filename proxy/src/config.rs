@@ -405,6 +405,14 @@ pub struct Relay {
     /// (WebSockets are long-lived, and quiet ones are normal).
     #[serde(with = "humantime_serde::option")]
     pub idle_timeout: Option<Duration>,
+    /// Cut a relayed connection this long after its 101 (plus up to `max_lifetime_jitter`);
+    /// `None`: never.
+    #[serde(with = "humantime_serde::option")]
+    pub max_lifetime: Option<Duration>,
+    /// Up to this much is added to each connection's `max_lifetime` (a share of it fixed by the
+    /// request id), so that connections opened together do not end, and reconnect, together.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime_jitter: Duration,
     /// Cut a relayed connection once a peer has taken no byte for this long while bytes wait for
     /// it (a peer that stopped reading holds the proxy's socket memory); zero: never.
     #[serde(with = "humantime_serde")]
@@ -428,6 +436,8 @@ impl Default for Relay {
             max_in_flight_skbs: 4096,
             drain_timeout: Duration::from_secs(10),
             idle_timeout: None,
+            max_lifetime: None,
+            max_lifetime_jitter: Duration::ZERO,
             send_timeout: Duration::from_secs(60),
             client_sndbuf: None,
             client_rcvbuf: None,
@@ -846,6 +856,9 @@ impl File {
         }
         if r.promote_max_average_message == 0 {
             p.push("relay.promote_max_average_message: must be at least 1".into());
+        }
+        if r.max_lifetime.is_some_and(|t| t.is_zero()) {
+            p.push("relay.max_lifetime: must be above 0 (leave it out for no limit)".into());
         }
         if r.drain_timeout.is_zero() {
             p.push("relay.drain_timeout: must be above 0".into());

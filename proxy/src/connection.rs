@@ -72,13 +72,17 @@ impl Relayable {
             rt,
             _slot,
         } = self;
+        let stop = relay::Stop {
+            shutdown,
+            deadline: lifetime(&rt.config.relay, &request_id).map(|t| tokio::time::Instant::now() + t),
+        };
         let o = relay::relay(
             client,
             upstream,
             shared.kernel.as_ref(),
             &rt.config.relay,
             &shared.metrics,
-            shutdown,
+            stop,
         )
         .await;
         info!(
@@ -87,6 +91,18 @@ impl Relayable {
             repeated_cut = o.repeated_cut, passed = o.passed, duration_ms = started.elapsed().as_millis() as u64, "connection closed"
         );
     }
+}
+
+/// How long a relayed connection may stay open: `max_lifetime` and a share of the jitter fixed
+/// by the request id (random hex), so that one connection's lifetime is the same in every log.
+fn lifetime(cfg: &config::Relay, request_id: &str) -> Option<Duration> {
+    let base = cfg.max_lifetime?;
+    let jitter_ms = cfg.max_lifetime_jitter.as_millis() as u64;
+    let random = request_id
+        .get(..16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or(0);
+    Some(base + Duration::from_millis(random % (jitter_ms + 1)))
 }
 
 /// Admission, request, upstream handshake and the 101's delivery. `None`: the connection ended

@@ -170,7 +170,7 @@ pub struct TotalsSnapshot {
 }
 
 const MODES: [Mode; 2] = [Mode::Kernel, Mode::Userspace];
-const ENDS: [End; 9] = [
+const ENDS: [End; 10] = [
     End::Closed,
     End::ClientError(std::io::ErrorKind::Other),
     End::UpstreamError(std::io::ErrorKind::Other),
@@ -178,6 +178,7 @@ const ENDS: [End; 9] = [
     End::IdleTimeout,
     End::SendTimeout,
     End::Shutdown,
+    End::MaxLifetime,
     End::Internal,
     End::StreamFault,
 ];

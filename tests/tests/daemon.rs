@@ -496,6 +496,8 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("relay", "max_in_flight_skbs"),
         ("relay", "drain_timeout"),
         ("relay", "idle_timeout"),
+        ("relay", "max_lifetime"),
+        ("relay", "max_lifetime_jitter"),
         ("relay", "send_timeout"),
         ("relay", "client_sndbuf"),
         ("relay", "client_rcvbuf"),

@@ -428,3 +428,78 @@ async fn buffer_caps_bound_a_stalled_connection_userspace() {
 async fn buffer_caps_bound_a_stalled_connection_kernel() {
     buffer_caps("kernel").await;
 }
+
+// ---- the maximum lifetime ----
+
+/// `relay.max_lifetime` with jitter: connections that keep talking are cut between the lifetime
+/// and the lifetime plus the jitter, not all at once; `auto` keeps the deadline across its move
+/// to the kernel relay.
+async fn max_lifetime(mode: &str) {
+    const N: u64 = 6;
+    let (lifetime, jitter) = (Duration::from_millis(400), Duration::from_millis(400));
+    let extra = "max_lifetime = \"400ms\"\nmax_lifetime_jitter = \"400ms\"\n";
+    let Some(p) = RelayProxy::start(mode, extra).await else {
+        return;
+    };
+    let mut ends = Vec::new();
+    for id in 1..=N {
+        let (c, u) = p.open(id).await;
+        let opened = Instant::now();
+        ends.push(tokio::spawn(async move {
+            // Round trips until the proxy cuts the pair: enough of them for `auto` to move it.
+            let (mut c, mut u) = (c, u);
+            let mut b = [0u8; 64];
+            for _ in 0..10_000 {
+                if c.write_all(&b).await.is_err() || u.read_exact(&mut b).await.is_err() {
+                    break;
+                }
+                if u.write_all(&b).await.is_err() || c.read_exact(&mut b).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            opened.elapsed()
+        }));
+    }
+    let mut lived = Vec::new();
+    for e in ends {
+        lived.push(within("a connection to be cut", e).await.unwrap());
+    }
+    for l in &lived {
+        // The cut comes from the proxy's timer; the client notices it at its next round trip.
+        assert!(
+            *l >= lifetime && *l < lifetime + jitter + Duration::from_millis(300),
+            "{mode}: {lived:?}"
+        );
+    }
+    let spread = lived.iter().max().unwrap().saturating_sub(*lived.iter().min().unwrap());
+    assert!(
+        spread >= Duration::from_millis(20),
+        "{mode}: all cut at once: {lived:?}"
+    );
+    let m = wsproxy_tests::exposition::Exposition::parse(&p.server.metrics_text());
+    assert_eq!(
+        m.sum("wsproxy_connections_ended_total", &[("end", "max lifetime")]),
+        N as f64,
+        "{mode}"
+    );
+    if mode == "auto" {
+        assert_eq!(p.server.totals().promotions, N, "every pair moved before its cut");
+    }
+    say(&format!("max lifetime {mode}: {N} connections cut after {lived:?}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_lifetime_cuts_talking_connections_spread_by_jitter_userspace() {
+    max_lifetime("userspace").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_lifetime_cuts_talking_connections_spread_by_jitter_kernel() {
+    max_lifetime("kernel").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_lifetime_holds_across_the_move_to_the_kernel_auto() {
+    max_lifetime("auto").await;
+}

@@ -33,6 +33,14 @@ pub use crate::metrics::TotalsSnapshot;
 /// Fallback lines per second: clients can cause fallbacks, so they must not fill the log.
 static FALLBACK_LINES: crate::log_limit::Throttle = crate::log_limit::Throttle::new(20);
 
+/// What ends a relay from outside: the proxy's shutdown drain, and the connection's maximum
+/// lifetime (`relay.max_lifetime`), a deadline that holds across a move between the relays.
+#[derive(Clone, Copy)]
+pub struct Stop<'a> {
+    pub shutdown: &'a CancellationToken,
+    pub deadline: Option<tokio::time::Instant>,
+}
+
 /// Relays between the two sockets until both sides have closed or one failed: in the kernel
 /// (`kernel`), in userspace (`userspace`), or in userspace first and in the kernel once the
 /// connection shows message traffic (`auto`, see [`promotion`]). Without loaded programs every
@@ -43,7 +51,7 @@ pub async fn relay(
     programs: Option<&KernelPrograms>,
     cfg: &config::Relay,
     metrics: &Metrics,
-    shutdown: &CancellationToken,
+    stop: Stop<'_>,
 ) -> Outcome {
     let began = std::time::Instant::now();
     buffers::cap(&client, &upstream, cfg);
@@ -54,7 +62,7 @@ pub async fn relay(
             let policy = promotion::Policy::new(cfg);
             // Boxed: each relay's state is allocated only while that relay runs (see
             // `connection::serve`).
-            match Box::pin(userspace::relay(client, upstream, cfg, shutdown, Some(policy))).await {
+            match Box::pin(userspace::relay(client, upstream, cfg, stop, Some(policy))).await {
                 userspace::Carried::Ended(o) => {
                     metrics.relay_ended(&o);
                     return o;
@@ -76,7 +84,7 @@ pub async fn relay(
     let (client, upstream, settled) = match programs {
         Some(programs) => {
             metrics.relay_started(Mode::Kernel);
-            match Box::pin(kernel::relay(client, upstream, programs, cfg, shutdown)).await {
+            match Box::pin(kernel::relay(client, upstream, programs, cfg, stop)).await {
                 Ok(mut o) => {
                     o.client_to_upstream += before.0;
                     o.upstream_to_client += before.1;
@@ -105,7 +113,7 @@ pub async fn relay(
         None => (client, upstream, before),
     };
     metrics.relay_started(Mode::Userspace);
-    let mut o = Box::pin(userspace::relay_to_end(client, upstream, cfg, shutdown)).await;
+    let mut o = Box::pin(userspace::relay_to_end(client, upstream, cfg, stop)).await;
     o.client_to_upstream += settled.0;
     o.upstream_to_client += settled.1;
     o.duration = began.elapsed();
@@ -123,7 +131,7 @@ pub(crate) async fn until_end<T, S: AsFd>(
     relay: Pin<&mut impl Future<Output = Result<T, End>>>,
     [client, upstream]: [&S; 2],
     cfg: &config::Relay,
-    shutdown: &CancellationToken,
+    stop: Stop<'_>,
     activity: impl Fn() -> u64,
 ) -> Result<T, End> {
     let idle = async {
@@ -132,11 +140,18 @@ pub(crate) async fn until_end<T, S: AsFd>(
             None => std::future::pending().await,
         }
     };
+    let lifetime = async {
+        match stop.deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = relay => r,
         end = stall::watch(client, upstream, cfg.send_timeout) => Err(end),
         Err(end) = idle => Err(end),
-        _ = shutdown.cancelled() => Err(End::Shutdown),
+        () = lifetime => Err(End::MaxLifetime),
+        _ = stop.shutdown.cancelled() => Err(End::Shutdown),
     }
 }
 

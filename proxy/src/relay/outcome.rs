@@ -40,6 +40,8 @@ pub enum End {
     SendTimeout,
     /// Still open when the proxy's shutdown drain ended; both were cut.
     Shutdown,
+    /// Open for `relay.max_lifetime` (and its jitter); both were cut.
+    MaxLifetime,
     /// The relay's own machinery failed (a kernel map operation); both were cut.
     Internal,
     /// The kernel relay could not keep one direction's bytes in order (an skb that neither
@@ -58,6 +60,7 @@ impl End {
             End::IdleTimeout => "idle timeout",
             End::SendTimeout => "send timeout",
             End::Shutdown => "shutdown",
+            End::MaxLifetime => "max lifetime",
             End::Internal => "internal error",
             End::StreamFault => "stream fault",
         }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::frames::Frames;
 use super::promotion::{Policy, Run};
-use super::{End, Mode, Outcome, reset_on_close, until_end, write_all};
+use super::{End, Mode, Outcome, Stop, reset_on_close, until_end, write_all};
 use crate::config;
 
 /// Large enough that a bulk transfer costs few system calls. Allocated only while bytes are
@@ -57,7 +57,7 @@ pub async fn relay(
     client: TcpStream,
     upstream: TcpStream,
     cfg: &config::Relay,
-    shutdown: &CancellationToken,
+    stop: Stop<'_>,
     policy: Option<Policy>,
 ) -> Carried {
     let started = Instant::now();
@@ -110,7 +110,7 @@ pub async fn relay(
             }
         };
         let both = std::pin::pin!(both);
-        until_end(both, [&client, &upstream], cfg, shutdown, || counts.bytes()).await
+        until_end(both, [&client, &upstream], cfg, stop, || counts.bytes()).await
     };
     let end = match flow {
         Ok(Flow::Promote) => {
@@ -143,13 +143,8 @@ pub async fn relay(
 }
 
 /// [`relay`] without promotion: always to the end.
-pub async fn relay_to_end(
-    client: TcpStream,
-    upstream: TcpStream,
-    cfg: &config::Relay,
-    shutdown: &CancellationToken,
-) -> Outcome {
-    match relay(client, upstream, cfg, shutdown, None).await {
+pub async fn relay_to_end(client: TcpStream, upstream: TcpStream, cfg: &config::Relay, stop: Stop<'_>) -> Outcome {
+    match relay(client, upstream, cfg, stop, None).await {
         Carried::Ended(o) => o,
         Carried::Promote(_) => unreachable!("no policy, no promotion"),
     }

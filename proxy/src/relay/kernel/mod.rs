@@ -24,10 +24,9 @@ use std::time::Instant;
 
 use proxy_common::SockCtrl;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::tcp_probe::{fin_received, taken};
-use super::{End, Mode, Outcome, reset_on_close, until_end, write_all};
+use super::{End, Mode, Outcome, Stop, reset_on_close, until_end, write_all};
 use crate::config;
 use crate::ebpf::{KernelPrograms, Side};
 use direction::Direction;
@@ -57,7 +56,7 @@ pub async fn relay(
     upstream: TcpStream,
     programs: &KernelPrograms,
     cfg: &config::Relay,
-    shutdown: &CancellationToken,
+    stop: Stop<'_>,
 ) -> Result<Outcome, Declined> {
     let started = Instant::now();
     let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -165,7 +164,7 @@ pub async fn relay(
             .map(|_| ())
         };
         let both = std::pin::pin!(both);
-        until_end(both, [&client, &upstream], cfg, shutdown, activity)
+        until_end(both, [&client, &upstream], cfg, stop, activity)
             .await
             .err()
             .unwrap_or(End::Closed)
