@@ -22,6 +22,7 @@ pub mod listener;
 // Bounded logging of client-caused events; public so that every module (the relay too) can use it.
 pub mod log_limit;
 pub mod metrics;
+pub mod outcome;
 mod plain_http;
 pub mod proxy_protocol;
 pub mod privileges;

@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::relay::outcome::{End, Mode, Outcome};
+use crate::outcome::{End, Mode, Outcome};
 
 // Counter names get the `_total` suffix from the encoder.
 pub const CONNECTIONS_OPEN: &str = "wsproxy_connections_open";

@@ -9,7 +9,6 @@
 mod buffers;
 mod frames;
 pub mod kernel;
-pub mod outcome;
 pub mod promotion;
 mod stall;
 pub mod tcp_probe;
@@ -26,7 +25,7 @@ use tracing::{debug, warn};
 use crate::config::{self, RelayMode};
 use crate::ebpf::KernelPrograms;
 use crate::metrics::Metrics;
-pub use outcome::{End, Mode, Outcome};
+pub use crate::outcome::{End, Mode, Outcome};
 
 pub use crate::metrics::TotalsSnapshot;
 

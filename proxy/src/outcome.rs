@@ -1,6 +1,6 @@
 //! How a relayed connection went: which relay carried it, how it ended, what it moved. One type
-//! for the relays, the metrics and the logs; it imports nothing of theirs, so the metrics can
-//! count it while the relays report to the metrics.
+//! for the relays, the metrics and the logs, outside all three and importing nothing of theirs:
+//! the metrics count it without importing the relay, and the relay reports to the metrics.
 
 use std::io;
 use std::time::Duration;
