@@ -86,6 +86,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_head_bytes: 4096,
             send_proxy_protocol: false,
+            on_refusal: Default::default(),
             health: Default::default(),
         })
     }

@@ -287,6 +287,20 @@ pub struct Upstreams {
     /// Begin every upstream connection with a PROXY protocol v2 header: the client's address,
     /// and the request id as a TLV (`PP2_TYPE_UNIQUE_ID`); active WebSocket probes send LOCAL.
     pub send_proxy_protocol: bool,
+    /// What a client gets when its upstream answers anything but a valid 101.
+    pub on_refusal: OnRefusal,
+}
+
+/// `upstreams.on_refusal`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRefusal {
+    /// Both connections are closed; the client learns only that its connection closed.
+    #[default]
+    Drop,
+    /// The upstream's status, fields and (short) body go to the client, then both close: a
+    /// browser can tell a 403 from a network error.
+    Forward,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -669,6 +683,8 @@ struct UpstreamsFile {
     #[serde(default)]
     send_proxy_protocol: bool,
     #[serde(default)]
+    on_refusal: OnRefusal,
+    #[serde(default)]
     health: Health,
 }
 
@@ -903,6 +919,7 @@ impl File {
                     timeout: self.upstreams.timeout,
                     max_head_bytes: self.upstreams.max_head_bytes,
                     send_proxy_protocol: self.upstreams.send_proxy_protocol,
+                    on_refusal: self.upstreams.on_refusal,
                     health: self.upstreams.health,
                 },
                 relay: self.relay,
@@ -1162,8 +1179,8 @@ backup = [{ address = "127.0.0.1:9001" }]
                 format!("{:?}", c.handshake),
                 format!("{:?}", c.headers),
                 format!(
-                    "upstreams {:?} {:?} {} {}",
-                    u.health, u.timeout, u.max_head_bytes, u.send_proxy_protocol
+                    "upstreams {:?} {:?} {} {} {:?}",
+                    u.health, u.timeout, u.max_head_bytes, u.send_proxy_protocol, u.on_refusal
                 ),
                 format!("{:?}", c.relay),
             ]

@@ -194,7 +194,17 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         attempts += 1;
         metrics.upstream_attempt(addr);
         let up = &cfg.upstreams;
-        match upstream::handshake(addr, &forwarded, &request.key, up.timeout, up.max_head_bytes).await {
+        let keep_answer = up.on_refusal == config::OnRefusal::Forward;
+        match upstream::handshake(
+            addr,
+            &forwarded,
+            &request.key,
+            up.timeout,
+            up.max_head_bytes,
+            keep_answer,
+        )
+        .await
+        {
             Ok(u) => {
                 shared.health.success(addr, metrics);
                 upgraded = Some((addr, u));
@@ -206,8 +216,18 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
                     shared.health.failure(addr, Instant::now(), metrics);
                 }
                 if !e.retryable() {
+                    // `on_refusal = "forward"`: the upstream's own answer, else nothing.
+                    let answer = match &e {
+                        UpstreamError::Status(_, Some(a)) => crate::plain_http::passed_on(&a.head, &a.body),
+                        _ => None,
+                    };
                     upstream_refused(ip, addr, &request_id, e, &up.health, started);
                     metrics.handshake(HandshakeOutcome::UpstreamError, secs(started));
+                    if let Some(answer) = answer
+                        && tokio::time::timeout(LINGER, client.write_all(&answer)).await.is_err()
+                    {
+                        return None;
+                    }
                     close_politely(client).await;
                     return None;
                 }
@@ -301,7 +321,7 @@ fn upstream_refused(
     started: Instant,
 ) {
     let status = match e {
-        UpstreamError::Status(s) => Some(s),
+        UpstreamError::Status(s, _) => Some(s),
         _ => None,
     };
     let duration_ms = started.elapsed().as_millis() as u64;

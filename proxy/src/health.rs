@@ -155,7 +155,7 @@ async fn probe(addr: SocketAddr, kind: Probe, up: &crate::config::Upstreams) -> 
                 )
                 .as_bytes(),
             );
-            crate::upstream::handshake(addr, &request, KEY, up.timeout, 16 * 1024)
+            crate::upstream::handshake(addr, &request, KEY, up.timeout, 16 * 1024, false)
                 .await
                 .is_ok()
         }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use sha1::{Digest, Sha1};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config;
@@ -45,8 +45,10 @@ pub enum UpstreamError {
     Io { read: usize, error: io::Error },
     #[error("invalid response head: {0}")]
     Malformed(String),
+    /// A final answer other than 101; with it the answer itself when it was asked for
+    /// (`upstreams.on_refusal = "forward"`).
     #[error("answered {0} instead of 101")]
-    Status(u16),
+    Status(u16, Option<Box<NotUpgraded>>),
     #[error("invalid 101: {0}")]
     BadUpgrade(&'static str),
 }
@@ -68,7 +70,7 @@ impl UpstreamError {
     /// when `upstreams.health.count_5xx` says so.
     pub fn counts_against_health(&self, cfg: &config::Health) -> bool {
         match self {
-            UpstreamError::Status(s) => cfg.count_5xx && (500..600).contains(s),
+            UpstreamError::Status(s, _) => cfg.count_5xx && (500..600).contains(s),
             // Out of descriptors or memory here: the proxy's trouble, not the upstream's.
             UpstreamError::Connect(e) => !matches!(
                 e.raw_os_error(),
@@ -87,7 +89,7 @@ impl UpstreamError {
             UpstreamError::Io { error, .. } if is_reset(error) => "reset",
             UpstreamError::Io { .. } => "io",
             UpstreamError::Malformed(_) => "malformed",
-            UpstreamError::Status(_) => "status",
+            UpstreamError::Status(..) => "status",
             UpstreamError::BadUpgrade(_) => "bad_upgrade",
         }
     }
@@ -101,21 +103,72 @@ fn is_reset(e: &io::Error) -> bool {
     )
 }
 
-/// Performs the upstream half of the handshake under one deadline.
+/// A final answer other than 101, kept to be forwarded to the client: its head as received, and
+/// its body when the head gives a `Content-Length` of at most [`MAX_FORWARDED_BODY`] (otherwise
+/// none: a client is told the status and the fields, not a stream of unknown length).
+#[derive(Debug, Default)]
+pub struct NotUpgraded {
+    pub head: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+/// The largest body of a non-101 answer forwarded to the client.
+pub const MAX_FORWARDED_BODY: usize = 64 * 1024;
+
+/// Performs the upstream half of the handshake under one deadline. With `keep_answer`, a
+/// non-101 answer comes back whole in [`UpstreamError::Status`] (its body read under the same
+/// deadline).
 pub async fn handshake(
     addr: SocketAddr,
     request: &[u8],
     key: &str,
     timeout: Duration,
     max_head: usize,
+    keep_answer: bool,
 ) -> Result<Upgraded, UpstreamError> {
-    match tokio::time::timeout(timeout, exchange(addr, request, key, max_head)).await {
+    match tokio::time::timeout(timeout, exchange(addr, request, key, max_head, keep_answer)).await {
         Ok(r) => r,
         Err(_) => Err(UpstreamError::Timeout(timeout)),
     }
 }
 
-async fn exchange(addr: SocketAddr, request: &[u8], key: &str, max_head: usize) -> Result<Upgraded, UpstreamError> {
+/// The body of a non-101 answer whose head is `head`: `Content-Length` bytes (at most
+/// [`MAX_FORWARDED_BODY`]), starting with `behind`, the bytes read past the head.
+async fn answer_body(stream: &mut TcpStream, head: &[u8], mut behind: Vec<u8>) -> Vec<u8> {
+    let mut h = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut h);
+    let _ = resp.parse(head);
+    let length = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok());
+    let chunked = resp
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    let Some(length) = length.filter(|&l| l <= MAX_FORWARDED_BODY && !chunked) else {
+        return Vec::new();
+    };
+    behind.truncate(length);
+    while behind.len() < length {
+        let mut chunk = [0u8; 4096];
+        let want = (length - behind.len()).min(chunk.len());
+        match stream.read(&mut chunk[..want]).await {
+            Ok(0) | Err(_) => return Vec::new(),
+            Ok(n) => behind.extend_from_slice(&chunk[..n]),
+        }
+    }
+    behind
+}
+
+async fn exchange(
+    addr: SocketAddr,
+    request: &[u8],
+    key: &str,
+    max_head: usize,
+    keep_answer: bool,
+) -> Result<Upgraded, UpstreamError> {
     let mut stream = TcpStream::connect(addr).await.map_err(UpstreamError::Connect)?;
     // Every message is relayed as it comes; Nagle would add latency to small frames.
     let io = |read| move |error| UpstreamError::Io { read, error };
@@ -143,8 +196,15 @@ async fn exchange(addr: SocketAddr, request: &[u8], key: &str, max_head: usize) 
             behind = response.rest().to_vec();
             continue;
         }
-        check_101(response.head(), key)?;
-        return Ok(Upgraded { stream, response });
+        return match check_101(response.head(), key) {
+            Ok(()) => Ok(Upgraded { stream, response }),
+            Err(UpstreamError::Status(code, None)) if keep_answer => {
+                let head = response.head().to_vec();
+                let body = answer_body(&mut stream, &head, response.rest().to_vec()).await;
+                Err(UpstreamError::Status(code, Some(Box::new(NotUpgraded { head, body }))))
+            }
+            Err(e) => Err(e),
+        };
     }
     Err(UpstreamError::Malformed(format!(
         "more than {MAX_INTERIM_RESPONSES} interim responses"
@@ -170,7 +230,7 @@ pub fn check_101(head_bytes: &[u8], key: &str) -> Result<(), UpstreamError> {
         .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
     let code = resp.code.unwrap_or(0);
     if code != 101 {
-        return Err(UpstreamError::Status(code));
+        return Err(UpstreamError::Status(code, None));
     }
     if resp.version != Some(1) {
         return Err(UpstreamError::BadUpgrade("HTTP version is not 1.1"));
@@ -255,7 +315,7 @@ mod tests {
         assert!(UpstreamError::Connect(io::ErrorKind::ConnectionRefused.into()).retryable());
         assert!(UpstreamError::Timeout(Duration::from_secs(1)).retryable());
         assert!(UpstreamError::ClosedBeforeAnswer.retryable());
-        assert!(!UpstreamError::Status(503).retryable());
+        assert!(!UpstreamError::Status(503, None).retryable());
         assert!(!UpstreamError::BadUpgrade("x").retryable());
         assert!(!UpstreamError::ClosedMidHead(3).retryable());
     }
@@ -292,14 +352,14 @@ mod tests {
             ..Default::default()
         };
         for s in [200, 204, 301, 302, 307, 400, 403, 404, 426, 429] {
-            let e = UpstreamError::Status(s);
+            let e = UpstreamError::Status(s, None);
             assert!(
                 !e.counts_against_health(&default) && !e.counts_against_health(&count_5xx),
                 "{s}"
             );
         }
         for s in [500, 502, 503, 599] {
-            let e = UpstreamError::Status(s);
+            let e = UpstreamError::Status(s, None);
             assert!(
                 !e.counts_against_health(&default),
                 "{s} counts although count_5xx is off"

@@ -1359,3 +1359,47 @@ async fn rule10_client_reset_closes_the_upstream() {
     );
     proxy.stop().await;
 }
+
+// ---- upstreams.on_refusal = "forward" ----
+
+#[tokio::test]
+async fn forward_passes_a_non_101_answer_on_with_its_body_and_fields() {
+    let answer = "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nX-Why: origin\r\nConnection: keep-alive\r\n\
+                  Content-Length: 7\r\n\r\ndenied\n";
+    let up = Upstream::start(Script::Respond(answer.into())).await;
+    let text = format!(
+        "{}on_refusal = \"forward\"\n",
+        config_text(&[(up.addr, 1)], &[], "2s", "")
+    );
+    let proxy = Proxy::start(&text).await;
+    let got = exchange(client_ip(1), proxy.addr, request("/").as_bytes()).await;
+    assert_eq!(
+        got,
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nX-Why: origin\r\nContent-Length: 7\r\n\
+         Connection: close\r\n\r\ndenied\n"
+    );
+    // A redirect with a body of unknown length: its status and fields, no body.
+    let answer = "HTTP/1.1 302 Found\r\nLocation: /login\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let up = Upstream::start(Script::Respond(answer.into())).await;
+    let text = format!(
+        "{}on_refusal = \"forward\"\n",
+        config_text(&[(up.addr, 1)], &[], "2s", "")
+    );
+    let proxy2 = Proxy::start(&text).await;
+    let got = exchange(client_ip(2), proxy2.addr, request("/").as_bytes()).await;
+    assert_eq!(
+        got,
+        "HTTP/1.1 302 Found\r\nLocation: /login\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    proxy.stop().await;
+    proxy2.stop().await;
+}
+
+#[tokio::test]
+async fn drop_the_default_tells_the_client_nothing() {
+    let answer = "HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\n\r\ndenied\n";
+    let up = Upstream::start(Script::Respond(answer.into())).await;
+    let proxy = Proxy::start(&config_text(&[(up.addr, 1)], &[], "2s", "")).await;
+    assert_eq!(exchange(client_ip(1), proxy.addr, request("/").as_bytes()).await, "");
+    proxy.stop().await;
+}
