@@ -289,6 +289,22 @@ pub struct Upstreams {
     pub send_proxy_protocol: bool,
     /// What a client gets when its upstream answers anything but a valid 101.
     pub on_refusal: OnRefusal,
+    /// How a client's first upstream is chosen (the rest follow as its failover order).
+    pub balance: Balance,
+}
+
+/// `upstreams.balance` (see `balance`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// By a consistent hash of the client's address: the same upstream for a client on every
+    /// node and after restarts.
+    #[default]
+    IpHash,
+    /// In turn, in proportion to the weights.
+    RoundRobin,
+    /// The upstream with the fewest open connections (handshakes and relays) per unit of weight.
+    LeastConnections,
 }
 
 /// `upstreams.on_refusal`.
@@ -685,6 +701,8 @@ struct UpstreamsFile {
     #[serde(default)]
     on_refusal: OnRefusal,
     #[serde(default)]
+    balance: Balance,
+    #[serde(default)]
     health: Health,
 }
 
@@ -920,6 +938,7 @@ impl File {
                     max_head_bytes: self.upstreams.max_head_bytes,
                     send_proxy_protocol: self.upstreams.send_proxy_protocol,
                     on_refusal: self.upstreams.on_refusal,
+                    balance: self.upstreams.balance,
                     health: self.upstreams.health,
                 },
                 relay: self.relay,
@@ -1179,8 +1198,8 @@ backup = [{ address = "127.0.0.1:9001" }]
                 format!("{:?}", c.handshake),
                 format!("{:?}", c.headers),
                 format!(
-                    "upstreams {:?} {:?} {} {} {:?}",
-                    u.health, u.timeout, u.max_head_bytes, u.send_proxy_protocol, u.on_refusal
+                    "upstreams {:?} {:?} {} {} {:?} {:?}",
+                    u.health, u.timeout, u.max_head_bytes, u.send_proxy_protocol, u.on_refusal, u.balance
                 ),
                 format!("{:?}", c.relay),
             ]

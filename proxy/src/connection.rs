@@ -58,6 +58,8 @@ struct Relayable {
     started: Instant,
     rt: Arc<crate::Runtime>,
     _slot: crate::limits::Slot,
+    /// Counts the connection against its upstream (least-connections) until it ends.
+    _tracked: crate::balance::Tracked,
 }
 
 impl Relayable {
@@ -71,6 +73,7 @@ impl Relayable {
             started,
             rt,
             _slot,
+            _tracked,
         } = self;
         let stop = relay::Stop {
             shutdown,
@@ -190,9 +193,12 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
     }
     let (mut attempts, mut timeouts) = (0, 0);
     let mut upgraded = None;
-    for addr in shared.health.filter(rt.balancer.order(ip), started) {
+    for addr in shared.health.filter(rt.balancer.choose(ip, &shared.load), started) {
         attempts += 1;
         metrics.upstream_attempt(addr);
+        // Counted for least-connections from the attempt on, so that a burst of handshakes
+        // spreads before any of them is relayed.
+        let tracked = shared.load.track(addr);
         let up = &cfg.upstreams;
         let keep_answer = up.on_refusal == config::OnRefusal::Forward;
         match upstream::handshake(
@@ -207,7 +213,7 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         {
             Ok(u) => {
                 shared.health.success(addr, metrics);
-                upgraded = Some((addr, u));
+                upgraded = Some((addr, u, tracked));
                 break;
             }
             Err(e) => {
@@ -242,6 +248,7 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
             stream: mut upstream,
             response,
         },
+        tracked,
     )) = upgraded
     else {
         warn!(client = %ip, %request_id, attempts, "no upstream answered");
@@ -283,6 +290,7 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         started,
         rt,
         _slot: slot,
+        _tracked: tracked,
     })
 }
 

@@ -24,8 +24,8 @@ pub mod log_limit;
 pub mod metrics;
 pub mod outcome;
 mod plain_http;
-pub mod proxy_protocol;
 pub mod privileges;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod upstream;
 
@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     /// Reconfigured in place on reload, so that clients keep their limit state.
     pub limiter: Arc<limits::Limiter>,
     pub health: health::Health,
+    /// Open connections per upstream (least-connections); outlives reloads.
+    pub load: Arc<balance::Load>,
     pub metrics: metrics::Metrics,
     /// True while the listener accepts (what `/healthz` reports).
     pub accepting: AtomicBool,
@@ -100,6 +102,7 @@ impl Server {
             kernel,
             limiter: limits::Limiter::new(config.limits.clone()),
             health,
+            load: Arc::default(),
             metrics,
             accepting: AtomicBool::new(false),
             config_path,

@@ -481,6 +481,7 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("upstreams", "max_head_bytes"),
         ("upstreams", "send_proxy_protocol"),
         ("upstreams", "on_refusal"),
+        ("upstreams", "balance"),
         ("upstreams.health", "max_fails"),
         ("upstreams.health", "fail_timeout"),
         ("upstreams.health", "probe_interval"),

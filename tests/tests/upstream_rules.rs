@@ -1403,3 +1403,92 @@ async fn drop_the_default_tells_the_client_nothing() {
     assert_eq!(exchange(client_ip(1), proxy.addr, request("/").as_bytes()).await, "");
     proxy.stop().await;
 }
+
+// ---- upstreams.balance ----
+
+/// Opens a relayed connection from `client_ip(n)`; returns it with the upstream that took it.
+async fn held(proxy: SocketAddr, n: u32, ups: &[&Upstream]) -> (tokio::net::TcpStream, usize) {
+    let before: Vec<usize> = ups.iter().map(|u| u.accepted()).collect();
+    let mut s = connect_from(client_ip(n), proxy).await;
+    s.write_all(request("/").as_bytes()).await.unwrap();
+    assert_eq!(status(&read_head(&mut s).await), 101);
+    let which = ups
+        .iter()
+        .zip(&before)
+        .position(|(u, b)| u.accepted() > *b)
+        .expect("an upstream took it");
+    (s, which)
+}
+
+#[tokio::test]
+async fn round_robin_takes_turns_whatever_the_client() {
+    let (a, b) = (
+        Upstream::start(Script::Upgrade { after: vec![] }).await,
+        Upstream::start(Script::Upgrade { after: vec![] }).await,
+    );
+    let text = format!(
+        "{}balance = \"round-robin\"\n",
+        config_text(&[(a.addr, 1), (b.addr, 1)], &[], "2s", "")
+    );
+    let proxy = Proxy::start(&text).await;
+    let mut took = Vec::new();
+    for _ in 0..4 {
+        // The same client every time: a hash would send it to one upstream.
+        let (_s, which) = held(proxy.addr, 1, &[&a, &b]).await;
+        took.push(which);
+    }
+    assert!(took == [0, 1, 0, 1] || took == [1, 0, 1, 0], "{took:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn least_connections_fills_the_emptiest_and_keeps_its_counts_across_a_reload() {
+    let ups = [
+        Upstream::start(Script::Upgrade { after: vec![] }).await,
+        Upstream::start(Script::Upgrade { after: vec![] }).await,
+        Upstream::start(Script::Upgrade { after: vec![] }).await,
+    ];
+    let refs: Vec<&Upstream> = ups.iter().collect();
+    let two = |balance: &str| {
+        format!(
+            "{}balance = \"{balance}\"\n",
+            config_text(&[(ups[0].addr, 1), (ups[1].addr, 1)], &[], "2s", "")
+        )
+    };
+    let proxy = Proxy::start(&two("least-connections")).await;
+    // Six long-lived connections from one client spread three and three.
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        open.push(held(proxy.addr, 1, &refs).await);
+    }
+    let on = |open: &[(tokio::net::TcpStream, usize)], i| open.iter().filter(|(_, w)| *w == i).count();
+    assert_eq!((on(&open, 0), on(&open, 1)), (3, 3));
+    // The first one's connections end: the next two go to it.
+    open.retain(|(_, w)| *w != 0);
+    let proxy_totals = || proxy.server.totals();
+    let ended = wsproxy_tests::relay_kit::poll_until(DEADLINE, || (proxy_totals().ended[1] >= 3).then_some(())).await;
+    assert!(ended.is_some(), "{:?}", proxy_totals());
+    for _ in 0..2 {
+        let (s, which) = held(proxy.addr, 1, &refs).await;
+        assert_eq!(which, 0);
+        open.push((s, which));
+    }
+    // A reload that adds a third upstream keeps the counts (2, 3): the new one, empty, is next.
+    // (Its drain timeout is short, like the one the test proxy starts with.)
+    let three = format!(
+        "{}balance = \"least-connections\"\n",
+        config_text(
+            &[(ups[0].addr, 1), (ups[1].addr, 1), (ups[2].addr, 1)],
+            &[],
+            "2s",
+            "[listen]\ndrain_timeout = \"1s\"\n"
+        )
+    );
+    proxy.server.apply(wsproxy::Config::parse(&three, "t").unwrap());
+    let (_s, which) = held(proxy.addr, 1, &refs).await;
+    assert_eq!(which, 2, "the added upstream, with no connection yet");
+    let (_t, which) = held(proxy.addr, 1, &refs).await;
+    assert_eq!(which, 2, "still the emptiest (1 against 2 and 3)");
+    drop(open);
+    proxy.stop().await;
+}
