@@ -172,6 +172,12 @@ pub struct Limits {
     pub ipv6_prefix: u8,
     /// Upper bound of client entries kept in memory; idle entries are expired to stay under it.
     pub max_tracked_clients: usize,
+    /// Connections all clients of one network may hold open at once (0: no limit): a network is
+    /// an IPv4 prefix of `network_prefix_v4` bits or an IPv6 prefix of `network_prefix_v6` bits,
+    /// so that one holder of many addresses cannot multiply the per-client cap.
+    pub max_connections_per_network: u32,
+    pub network_prefix_v4: u8,
+    pub network_prefix_v6: u8,
 }
 
 impl Default for Limits {
@@ -182,6 +188,9 @@ impl Default for Limits {
             max_connections_per_ip: 256,
             ipv6_prefix: 64,
             max_tracked_clients: 100_000,
+            max_connections_per_network: 0,
+            network_prefix_v4: 24,
+            network_prefix_v6: 48,
         }
     }
 }
@@ -796,6 +805,18 @@ impl File {
         }
         if l.burst == 0 {
             p.push("limits.burst: must be at least 1".into());
+        }
+        if !(1..=32).contains(&l.network_prefix_v4) {
+            p.push(format!(
+                "limits.network_prefix_v4: must be 1 to 32, got {}",
+                l.network_prefix_v4
+            ));
+        }
+        if !(1..=128).contains(&l.network_prefix_v6) {
+            p.push(format!(
+                "limits.network_prefix_v6: must be 1 to 128, got {}",
+                l.network_prefix_v6
+            ));
         }
         if l.ipv6_prefix == 0 || l.ipv6_prefix > 128 {
             p.push(format!("limits.ipv6_prefix: must be 1 to 128, got {}", l.ipv6_prefix));

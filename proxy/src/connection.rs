@@ -381,6 +381,7 @@ impl Answer {
             Answer::NoUpstream => "no upstream available".into(),
             Answer::Limited(Refusal::RateLimited { .. }) => "request rate limit".into(),
             Answer::Limited(Refusal::TooManyConnections) => "connection limit".into(),
+            Answer::Limited(Refusal::TooManyFromNetwork) => "network connection limit".into(),
             Answer::Limited(Refusal::TableFull) => "client table full".into(),
             Answer::Rejected(r) => r.to_string(),
         }

@@ -1,4 +1,5 @@
-//! Per-client admission: a token bucket of handshake requests and a cap on open connections.
+//! Per-client admission: a token bucket of handshake requests and a cap on open connections,
+//! and a cap on the open connections of a whole network (an IPv4 /24, an IPv6 /48 by default).
 //!
 //! A client is an IPv4 address, or an IPv6 prefix (a single host usually owns a whole /64, so
 //! keying by full address would let it multiply its quota). The table is bounded: an entry whose
@@ -7,7 +8,7 @@
 //! refused rather than letting a flood of source addresses grow memory.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,8 @@ pub enum Refusal {
     RateLimited { retry_after: Duration },
     /// Already holding `max_connections_per_ip` connections.
     TooManyConnections,
+    /// The client's network already holds `max_connections_per_network` connections.
+    TooManyFromNetwork,
     /// The client table is full of clients that are still being limited.
     TableFull,
 }
@@ -30,16 +33,19 @@ pub struct ClientKey(IpAddr);
 
 impl ClientKey {
     pub fn new(ip: IpAddr, ipv6_prefix: u8) -> Self {
+        Self::of_prefix(ip, 32, ipv6_prefix)
+    }
+
+    /// The network of `ip`: its first `v4` or `v6` bits.
+    pub fn of_prefix(ip: IpAddr, v4: u8, v6: u8) -> Self {
         match ip.to_canonical() {
-            IpAddr::V4(v4) => ClientKey(IpAddr::V4(v4)),
-            IpAddr::V6(v6) => {
-                let bits = u128::from(v6);
-                let mask = if ipv6_prefix >= 128 {
-                    u128::MAX
-                } else {
-                    !(u128::MAX >> ipv6_prefix)
-                };
-                ClientKey(IpAddr::V6(Ipv6Addr::from(bits & mask)))
+            IpAddr::V4(a) => {
+                let mask = if v4 >= 32 { u32::MAX } else { !(u32::MAX >> v4) };
+                ClientKey(IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)))
+            }
+            IpAddr::V6(a) => {
+                let mask = if v6 >= 128 { u128::MAX } else { !(u128::MAX >> v6) };
+                ClientKey(IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask)))
             }
         }
     }
@@ -57,6 +63,9 @@ struct Table {
     /// Kept with the table so a reload changes both under one lock.
     cfg: config::Limits,
     clients: HashMap<ClientKey, Entry>,
+    /// Open connections per network; an entry exists only while it holds one, so the map is no
+    /// larger than the connections open.
+    networks: HashMap<ClientKey, u32>,
     last_sweep: Option<Instant>,
 }
 
@@ -76,6 +85,7 @@ impl Limiter {
             table: Mutex::new(Table {
                 cfg,
                 clients: HashMap::new(),
+                networks: HashMap::new(),
                 last_sweep: None,
             }),
         })
@@ -121,10 +131,19 @@ impl Limiter {
         if cfg.max_connections_per_ip != 0 && e.open >= cfg.max_connections_per_ip {
             return Err(Refusal::TooManyConnections);
         }
-        e.open += 1;
+        let network = ClientKey::of_prefix(ip, cfg.network_prefix_v4, cfg.network_prefix_v6);
+        let held = table.networks.get(&network).copied().unwrap_or(0);
+        if cfg.max_connections_per_network != 0 && held >= cfg.max_connections_per_network {
+            return Err(Refusal::TooManyFromNetwork);
+        }
+        *table.networks.entry(network).or_default() += 1;
+        if let Some(e) = table.clients.get_mut(&key) {
+            e.open += 1;
+        }
         Ok(Slot {
             limiter: Arc::clone(self),
             key,
+            network,
         })
     }
 
@@ -149,10 +168,16 @@ impl Limiter {
         });
     }
 
-    fn release(&self, key: &ClientKey) {
+    fn release(&self, key: &ClientKey, network: &ClientKey) {
         let mut table = self.lock();
         if let Some(e) = table.clients.get_mut(key) {
             e.open = e.open.saturating_sub(1);
+        }
+        if let Some(n) = table.networks.get_mut(network) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                table.networks.remove(network);
+            }
         }
     }
 
@@ -168,11 +193,12 @@ impl Limiter {
 pub struct Slot {
     limiter: Arc<Limiter>,
     key: ClientKey,
+    network: ClientKey,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.limiter.release(&self.key);
+        self.limiter.release(&self.key, &self.network);
     }
 }
 
@@ -187,6 +213,7 @@ mod tests {
             max_connections_per_ip: per_ip,
             ipv6_prefix: 64,
             max_tracked_clients: max_tracked,
+            ..Default::default()
         })
     }
 
@@ -271,5 +298,33 @@ mod tests {
         // The sweep interval has not passed since the last sweep at `later`.
         assert_eq!(l.admit(ip("10.0.0.2"), later).unwrap_err(), Refusal::TableFull);
         assert!(l.admit(ip("10.0.0.2"), later + SWEEP_INTERVAL).is_ok());
+    }
+
+    #[test]
+    fn a_network_cap_counts_every_address_of_the_prefix() {
+        let l = Limiter::new(config::Limits {
+            max_connections_per_network: 2,
+            ..Default::default()
+        });
+        let t = Instant::now();
+        let a = l.admit(ip("198.51.100.1"), t).unwrap();
+        let _b = l.admit(ip("198.51.100.2"), t).unwrap();
+        assert_eq!(l.admit(ip("198.51.100.3"), t).unwrap_err(), Refusal::TooManyFromNetwork);
+        assert!(l.admit(ip("198.51.101.1"), t).is_ok(), "another /24");
+        // IPv6: the /48 counts, though each /64 is a client of its own.
+        let _c = l.admit(ip("2001:db8:1:1::1"), t).unwrap();
+        let _d = l.admit(ip("2001:db8:1:2::1"), t).unwrap();
+        assert_eq!(
+            l.admit(ip("2001:db8:1:3::1"), t).unwrap_err(),
+            Refusal::TooManyFromNetwork
+        );
+        drop(a);
+        assert!(l.admit(ip("198.51.100.3"), t).is_ok(), "released with the slot");
+        // Held now: one in 198.51.100.0/24 and two in 2001:db8:1::/48; the others were dropped.
+        assert_eq!(
+            l.lock().networks.len(),
+            2,
+            "entries only for networks holding connections"
+        );
     }
 }

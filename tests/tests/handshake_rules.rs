@@ -82,6 +82,23 @@ async fn rule1_concurrent_connections_are_capped_per_ip_and_released() {
 }
 
 #[tokio::test]
+async fn rule1_a_network_cap_counts_every_address_of_the_prefix() {
+    let echo = echo_upstream().await;
+    let extra =
+        format!("{USERSPACE}[limits]\nmax_connections_per_network = 2\nrequests_per_second = 1000.0\nburst = 1000\n");
+    let proxy = Proxy::start(&config(&[echo], &[], &extra)).await;
+    // client_ip(n) is 127.16.0.n: one /24 for all three, another for the fourth.
+    let _a = ws_connect(client_ip(1), proxy.addr).await.unwrap();
+    let _b = ws_connect(client_ip(2), proxy.addr).await.unwrap();
+    let answer = exchange(client_ip(3), proxy.addr, request("/").as_bytes()).await;
+    assert_eq!(status(&answer), 429, "{answer}");
+    assert!(answer.contains("network connection limit"), "{answer}");
+    let mut other = ws_connect(client_ip(256), proxy.addr).await.unwrap();
+    echo_roundtrip(&mut other).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn rule1_ipv6_clients_are_limited_by_prefix() {
     // Loopback has a single IPv6 address, so this shows an IPv6 client is limited; that two
     // addresses of one /64 share a budget is shown by limits.rs's unit tests.
