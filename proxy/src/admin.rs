@@ -366,7 +366,7 @@ where
             let (ctx, waiting_since) = (Arc::clone(&ctx), Arc::clone(&waiting_since));
             async move {
                 let response = handle(&req, &ctx);
-                *waiting_since.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+                *crate::lock::lock(&waiting_since) = tokio::time::Instant::now();
                 Ok::<_, Infallible>(response)
             }
         })
@@ -374,7 +374,7 @@ where
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     loop {
-        let deadline = *waiting_since.lock().unwrap_or_else(|p| p.into_inner()) + idle;
+        let deadline = *crate::lock::lock(&waiting_since) + idle;
         tokio::select! {
             r = &mut conn => {
                 if let Err(e) = r {
@@ -383,7 +383,7 @@ where
                 return;
             }
             _ = tokio::time::sleep_until(deadline) => {
-                let since = *waiting_since.lock().unwrap_or_else(|p| p.into_inner());
+                let since = *crate::lock::lock(&waiting_since);
                 if since + idle <= tokio::time::Instant::now() {
                     refused(&ctx.server, AdminRefusal::IdleTimeout, &ctx.peer);
                     return;

@@ -19,7 +19,9 @@
 use std::collections::HashMap;
 use std::hash::Hasher;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::lock::lock;
 
 use siphasher::sip::SipHasher13;
 
@@ -184,10 +186,6 @@ impl Drop for Tracked {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +203,8 @@ mod tests {
         Balancer::new(&Upstreams {
             main,
             backup,
+            entries: Vec::new(),
+            resolve_interval: Duration::from_secs(30),
             timeout: Duration::from_secs(1),
             max_head_bytes: 4096,
             send_proxy_protocol: false,

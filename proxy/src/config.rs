@@ -286,8 +286,14 @@ pub struct StaticHeader {
 
 #[derive(Debug, Clone)]
 pub struct Upstreams {
+    /// The candidates in effect: the addresses written, and those the names resolved to
+    /// (`resolve`); in file order, names expanded in place.
     pub main: Vec<UpstreamServer>,
     pub backup: Vec<UpstreamServer>,
+    /// The upstreams as written, which a name's resolution expands into `main` and `backup`.
+    pub entries: Vec<UpstreamEntry>,
+    /// How often upstream names are resolved again.
+    pub resolve_interval: Duration,
     pub health: Health,
     /// Connect, send the request and receive the whole response head within this time.
     pub timeout: Duration,
@@ -300,6 +306,23 @@ pub struct Upstreams {
     pub on_refusal: OnRefusal,
     /// How a client's first upstream is chosen (the rest follow as its failover order).
     pub balance: Balance,
+}
+
+impl Upstreams {
+    /// The entries of one list that are addresses, as candidates.
+    pub fn literal(entries: &[UpstreamEntry], backup: bool) -> Vec<UpstreamServer> {
+        entries
+            .iter()
+            .filter(|e| e.backup == backup)
+            .filter_map(|e| match e.target {
+                Target::Address(address) => Some(UpstreamServer {
+                    address,
+                    weight: e.weight,
+                }),
+                Target::Name { .. } => None,
+            })
+            .collect()
+    }
 }
 
 /// `upstreams.balance` (see `balance`).
@@ -335,6 +358,63 @@ pub struct UpstreamServer {
     /// Share of clients relative to the others; 0 takes the server out of rotation.
     #[serde(default = "one")]
     pub weight: u32,
+}
+
+/// One upstream as written: an address, or a host name and port whose every address becomes a
+/// candidate of the entry's weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamEntry {
+    pub backup: bool,
+    pub target: Target,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Address(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Address(a) => write!(f, "{a}"),
+            Target::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// An upstream entry of the file: `address` is "IP:PORT" or "NAME:PORT".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamEntryFile {
+    address: String,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+/// "IP:PORT" or "NAME:PORT" (a DNS name: letters, digits, '-' and '.').
+fn parse_target(a: &str) -> Result<Target, String> {
+    if let Ok(addr) = a.parse::<SocketAddr>() {
+        return Ok(Target::Address(addr));
+    }
+    let bad = || {
+        format!("{a:?} is neither IP:PORT nor NAME:PORT, such as \"10.0.0.5:9001\" or \"chat-backend.internal:9001\"")
+    };
+    let (host, port) = a.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !name_ok || port == 0 {
+        return Err(bad());
+    }
+    Ok(Target::Name {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
 }
 
 fn one() -> u32 {
@@ -698,9 +778,11 @@ impl Default for ListenFile {
 #[serde(deny_unknown_fields)]
 struct UpstreamsFile {
     #[serde(default)]
-    main: Vec<UpstreamServer>,
+    main: Vec<UpstreamEntryFile>,
     #[serde(default)]
-    backup: Vec<UpstreamServer>,
+    backup: Vec<UpstreamEntryFile>,
+    #[serde(default = "default_resolve_interval", with = "humantime_serde")]
+    resolve_interval: Duration,
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     timeout: Duration,
     #[serde(default = "default_upstream_head")]
@@ -713,6 +795,10 @@ struct UpstreamsFile {
     balance: Balance,
     #[serde(default)]
     health: Health,
+}
+
+fn default_resolve_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_upstream_timeout() -> Duration {
@@ -867,10 +953,18 @@ impl File {
             p.push("upstreams.main: every weight is 0, so no client could be served".into());
         }
         let mut seen = BTreeSet::new();
+        let mut entries = Vec::new();
         for (list, servers) in [("main", &u.main), ("backup", &u.backup)] {
             for (i, s) in servers.iter().enumerate() {
-                if !seen.insert(s.address) {
-                    p.push(format!("upstreams.{list}[{i}].address: {} is listed twice", s.address));
+                let target = match parse_target(&s.address) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        p.push(format!("upstreams.{list}[{i}].address: {e}"));
+                        continue;
+                    }
+                };
+                if !seen.insert(target.clone()) {
+                    p.push(format!("upstreams.{list}[{i}].address: {target} is listed twice"));
                 }
                 if s.weight > 10_000 {
                     p.push(format!(
@@ -878,7 +972,18 @@ impl File {
                         s.weight
                     ));
                 }
+                entries.push(UpstreamEntry {
+                    backup: list == "backup",
+                    target,
+                    weight: s.weight,
+                });
             }
+        }
+        if u.resolve_interval < Duration::from_secs(1) {
+            p.push(format!(
+                "upstreams.resolve_interval: must be at least 1s, got {:?}",
+                u.resolve_interval
+            ));
         }
         if u.timeout.is_zero() {
             p.push("upstreams.timeout: must be above 0".into());
@@ -953,8 +1058,11 @@ impl File {
                     ..self.headers
                 },
                 upstreams: Upstreams {
-                    main: self.upstreams.main,
-                    backup: self.upstreams.backup,
+                    // Addresses only: names are resolved by the server (`resolve`).
+                    main: Upstreams::literal(&entries, false),
+                    backup: Upstreams::literal(&entries, true),
+                    entries,
+                    resolve_interval: self.upstreams.resolve_interval,
                     timeout: self.upstreams.timeout,
                     max_head_bytes: self.upstreams.max_head_bytes,
                     send_proxy_protocol: self.upstreams.send_proxy_protocol,

@@ -8,13 +8,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{self, Probe};
+use crate::lock::lock;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Default)]
@@ -160,10 +161,6 @@ async fn probe(addr: SocketAddr, kind: Probe, up: &crate::config::Upstreams) -> 
                 .is_ok()
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

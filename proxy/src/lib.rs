@@ -19,6 +19,7 @@ pub mod headers;
 pub mod health;
 pub mod limits;
 pub mod listener;
+mod lock;
 // Bounded logging of client-caused events; public so that every module (the relay too) can use it.
 pub mod log_limit;
 pub mod metrics;
@@ -27,6 +28,7 @@ mod plain_http;
 pub mod privileges;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod resolve;
 pub mod upstream;
 
 use std::future::Future;
@@ -66,6 +68,11 @@ pub(crate) struct Shared {
     pub health: health::Health,
     /// Open connections per upstream (least-connections); outlives reloads.
     pub load: Arc<balance::Load>,
+    /// What upstream names resolve with, and their last good addresses; `resolve_now` wakes the
+    /// resolution loop (a reload that brings new names).
+    pub resolver: resolve::Resolver,
+    pub resolved: std::sync::Mutex<resolve::Resolved>,
+    pub resolve_now: tokio::sync::Notify,
     pub metrics: metrics::Metrics,
     /// True while the listener accepts (what `/healthz` reports).
     pub accepting: AtomicBool,
@@ -83,16 +90,22 @@ pub struct Server {
 impl Server {
     /// Prepares a proxy for `config`: loads the kernel relay unless the mode is `userspace`.
     pub fn new(config: Config) -> anyhow::Result<Server> {
-        Self::build(config, None)
+        Self::build(config, None, resolve::system())
+    }
+
+    /// Like [`Server::new`], upstream names resolved by `resolver` instead of the system's
+    /// resolver (tests that control what a name resolves to).
+    pub fn with_resolver(config: Config, resolver: resolve::Resolver) -> anyhow::Result<Server> {
+        Self::build(config, None, resolver)
     }
 
     /// Like [`Server::new`], with the file that [`Server::reload`] reads again.
     pub fn from_file(path: PathBuf) -> Result<Server, StartError> {
         let config = Config::load(&path).map_err(StartError::Config)?;
-        Self::build(config, Some(path)).map_err(StartError::Other)
+        Self::build(config, Some(path), resolve::system()).map_err(StartError::Other)
     }
 
-    fn build(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Server> {
+    fn build(config: Config, config_path: Option<PathBuf>, resolver: resolve::Resolver) -> anyhow::Result<Server> {
         let kernel = load_kernel_relay(config.relay.mode)?;
         let metrics = metrics::Metrics::new();
         metrics.kernel_relay(kernel.is_some());
@@ -103,6 +116,9 @@ impl Server {
             limiter: limits::Limiter::new(config.limits.clone()),
             health,
             load: Arc::default(),
+            resolver,
+            resolved: std::sync::Mutex::default(),
+            resolve_now: tokio::sync::Notify::new(),
             metrics,
             accepting: AtomicBool::new(false),
             config_path,
@@ -129,8 +145,12 @@ impl Server {
         self.shared.accepting.store(true, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
         async move {
+            // Names are resolved before the first accept: meanwhile connections wait in the
+            // listen queue rather than find no upstream.
+            resolve_upstreams(&shared).await;
             let probes = CancellationToken::new();
             tokio::spawn(health::probe_loop(Arc::clone(&shared), probes.clone()));
+            tokio::spawn(resolve_loop(Arc::clone(&shared), probes.clone()));
             listener::accept_loop(listener, shared, shutdown).await;
             probes.cancel();
         }
@@ -202,7 +222,11 @@ impl Server {
         s.limiter.reconfigure(new.limits.clone());
         s.health
             .reconfigure(new.upstreams.health.clone(), &upstream_addresses(&new), &s.metrics);
+        // Names keep the addresses they resolved to; new names resolve right after.
+        let resolved = lock::lock(&s.resolved).clone();
+        (new.upstreams.main, new.upstreams.backup) = resolve::expand(&new.upstreams.entries, &resolved);
         s.runtime.store(Runtime::new(new));
+        s.resolve_now.notify_one();
         s.metrics.reload(true);
         notes
     }
@@ -259,6 +283,66 @@ pub enum StartError {
     Config(config::ConfigError),
     #[error("{0:#}")]
     Other(anyhow::Error),
+}
+
+/// Resolves every upstream name of the configuration in force once; when an answer changed,
+/// the configuration's candidates are rebuilt from it (on the configuration in force then, so
+/// that a reload meanwhile is not undone).
+async fn resolve_upstreams(shared: &Shared) {
+    let names = resolve::names(&shared.runtime.load().config.upstreams.entries);
+    if names.is_empty() {
+        return;
+    }
+    let last = lock::lock(&shared.resolved).clone();
+    let (now, failed) = resolve::refresh(&names, &last, &shared.resolver).await;
+    let failed_before = |name: &resolve::Name| shared.metrics.resolve_failing(&format!("{}:{}", name.0, name.1));
+    for (name, error) in &failed {
+        let shown = format!("{}:{}", name.0, name.1);
+        if !failed_before(name) {
+            let kept = now.get(name).map_or(0, Vec::len);
+            tracing::warn!(name = %shown, %error, kept, "upstream name did not resolve; keeping its last addresses");
+        }
+        shared.metrics.resolve_failed(&shown);
+    }
+    for name in names.iter().filter(|n| !failed.iter().any(|(f, _)| f == *n)) {
+        let shown = format!("{}:{}", name.0, name.1);
+        if failed_before(name) {
+            tracing::info!(name = %shown, "upstream name resolves again");
+        }
+        shared.metrics.resolve_ok(&shown);
+    }
+    if now == last {
+        return;
+    }
+    *lock::lock(&shared.resolved) = now.clone();
+    shared.runtime.rcu(|current| {
+        let mut c = current.config.clone();
+        (c.upstreams.main, c.upstreams.backup) = resolve::expand(&c.upstreams.entries, &now);
+        Runtime::new(c)
+    });
+    let c = shared.runtime.load();
+    shared.health.reconfigure(
+        c.config.upstreams.health.clone(),
+        &upstream_addresses(&c.config),
+        &shared.metrics,
+    );
+    tracing::info!(
+        candidates = c.config.upstreams.main.len() + c.config.upstreams.backup.len(),
+        "upstream names resolved to new addresses"
+    );
+}
+
+/// Resolves the upstream names every `upstreams.resolve_interval`, and at once after a reload.
+async fn resolve_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let interval = shared.runtime.load().config.upstreams.resolve_interval;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            _ = shared.resolve_now.notified() => {}
+        }
+        resolve_upstreams(&shared).await;
+    }
 }
 
 fn upstream_addresses(c: &Config) -> Vec<std::net::SocketAddr> {

@@ -184,7 +184,7 @@ impl Limiter {
     fn lock(&self) -> MutexGuard<'_, Table> {
         // A panic while holding the lock cannot leave the table inconsistent (each update is a
         // few field writes), so a poisoned lock is still usable.
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock::lock(&self.table)
     }
 }
 

@@ -33,7 +33,7 @@ impl Throttle {
     /// `Some(n)`: write this line, saying `n` similar ones were suppressed since the last one
     /// written; `None`: leave it out (it is counted).
     pub fn admit(&self, now: Instant) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = crate::lock::lock(&self.state);
         if s.window_start
             .is_none_or(|w| now.saturating_duration_since(w) >= Duration::from_secs(1))
         {

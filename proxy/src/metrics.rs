@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::lock::lock;
 use crate::outcome::{End, Mode, Outcome};
 
 // Counter names get the `_total` suffix from the encoder.
@@ -30,6 +31,7 @@ pub const ADMIN_REFUSED: &str = "wsproxy_admin_refused";
 pub const KERNEL_RELAY_REPEATED_BYTES: &str = "wsproxy_kernel_relay_repeated_bytes";
 pub const KERNEL_RELAY_PASSED_BYTES: &str = "wsproxy_kernel_relay_passed_bytes";
 pub const PROXY_PROTOCOL_REFUSED: &str = "wsproxy_proxy_protocol_refused";
+pub const UPSTREAM_RESOLVE_FAILURES: &str = "wsproxy_upstream_resolve_failures";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RelayLabels {
@@ -51,6 +53,11 @@ struct HandshakeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabels {
+    name: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -202,6 +209,9 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     admin_refused: Family<ReasonLabels, Counter>,
     proxy_protocol_refused: Family<ReasonLabels, Counter>,
+    resolve_failures: Family<NameLabels, Counter>,
+    /// Names whose last resolution failed (for logging state changes only).
+    resolve_failing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Default for Metrics {
@@ -231,6 +241,8 @@ impl Metrics {
             reloads: Family::default(),
             admin_refused: Family::default(),
             proxy_protocol_refused: Family::default(),
+            resolve_failures: Family::default(),
+            resolve_failing: Default::default(),
         };
         let r = &mut m.registry;
         r.register(CONNECTIONS_OPEN, "Relayed connections open, by relay", m.open.clone());
@@ -299,6 +311,11 @@ impl Metrics {
             ADMIN_REFUSED,
             "Admin requests refused and admin connections closed, by reason",
             m.admin_refused.clone(),
+        );
+        r.register(
+            UPSTREAM_RESOLVE_FAILURES,
+            "Failed resolutions of upstream names (the last good addresses stay in use), by name",
+            m.resolve_failures.clone(),
         );
         r.register(
             PROXY_PROTOCOL_REFUSED,
@@ -396,6 +413,24 @@ impl Metrics {
         self.admin_refused
             .get_or_create(&ReasonLabels { reason: r.as_str() })
             .inc();
+    }
+
+    /// A resolution of upstream name `name` failed.
+    pub fn resolve_failed(&self, name: &str) {
+        self.resolve_failures
+            .get_or_create(&NameLabels { name: name.to_owned() })
+            .inc();
+        lock(&self.resolve_failing).insert(name.to_owned());
+    }
+
+    /// A resolution of `name` succeeded (its failure series, once created, stays).
+    pub fn resolve_ok(&self, name: &str) {
+        lock(&self.resolve_failing).remove(name);
+    }
+
+    /// Whether the last resolution of `name` failed.
+    pub fn resolve_failing(&self, name: &str) -> bool {
+        lock(&self.resolve_failing).contains(name)
     }
 
     pub fn proxy_protocol_refused(&self, r: crate::proxy_protocol::Refusal) {

@@ -485,6 +485,7 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("upstreams", "send_proxy_protocol"),
         ("upstreams", "on_refusal"),
         ("upstreams", "balance"),
+        ("upstreams", "resolve_interval"),
         ("upstreams.health", "max_fails"),
         ("upstreams.health", "fail_timeout"),
         ("upstreams.health", "probe_interval"),

@@ -1492,3 +1492,74 @@ async fn least_connections_fills_the_emptiest_and_keeps_its_counts_across_a_relo
     drop(open);
     proxy.stop().await;
 }
+
+// ---- upstreams by name ----
+
+#[tokio::test]
+async fn a_name_is_resolved_again_and_a_failed_resolution_keeps_the_last_addresses() {
+    use std::sync::{Arc, Mutex};
+    let (a, b) = (
+        Upstream::start(Script::Upgrade { after: vec![] }).await,
+        Upstream::start(Script::Upgrade { after: vec![] }).await,
+    );
+    // The test's resolver: what "chat.test" resolves to, or an error while it is `None`.
+    let answer: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(Some(a.addr)));
+    let lookups = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let resolver: wsproxy::resolve::Resolver = {
+        let (answer, lookups) = (Arc::clone(&answer), Arc::clone(&lookups));
+        Arc::new(move |host, _port| {
+            assert_eq!(host, "chat.test");
+            lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let now = *answer.lock().unwrap();
+            Box::pin(async move {
+                now.map(|a| vec![a])
+                    .ok_or_else(|| std::io::Error::other("resolver down"))
+            })
+        })
+    };
+    let text = "[listen]\ndrain_timeout = \"1s\"\n[upstreams]\nmain = [{ address = \"chat.test:9\" }]\ntimeout = \"2s\"\n\
+                resolve_interval = \"1s\"\n";
+    let config = wsproxy::Config::parse(text, "t").unwrap();
+    let server = wsproxy::Server::with_resolver(config, resolver).unwrap();
+    let proxy = Proxy::serve(server, wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+    let (_s, which) = held(proxy.addr, 1, &[&a, &b]).await;
+    assert_eq!(which, 0, "resolved at start");
+
+    // The name moves: within an interval, new connections follow it.
+    *answer.lock().unwrap() = Some(b.addr);
+    let moved = wsproxy_tests::relay_kit::poll_until(Duration::from_secs(5), || {
+        (proxy.server.config().upstreams.main.first().map(|s| s.address) == Some(b.addr)).then_some(())
+    })
+    .await;
+    assert!(
+        moved.is_some(),
+        "not resolved again: {:?}",
+        proxy.server.config().upstreams.main
+    );
+    let (_t, which) = held(proxy.addr, 2, &[&a, &b]).await;
+    assert_eq!(which, 1);
+
+    // The resolver fails: the last addresses stay, and the failures are counted.
+    *answer.lock().unwrap() = None;
+    let seen = lookups.load(std::sync::atomic::Ordering::SeqCst);
+    let failed = wsproxy_tests::relay_kit::poll_until(Duration::from_secs(5), || {
+        let m = wsproxy_tests::exposition::Exposition::parse(&proxy.server.metrics_text());
+        (m.sum("wsproxy_upstream_resolve_failures_total", &[("name", "chat.test:9")]) >= 1.0).then_some(())
+    })
+    .await;
+    assert!(failed.is_some() && lookups.load(std::sync::atomic::Ordering::SeqCst) > seen);
+    let (_u, which) = held(proxy.addr, 3, &[&a, &b]).await;
+    assert_eq!(which, 1, "still the last good address");
+    proxy.stop().await;
+}
+
+#[test]
+fn upstream_names_and_addresses_are_checked() {
+    let bad = "[upstreams]\nmain = [{ address = \"no port\" }, { address = \"bad_name:80\" }, { address = \"ok.example:80\" }]\n\
+               resolve_interval = \"100ms\"\n";
+    let e = wsproxy::Config::parse(bad, "t").unwrap_err();
+    assert_eq!(e.problems.len(), 3, "{e}");
+    assert!(e.problems[0].starts_with("upstreams.main[0].address"), "{e}");
+    assert!(e.problems[1].starts_with("upstreams.main[1].address"), "{e}");
+    assert!(e.problems[2].starts_with("upstreams.resolve_interval"), "{e}");
+}

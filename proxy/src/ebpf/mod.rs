@@ -7,7 +7,7 @@
 use std::{
     io,
     os::fd::{AsFd, AsRawFd as _, BorrowedFd},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -20,6 +20,8 @@ use proxy_common::{
     COPIED_SEQ_OFFSET_GLOBAL, CTRL_MAP, EVENTS_MAP, LOST_MAP, SKB_CB_OFFSET_GLOBAL, SOCKETS_MAP, STATE_MAP, SockCtrl,
     SockState, VERDICT_PROGRAM, WRITE_SEQ_OFFSET_GLOBAL,
 };
+
+use crate::lock::lock;
 
 mod kernel_layout;
 mod watch;
@@ -392,11 +394,6 @@ fn kick(fd: BorrowedFd<'_>) -> anyhow::Result<()> {
         return Err(io::Error::last_os_error()).context("kicking a socket (SO_RCVLOWAT)");
     }
     Ok(())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave a map handle half-updated.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn ignore_missing(err: MapError) -> Result<(), MapError> {

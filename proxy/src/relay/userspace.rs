@@ -201,11 +201,7 @@ impl<'a> Promoter<'a> {
     fn after_write(&self, n: usize, headers: u64) -> bool {
         self.counts.messages.fetch_add(headers.max(1), Relaxed);
         if let Some(p) = self.policy {
-            let mut run = self
-                .counts
-                .run
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut run = crate::lock::lock(&self.counts.run);
             if p.observe(&mut run, n as u64, headers) {
                 self.promote.cancel();
             }
