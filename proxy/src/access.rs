@@ -36,8 +36,7 @@ pub fn origin_allowed(a: &Access, req: &Request) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::UnderscoreHeaders;
-    use crate::head::RawHead;
+    use crate::handshake::test_request;
 
     fn access(allow: &[&str], deny: &[&str], origins: &[&str]) -> Access {
         Access {
@@ -45,23 +44,6 @@ mod tests {
             deny: deny.iter().map(|n| n.parse().unwrap()).collect(),
             origins: origins.iter().map(|o| o.to_string()).collect(),
         }
-    }
-
-    fn request(extra: &str) -> Request {
-        let text = format!(
-            "GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        let n = text.len();
-        crate::handshake::validate(
-            RawHead {
-                buf: text.into_bytes(),
-                head_len: n,
-            },
-            100,
-            UnderscoreHeaders::Keep,
-        )
-        .unwrap()
     }
 
     #[test]
@@ -79,23 +61,32 @@ mod tests {
     #[test]
     fn origins_are_matched_whole_and_without_case() {
         let a = access(&[], &[], &["https://chat.example.com"]);
-        assert!(origin_allowed(&a, &request("Origin: https://chat.example.com\r\n")));
-        assert!(origin_allowed(&a, &request("origin: HTTPS://Chat.Example.com\r\n")));
+        assert!(origin_allowed(
+            &a,
+            &test_request("Origin: https://chat.example.com\r\n")
+        ));
+        assert!(origin_allowed(
+            &a,
+            &test_request("origin: HTTPS://Chat.Example.com\r\n")
+        ));
         assert!(!origin_allowed(
             &a,
-            &request("Origin: https://chat.example.com.evil\r\n")
+            &test_request("Origin: https://chat.example.com.evil\r\n")
         ));
-        assert!(!origin_allowed(&a, &request("Origin: http://chat.example.com\r\n")));
-        assert!(!origin_allowed(&a, &request("")), "no Origin");
+        assert!(!origin_allowed(
+            &a,
+            &test_request("Origin: http://chat.example.com\r\n")
+        ));
+        assert!(!origin_allowed(&a, &test_request("")), "no Origin");
         assert!(
             !origin_allowed(
                 &a,
-                &request("Origin: https://chat.example.com\r\nOrigin: https://evil.example\r\n")
+                &test_request("Origin: https://chat.example.com\r\nOrigin: https://evil.example\r\n")
             ),
             "two Origins"
         );
         assert!(
-            origin_allowed(&access(&[], &[], &[]), &request("")),
+            origin_allowed(&access(&[], &[], &[]), &test_request("")),
             "no list: anything"
         );
     }

@@ -124,6 +124,22 @@ pub async fn read_request<R: AsyncRead + Unpin>(
     }
 }
 
+/// A valid handshake request for `GET /a` with `extra` header lines after `Host: h`, for the
+/// tests of the modules that read a [`Request`].
+#[cfg(test)]
+pub(crate) fn test_request(extra: &str) -> Request {
+    let text = format!(
+        "GET /a HTTP/1.1\r\nHost: h\r\n{extra}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let head_len = text.len();
+    let raw = RawHead {
+        buf: text.into_bytes(),
+        head_len,
+    };
+    validate(raw, 100, UnderscoreHeaders::Keep).expect("a valid request")
+}
+
 /// Checks a complete head against RFC 6455 section 4.2.1 and the proxy's own rules.
 pub fn validate(raw: RawHead, max_headers: usize, underscore: UnderscoreHeaders) -> Result<Request, Rejection> {
     let mut hs = vec![httparse::EMPTY_HEADER; max_headers];

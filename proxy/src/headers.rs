@@ -194,25 +194,14 @@ mod tests {
     use crate::config::StaticHeader;
     use crate::head::RawHead;
 
-    fn request(extra: &str) -> Request {
-        let text = format!(
-            "GET /a HTTP/1.1\r\nHost: h\r\n{extra}Upgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        let n = text.len();
-        crate::handshake::validate(
-            RawHead {
-                buf: text.into_bytes(),
-                head_len: n,
-            },
-            100,
-            UnderscoreHeaders::Keep,
-        )
-        .unwrap()
-    }
-
     fn build(extra: &str, cfg: &config::Headers, ip: &str) -> String {
-        String::from_utf8(forwarded_request(&request(extra), ip.parse().unwrap(), "rid-1", cfg)).unwrap()
+        String::from_utf8(forwarded_request(
+            &crate::handshake::test_request(extra),
+            ip.parse().unwrap(),
+            "rid-1",
+            cfg,
+        ))
+        .unwrap()
     }
 
     #[test]
