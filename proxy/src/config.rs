@@ -235,6 +235,14 @@ pub struct Headers {
     pub forwarded_proto: String,
     /// Also add an RFC 7239 `Forwarded` field.
     pub forwarded: bool,
+    /// Append the client to `X-Forwarded-For` (start it at the client when it may not be
+    /// trusted); off: the proxy writes none.
+    pub forwarded_for: bool,
+    /// The field that carries the client's address (such as `X-Real-IP`, or the name an
+    /// application already reads, e.g. `X-Qrator-IP-Source`).
+    pub client_address_header: String,
+    /// The field that carries the request id the proxy gives every handshake.
+    pub request_id_header: String,
     /// Fields added to every forwarded request, replacing any the client sent with the same name.
     pub add: Vec<StaticHeader>,
     /// Clients (networks or addresses, as written) that are proxies themselves: their
@@ -252,6 +260,9 @@ impl Default for Headers {
             underscore_headers: UnderscoreHeaders::Drop,
             forwarded_proto: "http".into(),
             forwarded: false,
+            forwarded_for: true,
+            client_address_header: "X-Real-IP".into(),
+            request_id_header: "X-Request-ID".into(),
             add: Vec::new(),
             trusted_proxies: Vec::new(),
             trusted: Vec::new(),
@@ -933,6 +944,21 @@ impl File {
                 "headers.forwarded_proto: {:?} is not a valid value",
                 self.headers.forwarded_proto
             ));
+        }
+        for (field, name) in [
+            ("client_address_header", &self.headers.client_address_header),
+            ("request_id_header", &self.headers.request_id_header),
+        ] {
+            if !is_token(name) {
+                p.push(format!("headers.{field}: {name:?} is not a valid header name"));
+            }
+        }
+        if self
+            .headers
+            .client_address_header
+            .eq_ignore_ascii_case(&self.headers.request_id_header)
+        {
+            p.push("headers.request_id_header: the same field as client_address_header".into());
         }
         for (i, sh) in self.headers.add.iter().enumerate() {
             if !is_token(&sh.name) {

@@ -29,14 +29,15 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
     out.extend_from_slice(b"\r\n");
 
     let replaced = |name: &str| {
-        ["x-real-ip", "x-forwarded-proto", "x-request-id"]
+        [&cfg.client_address_header, "x-forwarded-proto", &cfg.request_id_header]
             .iter()
             .any(|r| name.eq_ignore_ascii_case(r))
             || cfg.add.iter().any(|a| a.name.eq_ignore_ascii_case(name))
             || (!trusted && CLIENT_CLAIMS.iter().any(|c| name.eq_ignore_ascii_case(c)))
     };
     let hop_by_hop = hop_by_hop(req);
-    let xff = chain(req, "x-forwarded-for", &hop_by_hop);
+    // Without `forwarded_for` a trusted proxy's X-Forwarded-For passes as it came.
+    let xff = cfg.forwarded_for.then(|| chain(req, "x-forwarded-for", &hop_by_hop));
     let fwd = cfg.forwarded.then(|| chain(req, "forwarded", &hop_by_hop));
     let mut xff_written = false;
     let mut fwd_written = false;
@@ -64,10 +65,12 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
             push_field(&mut out, name, authority.as_bytes());
             continue;
         }
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
+        if let Some(xff) = &xff
+            && name.eq_ignore_ascii_case("x-forwarded-for")
+        {
             // All of the client's X-Forwarded-For fields become one, where the first stood.
             if !xff_written {
-                push_field(&mut out, name, &append_hop(&xff, client.to_string().as_bytes()));
+                push_field(&mut out, name, &append_hop(xff, client.to_string().as_bytes()));
                 xff_written = true;
             }
             continue;
@@ -87,7 +90,7 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
         }
         push_field(&mut out, name, value);
     }
-    if !xff_written {
+    if cfg.forwarded_for && !xff_written {
         push_field(&mut out, "X-Forwarded-For", client.to_string().as_bytes());
     }
     if cfg.forwarded && !fwd_written {
@@ -97,9 +100,9 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
             forwarded_element(client, &cfg.forwarded_proto).as_bytes(),
         );
     }
-    push_field(&mut out, "X-Real-IP", client.to_string().as_bytes());
+    push_field(&mut out, &cfg.client_address_header, client.to_string().as_bytes());
     push_field(&mut out, "X-Forwarded-Proto", cfg.forwarded_proto.as_bytes());
-    push_field(&mut out, "X-Request-ID", request_id.as_bytes());
+    push_field(&mut out, &cfg.request_id_header, request_id.as_bytes());
     for a in &cfg.add {
         push_field(&mut out, &a.name, a.value.as_bytes());
     }
@@ -109,7 +112,13 @@ pub fn forwarded_request(req: &Request, client: IpAddr, request_id: &str, cfg: &
 
 /// Fields that claim the client's address, believed only from a trusted proxy: the chains are
 /// restarted at the client, the others removed.
-const CLIENT_CLAIMS: [&str; 4] = ["x-forwarded-for", "forwarded", "true-client-ip", "cf-connecting-ip"];
+const CLIENT_CLAIMS: [&str; 5] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+];
 
 /// The fields that end at this hop: the standard hop-by-hop ones and those the client's
 /// `Connection` fields name (any case, comma lists, several fields).
@@ -240,6 +249,32 @@ mod tests {
         );
         assert!(out.contains("X-Real-IP: 192.0.2.7\r\n"));
         assert!(out.contains("True-Client-IP: 10.0.0.1\r\n"), "{out}");
+    }
+
+    #[test]
+    fn the_client_address_and_request_id_fields_can_be_renamed_and_xff_turned_off() {
+        let cfg = config::Headers {
+            client_address_header: "X-Qrator-IP-Source".into(),
+            request_id_header: "X-Trace".into(),
+            forwarded_for: false,
+            ..Default::default()
+        };
+        let out = build(
+            "X-Qrator-IP-Source: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-For: 6.6.6.6\r\n",
+            &cfg,
+            "192.0.2.7",
+        );
+        assert!(!out.contains("6.6.6.6"), "{out}");
+        assert!(out.contains("\r\nX-Qrator-IP-Source: 192.0.2.7\r\n"), "{out}");
+        assert!(
+            out.contains("\r\nX-Trace: rid-1\r\n") && !out.contains("X-Request-ID"),
+            "{out}"
+        );
+        assert!(!out.contains("X-Real-IP") && !out.contains("X-Forwarded-For"), "{out}");
+        // A trusted proxy's chain passes as it came when the proxy adds none.
+        let trusted = trusting(&["192.0.2.0/24"], cfg);
+        let out = build("X-Forwarded-For: 10.0.0.1\r\n", &trusted, "192.0.2.7");
+        assert!(out.contains("\r\nX-Forwarded-For: 10.0.0.1\r\n"), "{out}");
     }
 
     #[test]
