@@ -27,7 +27,16 @@ fn target_dir(root: &Path) -> PathBuf {
 
 pub fn build_command(root: &Path) -> Cmd {
     Cmd::new("rustup")
-        .args(["run", NIGHTLY, "cargo", "build", "--package", PACKAGE, "--bins", "--release"])
+        .args([
+            "run",
+            NIGHTLY,
+            "cargo",
+            "build",
+            "--package",
+            PACKAGE,
+            "--bins",
+            "--release",
+        ])
         .args(["--target", TARGET, "-Z", "build-std=core", "--target-dir"])
         .args([target_dir(root).display().to_string()])
         .env("CARGO_ENCODED_RUSTFLAGS", RUSTFLAGS)
