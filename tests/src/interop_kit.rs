@@ -33,20 +33,27 @@ pub fn installed(probe: &mut Command, what: &str) -> bool {
     found
 }
 
-/// Runs `client` (killed after 120 s), which must exit 0 and print "ok CONNECTIONS BYTES";
-/// returns BYTES. `what` names the run in failures.
-pub async fn run_client(client: &mut tokio::process::Command, connections: u64, what: &str) -> u64 {
-    let out = tokio::time::timeout(Duration::from_secs(120), client.kill_on_drop(true).output())
+/// Runs `cmd` (killed after `limit`), which must exit 0; returns what it printed. `what` names
+/// the run in failures, which show both its outputs.
+pub async fn stdout_of(cmd: &mut tokio::process::Command, limit: Duration, what: &str) -> String {
+    let out = tokio::time::timeout(limit, cmd.kill_on_drop(true).output())
         .await
-        .unwrap_or_else(|_| panic!("{what}: the client did not finish within 120 s"))
+        .unwrap_or_else(|_| panic!("{what}: did not finish within {limit:?}"))
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{what}: {}\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+/// Runs `client` (killed after 120 s), which must exit 0 and print "ok CONNECTIONS BYTES";
+/// returns BYTES. `what` names the run in failures.
+pub async fn run_client(client: &mut tokio::process::Command, connections: u64, what: &str) -> u64 {
+    let stdout = stdout_of(client, Duration::from_secs(120), what).await;
     let words: Vec<&str> = stdout.split_whitespace().collect();
     assert_eq!(
         words.get(..2),

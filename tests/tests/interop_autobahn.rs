@@ -102,27 +102,14 @@ async fn run_cases(addr: SocketAddr, what: &str) -> Run {
         RUN_LIMIT
     };
     let start = Instant::now();
-    let out = tokio::time::timeout(
-        limit,
-        tokio::process::Command::new("python3")
-            .arg(interop_kit::script("autobahn_run.py"))
-            .arg(format!("ws://{addr}/"))
-            .arg(CONCURRENCY.to_string())
-            .arg(&reports)
-            .args(cases())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{what}: kosoku did not finish within {limit:?}"))
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{what}: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut kosoku = tokio::process::Command::new("python3");
+    kosoku
+        .arg(interop_kit::script("autobahn_run.py"))
+        .arg(format!("ws://{addr}/"))
+        .arg(CONCURRENCY.to_string())
+        .arg(&reports)
+        .args(cases());
+    let stdout = interop_kit::stdout_of(&mut kosoku, limit, &format!("{what}: kosoku")).await;
     let mut cases = BTreeMap::new();
     let mut summary = None;
     for line in stdout.lines() {
