@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use wsproxy::balance::Balancer;
 use wsproxy_tests::daemon_kit::try_http;
 use wsproxy_tests::fleet::{Fleet, PER_ROUND, echo_check, ws_close};
-use wsproxy_tests::relay_kit::linger_zero;
+use wsproxy_tests::relay_kit::{linger_zero, poll_every_async};
 use wsproxy_tests::{
     client_ip, connect_from, echo_upstream, header, read_head, read_to_close, request, status, weighted, within,
     ws_connect,
@@ -392,16 +392,13 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     fleet.round(6).await;
     // None of the 100 ended: they are all still open (the extra connections above have ended).
     let admin = ports.admin();
-    let end = Instant::now() + DAEMON_DEADLINE;
-    loop {
-        let open = metric(admin, "wsproxy_connections_open{relay=\"userspace\"}").await;
-        if open == Some(CONNS as f64) {
-            break;
-        }
-        assert!(Instant::now() < end, "open connections: {open:?}");
-        // Poll interval of a deadline-bounded wait: the gauge raises no event.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The gauge raises no event: polled, within the deadline.
+    let gauge = "wsproxy_connections_open{relay=\"userspace\"}";
+    let all_open = poll_every_async(DAEMON_DEADLINE, Duration::from_millis(20), || async {
+        (metric(admin, gauge).await == Some(CONNS as f64)).then_some(())
+    })
+    .await;
+    assert!(all_open.is_some(), "open connections: {:?}", metric(admin, gauge).await);
     assert_eq!(
         metric(admin, "wsproxy_config_reloads_total{result=\"ok\"}").await,
         Some(5.0)

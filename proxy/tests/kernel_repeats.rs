@@ -21,7 +21,7 @@ use std::{
     mem::size_of,
     net::{SocketAddr, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, RawFd},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use proxy_common::SockCtrl;
@@ -30,6 +30,7 @@ use wsproxy::relay::tcp_probe::tcp_info;
 mod common;
 
 use common::kernel::{DEADLINE, UNLIMITED, assert_nothing_to_read, expect_bytes, load_or_skip, loopback_pair};
+use wsproxy_tests::relay_kit::poll_every_blocking;
 
 /// Bytes the rebuilt connection sends again.
 const OLD: usize = 300;
@@ -111,16 +112,11 @@ fn private_netns() {
 
 /// Waits until every byte `s` sent has been acknowledged.
 fn wait_acked(s: &TcpStream) {
-    let started = Instant::now();
-    loop {
-        let info = tcp_info(s).expect("TCP_INFO");
-        if info.tcpi_unacked == 0 {
-            return;
-        }
-        assert!(started.elapsed() < DEADLINE, "the client's bytes were not acknowledged");
-        // No event reports an acknowledgement: poll, bounded by the deadline above.
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    // No event reports an acknowledgement: polled, within the deadline.
+    let acked = poll_every_blocking(DEADLINE, Duration::from_millis(1), || {
+        (tcp_info(s).expect("TCP_INFO").tcpi_unacked == 0).then_some(())
+    });
+    assert!(acked.is_some(), "the client's bytes were not acknowledged");
 }
 
 /// Rebuilds `old`'s connection (same addresses, same receive state) with its send sequence

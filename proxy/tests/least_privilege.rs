@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{BIN, free_port};
+use wsproxy_tests::relay_kit::poll_every_blocking;
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/wsproxy.service");
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -195,8 +196,8 @@ fn runs_as_nobody_with_four_capabilities_then_drops_them_and_relays_in_the_kerne
     drop(s);
 
     // The admin listener reports the connection as relayed and ended in the kernel.
-    let end = Instant::now() + DEADLINE;
-    loop {
+    // The counters raise no event: polled, within the deadline.
+    let scrape = || {
         let mut a = TcpStream::connect(("127.0.0.1", admin)).unwrap();
         // The admin listener serves only requests whose Host is its address.
         a.write_all(
@@ -205,16 +206,14 @@ fn runs_as_nobody_with_four_capabilities_then_drops_them_and_relays_in_the_kerne
         .unwrap();
         let mut text = String::new();
         a.read_to_string(&mut text).unwrap();
-        if text.contains("wsproxy_connections_ended_total{relay=\"kernel\",end=\"closed\"} 1") {
-            assert!(text.contains("wsproxy_relay_fallbacks_total 0"), "{text}");
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "the connection never ended as a kernel-relayed one:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20)); // poll interval of a deadline-bounded wait
-    }
+        text
+    };
+    let ended = "wsproxy_connections_ended_total{relay=\"kernel\",end=\"closed\"} 1";
+    let text = poll_every_blocking(DEADLINE, Duration::from_millis(20), || {
+        Some(scrape()).filter(|t| t.contains(ended))
+    })
+    .unwrap_or_else(|| panic!("the connection never ended as a kernel-relayed one:\n{}", scrape()));
+    assert!(text.contains("wsproxy_relay_fallbacks_total 0"), "{text}");
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let st = common::wait_exit(&mut child, DEADLINE).expect("no exit after SIGTERM");
     assert!(st.success(), "{st}");

@@ -648,9 +648,41 @@ pub fn sysctl_max(path: &str) -> u64 {
 
 /// Polls `f` every millisecond until it returns `Some`, for at most `limit`; `None` at the limit.
 /// Bounded in time and in count.
-pub async fn poll_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub async fn poll_until<T>(limit: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_every(limit, Duration::from_millis(1), f).await
+}
+
+/// Like [`poll_until`], every `every`: for a check that costs more than a glance (it reads a
+/// large /proc directory, say).
+pub async fn poll_every<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_every_async(limit, every, || std::future::ready(f())).await
+}
+
+/// Like [`poll_every`], for a check that is itself asynchronous (an HTTP request): no state the
+/// test waits on raises an event it could wait for instead.
+pub async fn poll_every_async<T, F: Future<Output = Option<T>>>(
+    limit: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> F,
+) -> Option<T> {
     let start = Instant::now();
-    let max_polls = limit.as_millis() as u64 * 2 + 10;
+    let max_polls = (limit.as_micros() / every.as_micros().max(1)) as u64 * 2 + 10;
+    for _ in 0..max_polls {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if start.elapsed() >= limit {
+            break;
+        }
+        tokio::time::sleep(every).await;
+    }
+    f().await
+}
+
+/// Like [`poll_every`], on a blocking test's own thread.
+pub fn poll_every_blocking<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    let max_polls = (limit.as_micros() / every.as_micros().max(1)) as u64 * 2 + 10;
     for _ in 0..max_polls {
         if let Some(v) = f() {
             return Some(v);
@@ -658,7 +690,7 @@ pub async fn poll_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) ->
         if start.elapsed() >= limit {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        std::thread::sleep(every);
     }
     f()
 }
