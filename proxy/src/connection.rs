@@ -59,7 +59,7 @@ struct Relayable {
     rt: Arc<crate::Runtime>,
     _slot: crate::limits::Slot,
     /// Counts the connection against its upstream (least-connections) until it ends.
-    _tracked: crate::balance::Tracked,
+    _tracked: Option<crate::balance::Tracked>,
 }
 
 impl Relayable {
@@ -197,8 +197,9 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         attempts += 1;
         metrics.upstream_attempt(addr);
         // Counted for least-connections from the attempt on, so that a burst of handshakes
-        // spreads before any of them is relayed.
-        let tracked = shared.load.track(addr);
+        // spreads before any of them is relayed; other methods take no lock for it. (A reload
+        // that switches to least-connections starts from the connections opened after it.)
+        let tracked = (cfg.upstreams.balance == config::Balance::LeastConnections).then(|| shared.load.track(addr));
         let up = &cfg.upstreams;
         let keep_answer = up.on_refusal == config::OnRefusal::Forward;
         match upstream::handshake(

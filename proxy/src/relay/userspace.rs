@@ -196,15 +196,18 @@ impl<'a> Promoter<'a> {
         }
     }
 
-    /// Counts a read of `n` bytes that completed `headers` frame headers, written on; true once
-    /// the pair should stop for the move.
-    fn after_write(&self, n: usize, headers: u64) -> bool {
+    /// Counts the messages of `bytes` (a read, written on; `frames` follows its direction's
+    /// headers); true once the pair should stop for the move. Without a policy nothing is
+    /// counted: only a move needs the count.
+    fn after_write(&self, bytes: &[u8], frames: &mut Frames) -> bool {
+        let Some(p) = self.policy else {
+            return false;
+        };
+        let headers = frames.feed(bytes);
         self.counts.messages.fetch_add(headers.max(1), Relaxed);
-        if let Some(p) = self.policy {
-            let mut run = crate::lock::lock(&self.counts.run);
-            if p.observe(&mut run, n as u64, headers) {
-                self.promote.cancel();
-            }
+        let mut run = crate::lock::lock(&self.counts.run);
+        if p.observe(&mut run, bytes.len() as u64, headers) {
+            self.promote.cancel();
         }
         self.promote.is_cancelled()
     }
@@ -266,7 +269,7 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, promoter: &Pr
                 Ok(n) => {
                     write_all(to, &buf[..n]).await.map_err(Failed::Write)?;
                     count.fetch_add(n as u64, Relaxed);
-                    if promoter.after_write(n, frames.feed(&buf[..n])) {
+                    if promoter.after_write(&buf[..n], &mut frames) {
                         return Ok(Copied::Paused);
                     }
                 }
