@@ -410,6 +410,11 @@ fn handle(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             server.metrics_text(),
         ),
+        (&Method::GET, "/services") => response(
+            StatusCode::OK,
+            "application/json",
+            server.services_json().to_string() + "\n",
+        ),
         (&Method::GET, "/healthz") if server.accepting() => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/healthz") => text(StatusCode::SERVICE_UNAVAILABLE, "not accepting connections\n"),
         (&Method::POST, "/reload") => {
@@ -425,10 +430,12 @@ fn handle(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
             }
             reload(server)
         }
-        (_, "/metrics" | "/healthz" | "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        (_, "/metrics" | "/healthz" | "/reload" | "/services") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz or POST /reload\n",
+            "not found: try /metrics, /healthz, /services or POST /reload\n",
         ),
     }
 }

@@ -14,10 +14,12 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::config::UnderscoreHeaders;
 use crate::handshake::{self, Rejection};
-use crate::limits::Refusal;
+use crate::limits::{Refusal, Slot};
 use crate::log_limit::Throttle;
-use crate::metrics::{HandshakeOutcome, Metrics};
+use crate::metrics::{HandshakeOutcome, Scoped};
+use crate::service::Service;
 use crate::upstream::{self, Upgraded, UpstreamError};
 use crate::{Shared, access, config, headers, proxy_protocol, relay};
 
@@ -32,13 +34,20 @@ const LINGER_BYTES: usize = 64 * 1024;
 static REFUSAL_LINES: Throttle = Throttle::new(20);
 static UPSTREAM_ANSWER_LINES: Throttle = Throttle::new(20);
 
-/// Serves one connection. `shutdown` is cancelled when the proxy's shutdown drain is over: a
-/// handshake in progress is abandoned, a relayed connection is cut and still logged and counted.
-pub(crate) async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// Serves one connection, accepted on the listener configured as `listen`. `shutdown` is
+/// cancelled when the listener's drain is over: a handshake in progress is abandoned, a relayed
+/// connection is cut and still logged and counted.
+pub(crate) async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    listen: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     // Each phase in a box of its own, freed when it ends: inline, both would stay allocated for
     // the connection's whole life (a task is as large as its largest state, and the compiler
     // does not overlap these), some 40 KB per connection.
-    let handshake = Box::pin(handshake_phase(client, peer, &shared));
+    let handshake = Box::pin(handshake_phase(client, peer, listen, &shared));
     let relayable = tokio::select! {
         r = handshake => r,
         _ = shutdown.cancelled() => None,
@@ -56,7 +65,8 @@ struct Relayable {
     addr: SocketAddr,
     request_id: String,
     started: Instant,
-    rt: Arc<crate::Runtime>,
+    /// The service as it was when the connection started: a reload does not change it.
+    svc: Arc<Service>,
     _slot: crate::limits::Slot,
     /// Counts the connection against its upstream (least-connections) until it ends.
     _tracked: Option<crate::balance::Tracked>,
@@ -71,25 +81,19 @@ impl Relayable {
             addr,
             request_id,
             started,
-            rt,
+            svc,
             _slot,
             _tracked,
         } = self;
+        let cfg = &svc.config.relay;
         let stop = relay::Stop {
             shutdown,
-            deadline: lifetime(&rt.config.relay, &request_id).map(|t| tokio::time::Instant::now() + t),
+            deadline: lifetime(cfg, &request_id).map(|t| tokio::time::Instant::now() + t),
         };
-        let o = relay::relay(
-            client,
-            upstream,
-            shared.kernel.as_ref(),
-            &rt.config.relay,
-            &shared.metrics,
-            stop,
-        )
-        .await;
+        let metrics = shared.metrics.of(svc.name());
+        let o = relay::relay(client, upstream, shared.kernel.as_ref(), cfg, metrics, stop).await;
         info!(
-            client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
+            service = %svc.name(), client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
             client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
             repeated_cut = o.repeated_cut, passed = o.passed, duration_ms = started.elapsed().as_millis() as u64, "connection closed"
         );
@@ -108,22 +112,38 @@ fn lifetime(cfg: &config::Relay, request_id: &str) -> Option<Duration> {
     Some(base + Duration::from_millis(random % (jitter_ms + 1)))
 }
 
-/// Admission, request, upstream handshake and the 101's delivery. `None`: the connection ended
-/// here (refused, failed, or the client left), already answered, logged and counted.
-async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Option<Relayable> {
+/// A service's admission: its client networks, then its limiter (rate, per-client and
+/// per-network caps, its total cap). The slot is held until the connection ends.
+fn admit(svc: &Service, ip: IpAddr, now: Instant) -> Result<Slot, Answer> {
+    if !access::client_allowed(&svc.config.access, ip) {
+        return Err(Answer::Rejected(Rejection::Forbidden("client network")));
+    }
+    svc.state.limiter.admit(ip, now).map_err(Answer::Limited)
+}
+
+/// Admission, request, routing, upstream handshake and the 101's delivery. `None`: the
+/// connection ended here (refused, failed, or the client left), already answered, logged and
+/// counted.
+async fn handshake_phase(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    listen: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Option<Relayable> {
     let started = Instant::now();
-    let metrics = &shared.metrics;
     // This connection keeps the configuration it started with, whatever a reload does meanwhile.
     let rt = shared.runtime.load_full();
-    let cfg = &rt.config;
+    // None: a reload removed the listener after this connection was queued; it is closed.
+    let routes = rt.routes.listener(listen)?;
+    let unrouted = shared.metrics.of("");
     // Behind an L4 layer the client is the one its PROXY protocol header names; the bytes read
     // past the header are the request's start.
-    let (client_addr, early) = match &cfg.proxy_protocol {
+    let (client_addr, early) = match &routes.proxy_protocol {
         None => (peer, Vec::new()),
         Some(pp) => match proxy_protocol::read_header(&mut client, peer, pp).await {
             Ok(read) => read,
             Err(refusal) => {
-                metrics.proxy_protocol_refused(refusal);
+                shared.metrics.proxy_protocol_refused(refusal);
                 if let Some(suppressed) = REFUSAL_LINES.admit(Instant::now()) {
                     info!(peer = %peer, reason = refusal.as_str(), suppressed, "PROXY protocol header refused; connection closed");
                 }
@@ -132,43 +152,88 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         },
     };
     let ip = client_addr.ip().to_canonical();
-    if !access::client_allowed(&cfg.access, ip) {
-        refuse(
-            client,
-            ip,
-            Answer::Rejected(Rejection::Forbidden("client network")),
-            started,
-            metrics,
-        )
-        .await;
-        return None;
-    }
-    let slot = match shared.limiter.admit(ip, started) {
-        Ok(slot) => slot,
-        Err(refusal) => {
-            refuse(client, ip, Answer::Limited(refusal), started, metrics).await;
-            return None;
+    // A listener of one service: its admission rules apply before a byte of the request is read.
+    let mut admitted = None;
+    if let Some(i) = routes.only {
+        let svc = &rt.services[i];
+        match admit(svc, ip, started) {
+            Ok(slot) => {
+                tune(&client, &svc.config.keepalive, true);
+                admitted = Some((Arc::clone(svc), slot));
+            }
+            Err(answer) => {
+                refuse(client, ip, answer, started, shared.metrics.of(svc.name())).await;
+                return None;
+            }
         }
+    }
+    let (bounds, underscore, read_metrics) = match &admitted {
+        Some((svc, _)) => (
+            &svc.config.handshake,
+            svc.config.headers.underscore_headers,
+            shared.metrics.of(svc.name()),
+        ),
+        // Before its service is known, a request is read with the most any service of the
+        // listener allows, and checked against its own service's bounds once routed.
+        None => (&routes.read, UnderscoreHeaders::Keep, unrouted),
     };
-    tune(&client, &cfg.keepalive, true);
     let mut reader = early.as_slice().chain(&mut client);
-    let read = handshake::read_request(&mut reader, &cfg.handshake, cfg.headers.underscore_headers);
-    let request = match tokio::time::timeout(cfg.handshake.header_timeout, read).await {
+    let read = handshake::read_request(&mut reader, bounds, underscore);
+    let request = match tokio::time::timeout(bounds.header_timeout, read).await {
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => {
             debug!(client = %ip, "closed before sending a complete request");
-            metrics.handshake(HandshakeOutcome::ClientGone, secs(started));
+            read_metrics.handshake(HandshakeOutcome::ClientGone, secs(started));
             return None;
         }
         Ok(Err(rejection)) => {
-            refuse(client, ip, Answer::Rejected(rejection), started, metrics).await;
+            refuse(client, ip, Answer::Rejected(rejection), started, read_metrics).await;
             return None;
         }
         Err(_) => {
-            refuse(client, ip, Answer::Rejected(Rejection::Timeout), started, metrics).await;
+            refuse(client, ip, Answer::Rejected(Rejection::Timeout), started, read_metrics).await;
             return None;
         }
     };
+    let routed = routes.route(request.host());
+    let (svc, slot) = match admitted {
+        Some((svc, slot)) if routed == routes.only => (svc, slot),
+        Some(_) | None if routed.is_none() => {
+            refuse(
+                client,
+                ip,
+                Answer::Rejected(Rejection::UnknownHost),
+                started,
+                read_metrics,
+            )
+            .await;
+            return None;
+        }
+        Some(_) => unreachable!("a listener of one service routes to it or to none"),
+        None => {
+            let svc = Arc::clone(&rt.services[routed?]);
+            let m = shared.metrics.of(svc.name());
+            let cfg = &svc.config;
+            let admitted = request
+                .conforms(&cfg.handshake, cfg.headers.underscore_headers)
+                .map_err(Answer::Rejected)
+                .and_then(|()| admit(&svc, ip, started));
+            match admitted {
+                Ok(slot) => {
+                    tune(&client, &cfg.keepalive, true);
+                    (svc, slot)
+                }
+                Err(answer) => {
+                    refuse(client, ip, answer, started, m).await;
+                    return None;
+                }
+            }
+        }
+    };
+    drop(rt);
+    let cfg = &svc.config;
+    let metrics = shared.metrics.of(svc.name());
+    let service = svc.name();
 
     if !access::origin_allowed(&cfg.access, &request) {
         refuse(
@@ -191,15 +256,16 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         with_header.extend_from_slice(&forwarded);
         forwarded = with_header;
     }
+    let state = &svc.state;
     let (mut attempts, mut timeouts) = (0, 0);
     let mut upgraded = None;
-    for addr in shared.health.filter(rt.balancer.choose(ip, &shared.load), started) {
+    for addr in state.health.filter(svc.balancer.choose(ip, &state.load), started) {
         attempts += 1;
         metrics.upstream_attempt(addr);
         // Counted for least-connections from the attempt on, so that a burst of handshakes
         // spreads before any of them is relayed; other methods take no lock for it. (A reload
         // that switches to least-connections starts from the connections opened after it.)
-        let tracked = (cfg.upstreams.balance == config::Balance::LeastConnections).then(|| shared.load.track(addr));
+        let tracked = (cfg.upstreams.balance == config::Balance::LeastConnections).then(|| state.load.track(addr));
         let up = &cfg.upstreams;
         let keep_answer = up.on_refusal == config::OnRefusal::Forward;
         match upstream::handshake(
@@ -213,14 +279,14 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         .await
         {
             Ok(u) => {
-                shared.health.success(addr, metrics);
+                state.health.success(addr, &shared.metrics);
                 upgraded = Some((addr, u, tracked));
                 break;
             }
             Err(e) => {
                 metrics.upstream_failure(addr, e.reason());
                 if e.counts_against_health(&up.health) {
-                    shared.health.failure(addr, Instant::now(), metrics);
+                    state.health.failure(addr, Instant::now(), &shared.metrics);
                 }
                 if !e.retryable() {
                     // `on_refusal = "forward"`: the upstream's own answer, else nothing.
@@ -228,7 +294,7 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
                         UpstreamError::Status(_, Some(a)) => crate::plain_http::passed_on(&a.head, &a.body),
                         _ => None,
                     };
-                    upstream_refused(ip, addr, &request_id, e, &up.health, started);
+                    upstream_refused(service, ip, addr, &request_id, e, &up.health, started);
                     metrics.handshake(HandshakeOutcome::UpstreamError, secs(started));
                     if let Some(answer) = answer
                         && tokio::time::timeout(LINGER, client.write_all(&answer)).await.is_err()
@@ -239,7 +305,7 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
                     return None;
                 }
                 timeouts += usize::from(matches!(e, UpstreamError::Timeout(_)));
-                warn!(client = %ip, upstream = %addr, %request_id, error = %e, "upstream failed, trying the next one");
+                warn!(service, client = %ip, upstream = %addr, %request_id, error = %e, "upstream failed, trying the next one");
             }
         }
     }
@@ -252,33 +318,31 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         tracked,
     )) = upgraded
     else {
-        warn!(client = %ip, %request_id, attempts, "no upstream answered");
+        warn!(service, client = %ip, %request_id, attempts, "no upstream answered");
         let answer = if attempts > 0 && timeouts == attempts {
             Answer::UpstreamTimeout
         } else {
             Answer::NoUpstream
         };
-        {
-            refuse(client, ip, answer, started, metrics).await;
-            return None;
-        }
+        refuse(client, ip, answer, started, metrics).await;
+        return None;
     };
     tune(&upstream, &cfg.keepalive, false);
     info!(
-        client = %ip, upstream = %addr, %request_id, status = 101,
+        service, client = %ip, upstream = %addr, %request_id, status = 101,
         duration_ms = started.elapsed().as_millis() as u64, "handshake"
     );
 
     // The 101 and whatever the upstream sent behind it go first, byte for byte; then the bytes the
     // client sent behind its request. Only then does the relay take over, so nothing overtakes.
     if let Err(e) = client.write_all(&response.buf).await {
-        debug!(client = %ip, %request_id, error = %e, "client gone before the 101 was delivered");
+        debug!(service, client = %ip, %request_id, error = %e, "client gone before the 101 was delivered");
         metrics.handshake(HandshakeOutcome::ClientGone, secs(started));
         return None;
     }
     metrics.handshake(HandshakeOutcome::Upgraded, secs(started));
     if let Err(e) = upstream.write_all(request.rest()).await {
-        debug!(client = %ip, %request_id, error = %e, "upstream gone before the client's first bytes");
+        debug!(service, client = %ip, %request_id, error = %e, "upstream gone before the client's first bytes");
         return None;
     }
     drop(request);
@@ -289,9 +353,9 @@ async fn handshake_phase(mut client: TcpStream, peer: SocketAddr, shared: &Arc<S
         addr,
         request_id,
         started,
-        rt,
         _slot: slot,
         _tracked: tracked,
+        svc,
     })
 }
 
@@ -322,6 +386,7 @@ fn tune(s: &TcpStream, k: &config::Keepalive, nodelay: bool) {
 /// is forwarded to the client (it learns only that the connection closed). A failure of the
 /// upstream's own is a warning; an answer any client can provoke is information, rate-limited.
 fn upstream_refused(
+    service: &str,
     ip: IpAddr,
     addr: SocketAddr,
     request_id: &str,
@@ -336,12 +401,12 @@ fn upstream_refused(
     let duration_ms = started.elapsed().as_millis() as u64;
     if e.counts_against_health(health) {
         warn!(
-            client = %ip, upstream = %addr, %request_id, upstream_status = status, error = %e,
+            service, client = %ip, upstream = %addr, %request_id, upstream_status = status, error = %e,
             duration_ms, "upstream refused the handshake"
         );
     } else if let Some(suppressed) = UPSTREAM_ANSWER_LINES.admit(Instant::now()) {
         info!(
-            client = %ip, upstream = %addr, %request_id, upstream_status = status, error = %e,
+            service, client = %ip, upstream = %addr, %request_id, upstream_status = status, error = %e,
             duration_ms, suppressed, "upstream refused the handshake"
         );
     }
@@ -360,6 +425,7 @@ enum Answer {
 impl Answer {
     fn status(&self) -> u16 {
         match self {
+            Answer::Limited(Refusal::ServiceFull) => 503,
             Answer::Limited(_) => 429,
             Answer::Rejected(r) => r.status(),
             Answer::UpstreamTimeout | Answer::NoUpstream => 400,
@@ -369,6 +435,7 @@ impl Answer {
     fn outcome(&self) -> HandshakeOutcome {
         match self {
             Answer::Limited(Refusal::RateLimited { .. }) => HandshakeOutcome::RateLimited,
+            Answer::Limited(Refusal::ServiceFull) => HandshakeOutcome::ServiceFull,
             Answer::Limited(_) => HandshakeOutcome::ConnectionLimited,
             Answer::Rejected(r) => HandshakeOutcome::Refused(r.status()),
             Answer::UpstreamTimeout => HandshakeOutcome::UpstreamTimeout,
@@ -384,6 +451,7 @@ impl Answer {
             Answer::Limited(Refusal::TooManyConnections) => "connection limit".into(),
             Answer::Limited(Refusal::TooManyFromNetwork) => "network connection limit".into(),
             Answer::Limited(Refusal::TableFull) => "client table full".into(),
+            Answer::Limited(Refusal::ServiceFull) => "service connection limit".into(),
             Answer::Rejected(r) => r.to_string(),
         }
     }
@@ -404,11 +472,11 @@ impl Answer {
 }
 
 /// Answers a refused client, logs it, and closes after a bounded linger.
-async fn refuse(mut client: TcpStream, ip: IpAddr, answer: Answer, started: Instant, metrics: &Metrics) {
+async fn refuse(mut client: TcpStream, ip: IpAddr, answer: Answer, started: Instant, metrics: Scoped<'_>) {
     metrics.handshake(answer.outcome(), secs(started));
     if let Some(suppressed) = REFUSAL_LINES.admit(Instant::now()) {
         info!(
-            client = %ip, status = answer.status(), reason = %answer.reason(),
+            service = metrics.service(), client = %ip, status = answer.status(), reason = %answer.reason(),
             duration_ms = started.elapsed().as_millis() as u64, suppressed, "handshake refused"
         );
     }

@@ -35,6 +35,11 @@ pub enum Rejection {
     /// 403: the client's network or the request's `Origin` is not allowed (`[access]`).
     #[error("forbidden: {0}")]
     Forbidden(&'static str),
+    /// 421: no service of the listener answers for the request's host. (421 Misdirected Request,
+    /// rather than 404: the request reached a server that is not the host's, and a client or an
+    /// L4 layer that knows the code may try another connection.)
+    #[error("no service for this host")]
+    UnknownHost,
 }
 
 impl Rejection {
@@ -45,6 +50,7 @@ impl Rejection {
             Rejection::HeadTooLarge(_) => 431,
             Rejection::Timeout => 408,
             Rejection::Forbidden(_) => 403,
+            Rejection::UnknownHost => 421,
         }
     }
 }
@@ -99,6 +105,34 @@ impl Request {
     /// Bytes the client sent after its head: relayed to the upstream right after the request.
     pub fn rest(&self) -> &[u8] {
         self.raw.rest()
+    }
+
+    /// The host the request is for: an absolute-form target's authority, else the `Host` field
+    /// (present: [`validate`] checks it), as sent (port included).
+    pub fn host(&self) -> &str {
+        if let Some(a) = self.target_authority() {
+            return a;
+        }
+        self.headers()
+            .find(|(n, _)| n.eq_ignore_ascii_case("host"))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .unwrap_or("")
+    }
+
+    /// Checks a request read under a shared listener's bounds against the bounds of the service
+    /// it turned out to be for: what [`read_request`] would have refused with that service's
+    /// settings is refused the same way.
+    pub fn conforms(&self, cfg: &config::Handshake, underscore: UnderscoreHeaders) -> Result<(), Rejection> {
+        if self.raw.head_len > cfg.max_head_bytes {
+            return Err(Rejection::HeadTooLarge("head size"));
+        }
+        if self.headers.len() > cfg.max_headers {
+            return Err(Rejection::HeadTooLarge("header count"));
+        }
+        if underscore == UnderscoreHeaders::Reject && self.headers().any(|(n, _)| n.contains('_')) {
+            return Err(Rejection::BadRequest("header name with an underscore"));
+        }
+        Ok(())
     }
 }
 

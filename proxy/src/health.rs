@@ -26,13 +26,16 @@ struct State {
 
 /// Health of every configured upstream.
 pub struct Health {
+    /// The service whose upstreams these are (a metric label).
+    service: String,
     cfg: Mutex<config::Health>,
     states: Mutex<HashMap<SocketAddr, State>>,
 }
 
 impl Health {
-    pub fn new(cfg: config::Health) -> Self {
+    pub fn new(service: String, cfg: config::Health) -> Self {
         Self {
+            service,
             cfg: Mutex::new(cfg),
             states: Mutex::new(HashMap::new()),
         }
@@ -44,13 +47,13 @@ impl Health {
         lock(&self.states).retain(|addr, _| {
             let keep = upstreams.contains(addr);
             if !keep {
-                metrics.upstream_removed(*addr);
+                metrics.upstream_removed(&self.service, *addr);
             }
             keep
         });
         for a in upstreams {
             if self.is_up(*a, Instant::now()) {
-                metrics.upstream_up(*a, true);
+                metrics.upstream_up(&self.service, *a, true);
             }
         }
     }
@@ -75,9 +78,9 @@ impl Health {
         *s = State::default();
         drop(states);
         if was_down {
-            info!(upstream = %addr, "upstream is up again");
+            info!(service = %self.service, upstream = %addr, "upstream is up again");
         }
-        metrics.upstream_up(addr, true);
+        metrics.upstream_up(&self.service, addr, true);
     }
 
     pub fn failure(&self, addr: SocketAddr, now: Instant, metrics: &Metrics) {
@@ -89,44 +92,53 @@ impl Health {
             s.down_until = Some(now + cfg.fail_timeout);
             let failures = s.consecutive_failures;
             drop(states);
-            warn!(upstream = %addr, failures, cool_down_s = cfg.fail_timeout.as_secs_f64(), "upstream marked down");
-            metrics.upstream_up(addr, false);
+            warn!(service = %self.service, upstream = %addr, failures, cool_down_s = cfg.fail_timeout.as_secs_f64(), "upstream marked down");
+            metrics.upstream_up(&self.service, addr, false);
         }
     }
 }
 
-/// Runs the active probes of `upstreams` until `stop` is cancelled. Each probe counts like a
-/// handshake: a failure towards marking down, a success marks up.
+/// Runs the active probes of every service's upstreams until `stop` is cancelled. Each probe
+/// counts like a handshake: a failure towards marking down, a success marks up.
 pub(crate) async fn probe_loop(shared: Arc<crate::Shared>, stop: CancellationToken) {
+    // Due time of each service's next round, by name; a service without probes waits for a
+    // reload that turns them on.
+    let mut due: HashMap<String, Instant> = HashMap::new();
     loop {
         let rt = shared.runtime.load_full();
-        let cfg = rt.config.upstreams.health.clone();
-        let Some(interval) = cfg.probe_interval else {
-            // Probes are off; a reload may turn them on.
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        let now = Instant::now();
+        let mut next = now + Duration::from_secs(1);
+        for s in &rt.services {
+            let up = &s.config.upstreams;
+            let Some(interval) = up.health.probe_interval else {
+                continue;
+            };
+            let at = *due.entry(s.name().to_string()).or_insert(now);
+            if at > now {
+                next = next.min(at);
+                continue;
             }
-        };
-        let targets: Vec<SocketAddr> = rt
-            .config
-            .upstreams
-            .main
-            .iter()
-            .chain(&rt.config.upstreams.backup)
-            .map(|s| s.address)
-            .collect();
-        for addr in targets {
-            let ok = probe(addr, cfg.probe, &rt.config.upstreams).await;
-            if ok {
-                shared.health.success(addr, &shared.metrics);
-            } else {
-                shared.health.failure(addr, Instant::now(), &shared.metrics);
+            let targets = up.main.iter().chain(&up.backup).map(|u| u.address);
+            for addr in targets {
+                let ok = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    ok = probe(addr, up.health.probe, up) => ok,
+                };
+                if ok {
+                    s.state.health.success(addr, &shared.metrics);
+                } else {
+                    s.state.health.failure(addr, Instant::now(), &shared.metrics);
+                }
             }
+            let at = Instant::now() + interval;
+            due.insert(s.name().to_string(), at);
+            next = next.min(at);
         }
+        due.retain(|name, _| rt.services.iter().any(|s| s.name() == name));
+        drop(rt);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep_until(next.into()) => {}
         }
     }
 }
@@ -172,11 +184,14 @@ mod tests {
     }
 
     fn health(max_fails: u32) -> Health {
-        Health::new(config::Health {
-            max_fails,
-            fail_timeout: Duration::from_secs(10),
-            ..Default::default()
-        })
+        Health::new(
+            "s".into(),
+            config::Health {
+                max_fails,
+                fail_timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
+        )
     }
 
     #[test]
@@ -188,7 +203,10 @@ mod tests {
         assert!(!h.is_up(addr(1), t0));
         assert_eq!(h.filter(vec![addr(1), addr(2)], t0), vec![addr(2)]);
         assert!(h.is_up(addr(1), t0 + Duration::from_secs(10)), "the cool-down is over");
-        assert!(m.encode().contains("wsproxy_upstream_up{upstream=\"127.0.0.1:1\"} 0"));
+        assert!(
+            m.encode()
+                .contains("wsproxy_upstream_up{service=\"s\",upstream=\"127.0.0.1:1\"} 0")
+        );
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! limits, upstream choice by client IP with failover, forwarding headers), then relays the
 //! payload untouched until either side closes.
 //!
-//! [`run`] serves one listener until a shutdown future completes; the binary and the tests both
-//! call it. One concern per module; `connection` follows one connection through them.
+//! A [`Server`] serves the listeners of its services until a shutdown future completes; the
+//! binary and the tests both use it. One concern per module; `connection` follows one connection
+//! through them.
 
 pub mod access;
 pub mod admin;
@@ -29,12 +30,16 @@ pub mod privileges;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod resolve;
+pub mod routes;
+mod service;
 pub mod upstream;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -42,42 +47,71 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-/// The part of the state a reload replaces: new connections take the current one when they
-/// start and keep it to their end, so a reload never changes a connection midway.
+/// The part of the state a reload replaces: a new connection takes the current one when it
+/// starts and keeps its service to its end, so a reload never changes a connection midway.
 pub(crate) struct Runtime {
     pub config: Config,
-    pub balancer: balance::Balancer,
-}
-
-impl Runtime {
-    fn new(config: Config) -> Arc<Runtime> {
-        Arc::new(Runtime {
-            balancer: balance::Balancer::new(&config.upstreams),
-            config,
-        })
-    }
+    /// In the configuration's order; `routes` indexes them.
+    pub services: Vec<Arc<service::Service>>,
+    pub routes: routes::Routes,
 }
 
 /// What every connection task reads.
 pub(crate) struct Shared {
     pub runtime: ArcSwap<Runtime>,
-    /// The kernel relay's programs, when the configured mode wants them and they loaded.
+    /// The kernel relay's programs, when some service's relay mode wants them and they loaded.
     pub kernel: Option<ebpf::KernelPrograms>,
-    /// Reconfigured in place on reload, so that clients keep their limit state.
-    pub limiter: Arc<limits::Limiter>,
-    pub health: health::Health,
-    /// Open connections per upstream (least-connections); outlives reloads.
-    pub load: Arc<balance::Load>,
+    /// What each service keeps across reloads, by name.
+    states: Mutex<HashMap<String, Arc<service::State>>>,
+    /// Held while a new runtime is built and installed (reload, new upstream addresses), so
+    /// that two installs never undo each other.
+    installing: Mutex<()>,
     /// What upstream names resolve with, and their last good addresses; `resolve_now` wakes the
     /// resolution loop (a reload that brings new names).
     pub resolver: resolve::Resolver,
-    pub resolved: std::sync::Mutex<resolve::Resolved>,
+    pub resolved: Mutex<resolve::Resolved>,
     pub resolve_now: tokio::sync::Notify,
     pub metrics: metrics::Metrics,
-    /// True while the listener accepts (what `/healthz` reports).
+    /// True while the listeners accept (what `/healthz` reports).
     pub accepting: AtomicBool,
+    /// The listeners being served, once [`Server::serve_all`] runs; a reload binds and stops
+    /// listeners through it.
+    listeners: Mutex<Option<listener::Set>>,
     /// Where a reload reads the configuration from (none: reload only through [`Server::apply`]).
     pub config_path: Option<PathBuf>,
+}
+
+impl Shared {
+    /// Builds the runtime of `config` (names expanded to their last resolved addresses, each
+    /// service with its kept state, reconfigured) and puts it in force.
+    fn install(&self, mut config: Config) {
+        let _installing = lock::lock(&self.installing);
+        let resolved = lock::lock(&self.resolved).clone();
+        let mut states = lock::lock(&self.states);
+        let mut services = Vec::with_capacity(config.services.len());
+        for s in &mut config.services {
+            (s.upstreams.main, s.upstreams.backup) = resolve::expand(&s.upstreams.entries, &resolved);
+            let state = Arc::clone(states.entry(s.name.clone()).or_insert_with(|| service::State::new(s)));
+            state.limiter.reconfigure(s.limits.clone());
+            state
+                .health
+                .reconfigure(s.upstreams.health.clone(), &upstream_addresses(s), &self.metrics);
+            self.metrics.service_added(&s.name);
+            services.push(Arc::new(service::Service {
+                balancer: balance::Balancer::new(&s.upstreams),
+                config: s.clone(),
+                state,
+            }));
+        }
+        // A removed service's state lives on in its open connections only.
+        states.retain(|name, _| config.service(name).is_some());
+        let routes = routes::Routes::new(&config.services);
+        self.runtime.store(Arc::new(Runtime {
+            config,
+            services,
+            routes,
+        }));
+    }
 }
 
 /// A configured proxy, ready to serve listeners. Cheap to clone; tests keep it to look at its
@@ -88,7 +122,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Prepares a proxy for `config`: loads the kernel relay unless the mode is `userspace`.
+    /// Prepares a proxy for `config`: loads the kernel relay unless every service's mode is
+    /// `userspace`.
     pub fn new(config: Config) -> anyhow::Result<Server> {
         Self::build(config, None, resolve::system())
     }
@@ -106,42 +141,63 @@ impl Server {
     }
 
     fn build(config: Config, config_path: Option<PathBuf>, resolver: resolve::Resolver) -> anyhow::Result<Server> {
-        let kernel = load_kernel_relay(config.relay.mode)?;
+        let kernel = load_kernel_relay(config.kernel_relay_wanted())?;
         let metrics = metrics::Metrics::new();
         metrics.kernel_relay(kernel.is_some());
-        let health = health::Health::new(config.upstreams.health.clone());
-        health.reconfigure(config.upstreams.health.clone(), &upstream_addresses(&config), &metrics);
         let shared = Shared {
             kernel,
-            limiter: limits::Limiter::new(config.limits.clone()),
-            health,
-            load: Arc::default(),
+            states: Mutex::default(),
+            installing: Mutex::default(),
             resolver,
-            resolved: std::sync::Mutex::default(),
+            resolved: Mutex::default(),
             resolve_now: tokio::sync::Notify::new(),
             metrics,
             accepting: AtomicBool::new(false),
+            listeners: Mutex::default(),
             config_path,
-            runtime: ArcSwap::new(Runtime::new(config)),
+            runtime: ArcSwap::new(Arc::new(Runtime {
+                config: config.clone(),
+                services: Vec::new(),
+                routes: routes::Routes::default(),
+            })),
         };
+        shared.install(config);
         Ok(Server {
             shared: Arc::new(shared),
         })
     }
 
-    /// Serves `listener` until `shutdown` completes; then stops accepting, lets open connections
-    /// finish for `listen.drain_timeout`, closes the rest and returns.
-    ///
-    /// The proxy counts as accepting (`/healthz`) from this call on, before the returned future
-    /// is first polled, so that an admin listener started next never reports it as down.
+    /// Serves `listener` as the configuration's one listener address (whatever address it is
+    /// bound to: tests bind port 0) until `shutdown` completes; see [`Server::serve_all`].
     pub fn serve<S: Future<Output = ()>>(
         &self,
         listener: TcpListener,
         shutdown: S,
     ) -> impl Future<Output = ()> + use<S> {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(listen = %addr, "accepting connections");
+        let configured = self.shared.runtime.load().config.listeners();
+        if configured.len() != 1 {
+            tracing::error!(
+                listeners = configured.len(),
+                "Server::serve is for a configuration with one listener address; the others are bound by the server"
+            );
         }
+        let bound = configured.first().map(|&a| (a, listener)).into_iter().collect();
+        self.serve_all(bound, shutdown)
+    }
+
+    /// Serves every listener address of the configuration until `shutdown` completes: those in
+    /// `bound` (configured address, listener already bound: the daemon binds before it drops its
+    /// privileges) and the others, which it binds itself. A reload then binds new addresses and
+    /// stops removed ones. At the end every listener stops accepting, open connections get
+    /// `listen.drain_timeout` to finish, the rest are closed, and the future returns.
+    ///
+    /// The proxy counts as accepting (`/healthz`) from this call on, before the returned future
+    /// is first polled, so that an admin listener started next never reports it as down.
+    pub fn serve_all<S: Future<Output = ()>>(
+        &self,
+        bound: HashMap<SocketAddr, TcpListener>,
+        shutdown: S,
+    ) -> impl Future<Output = ()> + use<S> {
         self.shared.accepting.store(true, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
         async move {
@@ -151,14 +207,34 @@ impl Server {
             let probes = CancellationToken::new();
             tokio::spawn(health::probe_loop(Arc::clone(&shared), probes.clone()));
             tokio::spawn(resolve_loop(Arc::clone(&shared), probes.clone()));
-            listener::accept_loop(listener, shared, shutdown).await;
+            let set = listener::Set::new(&shared);
+            let mut bound = bound;
+            for addr in shared.runtime.load().config.listeners() {
+                let l = match bound.remove(&addr) {
+                    Some(l) => l,
+                    None => match listener::bind(addr) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(listen = %addr, error = %e, "cannot listen; the services on it are not served there");
+                            continue;
+                        }
+                    },
+                };
+                set.start(addr, l, &shared);
+            }
+            *lock::lock(&shared.listeners) = Some(set.clone());
+            shutdown.await;
+            // Every listener stops accepting now; the drain follows.
+            shared.accepting.store(false, Ordering::SeqCst);
+            lock::lock(&shared.listeners).take();
+            set.stop_all().await;
             probes.cancel();
         }
     }
 
-    /// Serves the admin endpoints (`/metrics`, `/healthz`, `/reload`) on `listener` (TCP or a
-    /// Unix socket, see [`admin::bind`]) until `shutdown` completes, with the `[admin]` settings
-    /// of the configuration (the defaults when it has none).
+    /// Serves the admin endpoints (`/metrics`, `/healthz`, `/reload`, `/services`) on `listener`
+    /// (TCP or a Unix socket, see [`admin::bind`]) until `shutdown` completes, with the `[admin]`
+    /// settings of the configuration (the defaults when it has none).
     pub async fn serve_admin(&self, listener: impl Into<admin::Listener>, shutdown: impl Future<Output = ()>) {
         admin::serve(listener.into(), self.clone(), shutdown).await;
     }
@@ -172,21 +248,64 @@ impl Server {
         self.shared.metrics.admin_refused(reason);
     }
 
-    /// The configuration new connections get.
+    /// The services in force and the state of their upstreams, as the admin listener's
+    /// `GET /services` shows them: per service its listeners, hosts, open connections and
+    /// balancing; per upstream its address (names expanded), list, weight, health and open
+    /// connections (counted under least-connections only).
+    pub fn services_json(&self) -> serde_json::Value {
+        let rt = self.shared.runtime.load_full();
+        let now = std::time::Instant::now();
+        let services: Vec<serde_json::Value> = rt
+            .services
+            .iter()
+            .map(|s| {
+                let c = &s.config;
+                let upstream = |u: &config::UpstreamServer, backup: bool| {
+                    serde_json::json!({
+                        "address": u.address.to_string(),
+                        "backup": backup,
+                        "weight": u.weight,
+                        "up": s.state.health.is_up(u.address, now),
+                        "open": s.state.load.open(u.address),
+                    })
+                };
+                let upstreams: Vec<serde_json::Value> = c
+                    .upstreams
+                    .main
+                    .iter()
+                    .map(|u| upstream(u, false))
+                    .chain(c.upstreams.backup.iter().map(|u| upstream(u, true)))
+                    .collect();
+                serde_json::json!({
+                    "name": c.name,
+                    "listen": c.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "hosts": c.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                    "open": s.state.limiter.open(),
+                    "balance": c.upstreams.balance.as_str(),
+                    "relay": format!("{:?}", c.relay.mode).to_lowercase(),
+                    "upstreams": upstreams,
+                })
+            })
+            .collect();
+        serde_json::json!({ "services": services })
+    }
+
+    /// The configuration new connections get (upstream names expanded to the addresses they
+    /// resolved to).
     pub fn config(&self) -> Config {
         self.shared.runtime.load().config.clone()
     }
 
-    /// Applies a new configuration to new connections; open connections keep theirs. Settings
-    /// that only a restart can change are kept as they are, each named in the returned notes.
-    pub fn apply(&self, new: Config) -> Vec<String> {
-        let old = self.shared.runtime.load_full();
+    /// Applies a new configuration to new connections; open connections keep theirs. Services
+    /// are added, changed and removed; listener addresses no service uses any more stop
+    /// accepting (their connections get `listen.drain_timeout`), new ones are bound first: one
+    /// that cannot be bound refuses the whole change. Settings that only a restart can change
+    /// are kept as they are, each named in the returned notes.
+    pub fn apply(&self, new: Config) -> Result<Vec<String>, config::ConfigError> {
+        let s = &self.shared;
+        let old = s.runtime.load_full();
         let mut notes = Vec::new();
         let mut new = new;
-        if new.listen != old.config.listen {
-            notes.push(format!("listen.address: stays {} until a restart", old.config.listen));
-            new.listen = old.config.listen;
-        }
         if new.max_connections != old.config.max_connections {
             notes.push(format!(
                 "listen.max_connections: stays {} until a restart",
@@ -215,20 +334,27 @@ impl Server {
                 *n = o.clone();
             }
         }
-        if new.relay.mode != config::RelayMode::Userspace && self.shared.kernel.is_none() {
+        if new.kernel_relay_wanted().0 && s.kernel.is_none() {
             notes.push("relay.mode: the kernel relay is not loaded; it can only be loaded at start".to_string());
         }
-        let s = &self.shared;
-        s.limiter.reconfigure(new.limits.clone());
-        s.health
-            .reconfigure(new.upstreams.health.clone(), &upstream_addresses(&new), &s.metrics);
-        // Names keep the addresses they resolved to; new names resolve right after.
-        let resolved = lock::lock(&s.resolved).clone();
-        (new.upstreams.main, new.upstreams.backup) = resolve::expand(&new.upstreams.entries, &resolved);
-        s.runtime.store(Runtime::new(new));
+        let set = lock::lock(&s.listeners).clone();
+        let added = match &set {
+            Some(set) => set.bind_new(&new.listeners()).map_err(|problems| {
+                s.metrics.reload(false);
+                config::ConfigError {
+                    source_name: "(reload)".into(),
+                    problems,
+                }
+            })?,
+            None => Vec::new(),
+        };
+        s.install(new);
+        if let Some(set) = set {
+            set.reconcile(added, &self.shared);
+        }
         s.resolve_now.notify_one();
         s.metrics.reload(true);
-        notes
+        Ok(notes)
     }
 
     /// Reads the configuration file again and applies it ([`Server::apply`]). An invalid file
@@ -241,7 +367,7 @@ impl Server {
             });
         };
         match Config::load(path) {
-            Ok(c) => Ok(self.apply(c)),
+            Ok(c) => self.apply(c),
             Err(e) => {
                 self.shared.metrics.reload(false);
                 Err(e)
@@ -249,9 +375,18 @@ impl Server {
         }
     }
 
-    /// True while the listener accepts connections.
+    /// True while the listeners accept connections.
     pub fn accepting(&self) -> bool {
         self.shared.accepting.load(Ordering::SeqCst)
+    }
+
+    /// The addresses listened on now (after binding: a configured port 0 shows the port the
+    /// kernel chose).
+    pub fn listening(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        lock::lock(&self.shared.listeners)
+            .as_ref()
+            .map(|s| s.addresses())
+            .unwrap_or_default()
     }
 
     /// The Prometheus text exposition of the proxy's metrics.
@@ -286,10 +421,21 @@ pub enum StartError {
 }
 
 /// Resolves every upstream name of the configuration in force once; when an answer changed,
-/// the configuration's candidates are rebuilt from it (on the configuration in force then, so
-/// that a reload meanwhile is not undone).
+/// the runtime is rebuilt from it (from the configuration in force then, so that a reload
+/// meanwhile is not undone).
 async fn resolve_upstreams(shared: &Shared) {
-    let names = resolve::names(&shared.runtime.load().config.upstreams.entries);
+    let names = {
+        let rt = shared.runtime.load();
+        let mut names: Vec<resolve::Name> = rt
+            .config
+            .services
+            .iter()
+            .flat_map(|s| resolve::names(&s.upstreams.entries))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    };
     if names.is_empty() {
         return;
     }
@@ -314,28 +460,25 @@ async fn resolve_upstreams(shared: &Shared) {
     if now == last {
         return;
     }
-    *lock::lock(&shared.resolved) = now.clone();
-    shared.runtime.rcu(|current| {
-        let mut c = current.config.clone();
-        (c.upstreams.main, c.upstreams.backup) = resolve::expand(&c.upstreams.entries, &now);
-        Runtime::new(c)
-    });
-    let c = shared.runtime.load();
-    shared.health.reconfigure(
-        c.config.upstreams.health.clone(),
-        &upstream_addresses(&c.config),
-        &shared.metrics,
-    );
-    tracing::info!(
-        candidates = c.config.upstreams.main.len() + c.config.upstreams.backup.len(),
-        "upstream names resolved to new addresses"
-    );
+    let candidates: usize = now.values().map(Vec::len).sum();
+    *lock::lock(&shared.resolved) = now;
+    shared.install(shared.runtime.load().config.clone());
+    tracing::info!(candidates, "upstream names resolved to new addresses");
 }
 
-/// Resolves the upstream names every `upstreams.resolve_interval`, and at once after a reload.
+/// Resolves the upstream names every `upstreams.resolve_interval` (the shortest any service
+/// sets), and at once after a reload.
 async fn resolve_loop(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        let interval = shared.runtime.load().config.upstreams.resolve_interval;
+        let interval = shared
+            .runtime
+            .load()
+            .config
+            .services
+            .iter()
+            .map(|s| s.upstreams.resolve_interval)
+            .min()
+            .unwrap_or(std::time::Duration::from_secs(30));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
@@ -345,11 +488,11 @@ async fn resolve_loop(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-fn upstream_addresses(c: &Config) -> Vec<std::net::SocketAddr> {
-    c.upstreams
+fn upstream_addresses(s: &config::Service) -> Vec<SocketAddr> {
+    s.upstreams
         .main
         .iter()
-        .chain(&c.upstreams.backup)
+        .chain(&s.upstreams.backup)
         .map(|s| s.address)
         .collect()
 }
@@ -361,11 +504,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     Ok(())
 }
 
-/// Loads the kernel relay unless the configuration asks for the userspace relay only, and logs
-/// the one line operators look for. In `kernel` mode a relay that cannot load is fatal; in
-/// `auto` mode the userspace relay carries every connection instead.
-fn load_kernel_relay(mode: config::RelayMode) -> anyhow::Result<Option<ebpf::KernelPrograms>> {
-    if mode == config::RelayMode::Userspace {
+/// Loads the kernel relay unless every service asks for the userspace relay only, and logs the
+/// one line operators look for. When a service's mode is `kernel`, a relay that cannot load is
+/// fatal; in `auto` mode the userspace relay carries every connection instead.
+fn load_kernel_relay((wanted, required): (bool, bool)) -> anyhow::Result<Option<ebpf::KernelPrograms>> {
+    if !wanted {
         tracing::info!("kernel relay: not used (relay.mode = \"userspace\")");
         return Ok(None);
     }
@@ -374,7 +517,7 @@ fn load_kernel_relay(mode: config::RelayMode) -> anyhow::Result<Option<ebpf::Ker
             tracing::info!("kernel relay: available");
             Ok(Some(k))
         }
-        Err(e) if mode == config::RelayMode::Kernel => {
+        Err(e) if required => {
             tracing::error!("kernel relay: unavailable ({e:#})");
             anyhow::bail!("kernel relay unavailable and relay.mode = \"kernel\": {e:#}")
         }

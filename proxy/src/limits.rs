@@ -25,6 +25,8 @@ pub enum Refusal {
     TooManyFromNetwork,
     /// The client table is full of clients that are still being limited.
     TableFull,
+    /// The service already holds `limits.max_connections` connections (all clients together).
+    ServiceFull,
 }
 
 /// The key under which a client is limited.
@@ -66,6 +68,8 @@ struct Table {
     /// Open connections per network; an entry exists only while it holds one, so the map is no
     /// larger than the connections open.
     networks: HashMap<ClientKey, u32>,
+    /// Connections open through this limiter (a service's), against `max_connections`.
+    open: u32,
     last_sweep: Option<Instant>,
 }
 
@@ -86,6 +90,7 @@ impl Limiter {
                 cfg,
                 clients: HashMap::new(),
                 networks: HashMap::new(),
+                open: 0,
                 last_sweep: None,
             }),
         })
@@ -106,6 +111,11 @@ impl Limiter {
     pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Slot, Refusal> {
         let mut table = self.lock();
         let cfg = table.cfg.clone();
+        // The service's own cap first: past it, no client is admitted, and none is charged a
+        // token for a refusal that is not its doing.
+        if cfg.max_connections != 0 && table.open >= cfg.max_connections {
+            return Err(Refusal::ServiceFull);
+        }
         let key = ClientKey::new(ip, cfg.ipv6_prefix);
         if !table.clients.contains_key(&key) && table.clients.len() >= cfg.max_tracked_clients {
             Self::sweep(&mut table, now);
@@ -137,6 +147,7 @@ impl Limiter {
             return Err(Refusal::TooManyFromNetwork);
         }
         *table.networks.entry(network).or_default() += 1;
+        table.open += 1;
         if let Some(e) = table.clients.get_mut(&key) {
             e.open += 1;
         }
@@ -168,8 +179,14 @@ impl Limiter {
         });
     }
 
+    /// Connections open through this limiter.
+    pub fn open(&self) -> u32 {
+        self.lock().open
+    }
+
     fn release(&self, key: &ClientKey, network: &ClientKey) {
         let mut table = self.lock();
+        table.open = table.open.saturating_sub(1);
         if let Some(e) = table.clients.get_mut(key) {
             e.open = e.open.saturating_sub(1);
         }
@@ -219,6 +236,21 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_service_cap_holds_for_all_clients_together() {
+        let l = Limiter::new(config::Limits {
+            max_connections: 2,
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        let a = l.admit(ip("10.0.0.1"), t0).unwrap();
+        let _b = l.admit(ip("10.9.0.2"), t0).unwrap();
+        assert_eq!(l.admit(ip("10.8.0.3"), t0).unwrap_err(), Refusal::ServiceFull);
+        assert_eq!(l.open(), 2);
+        drop(a);
+        assert!(l.admit(ip("10.8.0.3"), t0).is_ok());
     }
 
     #[test]

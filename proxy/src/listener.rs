@@ -1,12 +1,12 @@
-//! The accept loop: a global connection cap (`listen.max_connections`, lowered to what the
-//! descriptor budget allows: see `descriptors`), backoff when the process is out of file
-//! descriptors anyway, and shutdown.
+//! The listeners: one accept loop per listening address, a connection cap shared by all of them
+//! (`listen.max_connections`, lowered to what the descriptor budget allows: see `descriptors`),
+//! backoff when the process is out of file descriptors anyway, and the set of listeners a reload
+//! grows and shrinks.
 
-use std::future::Future;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::lock::lock;
 use crate::log_limit::Throttle;
 use crate::{Shared, connection, descriptors};
 
@@ -45,83 +46,215 @@ pub fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Accepts until `shutdown` completes; then lets open connections finish for the drain timeout,
-/// cancels the rest and waits for their tasks to end.
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
-    let (cap, by_descriptors) = client_cap(&shared);
-    let cap = Arc::new(Semaphore::new(cap));
-    let tasks = TaskTracker::new();
-    let cancel = CancellationToken::new();
-    let mut backoff = BACKOFF_MIN;
-    tokio::pin!(shutdown);
-    loop {
-        // At the cap, stop accepting: new connections wait in the kernel's queue, and accepting
-        // resumes as soon as a connection ends.
-        let permit = match Arc::clone(&cap).try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                if let Some(budget) = by_descriptors
-                    && let Some(suppressed) = PAUSED_LINES.admit(std::time::Instant::now())
-                {
-                    warn!(
-                        clients = budget.clients,
-                        nofile = budget.limit,
-                        reserve = budget.reserve,
-                        suppressed,
-                        "client accepts paused: the descriptor budget is in use; the reserve stays for the admin listener and upstream connects"
-                    );
-                }
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    p = Arc::clone(&cap).acquire_owned() => p.expect("the semaphore is never closed"),
-                }
-            }
-        };
-        let accepted = tokio::select! {
-            _ = &mut shutdown => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff = BACKOFF_MIN;
-                let shared = Arc::clone(&shared);
-                let cancel = cancel.clone();
-                tasks.spawn(async move {
-                    connection::serve(stream, peer, shared, cancel).await;
-                    drop(permit);
-                });
-            }
-            Err(e) if is_per_connection(&e) => {}
-            Err(e) => {
-                // Out of file descriptors or memory: spinning on accept would burn a core and
-                // fill the log; wait and retry, doubling the wait while it lasts.
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
+/// The listeners being served, by configured address.
+#[derive(Clone)]
+pub(crate) struct Set {
+    inner: Arc<SetInner>,
+}
+
+struct SetInner {
+    running: Mutex<HashMap<SocketAddr, Running>>,
+    /// Client connections open on all listeners together.
+    cap: Arc<Semaphore>,
+    /// Set when the descriptor budget lowered the cap (for the "paused" line).
+    by_descriptors: Option<descriptors::Budget>,
+    /// The accept loops (each waits for its connections before it ends).
+    loops: TaskTracker,
+    /// Cancelled at shutdown; each listener's own stop is a child of it.
+    shutdown: CancellationToken,
+}
+
+struct Running {
+    /// The address it is bound to (a configured port 0 is the kernel's choice).
+    local: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Set {
+    pub fn new(shared: &Shared) -> Set {
+        let (cap, by_descriptors) = client_cap(shared);
+        Set {
+            inner: Arc::new(SetInner {
+                running: Mutex::default(),
+                cap: Arc::new(Semaphore::new(cap)),
+                by_descriptors,
+                loops: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+            }),
         }
     }
-    drop(listener);
-    shared.accepting.store(false, Ordering::SeqCst);
-    tasks.close();
-    let drain = shared.runtime.load().config.drain_timeout;
-    let open = tasks.len();
-    if open > 0 {
-        info!(
-            open,
-            drain_s = drain.as_secs_f64(),
-            "stopped accepting; letting open connections finish"
+
+    /// Serves `listener` as the configured address `addr`.
+    pub fn start(&self, addr: SocketAddr, listener: TcpListener, shared: &Arc<Shared>) {
+        let local = listener.local_addr().unwrap_or(addr);
+        let rt = shared.runtime.load();
+        let services: Vec<&str> = rt
+            .services
+            .iter()
+            .filter(|s| s.config.listen.contains(&addr))
+            .map(|s| s.name())
+            .collect();
+        info!(listen = %local, services = %services.join(","), "accepting connections");
+        let stop = self.inner.shutdown.child_token();
+        lock(&self.inner.running).insert(
+            addr,
+            Running {
+                local,
+                stop: stop.clone(),
+            },
         );
+        let accepting = Accepting {
+            listener,
+            addr,
+            shared: Arc::clone(shared),
+            cap: Arc::clone(&self.inner.cap),
+            by_descriptors: self.inner.by_descriptors,
+        };
+        self.inner.loops.spawn(accepting.run(stop));
     }
-    if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
-        warn!(open = tasks.len(), "drain timeout: closing the connections still open");
+
+    /// Binds each of `wanted` that is not served yet. All or nothing: when one cannot be bound,
+    /// none is kept, and the problems come back (one per address).
+    pub fn bind_new(&self, wanted: &[SocketAddr]) -> Result<Vec<(SocketAddr, TcpListener)>, Vec<String>> {
+        let running = lock(&self.inner.running);
+        let mut bound = Vec::new();
+        let mut problems = Vec::new();
+        for &addr in wanted.iter().filter(|a| !running.contains_key(a)) {
+            match bind(addr) {
+                Ok(l) => bound.push((addr, l)),
+                Err(e) => problems.push(format!("listen: cannot listen on {addr}: {e}")),
+            }
+        }
+        if problems.is_empty() { Ok(bound) } else { Err(problems) }
     }
-    cancel.cancel();
-    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
-        .await
-        .is_err()
-    {
-        error!("connections did not end within 5 s of being cancelled");
+
+    /// After a reload: serves `added`, and stops the listeners no service of the runtime in
+    /// force uses any more (their open connections get the drain timeout).
+    pub fn reconcile(&self, added: Vec<(SocketAddr, TcpListener)>, shared: &Arc<Shared>) {
+        for (addr, l) in added {
+            self.start(addr, l, shared);
+        }
+        let wanted = shared.runtime.load().config.listeners();
+        lock(&self.inner.running).retain(|addr, r| {
+            let keep = wanted.contains(addr);
+            if !keep {
+                info!(listen = %r.local, "listener removed by the configuration: stopped accepting; its open connections drain");
+                r.stop.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Configured and bound address of every listener served.
+    pub fn addresses(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        lock(&self.inner.running).iter().map(|(a, r)| (*a, r.local)).collect()
+    }
+
+    /// Stops every listener and waits until each has drained and closed its connections.
+    pub async fn stop_all(&self) {
+        lock(&self.inner.running).clear();
+        self.inner.shutdown.cancel();
+        self.inner.loops.close();
+        self.inner.loops.wait().await;
+    }
+}
+
+/// One listener's accept loop and what it needs.
+struct Accepting {
+    listener: TcpListener,
+    /// The configured address: what routes its connections.
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    cap: Arc<Semaphore>,
+    by_descriptors: Option<descriptors::Budget>,
+}
+
+impl Accepting {
+    /// Accepts until `stop` is cancelled; then lets this listener's open connections finish for
+    /// the drain timeout, cancels the rest and waits for their tasks to end.
+    async fn run(self, stop: CancellationToken) {
+        let Accepting {
+            listener,
+            addr,
+            shared,
+            cap,
+            by_descriptors,
+        } = self;
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            // At the cap, stop accepting: new connections wait in the kernel's queue, and
+            // accepting resumes as soon as a connection ends.
+            let permit = match Arc::clone(&cap).try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    if let Some(budget) = by_descriptors
+                        && let Some(suppressed) = PAUSED_LINES.admit(std::time::Instant::now())
+                    {
+                        warn!(
+                            clients = budget.clients,
+                            nofile = budget.limit,
+                            reserve = budget.reserve,
+                            suppressed,
+                            "client accepts paused: the descriptor budget is in use; the reserve stays for the admin listener and upstream connects"
+                        );
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        p = Arc::clone(&cap).acquire_owned() => p.expect("the semaphore is never closed"),
+                    }
+                }
+            };
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = BACKOFF_MIN;
+                    let shared = Arc::clone(&shared);
+                    let cancel = cancel.clone();
+                    tasks.spawn(async move {
+                        connection::serve(stream, peer, addr, shared, cancel).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) if is_per_connection(&e) => {}
+                Err(e) => {
+                    // Out of file descriptors or memory: spinning on accept would burn a core
+                    // and fill the log; wait and retry, doubling the wait while it lasts.
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        drop(listener);
+        tasks.close();
+        let drain = shared.runtime.load().config.drain_timeout;
+        let open = tasks.len();
+        if open > 0 {
+            info!(
+                listen = %addr,
+                open,
+                drain_s = drain.as_secs_f64(),
+                "stopped accepting; letting open connections finish"
+            );
+        }
+        if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+            warn!(listen = %addr, open = tasks.len(), "drain timeout: closing the connections still open");
+        }
+        cancel.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+            .await
+            .is_err()
+        {
+            error!(listen = %addr, "connections did not end within 5 s of being cancelled");
+        }
     }
 }
 
@@ -130,7 +263,11 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shut
 fn client_cap(shared: &Shared) -> (usize, Option<descriptors::Budget>) {
     let rt = shared.runtime.load();
     let c = &rt.config;
-    let upstreams = c.upstreams.main.len() + c.upstreams.backup.len();
+    let upstreams = c
+        .services
+        .iter()
+        .map(|s| s.upstreams.main.len() + s.upstreams.backup.len())
+        .sum();
     let budget = match descriptors::Budget::now(c.admin.as_ref().map(|a| a.max_connections), upstreams) {
         Ok(b) => b,
         Err(e) => {

@@ -100,7 +100,11 @@ fn run(path: &Path) -> Result<ExitCode, Failure> {
     let bind = |addr| {
         wsproxy::listener::bind_std(addr).map_err(|e| Failure(EXIT_FAILURE, format!("cannot listen on {addr}: {e}")))
     };
-    let listener = bind(config.listen)?;
+    let listeners = config
+        .listeners()
+        .into_iter()
+        .map(|a| bind(a).map(|l| (a, l)))
+        .collect::<Result<Vec<_>, _>>()?;
     let admin = config
         .admin
         .as_ref()
@@ -114,19 +118,22 @@ fn run(path: &Path) -> Result<ExitCode, Failure> {
         Ok(d) => tracing::info!(dropped = %d.before.join(","), "privileges: dropped every capability after start-up"),
         Err(e) => tracing::warn!("privileges: could not drop capabilities: {e}"),
     }
-    runtime()?.block_on(serve(server, listener, admin))
+    runtime()?.block_on(serve(server, listeners, admin))
 }
 
 async fn serve(
     server: wsproxy::Server,
-    listener: std::net::TcpListener,
+    listeners: Vec<(SocketAddr, std::net::TcpListener)>,
     admin: Option<wsproxy::admin::StdListener>,
 ) -> Result<ExitCode, Failure> {
     let signals = Signals::install().map_err(|e| Failure(EXIT_FAILURE, format!("cannot handle signals: {e}")))?;
     let tokio_listener = |l| {
         tokio::net::TcpListener::from_std(l).map_err(|e| Failure(EXIT_FAILURE, format!("cannot use the listener: {e}")))
     };
-    let listener = tokio_listener(listener)?;
+    let listeners = listeners
+        .into_iter()
+        .map(|(a, l)| tokio_listener(l).map(|l| (a, l)))
+        .collect::<Result<_, _>>()?;
     let admin = admin
         .map(wsproxy::admin::Listener::from_std)
         .transpose()
@@ -136,7 +143,7 @@ async fn serve(
     // The admin listener outlives the drain, so that /healthz reports it (503) and /metrics
     // can be watched until the end.
     let admin_stop = tokio_util::sync::CancellationToken::new();
-    let serving = server.serve(listener, stop.cancelled());
+    let serving = server.serve_all(listeners, stop.cancelled());
     let admin_task = admin.map(|admin| {
         let (server, admin_stop) = (server.clone(), admin_stop.clone());
         tokio::spawn(async move { server.serve_admin(admin, admin_stop.cancelled_owned()).await })

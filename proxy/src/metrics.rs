@@ -35,23 +35,27 @@ pub const UPSTREAM_RESOLVE_FAILURES: &str = "wsproxy_upstream_resolve_failures";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RelayLabels {
+    service: String,
     relay: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndLabels {
+    service: String,
     relay: &'static str,
     end: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandshakeLabels {
+    service: String,
     outcome: &'static str,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
+    service: String,
     upstream: String,
 }
 
@@ -62,12 +66,14 @@ struct NameLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
+    service: String,
     upstream: String,
     reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabels {
+    service: String,
     relay: &'static str,
     direction: &'static str,
 }
@@ -129,6 +135,8 @@ pub enum HandshakeOutcome {
     RateLimited,
     /// 429: over the per-client connection cap, or the client table is full.
     ConnectionLimited,
+    /// 503: the service holds `limits.max_connections` connections.
+    ServiceFull,
     /// An upstream answered, but not with a valid 101: closed without an answer.
     UpstreamError,
     /// Every upstream timed out: 400.
@@ -140,18 +148,23 @@ pub enum HandshakeOutcome {
 }
 
 impl HandshakeOutcome {
-    fn labels(self) -> HandshakeLabels {
+    fn labels(self, service: &str) -> HandshakeLabels {
         let (outcome, status) = match self {
             HandshakeOutcome::Upgraded => ("upgraded", 101),
             HandshakeOutcome::Refused(s) => ("refused", s),
             HandshakeOutcome::RateLimited => ("rate_limited", 429),
             HandshakeOutcome::ConnectionLimited => ("connection_limited", 429),
+            HandshakeOutcome::ServiceFull => ("service_full", 503),
             HandshakeOutcome::UpstreamError => ("upstream_error", 0),
             HandshakeOutcome::UpstreamTimeout => ("upstream_timeout", 400),
             HandshakeOutcome::NoUpstream => ("all_upstreams_down", 400),
             HandshakeOutcome::ClientGone => ("client_gone", 0),
         };
-        HandshakeLabels { outcome, status }
+        HandshakeLabels {
+            service: service.to_owned(),
+            outcome,
+            status,
+        }
     }
 }
 
@@ -212,6 +225,8 @@ pub struct Metrics {
     resolve_failures: Family<NameLabels, Counter>,
     /// Names whose last resolution failed (for logging state changes only).
     resolve_failing: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Every service that has had series, for [`Metrics::totals`].
+    services: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -243,17 +258,22 @@ impl Metrics {
             proxy_protocol_refused: Family::default(),
             resolve_failures: Family::default(),
             resolve_failing: Default::default(),
+            services: Default::default(),
         };
         let r = &mut m.registry;
-        r.register(CONNECTIONS_OPEN, "Relayed connections open, by relay", m.open.clone());
+        r.register(
+            CONNECTIONS_OPEN,
+            "Relayed connections open, by service and relay",
+            m.open.clone(),
+        );
         r.register(
             CONNECTIONS_ENDED,
-            "Relayed connections ended, by relay and how they ended",
+            "Relayed connections ended, by service, relay and how they ended",
             m.ended.clone(),
         );
         r.register(
             HANDSHAKES,
-            "Handshakes by outcome and status answered (0: closed without answer)",
+            "Handshakes by service (empty before one is known), outcome and status answered (0: closed without answer)",
             m.handshakes.clone(),
         );
         r.register(
@@ -263,22 +283,22 @@ impl Metrics {
         );
         r.register(
             UPSTREAM_ATTEMPTS,
-            "Handshakes tried on each upstream",
+            "Handshakes tried on each upstream, by service",
             m.upstream_attempts.clone(),
         );
         r.register(
             UPSTREAM_FAILURES,
-            "Failed upstream handshakes, by reason",
+            "Failed upstream handshakes, by service, upstream and reason",
             m.upstream_failures.clone(),
         );
         r.register(
             UPSTREAM_UP,
-            "1 while an upstream is considered healthy, 0 while marked down",
+            "1 while an upstream of a service is considered healthy, 0 while marked down",
             m.upstream_up.clone(),
         );
         r.register(
             RELAYED_BYTES,
-            "Payload bytes relayed, by relay and direction (counted when a connection ends)",
+            "Payload bytes relayed, by service, relay and direction (counted when a connection ends)",
             m.bytes.clone(),
         );
         r.register(
@@ -322,22 +342,8 @@ impl Metrics {
             "Connections closed before their first HTTP byte for their PROXY protocol header, by reason",
             m.proxy_protocol_refused.clone(),
         );
-        // Zero series exist from the start, so that rates and alerts work before the first event.
-        for mode in MODES {
-            let _ = m.open.get_or_create(&RelayLabels { relay: mode.as_str() });
-            for direction in ["client_to_upstream", "upstream_to_client"] {
-                let _ = m.bytes.get_or_create(&BytesLabels {
-                    relay: mode.as_str(),
-                    direction,
-                });
-            }
-            for end in ENDS {
-                let _ = m.ended.get_or_create(&EndLabels {
-                    relay: mode.as_str(),
-                    end: end.as_str(),
-                });
-            }
-        }
+        // Zero series exist from the start, so that rates and alerts work before the first event
+        // (a service's from when it is configured: `service_added`).
         for result in ["ok", "error"] {
             let _ = m.reloads.get_or_create(&ResultLabels { result });
         }
@@ -360,39 +366,53 @@ impl Metrics {
         out
     }
 
-    pub fn handshake(&self, outcome: HandshakeOutcome, seconds: f64) {
-        self.handshakes.get_or_create(&outcome.labels()).inc();
-        self.handshake_duration.observe(seconds);
+    /// A service of the configuration: its series exist from now on.
+    pub fn service_added(&self, service: &str) {
+        if !lock(&self.services).insert(service.to_owned()) {
+            return;
+        }
+        for mode in MODES {
+            let relay = mode.as_str();
+            let _ = self.open.get_or_create(&RelayLabels {
+                service: service.to_owned(),
+                relay,
+            });
+            for direction in ["client_to_upstream", "upstream_to_client"] {
+                let _ = self.bytes.get_or_create(&BytesLabels {
+                    service: service.to_owned(),
+                    relay,
+                    direction,
+                });
+            }
+            for end in ENDS {
+                let _ = self.ended.get_or_create(&EndLabels {
+                    service: service.to_owned(),
+                    relay,
+                    end: end.as_str(),
+                });
+            }
+        }
     }
 
-    pub fn upstream_attempt(&self, upstream: SocketAddr) {
-        self.upstream_attempts
-            .get_or_create(&UpstreamLabels {
-                upstream: upstream.to_string(),
-            })
-            .inc();
+    /// The metrics of `service`'s connections; "" for a connection whose service is not known
+    /// (yet): refused before its request named one.
+    pub fn of<'a>(&'a self, service: &'a str) -> Scoped<'a> {
+        Scoped { metrics: self, service }
     }
 
-    pub fn upstream_failure(&self, upstream: SocketAddr, reason: &'static str) {
-        self.upstream_failures
-            .get_or_create(&FailureLabels {
-                upstream: upstream.to_string(),
-                reason,
-            })
-            .inc();
-    }
-
-    pub fn upstream_up(&self, upstream: SocketAddr, up: bool) {
+    pub fn upstream_up(&self, service: &str, upstream: SocketAddr, up: bool) {
         self.upstream_up
             .get_or_create(&UpstreamLabels {
+                service: service.to_owned(),
                 upstream: upstream.to_string(),
             })
             .set(i64::from(up));
     }
 
-    /// Forgets an upstream's health series (it left the configuration).
-    pub fn upstream_removed(&self, upstream: SocketAddr) {
+    /// Forgets an upstream's health series (it left the service's configuration).
+    pub fn upstream_removed(&self, service: &str, upstream: SocketAddr) {
         self.upstream_up.remove(&UpstreamLabels {
+            service: service.to_owned(),
             upstream: upstream.to_string(),
         });
     }
@@ -439,56 +459,6 @@ impl Metrics {
             .inc();
     }
 
-    pub fn relay_started(&self, mode: Mode) {
-        self.open.get_or_create(&RelayLabels { relay: mode.as_str() }).inc();
-    }
-
-    /// A connection the kernel relay was going to carry went to userspace instead.
-    pub fn relay_fallback(&self) {
-        self.open
-            .get_or_create(&RelayLabels {
-                relay: Mode::Kernel.as_str(),
-            })
-            .dec();
-        self.fallbacks.inc();
-    }
-
-    /// A connection the userspace relay hands to the kernel relay (`relay.mode = "auto"`); the
-    /// kernel relay then counts it as started.
-    pub fn relay_promoted(&self) {
-        self.open
-            .get_or_create(&RelayLabels {
-                relay: Mode::Userspace.as_str(),
-            })
-            .dec();
-        self.promotions.inc();
-    }
-
-    pub fn relay_ended(&self, o: &Outcome) {
-        let relay = o.mode.as_str();
-        self.open.get_or_create(&RelayLabels { relay }).dec();
-        self.ended
-            .get_or_create(&EndLabels {
-                relay,
-                end: o.end.as_str(),
-            })
-            .inc();
-        self.bytes
-            .get_or_create(&BytesLabels {
-                relay,
-                direction: "client_to_upstream",
-            })
-            .inc_by(o.client_to_upstream);
-        self.bytes
-            .get_or_create(&BytesLabels {
-                relay,
-                direction: "upstream_to_client",
-            })
-            .inc_by(o.upstream_to_client);
-        self.repeated.inc_by(o.repeated_cut);
-        self.passed.inc_by(o.passed);
-    }
-
     /// The relay totals, read back from the metrics.
     pub fn totals(&self) -> TotalsSnapshot {
         let mut t = TotalsSnapshot {
@@ -498,36 +468,156 @@ impl Metrics {
             passed: self.passed.get(),
             ..Default::default()
         };
-        for (i, mode) in MODES.into_iter().enumerate() {
-            let relay = mode.as_str();
-            t.open[i] = self.open.get_or_create(&RelayLabels { relay }).get().max(0) as u64;
-            let ended_as = |end: End| {
-                self.ended
-                    .get_or_create(&EndLabels {
-                        relay,
-                        end: end.as_str(),
-                    })
-                    .get()
-            };
-            t.ended[i] = ENDS.into_iter().map(ended_as).sum();
-            t.client_to_upstream[i] = self
-                .bytes
-                .get_or_create(&BytesLabels {
+        let services = lock(&self.services).clone();
+        for service in services {
+            for (i, mode) in MODES.into_iter().enumerate() {
+                let relay = mode.as_str();
+                let open = RelayLabels {
+                    service: service.clone(),
                     relay,
-                    direction: "client_to_upstream",
-                })
-                .get();
-            t.upstream_to_client[i] = self
-                .bytes
-                .get_or_create(&BytesLabels {
-                    relay,
-                    direction: "upstream_to_client",
-                })
-                .get();
-            t.drain_timeouts += ended_as(End::DrainTimeout);
-            t.stream_faults += ended_as(End::StreamFault);
+                };
+                t.open[i] += self.open.get_or_create(&open).get().max(0) as u64;
+                let ended_as = |end: End| {
+                    self.ended
+                        .get_or_create(&EndLabels {
+                            service: service.clone(),
+                            relay,
+                            end: end.as_str(),
+                        })
+                        .get()
+                };
+                t.ended[i] += ENDS.into_iter().map(ended_as).sum::<u64>();
+                let bytes = |direction| {
+                    self.bytes
+                        .get_or_create(&BytesLabels {
+                            service: service.clone(),
+                            relay,
+                            direction,
+                        })
+                        .get()
+                };
+                t.client_to_upstream[i] += bytes("client_to_upstream");
+                t.upstream_to_client[i] += bytes("upstream_to_client");
+                t.drain_timeouts += ended_as(End::DrainTimeout);
+                t.stream_faults += ended_as(End::StreamFault);
+            }
         }
         t
+    }
+}
+
+/// The metrics of one service's connections (see [`Metrics::of`]).
+#[derive(Clone, Copy)]
+pub struct Scoped<'a> {
+    metrics: &'a Metrics,
+    service: &'a str,
+}
+
+impl Scoped<'_> {
+    /// The service's name ("" when not known).
+    pub fn service(&self) -> &str {
+        self.service
+    }
+
+    pub fn handshake(&self, outcome: HandshakeOutcome, seconds: f64) {
+        self.metrics
+            .handshakes
+            .get_or_create(&outcome.labels(self.service))
+            .inc();
+        self.metrics.handshake_duration.observe(seconds);
+    }
+
+    pub fn upstream_attempt(&self, upstream: SocketAddr) {
+        self.metrics
+            .upstream_attempts
+            .get_or_create(&UpstreamLabels {
+                service: self.service.to_owned(),
+                upstream: upstream.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn upstream_failure(&self, upstream: SocketAddr, reason: &'static str) {
+        self.metrics
+            .upstream_failures
+            .get_or_create(&FailureLabels {
+                service: self.service.to_owned(),
+                upstream: upstream.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn relay_started(&self, mode: Mode) {
+        self.metrics
+            .open
+            .get_or_create(&RelayLabels {
+                service: self.service.to_owned(),
+                relay: mode.as_str(),
+            })
+            .inc();
+    }
+
+    /// A connection the kernel relay was going to carry went to userspace instead.
+    pub fn relay_fallback(&self) {
+        self.metrics
+            .open
+            .get_or_create(&RelayLabels {
+                service: self.service.to_owned(),
+                relay: Mode::Kernel.as_str(),
+            })
+            .dec();
+        self.metrics.fallbacks.inc();
+    }
+
+    /// A connection the userspace relay hands to the kernel relay (`relay.mode = "auto"`); the
+    /// kernel relay then counts it as started.
+    pub fn relay_promoted(&self) {
+        self.metrics
+            .open
+            .get_or_create(&RelayLabels {
+                service: self.service.to_owned(),
+                relay: Mode::Userspace.as_str(),
+            })
+            .dec();
+        self.metrics.promotions.inc();
+    }
+
+    pub fn relay_ended(&self, o: &Outcome) {
+        let relay = o.mode.as_str();
+        self.metrics
+            .open
+            .get_or_create(&RelayLabels {
+                service: self.service.to_owned(),
+                relay,
+            })
+            .dec();
+        self.metrics
+            .ended
+            .get_or_create(&EndLabels {
+                service: self.service.to_owned(),
+                relay,
+                end: o.end.as_str(),
+            })
+            .inc();
+        self.metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                service: self.service.to_owned(),
+                relay,
+                direction: "client_to_upstream",
+            })
+            .inc_by(o.client_to_upstream);
+        self.metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                service: self.service.to_owned(),
+                relay,
+                direction: "upstream_to_client",
+            })
+            .inc_by(o.upstream_to_client);
+        self.metrics.repeated.inc_by(o.repeated_cut);
+        self.metrics.passed.inc_by(o.passed);
     }
 }
 
@@ -539,6 +629,8 @@ mod tests {
     #[test]
     fn exposition_has_every_metric_from_the_start() {
         let m = Metrics::new();
+        assert!(!m.encode().contains("wsproxy_connections_open{"), "no service yet");
+        m.service_added("chat");
         let text = m.encode();
         for name in [
             CONNECTIONS_OPEN,
@@ -550,7 +642,10 @@ mod tests {
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing:\n{text}");
         }
-        assert!(text.contains("wsproxy_connections_open{relay=\"kernel\"} 0"), "{text}");
+        assert!(
+            text.contains("wsproxy_connections_open{service=\"chat\",relay=\"kernel\"} 0"),
+            "{text}"
+        );
         for r in AdminRefusal::ALL {
             let series = format!("wsproxy_admin_refused_total{{reason=\"{}\"}} 0", r.as_str());
             assert!(text.contains(&series), "{series} missing:\n{text}");
@@ -576,16 +671,18 @@ mod tests {
 
     #[test]
     fn relay_outcomes_add_up() {
-        let m = Metrics::new();
+        let metrics = Metrics::new();
+        metrics.service_added("s");
+        let m = metrics.of("s");
         m.relay_started(Mode::Kernel);
         m.relay_started(Mode::Kernel);
         m.relay_fallback();
         m.relay_started(Mode::Userspace);
-        assert_eq!(m.totals().open, [1, 1]);
+        assert_eq!(metrics.totals().open, [1, 1]);
         m.relay_started(Mode::Userspace);
         m.relay_promoted();
-        assert_eq!(m.totals().open, [1, 1]);
-        assert_eq!(m.totals().promotions, 1);
+        assert_eq!(metrics.totals().open, [1, 1]);
+        assert_eq!(metrics.totals().promotions, 1);
         let o = |mode, end| Outcome {
             mode,
             end,
@@ -597,15 +694,17 @@ mod tests {
         };
         m.relay_ended(&o(Mode::Kernel, End::DrainTimeout));
         m.relay_ended(&o(Mode::Userspace, End::Closed));
-        let t = m.totals();
+        let t = metrics.totals();
         assert_eq!(t.open, [0, 0]);
         assert_eq!(t.ended, [1, 1]);
         assert_eq!(t.client_to_upstream, [10, 10]);
         assert_eq!(t.upstream_to_client, [20, 20]);
         assert_eq!((t.fallbacks, t.drain_timeouts), (1, 1));
-        let text = m.encode();
+        let text = metrics.encode();
         assert!(
-            text.contains("wsproxy_relayed_bytes_total{relay=\"kernel\",direction=\"upstream_to_client\"} 20"),
+            text.contains(
+                "wsproxy_relayed_bytes_total{service=\"s\",relay=\"kernel\",direction=\"upstream_to_client\"} 20"
+            ),
             "{text}"
         );
         assert!(text.contains("wsproxy_relay_fallbacks_total 1"), "{text}");
@@ -617,23 +716,28 @@ mod tests {
 
     #[test]
     fn handshakes_by_outcome() {
-        let m = Metrics::new();
-        m.handshake(HandshakeOutcome::Upgraded, 0.001);
-        m.handshake(HandshakeOutcome::Refused(431), 0.001);
-        m.handshake(HandshakeOutcome::RateLimited, 0.0);
-        let text = m.encode();
+        let metrics = Metrics::new();
+        metrics.of("s").handshake(HandshakeOutcome::Upgraded, 0.001);
+        metrics.of("s").handshake(HandshakeOutcome::Refused(431), 0.001);
+        metrics.of("").handshake(HandshakeOutcome::Refused(421), 0.001);
+        metrics.of("s").handshake(HandshakeOutcome::RateLimited, 0.0);
+        let text = metrics.encode();
         assert!(
-            text.contains("wsproxy_handshakes_total{outcome=\"upgraded\",status=\"101\"} 1"),
+            text.contains("wsproxy_handshakes_total{service=\"s\",outcome=\"upgraded\",status=\"101\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("wsproxy_handshakes_total{outcome=\"refused\",status=\"431\"} 1"),
+            text.contains("wsproxy_handshakes_total{service=\"s\",outcome=\"refused\",status=\"431\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("wsproxy_handshakes_total{outcome=\"rate_limited\",status=\"429\"} 1"),
+            text.contains("wsproxy_handshakes_total{service=\"s\",outcome=\"rate_limited\",status=\"429\"} 1"),
             "{text}"
         );
-        assert!(text.contains("wsproxy_handshake_duration_seconds_count 3"), "{text}");
+        assert!(
+            text.contains("wsproxy_handshakes_total{service=\"\",outcome=\"refused\",status=\"421\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("wsproxy_handshake_duration_seconds_count 4"), "{text}");
     }
 }

@@ -119,6 +119,8 @@ fn x_gen(generation: &str) -> String {
 fn upstreams_of(text: &str) -> wsproxy::config::Upstreams {
     wsproxy::Config::parse(text, "test")
         .unwrap_or_else(|e| panic!("{e}"))
+        .services
+        .remove(0)
         .upstreams
 }
 
@@ -393,7 +395,7 @@ async fn req2_binary_reloads_by_sighup_and_reload_command_keep_100_websockets() 
     // None of the 100 ended: they are all still open (the extra connections above have ended).
     let admin = ports.admin();
     // The gauge raises no event: polled, within the deadline.
-    let gauge = "wsproxy_connections_open{relay=\"userspace\"}";
+    let gauge = "wsproxy_connections_open{service=\"default\",relay=\"userspace\"}";
     let all_open = poll_every_async(DAEMON_DEADLINE, Duration::from_millis(20), || async {
         (metric(admin, gauge).await == Some(CONNS as f64)).then_some(())
     })

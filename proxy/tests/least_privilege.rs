@@ -208,7 +208,7 @@ fn runs_as_nobody_with_four_capabilities_then_drops_them_and_relays_in_the_kerne
         a.read_to_string(&mut text).unwrap();
         text
     };
-    let ended = "wsproxy_connections_ended_total{relay=\"kernel\",end=\"closed\"} 1";
+    let ended = "wsproxy_connections_ended_total{service=\"default\",relay=\"kernel\",end=\"closed\"} 1";
     let text = poll_every_blocking(DEADLINE, Duration::from_millis(20), || {
         Some(scrape()).filter(|t| t.contains(ended))
     })

@@ -79,7 +79,7 @@ impl ServerProxy {
             c.address = l.address().unwrap();
         }
         let listener = wsproxy::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        config.listen = listener.local_addr().unwrap();
+        crate::listen_on(&mut config, listener.local_addr().unwrap());
         let server = wsproxy::Server::new(config).unwrap();
         Self::serve(server, listener, admin)
     }
@@ -122,16 +122,18 @@ impl ServerProxy {
     /// A configuration for [`wsproxy::Server::apply`]: `config_toml` with this proxy's listen and
     /// admin addresses, so that applying it changes nothing a restart would be needed for.
     pub fn config(&self, config_toml: &str) -> wsproxy::Config {
-        let mut c = wsproxy::Config::parse(config_toml, "test config").unwrap_or_else(|e| panic!("{e}"));
-        let running = self.server.config();
-        c.listen = running.listen;
-        c.admin = running.admin;
+        let c = wsproxy::Config::parse(config_toml, "test config").unwrap_or_else(|e| panic!("{e}"));
+        let mut c = crate::on_running_listener(&self.server, c);
+        c.admin = self.server.config().admin;
         c
     }
 
     /// Applies `config_toml` and checks no setting was held back for a restart.
     pub fn apply(&self, config_toml: &str) {
-        let notes = self.server.apply(self.config(config_toml));
+        let notes = self
+            .server
+            .apply(self.config(config_toml))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(notes.is_empty(), "apply held settings back: {notes:?}");
     }
 

@@ -31,13 +31,19 @@ impl Exposition {
         }
     }
 
-    /// The value of the counter or gauge sample with exactly this name and label set.
+    /// The value of the counter or gauge `name` with these labels, summed over the labels not
+    /// given (such as `service`, for a test of one service that names none); `None` when no
+    /// sample has them.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.scrape
+        let mut matching = self
+            .scrape
             .samples
             .iter()
-            .find(|s| s.metric == name && s.labels.len() == labels.len() && has_labels(s, labels))
-            .and_then(|s| scalar(&s.value))
+            .filter(|s| s.metric == name && has_labels(s, labels))
+            .filter_map(|s| scalar(&s.value))
+            .peekable();
+        matching.peek()?;
+        Some(matching.sum())
     }
 
     /// Like [`Exposition::get`], failing the test (with the whole exposition) when absent.
@@ -46,14 +52,9 @@ impl Exposition {
             .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{}", self.text))
     }
 
-    /// Sum of every counter or gauge sample of `name` whose labels include `labels`.
+    /// Like [`Exposition::get`], 0 when no sample has the labels.
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name && has_labels(s, labels))
-            .filter_map(|s| scalar(&s.value))
-            .sum()
+        self.get(name, labels).unwrap_or(0.0)
     }
 
     /// The cumulative buckets of histogram `name` (no labels), lowest bound first.

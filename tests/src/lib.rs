@@ -59,7 +59,7 @@ impl Proxy {
         // 30 s drain; tests of the drain set their own, shorter one.
         config.drain_timeout = config.drain_timeout.min(Duration::from_secs(2));
         let listener = wsproxy::listener::bind(listen).unwrap();
-        config.listen = listener.local_addr().unwrap();
+        listen_on(&mut config, listener.local_addr().unwrap());
         Self::serve(
             wsproxy::Server::new(config).unwrap_or_else(|e| panic!("{e:#}")),
             listener,
@@ -72,7 +72,7 @@ impl Proxy {
     pub fn try_start(config_toml: &str) -> anyhow::Result<Proxy> {
         let mut config = wsproxy::Config::parse(config_toml, "test config").map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = wsproxy::listener::bind("127.0.0.1:0".parse().unwrap())?;
-        config.listen = listener.local_addr()?;
+        listen_on(&mut config, listener.local_addr()?);
         config.admin = None;
         Ok(Self::serve(wsproxy::Server::new(config)?, listener))
     }
@@ -94,6 +94,51 @@ impl Proxy {
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// Starts a proxy with `config_toml`, whose `[[service]]` blocks name their listeners (such
+    /// as "127.0.0.2:0": the server binds each, the kernel chooses the port); returns once every
+    /// listener is bound. [`Proxy::bound`] tells where each went; `addr` is the first one's.
+    pub async fn start_services(config_toml: &str) -> Proxy {
+        let mut config = wsproxy::Config::parse(config_toml, "test config").unwrap_or_else(|e| panic!("{e}"));
+        config.drain_timeout = config.drain_timeout.min(Duration::from_secs(2));
+        let server = wsproxy::Server::new(config).unwrap_or_else(|e| panic!("{e:#}"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let s = server.clone();
+        let task = tokio::spawn(async move {
+            s.serve_all(Default::default(), async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let wanted = server.config().listeners();
+        let first = wanted[0];
+        let mut proxy = Proxy {
+            server,
+            addr: first,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        proxy.addr = proxy.bound(&first.to_string()).await;
+        for a in wanted {
+            proxy.bound(&a.to_string()).await;
+        }
+        proxy
+    }
+
+    /// Where the listener configured as `configured` (such as "127.0.0.2:0") is bound, waiting
+    /// (within [`DEADLINE`]) until it is.
+    pub async fn bound(&self, configured: &str) -> SocketAddr {
+        let configured: SocketAddr = configured.parse().unwrap();
+        let found = relay_kit::poll_until(DEADLINE, || {
+            self.server
+                .listening()
+                .into_iter()
+                .find(|(c, _)| *c == configured)
+                .map(|(_, local)| local)
+        })
+        .await;
+        found.unwrap_or_else(|| panic!("no listener for {configured} within {DEADLINE:?}"))
     }
 
     /// Starts the graceful stop: no more accepts; open connections get the drain timeout.
@@ -136,6 +181,23 @@ impl Drop for Proxy {
             t.abort();
         }
     }
+}
+
+/// Points every service of `config` at the one listener `addr` (a test's listener on a
+/// kernel-chosen port), so that serving and applying it binds nothing else.
+pub fn listen_on(config: &mut wsproxy::Config, addr: SocketAddr) {
+    for s in &mut config.services {
+        s.listen = vec![addr];
+    }
+}
+
+/// `config` as [`wsproxy::Server::apply`] should get it on `server`: on the listener the server
+/// serves now (the one of a single-listener test proxy).
+pub fn on_running_listener(server: &wsproxy::Server, mut config: wsproxy::Config) -> wsproxy::Config {
+    if let [addr] = server.config().listeners()[..] {
+        listen_on(&mut config, addr);
+    }
+    config
 }
 
 /// Config text with the given upstreams and extra sections. `main` and `backup` are addresses.
@@ -333,9 +395,14 @@ pub async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
 
 /// A valid handshake request for `path`.
 pub fn request(path: &str) -> String {
+    request_for("test", path, "")
+}
+
+/// A valid handshake request for `path` with this `Host` and `extra` header lines.
+pub fn request_for(host: &str, path: &str, extra: &str) -> String {
     format!(
-        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     )
 }
 

@@ -362,7 +362,7 @@ async fn a_reload_keeps_the_admin_address_and_cap_and_applies_token_and_idle_tim
     admin.idle_timeout = Duration::from_secs(3);
     admin.address = AdminAddress::Tcp("127.0.0.1:1".parse().unwrap());
     c.admin = Some(admin);
-    let notes = proxy.server.apply(c);
+    let notes = proxy.server.apply(c).unwrap();
     assert_eq!(notes.len(), 2, "{notes:?}");
     assert!(notes[0].starts_with("admin.address: stays 127.0.0.1:"), "{notes:?}");
     assert_eq!(notes[1], "admin.max_connections: stays 4 until a restart");

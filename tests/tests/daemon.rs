@@ -447,8 +447,9 @@ fn req1_shipped_config_documents_every_daemon_option() {
             .take_while(|l| !(l.starts_with('[') && l.ends_with(']')))
             .any(|l| l.starts_with(&format!("{key} =")))
     };
-    // Every option the configuration's file structs accept (proxy/src/config.rs), section by
-    // section; `upstreams.main`/`backup` entries and `headers.add` entries are lists of tables.
+    // Every option the configuration's file structs accept (proxy/src/config/), section by
+    // section ("[service]" for the [[service]] blocks); `upstreams.main`/`backup` entries and
+    // `headers.add` entries are lists of tables.
     let wanted = [
         ("listen", "address"),
         ("listen", "max_connections"),
@@ -470,6 +471,10 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("limits", "max_connections_per_network"),
         ("limits", "network_prefix_v4"),
         ("limits", "network_prefix_v6"),
+        ("limits", "max_connections"),
+        ("[service]", "name"),
+        ("[service]", "listen"),
+        ("[service]", "hosts"),
         ("handshake", "max_head_bytes"),
         ("handshake", "max_headers"),
         ("handshake", "header_timeout"),
@@ -554,12 +559,12 @@ async fn req2_reloads_keep_100_websockets_and_new_ones_get_new_settings() {
     fleet.start_round(1);
     let t1 = text(&[(echo, 1), (s1.addr, 1)], &[], 1, OPEN_LIMITS);
     proxy.apply(&t1);
-    let c = client_where(&proxy.server.config().upstreams, 1000, |o| o[0] == s1.addr);
+    let c = client_where(&proxy.server.config().services[0].upstreams, 1000, |o| o[0] == s1.addr);
     assert_eq!(
         landing(proxy.addr, c, [&mut s1, &mut s2]).await,
         ("1".into(), Some("1".into()))
     );
-    let c = client_where(&proxy.server.config().upstreams, 1000, |o| o[0] == echo);
+    let c = client_where(&proxy.server.config().services[0].upstreams, 1000, |o| o[0] == echo);
     let mut ws = ws_connect(c, proxy.addr).await.unwrap();
     echo_check(&mut ws, "new client on the echo upstream").await;
     drop(ws);
@@ -570,7 +575,7 @@ async fn req2_reloads_keep_100_websockets_and_new_ones_get_new_settings() {
     fleet.start_round(2);
     let t2 = text(&[(s1.addr, 1), (s2.addr, 3)], &[], 2, OPEN_LIMITS);
     proxy.apply(&t2);
-    let ups2 = proxy.server.config().upstreams;
+    let ups2 = proxy.server.config().services[0].upstreams.clone();
     let c = client_where(&ups2, 1000, |o| o[0] == s2.addr);
     assert_eq!(
         landing(proxy.addr, c, [&mut s1, &mut s2]).await,
@@ -695,7 +700,7 @@ async fn req2_invalid_config_file_is_refused_and_the_old_one_kept() {
             "{field} not named: {e}"
         );
     }
-    assert_eq!(proxy.server.config().headers.add[0].value, "old");
+    assert_eq!(proxy.server.config().services[0].headers.add[0].value, "old");
     // The same through POST /reload: 400 and every problem.
     let r = http(admin, "POST", "/reload").await;
     assert_eq!(r.status, 400, "{r:?}");
@@ -756,7 +761,7 @@ async fn req4_passive_health_marks_down_skips_and_recovers() {
         &format!("{ADMIN}{OPEN_LIMITS}"),
     );
     let proxy = ServerProxy::start(&text).await;
-    let ups = proxy.server.config().upstreams;
+    let ups = proxy.server.config().services[0].upstreams.clone();
     let ids = [(a.addr, "A"), (b.addr, "B"), (c.addr, "C")];
     let id = |addr: SocketAddr| ids.iter().find(|x| x.0 == addr).unwrap().1;
     let x = client_where(&ups, 1, |o| o[0] == a.addr);
@@ -918,7 +923,7 @@ async fn req4_active_websocket_probes_mark_down_and_up() {
 async fn req5_no_idle_timeout_by_default() {
     let echo = echo_upstream().await;
     let proxy = ServerProxy::start(&cfg(&[(echo, 1)], &[], "", "")).await;
-    assert_eq!(proxy.server.config().relay.idle_timeout, None);
+    assert_eq!(proxy.server.config().services[0].relay.idle_timeout, None);
     let mut ws = ws_connect(client_ip(1), proxy.addr).await.unwrap();
     echo_check(&mut ws, "before the silence").await;
     // The silence under test, not a wait for something.

@@ -169,9 +169,9 @@ async fn rule2_oversized_heads_get_431() {
 #[tokio::test]
 async fn rule2_defaults_are_16k_and_100_headers() {
     let c = wsproxy::Config::parse(&config(&["127.0.0.1:1".parse().unwrap()], &[], ""), "t").unwrap();
-    assert_eq!(c.handshake.max_head_bytes, 16 * 1024);
-    assert_eq!(c.handshake.max_headers, 100);
-    assert_eq!(c.handshake.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.services[0].handshake.max_head_bytes, 16 * 1024);
+    assert_eq!(c.services[0].handshake.max_headers, 100);
+    assert_eq!(c.services[0].handshake.header_timeout, Duration::from_secs(10));
 }
 
 #[tokio::test]

@@ -1102,7 +1102,7 @@ async fn catalogue() {
     let recorder = Recorder::start().await;
     let text = config_text(echo, recorder.addr);
     let cfg = wsproxy::Config::parse(&text, "hostile config").unwrap();
-    let balancer = Balancer::new(&cfg.upstreams);
+    let balancer = Balancer::new(&cfg.services[0].upstreams);
     let hostile = client_for(&balancer, recorder.addr, 1, None);
     let honest = client_for(&balancer, echo, 1, None);
     let spoofer = client_for(&balancer, echo, 1, Some(honest));

@@ -68,7 +68,7 @@ fn nix_sndbuf(s: &TcpStream, bytes: usize) {
 /// Relayed connections that ended with `end` ("send timeout", "client error", ...) in `mode`,
 /// from the proxy's metrics.
 fn ended(p: &RelayProxy, mode: &str, end: &str) -> u64 {
-    let line = format!("wsproxy_connections_ended_total{{relay=\"{mode}\",end=\"{end}\"}} ");
+    let line = format!("wsproxy_connections_ended_total{{service=\"default\",relay=\"{mode}\",end=\"{end}\"}} ");
     p.server
         .metrics_text()
         .lines()

@@ -41,7 +41,7 @@ fn weight1(addrs: &[SocketAddr]) -> Vec<(SocketAddr, u32)> {
 /// The order in which the proxy's own balancer tries upstreams for `ip` under `text`.
 fn order(text: &str, ip: IpAddr) -> Vec<SocketAddr> {
     let cfg = wsproxy::Config::parse(text, "test config").unwrap_or_else(|e| panic!("{e}"));
-    Balancer::new(&cfg.upstreams).order(ip)
+    Balancer::new(&cfg.services[0].upstreams).order(ip)
 }
 
 /// The first client (by `client_ip(n)`, n from `from`) whose order under `text` satisfies `pred`.
@@ -1484,7 +1484,8 @@ async fn least_connections_fills_the_emptiest_and_keeps_its_counts_across_a_relo
             "[listen]\ndrain_timeout = \"1s\"\n"
         )
     );
-    proxy.server.apply(wsproxy::Config::parse(&three, "t").unwrap());
+    let three = wsproxy_tests::on_running_listener(&proxy.server, wsproxy::Config::parse(&three, "t").unwrap());
+    proxy.server.apply(three).unwrap();
     let (_s, which) = held(proxy.addr, 1, &refs).await;
     assert_eq!(which, 2, "the added upstream, with no connection yet");
     let (_t, which) = held(proxy.addr, 1, &refs).await;
@@ -1528,13 +1529,19 @@ async fn a_name_is_resolved_again_and_a_failed_resolution_keeps_the_last_address
     // The name moves: within an interval, new connections follow it.
     *answer.lock().unwrap() = Some(b.addr);
     let moved = wsproxy_tests::relay_kit::poll_until(Duration::from_secs(5), || {
-        (proxy.server.config().upstreams.main.first().map(|s| s.address) == Some(b.addr)).then_some(())
+        (proxy.server.config().services[0]
+            .upstreams
+            .main
+            .first()
+            .map(|s| s.address)
+            == Some(b.addr))
+        .then_some(())
     })
     .await;
     assert!(
         moved.is_some(),
         "not resolved again: {:?}",
-        proxy.server.config().upstreams.main
+        proxy.server.config().services[0].upstreams.main
     );
     let (_t, which) = held(proxy.addr, 2, &[&a, &b]).await;
     assert_eq!(which, 1);

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::config::{self, RelayMode};
 use crate::ebpf::KernelPrograms;
-use crate::metrics::Metrics;
+use crate::metrics::Scoped;
 pub use crate::outcome::{End, Mode, Outcome};
 
 pub use crate::metrics::TotalsSnapshot;
@@ -49,7 +49,7 @@ pub async fn relay(
     upstream: TcpStream,
     programs: Option<&KernelPrograms>,
     cfg: &config::Relay,
-    metrics: &Metrics,
+    metrics: Scoped<'_>,
     stop: Stop<'_>,
 ) -> Outcome {
     let began = std::time::Instant::now();

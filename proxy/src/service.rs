@@ -1,0 +1,39 @@
+//! A service at run time: its configuration as new connections get it, its balancer, and the
+//! state that outlives reloads (client limits, upstream health, open connections per upstream),
+//! kept by service name.
+
+use std::sync::Arc;
+
+use crate::{balance, config, health, limits};
+
+/// What a service keeps across reloads, while its name stays in the configuration.
+pub(crate) struct State {
+    /// Reconfigured in place on reload, so that clients keep their limit state.
+    pub limiter: Arc<limits::Limiter>,
+    pub health: health::Health,
+    /// Open connections per upstream (least-connections).
+    pub load: Arc<balance::Load>,
+}
+
+impl State {
+    pub fn new(s: &config::Service) -> Arc<State> {
+        Arc::new(State {
+            limiter: limits::Limiter::new(s.limits.clone()),
+            health: health::Health::new(s.name.clone(), s.upstreams.health.clone()),
+            load: Arc::default(),
+        })
+    }
+}
+
+/// One service of the configuration in force; a connection keeps the one it started with.
+pub(crate) struct Service {
+    pub config: config::Service,
+    pub balancer: balance::Balancer,
+    pub state: Arc<State>,
+}
+
+impl Service {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+}
