@@ -429,3 +429,32 @@ async fn reload_adds_and_removes_services_and_listeners_under_200_checked_connec
     proxy.begin_stop();
     proxy.wait_stopped(DEADLINE).await;
 }
+
+#[tokio::test]
+async fn the_admin_listener_answers_get_services_with_json() {
+    let (a, b) = (upgrading().await, upgrading().await);
+    let text = [
+        OPEN.to_string(),
+        "[admin]\naddress = \"127.0.0.1:0\"\n".to_string(),
+        service("chat", &["127.0.0.1:0"], &["chat.test"], a.addr, &[]),
+        service("feed", &["127.0.0.1:0"], &[], b.addr, &[]),
+    ]
+    .concat();
+    let proxy = wsproxy_tests::daemon_kit::ServerProxy::start(&text).await;
+    let admin = proxy.admin.unwrap();
+    let r = wsproxy_tests::daemon_kit::http(admin, "GET", "/services").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+    let json: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body));
+    let names: Vec<&str> = json["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["chat", "feed"]);
+    assert_eq!(json["services"][1]["upstreams"][0]["address"], b.addr.to_string());
+    let r = wsproxy_tests::daemon_kit::http(admin, "POST", "/services").await;
+    assert_eq!(r.status, 405);
+    proxy.stop().await;
+}
