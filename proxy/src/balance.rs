@@ -196,6 +196,7 @@ mod tests {
         UpstreamServer {
             address: SocketAddr::from(([127, 0, 0, 1], port)),
             weight,
+            name: None,
         }
     }
 
@@ -211,6 +212,7 @@ mod tests {
             on_refusal: Default::default(),
             balance: Default::default(),
             health: Default::default(),
+            tls: None,
         })
     }
 

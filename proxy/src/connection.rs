@@ -20,8 +20,9 @@ use crate::limits::{Refusal, Slot};
 use crate::log_limit::Throttle;
 use crate::metrics::{HandshakeOutcome, Scoped};
 use crate::service::Service;
+use crate::stream::{Prefixed, Stream};
 use crate::upstream::{self, Upgraded, UpstreamError};
-use crate::{Shared, access, config, headers, proxy_protocol, relay};
+use crate::{Shared, access, config, headers, proxy_protocol, relay, tls};
 
 /// A refused client gets this long to read the answer (and close) before the socket is closed:
 /// closing with unread input would send a reset that can destroy the answer in flight.
@@ -59,8 +60,8 @@ pub(crate) async fn serve(
 
 /// A connection whose handshake succeeded, ready to be relayed.
 struct Relayable {
-    client: TcpStream,
-    upstream: TcpStream,
+    client: Stream,
+    upstream: Stream,
     ip: IpAddr,
     addr: SocketAddr,
     request_id: String,
@@ -121,7 +122,10 @@ fn admit(svc: &Service, ip: IpAddr, now: Instant) -> Result<Slot, Answer> {
     svc.state.limiter.admit(ip, now).map_err(Answer::Limited)
 }
 
-/// Admission, request, routing, upstream handshake and the 101's delivery. `None`: the
+/// A client admitted by a service: the service (its index in the runtime), and the slot it holds.
+type Admitted = (usize, Arc<Service>, Slot);
+
+/// Admission, TLS, request, routing, upstream handshake and the 101's delivery. `None`: the
 /// connection ended here (refused, failed, or the client left), already answered, logged and
 /// counted.
 async fn handshake_phase(
@@ -137,7 +141,7 @@ async fn handshake_phase(
     let routes = rt.routes.listener(listen)?;
     let unrouted = shared.metrics.of("");
     // Behind an L4 layer the client is the one its PROXY protocol header names; the bytes read
-    // past the header are the request's start.
+    // past the header are the request's start (or the ClientHello's).
     let (client_addr, early) = match &routes.proxy_protocol {
         None => (peer, Vec::new()),
         Some(pp) => match proxy_protocol::read_header(&mut client, peer, pp).await {
@@ -152,23 +156,87 @@ async fn handshake_phase(
         },
     };
     let ip = client_addr.ip().to_canonical();
-    // A listener of one service: its admission rules apply before a byte of the request is read.
-    let mut admitted = None;
+    let local = client.local_addr().unwrap_or(client_addr);
+    // A listener of one service: its admission rules apply before a byte of the request (or of
+    // the TLS handshake) is read.
+    let mut admitted: Option<Admitted> = None;
     if let Some(i) = routes.only {
         let svc = &rt.services[i];
         match admit(svc, ip, started) {
             Ok(slot) => {
                 tune(&client, &svc.config.keepalive, true);
-                admitted = Some((Arc::clone(svc), slot));
+                admitted = Some((i, Arc::clone(svc), slot));
+            }
+            Err(answer) if routes.tls => {
+                // Nothing can be said to a TLS client before its handshake, and a handshake is
+                // what a refusal must not cost: closed unanswered, counted and logged.
+                refused_unanswered(ip, &answer, started, shared.metrics.of(svc.name()));
+                return None;
             }
             Err(answer) => {
-                refuse(client, ip, answer, started, shared.metrics.of(svc.name())).await;
+                refuse(
+                    Stream::plain(client, Vec::new()),
+                    ip,
+                    answer,
+                    started,
+                    shared.metrics.of(svc.name()),
+                )
+                .await;
                 return None;
             }
         }
     }
+    let mut client = if routes.tls {
+        // The ClientHello's name picks the service (and its certificate); on a shared listener
+        // its admission comes here, before any cryptography.
+        let hello_started = tokio::time::Instant::now();
+        let read_metrics = admitted
+            .as_ref()
+            .map_or(unrouted, |(_, svc, _)| shared.metrics.of(svc.name()));
+        let hello = match tls::Hello::read(Prefixed::new(early, client), hello_started + routes.tls_timeout).await {
+            Ok(h) => h,
+            Err(failure) => {
+                tls_failed(ip, failure, started, read_metrics);
+                return None;
+            }
+        };
+        let name = hello.server_name();
+        let Some(i) = routes.certificate_for(name.as_deref()) else {
+            tls_failed(ip, tls::Failure::NoCertificate, started, read_metrics);
+            return None;
+        };
+        let svc = Arc::clone(&rt.services[i]);
+        let m = shared.metrics.of(svc.name());
+        if admitted.is_none() {
+            match admit(&svc, ip, started) {
+                Ok(slot) => {
+                    tune(&hello.socket(), &svc.config.keepalive, true);
+                    admitted = Some((i, Arc::clone(&svc), slot));
+                }
+                Err(answer) => {
+                    refused_unanswered(ip, &answer, started, m);
+                    return None;
+                }
+            }
+        }
+        let (Some(config), Some(t)) = (&svc.tls, &svc.config.tls) else {
+            unreachable!("a TLS listener's services have TLS");
+        };
+        match hello
+            .finish(Arc::clone(config), hello_started + t.handshake_timeout)
+            .await
+        {
+            Ok(stream) => stream,
+            Err(failure) => {
+                tls_failed(ip, failure, started, m);
+                return None;
+            }
+        }
+    } else {
+        Stream::plain(client, early)
+    };
     let (bounds, underscore, read_metrics) = match &admitted {
-        Some((svc, _)) => (
+        Some((_, svc, _)) => (
             &svc.config.handshake,
             svc.config.headers.underscore_headers,
             shared.metrics.of(svc.name()),
@@ -177,8 +245,7 @@ async fn handshake_phase(
         // listener allows, and checked against its own service's bounds once routed.
         None => (&routes.read, UnderscoreHeaders::Keep, unrouted),
     };
-    let mut reader = early.as_slice().chain(&mut client);
-    let read = handshake::read_request(&mut reader, bounds, underscore);
+    let read = handshake::read_request(&mut client, bounds, underscore);
     let request = match tokio::time::timeout(bounds.header_timeout, read).await {
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => {
@@ -197,8 +264,10 @@ async fn handshake_phase(
     };
     let routed = routes.route(request.host());
     let (svc, slot) = match admitted {
-        Some((svc, slot)) if routed == routes.only => (svc, slot),
-        Some(_) | None if routed.is_none() => {
+        // Admitted before the request: the request is for that service, or for none here (a
+        // Host other than the TLS name's is a misdirected request too).
+        Some((i, svc, slot)) if routed == Some(i) => (svc, slot),
+        Some(_) => {
             refuse(
                 client,
                 ip,
@@ -209,9 +278,19 @@ async fn handshake_phase(
             .await;
             return None;
         }
-        Some(_) => unreachable!("a listener of one service routes to it or to none"),
         None => {
-            let svc = Arc::clone(&rt.services[routed?]);
+            let Some(i) = routed else {
+                refuse(
+                    client,
+                    ip,
+                    Answer::Rejected(Rejection::UnknownHost),
+                    started,
+                    read_metrics,
+                )
+                .await;
+                return None;
+            };
+            let svc = Arc::clone(&rt.services[i]);
             let m = shared.metrics.of(svc.name());
             let cfg = &svc.config;
             let admitted = request
@@ -220,7 +299,7 @@ async fn handshake_phase(
                 .and_then(|()| admit(&svc, ip, started));
             match admitted {
                 Ok(slot) => {
-                    tune(&client, &cfg.keepalive, true);
+                    tune(client.tcp(), &cfg.keepalive, true);
                     (svc, slot)
                 }
                 Err(answer) => {
@@ -251,7 +330,6 @@ async fn handshake_phase(
     let mut forwarded = headers::forwarded_request(&request, ip, &request_id, &cfg.headers);
     if cfg.upstreams.send_proxy_protocol {
         // Sent with the request, in one write: the upstream reads the header first.
-        let local = client.local_addr().unwrap_or(client_addr);
         let mut with_header = proxy_protocol::v2_header(client_addr, local, &request_id);
         with_header.extend_from_slice(&forwarded);
         forwarded = with_header;
@@ -270,6 +348,7 @@ async fn handshake_phase(
         let keep_answer = up.on_refusal == config::OnRefusal::Forward;
         match upstream::handshake(
             addr,
+            upstream::tls_for(up, addr),
             &forwarded,
             &request.key,
             up.timeout,
@@ -327,7 +406,7 @@ async fn handshake_phase(
         refuse(client, ip, answer, started, metrics).await;
         return None;
     };
-    tune(&upstream, &cfg.keepalive, false);
+    tune(upstream.tcp(), &cfg.keepalive, false);
     info!(
         service, client = %ip, upstream = %addr, %request_id, status = 101,
         duration_ms = started.elapsed().as_millis() as u64, "handshake"
@@ -366,10 +445,10 @@ fn secs(since: Instant) -> f64 {
 /// Socket options: TCP keepalive, so that a peer that vanished is noticed and its resources
 /// freed. (No Nagle delay on the small frames of interactive WebSockets: `nodelay` for the client
 /// side; the upstream module sets it on its socket before it writes the request.)
-fn tune(s: &TcpStream, k: &config::Keepalive, nodelay: bool) {
+fn tune(s: &impl AsFd, k: &config::Keepalive, nodelay: bool) {
     use nix::sys::socket::{setsockopt, sockopt};
     if nodelay {
-        let _ = s.set_nodelay(true);
+        let _ = setsockopt(&s.as_fd(), sockopt::TcpNoDelay, &true);
     }
     if !k.enabled {
         return;
@@ -471,8 +550,31 @@ impl Answer {
     }
 }
 
+/// A client refused before its TLS handshake: counted and logged as any refusal, and closed
+/// without an answer (none can be given before the handshake).
+fn refused_unanswered(ip: IpAddr, answer: &Answer, started: Instant, metrics: Scoped<'_>) {
+    metrics.handshake(answer.outcome(), secs(started));
+    if let Some(suppressed) = REFUSAL_LINES.admit(Instant::now()) {
+        info!(
+            service = metrics.service(), client = %ip, status = answer.status(), reason = %answer.reason(),
+            duration_ms = started.elapsed().as_millis() as u64, suppressed, "handshake refused before TLS; closed unanswered"
+        );
+    }
+}
+
+/// A failed TLS handshake: counted by reason and logged (bounded); the connection is closed.
+fn tls_failed(ip: IpAddr, failure: tls::Failure, started: Instant, metrics: Scoped<'_>) {
+    metrics.tls_failed(failure);
+    if let Some(suppressed) = REFUSAL_LINES.admit(Instant::now()) {
+        info!(
+            service = metrics.service(), client = %ip, reason = failure.as_str(),
+            duration_ms = started.elapsed().as_millis() as u64, suppressed, "TLS handshake failed; connection closed"
+        );
+    }
+}
+
 /// Answers a refused client, logs it, and closes after a bounded linger.
-async fn refuse(mut client: TcpStream, ip: IpAddr, answer: Answer, started: Instant, metrics: Scoped<'_>) {
+async fn refuse(mut client: Stream, ip: IpAddr, answer: Answer, started: Instant, metrics: Scoped<'_>) {
     metrics.handshake(answer.outcome(), secs(started));
     if let Some(suppressed) = REFUSAL_LINES.admit(Instant::now()) {
         info!(
@@ -491,7 +593,7 @@ async fn refuse(mut client: TcpStream, ip: IpAddr, answer: Answer, started: Inst
 /// Sends a FIN, then reads and discards what the client still sends (bounded in bytes and
 /// time) before closing: closing with unread input would send a reset instead, which can destroy
 /// an answer still in flight and turns an orderly close into an abort.
-async fn close_politely(mut client: TcpStream) {
+async fn close_politely(mut client: Stream) {
     let _ = tokio::time::timeout(LINGER, async {
         client.shutdown().await?;
         let mut sink = [0u8; 4096];

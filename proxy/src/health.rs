@@ -168,7 +168,8 @@ async fn probe(addr: SocketAddr, kind: Probe, up: &crate::config::Upstreams) -> 
                 )
                 .as_bytes(),
             );
-            crate::upstream::handshake(addr, &request, KEY, up.timeout, 16 * 1024, false)
+            let tls = crate::upstream::tls_for(up, addr);
+            crate::upstream::handshake(addr, tls, &request, KEY, up.timeout, 16 * 1024, false)
                 .await
                 .is_ok()
         }

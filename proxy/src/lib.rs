@@ -32,6 +32,8 @@ pub mod relay;
 pub mod resolve;
 pub mod routes;
 mod service;
+pub mod stream;
+pub mod tls;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -63,6 +65,8 @@ pub(crate) struct Shared {
     pub kernel: Option<ebpf::KernelPrograms>,
     /// What each service keeps across reloads, by name.
     states: Mutex<HashMap<String, Arc<service::State>>>,
+    /// TLS session resumption, shared by every service's TLS configuration.
+    resumption: tls::Resumption,
     /// Held while a new runtime is built and installed (reload, new upstream addresses), so
     /// that two installs never undo each other.
     installing: Mutex<()>,
@@ -84,8 +88,49 @@ pub(crate) struct Shared {
 impl Shared {
     /// Builds the runtime of `config` (names expanded to their last resolved addresses, each
     /// service with its kept state, reconfigured) and puts it in force.
-    fn install(&self, mut config: Config) {
+    fn install(&self, config: Config) {
         let _installing = lock::lock(&self.installing);
+        self.install_locked(config);
+    }
+
+    /// Installs the configuration in force again, after `change` (when it returns true): under
+    /// the same lock as [`Shared::install`], so that a reload meanwhile is never undone.
+    fn reinstall(&self, change: impl FnOnce(&mut Config) -> bool) {
+        let _installing = lock::lock(&self.installing);
+        let mut config = self.runtime.load().config.clone();
+        if change(&mut config) {
+            self.install_locked(config);
+        }
+    }
+
+    /// Reads every service's certificate and key again; installs those that changed and can be
+    /// used, and keeps the previous ones of the others (saying why, naming service and file).
+    fn reload_certificates(&self) {
+        self.reinstall(|config| {
+            let mut changed = Vec::new();
+            for s in &mut config.services {
+                let Some(t) = &s.tls else { continue };
+                match t.reloaded() {
+                    Ok(new) if new.certified.cert != t.certified.cert => {
+                        changed.push(s.name.clone());
+                        s.tls = Some(new);
+                    }
+                    Ok(_) => {}
+                    Err(problems) => tracing::error!(
+                        service = %s.name,
+                        problems = %problems.join("; "),
+                        "certificate not reloaded; the previous one stays in use"
+                    ),
+                }
+            }
+            if !changed.is_empty() {
+                tracing::info!(services = %changed.join(","), "certificates reloaded from their files");
+            }
+            !changed.is_empty()
+        });
+    }
+
+    fn install_locked(&self, mut config: Config) {
         let resolved = lock::lock(&self.resolved).clone();
         let mut states = lock::lock(&self.states);
         let mut services = Vec::with_capacity(config.services.len());
@@ -97,8 +142,16 @@ impl Shared {
                 .health
                 .reconfigure(s.upstreams.health.clone(), &upstream_addresses(s), &self.metrics);
             self.metrics.service_added(&s.name);
+            match &s.tls {
+                Some(t) => self.metrics.certificate_expiry(&s.name, seconds_until(t.not_after)),
+                None => self.metrics.certificate_removed(&s.name),
+            }
+            if s.upstreams.tls.as_ref().is_some_and(|t| !t.verify) {
+                tracing::warn!(service = %s.name, "upstream TLS without certificate verification (upstreams.tls.verify = false): insecure");
+            }
             services.push(Arc::new(service::Service {
                 balancer: balance::Balancer::new(&s.upstreams),
+                tls: s.tls.as_ref().map(|t| self.resumption.server_config(t)),
                 config: s.clone(),
                 state,
             }));
@@ -147,6 +200,7 @@ impl Server {
         let shared = Shared {
             kernel,
             states: Mutex::default(),
+            resumption: tls::Resumption::new()?,
             installing: Mutex::default(),
             resolver,
             resolved: Mutex::default(),
@@ -207,6 +261,7 @@ impl Server {
             let probes = CancellationToken::new();
             tokio::spawn(health::probe_loop(Arc::clone(&shared), probes.clone()));
             tokio::spawn(resolve_loop(Arc::clone(&shared), probes.clone()));
+            tokio::spawn(certificate_loop(Arc::clone(&shared), probes.clone()));
             let set = listener::Set::new(&shared);
             let mut bound = bound;
             for addr in shared.runtime.load().config.listeners() {
@@ -462,7 +517,7 @@ async fn resolve_upstreams(shared: &Shared) {
     }
     let candidates: usize = now.values().map(Vec::len).sum();
     *lock::lock(&shared.resolved) = now;
-    shared.install(shared.runtime.load().config.clone());
+    shared.reinstall(|_| true);
     tracing::info!(candidates, "upstream names resolved to new addresses");
 }
 
@@ -485,6 +540,67 @@ async fn resolve_loop(shared: Arc<Shared>, stop: CancellationToken) {
             _ = shared.resolve_now.notified() => {}
         }
         resolve_upstreams(&shared).await;
+    }
+}
+
+/// How often certificate and key files are looked at for a change.
+const CERTIFICATE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a certificate close to its notAfter is logged again.
+const EXPIRY_REMINDER: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Watches the certificate and key files of the services with TLS: a change (time, size or
+/// inode: a rename into place too) reloads them; and keeps the expiry gauges current, warning
+/// of a certificate under its service's `tls.expiry_warning` (at the first look, after a
+/// reload, then daily).
+async fn certificate_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    use std::os::unix::fs::MetadataExt;
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.mtime(), m.mtime_nsec(), m.len(), m.ino()))
+    };
+    let mut seen = HashMap::new();
+    let mut warned: HashMap<(String, std::time::SystemTime), std::time::Instant> = HashMap::new();
+    loop {
+        let rt = shared.runtime.load_full();
+        let mut changed = false;
+        for s in &rt.config.services {
+            let Some(t) = &s.tls else { continue };
+            for path in [&t.certificate, &t.key] {
+                let now = stamp(path);
+                if seen.insert(path.clone(), now).is_some_and(|before| before != now) {
+                    changed = true;
+                }
+            }
+            let left = seconds_until(t.not_after);
+            shared.metrics.certificate_expiry(&s.name, left);
+            if left < t.expiry_warning.as_secs() as i64 {
+                let key = (s.name.clone(), t.not_after);
+                if warned.get(&key).is_none_or(|at| at.elapsed() >= EXPIRY_REMINDER) {
+                    tracing::warn!(
+                        service = %s.name, certificate = %t.certificate.display(), seconds_left = left,
+                        "certificate expires soon (or has expired): renew it"
+                    );
+                    warned.insert(key, std::time::Instant::now());
+                }
+            }
+        }
+        drop(rt);
+        if changed {
+            shared.reload_certificates();
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(CERTIFICATE_CHECK) => {}
+        }
+    }
+}
+
+/// Seconds from now until `t` (negative once past).
+fn seconds_until(t: std::time::SystemTime) -> i64 {
+    match t.duration_since(std::time::SystemTime::now()) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
     }
 }
 

@@ -32,6 +32,8 @@ pub const KERNEL_RELAY_REPEATED_BYTES: &str = "wsproxy_kernel_relay_repeated_byt
 pub const KERNEL_RELAY_PASSED_BYTES: &str = "wsproxy_kernel_relay_passed_bytes";
 pub const PROXY_PROTOCOL_REFUSED: &str = "wsproxy_proxy_protocol_refused";
 pub const UPSTREAM_RESOLVE_FAILURES: &str = "wsproxy_upstream_resolve_failures";
+pub const TLS_HANDSHAKE_FAILURES: &str = "wsproxy_tls_handshake_failures";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "wsproxy_tls_certificate_expiry_seconds";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RelayLabels {
@@ -76,6 +78,17 @@ struct BytesLabels {
     service: String,
     relay: &'static str,
     direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceReasonLabels {
+    service: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -223,6 +236,8 @@ pub struct Metrics {
     admin_refused: Family<ReasonLabels, Counter>,
     proxy_protocol_refused: Family<ReasonLabels, Counter>,
     resolve_failures: Family<NameLabels, Counter>,
+    tls_failures: Family<ServiceReasonLabels, Counter>,
+    tls_expiry: Family<ServiceLabels, Gauge>,
     /// Names whose last resolution failed (for logging state changes only).
     resolve_failing: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Every service that has had series, for [`Metrics::totals`].
@@ -257,6 +272,8 @@ impl Metrics {
             admin_refused: Family::default(),
             proxy_protocol_refused: Family::default(),
             resolve_failures: Family::default(),
+            tls_failures: Family::default(),
+            tls_expiry: Family::default(),
             resolve_failing: Default::default(),
             services: Default::default(),
         };
@@ -338,6 +355,16 @@ impl Metrics {
             m.resolve_failures.clone(),
         );
         r.register(
+            TLS_HANDSHAKE_FAILURES,
+            "Failed TLS handshakes, by service (empty before one is known) and reason",
+            m.tls_failures.clone(),
+        );
+        r.register(
+            TLS_CERTIFICATE_EXPIRY,
+            "Seconds until the notAfter of each service's certificate (negative: expired)",
+            m.tls_expiry.clone(),
+        );
+        r.register(
             PROXY_PROTOCOL_REFUSED,
             "Connections closed before their first HTTP byte for their PROXY protocol header, by reason",
             m.proxy_protocol_refused.clone(),
@@ -392,6 +419,29 @@ impl Metrics {
                 });
             }
         }
+    }
+
+    /// Seconds until the notAfter of `service`'s certificate (a TLS service: its failure
+    /// series exist from now on).
+    pub fn certificate_expiry(&self, service: &str, seconds: i64) {
+        for f in crate::tls::Failure::ALL {
+            let _ = self.tls_failures.get_or_create(&ServiceReasonLabels {
+                service: service.to_owned(),
+                reason: f.as_str(),
+            });
+        }
+        self.tls_expiry
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .set(seconds);
+    }
+
+    /// `service` has no certificate (any more).
+    pub fn certificate_removed(&self, service: &str) {
+        self.tls_expiry.remove(&ServiceLabels {
+            service: service.to_owned(),
+        });
     }
 
     /// The metrics of `service`'s connections; "" for a connection whose service is not known
@@ -525,6 +575,16 @@ impl Scoped<'_> {
             .get_or_create(&outcome.labels(self.service))
             .inc();
         self.metrics.handshake_duration.observe(seconds);
+    }
+
+    pub fn tls_failed(&self, failure: crate::tls::Failure) {
+        self.metrics
+            .tls_failures
+            .get_or_create(&ServiceReasonLabels {
+                service: self.service.to_owned(),
+                reason: failure.as_str(),
+            })
+            .inc();
     }
 
     pub fn upstream_attempt(&self, upstream: SocketAddr) {

@@ -58,6 +58,10 @@ pub fn expand(entries: &[UpstreamEntry], resolved: &Resolved) -> (Vec<UpstreamSe
                 list.push(UpstreamServer {
                     address,
                     weight: e.weight,
+                    name: match &e.target {
+                        Target::Name { host, .. } => Some(host.clone()),
+                        Target::Address(_) => None,
+                    },
                 });
             }
         }

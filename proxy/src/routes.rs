@@ -28,6 +28,13 @@ pub struct Listener {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// How a request is read before its service is known: the most any of its services allows.
     pub read: config::Handshake,
+    /// Its services terminate TLS (validation sees that they all do, or none).
+    pub tls: bool,
+    /// The longest TLS handshake timeout of its services: the bound of reading a ClientHello.
+    pub tls_timeout: std::time::Duration,
+    /// The service whose certificate answers a ClientHello without a name, or with a name no
+    /// service of the listener has.
+    pub default_certificate: Option<usize>,
 }
 
 impl Routes {
@@ -43,7 +50,16 @@ impl Routes {
                     only: Some(i),
                     proxy_protocol: s.proxy_protocol.clone(),
                     read: s.handshake.clone(),
+                    tls: s.tls.is_some(),
+                    tls_timeout: std::time::Duration::ZERO,
+                    default_certificate: None,
                 });
+                if let Some(t) = &s.tls {
+                    l.tls_timeout = l.tls_timeout.max(t.handshake_timeout);
+                    if t.default_certificate {
+                        l.default_certificate = Some(i);
+                    }
+                }
                 if l.only != Some(i) {
                     l.only = None;
                 }
@@ -70,6 +86,14 @@ impl Routes {
 }
 
 impl Listener {
+    /// The service whose certificate a ClientHello naming `name` (or none) gets: the one `name`
+    /// routes to, else the listener's default certificate.
+    pub fn certificate_for(&self, name: Option<&str>) -> Option<usize> {
+        name.and_then(|n| self.route(n))
+            .or_else(|| name.is_none().then_some(self.fallback).flatten())
+            .or(self.default_certificate)
+    }
+
     /// The service for a request whose host (the `Host` field, or an absolute-form target's
     /// authority) is `host`: its exact name, else the longest wildcard that matches, else the
     /// listener's service without host names. `None`: no service of this listener has it.

@@ -30,6 +30,8 @@ pub(crate) struct Service {
     pub config: config::Service,
     pub balancer: balance::Balancer,
     pub state: Arc<State>,
+    /// Its TLS server configuration, when its listeners terminate TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Service {

@@ -13,19 +13,42 @@ use std::time::Duration;
 
 use base64::Engine;
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config;
 use crate::head::{self, HeadError, RawHead};
+use crate::stream::{Prefixed, Stream};
+
+/// TLS towards an upstream: the service's client configuration and the name to send and verify.
+pub type Tls = (Arc<rustls::ClientConfig>, ServerName<'static>);
 
 /// Most header fields accepted in an upstream response.
 const MAX_RESPONSE_HEADERS: usize = 100;
 
+/// The TLS of a handshake with the upstream at `addr` of `up`, when it has TLS: the name is
+/// `upstreams.tls.server_name`, else the host name the address was resolved from, else the
+/// address itself.
+pub fn tls_for(up: &config::Upstreams, addr: SocketAddr) -> Option<Tls> {
+    let t = up.tls.as_ref()?;
+    let name = t.server_name.clone().unwrap_or_else(|| {
+        up.main
+            .iter()
+            .chain(&up.backup)
+            .find(|s| s.address == addr)
+            .and_then(|s| s.name.clone())
+            .and_then(|n| ServerName::try_from(n).ok())
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+    });
+    Some((Arc::clone(&t.client), name))
+}
+
 /// A connection on which the upstream accepted the upgrade.
-#[derive(Debug)]
 pub struct Upgraded {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// The 101 head exactly as received, followed by any payload bytes the upstream sent after it.
     pub response: RawHead,
 }
@@ -34,6 +57,9 @@ pub struct Upgraded {
 pub enum UpstreamError {
     #[error("connect failed: {0}")]
     Connect(io::Error),
+    /// The TLS handshake with the upstream failed (its certificate, its versions).
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
     #[error("no complete answer within {0:?}")]
     Timeout(Duration),
     #[error("closed before answering")]
@@ -58,7 +84,10 @@ impl UpstreamError {
     /// before the first response byte is no answer, like a close.
     pub fn retryable(&self) -> bool {
         match self {
-            UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::ClosedBeforeAnswer => true,
+            UpstreamError::Connect(_)
+            | UpstreamError::Tls(_)
+            | UpstreamError::Timeout(_)
+            | UpstreamError::ClosedBeforeAnswer => true,
             UpstreamError::Io { read: 0, error } => is_reset(error),
             _ => false,
         }
@@ -84,6 +113,7 @@ impl UpstreamError {
     pub fn reason(&self) -> &'static str {
         match self {
             UpstreamError::Connect(_) => "connect",
+            UpstreamError::Tls(_) => "tls",
             UpstreamError::Timeout(_) => "timeout",
             UpstreamError::ClosedBeforeAnswer | UpstreamError::ClosedMidHead(_) => "closed",
             UpstreamError::Io { error, .. } if is_reset(error) => "reset",
@@ -120,13 +150,15 @@ pub const MAX_FORWARDED_BODY: usize = 64 * 1024;
 /// deadline).
 pub async fn handshake(
     addr: SocketAddr,
+    tls: Option<Tls>,
     request: &[u8],
     key: &str,
     timeout: Duration,
     max_head: usize,
     keep_answer: bool,
 ) -> Result<Upgraded, UpstreamError> {
-    match tokio::time::timeout(timeout, exchange(addr, request, key, max_head, keep_answer)).await {
+    let exchange = exchange(addr, tls, request, key, max_head, keep_answer);
+    match tokio::time::timeout(timeout, exchange).await {
         Ok(r) => r,
         Err(_) => Err(UpstreamError::Timeout(timeout)),
     }
@@ -134,7 +166,7 @@ pub async fn handshake(
 
 /// The body of a non-101 answer whose head is `head`: `Content-Length` bytes (at most
 /// [`MAX_FORWARDED_BODY`]), starting with `behind`, the bytes read past the head.
-async fn answer_body(stream: &mut TcpStream, head: &[u8], mut behind: Vec<u8>) -> Vec<u8> {
+async fn answer_body(stream: &mut (impl AsyncRead + Unpin), head: &[u8], mut behind: Vec<u8>) -> Vec<u8> {
     let mut h = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut h);
     let _ = resp.parse(head);
@@ -164,16 +196,29 @@ async fn answer_body(stream: &mut TcpStream, head: &[u8], mut behind: Vec<u8>) -
 
 async fn exchange(
     addr: SocketAddr,
+    tls: Option<Tls>,
     request: &[u8],
     key: &str,
     max_head: usize,
     keep_answer: bool,
 ) -> Result<Upgraded, UpstreamError> {
-    let mut stream = TcpStream::connect(addr).await.map_err(UpstreamError::Connect)?;
+    let tcp = TcpStream::connect(addr).await.map_err(UpstreamError::Connect)?;
     // Every message is relayed as it comes; Nagle would add latency to small frames.
     let io = |read| move |error| UpstreamError::Io { read, error };
-    stream.set_nodelay(true).map_err(io(0))?;
+    tcp.set_nodelay(true).map_err(io(0))?;
+    let mut stream = match tls {
+        None => Stream::plain(tcp, Vec::new()),
+        Some((config, name)) => {
+            let connector = tokio_rustls::TlsConnector::from(config);
+            let s = connector
+                .connect(name, Prefixed::new(Vec::new(), tcp))
+                .await
+                .map_err(UpstreamError::Tls)?;
+            Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(s)))
+        }
+    };
     stream.write_all(request).await.map_err(io(0))?;
+    stream.flush().await.map_err(io(0))?;
     let parse = |b: &[u8]| {
         let mut h = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         head::from_httparse(httparse::Response::new(&mut h).parse(b), MAX_RESPONSE_HEADERS)

@@ -14,6 +14,7 @@ mod sections;
 mod services;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ pub use admin::{Admin, AdminAddress, Token};
 pub use listen::ProxyProtocol;
 pub use sections::*;
 pub use services::{HostPattern, Service};
+pub use tls::{Tls, TlsVersion, UpstreamTls, provider};
 
 /// The listener of a file without `[[service]]` blocks and without `listen.address`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::tls::{Tls, TlsFile, UpstreamTls, UpstreamTlsFile};
 use super::{is_field_value, is_token, networks};
 
 /// `[access]`: which clients and pages may open a WebSocket through the proxy; the rest get 403.
@@ -196,6 +197,8 @@ pub struct Upstreams {
     pub on_refusal: OnRefusal,
     /// How a client's first upstream is chosen (the rest follow as its failover order).
     pub balance: Balance,
+    /// TLS to the upstreams; `None`: plain.
+    pub tls: Option<UpstreamTls>,
 }
 
 impl Upstreams {
@@ -208,6 +211,7 @@ impl Upstreams {
                 Target::Address(address) => Some(UpstreamServer {
                     address,
                     weight: e.weight,
+                    name: None,
                 }),
                 Target::Name { .. } => None,
             })
@@ -259,6 +263,9 @@ pub struct UpstreamServer {
     /// Share of clients relative to the others; 0 takes the server out of rotation.
     #[serde(default = "one")]
     pub weight: u32,
+    /// The host name it was resolved from (the name TLS sends and verifies by default).
+    #[serde(skip)]
+    pub name: Option<String>,
 }
 
 /// One upstream as written: an address, or a host name and port whose every address becomes a
@@ -493,6 +500,8 @@ pub(super) struct UpstreamsFile {
     balance: Balance,
     #[serde(default)]
     health: Health,
+    #[serde(default)]
+    tls: UpstreamTlsFile,
 }
 
 impl Default for UpstreamsFile {
@@ -507,6 +516,7 @@ impl Default for UpstreamsFile {
             on_refusal: OnRefusal::default(),
             balance: Balance::default(),
             health: Health::default(),
+            tls: UpstreamTlsFile::default(),
         }
     }
 }
@@ -534,10 +544,11 @@ pub(super) struct SectionsFile {
     relay: Relay,
     keepalive: Keepalive,
     access: AccessFile,
+    tls: TlsFile,
 }
 
 /// The names of the sections, the keys a `[[service]]` block may override.
-pub(super) const SECTIONS: [&str; 7] = [
+pub(super) const SECTIONS: [&str; 8] = [
     "limits",
     "handshake",
     "headers",
@@ -545,6 +556,7 @@ pub(super) const SECTIONS: [&str; 7] = [
     "relay",
     "keepalive",
     "access",
+    "tls",
 ];
 
 /// Whether `key` names a section.
@@ -562,6 +574,8 @@ pub struct Sections {
     pub headers: Headers,
     pub upstreams: Upstreams,
     pub relay: Relay,
+    /// TLS termination on the service's listeners; `None`: plain.
+    pub tls: Option<Tls>,
 }
 
 impl SectionsFile {
@@ -571,6 +585,8 @@ impl SectionsFile {
         let problems = p.len();
         let trusted_proxies = networks("headers.trusted_proxies", &self.headers.trusted_proxies, p);
         let access = self.access.validate(p);
+        let tls = self.tls.validate(p);
+        let upstream_tls = self.upstreams.tls.validate(p);
         let k = &self.keepalive;
         if k.enabled && (k.idle.as_secs() < 1 || k.interval.as_secs() < 1 || k.count == 0) {
             p.push("keepalive: idle and interval must be at least 1s, count at least 1".into());
@@ -773,8 +789,10 @@ impl SectionsFile {
                 on_refusal: self.upstreams.on_refusal,
                 balance: self.upstreams.balance,
                 health: self.upstreams.health,
+                tls: upstream_tls,
             },
             relay: self.relay,
+            tls,
         })
     }
 }
@@ -798,6 +816,7 @@ pub(super) fn from_table(mut table: toml::Table, prefix: &str, p: &mut Vec<Strin
         relay: super::take(t, "relay", prefix, p).unwrap_or_default(),
         keepalive: super::take(t, "keepalive", prefix, p).unwrap_or_default(),
         access: super::take(t, "access", prefix, p).unwrap_or_default(),
+        tls: super::take(t, "tls", prefix, p).unwrap_or_default(),
     };
     (p.len() == problems).then_some(file)
 }

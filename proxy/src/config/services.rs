@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 
 use super::listen::{ProxyProtocol, ProxyProtocolFile};
 use super::sections::{self, Access, Handshake, Headers, Keepalive, Limits, Relay, Sections, Upstreams};
+use super::tls::Tls;
 
 /// The keys of a `[[service]]` block that are not sections.
 const SERVICE_KEYS: [&str; 4] = ["name", "listen", "hosts", "proxy_protocol"];
@@ -35,6 +36,8 @@ pub struct Service {
     pub headers: Headers,
     pub upstreams: Upstreams,
     pub relay: Relay,
+    /// TLS termination on its listeners (`None`: plain); services sharing a listener agree.
+    pub tls: Option<Tls>,
 }
 
 impl Service {
@@ -57,6 +60,7 @@ impl Service {
             headers: s.headers,
             upstreams: s.upstreams,
             relay: s.relay,
+            tls: s.tls,
         }
     }
 }
@@ -167,6 +171,7 @@ pub(super) fn from_blocks(
     // Checked on every block whose own keys are readable, valid sections or not: one pass
     // shows every problem.
     between_services(&heads, p);
+    tls_between_services(&services, p);
     services
 }
 
@@ -357,6 +362,37 @@ fn between_services(heads: &[Head], p: &mut Vec<String>) {
                 None => {
                     edge.insert(addr, (name, &h.proxy_protocol));
                 }
+            }
+        }
+    }
+}
+
+/// The TLS rules between services that share a listener (checked on valid services: whether a
+/// service has TLS is known once its sections are): all TLS or all plain, and at most one
+/// default certificate.
+fn tls_between_services(services: &[Service], p: &mut Vec<String>) {
+    let mut first: HashMap<SocketAddr, (&str, bool)> = HashMap::new();
+    let mut default: HashMap<SocketAddr, &str> = HashMap::new();
+    for s in services {
+        let label = format!("service {:?}", s.name);
+        for &addr in &s.listen {
+            let tls = s.tls.is_some();
+            match first.get(&addr) {
+                Some((other, other_tls)) if *other_tls != tls => p.push(format!(
+                    "{label}: tls: the listener {addr} is {} for service {other:?}; services on one listener are all TLS or all plain",
+                    if *other_tls { "TLS" } else { "plain" }
+                )),
+                Some(_) => {}
+                None => {
+                    first.insert(addr, (&s.name, tls));
+                }
+            }
+            if s.tls.as_ref().is_some_and(|t| t.default_certificate)
+                && let Some(other) = default.insert(addr, &s.name)
+            {
+                p.push(format!(
+                    "{label}: tls.default_certificate: service {other:?} has the default certificate of {addr} already"
+                ));
             }
         }
     }

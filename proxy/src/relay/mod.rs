@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod promotion;
 mod stall;
 pub mod tcp_probe;
+mod tls_legs;
 pub mod userspace;
 
 use std::os::fd::AsFd;
@@ -26,6 +27,7 @@ use crate::config::{self, RelayMode};
 use crate::ebpf::KernelPrograms;
 use crate::metrics::Scoped;
 pub use crate::outcome::{End, Mode, Outcome};
+use crate::stream::Stream;
 
 pub use crate::metrics::TotalsSnapshot;
 
@@ -40,11 +42,47 @@ pub struct Stop<'a> {
     pub deadline: Option<tokio::time::Instant>,
 }
 
-/// Relays between the two sockets until both sides have closed or one failed: in the kernel
-/// (`kernel`), in userspace (`userspace`), or in userspace first and in the kernel once the
-/// connection shows message traffic (`auto`, see [`promotion`]). Without loaded programs every
-/// mode is userspace.
+/// Relays between the two ends until both have closed or one failed. A pair with a TLS leg is
+/// copied in userspace ([`tls_legs`]); a plain pair in the kernel (`kernel`), in userspace
+/// (`userspace`), or in userspace first and in the kernel once the connection shows message
+/// traffic (`auto`, see [`promotion`]). Without loaded programs every mode is userspace.
 pub async fn relay(
+    client: Stream,
+    upstream: Stream,
+    programs: Option<&KernelPrograms>,
+    cfg: &config::Relay,
+    metrics: Scoped<'_>,
+    stop: Stop<'_>,
+) -> Outcome {
+    let (client, upstream) = match plain_pair(client, upstream).await {
+        Ok(pair) => pair,
+        Err((client, upstream)) => {
+            metrics.relay_started(Mode::Userspace);
+            let o = Box::pin(tls_legs::relay(client, upstream, cfg, stop)).await;
+            metrics.relay_ended(&o);
+            return o;
+        }
+    };
+    relay_tcp(client, upstream, programs, cfg, metrics, stop).await
+}
+
+/// The TCP connections of a pair without TLS, each one's early bytes not yet read (past a PROXY
+/// protocol header) sent on to the other first; the pair as it is when a leg is TLS.
+async fn plain_pair(client: Stream, upstream: Stream) -> Result<(TcpStream, TcpStream), (Stream, Stream)> {
+    if client.is_tls() || upstream.is_tls() {
+        return Err((client, upstream));
+    }
+    let (Ok((client, from_client)), Ok((upstream, from_upstream))) = (client.into_tcp(), upstream.into_tcp()) else {
+        unreachable!("checked: both plain");
+    };
+    // Early bytes are a client's first bytes read with its PROXY protocol header: rare, and few.
+    let _ = write_all(&upstream, &from_client).await;
+    let _ = write_all(&client, &from_upstream).await;
+    Ok((client, upstream))
+}
+
+/// [`relay`] of a plain pair.
+async fn relay_tcp(
     client: TcpStream,
     upstream: TcpStream,
     programs: Option<&KernelPrograms>,
