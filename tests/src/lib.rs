@@ -497,6 +497,7 @@ pub fn client_ip(n: u32) -> IpAddr {
 
 pub mod fleet;
 pub mod relay_kit;
+pub mod tls_kit;
 
 // ---- daemon tests block (tests/tests/daemon.rs): wsproxy::Server with its admin listener, ----
 // ---- the Prometheus exposition, a switchable upstream and the proxy's socket options.    ----

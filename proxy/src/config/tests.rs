@@ -499,3 +499,58 @@ fn a_thousand_services_load() {
     assert_eq!(c.services.len(), 1000);
     assert_eq!(c.services.iter().map(|s| s.upstreams.main.len()).sum::<usize>(), 10_000);
 }
+
+#[test]
+fn tls_files_are_read_matched_and_named_in_every_problem() {
+    let ca = wsproxy_tests::tls_kit::TestCa::new("config");
+    let (a, b) = (ca.issue("a", &["a.test"]), ca.issue("b", &["b.test"]));
+    let block = |name: &str, listen: &str, cert: &std::path::Path, key: &std::path::Path, more: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nlisten = [\"{listen}\"]\nhosts = [\"{name}.test\"]\n\
+             [service.tls]\ncertificate = \"{}\"\nkey = \"{}\"\n{more}",
+            cert.display(),
+            key.display()
+        )
+    };
+    let good = format!(
+        "{MINIMAL}{}{}",
+        block("a", "127.0.0.1:8443", &a.certificate, &a.key, "default_certificate = true\n"),
+        block("b", "127.0.0.1:8443", &b.certificate, &b.key, "min_version = \"1.3\"\n")
+    );
+    let c = Config::parse(&good, "t").unwrap_or_else(|e| panic!("{e}"));
+    let tls = c.services[1].tls.as_ref().unwrap();
+    assert_eq!(tls.min_version, TlsVersion::Tls13);
+    assert!(tls.not_after > std::time::SystemTime::now());
+    assert!(c.services[0].tls.as_ref().unwrap().default_certificate);
+
+    let bad = format!(
+        "{MINIMAL}{}{}{}[[service]]\nname = \"plain\"\nlisten = [\"127.0.0.1:8443\"]\nhosts = [\"p.test\"]\n",
+        block("a", "127.0.0.1:8443", &a.certificate, &b.key, "default_certificate = true\n"),
+        block("b", "127.0.0.1:8443", &b.certificate, &b.key, "default_certificate = true\n"),
+        block("c", "127.0.0.1:9443", std::path::Path::new("/nonexistent/c.pem"), &b.key, ""),
+    );
+    let e = Config::parse(&bad, "t").unwrap_err();
+    let expected = [
+        format!(
+            "service \"a\": tls.key: {} is not the key of the certificate in {}",
+            b.key.display(),
+            a.certificate.display()
+        ),
+        "service \"c\": tls.certificate: cannot read /nonexistent/c.pem".to_string(),
+        "service \"plain\": tls: the listener 127.0.0.1:8443 is TLS for service \"b\"".to_string(),
+    ];
+    for want in &expected {
+        assert!(e.problems.iter().any(|p| p.starts_with(want.as_str())), "no problem {want:?}:\n{e}");
+    }
+    assert_eq!(e.problems.len(), expected.len(), "{e}");
+    let two_defaults = format!(
+        "{MINIMAL}{}{}",
+        block("a", "127.0.0.1:8443", &a.certificate, &a.key, "default_certificate = true\n"),
+        block("b", "127.0.0.1:8443", &b.certificate, &b.key, "default_certificate = true\n")
+    );
+    let e = Config::parse(&two_defaults, "t").unwrap_err();
+    assert!(
+        e.problems[0].starts_with("service \"b\": tls.default_certificate: service \"a\" has"),
+        "{e}"
+    );
+}
