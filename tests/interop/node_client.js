@@ -1,13 +1,18 @@
 // An independent WebSocket client for the interop tests: Node's `ws`. Usage: node_client.js URL
-// CONNECTIONS. On each connection it offers two subprotocols and permessage-deflate and checks
-// that the server's choices came back; echoes text and binary messages of 0 B to 16 MiB and
-// checks every byte; pings with a payload and checks the pong; closes with 4001 and a reason and
-// checks that both came back. Prints "ok CONNECTIONS BYTES" (payload bytes echoed), or fails
-// with a message.
+// CONNECTIONS [ADDRESS]. On each connection it offers two subprotocols and permessage-deflate and
+// checks that the server's choices came back; echoes text and binary messages of 0 B to 16 MiB
+// and checks every byte; pings with a payload and checks the pong; closes with 4001 and a reason
+// and checks that both came back. Prints "ok CONNECTIONS BYTES" (payload bytes echoed), or fails
+// with a message. With ADDRESS, the URL's host name resolves to it, as a hosts file entry would:
+// the name still goes into TLS's SNI, the certificate check and the Host field, while the
+// connection goes to ADDRESS (loopback). A test CA is trusted through Node's NODE_EXTRA_CA_CERTS.
 const crypto = require('crypto');
 const WebSocket = require('ws');
 
-const [url, n] = [process.argv[2], Number(process.argv[3])];
+const [url, n, address] = [process.argv[2], Number(process.argv[3]), process.argv[4]];
+// Node asks for every address of a name (`all`) when it may try several families.
+const lookup =
+  address && ((name, opts, cb) => (opts.all ? cb(null, [{ address, family: 4 }]) : cb(null, address, 4)));
 const SIZES = [0, 1, 125, 126, 65535, 65536, 1 << 20, 16 << 20];
 
 function fail(i, what) {
@@ -17,7 +22,7 @@ function fail(i, what) {
 
 function one(i) {
   return new Promise((resolve) => {
-    const ws = new WebSocket(url, ['chat.v2', 'chat.v1'], { perMessageDeflate: true, maxPayload: 64 << 20 });
+    const ws = new WebSocket(url, ['chat.v2', 'chat.v1'], { perMessageDeflate: true, maxPayload: 64 << 20, lookup });
     let total = 0;
     const expect = [];
     ws.on('open', () => {

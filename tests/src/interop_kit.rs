@@ -1,7 +1,7 @@
 //! What the interop tests with independent clients share: whether a client is installed (a
 //! failure under CI=true, a "SKIPPED" line elsewhere), and running one to its "ok N BYTES" line;
-//! Node's `ws` echo server (`tests/interop/node_echo_server.js`) and where the tests leave files
-//! for CI to keep.
+//! Node's `ws` echo server (`tests/interop/node_echo_server.js`), a headless Chromium driven over
+//! DevTools ([`Chromium`]) and where the tests leave files for CI to keep.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::DEADLINE;
-use crate::relay_kit::say;
+use crate::relay_kit::{poll_until, say};
 
 /// True when `probe` succeeds. Otherwise fails under CI=true and says it skipped elsewhere;
 /// `what` names the missing client (e.g. "Python's websockets").
@@ -81,6 +81,14 @@ pub fn node_ws() -> bool {
     )
 }
 
+/// True when Python's `websockets` (its asyncio client) imports (see [`installed`]).
+pub fn python_websockets() -> bool {
+    installed(
+        Command::new("python3").args(["-c", "import websockets.asyncio.client"]),
+        "Python's websockets",
+    )
+}
+
 /// Starts `node_echo_server.js` (a WebSocket echo server that also serves the Chromium page on
 /// GET /); returns it (killed on drop) and its address on 127.0.0.1.
 pub async fn node_echo_server() -> (tokio::process::Child, SocketAddr) {
@@ -113,4 +121,136 @@ pub fn artifacts() -> PathBuf {
     let dir = target.join("interop");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     dir.canonicalize().unwrap()
+}
+
+// ---- headless Chromium ----
+
+/// Headless as root, and none of the background traffic (updates, sync, QUIC probes) that a
+/// closed network refuses and that would otherwise stall or clutter the run.
+pub const CHROMIUM_FLAGS: [&str; 8] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
+/// A cold start on a busy machine takes seconds; give it more than the usual deadline.
+const CHROMIUM_START: Duration = Duration::from_secs(30);
+
+/// True when Chromium runs (see [`installed`]).
+pub fn chromium_installed() -> bool {
+    installed(Command::new("chromium").arg("--version"), "Chromium")
+}
+
+/// A headless Chromium with a fresh profile, its DevTools on a loopback port it chose itself. One
+/// browser serves every run: each run is a new tab driven by `chromium_driver.js`. Killed, and its
+/// profile removed, on drop.
+pub struct Chromium {
+    child: std::process::Child,
+    profile: PathBuf,
+    devtools_port: u16,
+}
+
+impl Chromium {
+    /// Starts one with [`CHROMIUM_FLAGS`] and `flags`, its own output in `artifacts()/LOG`.
+    pub async fn start(log: &str, flags: &[String]) -> Chromium {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let profile = std::env::temp_dir().join(format!("wsproxy-chromium-{}-{nanos}", std::process::id()));
+        // create_dir, not create_dir_all: the profile must be new and empty.
+        std::fs::create_dir(&profile).unwrap_or_else(|e| panic!("{}: {e}", profile.display()));
+        let log_file = std::fs::File::create(artifacts().join(log)).unwrap();
+        let child = Command::new("chromium")
+            .args(CHROMIUM_FLAGS)
+            .args(flags)
+            .arg(format!("--user-data-dir={}", profile.display()))
+            // Port 0: the browser picks a free one and writes it to DevToolsActivePort.
+            .arg("--remote-debugging-port=0")
+            .arg("about:blank")
+            // Crash reports and caches go under the XDG directories, not the profile: keep them
+            // in the throw-away profile too rather than in the user's home.
+            .env("XDG_CONFIG_HOME", profile.join("xdg-config"))
+            .env("XDG_CACHE_HOME", profile.join("xdg-cache"))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let mut browser = Chromium {
+            child,
+            profile,
+            devtools_port: 0,
+        };
+        let active = browser.profile.join("DevToolsActivePort");
+        let port = poll_until(CHROMIUM_START, || {
+            if let Ok(Some(status)) = browser.child.try_wait() {
+                return Some(Err(status));
+            }
+            // The port is the first line; only a complete line is read, never a half-written one.
+            let text = std::fs::read_to_string(&active).ok()?;
+            let (port, _) = text.split_once('\n')?;
+            port.parse::<u16>().ok().map(Ok)
+        })
+        .await;
+        browser.devtools_port = match port {
+            Some(Ok(port)) => port,
+            Some(Err(status)) => panic!("Chromium exited ({status}); see target/interop/{log}"),
+            None => panic!("Chromium did not open DevTools within {CHROMIUM_START:?}; see target/interop/{log}"),
+        };
+        browser
+    }
+
+    /// Loads `page` (`chromium_page.html` with its `?ws=` URL) in a new tab; returns the payload
+    /// bytes the page got back. `what` names the run and its screenshot,
+    /// `artifacts()/chromium-WHAT.png`.
+    pub async fn run(&self, page: &str, what: &str) -> u64 {
+        let shot = artifacts().join(format!("chromium-{what}.png"));
+        // An earlier run's screenshot must not pass for this one's.
+        let _ = std::fs::remove_file(&shot);
+        let mut driver = tokio::process::Command::new("node");
+        driver
+            .arg(script("chromium_driver.js"))
+            .arg(self.devtools_port.to_string())
+            .arg(page)
+            .arg(&shot)
+            .env("NODE_PATH", NODE_PATH);
+        // The page opens one WebSocket.
+        let bytes = run_client(&mut driver, 1, what).await;
+        let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("{what}: {}: {e}", shot.display()));
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{what}: {} is no PNG",
+            shot.display()
+        );
+        bytes
+    }
+
+    /// Stops the browser and removes its profile.
+    pub async fn close(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Its helper processes (network, storage) notice the browser is gone on their own and may
+        // still write into the profile for a moment, which makes a removal fail; until they are.
+        let removed = poll_until(DEADLINE, || match std::fs::remove_dir_all(&self.profile) {
+            Ok(()) => Some(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(()),
+            Err(_) => None,
+        })
+        .await;
+        assert!(removed.is_some(), "{} not removed", self.profile.display());
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
 }
