@@ -91,6 +91,33 @@ pub fn bind_std(address: &AdminAddress) -> io::Result<StdListener> {
     }
 }
 
+/// The admin listener a predecessor process handed over (`fd`), bound to `address`.
+pub fn adopt_std(fd: std::os::fd::OwnedFd, address: &AdminAddress) -> io::Result<StdListener> {
+    Ok(match address {
+        AdminAddress::Tcp(_) => StdListener::Tcp(std::net::TcpListener::from(fd)),
+        AdminAddress::Unix(path) => {
+            let meta = std::fs::symlink_metadata(path)?;
+            let file = SocketFile {
+                path: path.clone(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+            };
+            StdListener::Unix(std::os::unix::net::UnixListener::from(fd), file)
+        }
+    })
+}
+
+impl StdListener {
+    /// A copy of the listening socket (for a successor process).
+    pub fn try_clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        match self {
+            StdListener::Tcp(l) => l.as_fd().try_clone_to_owned(),
+            StdListener::Unix(l, _) => l.as_fd().try_clone_to_owned(),
+        }
+    }
+}
+
 /// Like [`bind_std`], in a runtime.
 pub fn bind(address: &AdminAddress) -> io::Result<Listener> {
     Listener::from_std(bind_std(address)?)
@@ -133,8 +160,19 @@ pub struct SocketFile {
     ino: u64,
 }
 
+/// Set once a successor took this process's admin socket over: its file is the successor's.
+static SOCKET_FILE_HANDED_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The admin socket's file stays when this process ends (a successor serves on it).
+pub fn keep_socket_file() {
+    SOCKET_FILE_HANDED_OVER.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 impl Drop for SocketFile {
     fn drop(&mut self) {
+        if SOCKET_FILE_HANDED_OVER.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino) {
             let _ = std::fs::remove_file(&self.path);
         }

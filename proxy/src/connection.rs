@@ -18,9 +18,10 @@ use crate::config::UnderscoreHeaders;
 use crate::handshake::{self, Rejection};
 use crate::limits::{Refusal, Slot};
 use crate::log_limit::Throttle;
-use crate::metrics::{HandshakeOutcome, Scoped};
+use crate::metrics::{HandshakeOutcome, Metrics, Scoped};
 use crate::service::Service;
 use crate::stream::{Prefixed, Stream};
+use crate::upgrade::PairState;
 use crate::upstream::{self, Upgraded, UpstreamError};
 use crate::{Shared, access, config, headers, proxy_protocol, relay, tls};
 
@@ -58,14 +59,61 @@ pub(crate) async fn serve(
     }
 }
 
+/// Carries on with a connection a predecessor process handed over: admitted again under its
+/// service (its slot, no token: it was admitted once), with what is left of its lifetime.
+pub(crate) async fn resume(state: PairState, moved: relay::Moved, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let rt = shared.runtime.load_full();
+    let svc = match rt.services.iter().find(|s| s.name() == state.service) {
+        Some(s) => Arc::clone(s),
+        None => {
+            // Its service is gone from this configuration: it is relayed with the first
+            // service's settings rather than cut.
+            warn!(service = %state.service, request_id = %state.request_id, "handover: a connection of a service this configuration lacks; relayed with the first service's settings");
+            Arc::clone(&rt.services[0])
+        }
+    };
+    drop(rt);
+    let ip = state.client.ip().to_canonical();
+    let mut slot = svc.state.limiter.adopt(ip);
+    svc.state
+        .cluster
+        .adopt(&mut slot, &svc.config.limits, svc.name(), ip, &shared.metrics);
+    let tracked = (svc.config.upstreams.balance == config::Balance::LeastConnections)
+        .then(|| svc.state.load.track(state.upstream));
+    let r = Relayable {
+        pair: Pair::Moved(moved),
+        client: state.client,
+        addr: state.upstream,
+        request_id: state.request_id,
+        started: Instant::now() - Duration::from_millis(state.age_ms),
+        deadline: state
+            .lifetime_left_ms
+            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms)),
+        svc,
+        _slot: slot,
+        _tracked: tracked,
+    };
+    Box::pin(r.run(&shared, &shutdown)).await;
+}
+
+/// The two ends of a relayable connection.
+enum Pair {
+    /// Just upgraded here.
+    Fresh(Stream, Stream),
+    /// Handed over by a predecessor process, where it was relayed.
+    Moved(relay::Moved),
+}
+
 /// A connection whose handshake succeeded, ready to be relayed.
 struct Relayable {
-    client: Stream,
-    upstream: Stream,
-    ip: IpAddr,
+    pair: Pair,
+    /// The client's address (its PROXY protocol source behind an L4 layer).
+    client: SocketAddr,
     addr: SocketAddr,
     request_id: String,
     started: Instant,
+    /// When its maximum lifetime ends.
+    deadline: Option<tokio::time::Instant>,
     /// The service as it was when the connection started: a reload does not change it.
     svc: Arc<Service>,
     _slot: crate::limits::Slot,
@@ -76,29 +124,69 @@ struct Relayable {
 impl Relayable {
     async fn run(self, shared: &Shared, shutdown: &CancellationToken) {
         let Relayable {
+            pair,
             client,
-            upstream,
-            ip,
             addr,
             request_id,
             started,
+            deadline,
             svc,
             _slot,
             _tracked,
         } = self;
+        let ip = client.ip().to_canonical();
         let cfg = &svc.config.relay;
         let stop = relay::Stop {
             shutdown,
-            deadline: lifetime(cfg, &request_id).map(|t| tokio::time::Instant::now() + t),
+            deadline,
+            handover: &shared.handover,
+            close_delay: share_of(shared.runtime.load().config.close_spread, &request_id),
         };
         let metrics = shared.metrics.of(svc.name());
-        let o = relay::relay(client, upstream, shared.kernel.as_ref(), cfg, metrics, stop).await;
+        let kernel = shared.kernel.as_ref();
+        let relayed = match pair {
+            Pair::Fresh(client, upstream) => relay::relay(client, upstream, kernel, cfg, metrics, stop).await,
+            Pair::Moved(moved) => relay::resume(moved, kernel, cfg, metrics, stop).await,
+        };
+        let o = match relayed {
+            relay::Relayed::Ended(o) => o,
+            relay::Relayed::Moved(moved) => {
+                let state = PairState {
+                    service: svc.name().to_string(),
+                    client,
+                    upstream: addr,
+                    request_id,
+                    age_ms: started.elapsed().as_millis() as u64,
+                    lifetime_left_ms: deadline
+                        .map(|d| d.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64),
+                    client_to_upstream: moved.client_to_upstream,
+                    upstream_to_client: moved.upstream_to_client,
+                    kernel: moved.kernel,
+                };
+                crate::upgrade::hand_over(shared, state, moved);
+                return;
+            }
+        };
         info!(
             service = %svc.name(), client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
             client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
             repeated_cut = o.repeated_cut, passed = o.passed, duration_ms = started.elapsed().as_millis() as u64, "connection closed"
         );
     }
+}
+
+/// A connection's share of `spread`, fixed by its request id (random hex): when, within the
+/// window, a drain's end closes it.
+fn share_of(spread: Duration, request_id: &str) -> Duration {
+    let ms = spread.as_millis() as u64;
+    if ms == 0 {
+        return Duration::ZERO;
+    }
+    let random = request_id
+        .get(16..)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or(0);
+    Duration::from_millis(random % ms)
 }
 
 /// How long a relayed connection may stay open: `max_lifetime` and a share of the jitter fixed
@@ -114,12 +202,21 @@ fn lifetime(cfg: &config::Relay, request_id: &str) -> Option<Duration> {
 }
 
 /// A service's admission: its client networks, then its limiter (rate, per-client and
-/// per-network caps, its total cap). The slot is held until the connection ends.
-fn admit(svc: &Service, ip: IpAddr, now: Instant) -> Result<Slot, Answer> {
+/// per-network caps, its total cap), then the limits its fleet shares (`[cluster]`: one call
+/// to the store, within `cluster.timeout`), only for a client this node admitted: one over the
+/// node's own limits costs no call. Cluster refusals are the node's 429s (rate, connections;
+/// `on_store_error = "deny"` as a full client table). The slot, with the cluster lease, is held
+/// until the connection ends.
+async fn admit(svc: &Service, ip: IpAddr, now: Instant, metrics: &Metrics) -> Result<Slot, Answer> {
     if !access::client_allowed(&svc.config.access, ip) {
         return Err(Answer::Rejected(Rejection::Forbidden("client network")));
     }
-    svc.state.limiter.admit(ip, now).map_err(Answer::Limited)
+    let slot = svc.state.limiter.admit(ip, now).map_err(Answer::Limited)?;
+    svc.state
+        .cluster
+        .admit(slot, &svc.config.limits, svc.name(), ip, metrics)
+        .await
+        .map_err(Answer::Limited)
 }
 
 /// A client admitted by a service: the service (its index in the runtime), and the slot it holds.
@@ -162,7 +259,7 @@ async fn handshake_phase(
     let mut admitted: Option<Admitted> = None;
     if let Some(i) = routes.only {
         let svc = &rt.services[i];
-        match admit(svc, ip, started) {
+        match admit(svc, ip, started, &shared.metrics).await {
             Ok(slot) => {
                 tune(&client, &svc.config.keepalive, true);
                 admitted = Some((i, Arc::clone(svc), slot));
@@ -208,7 +305,7 @@ async fn handshake_phase(
         let svc = Arc::clone(&rt.services[i]);
         let m = shared.metrics.of(svc.name());
         if admitted.is_none() {
-            match admit(&svc, ip, started) {
+            match admit(&svc, ip, started, &shared.metrics).await {
                 Ok(slot) => {
                     tune(&hello.socket(), &svc.config.keepalive, true);
                     admitted = Some((i, Arc::clone(&svc), slot));
@@ -293,10 +390,10 @@ async fn handshake_phase(
             let svc = Arc::clone(&rt.services[i]);
             let m = shared.metrics.of(svc.name());
             let cfg = &svc.config;
-            let admitted = request
-                .conforms(&cfg.handshake, cfg.headers.underscore_headers)
-                .map_err(Answer::Rejected)
-                .and_then(|()| admit(&svc, ip, started));
+            let admitted = match request.conforms(&cfg.handshake, cfg.headers.underscore_headers) {
+                Ok(()) => admit(&svc, ip, started, &shared.metrics).await,
+                Err(r) => Err(Answer::Rejected(r)),
+            };
             match admitted {
                 Ok(slot) => {
                     tune(client.tcp(), &cfg.keepalive, true);
@@ -426,10 +523,10 @@ async fn handshake_phase(
     }
     drop(request);
     Some(Relayable {
-        client,
-        upstream,
-        ip,
+        pair: Pair::Fresh(client, upstream),
+        client: client_addr,
         addr,
+        deadline: lifetime(&svc.config.relay, &request_id).map(|t| tokio::time::Instant::now() + t),
         request_id,
         started,
         _slot: slot,
@@ -504,7 +601,7 @@ enum Answer {
 impl Answer {
     fn status(&self) -> u16 {
         match self {
-            Answer::Limited(Refusal::ServiceFull) => 503,
+            Answer::Limited(Refusal::ServiceFull | Refusal::StoreUnavailable) => 503,
             Answer::Limited(_) => 429,
             Answer::Rejected(r) => r.status(),
             Answer::UpstreamTimeout | Answer::NoUpstream => 400,
@@ -515,6 +612,7 @@ impl Answer {
         match self {
             Answer::Limited(Refusal::RateLimited { .. }) => HandshakeOutcome::RateLimited,
             Answer::Limited(Refusal::ServiceFull) => HandshakeOutcome::ServiceFull,
+            Answer::Limited(Refusal::StoreUnavailable) => HandshakeOutcome::StoreUnavailable,
             Answer::Limited(_) => HandshakeOutcome::ConnectionLimited,
             Answer::Rejected(r) => HandshakeOutcome::Refused(r.status()),
             Answer::UpstreamTimeout => HandshakeOutcome::UpstreamTimeout,
@@ -531,6 +629,7 @@ impl Answer {
             Answer::Limited(Refusal::TooManyFromNetwork) => "network connection limit".into(),
             Answer::Limited(Refusal::TableFull) => "client table full".into(),
             Answer::Limited(Refusal::ServiceFull) => "service connection limit".into(),
+            Answer::Limited(Refusal::StoreUnavailable) => "cluster limits unavailable".into(),
             Answer::Rejected(r) => r.to_string(),
         }
     }

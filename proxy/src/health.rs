@@ -58,6 +58,27 @@ impl Health {
         }
     }
 
+    /// Upstreams down now, and for how many more milliseconds (for a successor process).
+    pub fn down(&self, now: Instant) -> Vec<(SocketAddr, u64)> {
+        lock(&self.states)
+            .iter()
+            .filter_map(|(a, s)| {
+                let until = s.down_until.filter(|u| *u > now)?;
+                Some((*a, (until - now).as_millis() as u64))
+            })
+            .collect()
+    }
+
+    /// A predecessor's down upstreams: they stay down for what was left of their cool-down.
+    pub fn import(&self, down: &[(SocketAddr, u64)], now: Instant, metrics: &Metrics) {
+        let mut states = lock(&self.states);
+        for &(addr, ms) in down {
+            let s = states.entry(addr).or_default();
+            s.down_until = Some(now + Duration::from_millis(ms));
+            metrics.upstream_up(&self.service, addr, false);
+        }
+    }
+
     /// `order` without the upstreams that are down, unless that leaves none.
     pub fn filter(&self, order: Vec<SocketAddr>, now: Instant) -> Vec<SocketAddr> {
         let up: Vec<SocketAddr> = order.iter().copied().filter(|a| self.is_up(*a, now)).collect();

@@ -9,6 +9,7 @@
 pub mod access;
 pub mod admin;
 pub mod balance;
+mod cluster;
 pub mod config;
 mod connection;
 pub mod descriptors;
@@ -34,6 +35,7 @@ pub mod routes;
 mod service;
 pub mod stream;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -43,6 +45,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -83,9 +86,56 @@ pub(crate) struct Shared {
     listeners: Mutex<Option<listener::Set>>,
     /// Where a reload reads the configuration from (none: reload only through [`Server::apply`]).
     pub config_path: Option<PathBuf>,
+    /// Cancelled when a successor has taken over: every relay lets go of its pair at its next
+    /// point where no byte is in userspace's hands (see `upgrade`).
+    pub handover: CancellationToken,
+    /// Cancelled once this process has handed over to a successor (it is stopping).
+    pub upgraded: CancellationToken,
+    /// Where moved pairs go while a successor takes them.
+    pub successor: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(upgrade::PairState, relay::Moved)>>>,
+    /// SIGUSR2: start an upgrade.
+    pub upgrade_requested: tokio::sync::Notify,
+    /// The admin listener's socket, for a successor.
+    pub admin_fd: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// Cancelled when every listener has stopped and every connection task has ended.
+    pub drained: CancellationToken,
+    /// Cancelled once every listener has been started.
+    pub serving: CancellationToken,
 }
 
 impl Shared {
+    /// The listening sockets being served: configured addresses and copies of the descriptors.
+    fn listener_fds(&self) -> std::io::Result<(Vec<SocketAddr>, Vec<std::os::fd::OwnedFd>)> {
+        match &*lock::lock(&self.listeners) {
+            Some(set) => set.fds(),
+            None => Ok((Vec::new(), Vec::new())),
+        }
+    }
+
+    /// A predecessor's per-client limits and upstream health, by service name.
+    fn restore(&self, limits: &[(String, Vec<upgrade::ClientState>)], health: &[(String, Vec<(SocketAddr, u64)>)]) {
+        let states = lock::lock(&self.states);
+        let now = std::time::Instant::now();
+        for (service, clients) in limits {
+            if let Some(s) = states.get(service) {
+                s.limiter.import(clients, now);
+            }
+        }
+        for (service, down) in health {
+            if let Some(s) = states.get(service) {
+                s.health.import(down, now, &self.metrics);
+            }
+        }
+    }
+
+    /// Carries on with a connection a predecessor handed over.
+    fn resume(self: &Arc<Self>, state: upgrade::PairState, moved: relay::Moved) {
+        let shared = Arc::clone(self);
+        match &*lock::lock(&self.listeners) {
+            Some(set) => set.resume(move |stop| connection::resume(state, moved, shared, stop)),
+            None => tracing::error!("takeover: not serving yet; a handed-over connection is closed"),
+        }
+    }
     /// Builds the runtime of `config` (names expanded to their last resolved addresses, each
     /// service with its kept state, reconfigured) and puts it in force.
     fn install(&self, config: Config) {
@@ -171,7 +221,7 @@ impl Shared {
 /// state.
 #[derive(Clone)]
 pub struct Server {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Server {
@@ -193,8 +243,38 @@ impl Server {
         Self::build(config, Some(path), resolve::system()).map_err(StartError::Other)
     }
 
+    /// Like [`Server::from_file`] for a successor process: the kernel relay is the
+    /// predecessor's (its maps' descriptors), not loaded again.
+    pub fn from_file_taking_over(
+        path: PathBuf,
+        kernel: Option<Vec<std::os::fd::OwnedFd>>,
+    ) -> Result<Server, StartError> {
+        let config = Config::load(&path).map_err(StartError::Config)?;
+        let kernel = match kernel {
+            Some(fds) => Kernel::Adopt(fds),
+            None => Kernel::Load,
+        };
+        Self::build_with(config, Some(path), resolve::system(), kernel).map_err(StartError::Other)
+    }
+
     fn build(config: Config, config_path: Option<PathBuf>, resolver: resolve::Resolver) -> anyhow::Result<Server> {
-        let kernel = load_kernel_relay(config.kernel_relay_wanted())?;
+        Self::build_with(config, config_path, resolver, Kernel::Load)
+    }
+
+    fn build_with(
+        config: Config,
+        config_path: Option<PathBuf>,
+        resolver: resolve::Resolver,
+        kernel: Kernel,
+    ) -> anyhow::Result<Server> {
+        let kernel = match kernel {
+            Kernel::Load => load_kernel_relay(config.kernel_relay_wanted())?,
+            Kernel::Adopt(fds) => {
+                let k = ebpf::KernelPrograms::adopt(fds).context("adopting the predecessor's kernel relay")?;
+                tracing::info!("kernel relay: the predecessor's, adopted");
+                Some(k)
+            }
+        };
         let metrics = metrics::Metrics::new();
         metrics.kernel_relay(kernel.is_some());
         let shared = Shared {
@@ -209,6 +289,13 @@ impl Server {
             accepting: AtomicBool::new(false),
             listeners: Mutex::default(),
             config_path,
+            handover: CancellationToken::new(),
+            upgraded: CancellationToken::new(),
+            successor: Mutex::default(),
+            upgrade_requested: tokio::sync::Notify::new(),
+            admin_fd: Mutex::default(),
+            drained: CancellationToken::new(),
+            serving: CancellationToken::new(),
             runtime: ArcSwap::new(Arc::new(Runtime {
                 config: config.clone(),
                 services: Vec::new(),
@@ -278,11 +365,13 @@ impl Server {
                 set.start(addr, l, &shared);
             }
             *lock::lock(&shared.listeners) = Some(set.clone());
+            shared.serving.cancel();
             shutdown.await;
             // Every listener stops accepting now; the drain follows.
             shared.accepting.store(false, Ordering::SeqCst);
             lock::lock(&shared.listeners).take();
-            set.stop_all().await;
+            set.stop_all(shared.runtime.load().config.drain_timeout).await;
+            shared.drained.cancel();
             probes.cancel();
         }
     }
@@ -292,6 +381,31 @@ impl Server {
     /// settings of the configuration (the defaults when it has none).
     pub async fn serve_admin(&self, listener: impl Into<admin::Listener>, shutdown: impl Future<Output = ()>) {
         admin::serve(listener.into(), self.clone(), shutdown).await;
+    }
+
+    /// Starts an upgrade (SIGUSR2): see [`upgrade`].
+    pub fn request_upgrade(&self) {
+        self.shared.upgrade_requested.notify_one();
+    }
+
+    /// True once this process has handed over to a successor.
+    pub fn upgraded(&self) -> bool {
+        self.shared.upgraded.is_cancelled()
+    }
+
+    /// Cancelled once this process has handed over to a successor.
+    pub fn upgraded_signal(&self) -> CancellationToken {
+        self.shared.upgraded.clone()
+    }
+
+    /// Completes once [`Server::serve_all`] has started every listener.
+    pub async fn serving(&self) {
+        self.shared.serving.cancelled().await;
+    }
+
+    /// The admin listener's socket, kept for a successor.
+    pub fn keep_admin_socket(&self, fd: std::os::fd::OwnedFd) {
+        *lock::lock(&self.shared.admin_fd) = Some(fd);
     }
 
     /// The admin listener's settings in the configuration now in force.
@@ -446,6 +560,11 @@ impl Server {
 
     /// The Prometheus text exposition of the proxy's metrics.
     pub fn metrics_text(&self) -> String {
+        if let Some(k) = &self.shared.kernel {
+            // Read when asked: entries left behind by a pair would show here.
+            let (sockets, states, ctrls) = k.map_entry_counts();
+            self.shared.metrics.kernel_map_entries([sockets, states, ctrls]);
+        }
         self.shared.metrics.encode()
     }
 
@@ -464,6 +583,14 @@ impl Server {
     pub fn kernel_map_entries(&self) -> Option<(usize, usize, usize)> {
         self.shared.kernel.as_ref().map(|k| k.map_entry_counts())
     }
+}
+
+/// Where the kernel relay comes from.
+enum Kernel {
+    /// Loaded by this process (unless every service relays in userspace).
+    Load,
+    /// A predecessor's, from its maps' descriptors.
+    Adopt(Vec<std::os::fd::OwnedFd>),
 }
 
 /// Why a [`Server`] could not start: the configuration (exit code 2), or anything else.

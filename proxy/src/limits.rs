@@ -6,6 +6,10 @@
 //! bucket is full again and that holds no connection carries no information and may be dropped;
 //! when the table is at its cap such entries are swept, and if none can be, new clients are
 //! refused rather than letting a flood of source addresses grow memory.
+//!
+//! These are the node's own limits, the first and free line. The limits a fleet of nodes shares
+//! (`[cluster]`, see `cluster`) come after them, for the clients admitted here; their lease
+//! rides in the same [`Slot`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -27,11 +31,19 @@ pub enum Refusal {
     TableFull,
     /// The service already holds `limits.max_connections` connections (all clients together).
     ServiceFull,
+    /// The cluster store cannot be asked, and `cluster.on_store_error = "deny"`.
+    StoreUnavailable,
 }
 
-/// The key under which a client is limited.
+/// The key under which a client is limited (on this node and in the cluster store alike).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientKey(IpAddr);
+
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 impl ClientKey {
     pub fn new(ip: IpAddr, ipv6_prefix: u8) -> Self {
@@ -155,6 +167,7 @@ impl Limiter {
             limiter: Arc::clone(self),
             key,
             network,
+            lease: None,
         })
     }
 
@@ -177,6 +190,69 @@ impl Limiter {
             let tokens = e.tokens + now.saturating_duration_since(e.refilled).as_secs_f64() * rate;
             e.open > 0 || tokens < burst
         });
+    }
+
+    /// Counts a connection admitted elsewhere (by a predecessor process): it holds a slot of
+    /// its client, its network and the service, with no token charged and no cap checked (it
+    /// is open already).
+    pub fn adopt(self: &Arc<Self>, ip: IpAddr) -> Slot {
+        let mut table = self.lock();
+        let cfg = table.cfg.clone();
+        let key = ClientKey::new(ip, cfg.ipv6_prefix);
+        let network = ClientKey::of_prefix(ip, cfg.network_prefix_v4, cfg.network_prefix_v6);
+        let now = Instant::now();
+        table
+            .clients
+            .entry(key)
+            .or_insert(Entry {
+                tokens: f64::from(cfg.burst),
+                refilled: now,
+                open: 0,
+            })
+            .open += 1;
+        *table.networks.entry(network).or_default() += 1;
+        table.open += 1;
+        Slot {
+            limiter: Arc::clone(self),
+            key,
+            network,
+            lease: None,
+        }
+    }
+
+    /// Every client's token bucket (for a successor process).
+    pub fn export(&self, now: Instant) -> Vec<crate::upgrade::ClientState> {
+        self.lock()
+            .clients
+            .iter()
+            .map(|(k, e)| crate::upgrade::ClientState {
+                key: k.0,
+                tokens: e.tokens,
+                age_ms: now.saturating_duration_since(e.refilled).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// A predecessor's token buckets: each client keeps the tokens it had, refilled from when
+    /// they were last (open counts come with the connections, [`Limiter::adopt`]).
+    pub fn import(&self, clients: &[crate::upgrade::ClientState], now: Instant) {
+        let mut table = self.lock();
+        let burst = f64::from(table.cfg.burst);
+        for c in clients {
+            if table.clients.len() >= table.cfg.max_tracked_clients {
+                break;
+            }
+            let refilled = now
+                .checked_sub(std::time::Duration::from_millis(c.age_ms))
+                .unwrap_or(now);
+            let e = table.clients.entry(ClientKey(c.key)).or_insert(Entry {
+                tokens: burst,
+                refilled,
+                open: 0,
+            });
+            e.tokens = c.tokens.clamp(0.0, burst);
+            e.refilled = refilled;
+        }
     }
 
     /// Connections open through this limiter.
@@ -205,12 +281,21 @@ impl Limiter {
     }
 }
 
-/// One open connection of a client; dropping it frees the slot.
+/// One open connection of a client; dropping it frees the slot (and its cluster lease).
 #[derive(Debug)]
 pub struct Slot {
     limiter: Arc<Limiter>,
     key: ClientKey,
     network: ClientKey,
+    /// The connection's lease in the cluster store, when its service has a cluster cap.
+    lease: Option<crate::cluster::Lease>,
+}
+
+impl Slot {
+    /// Keeps `lease` for as long as the slot: both end with the connection.
+    pub(crate) fn hold(&mut self, lease: crate::cluster::Lease) {
+        self.lease = Some(lease);
+    }
 }
 
 impl Drop for Slot {

@@ -60,6 +60,9 @@ struct SetInner {
     by_descriptors: Option<descriptors::Budget>,
     /// The accept loops (each waits for its connections before it ends).
     loops: TaskTracker,
+    /// Connections handed over by a predecessor, and what cuts them at the drain's end.
+    resumed: TaskTracker,
+    resumed_cancel: CancellationToken,
     /// Cancelled at shutdown; each listener's own stop is a child of it.
     shutdown: CancellationToken,
 }
@@ -68,6 +71,8 @@ struct Running {
     /// The address it is bound to (a configured port 0 is the kernel's choice).
     local: SocketAddr,
     stop: CancellationToken,
+    /// A copy of the listening socket, for a successor process.
+    fd: std::os::fd::OwnedFd,
 }
 
 impl Set {
@@ -79,6 +84,8 @@ impl Set {
                 cap: Arc::new(Semaphore::new(cap)),
                 by_descriptors,
                 loops: TaskTracker::new(),
+                resumed: TaskTracker::new(),
+                resumed_cancel: CancellationToken::new(),
                 shutdown: CancellationToken::new(),
             }),
         }
@@ -96,11 +103,19 @@ impl Set {
             .collect();
         info!(listen = %local, services = %services.join(","), "accepting connections");
         let stop = self.inner.shutdown.child_token();
+        let fd = match std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => {
+                error!(listen = %local, error = %e, "cannot keep a copy of the listening socket; not served");
+                return;
+            }
+        };
         lock(&self.inner.running).insert(
             addr,
             Running {
                 local,
                 stop: stop.clone(),
+                fd,
             },
         );
         let accepting = Accepting {
@@ -145,17 +160,48 @@ impl Set {
         });
     }
 
+    /// Configured addresses and copies of the listening sockets (for a successor).
+    pub fn fds(&self) -> io::Result<(Vec<SocketAddr>, Vec<std::os::fd::OwnedFd>)> {
+        let running = lock(&self.inner.running);
+        let mut addresses = Vec::new();
+        let mut fds = Vec::new();
+        for (a, r) in running.iter() {
+            addresses.push(*a);
+            fds.push(r.fd.try_clone()?);
+        }
+        Ok((addresses, fds))
+    }
+
+    /// Runs a connection handed over by a predecessor (`run` gets the token that ends it when
+    /// the drain is over), drained with the rest at the end.
+    pub fn resume<F: Future<Output = ()> + Send + 'static>(&self, run: impl FnOnce(CancellationToken) -> F) {
+        let stop = self.inner.resumed_cancel.clone();
+        self.inner.resumed.spawn(run(stop));
+    }
+
     /// Configured and bound address of every listener served.
     pub fn addresses(&self) -> Vec<(SocketAddr, SocketAddr)> {
         lock(&self.inner.running).iter().map(|(a, r)| (*a, r.local)).collect()
     }
 
-    /// Stops every listener and waits until each has drained and closed its connections.
-    pub async fn stop_all(&self) {
+    /// Stops every listener and waits until each has drained and closed its connections, and
+    /// the connections handed over by a predecessor too (within `drain`).
+    pub async fn stop_all(&self, drain: Duration) {
         lock(&self.inner.running).clear();
         self.inner.shutdown.cancel();
         self.inner.loops.close();
-        self.inner.loops.wait().await;
+        self.inner.resumed.close();
+        let resumed = async {
+            if tokio::time::timeout(drain, self.inner.resumed.wait()).await.is_err() {
+                warn!(
+                    open = self.inner.resumed.len(),
+                    "drain timeout: closing the handed-over connections still open"
+                );
+            }
+            self.inner.resumed_cancel.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.inner.resumed.wait()).await;
+        };
+        tokio::join!(self.inner.loops.wait(), resumed);
     }
 }
 

@@ -50,6 +50,14 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Upgrade a running proxy to the executable at its path (a new build installed there)
+    /// without dropping a connection: through its `upgrade.socket`; prints the outcome (same as
+    /// SIGUSR2, which prints nothing).
+    Upgrade {
+        /// Configuration file of the running proxy.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Validate a configuration file: prints every problem, exits 0 when valid and 2 when not.
     CheckConfig {
         /// Configuration file (TOML).
@@ -64,11 +72,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before anything could replace the executable: an upgrade runs what is at this path then.
+    wsproxy::upgrade::record_invocation();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Reload { config } => reload(&config).unwrap_or_else(fail),
+        Command::Upgrade { config } => upgrade(&config).unwrap_or_else(fail),
         Command::Run { config } => run(&config).unwrap_or_else(fail),
         Command::EchoServer { listen } => runtime()
             .and_then(|rt| rt.block_on(echo_server(listen)))
@@ -92,6 +103,11 @@ fn check_config(file: &Path) -> ExitCode {
 /// `wsproxy run`. The privileged part (loading the kernel relay, binding) runs first, on the
 /// only thread; then every capability is dropped, and only then the runtime starts its threads.
 fn run(path: &Path) -> Result<ExitCode, Failure> {
+    if let Some(socket) = std::env::var_os(wsproxy::upgrade::TAKE_OVER_FROM) {
+        // Started by a running proxy to take over from it: its listeners, kernel relay and
+        // connections come over its hand-over socket (and this process holds no privileges).
+        return runtime()?.block_on(take_over(path, PathBuf::from(socket)));
+    }
     let server = wsproxy::Server::from_file(path.to_path_buf()).map_err(|e| match e {
         wsproxy::StartError::Config(e) => Failure(EXIT_CONFIG, e.to_string()),
         e => Failure(EXIT_FAILURE, e.to_string()),
@@ -118,13 +134,35 @@ fn run(path: &Path) -> Result<ExitCode, Failure> {
         Ok(d) => tracing::info!(dropped = %d.before.join(","), "privileges: dropped every capability after start-up"),
         Err(e) => tracing::warn!("privileges: could not drop capabilities: {e}"),
     }
-    runtime()?.block_on(serve(server, listeners, admin))
+    runtime()?.block_on(serve(server, listeners, admin, None))
+}
+
+/// `wsproxy run` started by a running proxy's upgrade: takes over from it, then serves.
+async fn take_over(path: &Path, socket: PathBuf) -> Result<ExitCode, Failure> {
+    let mut t = wsproxy::upgrade::take_over(&socket)
+        .await
+        .map_err(|e| Failure(EXIT_FAILURE, format!("taking over: {e}")))?;
+    let server = wsproxy::Server::from_file_taking_over(path.to_path_buf(), t.kernel.take()).map_err(|e| match e {
+        wsproxy::StartError::Config(e) => Failure(EXIT_CONFIG, e.to_string()),
+        e => Failure(EXIT_FAILURE, e.to_string()),
+    })?;
+    let listeners = std::mem::take(&mut t.listeners);
+    let admin = match (t.admin.take(), server.config().admin) {
+        (Some(fd), Some(a)) => Some(
+            wsproxy::admin::adopt_std(fd, &a.address)
+                .map_err(|e| Failure(EXIT_FAILURE, format!("cannot use the admin listener: {e}")))?,
+        ),
+        _ => None,
+    };
+    tracing::info!(listeners = listeners.len(), "takeover: listening sockets received");
+    serve(server, listeners, admin, Some(t)).await
 }
 
 async fn serve(
     server: wsproxy::Server,
     listeners: Vec<(SocketAddr, std::net::TcpListener)>,
     admin: Option<wsproxy::admin::StdListener>,
+    takeover: Option<wsproxy::upgrade::Takeover>,
 ) -> Result<ExitCode, Failure> {
     let signals = Signals::install().map_err(|e| Failure(EXIT_FAILURE, format!("cannot handle signals: {e}")))?;
     let tokio_listener = |l| {
@@ -135,21 +173,57 @@ async fn serve(
         .map(|(a, l)| tokio_listener(l).map(|l| (a, l)))
         .collect::<Result<_, _>>()?;
     let admin = admin
-        .map(wsproxy::admin::Listener::from_std)
+        .map(|a| {
+            if let Ok(fd) = a.try_clone_fd() {
+                server.keep_admin_socket(fd);
+            }
+            wsproxy::admin::Listener::from_std(a)
+        })
         .transpose()
         .map_err(|e| Failure(EXIT_FAILURE, format!("cannot use the admin listener: {e}")))?;
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(signals.handle(server.clone(), stop.clone()));
     // The admin listener outlives the drain, so that /healthz reports it (503) and /metrics
-    // can be watched until the end.
+    // can be watched until the end; after an upgrade it is the successor's at once.
     let admin_stop = tokio_util::sync::CancellationToken::new();
-    let serving = server.serve_all(listeners, stop.cancelled());
+    let serving = tokio::spawn(server.serve_all(listeners, stop.clone().cancelled_owned()));
     let admin_task = admin.map(|admin| {
         let (server, admin_stop) = (server.clone(), admin_stop.clone());
         tokio::spawn(async move { server.serve_admin(admin, admin_stop.cancelled_owned()).await })
     });
-    notify(&[sd_notify::NotifyState::Ready]);
-    serving.await;
+    let upgraded = server.upgraded_signal();
+    tokio::spawn({
+        let admin_stop = admin_stop.clone();
+        async move {
+            upgraded.cancelled().await;
+            wsproxy::admin::keep_socket_file();
+            admin_stop.cancel();
+        }
+    });
+    server.serving().await;
+    let upgrades = match takeover {
+        None => {
+            notify(&[sd_notify::NotifyState::Ready]);
+            tokio::spawn(wsproxy::upgrade::serve(server.clone(), stop.clone()))
+        }
+        Some(t) => {
+            // This process is the service's main process from now on (NotifyAccess=all).
+            notify(&[
+                sd_notify::NotifyState::MainPid(std::process::id()),
+                sd_notify::NotifyState::Ready,
+            ]);
+            let (server, stop) = (server.clone(), stop.clone());
+            tokio::spawn(async move {
+                t.run(server.clone()).await;
+                wsproxy::upgrade::serve(server, stop).await;
+            })
+        }
+    };
+    let _ = serving.await;
+    if server.upgraded() {
+        // The hand-over of the last connections, then Done.
+        let _ = upgrades.await;
+    }
     admin_stop.cancel();
     // It closes its connections and removes its socket file (a Unix socket) before it ends.
     if let Some(t) = admin_task {
@@ -158,11 +232,31 @@ async fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `wsproxy upgrade`: asks the running proxy (the `upgrade.socket` of FILE) to upgrade.
+fn upgrade(path: &Path) -> Result<ExitCode, Failure> {
+    let config = wsproxy::Config::load(path).map_err(|e| Failure(EXIT_CONFIG, e.to_string()))?;
+    let u = config.upgrade.ok_or_else(|| {
+        Failure(
+            EXIT_FAILURE,
+            format!("{}: upgrade.socket is not set; upgrades are off", path.display()),
+        )
+    })?;
+    let limit = u.timeout + wsproxy::upgrade::REQUEST_MARGIN;
+    match runtime()?.block_on(wsproxy::upgrade::request(&u.socket, limit)) {
+        Ok(message) => {
+            println!("{message}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(Failure(EXIT_FAILURE, format!("upgrade failed: {e}"))),
+    }
+}
+
 /// The proxy's signal handlers.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -171,6 +265,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -180,9 +275,15 @@ impl Signals {
             mut term,
             mut int,
             mut hup,
+            mut usr2,
         } = self;
         loop {
             tokio::select! {
+                _ = usr2.recv() => {
+                    tracing::info!("SIGUSR2: upgrading");
+                    server.request_upgrade();
+                    continue;
+                }
                 _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
                 _ = int.recv() => tracing::info!("SIGINT: shutting down"),
                 _ = hup.recv() => {

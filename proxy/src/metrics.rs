@@ -32,8 +32,16 @@ pub const KERNEL_RELAY_REPEATED_BYTES: &str = "wsproxy_kernel_relay_repeated_byt
 pub const KERNEL_RELAY_PASSED_BYTES: &str = "wsproxy_kernel_relay_passed_bytes";
 pub const PROXY_PROTOCOL_REFUSED: &str = "wsproxy_proxy_protocol_refused";
 pub const UPSTREAM_RESOLVE_FAILURES: &str = "wsproxy_upstream_resolve_failures";
+pub const UPGRADES: &str = "wsproxy_upgrades";
+pub const KERNEL_RELAY_MAP_ENTRIES: &str = "wsproxy_kernel_relay_map_entries";
 pub const TLS_HANDSHAKE_FAILURES: &str = "wsproxy_tls_handshake_failures";
 pub const TLS_CERTIFICATE_EXPIRY: &str = "wsproxy_tls_certificate_expiry_seconds";
+pub const CLUSTER_STORE_SECONDS: &str = "wsproxy_cluster_store_seconds";
+pub const CLUSTER_STORE_ERRORS: &str = "wsproxy_cluster_store_errors";
+pub const CLUSTER_STORE_UP: &str = "wsproxy_cluster_store_up";
+pub const CLUSTER_REFUSED: &str = "wsproxy_cluster_refused";
+pub const CLUSTER_UNCHECKED: &str = "wsproxy_cluster_unchecked";
+pub const CLUSTER_LEASES: &str = "wsproxy_cluster_leases";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RelayLabels {
@@ -92,6 +100,11 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -99,6 +112,30 @@ struct ResultLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpReasonLabels {
+    op: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    store: String,
+}
+
+/// A histogram family whose histograms all have the same buckets.
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn store_latency() -> Histogram {
+    // 50 µs to about 1.6 s: a call on loopback takes some 100 µs; the deadline is a few ms.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
 }
 
 /// Why the admin listener refused a request or closed a connection, as counted in
@@ -150,6 +187,8 @@ pub enum HandshakeOutcome {
     ConnectionLimited,
     /// 503: the service holds `limits.max_connections` connections.
     ServiceFull,
+    /// 503: the cluster store cannot be asked and `on_store_error = "deny"`.
+    StoreUnavailable,
     /// An upstream answered, but not with a valid 101: closed without an answer.
     UpstreamError,
     /// Every upstream timed out: 400.
@@ -168,6 +207,7 @@ impl HandshakeOutcome {
             HandshakeOutcome::RateLimited => ("rate_limited", 429),
             HandshakeOutcome::ConnectionLimited => ("connection_limited", 429),
             HandshakeOutcome::ServiceFull => ("service_full", 503),
+            HandshakeOutcome::StoreUnavailable => ("store_unavailable", 503),
             HandshakeOutcome::UpstreamError => ("upstream_error", 0),
             HandshakeOutcome::UpstreamTimeout => ("upstream_timeout", 400),
             HandshakeOutcome::NoUpstream => ("all_upstreams_down", 400),
@@ -237,7 +277,10 @@ pub struct Metrics {
     proxy_protocol_refused: Family<ReasonLabels, Counter>,
     resolve_failures: Family<NameLabels, Counter>,
     tls_failures: Family<ServiceReasonLabels, Counter>,
+    upgrades: Family<ResultLabels, Counter>,
+    map_entries: Family<MapLabels, Gauge>,
     tls_expiry: Family<ServiceLabels, Gauge>,
+    cluster: ClusterMetrics,
     /// Names whose last resolution failed (for logging state changes only).
     resolve_failing: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Every service that has had series, for [`Metrics::totals`].
@@ -273,7 +316,17 @@ impl Metrics {
             proxy_protocol_refused: Family::default(),
             resolve_failures: Family::default(),
             tls_failures: Family::default(),
+            upgrades: Family::default(),
+            map_entries: Family::default(),
             tls_expiry: Family::default(),
+            cluster: ClusterMetrics {
+                seconds: Family::new_with_constructor(store_latency),
+                errors: Family::default(),
+                up: Family::default(),
+                refused: Family::default(),
+                unchecked: Family::default(),
+                leases: Gauge::default(),
+            },
             resolve_failing: Default::default(),
             services: Default::default(),
         };
@@ -355,6 +408,16 @@ impl Metrics {
             m.resolve_failures.clone(),
         );
         r.register(
+            KERNEL_RELAY_MAP_ENTRIES,
+            "Entries in the kernel relay's maps (sockets, states, credits), read at each scrape; all 0 when no pair is relayed in the kernel",
+            m.map_entries.clone(),
+        );
+        r.register(
+            UPGRADES,
+            "Binary upgrades this process started, by result (ok: a successor took over)",
+            m.upgrades.clone(),
+        );
+        r.register(
             TLS_HANDSHAKE_FAILURES,
             "Failed TLS handshakes, by service (empty before one is known) and reason",
             m.tls_failures.clone(),
@@ -369,10 +432,42 @@ impl Metrics {
             "Connections closed before their first HTTP byte for their PROXY protocol header, by reason",
             m.proxy_protocol_refused.clone(),
         );
+        let c = &m.cluster;
+        r.register(
+            CLUSTER_STORE_SECONDS,
+            "Calls to the cluster limits' store (Redis), by operation (admit, renew, release, probe), answered or not",
+            c.seconds.clone(),
+        );
+        r.register(
+            CLUSTER_STORE_ERRORS,
+            "Calls to the cluster store that failed, by operation and reason (timeout, connection, response; down: not tried while the store is marked down)",
+            c.errors.clone(),
+        );
+        r.register(
+            CLUSTER_STORE_UP,
+            "1 while the cluster store answers, 0 while it is marked down (on_store_error decides meanwhile)",
+            c.up.clone(),
+        );
+        r.register(
+            CLUSTER_REFUSED,
+            "Handshakes refused by the cluster limits, by service and reason (rate, connections, store_error)",
+            c.refused.clone(),
+        );
+        r.register(
+            CLUSTER_UNCHECKED,
+            "Handshakes admitted without the store's answer (on_store_error = \"allow\"), by service",
+            c.unchecked.clone(),
+        );
+        r.register(
+            CLUSTER_LEASES,
+            "Connection leases this node holds in the cluster store (its open connections under a cluster cap)",
+            c.leases.clone(),
+        );
         // Zero series exist from the start, so that rates and alerts work before the first event
         // (a service's from when it is configured: `service_added`).
         for result in ["ok", "error"] {
             let _ = m.reloads.get_or_create(&ResultLabels { result });
+            let _ = m.upgrades.get_or_create(&ResultLabels { result });
         }
         for r in AdminRefusal::ALL {
             let _ = m.admin_refused.get_or_create(&ReasonLabels { reason: r.as_str() });
@@ -471,6 +566,20 @@ impl Metrics {
         self.kernel_relay.set(i64::from(available));
     }
 
+    pub fn kernel_map_entries(&self, [sockets, states, credits]: [usize; 3]) {
+        for (map, n) in [("sockets", sockets), ("states", states), ("credits", credits)] {
+            self.map_entries.get_or_create(&MapLabels { map }).set(n as i64);
+        }
+    }
+
+    pub fn upgrade(&self, ok: bool) {
+        self.upgrades
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
     pub fn reload(&self, ok: bool) {
         self.reloads
             .get_or_create(&ResultLabels {
@@ -507,6 +616,11 @@ impl Metrics {
         self.proxy_protocol_refused
             .get_or_create(&ReasonLabels { reason: r.as_str() })
             .inc();
+    }
+
+    /// The cluster limits' metrics, for a store client to keep.
+    pub(crate) fn cluster(&self) -> ClusterMetrics {
+        self.cluster.clone()
     }
 
     /// The relay totals, read back from the metrics.
@@ -553,6 +667,87 @@ impl Metrics {
             }
         }
         t
+    }
+}
+
+/// The operations on the cluster store, as labelled in [`CLUSTER_STORE_SECONDS`].
+pub const CLUSTER_OPS: [&str; 4] = ["admit", "renew", "release", "probe"];
+/// Why a call to the cluster store failed, as labelled in [`CLUSTER_STORE_ERRORS`].
+pub const CLUSTER_ERRORS: [&str; 4] = ["timeout", "connection", "response", "down"];
+/// Why the cluster limits refused a handshake, as labelled in [`CLUSTER_REFUSED`].
+pub const CLUSTER_REFUSALS: [&str; 3] = ["rate", "connections", "store_error"];
+
+/// The cluster limits' metrics: handles on the series of one [`Metrics`], kept by the store
+/// client (its background task records renewals and releases).
+#[derive(Clone)]
+pub(crate) struct ClusterMetrics {
+    seconds: Histograms<OpLabels>,
+    errors: Family<OpReasonLabels, Counter>,
+    up: Family<StoreLabels, Gauge>,
+    refused: Family<ServiceReasonLabels, Counter>,
+    unchecked: Family<ServiceLabels, Counter>,
+    leases: Gauge,
+}
+
+impl ClusterMetrics {
+    /// A store client starts: its series, and its service's, exist from now on.
+    pub fn store_added(&self, store: &str, service: &str) {
+        for op in CLUSTER_OPS {
+            let _ = self.seconds.get_or_create(&OpLabels { op });
+            // Only admissions are counted as "down" (not tried); the task's calls wait for it.
+            for reason in CLUSTER_ERRORS.into_iter().filter(|r| *r != "down" || op == "admit") {
+                let _ = self.errors.get_or_create(&OpReasonLabels { op, reason });
+            }
+        }
+        self.store_up(store, true);
+        for reason in CLUSTER_REFUSALS {
+            let _ = self.refused.get_or_create(&ServiceReasonLabels {
+                service: service.to_owned(),
+                reason,
+            });
+        }
+        let _ = self.unchecked.get_or_create(&ServiceLabels {
+            service: service.to_owned(),
+        });
+    }
+
+    /// One call to the store, answered or not, and how long it took.
+    pub fn call(&self, op: &'static str, seconds: f64) {
+        self.seconds.get_or_create(&OpLabels { op }).observe(seconds);
+    }
+
+    pub fn error(&self, op: &'static str, reason: &'static str) {
+        self.errors.get_or_create(&OpReasonLabels { op, reason }).inc();
+    }
+
+    pub fn store_up(&self, store: &str, up: bool) {
+        self.up
+            .get_or_create(&StoreLabels {
+                store: store.to_owned(),
+            })
+            .set(i64::from(up));
+    }
+
+    pub fn refused(&self, service: &str, reason: &'static str) {
+        self.refused
+            .get_or_create(&ServiceReasonLabels {
+                service: service.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn unchecked(&self, service: &str) {
+        self.unchecked
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Leases taken (+1) or given back (-1) by this node.
+    pub fn leases(&self, delta: i64) {
+        self.leases.inc_by(delta);
     }
 }
 
@@ -628,6 +823,18 @@ impl Scoped<'_> {
             })
             .dec();
         self.metrics.fallbacks.inc();
+    }
+
+    /// A connection a relay let go of for a handover to a successor process (which counts it
+    /// as started again).
+    pub fn relay_moved(&self, mode: Mode) {
+        self.metrics
+            .open
+            .get_or_create(&RelayLabels {
+                service: self.service.to_owned(),
+                relay: mode.as_str(),
+            })
+            .dec();
     }
 
     /// A connection the userspace relay hands to the kernel relay (`relay.mode = "auto"`); the
@@ -772,6 +979,33 @@ mod tests {
         assert!(text.contains("wsproxy_kernel_relay_repeated_bytes_total 14"), "{text}");
         assert_eq!(t.passed, 6);
         assert!(text.contains("wsproxy_kernel_relay_passed_bytes_total 6"), "{text}");
+    }
+
+    #[test]
+    fn cluster_series_exist_once_a_store_starts() {
+        let metrics = Metrics::new();
+        assert!(metrics.encode().contains("wsproxy_cluster_leases 0"));
+        let c = metrics.cluster();
+        c.store_added("redis://127.0.0.1:6390/", "chat");
+        c.call("admit", 0.0002);
+        c.error("admit", "timeout");
+        c.refused("chat", "rate");
+        c.leases(2);
+        c.leases(-1);
+        let text = metrics.encode();
+        for series in [
+            "wsproxy_cluster_store_up{store=\"redis://127.0.0.1:6390/\"} 1",
+            "wsproxy_cluster_store_errors_total{op=\"admit\",reason=\"timeout\"} 1",
+            "wsproxy_cluster_store_errors_total{op=\"renew\",reason=\"timeout\"} 0",
+            "wsproxy_cluster_store_errors_total{op=\"admit\",reason=\"down\"} 0",
+            "wsproxy_cluster_refused_total{service=\"chat\",reason=\"rate\"} 1",
+            "wsproxy_cluster_refused_total{service=\"chat\",reason=\"store_error\"} 0",
+            "wsproxy_cluster_unchecked_total{service=\"chat\"} 0",
+            "wsproxy_cluster_store_seconds_count{op=\"admit\"} 1",
+            "wsproxy_cluster_leases 1",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::{balance, config, health, limits};
+use crate::{balance, cluster, config, health, limits};
 
 /// What a service keeps across reloads, while its name stays in the configuration.
 pub(crate) struct State {
@@ -13,6 +13,10 @@ pub(crate) struct State {
     pub health: health::Health,
     /// Open connections per upstream (least-connections).
     pub load: Arc<balance::Load>,
+    /// The client of the limits the service shares with its fleet (`[cluster]`): the store
+    /// connection and this node's leases, kept across reloads (a reload that changes the
+    /// store's URL moves new connections to the new store; open ones keep their leases).
+    pub cluster: cluster::Cluster,
 }
 
 impl State {
@@ -21,6 +25,7 @@ impl State {
             limiter: limits::Limiter::new(s.limits.clone()),
             health: health::Health::new(s.name.clone(), s.upstreams.health.clone()),
             load: Arc::default(),
+            cluster: cluster::Cluster::default(),
         })
     }
 }

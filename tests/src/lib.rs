@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -236,6 +236,45 @@ pub async fn echo_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(wsproxy::echo::serve(listener, std::future::pending()));
+    addr
+}
+
+/// Reads a request head from `s` and answers it with a valid 101 for its key; false when the
+/// peer closed (or failed) first.
+pub async fn accept_upgrade(s: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> bool {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while find(&head, b"\r\n\r\n").is_none() {
+        if s.read(&mut b).await.unwrap_or(0) == 0 {
+            return false;
+        }
+        head.push(b[0]);
+    }
+    let key = header(&String::from_utf8_lossy(&head), "sec-websocket-key").unwrap_or_default();
+    let answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        wsproxy::upstream::accept_key(&key)
+    );
+    s.write_all(answer.as_bytes()).await.is_ok() && s.flush().await.is_ok()
+}
+
+/// An upstream that upgrades every request, then echoes raw bytes without keeping them (for
+/// many long connections; [`Upstream`] keeps what it saw).
+pub async fn raw_echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if accept_upgrade(&mut s).await {
+                    let (mut r, mut w) = s.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
     addr
 }
 
@@ -496,6 +535,7 @@ pub fn client_ip(n: u32) -> IpAddr {
 }
 
 pub mod fleet;
+pub mod redis_kit;
 pub mod relay_kit;
 pub mod tls_kit;
 

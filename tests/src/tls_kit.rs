@@ -104,6 +104,13 @@ impl TestCa {
     }
 }
 
+impl Drop for TestCa {
+    /// Its files go with it: every test makes its own.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A TLS connection to `to` asking for `name` with client configuration `config`.
 pub async fn connect_with(
     config: Arc<rustls::ClientConfig>,
@@ -112,7 +119,11 @@ pub async fn connect_with(
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = within("a TCP connect", TcpStream::connect(to)).await?;
     let name = ServerName::try_from(name.to_string()).unwrap();
-    within("a TLS handshake", tokio_rustls::TlsConnector::from(config).connect(name, tcp)).await
+    within(
+        "a TLS handshake",
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
 }
 
 /// The subject alternative DNS names of the certificate a TLS connection got.

@@ -401,6 +401,39 @@ async fn req1_connection_closed_by_the_shutdown_drain_is_counted() {
     proxy.stop().await;
 }
 
+/// `listen.close_spread`: the connections a drain ends close over the window, not at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req1_connections_a_drain_ends_close_spread_over_the_window() {
+    let up = Upstream::start(Script::Upgrade { after: Vec::new() }).await;
+    let extra = "[listen]\ndrain_timeout = \"300ms\"\nclose_spread = \"2s\"\n[limits]\nrequests_per_second = 1000.0\nburst = 1000\n";
+    let mut proxy = Proxy::start(&config(&[up.addr], &[], extra)).await;
+    let mut open = Vec::new();
+    for i in 0..40 {
+        let mut s = connect_from(client_ip(1 + i), proxy.addr).await;
+        try_upgrade(&mut s, "/").await.unwrap();
+        open.push(s);
+    }
+    let stopping = Instant::now();
+    proxy.begin_stop();
+    let closes = futures_util::future::join_all(open.into_iter().map(|mut s| async move {
+        read_to_close(&mut s).await;
+        stopping.elapsed()
+    }))
+    .await;
+    let (first, last) = (closes.iter().min().unwrap(), closes.iter().max().unwrap());
+    assert!(
+        *first >= Duration::from_millis(300),
+        "closed before the drain's end: {first:?}"
+    );
+    assert!(
+        *last - *first >= Duration::from_secs(1),
+        "40 closes within {:?}: not spread over the 2 s window",
+        *last - *first
+    );
+    assert!(*last <= Duration::from_millis(300 + 2000 + 1000), "{last:?}");
+    proxy.wait_stopped(Duration::from_secs(10)).await;
+}
+
 #[tokio::test]
 async fn req1_admin_listener_off_without_address() {
     let echo = echo_upstream().await;
@@ -454,6 +487,9 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("listen", "address"),
         ("listen", "max_connections"),
         ("listen", "drain_timeout"),
+        ("listen", "close_spread"),
+        ("upgrade", "socket"),
+        ("upgrade", "timeout"),
         ("listen.proxy_protocol", "trusted"),
         ("listen.proxy_protocol", "header_timeout"),
         ("admin", "address"),
@@ -529,6 +565,14 @@ fn req1_shipped_config_documents_every_daemon_option() {
         ("relay", "client_rcvbuf"),
         ("relay", "upstream_sndbuf"),
         ("relay", "upstream_rcvbuf"),
+        ("cluster", "url"),
+        ("cluster", "key_prefix"),
+        ("cluster", "requests_per_second"),
+        ("cluster", "burst"),
+        ("cluster", "max_connections_per_ip"),
+        ("cluster", "lease_ttl"),
+        ("cluster", "timeout"),
+        ("cluster", "on_store_error"),
     ];
     let missing: Vec<String> = wanted
         .iter()

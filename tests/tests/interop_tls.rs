@@ -202,7 +202,6 @@ async fn python_websockets_over_wss_echoes_text_and_binary_up_to_4_mib_with_ever
         t.client_to_upstream[1], t.upstream_to_client[1]
     ));
     p.stop().await;
-    let _ = std::fs::remove_dir_all(&ca.dir);
 }
 
 #[tokio::test]
@@ -229,7 +228,6 @@ async fn node_ws_over_wss_with_compression_subprotocols_pings_and_close_codes() 
         t.client_to_upstream[1], t.upstream_to_client[1]
     ));
     p.stop().await;
-    let _ = std::fs::remove_dir_all(&ca.dir);
 }
 
 #[tokio::test]
@@ -240,7 +238,7 @@ async fn chromium_over_wss_echoes_text_and_binary_up_to_16_mib_and_a_close_code(
     // The page comes from Node's echo server over plain http, as in the Chromium interop test;
     // only its WebSocket is wss, to the proxy.
     let (_server, upstream) = interop_kit::node_echo_server().await;
-    let (ca, leaf, p) = wss_proxy("chromium", upstream).await;
+    let (_ca, leaf, p) = wss_proxy("chromium", upstream).await;
     let flags = [
         // The name is on loopback for this browser only.
         format!("--host-resolver-rules=MAP {NAME} {}", p.addr.ip()),
@@ -264,5 +262,4 @@ async fn chromium_over_wss_echoes_text_and_binary_up_to_16_mib_and_a_close_code(
     ));
     browser.close().await;
     p.stop().await;
-    let _ = std::fs::remove_dir_all(&ca.dir);
 }

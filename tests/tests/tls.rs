@@ -27,7 +27,14 @@ async fn upgrading() -> Upstream {
 
 /// A TLS `[[service]]` block on `listen` for `hosts`, serving `issued`, in front of `upstream`,
 /// with more `[service.tls]` lines.
-fn tls_service(name: &str, listen: &str, hosts: &[&str], issued: &Issued, upstream: SocketAddr, tls_more: &str) -> String {
+fn tls_service(
+    name: &str,
+    listen: &str,
+    hosts: &[&str],
+    issued: &Issued,
+    upstream: SocketAddr,
+    tls_more: &str,
+) -> String {
     let hosts = hosts.iter().map(|h| format!("{h:?}")).collect::<Vec<_>>().join(", ");
     format!(
         "[[service]]\nname = \"{name}\"\nlisten = [\"{listen}\"]\nhosts = [{hosts}]\n\
@@ -108,12 +115,22 @@ async fn the_client_hello_name_picks_the_service_and_its_certificate() {
 #[tokio::test]
 async fn a_default_certificate_answers_unknown_names_and_hellos_without_one() {
     let ca = TestCa::new("default");
-    let (a_cert, d_cert) = (ca.issue("a", &["a.test"]), ca.issue("d", &["default.test", "127.0.0.1"]));
+    let (a_cert, d_cert) = (
+        ca.issue("a", &["a.test"]),
+        ca.issue("d", &["default.test", "127.0.0.1"]),
+    );
     let up = upgrading().await;
     let text = [
         OPEN.to_string(),
         tls_service("a", "127.0.0.1:0", &["a.test"], &a_cert, up.addr, ""),
-        tls_service("d", "127.0.0.1:0", &["default.test"], &d_cert, up.addr, "default_certificate = true\n"),
+        tls_service(
+            "d",
+            "127.0.0.1:0",
+            &["default.test"],
+            &d_cert,
+            up.addr,
+            "default_certificate = true\n",
+        ),
     ]
     .concat();
     let proxy = Proxy::start_services(&text).await;
@@ -125,7 +142,9 @@ async fn a_default_certificate_answers_unknown_names_and_hellos_without_one() {
         .dangerous()
         .set_certificate_verifier(Arc::new(AnyCertificate(wsproxy::config::provider())));
     let any = Arc::new(config);
-    let s = wsproxy_tests::tls_kit::connect_with(Arc::clone(&any), proxy.addr, "c.test").await.unwrap();
+    let s = wsproxy_tests::tls_kit::connect_with(Arc::clone(&any), proxy.addr, "c.test")
+        .await
+        .unwrap();
     let d_der = CertificateDer::from_pem_file(&d_cert.certificate).unwrap();
     assert_eq!(names(s.get_ref().1), d_der.to_vec());
     // An IP address sends no SNI at all: the default certificate too, and it is valid for it.
@@ -212,7 +231,14 @@ async fn openssl_sees_the_versions_alpn_name_and_resumption() {
     let text = [
         OPEN.to_string(),
         tls_service("a", "127.0.0.1:0", &["a.test"], &a_cert, up.addr, ""),
-        tls_service("m", "127.0.0.2:0", &["modern.test"], &m_cert, up.addr, "min_version = \"1.3\"\n"),
+        tls_service(
+            "m",
+            "127.0.0.2:0",
+            &["modern.test"],
+            &m_cert,
+            up.addr,
+            "min_version = \"1.3\"\n",
+        ),
     ]
     .concat();
     let proxy = Proxy::start_services(&text).await;
@@ -224,7 +250,10 @@ async fn openssl_sees_the_versions_alpn_name_and_resumption() {
         assert!(out.contains(&format!("New, {shown}")), "{version}: {out}");
         assert!(out.contains("Verify return code: 0 (ok)"), "{version}: {out}");
         assert!(out.contains("ALPN protocol: http/1.1"), "{version}: {out}");
-        assert!(out.contains("subject=CN=a.test") || out.contains("subject=CN = a.test"), "{version}: {out}");
+        assert!(
+            out.contains("subject=CN=a.test") || out.contains("subject=CN = a.test"),
+            "{version}: {out}"
+        );
     }
     // The service of modern.test accepts TLS 1.3 only.
     let out = s_client(m, &["-servername", "modern.test", "-tls1_2", "-brief"], "").await;
@@ -265,7 +294,11 @@ async fn per_client_limits_refuse_before_any_tls_handshake() {
         1.0,
         "{err}"
     );
-    assert_eq!(m.sum("wsproxy_tls_handshake_failures_total", &[]), 0.0, "no handshake was begun");
+    assert_eq!(
+        m.sum("wsproxy_tls_handshake_failures_total", &[]),
+        0.0,
+        "no handshake was begun"
+    );
     proxy.stop().await;
 }
 
@@ -299,7 +332,14 @@ async fn hostile_tls_input_is_closed_cleanly_and_honest_clients_are_served() {
     let up = upgrading().await;
     let text = [
         OPEN.to_string(),
-        tls_service("a", "127.0.0.1:0", &["a.test"], &cert, up.addr, "handshake_timeout = \"1s\"\n"),
+        tls_service(
+            "a",
+            "127.0.0.1:0",
+            &["a.test"],
+            &cert,
+            up.addr,
+            "handshake_timeout = \"1s\"\n",
+        ),
     ]
     .concat();
     let proxy = Proxy::start_services(&text).await;
@@ -323,7 +363,10 @@ async fn hostile_tls_input_is_closed_cleanly_and_honest_clients_are_served() {
     }
     let mut first = [0u8; 1];
     within("a ServerHello", s.read_exact(&mut first)).await.unwrap();
-    assert_eq!(first[0], 0x16, "a handshake record answers a ClientHello, however it came");
+    assert_eq!(
+        first[0], 0x16,
+        "a handshake record answers a ClientHello, however it came"
+    );
     drop(s);
     // Half a ClientHello, then nothing: closed at the handshake timeout, counted.
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
@@ -386,7 +429,11 @@ async fn certificates_replaced_on_disk_under_100_open_wss_connections() {
     let ca = TestCa::new("reload");
     let cert = ca.issue("a", &["a.test"]);
     let up = upgrading().await;
-    let text = [OPEN.to_string(), tls_service("a", "127.0.0.1:0", &["a.test"], &cert, up.addr, "")].concat();
+    let text = [
+        OPEN.to_string(),
+        tls_service("a", "127.0.0.1:0", &["a.test"], &cert, up.addr, ""),
+    ]
+    .concat();
     let proxy = Proxy::start_services(&text).await;
     let mut open = Vec::new();
     for i in 0..100u64 {
@@ -424,6 +471,35 @@ async fn certificates_replaced_on_disk_under_100_open_wss_connections() {
         "no open connection ended"
     );
     assert!(m.value("wsproxy_tls_certificate_expiry_seconds", &[("service", "a")]) > 0.0);
+    // A reload that names other files: new handshakes get that certificate, open connections
+    // stay; one that names a mismatched pair is refused whole, naming the service and file.
+    let other = ca.issue("v3", &["a.test", "v3.a.test"]);
+    let reloaded = [
+        OPEN.to_string(),
+        "[listen]\ndrain_timeout = \"1s\"\n".to_string(),
+        tls_service("a", "127.0.0.1:0", &["a.test"], &other, up.addr, ""),
+    ]
+    .concat();
+    // The same listener as configured ("127.0.0.1:0"): nothing is bound again.
+    let config = wsproxy::Config::parse(&reloaded, "t").unwrap();
+    proxy.server.apply(config).unwrap();
+    let s = ca.connect(proxy.addr, "a.test").await.unwrap();
+    assert!(peer_names(&s).contains(&"v3.a.test".to_string()));
+    let mismatched = Issued {
+        certificate: other.certificate.clone(),
+        key: cert.key.clone(),
+    };
+    let bad = [
+        OPEN.to_string(),
+        tls_service("a", "127.0.0.1:0", &["a.test"], &mismatched, up.addr, ""),
+    ]
+    .concat();
+    let e = wsproxy::Config::parse(&bad, "t").unwrap_err();
+    assert!(e.problems[0].starts_with("service \"a\": tls.key:"), "{e}");
+    for (i, s) in open.iter_mut().enumerate() {
+        echo_checked(s, i as u64, 8192, 4096).await;
+    }
+    drop(open);
     proxy.stop().await;
 }
 
@@ -454,22 +530,9 @@ async fn tls_upstream(issued: &Issued) -> (SocketAddr, mpsc::UnboundedReceiver<O
                     return;
                 };
                 let _ = tx.send(s.get_ref().1.server_name().map(str::to_string));
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while find(&head, b"\r\n\r\n").is_none() {
-                    if s.read(&mut b).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(b[0]);
+                if !wsproxy_tests::accept_upgrade(&mut s).await {
+                    return;
                 }
-                let key = header(&String::from_utf8_lossy(&head), "sec-websocket-key").unwrap_or_default();
-                let answer = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                     Sec-WebSocket-Accept: {}\r\n\r\n",
-                    wsproxy::upstream::accept_key(&key)
-                );
-                let _ = s.write_all(answer.as_bytes()).await;
-                let _ = s.flush().await;
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n) = s.read(&mut buf).await {
                     if n == 0 || s.write_all(&buf[..n]).await.is_err() || s.flush().await.is_err() {
@@ -498,7 +561,12 @@ async fn tls_to_upstreams_verified_refused_or_explicitly_unverified() {
     };
     let text = [
         OPEN.to_string(),
-        service("verified", "127.0.0.1:0", &format!("{{ address = \"{up}\" }}"), &format!("ca_file = \"{ca_file}\"")),
+        service(
+            "verified",
+            "127.0.0.1:0",
+            &format!("{{ address = \"{up}\" }}"),
+            &format!("ca_file = \"{ca_file}\""),
+        ),
         // The first upstream's certificate is from another CA: refused, counted, the next tried.
         service(
             "failover",
@@ -506,7 +574,12 @@ async fn tls_to_upstreams_verified_refused_or_explicitly_unverified() {
             &format!("{{ address = \"{odd}\" }}, {{ address = \"{up}\" }}"),
             &format!("ca_file = \"{ca_file}\""),
         ),
-        service("unverified", "127.0.0.3:0", &format!("{{ address = \"{odd}\" }}"), "verify = false"),
+        service(
+            "unverified",
+            "127.0.0.3:0",
+            &format!("{{ address = \"{odd}\" }}"),
+            "verify = false",
+        ),
     ]
     .concat();
     let proxy = Proxy::start_services(&text).await;
@@ -515,9 +588,16 @@ async fn tls_to_upstreams_verified_refused_or_explicitly_unverified() {
         assert_eq!(upgrade(&mut s, "any.test").await, 101, "{listen}");
         echo_checked(&mut s, i as u64, 0, 200_000).await;
     }
-    assert_eq!(within("the upstream's SNI", names.recv()).await.unwrap().as_deref(), Some("up.test"));
+    assert_eq!(
+        within("the upstream's SNI", names.recv()).await.unwrap().as_deref(),
+        Some("up.test")
+    );
     let m = Exposition::parse(&proxy.server.metrics_text());
-    let tls_failed = [("service", "failover"), ("upstream", &*odd.to_string()), ("reason", "tls")];
+    let tls_failed = [
+        ("service", "failover"),
+        ("upstream", &*odd.to_string()),
+        ("reason", "tls"),
+    ];
     assert_eq!(m.value("wsproxy_upstream_failures_total", &tls_failed), 1.0);
     proxy.stop().await;
 }

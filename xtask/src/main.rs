@@ -2,6 +2,7 @@
 
 mod bench;
 mod cargo;
+mod cluster;
 mod cmd;
 mod ebpf;
 mod fuzz;
@@ -41,6 +42,13 @@ enum Task {
     },
     /// Set up if needed, build, then run the proxy on config/wsproxy.toml with two echo upstreams
     Run {
+        /// Build and run with the release profile
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up if needed, build, then run a fleet: Redis on 127.0.0.1:6390, three proxies on
+    /// 127.0.0.11-13:8080 sharing cluster limits in it, two echo upstreams
+    Cluster {
         /// Build and run with the release profile
         #[arg(long)]
         release: bool,
@@ -105,6 +113,11 @@ fn dispatch(task: Task) -> Result<ExitCode> {
             prepare(&root)?;
             cargo::build(&root, release)?;
             return run::run(&root, &cargo::wsproxy_binary(&root, release));
+        }
+        Task::Cluster { release } => {
+            prepare(&root)?;
+            cargo::build(&root, release)?;
+            return cluster::cluster(&root, &cargo::wsproxy_binary(&root, release));
         }
         Task::Bench { quick, args } => {
             prepare(&root)?;

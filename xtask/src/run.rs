@@ -22,17 +22,17 @@ pub const CONFIG: &str = "config/wsproxy.toml";
 pub const PROXY_ADDR: &str = "127.0.0.1:8080";
 pub const UPSTREAMS: [(&str, &str); 2] = [("127.0.0.1:9001", "main"), ("127.0.0.1:9002", "backup")];
 
-const POLL: Duration = Duration::from_millis(100);
+pub const POLL: Duration = Duration::from_millis(100);
 const GRACE: Duration = Duration::from_secs(10);
 
 /// Signals received (SIGINT, SIGTERM, SIGHUP); written only by the handler.
-static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+pub static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn on_signal(_: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
 
-fn catch_signals() {
+pub fn catch_signals() {
     let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only touches an atomic, which is async-signal-safe.
@@ -40,14 +40,14 @@ fn catch_signals() {
     }
 }
 
-struct Proc {
-    name: String,
+pub struct Proc {
+    pub name: String,
     child: Child,
-    status: Option<ExitStatus>,
+    pub status: Option<ExitStatus>,
 }
 
 impl Proc {
-    fn spawn(name: String, binary: &Path, args: &[&str], envs: &[(&str, &Path)], root: &Path) -> Result<Self> {
+    pub fn spawn(name: String, binary: &Path, args: &[&str], envs: &[(&str, &Path)], root: &Path) -> Result<Self> {
         let child = Command::new(binary)
             .args(args)
             .envs(envs.iter().copied())
@@ -63,7 +63,7 @@ impl Proc {
     }
 
     /// Records the exit status once the child has ended; true if it has.
-    fn poll(&mut self) -> Result<bool> {
+    pub fn poll(&mut self) -> Result<bool> {
         if self.status.is_none() {
             self.status = self
                 .child
@@ -146,13 +146,13 @@ fn start_all(root: &Path, binary: &Path, notify: &Path, procs: &mut Vec<Proc>) -
 }
 
 /// The socket wsproxy reports its readiness to (sd_notify), removed when dropped.
-struct Readiness {
+pub struct Readiness {
     sock: UnixDatagram,
-    path: PathBuf,
+    pub path: PathBuf,
 }
 
 impl Readiness {
-    fn bind() -> Result<Self> {
+    pub fn bind() -> Result<Self> {
         let path = std::env::temp_dir().join(format!("wsproxy-xtask-run-{}.notify", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let sock = UnixDatagram::bind(&path).with_context(|| format!("binding {}", path.display()))?;
@@ -162,7 +162,7 @@ impl Readiness {
     }
 
     /// True once a `READY=1` message has arrived; waits at most one poll interval.
-    fn ready(&self) -> bool {
+    pub fn ready(&self) -> bool {
         let mut buf = [0u8; 512];
         self.sock.recv(&mut buf).is_ok_and(|n| is_ready(&buf[..n]))
     }
@@ -239,7 +239,7 @@ fn supervise(procs: &mut [Proc]) -> Result<Ended> {
 }
 
 /// SIGTERM to every child still running, SIGKILL after the grace period or another signal.
-fn stop_all(procs: &mut [Proc]) -> Result<()> {
+pub fn stop_all(procs: &mut [Proc]) -> Result<()> {
     for proc in procs.iter_mut() {
         proc.signal(libc::SIGTERM);
     }

@@ -3,7 +3,8 @@
 //! - the nightly toolchain with `rust-src` (aya-build compiles the eBPF crate with `-Z build-std`)
 //! - the Debian packages of LLVM 22 that `bpf-linker` links against, Node.js with its `ws` module
 //!   and Chromium (independent clients and a server for the interop tests), HAProxy (a real
-//!   PROXY protocol sender in front of the proxy in the tests)
+//!   PROXY protocol sender in front of the proxy in the tests), Redis (the store of the cluster
+//!   limits: the cluster tests start their own servers, `cargo xtask cluster` one for a fleet)
 //! - `bpf-linker`, built from crates.io against that LLVM
 //! - from PyPI: `websockets`, a WebSocket client to try the proxy with (`python3 -m websockets`)
 //!   and for the interop tests, and `kosoku`, a runner of the Autobahn cases
@@ -15,13 +16,14 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd::Cmd;
 
 pub const NIGHTLY: &str = "nightly";
-pub const DEBS: [&str; 6] = [
+pub const DEBS: [&str; 7] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "nodejs",
     "node-ws",
     "chromium",
     "haproxy",
+    "redis-server",
 ];
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// apt waits this long (seconds) for another install to release dpkg's lock instead of failing.
@@ -285,7 +287,7 @@ mod tests {
             lines(&all_present()),
             [
                 "setup: nightly toolchain with rust-src: ok",
-                "setup: Debian packages llvm-22-dev libpolly-22-dev nodejs node-ws chromium haproxy: ok",
+                "setup: Debian packages llvm-22-dev libpolly-22-dev nodejs node-ws chromium haproxy redis-server: ok",
                 "setup: bpf-linker: ok",
                 "setup: Python packages websockets kosoku: ok",
             ]
@@ -310,7 +312,7 @@ mod tests {
             [
                 "rustup component add rust-src --toolchain nightly",
                 "apt-get -o DPkg::Lock::Timeout=600 update",
-                "apt-get -o DPkg::Lock::Timeout=600 install -y llvm-22-dev libpolly-22-dev nodejs node-ws chromium haproxy",
+                "apt-get -o DPkg::Lock::Timeout=600 install -y llvm-22-dev libpolly-22-dev nodejs node-ws chromium haproxy redis-server",
                 "LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --locked \
                  --force --no-default-features --features llvm-22",
                 "python3 -m pip install --quiet --root-user-action=ignore websockets kosoku==0.1.0",

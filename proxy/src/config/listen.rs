@@ -25,6 +25,8 @@ pub(super) struct ListenFile {
     pub max_connections: usize,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub close_spread: Duration,
     /// The default of every service.
     pub proxy_protocol: Option<ProxyProtocolFile>,
 }
@@ -70,6 +72,7 @@ impl Default for ListenFile {
             address: None,
             max_connections: 50_000,
             drain_timeout: Duration::from_secs(30),
+            close_spread: Duration::ZERO,
             proxy_protocol: None,
         }
     }

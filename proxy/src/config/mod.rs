@@ -9,12 +9,14 @@
 //! settings a service is made of, `services` the `[[service]]` blocks and the rules between them.
 
 mod admin;
+mod cluster;
 mod listen;
 mod sections;
 mod services;
 #[cfg(test)]
 mod tests;
 mod tls;
+mod upgrade;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -22,10 +24,12 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use admin::{Admin, AdminAddress, Token};
+pub use cluster::{Cluster, OnStoreError};
 pub use listen::ProxyProtocol;
 pub use sections::*;
 pub use services::{HostPattern, Service};
 pub use tls::{Tls, TlsVersion, UpstreamTls, provider};
+pub use upgrade::Upgrade;
 
 /// The listener of a file without `[[service]]` blocks and without `listen.address`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -40,8 +44,13 @@ pub struct Config {
     /// At shutdown, and when a listener is removed, time open connections get to finish before
     /// they are closed.
     pub drain_timeout: Duration,
+    /// Connections still open when a drain ends are closed over this window, each at its own
+    /// moment (fixed by its request id), so that their clients do not reconnect at once.
+    pub close_spread: Duration,
     /// Admin listener (metrics, health, reload); `None`: off.
     pub admin: Option<Admin>,
+    /// Binary upgrades (`wsproxy upgrade`, SIGUSR2); `None`: off.
+    pub upgrade: Option<Upgrade>,
     /// At least one; names, and listener and host pairs, are unique.
     pub services: Vec<Service>,
 }
@@ -156,6 +165,14 @@ fn from_table(mut table: toml::Table) -> Result<Config, Vec<String>> {
     let mut p = Vec::new();
     let listen: listen::ListenFile = take(&mut table, "listen", "", &mut p).unwrap_or_default();
     let admin_file: admin::AdminFile = take(&mut table, "admin", "", &mut p).unwrap_or_default();
+    let upgrade_file: upgrade::UpgradeFile = take(&mut table, "upgrade", "", &mut p).unwrap_or_default();
+    let upgrade = upgrade_file.validate(&mut p);
+    if listen.close_spread > Duration::from_secs(3600) {
+        p.push(format!(
+            "listen.close_spread: must be at most 1h, got {:?}",
+            listen.close_spread
+        ));
+    }
     let blocks = table.remove("service");
     if listen.max_connections == 0 {
         p.push("listen.max_connections: must be at least 1".into());
@@ -202,7 +219,9 @@ fn from_table(mut table: toml::Table) -> Result<Config, Vec<String>> {
     Ok(Config {
         max_connections: listen.max_connections,
         drain_timeout: listen.drain_timeout,
+        close_spread: listen.close_spread,
         admin,
+        upgrade,
         services,
     })
 }

@@ -1,5 +1,5 @@
 //! The sections a service is made of (`[limits]`, `[handshake]`, `[headers]`, `[upstreams]`,
-//! `[relay]`, `[keepalive]`, `[access]`): their types as validated, as written, and their
+//! `[relay]`, `[keepalive]`, `[access]`, `[tls]`, `[cluster]`): their types as validated, as written, and their
 //! validation. The top level of the file holds their defaults; a `[[service]]` block overrides
 //! them key by key (`services`).
 
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::cluster::{Cluster, ClusterFile};
 use super::tls::{Tls, TlsFile, UpstreamTls, UpstreamTlsFile};
 use super::{is_field_value, is_token, networks};
 
@@ -75,6 +76,11 @@ pub struct Limits {
     /// Connections all clients of a service may hold open at once (0: no cap of its own;
     /// `listen.max_connections` still bounds the process).
     pub max_connections: u32,
+    /// The limits the service shares with the other nodes of its fleet (`[cluster]`, a section
+    /// of its own in the file; `None`: this node's limits only). Carried with the node's limits:
+    /// both are one admission, and a reload reconfigures them together.
+    #[serde(skip)]
+    pub cluster: Option<std::sync::Arc<Cluster>>,
 }
 
 impl Default for Limits {
@@ -89,6 +95,7 @@ impl Default for Limits {
             network_prefix_v4: 24,
             network_prefix_v6: 48,
             max_connections: 0,
+            cluster: None,
         }
     }
 }
@@ -545,10 +552,11 @@ pub(super) struct SectionsFile {
     keepalive: Keepalive,
     access: AccessFile,
     tls: TlsFile,
+    cluster: ClusterFile,
 }
 
 /// The names of the sections, the keys a `[[service]]` block may override.
-pub(super) const SECTIONS: [&str; 8] = [
+pub(super) const SECTIONS: [&str; 9] = [
     "limits",
     "handshake",
     "headers",
@@ -557,6 +565,7 @@ pub(super) const SECTIONS: [&str; 8] = [
     "keepalive",
     "access",
     "tls",
+    "cluster",
 ];
 
 /// Whether `key` names a section.
@@ -587,6 +596,7 @@ impl SectionsFile {
         let access = self.access.validate(p);
         let tls = self.tls.validate(p);
         let upstream_tls = self.upstreams.tls.validate(p);
+        let cluster = self.cluster.validate(p).map(std::sync::Arc::new);
         let k = &self.keepalive;
         if k.enabled && (k.idle.as_secs() < 1 || k.interval.as_secs() < 1 || k.count == 0) {
             p.push("keepalive: idle and interval must be at least 1s, count at least 1".into());
@@ -771,7 +781,7 @@ impl SectionsFile {
         (p.len() == problems).then(|| Sections {
             keepalive: self.keepalive,
             access,
-            limits: self.limits,
+            limits: Limits { cluster, ..self.limits },
             handshake: self.handshake,
             headers: Headers {
                 trusted: trusted_proxies,
@@ -817,6 +827,7 @@ pub(super) fn from_table(mut table: toml::Table, prefix: &str, p: &mut Vec<Strin
         keepalive: super::take(t, "keepalive", prefix, p).unwrap_or_default(),
         access: super::take(t, "access", prefix, p).unwrap_or_default(),
         tls: super::take(t, "tls", prefix, p).unwrap_or_default(),
+        cluster: super::take(t, "cluster", prefix, p).unwrap_or_default(),
     };
     (p.len() == problems).then_some(file)
 }

@@ -514,7 +514,13 @@ fn tls_files_are_read_matched_and_named_in_every_problem() {
     };
     let good = format!(
         "{MINIMAL}{}{}",
-        block("a", "127.0.0.1:8443", &a.certificate, &a.key, "default_certificate = true\n"),
+        block(
+            "a",
+            "127.0.0.1:8443",
+            &a.certificate,
+            &a.key,
+            "default_certificate = true\n"
+        ),
         block("b", "127.0.0.1:8443", &b.certificate, &b.key, "min_version = \"1.3\"\n")
     );
     let c = Config::parse(&good, "t").unwrap_or_else(|e| panic!("{e}"));
@@ -525,9 +531,27 @@ fn tls_files_are_read_matched_and_named_in_every_problem() {
 
     let bad = format!(
         "{MINIMAL}{}{}{}[[service]]\nname = \"plain\"\nlisten = [\"127.0.0.1:8443\"]\nhosts = [\"p.test\"]\n",
-        block("a", "127.0.0.1:8443", &a.certificate, &b.key, "default_certificate = true\n"),
-        block("b", "127.0.0.1:8443", &b.certificate, &b.key, "default_certificate = true\n"),
-        block("c", "127.0.0.1:9443", std::path::Path::new("/nonexistent/c.pem"), &b.key, ""),
+        block(
+            "a",
+            "127.0.0.1:8443",
+            &a.certificate,
+            &b.key,
+            "default_certificate = true\n"
+        ),
+        block(
+            "b",
+            "127.0.0.1:8443",
+            &b.certificate,
+            &b.key,
+            "default_certificate = true\n"
+        ),
+        block(
+            "c",
+            "127.0.0.1:9443",
+            std::path::Path::new("/nonexistent/c.pem"),
+            &b.key,
+            ""
+        ),
     );
     let e = Config::parse(&bad, "t").unwrap_err();
     let expected = [
@@ -540,13 +564,28 @@ fn tls_files_are_read_matched_and_named_in_every_problem() {
         "service \"plain\": tls: the listener 127.0.0.1:8443 is TLS for service \"b\"".to_string(),
     ];
     for want in &expected {
-        assert!(e.problems.iter().any(|p| p.starts_with(want.as_str())), "no problem {want:?}:\n{e}");
+        assert!(
+            e.problems.iter().any(|p| p.starts_with(want.as_str())),
+            "no problem {want:?}:\n{e}"
+        );
     }
     assert_eq!(e.problems.len(), expected.len(), "{e}");
     let two_defaults = format!(
         "{MINIMAL}{}{}",
-        block("a", "127.0.0.1:8443", &a.certificate, &a.key, "default_certificate = true\n"),
-        block("b", "127.0.0.1:8443", &b.certificate, &b.key, "default_certificate = true\n")
+        block(
+            "a",
+            "127.0.0.1:8443",
+            &a.certificate,
+            &a.key,
+            "default_certificate = true\n"
+        ),
+        block(
+            "b",
+            "127.0.0.1:8443",
+            &b.certificate,
+            &b.key,
+            "default_certificate = true\n"
+        )
     );
     let e = Config::parse(&two_defaults, "t").unwrap_err();
     assert!(

@@ -6,15 +6,15 @@
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd},
     sync::{Arc, Mutex},
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, RingBuf, SockHash},
-    programs::{ProgramError, SkSkb},
+    maps::{Array, HashMap, Map, MapData, MapError, RingBuf, SockHash},
+    programs::{ProgramError, SkSkb, sk_skb::SkSkbLink},
 };
 use proxy_common::{
     COPIED_SEQ_OFFSET_GLOBAL, CTRL_MAP, EVENTS_MAP, LOST_MAP, SKB_CB_OFFSET_GLOBAL, SOCKETS_MAP, STATE_MAP, SockCtrl,
@@ -41,9 +41,19 @@ const BPF_NOEXIST: u64 = 1;
 pub struct KernelPrograms {
     maps: Arc<RelayMaps>,
     watch: Arc<Watch>,
-    /// Owns the program and its attachment to the socket map.
-    _ebpf: Ebpf,
+    /// Copies of the maps' descriptors, in [`HANDOVER_MAPS`] order: what a successor process
+    /// receives to carry on with the same maps (and the verdict attached to the socket map).
+    handover: Vec<OwnedFd>,
+    /// The verdict's attachment to the socket map, when this process made it: dropped, it
+    /// detaches the verdict, unless a successor has taken the maps over ([`Self::keep_attached`]).
+    link: Mutex<Option<SkSkbLink>>,
+    /// Owns the program (`None` when adopted: the socket map holds the attached verdict, and
+    /// the process that loaded it may be gone).
+    _ebpf: Option<Ebpf>,
 }
+
+/// The maps a successor receives, in order.
+const HANDOVER_MAPS: [&str; 5] = [SOCKETS_MAP, STATE_MAP, CTRL_MAP, EVENTS_MAP, LOST_MAP];
 
 /// The three maps, each behind a mutex because aya's update calls take `&mut` (the syscalls
 /// themselves are short and thread-safe).
@@ -68,23 +78,104 @@ impl KernelPrograms {
             .override_global(WRITE_SEQ_OFFSET_GLOBAL, &layout.tcp_write_seq, true)
             .load(OBJECT)
             .map_err(|e| short_ebpf_error("loading the object", e))?;
-        let sockets: SockHash<MapData, u64> = take_map(&mut ebpf, SOCKETS_MAP)?;
-        let states: HashMap<MapData, u64, SockState> = take_map(&mut ebpf, STATE_MAP)?;
-        let ctrls: HashMap<MapData, u64, SockCtrl> = take_map(&mut ebpf, CTRL_MAP)?;
-        let events: RingBuf<MapData> = take_map(&mut ebpf, EVENTS_MAP)?;
-        let lost: Array<MapData, u64> = take_map(&mut ebpf, LOST_MAP)?;
-        let watch = Watch::new(events, lost).context("an epoll instance for relayed sockets")?;
-        attach_verdict(&mut ebpf, &sockets)?;
-        let maps = RelayMaps {
-            sockets: Mutex::new(sockets),
-            states: Mutex::new(states),
-            ctrls: Mutex::new(ctrls),
-        };
+        let mut taken = Vec::new();
+        for name in HANDOVER_MAPS {
+            taken.push(
+                ebpf.take_map(name)
+                    .ok_or_else(|| anyhow!("map {name} missing from the object"))?,
+            );
+        }
+        let handover = taken
+            .iter()
+            .map(|m| map_data(m).fd().as_fd().try_clone_to_owned())
+            .collect::<io::Result<Vec<_>>>()
+            .context("copying the maps' descriptors")?;
+        let mut programs = Self::from_maps(taken, handover, true)?;
+        let link = attach_verdict(&mut ebpf, &lock(&programs.maps.sockets))?;
+        *lock(&programs.link) = Some(link);
+        programs._ebpf = Some(ebpf);
+        Ok(programs)
+    }
+
+    /// The programs and maps a predecessor process loaded, from its map descriptors (in the
+    /// order [`KernelPrograms::handover_fds`] gives them): the verdict stays attached to the
+    /// socket map, so pairs it relays go on being relayed. The ring buffer of wake-ups stays the
+    /// predecessor's until [`Watch::take_ring`].
+    pub fn adopt(fds: Vec<OwnedFd>) -> anyhow::Result<Self> {
+        if fds.len() != HANDOVER_MAPS.len() {
+            bail!("{} map descriptors, {} expected", fds.len(), HANDOVER_MAPS.len());
+        }
+        let handover = fds
+            .iter()
+            .map(|f| f.try_clone())
+            .collect::<io::Result<Vec<_>>>()
+            .context("copying the maps' descriptors")?;
+        let mut maps = Vec::new();
+        for (fd, variant) in fds.into_iter().zip(HANDOVER_MAPS) {
+            let data = MapData::from_fd(fd).map_err(|e| anyhow!("map {variant}: {e}"))?;
+            maps.push(match variant {
+                SOCKETS_MAP => Map::SockHash(data),
+                EVENTS_MAP => Map::RingBuf(data),
+                LOST_MAP => Map::Array(data),
+                _ => Map::HashMap(data),
+            });
+        }
+        Self::from_maps(maps, handover, false)
+    }
+
+    fn from_maps(maps: Vec<Map>, handover: Vec<OwnedFd>, ring_now: bool) -> anyhow::Result<Self> {
+        let mut maps = maps.into_iter();
+        let mut next = |name: &str| maps.next().ok_or_else(|| anyhow!("map {name} missing"));
+        let typed = |name: &str, e: MapError| anyhow!("map {name}: {e}");
+        let sockets: SockHash<MapData, u64> = next(SOCKETS_MAP)?.try_into().map_err(|e| typed(SOCKETS_MAP, e))?;
+        let states: HashMap<MapData, u64, SockState> = next(STATE_MAP)?.try_into().map_err(|e| typed(STATE_MAP, e))?;
+        let ctrls: HashMap<MapData, u64, SockCtrl> = next(CTRL_MAP)?.try_into().map_err(|e| typed(CTRL_MAP, e))?;
+        let events: RingBuf<MapData> = next(EVENTS_MAP)?.try_into().map_err(|e| typed(EVENTS_MAP, e))?;
+        let lost: Array<MapData, u64> = next(LOST_MAP)?.try_into().map_err(|e| typed(LOST_MAP, e))?;
+        let watch = Watch::new(events, lost, ring_now).context("an epoll instance for relayed sockets")?;
         Ok(Self {
-            maps: Arc::new(maps),
+            maps: Arc::new(RelayMaps {
+                sockets: Mutex::new(sockets),
+                states: Mutex::new(states),
+                ctrls: Mutex::new(ctrls),
+            }),
             watch: Arc::new(watch),
-            _ebpf: ebpf,
+            handover,
+            link: Mutex::new(None),
+            _ebpf: None,
         })
+    }
+
+    /// A successor relays with these maps from now on: the verdict must stay attached when
+    /// this process ends (the socket map keeps the program; both go with the last process that
+    /// holds the map).
+    pub fn keep_attached(&self) {
+        if let Some(link) = lock(&self.link).take() {
+            std::mem::forget(link);
+        }
+    }
+
+    /// Copies of the maps' descriptors for a successor process ([`KernelPrograms::adopt`]).
+    pub fn handover_fds(&self) -> io::Result<Vec<OwnedFd>> {
+        self.handover.iter().map(|f| f.try_clone()).collect()
+    }
+
+    /// What a successor must have been built with to adopt these programs: a hash of the
+    /// kernel object (the verdict, the maps and the layout of their values).
+    pub fn object_hash() -> u64 {
+        use std::hash::Hasher as _;
+        let mut h = siphasher::sip::SipHasher13::new_with_keys(0, 0);
+        h.write(OBJECT);
+        h.finish()
+    }
+
+    /// Takes over a pair a predecessor put under the verdict (its entries are in the maps).
+    pub fn adopt_pair(&self, cookies: [u64; 2]) -> PairGuard {
+        PairGuard {
+            maps: Arc::clone(&self.maps),
+            cookies,
+            removed: false,
+        }
     }
 
     /// Where relayed sockets wait for a FIN, an error or passed bytes (see [`Watch`]).
@@ -215,6 +306,13 @@ impl PairGuard {
             .map_err(|e| map_error("updating a socket's credit", &e))
     }
 
+    /// Leaves the pair in the maps, for a successor process to take over
+    /// ([`KernelPrograms::adopt_pair`]); returns its cookies.
+    pub fn hand_over(mut self) -> [u64; 2] {
+        self.removed = true;
+        self.cookies
+    }
+
     /// Takes the pair out of the relay and returns the final counters.
     pub fn remove(mut self) -> anyhow::Result<PairCounters> {
         self.removed = true;
@@ -321,17 +419,15 @@ impl RelayMaps {
     }
 }
 
-fn take_map<M>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<M>
-where
-    M: TryFrom<aya::maps::Map, Error = MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
-    M::try_from(map).map_err(|e| anyhow!("map {name}: {e}"))
+/// The map data of one of the relay's maps.
+fn map_data(map: &Map) -> &MapData {
+    match map {
+        Map::SockHash(d) | Map::HashMap(d) | Map::RingBuf(d) | Map::Array(d) => d,
+        _ => unreachable!("the relay has no map of another type"),
+    }
 }
 
-fn attach_verdict(ebpf: &mut Ebpf, sockets: &SockHash<MapData, u64>) -> anyhow::Result<()> {
+fn attach_verdict(ebpf: &mut Ebpf, sockets: &SockHash<MapData, u64>) -> anyhow::Result<SkSkbLink> {
     let program: &mut SkSkb = ebpf
         .program_mut(VERDICT_PROGRAM)
         .ok_or_else(|| anyhow!("program {VERDICT_PROGRAM} missing from the object"))?
@@ -340,10 +436,12 @@ fn attach_verdict(ebpf: &mut Ebpf, sockets: &SockHash<MapData, u64>) -> anyhow::
     program
         .load()
         .map_err(|e| short_program_error("loading the verdict", e))?;
-    program
+    let link = program
         .attach(sockets.fd())
         .map_err(|e| short_program_error("attaching the verdict", e))?;
-    Ok(())
+    program
+        .take_link(link)
+        .map_err(|e| short_program_error("keeping the verdict attached", e))
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones ignore it. Best effort:

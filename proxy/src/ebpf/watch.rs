@@ -37,11 +37,22 @@ pub struct Watch {
     started: OnceLock<()>,
     /// Cancelled when the programs are dropped: the dispatcher ends.
     stop: CancellationToken,
+    /// Cancelled once this process may consume the ring buffer: at once for programs it loaded,
+    /// when its predecessor has released it for adopted ones (one consumer at a time).
+    ring_ours: CancellationToken,
+    /// Cancelled to stop consuming the ring buffer (a successor takes it over).
+    ring_released: CancellationToken,
 }
 
 impl Watch {
-    pub(super) fn new(events: RingBuf<MapData>, lost: Array<MapData, u64>) -> io::Result<Self> {
+    pub(super) fn new(events: RingBuf<MapData>, lost: Array<MapData, u64>, ring_now: bool) -> io::Result<Self> {
+        let ring_ours = CancellationToken::new();
+        if ring_now {
+            ring_ours.cancel();
+        }
         Ok(Watch {
+            ring_ours,
+            ring_released: CancellationToken::new(),
             epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
             waiters: Mutex::new(HashMap::new()),
             events: Mutex::new(Some(events)),
@@ -78,6 +89,18 @@ impl Watch {
 
     pub(super) fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// This process consumes the ring buffer from now on (its predecessor released it); every
+    /// waiter looks once, for the wake-ups that went to the predecessor meanwhile.
+    pub fn take_ring(&self) {
+        self.ring_ours.cancel();
+        self.wake_all();
+    }
+
+    /// Stops consuming the ring buffer, for a successor to take it over.
+    pub fn release_ring(&self) {
+        self.ring_released.cancel();
     }
 
     fn start(self: &Arc<Self>) {
@@ -131,17 +154,17 @@ async fn dispatch(watch: Arc<Watch>, events: RingBuf<MapData>) {
     // `watch`, which this task holds until the registration is dropped.
     let epoll =
         unsafe { AsyncFd::register_with_interest(EpollFd(watch.epoll.0.as_fd().as_raw_fd()), Interest::READABLE) };
-    // SAFETY: the ring buffer is owned by its AsyncFd and not closed before it.
-    let ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) };
-    let registered = (epoll.map_err(io::Error::from), ring.map_err(io::Error::from));
-    let (epoll, mut ring) = match registered {
-        (Ok(e), Ok(r)) => (e, r),
-        (Err(e), _) | (_, Err(e)) => {
+    let epoll = match epoll {
+        Ok(e) => e,
+        Err(e) => {
             // Without it no relayed socket would learn of a FIN: say so loudly.
-            tracing::error!(error = %e, "kernel relay: cannot watch relayed sockets");
+            tracing::error!(error = %io::Error::from(e), "kernel relay: cannot watch relayed sockets");
             return;
         }
     };
+    // The ring buffer, once it is this process's to consume (and until it is released).
+    let mut events = Some(events);
+    let mut ring: Option<AsyncFd<RingBuf<MapData>>> = None;
     let mut batch = vec![EpollEvent::empty(); BATCH];
     loop {
         tokio::select! {
@@ -163,7 +186,18 @@ async fn dispatch(watch: Arc<Watch>, events: RingBuf<MapData>) {
                 }
                 guard.clear_ready();
             }
-            r = ring.readable_mut() => {
+            () = watch.ring_ours.cancelled(), if events.is_some() => {
+                // SAFETY: the ring buffer is owned by its AsyncFd and not closed before it.
+                match unsafe { AsyncFd::register_with_interest(events.take().expect("checked"), Interest::READABLE) } {
+                    Ok(r) => ring = Some(r),
+                    Err(e) => {
+                        tracing::error!(error = %io::Error::from(e), "kernel relay: cannot watch the ring buffer");
+                        return;
+                    }
+                }
+            }
+            () = watch.ring_released.cancelled(), if ring.is_some() => ring = None,
+            r = async { ring.as_mut().expect("guarded").readable_mut().await }, if ring.is_some() && !watch.ring_released.is_cancelled() => {
                 let Ok(mut guard) = r else { return };
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {

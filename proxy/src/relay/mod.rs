@@ -35,11 +35,37 @@ pub use crate::metrics::TotalsSnapshot;
 static FALLBACK_LINES: crate::log_limit::Throttle = crate::log_limit::Throttle::new(20);
 
 /// What ends a relay from outside: the proxy's shutdown drain, and the connection's maximum
-/// lifetime (`relay.max_lifetime`), a deadline that holds across a move between the relays.
+/// lifetime (`relay.max_lifetime`), a deadline that holds across a move between the relays;
+/// and what moves it to a successor process (`handover`: the relay lets go of the pair at its
+/// next point where no byte is in userspace's hands).
 #[derive(Clone, Copy)]
 pub struct Stop<'a> {
     pub shutdown: &'a CancellationToken,
     pub deadline: Option<tokio::time::Instant>,
+    pub handover: &'a CancellationToken,
+    /// After `shutdown`, how long this connection still has: its share of `listen.close_spread`,
+    /// so that the connections a drain ends do not all close (and reconnect) at once.
+    pub close_delay: Duration,
+}
+
+/// How a relay let go of a connection.
+pub enum Relayed {
+    /// It carried the connection to its end.
+    Ended(Outcome),
+    /// It stopped for a handover, with nothing in userspace's hands: the pair for a successor.
+    Moved(Moved),
+}
+
+/// A relayed pair on its way to a successor process.
+pub struct Moved {
+    pub client: std::net::TcpStream,
+    pub upstream: std::net::TcpStream,
+    /// Where the kernel relay stands, when it was carrying the pair (its map entries stay).
+    pub kernel: Option<kernel::Handed>,
+    /// Bytes relayed so far that the kernel's counters do not hold (all of them for a
+    /// userspace-relayed pair).
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
 }
 
 /// Relays between the two ends until both have closed or one failed. A pair with a TLS leg is
@@ -53,17 +79,18 @@ pub async fn relay(
     cfg: &config::Relay,
     metrics: Scoped<'_>,
     stop: Stop<'_>,
-) -> Outcome {
+) -> Relayed {
     let (client, upstream) = match plain_pair(client, upstream).await {
         Ok(pair) => pair,
         Err((client, upstream)) => {
+            // A TLS leg's state is this process's: such a pair stays here to its end.
             metrics.relay_started(Mode::Userspace);
             let o = Box::pin(tls_legs::relay(client, upstream, cfg, stop)).await;
             metrics.relay_ended(&o);
-            return o;
+            return Relayed::Ended(o);
         }
     };
-    relay_tcp(client, upstream, programs, cfg, metrics, stop).await
+    relay_tcp(client, upstream, (0, 0), programs, cfg, metrics, stop).await
 }
 
 /// The TCP connections of a pair without TLS, each one's early bytes not yet read (past a PROXY
@@ -81,15 +108,16 @@ async fn plain_pair(client: Stream, upstream: Stream) -> Result<(TcpStream, TcpS
     Ok((client, upstream))
 }
 
-/// [`relay`] of a plain pair.
+/// [`relay`] of a plain pair; `before`: bytes relayed before this relay (a resumed pair).
 async fn relay_tcp(
     client: TcpStream,
     upstream: TcpStream,
+    before: (u64, u64),
     programs: Option<&KernelPrograms>,
     cfg: &config::Relay,
     metrics: Scoped<'_>,
     stop: Stop<'_>,
-) -> Outcome {
+) -> Relayed {
     let began = std::time::Instant::now();
     buffers::cap(&client, &upstream, cfg);
     let programs = programs.filter(|_| cfg.mode != RelayMode::Userspace);
@@ -100,9 +128,15 @@ async fn relay_tcp(
             // Boxed: each relay's state is allocated only while that relay runs (see
             // `connection::serve`).
             match Box::pin(userspace::relay(client, upstream, cfg, stop, Some(policy))).await {
-                userspace::Carried::Ended(o) => {
+                userspace::Carried::Ended(mut o) => {
+                    o.client_to_upstream += before.0;
+                    o.upstream_to_client += before.1;
                     metrics.relay_ended(&o);
-                    return o;
+                    return Relayed::Ended(o);
+                }
+                userspace::Carried::Promote(h) if stop.handover.is_cancelled() => {
+                    metrics.relay_moved(Mode::Userspace);
+                    return moved_from_userspace(h, before);
                 }
                 userspace::Carried::Promote(h) => {
                     metrics.relay_promoted();
@@ -112,23 +146,21 @@ async fn relay_tcp(
                         upstream_to_client = h.upstream_to_client,
                         "relay: moving the connection to the kernel relay"
                     );
-                    (h.client, h.upstream, (h.client_to_upstream, h.upstream_to_client))
+                    (
+                        h.client,
+                        h.upstream,
+                        (before.0 + h.client_to_upstream, before.1 + h.upstream_to_client),
+                    )
                 }
             }
         }
-        _ => (client, upstream, (0, 0)),
+        _ => (client, upstream, before),
     };
     let (client, upstream, settled) = match programs {
         Some(programs) => {
             metrics.relay_started(Mode::Kernel);
             match Box::pin(kernel::relay(client, upstream, programs, cfg, stop)).await {
-                Ok(mut o) => {
-                    o.client_to_upstream += before.0;
-                    o.upstream_to_client += before.1;
-                    o.duration = began.elapsed();
-                    metrics.relay_ended(&o);
-                    return o;
-                }
+                Ok(carried) => return kernel_carried(carried, before, began, metrics),
                 Err(d) => {
                     metrics.relay_fallback();
                     if d.reason.is::<kernel::PeerClosed>() {
@@ -150,12 +182,129 @@ async fn relay_tcp(
         None => (client, upstream, before),
     };
     metrics.relay_started(Mode::Userspace);
-    let mut o = Box::pin(userspace::relay_to_end(client, upstream, cfg, stop)).await;
-    o.client_to_upstream += settled.0;
-    o.upstream_to_client += settled.1;
-    o.duration = began.elapsed();
-    metrics.relay_ended(&o);
-    o
+    match Box::pin(userspace::relay(client, upstream, cfg, stop, None)).await {
+        userspace::Carried::Ended(mut o) => {
+            o.client_to_upstream += settled.0;
+            o.upstream_to_client += settled.1;
+            o.duration = began.elapsed();
+            metrics.relay_ended(&o);
+            Relayed::Ended(o)
+        }
+        userspace::Carried::Promote(h) => {
+            metrics.relay_moved(Mode::Userspace);
+            moved_from_userspace(h, settled)
+        }
+    }
+}
+
+/// A pair the userspace relay let go of for a handover.
+fn moved_from_userspace(h: userspace::Handover, before: (u64, u64)) -> Relayed {
+    let (client, upstream) = match (h.client.into_std(), h.upstream.into_std()) {
+        (Ok(c), Ok(u)) => (c, u),
+        // Cannot happen for sockets registered with the reactor; the pair is lost if it does.
+        (c, u) => {
+            warn!("handover: cannot take a pair off the reactor; it is closed");
+            drop((c, u));
+            return lost((before.0 + h.client_to_upstream, before.1 + h.upstream_to_client));
+        }
+    };
+    Relayed::Moved(Moved {
+        client,
+        upstream,
+        kernel: None,
+        client_to_upstream: before.0 + h.client_to_upstream,
+        upstream_to_client: before.1 + h.upstream_to_client,
+    })
+}
+
+/// A pair lost in a handover (an internal error), with the bytes it had carried.
+fn lost((client_to_upstream, upstream_to_client): (u64, u64)) -> Relayed {
+    Relayed::Ended(Outcome {
+        mode: Mode::Userspace,
+        end: End::Internal,
+        client_to_upstream,
+        upstream_to_client,
+        repeated_cut: 0,
+        passed: 0,
+        duration: Duration::ZERO,
+    })
+}
+
+/// What the kernel relay's end means for the caller (counted).
+fn kernel_carried(
+    carried: kernel::Carried,
+    before: (u64, u64),
+    began: std::time::Instant,
+    metrics: Scoped<'_>,
+) -> Relayed {
+    match carried {
+        kernel::Carried::Ended(mut o) => {
+            o.client_to_upstream += before.0;
+            o.upstream_to_client += before.1;
+            o.duration = began.elapsed();
+            metrics.relay_ended(&o);
+            Relayed::Ended(o)
+        }
+        kernel::Carried::Moved {
+            client,
+            upstream,
+            state,
+            client_to_upstream,
+            upstream_to_client,
+        } => {
+            metrics.relay_moved(Mode::Kernel);
+            Relayed::Moved(Moved {
+                client,
+                upstream,
+                kernel: Some(state),
+                client_to_upstream: before.0 + client_to_upstream,
+                upstream_to_client: before.1 + upstream_to_client,
+            })
+        }
+    }
+}
+
+/// Carries on with a pair a predecessor process handed over: in the kernel relay where it was
+/// (its entries are in the adopted maps), else as a new relay of this process's configuration
+/// (which may move it to the kernel later).
+pub async fn resume(
+    moved: Moved,
+    programs: Option<&KernelPrograms>,
+    cfg: &config::Relay,
+    metrics: Scoped<'_>,
+    stop: Stop<'_>,
+) -> Relayed {
+    let before = (moved.client_to_upstream, moved.upstream_to_client);
+    match (moved.kernel, programs) {
+        (Some(state), Some(programs)) => {
+            metrics.relay_started(Mode::Kernel);
+            let carried = Box::pin(kernel::resume(
+                moved.client,
+                moved.upstream,
+                state,
+                [0, 0],
+                programs,
+                cfg,
+                stop,
+            ))
+            .await;
+            kernel_carried(carried, before, std::time::Instant::now(), metrics)
+        }
+        (kernel, _) => {
+            if kernel.is_some() {
+                // The handover refuses this (kernel pairs need the maps): never here.
+                warn!("handover: a kernel-relayed pair without the kernel relay; relaying it in userspace");
+            }
+            let (client, upstream) = match (TcpStream::from_std(moved.client), TcpStream::from_std(moved.upstream)) {
+                (Ok(c), Ok(u)) => (c, u),
+                _ => {
+                    warn!("handover: cannot register a pair with the reactor; it is closed");
+                    return lost(before);
+                }
+            };
+            relay_tcp(client, upstream, before, programs, cfg, metrics, stop).await
+        }
+    }
 }
 
 /// Runs `relay` (both directions) to its end, or until a peer stalls past the send timeout
@@ -188,7 +337,10 @@ pub(crate) async fn until_end<T, S: AsFd>(
         end = stall::watch(client, upstream, cfg.send_timeout) => Err(end),
         Err(end) = idle => Err(end),
         () = lifetime => Err(End::MaxLifetime),
-        _ = stop.shutdown.cancelled() => Err(End::Shutdown),
+        () = async {
+            stop.shutdown.cancelled().await;
+            tokio::time::sleep(stop.close_delay).await;
+        } => Err(End::Shutdown),
     }
 }
 

@@ -78,6 +78,7 @@ pub async fn relay(
     let promoter = Promoter {
         policy,
         promote: &promote,
+        handover: stop.handover,
         counts: &counts,
     };
     let flow = {
@@ -142,14 +143,6 @@ pub async fn relay(
     })
 }
 
-/// [`relay`] without promotion: always to the end.
-pub async fn relay_to_end(client: TcpStream, upstream: TcpStream, cfg: &config::Relay, stop: Stop<'_>) -> Outcome {
-    match relay(client, upstream, cfg, stop, None).await {
-        Carried::Ended(o) => o,
-        Carried::Promote(_) => unreachable!("no policy, no promotion"),
-    }
-}
-
 /// How both directions left off.
 enum Flow {
     Done,
@@ -183,6 +176,8 @@ impl Counts {
 struct Promoter<'a> {
     policy: Option<Policy>,
     promote: &'a CancellationToken,
+    /// Cancelled when the pair is to move to a successor process: it stops as for a promotion.
+    handover: &'a CancellationToken,
     counts: &'a Counts,
 }
 
@@ -192,6 +187,7 @@ impl<'a> Promoter<'a> {
         Promoter {
             policy: None,
             promote: &NEVER,
+            handover: &NEVER,
             counts,
         }
     }
@@ -200,6 +196,9 @@ impl<'a> Promoter<'a> {
     /// headers); true once the pair should stop for the move. Without a policy nothing is
     /// counted: only a move needs the count.
     fn after_write(&self, bytes: &[u8], frames: &mut Frames) -> bool {
+        if self.handover.is_cancelled() {
+            return true;
+        }
         let Some(p) = self.policy else {
             return false;
         };
@@ -212,12 +211,18 @@ impl<'a> Promoter<'a> {
         self.promote.is_cancelled()
     }
 
-    /// Completes once a move was asked for (never without a policy).
+    /// Completes once a move was asked for: by the policy (never without one), or a handover.
     async fn requested(&self) {
-        if self.policy.is_some() {
-            self.promote.cancelled().await;
-        } else {
-            std::future::pending::<()>().await;
+        let promotion = async {
+            if self.policy.is_some() {
+                self.promote.cancelled().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = promotion => {}
+            () = self.handover.cancelled() => {}
         }
     }
 }

@@ -148,10 +148,25 @@ impl Daemon {
     /// Starts `wsproxy ARGS` (RUST_LOG=info), with RLIMIT_NOFILE `nofile` (soft and hard, so
     /// that it cannot raise it) when given.
     pub fn start(args: &[&str], nofile: Option<u64>) -> Daemon {
-        let mut cmd = Command::new(BIN);
+        Self::start_from(Path::new(BIN), args, nofile, &[])
+    }
+
+    /// [`Daemon::start`] of the executable at `binary` (a copy a test may replace).
+    pub fn start_binary(binary: &Path, args: &[&str]) -> Daemon {
+        Self::start_from(binary, args, None, &[])
+    }
+
+    /// [`Daemon::start`] with more environment variables (NOTIFY_SOCKET: the test is systemd).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+        Self::start_from(Path::new(BIN), args, None, env)
+    }
+
+    fn start_from(binary: &Path, args: &[&str], nofile: Option<u64>, env: &[(&str, &Path)]) -> Daemon {
+        let mut cmd = Command::new(binary);
         cmd.args(args)
             .env("RUST_LOG", "info")
             .env_remove("NOTIFY_SOCKET")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -45,6 +45,19 @@ pub(super) struct Direction<'a> {
     shut: &'a [AtomicBool; 2],
     /// Notified on a FIN, an error or passed bytes on `src`.
     wake: &'a Notify,
+    /// Cancelled when the pair is to move to a successor process: the direction stops at its
+    /// next wait while it relays (nothing in userspace's hands, no FIN seen).
+    handover: &'a tokio_util::sync::CancellationToken,
+    /// Passed bytes this direction's relay forwarded before (a pair taken over or resumed).
+    forwarded_before: u64,
+}
+
+/// How a direction left off.
+pub(super) enum Ran {
+    /// EOF passed on as a FIN.
+    Done,
+    /// Stopped for a handover, with the passed bytes it forwarded in all.
+    Paused { forwarded: u64 },
 }
 
 impl From<Failure> for Failed {
@@ -59,14 +72,17 @@ impl From<Failure> for Failed {
 
 impl<'a> Direction<'a> {
     /// `[src, dst]`: bytes arrive on the first and leave on the second.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         [src, dst]: [&'a TcpStream; 2],
         side: Side,
         dst_base: u64,
+        forwarded_before: u64,
         pair: &'a PairGuard,
         cfg: &'a config::Relay,
         shut: &'a [AtomicBool; 2],
         wake: &'a Notify,
+        handover: &'a tokio_util::sync::CancellationToken,
     ) -> Self {
         Direction {
             src,
@@ -78,24 +94,34 @@ impl<'a> Direction<'a> {
             fin_seen: OnceLock::new(),
             shut,
             wake,
+            handover,
+            forwarded_before,
         }
     }
 
     /// Runs until EOF on `src` has been passed on as a FIN on `dst`. `forwarded_total` counts
     /// the passed bytes written to `dst` by userspace.
-    pub(super) async fn run(self, forwarded_total: &AtomicU64) -> Result<(), Failed> {
+    pub(super) async fn run(self, forwarded_total: &AtomicU64) -> Result<Ran, Failed> {
         // Empty while the kernel relays: an idle or kernel-relayed direction holds no buffer.
         let mut buf: Vec<u8> = Vec::new();
-        let mut forwarded = 0u64;
+        let mut forwarded = self.forwarded_before;
         let mut phase = Phase::Relaying;
         // Read first: bytes may have been passed before the watch knew the socket.
         let mut wait = false;
         loop {
             if phase == Phase::Done {
-                return Ok(());
+                return Ok(Ran::Done);
             }
             if wait {
-                self.wake.notified().await;
+                // A handover takes the pair only here: relaying, every passed byte forwarded.
+                // Whatever wakes the direction meanwhile (passed bytes, a FIN) the successor
+                // finds by reading first, as this loop does.
+                tokio::select! {
+                    () = self.wake.notified() => {}
+                    () = self.handover.cancelled(), if phase == Phase::Relaying => {
+                        return Ok(Ran::Paused { forwarded });
+                    }
+                }
             }
             if buf.is_empty() {
                 buf = vec![0; BUF_SIZE];

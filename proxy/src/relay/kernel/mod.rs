@@ -29,7 +29,7 @@ use super::tcp_probe::{fin_received, taken};
 use super::{End, Mode, Outcome, Stop, reset_on_close, until_end, write_all};
 use crate::config;
 use crate::ebpf::{KernelPrograms, Side};
-use direction::Direction;
+use direction::{Direction, Ran};
 
 /// Settling's buffer (see [`settle`]).
 const BUF_SIZE: usize = 64 * 1024;
@@ -49,6 +49,32 @@ enum Failed {
     Stream,
 }
 
+/// Where a kernel-relayed pair stands when it moves to a successor process: what the
+/// successor needs to carry on exactly where this process stopped.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Handed {
+    /// Socket cookies (client side, upstream side): the pair's map entries.
+    pub cookies: [u64; 2],
+    /// `taken()` of each destination when the pair was inserted (index: the destination's side).
+    pub bases: [u64; 2],
+    /// Passed bytes userspace forwarded per direction (index: the source's side).
+    pub forwarded: [u64; 2],
+}
+
+/// How the kernel relay let go of a pair it took.
+pub enum Carried {
+    Ended(Outcome),
+    /// Stopped for a handover; the sockets are off the reactor.
+    Moved {
+        client: std::net::TcpStream,
+        upstream: std::net::TcpStream,
+        state: Handed,
+        /// Bytes userspace moved (settled before insertion, passed and forwarded after).
+        client_to_upstream: u64,
+        upstream_to_client: u64,
+    },
+}
+
 /// Relays `client` <-> `upstream` in the kernel. If the pair cannot be put under the verdict,
 /// the sockets come back with the reason, for the userspace relay to carry.
 pub async fn relay(
@@ -57,19 +83,11 @@ pub async fn relay(
     programs: &KernelPrograms,
     cfg: &config::Relay,
     stop: Stop<'_>,
-) -> Result<Outcome, Declined> {
+) -> Result<Carried, Declined> {
     let started = Instant::now();
     let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
     // The pair ended before the kernel relayed a byte of it (settled bytes are counted).
-    let ended_early = |end| Outcome {
-        mode: Mode::Kernel,
-        end,
-        client_to_upstream: c2u.load(Relaxed),
-        upstream_to_client: u2c.load(Relaxed),
-        repeated_cut: 0,
-        passed: 0,
-        duration: started.elapsed(),
-    };
+    let ended_early = |end| ended_before(end, &c2u, &u2c, started);
     match settle(&client, &upstream, &c2u, &u2c).await {
         Ok(true) => {}
         Ok(false) => return Err(Declined::new(client, upstream, PeerClosed.into(), &c2u, &u2c)),
@@ -109,6 +127,78 @@ pub async fn relay(
             return Ok(ended_early(End::Internal));
         }
     };
+    let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
+    Ok(run_pair(
+        client,
+        upstream,
+        pair,
+        bases,
+        [0, 0],
+        [c2u, u2c],
+        started,
+        programs,
+        cfg,
+        stop,
+    )
+    .await)
+}
+
+/// Carries on with a pair a predecessor process relayed in the kernel and handed over
+/// ([`Carried::Moved`]): the same map entries, the same counts.
+pub async fn resume(
+    client: std::net::TcpStream,
+    upstream: std::net::TcpStream,
+    state: Handed,
+    moved: [u64; 2],
+    programs: &KernelPrograms,
+    cfg: &config::Relay,
+    stop: Stop<'_>,
+) -> Carried {
+    let pair = programs.adopt_pair(state.cookies);
+    run_pair(
+        client,
+        upstream,
+        pair,
+        state.bases,
+        state.forwarded,
+        moved,
+        Instant::now(),
+        programs,
+        cfg,
+        stop,
+    )
+    .await
+}
+
+/// A pair that ended before the verdict relayed a byte of it: the bytes userspace moved.
+fn ended_before(end: End, c2u: &AtomicU64, u2c: &AtomicU64, started: Instant) -> Carried {
+    Carried::Ended(Outcome {
+        mode: Mode::Kernel,
+        end,
+        client_to_upstream: c2u.load(Relaxed),
+        upstream_to_client: u2c.load(Relaxed),
+        repeated_cut: 0,
+        passed: 0,
+        duration: started.elapsed(),
+    })
+}
+
+/// Runs a pair that is under the verdict to its end, or until it moves to a successor.
+#[allow(clippy::too_many_arguments)]
+async fn run_pair(
+    client: std::net::TcpStream,
+    upstream: std::net::TcpStream,
+    pair: crate::ebpf::PairGuard,
+    bases: [u64; 2],
+    forwarded: [u64; 2],
+    moved: [u64; 2],
+    started: Instant,
+    programs: &KernelPrograms,
+    cfg: &config::Relay,
+    stop: Stop<'_>,
+) -> Carried {
+    let (c2u, u2c) = (AtomicU64::new(moved[0]), AtomicU64::new(moved[1]));
+    let ended_early = |end| ended_before(end, &c2u, &u2c, started);
     let watch = programs.watch();
     let (cookies, wakes) = {
         let (c, u) = pair.cookies();
@@ -127,49 +217,86 @@ pub async fn relay(
             let _ = pair.remove();
             reset_on_close(&client);
             reset_on_close(&upstream);
-            return Ok(ended_early(End::Internal));
+            return ended_early(End::Internal);
         }
     };
     // Set once this relay has shut a socket down for writing (index: the socket's side).
     let shut = [AtomicBool::new(false), AtomicBool::new(false)];
-    let end = {
-        let up = Direction::new(
-            [&client, &upstream],
-            Side::Client,
-            bases[1],
-            &pair,
-            cfg,
-            &shut,
-            &wakes[0],
-        );
-        let down = Direction::new(
-            [&upstream, &client],
-            Side::Upstream,
-            bases[0],
-            &pair,
-            cfg,
-            &shut,
-            &wakes[1],
-        );
+    let never = tokio_util::sync::CancellationToken::new();
+    let flow = {
+        let direction = |from: Side, forwarded: u64, handover| {
+            let (pair_of, dst_base) = match from {
+                Side::Client => ([&client, &upstream], bases[1]),
+                Side::Upstream => ([&upstream, &client], bases[0]),
+            };
+            Direction::new(
+                pair_of,
+                from,
+                dst_base,
+                forwarded,
+                &pair,
+                cfg,
+                &shut,
+                &wakes[from as usize],
+                handover,
+            )
+        };
         // Activity: bytes the verdict moved plus bytes userspace forwarded.
         let activity = || {
             let k = pair.counters().unwrap_or_default();
             k.from_client.redirected + k.from_upstream.redirected + c2u.load(Relaxed) + u2c.load(Relaxed)
         };
         let both = async {
-            tokio::try_join!(
-                side_of(up.run(&c2u), Side::Client),
-                side_of(down.run(&u2c), Side::Upstream)
-            )
-            .map(|_| ())
+            let (a, b) = tokio::try_join!(
+                side_of(
+                    direction(Side::Client, forwarded[0], stop.handover).run(&c2u),
+                    Side::Client
+                ),
+                side_of(
+                    direction(Side::Upstream, forwarded[1], stop.handover).run(&u2c),
+                    Side::Upstream
+                )
+            )?;
+            // A direction that finished (FIN passed on) cannot move: the other goes on here, as
+            // the userspace relay does (boxed: rare).
+            match (a, b) {
+                (Ran::Paused { forwarded: f0 }, Ran::Paused { forwarded: f1 }) => Ok(Some([f0, f1])),
+                (Ran::Done, Ran::Done) => Ok(None),
+                (Ran::Paused { forwarded: f }, Ran::Done) => {
+                    Box::pin(side_of(direction(Side::Client, f, &never).run(&c2u), Side::Client)).await?;
+                    Ok(None)
+                }
+                (Ran::Done, Ran::Paused { forwarded: f }) => {
+                    let rest = direction(Side::Upstream, f, &never).run(&u2c);
+                    Box::pin(side_of(rest, Side::Upstream)).await?;
+                    Ok(None)
+                }
+            }
         };
         let both = std::pin::pin!(both);
-        until_end(both, [&client, &upstream], cfg, stop, activity)
-            .await
-            .err()
-            .unwrap_or(End::Closed)
+        until_end(both, [&client, &upstream], cfg, stop, activity).await
     };
     let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
+    let end = match flow {
+        Ok(Some(forwarded)) => {
+            // Handed over: the entries stay for the successor, this watch lets go.
+            unwatch();
+            let cookies = pair.hand_over();
+            return Carried::Moved {
+                client,
+                upstream,
+                state: Handed {
+                    cookies,
+                    bases,
+                    forwarded,
+                },
+                client_to_upstream: c2u,
+                upstream_to_client: u2c,
+            };
+        }
+        Ok(None) => End::Closed,
+        Err(end) => end,
+    };
     // Out of the maps before the sockets close: no verdict may redirect into a closing socket.
     let counters = pair.remove().unwrap_or_default();
     unwatch();
@@ -177,7 +304,7 @@ pub async fn relay(
         reset_on_close(&client);
         reset_on_close(&upstream);
     }
-    Ok(Outcome {
+    Carried::Ended(Outcome {
         mode: Mode::Kernel,
         end,
         client_to_upstream: counters.from_client.redirected + c2u,
@@ -257,7 +384,7 @@ fn failed_on(side: Side, kind: io::ErrorKind) -> End {
 }
 
 /// Maps a direction's failure onto the side that caused it.
-async fn side_of(run: impl Future<Output = Result<(), Failed>>, from: Side) -> Result<(), End> {
+async fn side_of<T>(run: impl Future<Output = Result<T, Failed>>, from: Side) -> Result<T, End> {
     run.await.map_err(|f| match f {
         Failed::Source(k) => failed_on(from, k),
         Failed::Destination(k) => failed_on(from.other(), k),
