@@ -57,6 +57,16 @@ impl Kind {
     pub fn from_name(name: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.name() == name)
     }
+
+    /// The `relay.mode` of a wsproxy contender; `None` for the others.
+    pub fn wsproxy_mode(self) -> Option<&'static str> {
+        match self {
+            Kind::WsproxyKernel => Some("kernel"),
+            Kind::WsproxyUserspace => Some("userspace"),
+            Kind::WsproxyAuto => Some("auto"),
+            _ => None,
+        }
+    }
 }
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
@@ -174,11 +184,7 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
     let proc = match kind {
         Kind::Direct => None,
         Kind::WsproxyKernel | Kind::WsproxyUserspace | Kind::WsproxyAuto => {
-            let mode = match kind {
-                Kind::WsproxyKernel => "kernel",
-                Kind::WsproxyAuto => "auto",
-                _ => "userspace",
-            };
+            let mode = kind.wsproxy_mode().expect("a wsproxy contender");
             let cfg = s.dir.join(format!("{name}.toml"));
             fs::write(&cfg, wsproxy_config(addr, s.upstream, mode))?;
             let args = vec!["run".into(), "--config".into(), cfg.display().to_string()];
@@ -279,7 +285,8 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
     Ok(c)
 }
 
-fn wait_listening(c: &mut Contender, log: &Path) -> Result<()> {
+/// Waits (up to 20 s) until `c` accepts connections; fails at once if its process ended.
+pub fn wait_listening(c: &mut Contender, log: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(p) = c.proc.as_mut()

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::load::Measure;
 use crate::plan::Shape;
-use crate::results::{Figure, IdleMemory, Results, RunMeasure, Verdict};
+use crate::results::{Figure, IdleMemory, Results, RunMeasure, ScaleHandshakes, Verdict};
 use crate::stats::Summary;
 
 pub const DIRECT: &str = "direct";
@@ -45,6 +45,20 @@ pub mod metric {
     pub const ADDED_MEM_PER_CONN: &str = "added_bytes_per_conn";
     /// Memory of the proxy's eBPF maps (bytes, whatever the connection count).
     pub const BPF_MAPS: &str = "bpf_map_bytes";
+    /// `services-scale` (the contender is the wsproxy mode it ran in): the wall time of `wsproxy
+    /// check-config` on the file of one service and on the file of many, seconds; handshakes per
+    /// second at the maximum through a proxy of each, the proxy's CPU per handshake there (µs),
+    /// and many over one run by run; the time of a reload under load (seconds) and the
+    /// connections it dropped.
+    pub const CHECK_CONFIG_ONE: &str = "check_config_secs_one_service";
+    pub const CHECK_CONFIG_MANY: &str = "check_config_secs_many_services";
+    pub const HANDSHAKES_ONE: &str = "handshake_rate_one_service";
+    pub const HANDSHAKES_MANY: &str = "handshake_rate_many_services";
+    pub const HANDSHAKE_CPU_ONE: &str = "proxy_cpu_us_per_handshake_one_service";
+    pub const HANDSHAKE_CPU_MANY: &str = "proxy_cpu_us_per_handshake_many_services";
+    pub const HANDSHAKES_RATIO: &str = "handshake_rate_many_over_one";
+    pub const RELOAD_SECS: &str = "reload_secs_under_load";
+    pub const RELOAD_DROPPED: &str = "reload_dropped_connections";
 }
 
 /// Compares two ranges: overlap is even, otherwise the side the metric prefers.
@@ -228,6 +242,45 @@ pub fn derive(r: &Results) -> Vec<Figure> {
             b.add(metric::TCP_PER_CONN, false, &tcp);
             b.add(metric::ADDED_MEM_PER_CONN, false, &added(&total));
             b.add(metric::BPF_MAPS, false, &idle(&|i| i.after.bpf_maps as f64));
+            out.extend(b.out);
+        }
+        if let Some(s) = &t.scale {
+            let mut b = Builder {
+                topology: t.topology.name(),
+                workload: crate::plan::SCALE_ID,
+                out: Vec::new(),
+            };
+            let of = |vs: Vec<(usize, f64)>| -> Series { BTreeMap::from([(s.contender.clone(), vs)]) };
+            let load = |k: usize| {
+                of(s.load
+                    .get(k)
+                    .map_or_else(Vec::new, |l| l.secs.iter().copied().enumerate().collect()))
+            };
+            let hs = |f: &dyn Fn(&ScaleHandshakes) -> Option<f64>| {
+                of(s.handshakes.iter().filter_map(|h| f(h).map(|v| (h.run, v))).collect())
+            };
+            let cpu = |m: &Measure| per_unit(m.cpu.proxy_secs, m);
+            b.add(metric::CHECK_CONFIG_ONE, false, &load(0));
+            b.add(metric::CHECK_CONFIG_MANY, false, &load(1));
+            b.add(metric::HANDSHAKES_ONE, true, &hs(&|h| Some(h.one.rate)));
+            b.add(metric::HANDSHAKES_MANY, true, &hs(&|h| Some(h.many.rate)));
+            b.add(metric::HANDSHAKE_CPU_ONE, false, &hs(&|h| cpu(&h.one)));
+            b.add(metric::HANDSHAKE_CPU_MANY, false, &hs(&|h| cpu(&h.many)));
+            b.add(
+                metric::HANDSHAKES_RATIO,
+                true,
+                &hs(&|h| (h.one.rate > 0.0).then(|| h.many.rate / h.one.rate)),
+            );
+            b.add(
+                metric::RELOAD_SECS,
+                false,
+                &of(s.reloads.iter().map(|r| (r.run, r.reload_secs)).collect()),
+            );
+            b.add(
+                metric::RELOAD_DROPPED,
+                false,
+                &of(s.reloads.iter().map(|r| (r.run, r.dropped as f64)).collect()),
+            );
             out.extend(b.out);
         }
     }

@@ -712,9 +712,10 @@ fn on_bytes(c: &Conn, shared: &Shared, data: &mut [u8]) -> Result<(), ()> {
 // ---------------------------------------------------------------------------------------------
 // Handshakes
 
-/// Connect, upgrade, one 16-byte echo, close (both close frames, then the TCP close).
-async fn one_handshake(addr: SocketAddr) -> Result<()> {
-    let (mut s, _) = ws::connect(addr, "/echo", HANDSHAKE_TIMEOUT).await?;
+/// Connect, upgrade (with `host` in the Host field, or the address), one 16-byte echo, close
+/// (both close frames, then the TCP close).
+async fn one_handshake(addr: SocketAddr, host: Option<&str>) -> Result<()> {
+    let (mut s, _) = ws::connect_as(addr, host, "/echo", HANDSHAKE_TIMEOUT).await?;
     s.write_all(Frame::binary(16, true).bytes()).await?;
     let mut parser = Parser::default();
     let mut buf = [0u8; 512];
@@ -750,6 +751,18 @@ async fn one_handshake(addr: SocketAddr) -> Result<()> {
 /// Handshakes through `addr`: at the maximum, `clients` loops one after another each; at a fixed
 /// rate, one started every 1/rate s (at most `HANDSHAKES_IN_FLIGHT` at once; the rest are lost).
 pub fn handshakes(addr: SocketAddr, clients: usize, offered: Offered, window: Duration) -> Result<Measure> {
+    handshakes_as(addr, &[], clients, offered, window)
+}
+
+/// As `handshakes`, with the Host field of each request the next of `hosts` in turn (none: the
+/// address), so that a proxy of many services routes them to all of its services.
+pub fn handshakes_as(
+    addr: SocketAddr,
+    hosts: &[String],
+    clients: usize,
+    offered: Offered,
+    window: Duration,
+) -> Result<Measure> {
     #[derive(Default)]
     struct Count {
         ok: u64,
@@ -763,30 +776,39 @@ pub fn handshakes(addr: SocketAddr, clients: usize, offered: Offered, window: Du
         hist: Some(histogram()),
         ..Count::default()
     }));
-    let one = move |count: Rc<RefCell<Count>>| async move {
-        let t0 = ws::now_ns();
-        count.borrow_mut().in_flight += 1;
-        let r = timeout(Duration::from_secs(10), one_handshake(addr)).await;
-        let mut c = count.borrow_mut();
-        c.in_flight -= 1;
-        match r {
-            Ok(Ok(())) => {
-                c.ok += 1;
-                let _ = c.hist.as_mut().expect("set").record((ws::now_ns() - t0).max(1));
-                true
-            }
-            Ok(Err(e)) => {
-                c.err += 1;
-                c.first_error.get_or_insert_with(|| format!("{e:#}"));
-                false
-            }
-            Err(_) => {
-                c.err += 1;
-                c.first_error.get_or_insert_with(|| "timed out".into());
-                false
+    let hosts: Rc<[String]> = hosts.into();
+    let next = std::cell::Cell::new(0usize);
+    let one = Rc::new(move |count: Rc<RefCell<Count>>| {
+        let host = (!hosts.is_empty()).then(|| {
+            let i = next.get();
+            next.set(i + 1);
+            hosts[i % hosts.len()].clone()
+        });
+        async move {
+            let t0 = ws::now_ns();
+            count.borrow_mut().in_flight += 1;
+            let r = timeout(Duration::from_secs(10), one_handshake(addr, host.as_deref())).await;
+            let mut c = count.borrow_mut();
+            c.in_flight -= 1;
+            match r {
+                Ok(Ok(())) => {
+                    c.ok += 1;
+                    let _ = c.hist.as_mut().expect("set").record((ws::now_ns() - t0).max(1));
+                    true
+                }
+                Ok(Err(e)) => {
+                    c.err += 1;
+                    c.first_error.get_or_insert_with(|| format!("{e:#}"));
+                    false
+                }
+                Err(_) => {
+                    c.err += 1;
+                    c.first_error.get_or_insert_with(|| "timed out".into());
+                    false
+                }
             }
         }
-    };
+    });
     let rt = runtime()?;
     let local = LocalSet::new();
     let hard = window + Duration::from_secs(60);
@@ -800,7 +822,7 @@ pub fn handshakes(addr: SocketAddr, clients: usize, offered: Offered, window: Du
             match offered {
                 Offered::Max => {
                     for _ in 0..clients {
-                        let count = count.clone();
+                        let (count, one) = (count.clone(), one.clone());
                         tasks.push(tokio::task::spawn_local(async move {
                             while ws::now_ns() < end {
                                 if !one(count.clone()).await {

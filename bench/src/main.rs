@@ -13,6 +13,8 @@ mod profile;
 mod report;
 mod results;
 mod run;
+mod scale;
+mod services;
 mod stats;
 mod sys;
 mod topology;
@@ -52,7 +54,7 @@ enum Cmd {
         /// Where latest.md, latest.json and the plots go
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
-        /// Only these workloads (ids as in the report, e.g. bulk,closed,idle), comma-separated
+        /// Only these workloads (ids as in the report, e.g. bulk,closed,idle,services-scale), comma-separated
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Only these contenders (direct, wsproxy-kernel, wsproxy-userspace, wsproxy-auto, nginx, haproxy, haproxy-splice, caddy)

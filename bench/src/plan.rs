@@ -72,6 +72,34 @@ pub struct Plan {
     /// Set when RLIMIT_NOFILE (this value) capped the largest group below the plan.
     #[serde(default)]
     pub limited_by_nofile: Option<u64>,
+    /// The configuration-scale measurement (`services-scale`), measured against wsproxy alone.
+    #[serde(default)]
+    pub scale: Option<ScalePlan>,
+}
+
+/// The id `--only` knows the configuration-scale measurement by.
+pub const SCALE_ID: &str = "services-scale";
+
+/// Configuration scale (see `scale`): a file of `services` services of `upstreams_per_service`
+/// upstream entries each against a file of one such service, all on one listener, told apart by
+/// host name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScalePlan {
+    pub services: usize,
+    pub upstreams_per_service: usize,
+    /// `wsproxy check-config` runs per file.
+    pub load_runs: usize,
+    /// Window of one handshake measurement at the maximum, seconds (one per file and run).
+    pub window_secs: f64,
+    /// Handshake loops at the maximum, as in `handshakes`.
+    pub clients: usize,
+    /// Connections open through the proxy while it reloads.
+    pub conns: usize,
+    /// Each of them exchanges one message per this many milliseconds, before, during and after
+    /// the reload.
+    pub gap_ms: u64,
+    /// Exchanges every connection must complete, each started after the reload was done.
+    pub after_reload: u64,
 }
 
 fn w(id: &str, title: &str, shape: Shape) -> Workload {
@@ -191,6 +219,16 @@ impl Plan {
             idle_settle_secs: if quick { 0.2 } else { 1.0 },
             groups,
             limited_by_nofile: None,
+            scale: Some(ScalePlan {
+                services: 1_000,
+                upstreams_per_service: 10,
+                load_runs: 5,
+                window_secs: if quick { 0.5 } else { 2.0 },
+                clients: 50,
+                conns: 1_000,
+                gap_ms: 100,
+                after_reload: 3,
+            }),
         }
     }
 
@@ -199,10 +237,13 @@ impl Plan {
     }
 
     /// Keeps only the named workloads (and groups that still have one, or measure idle memory and
-    /// `idle` is named).
+    /// `idle` is named), and the configuration-scale measurement if it is named.
     pub fn keep(&mut self, only: &[String]) {
         if only.is_empty() {
             return;
+        }
+        if !only.iter().any(|o| o == SCALE_ID) {
+            self.scale = None;
         }
         for g in &mut self.groups {
             g.workloads.retain(|w| only.contains(&w.id));
@@ -215,6 +256,7 @@ impl Plan {
     pub fn ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.workloads().map(|w| w.id.clone()).collect();
         ids.push("idle".into());
+        ids.push(SCALE_ID.into());
         ids
     }
 }
@@ -239,11 +281,20 @@ mod tests {
             "idle",
             "broadcast-10k",
             "large",
+            SCALE_ID,
         ] {
             assert!(ids.contains(&kept.to_owned()), "{kept}");
         }
+        let mut scale_only = p.clone();
         p.keep(&["idle".into()]);
         assert_eq!(p.groups.len(), 1);
         assert!(p.groups[0].idle_memory && p.groups[0].workloads.is_empty());
+        assert!(p.scale.is_none());
+        scale_only.keep(&[SCALE_ID.into()]);
+        assert!(scale_only.groups.is_empty());
+        assert_eq!(
+            scale_only.scale.as_ref().map(|s| s.services * s.upstreams_per_service),
+            Some(10_000)
+        );
     }
 }

@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::figures::{self, DIRECT, metric};
-use crate::plan::{Plan, Shape, Workload};
+use crate::plan::{Plan, SCALE_ID, ScalePlan, Shape, Workload};
 use crate::plot::{self, Bar, Panel};
-use crate::results::{Figure, Results, TopologyResult, Verdict};
+use crate::results::{Figure, Results, ScaleResult, TopologyResult, Verdict};
 use crate::stats::{Summary, fmt_int, fmt_num, fmt_summary};
 
 pub const KERNEL: &str = "wsproxy-kernel";
@@ -206,24 +206,38 @@ fn markdown(r: &Results, analysis: &str) -> String {
         );
     }
     md.push('\n');
+    if let Some(sp) = &p.scale {
+        let _ = writeln!(
+            md,
+            "- `{SCALE_ID}`: configuration scale, wsproxy alone: {} services of {} upstreams each ({} upstreams) \
+             in one file against one such service: `wsproxy check-config` time, handshakes at the maximum through \
+             each, and a reload of the many with {} connections open",
+            fmt_int(sp.services),
+            sp.upstreams_per_service,
+            fmt_int(sp.services * sp.upstreams_per_service),
+            fmt_int(sp.conns)
+        );
+    }
     if let Some(n) = p.limited_by_nofile {
         let _ = writeln!(md, "RLIMIT_NOFILE ({n}) capped the largest group of connections.\n");
     }
 
-    md.push_str("## Generator check\n\n");
-    let mut head = vec!["workload".to_owned()];
-    head.extend(r.topologies.iter().map(|t| t.topology.name().to_owned()));
-    let rows = p
-        .workloads()
-        .map(|w| {
-            let mut row = vec![format!("`{}`", w.id)];
-            for t in &r.topologies {
-                row.push(generator_check(fs, t.topology.name(), &w.id, cs).map_or_else(|| "–".into(), |(_, s)| s));
-            }
-            row
-        })
-        .collect();
-    table(&mut md, &head, rows);
+    if p.workloads().next().is_some() {
+        md.push_str("## Generator check\n\n");
+        let mut head = vec!["workload".to_owned()];
+        head.extend(r.topologies.iter().map(|t| t.topology.name().to_owned()));
+        let rows = p
+            .workloads()
+            .map(|w| {
+                let mut row = vec![format!("`{}`", w.id)];
+                for t in &r.topologies {
+                    row.push(generator_check(fs, t.topology.name(), &w.id, cs).map_or_else(|| "–".into(), |(_, s)| s));
+                }
+                row
+            })
+            .collect();
+        table(&mut md, &head, rows);
+    }
 
     for t in &r.topologies {
         topology_section(&mut md, r, &p, t, &proxies);
@@ -252,6 +266,12 @@ fn topology_section(md: &mut String, r: &Results, p: &Plan, t: &TopologyResult, 
     let tn = t.topology.name();
     let _ = writeln!(md, "## Topology `{tn}`\n\n{}\n", t.description);
     let present: Vec<&Workload> = p.workloads().filter(|w| t.workload(&w.id).is_some()).collect();
+    if let (Some(s), Some(sp)) = (&t.scale, &p.scale) {
+        scale_section(md, fs, tn, s, sp);
+    }
+    if present.is_empty() && t.idle.is_empty() {
+        return;
+    }
 
     let _ = writeln!(
         md,
@@ -413,6 +433,133 @@ fn topology_section(md: &mut String, r: &Results, p: &Plan, t: &TopologyResult, 
     // `auto` is judged against the relay it starts in: it must never be behind it.
     let userspace: Vec<&String> = proxies.iter().filter(|c| c.as_str() == USERSPACE).collect();
     versus(md, fs, tn, &present, AUTO, &userspace);
+}
+
+/// `services-scale`: the two files' load times, the handshake rates through each and their ratio,
+/// and the reloads under load.
+fn scale_section(md: &mut String, fs: &[Figure], tn: &str, s: &ScaleResult, sp: &ScalePlan) {
+    let c = s.contender.as_str();
+    let n = fmt_int(s.services);
+    let f = |m: &str| figures::find(fs, tn, SCALE_ID, m, c);
+    let k = |m: &str, k: f64| cell(f(m), k);
+    let _ = writeln!(
+        md,
+        "### Configuration scale ({tn}): 1 service against {n} ({c})\n\n\
+         One listener, every service told apart by its host name, {per} upstream entries per service (one reachable \
+         main, backups never tried). `wsproxy check-config`: wall time of the command, {load} runs per file, \
+         interleaved. Handshakes (connect, upgrade, one echo, close; {clients} loops at the maximum for {window} s) \
+         through a proxy of each file, side by side in every run, the Host field of each request the next of the \
+         services' names; the ratio is taken run by run, and \"even\" means the two rates' ranges overlap.\n",
+        clients = sp.clients,
+        window = sp.window_secs,
+        per = s.upstreams_per_service,
+        load = s.load.first().map_or(0, |l| l.secs.len()),
+    );
+    let versus = |a: &str, b: &str| match (f(a), f(b)) {
+        (Some(a), Some(b)) => verdict_text(a, b),
+        _ => "–".into(),
+    };
+    let load = |i: usize| s.load.get(i);
+    let head: Vec<String> = [
+        "".to_owned(),
+        format!("1 service, {} upstreams", s.upstreams_per_service),
+        format!(
+            "{n} services, {} upstreams",
+            fmt_int(s.services * s.upstreams_per_service)
+        ),
+        format!("{n} against 1"),
+    ]
+    .into();
+    let rows = vec![
+        vec![
+            "file size".into(),
+            load(0).map_or_else(|| "–".into(), |l| format!("{} KB", fmt_num(l.bytes as f64 / 1e3))),
+            load(1).map_or_else(|| "–".into(), |l| format!("{} KB", fmt_num(l.bytes as f64 / 1e3))),
+            String::new(),
+        ],
+        vec![
+            "`wsproxy check-config`, ms".into(),
+            k(metric::CHECK_CONFIG_ONE, 1e3),
+            k(metric::CHECK_CONFIG_MANY, 1e3),
+            versus(metric::CHECK_CONFIG_MANY, metric::CHECK_CONFIG_ONE),
+        ],
+        vec![
+            "handshakes/s at the maximum".into(),
+            k(metric::HANDSHAKES_ONE, 1.0),
+            k(metric::HANDSHAKES_MANY, 1.0),
+            format!(
+                "{}× {}; {}",
+                f(metric::HANDSHAKES_RATIO).map_or_else(|| "–".into(), |r| fmt_num(r.summary.median)),
+                f(metric::HANDSHAKES_RATIO).map_or_else(String::new, |r| format!(
+                    "[{}–{}]",
+                    fmt_num(r.summary.min),
+                    fmt_num(r.summary.max)
+                )),
+                versus(metric::HANDSHAKES_MANY, metric::HANDSHAKES_ONE)
+            ),
+        ],
+        vec![
+            "proxy CPU µs/handshake at the maximum".into(),
+            k(metric::HANDSHAKE_CPU_ONE, 1.0),
+            k(metric::HANDSHAKE_CPU_MANY, 1.0),
+            versus(metric::HANDSHAKE_CPU_MANY, metric::HANDSHAKE_CPU_ONE),
+        ],
+    ];
+    table(md, &head, rows);
+    let again: usize = s.handshakes.iter().map(|h| h.attempts.saturating_sub(1)).sum();
+    if again > 0 {
+        let still = s.handshakes.iter().filter(|h| h.disturbed).count();
+        let _ = writeln!(
+            md,
+            "Pairs of handshake measurements during which other processes used over {:.0} % of the machine were \
+             measured again: {again} times; {still} of the {} runs kept were still disturbed.\n",
+            crate::scale::DISTURBED * 100.0,
+            s.handshakes.len()
+        );
+    }
+    if s.reloads.is_empty() {
+        return;
+    }
+    let conns = s.reloads.iter().map(|r| r.conns).max().unwrap_or(0);
+    let _ = writeln!(
+        md,
+        "Reload under load: {} connections through the proxy of {n} services (spread over their host names), each \
+         exchanging a {size}-byte message every {gap} ms whose echo must match byte for byte; the file is replaced by \
+         one in which every service's backups and the upstream timeout differ, then SIGHUP. Reload time: from the \
+         signal to the proxy's log line. Dropped: connections that failed, or did not complete {after} exchanges after \
+         the reload and close cleanly (must be 0).\n",
+        fmt_int(conns),
+        size = crate::scale::PAYLOAD,
+        gap = sp.gap_ms,
+        after = sp.after_reload,
+    );
+    let dropped: usize = s.reloads.iter().map(|r| r.dropped).sum();
+    table(
+        md,
+        &[
+            "reloads".into(),
+            "reload time, ms".into(),
+            "messages verified".into(),
+            "fewest per connection after the reload".into(),
+            "dropped".into(),
+        ],
+        vec![vec![
+            s.reloads.len().to_string(),
+            k(metric::RELOAD_SECS, 1e3),
+            fmt_int(s.reloads.iter().map(|r| r.exchanges as usize).sum()),
+            s.reloads
+                .iter()
+                .map(|r| r.min_after_reload)
+                .min()
+                .unwrap_or(0)
+                .to_string(),
+            if dropped == 0 {
+                "0".into()
+            } else {
+                format!("**{dropped} (FAIL)**")
+            },
+        ]],
+    );
 }
 
 /// A table of `subject`'s added CPU and p99 against each of `rivals`, per workload; nothing if
@@ -612,6 +759,7 @@ mod tests {
                 description: "two namespaces".into(),
                 workloads: vec![wr("closed", max, fixed), wr("echo-1x128", max_bad, fixed_bad)],
                 idle: BTreeMap::new(),
+                scale: None,
                 secs: 1.0,
             }],
             ..Results::default()

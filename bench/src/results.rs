@@ -57,7 +57,69 @@ pub struct TopologyResult {
     pub description: String,
     pub workloads: Vec<WorkloadResult>,
     pub idle: BTreeMap<String, Vec<IdleMemory>>,
+    /// The configuration-scale measurement (`services-scale`), when it ran.
+    #[serde(default)]
+    pub scale: Option<ScaleResult>,
     pub secs: f64,
+}
+
+/// Configuration scale (see `scale`): one proxy of many services against one of a single
+/// service, and a reload of the many under load.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ScaleResult {
+    /// The wsproxy contender whose relay mode the proxies ran in.
+    pub contender: String,
+    pub services: usize,
+    pub upstreams_per_service: usize,
+    /// `wsproxy check-config`: the file of one service, then the file of many.
+    pub load: Vec<ConfigLoad>,
+    /// Handshakes at the maximum through each, measured side by side, run by run.
+    pub handshakes: Vec<ScaleHandshakes>,
+    pub reloads: Vec<ReloadRun>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConfigLoad {
+    pub services: usize,
+    pub upstreams: usize,
+    pub bytes: u64,
+    /// Wall time of each run, from the start of the process to its exit, seconds.
+    pub secs: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScaleHandshakes {
+    pub run: usize,
+    /// Through the proxy of one service (its host name on every request).
+    pub one: Measure,
+    /// Through the proxy of many (the host names in turn).
+    pub many: Measure,
+    /// Pairs measured for this run: a pair during which other processes used a share of the
+    /// machine is measured again (`scale`); `disturbed` when the last one still was.
+    #[serde(default)]
+    pub attempts: usize,
+    #[serde(default)]
+    pub disturbed: bool,
+}
+
+/// One reload of the many-service file under load.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReloadRun {
+    pub run: usize,
+    /// Connections open through the proxy across the reload.
+    pub conns: usize,
+    /// From SIGHUP to the proxy's log line that the configuration was reloaded, seconds.
+    pub reload_secs: f64,
+    /// The log was read every this many seconds (the reload time's resolution).
+    pub poll_secs: f64,
+    /// Messages echoed and verified byte for byte, over all connections, and the fewest that any
+    /// one connection completed after the reload (each started after it).
+    pub exchanges: u64,
+    pub min_after_reload: u64,
+    /// Connections that failed (closed, reset, a wrong echo, no echo within 5 s) or did not
+    /// complete their exchanges after the reload: must be 0.
+    pub dropped: usize,
+    pub first_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

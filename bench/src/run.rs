@@ -5,7 +5,9 @@
 //! run per contender (its maximum rate, which sets the fixed load: a fraction of the lowest
 //! maximum, the same for all), then `runs` runs, each measuring every contender's maximum and its
 //! behaviour at the fixed load. Contenders are interleaved within a run, in an order that rotates
-//! from run to run, so that other activity on the machine spreads over all of them.
+//! from run to run, so that other activity on the machine spreads over all of them. Then, unless
+//! `--only` leaves it out, `services-scale` (`scale`) measures wsproxy alone with a configuration
+//! of 1,000 services against one of a single service.
 //!
 //! The load generator is this process's main thread (pinned to CPU 0, with the upstream); every
 //! proxy is pinned to CPU 1. Raw results go to `latest.json`, the report to `latest.md`.
@@ -16,11 +18,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::contenders::{self, Contender, Kind, Proc, Setup};
 use crate::load::{self, Measure, Offered, Session};
-use crate::plan::{Group, Plan, Shape, Workload};
+use crate::plan::{Group, Plan, SCALE_ID, Shape, Workload};
 use crate::results::{IdleMemory, Results, RunMeasure, TopologyResult, Versions, WorkloadResult};
 use crate::stats::fmt_num;
 use crate::sys;
@@ -137,6 +139,17 @@ pub fn run(opts: &Options) -> Result<()> {
         results.total_secs,
         opts.out.join("latest.md").display()
     );
+    // A reload that drops connections is a defect, not a figure: the run fails.
+    let dropped: usize = results
+        .topologies
+        .iter()
+        .filter_map(|t| t.scale.as_ref())
+        .flat_map(|s| &s.reloads)
+        .map(|r| r.dropped)
+        .sum();
+    if dropped > 0 {
+        bail!("{SCALE_ID}: reloads under load dropped {dropped} connections (see the failures in the report)");
+    }
     Ok(())
 }
 
@@ -189,7 +202,13 @@ fn measure_in(
         netns: net.proxy_ns().map(str::to_owned),
     };
     let mut cs: Vec<Contender> = Vec::new();
-    for kind in &opts.contenders {
+    // Only the workloads' groups use the contenders (`services-scale` starts its own proxies).
+    let kinds = if plan.groups.is_empty() {
+        &[][..]
+    } else {
+        &opts.contenders[..]
+    };
+    for kind in kinds {
         let addr: SocketAddr = match kind {
             Kind::Direct => upstream,
             k => {
@@ -216,6 +235,7 @@ fn measure_in(
         description: t.describe().into(),
         workloads: Vec::new(),
         idle: BTreeMap::new(),
+        scale: None,
         secs: 0.0,
     };
     let mut m = Measurer {
@@ -230,6 +250,33 @@ fn measure_in(
         m.group(g, &mut cs, &mut out)?;
     }
     drop(cs);
+    if let Some(sp) = &plan.scale {
+        match crate::scale::contender(&opts.contenders) {
+            None => println!("bench: [{}] {SCALE_ID}: no wsproxy contender chosen: skipped", t.name()),
+            Some(kind) => {
+                let setup = crate::scale::Setup {
+                    topology: t.name(),
+                    plan: sp,
+                    runs: plan.runs,
+                    wsproxy: &opts.wsproxy,
+                    kind,
+                    dir,
+                    upstream,
+                    upstream_pid: up.pid(),
+                    proxy_ip: net.proxy_ip(),
+                    proxy_cpu: PROXY_CPU,
+                    netns: net.proxy_ns(),
+                };
+                match crate::scale::measure(&setup, m.failures) {
+                    Ok(r) => out.scale = Some(r),
+                    Err(e) => {
+                        println!("bench: [{}] {SCALE_ID} FAILED: {e:#}", t.name());
+                        m.failures.push(format!("{}: {SCALE_ID}: {e:#}", t.name()));
+                    }
+                }
+            }
+        }
+    }
     drop(up);
     Ok(out)
 }
@@ -508,7 +555,11 @@ pub fn measure_alone(addr: SocketAddr, id: &str, offered: Offered, window: Durat
         .groups
         .iter()
         .find_map(|g| g.workloads.iter().find(|w| w.id == id).map(|w| (g, w)))
-        .ok_or_else(|| anyhow::anyhow!("unknown workload {id:?}: one of {:?}", plan.ids()))?;
+        .ok_or_else(|| {
+            // `idle` and `services-scale` are parts of `run` only.
+            let ids: Vec<&str> = plan.workloads().map(|w| w.id.as_str()).collect();
+            anyhow::anyhow!("unknown workload {id:?}: one of {ids:?}")
+        })?;
     let mut session = (g.conns > 0).then(|| Session::open(addr, g.conns, 1)).transpose()?;
     measure(w, addr, session.as_mut(), offered, window)
 }

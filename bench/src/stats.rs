@@ -74,7 +74,8 @@ pub fn fmt_num(x: f64) -> String {
 
 /// A count with thousands separators.
 pub fn fmt_int(n: usize) -> String {
-    fmt_num(n as f64 * 1.0).trim_end_matches(".00").to_owned()
+    // Below 1,000 `fmt_num` gives decimals ("10.0").
+    if n < 1000 { n.to_string() } else { fmt_num(n as f64) }
 }
 
 /// "median [min–max]".
@@ -103,5 +104,9 @@ mod tests {
         assert_eq!(fmt_num(-1234.0), "-1,234");
         assert_eq!(fmt_num(12.345), "12.3");
         assert_eq!(fmt_num(0.01234), "0.012");
+        assert_eq!(
+            (fmt_int(1), fmt_int(10), fmt_int(999), fmt_int(10_000)),
+            ("1".into(), "10".into(), "999".into(), "10,000".into())
+        );
     }
 }

@@ -331,10 +331,11 @@ async fn read_head(s: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
     }
 }
 
-/// The client's opening handshake for `path`; returns the bytes read past the 101's head.
-pub async fn client_handshake(s: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<Vec<u8>> {
+/// The client's opening handshake for `path` with `host` in its Host field; returns the bytes read
+/// past the 101's head.
+pub async fn client_handshake(s: &mut TcpStream, host: &dyn std::fmt::Display, path: &str) -> Result<Vec<u8>> {
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await?;
@@ -348,10 +349,23 @@ pub async fn client_handshake(s: &mut TcpStream, addr: SocketAddr, path: &str) -
 
 /// Connects and upgrades within `limit`, with TCP_NODELAY.
 pub async fn connect(addr: SocketAddr, path: &str, limit: Duration) -> Result<(TcpStream, Vec<u8>)> {
+    connect_as(addr, None, path, limit).await
+}
+
+/// As `connect`, with `host` in the Host field (`None`: the address).
+pub async fn connect_as(
+    addr: SocketAddr,
+    host: Option<&str>,
+    path: &str,
+    limit: Duration,
+) -> Result<(TcpStream, Vec<u8>)> {
     tokio::time::timeout(limit, async {
         let mut s = TcpStream::connect(addr).await.context("connect")?;
         s.set_nodelay(true)?;
-        let rest = client_handshake(&mut s, addr, path).await?;
+        let rest = match host {
+            Some(h) => client_handshake(&mut s, &h, path).await?,
+            None => client_handshake(&mut s, &addr, path).await?,
+        };
         anyhow::Ok((s, rest))
     })
     .await

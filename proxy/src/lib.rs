@@ -207,7 +207,8 @@ impl Shared {
             }));
         }
         // A removed service's state lives on in its open connections only.
-        states.retain(|name, _| config.service(name).is_some());
+        let names: std::collections::HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        states.retain(|name, _| names.contains(name.as_str()));
         let routes = routes::Routes::new(&config.services);
         self.runtime.store(Arc::new(Runtime {
             config,

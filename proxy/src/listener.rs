@@ -101,7 +101,13 @@ impl Set {
             .filter(|s| s.config.listen.contains(&addr))
             .map(|s| s.name())
             .collect();
-        info!(listen = %local, services = %services.join(","), "accepting connections");
+        // A listener of many services names the first few (GET /services lists them all).
+        const NAMED: usize = 8;
+        let mut named = services.iter().take(NAMED).copied().collect::<Vec<_>>().join(",");
+        if services.len() > NAMED {
+            named.push_str(&format!(",... ({} in all)", services.len()));
+        }
+        info!(listen = %local, services = %named, "accepting connections");
         let stop = self.inner.shutdown.child_token();
         let fd = match std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned() {
             Ok(fd) => fd,
@@ -309,11 +315,16 @@ impl Accepting {
 fn client_cap(shared: &Shared) -> (usize, Option<descriptors::Budget>) {
     let rt = shared.runtime.load();
     let c = &rt.config;
+    // One descriptor per upstream a probe may connect to at once: distinct addresses of the
+    // services that probe (an upstream shared by many services is one).
     let upstreams = c
         .services
         .iter()
-        .map(|s| s.upstreams.main.len() + s.upstreams.backup.len())
-        .sum();
+        .filter(|s| s.upstreams.health.probe_interval.is_some())
+        .flat_map(|s| s.upstreams.main.iter().chain(&s.upstreams.backup))
+        .map(|u| u.address)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let budget = match descriptors::Budget::now(c.admin.as_ref().map(|a| a.max_connections), upstreams) {
         Ok(b) => b,
         Err(e) => {

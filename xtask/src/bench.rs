@@ -1,6 +1,8 @@
 //! `cargo xtask bench [--quick]`: build wsproxy and the benchmark in release, then run
 //! `wsproxy-bench run`, which starts the upstream and every contender, runs every workload and
-//! writes `bench/results/latest.md` with its plots.
+//! writes `bench/results/latest.md` with its plots; a whole run (no arguments for it) then
+//! measures the fleet's cluster limits on against off (`wsproxy-bench-cluster`, with a Redis
+//! server of its own) into `bench/results/cluster.md`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -55,8 +57,41 @@ pub fn bench(root: &Path, quick: bool, extra: &[String]) -> Result<ExitCode> {
     }
     if !status.success() {
         eprintln!("xtask: benchmark failed ({status})");
+        return Ok(crate::run::exit_code(status));
+    }
+    if extra.is_empty() {
+        let cluster = cluster_command(root, quick);
+        println!("xtask: {cluster}");
+        let status = cluster.status_in(root)?;
+        if !status.success() {
+            eprintln!("xtask: the cluster benchmark failed ({status})");
+        }
+        return Ok(crate::run::exit_code(status));
     }
     Ok(crate::run::exit_code(status))
+}
+
+/// Cluster limits on against off, into `bench/results/cluster.md`.
+pub fn cluster_command(root: &Path, quick: bool) -> Cmd {
+    let wsproxy = cargo::wsproxy_binary(root, true);
+    let out = root.join("bench/results/cluster.md");
+    let cmd = Cmd::new(
+        &bench_binary(root)
+            .with_file_name("wsproxy-bench-cluster")
+            .display()
+            .to_string(),
+    )
+    .args([
+        "--wsproxy",
+        &wsproxy.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]);
+    if quick {
+        cmd.args(["--seconds", "2", "--runs", "1"])
+    } else {
+        cmd
+    }
 }
 
 #[cfg(test)]
@@ -71,5 +106,12 @@ mod tests {
         assert!(cmd.args.contains(&"/w/bench/results".to_owned()));
         assert!(cmd.args.ends_with(&["--quick".into(), "--only".into(), "bulk".into()]));
         assert!(build_command().args.contains(&"wsproxy-bench".to_owned()));
+        let cluster = cluster_command(Path::new("/w"), false);
+        assert!(
+            cluster.program.ends_with("release/wsproxy-bench-cluster"),
+            "{}",
+            cluster.program
+        );
+        assert!(cluster.args.contains(&"/w/bench/results/cluster.md".to_owned()));
     }
 }
