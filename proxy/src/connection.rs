@@ -360,33 +360,27 @@ async fn handshake_phase(
         }
     };
     let routed = routes.route(request.host());
-    let (svc, slot) = match admitted {
-        // Admitted before the request: the request is for that service, or for none here (a
-        // Host other than the TLS name's is a misdirected request too).
-        Some((i, svc, slot)) if routed == Some(i) => (svc, slot),
-        Some(_) => {
-            refuse(
-                client,
-                ip,
-                Answer::Rejected(Rejection::UnknownHost),
-                started,
-                read_metrics,
-            )
-            .await;
-            return None;
-        }
-        None => {
-            let Some(i) = routed else {
-                refuse(
-                    client,
-                    ip,
-                    Answer::Rejected(Rejection::UnknownHost),
-                    started,
-                    read_metrics,
-                )
-                .await;
-                return None;
-            };
+    // No service of the listener has the host; or the client was admitted before the request by
+    // another service (a Host other than the TLS name's is misdirected too).
+    let misdirected = match &admitted {
+        Some((i, ..)) => routed != Some(*i),
+        None => routed.is_none(),
+    };
+    if misdirected {
+        refuse(
+            client,
+            ip,
+            Answer::Rejected(Rejection::UnknownHost),
+            started,
+            read_metrics,
+        )
+        .await;
+        return None;
+    }
+    let (svc, slot) = match (admitted, routed) {
+        (Some((_, svc, slot)), _) => (svc, slot),
+        (None, None) => unreachable!("misdirected"),
+        (None, Some(i)) => {
             let svc = Arc::clone(&rt.services[i]);
             let m = shared.metrics.of(svc.name());
             let cfg = &svc.config;

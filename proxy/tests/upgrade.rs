@@ -19,7 +19,7 @@ use common::{BIN, Daemon, fds_of, free_port, raise_nofile, temp_path};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wsproxy_tests::relay_kit::{first_difference, pattern, poll_every_async};
-use wsproxy_tests::{client_ip, find, raw_echo_upstream, request_for, status};
+use wsproxy_tests::{client_ip, raw_echo_upstream, upgrade_status};
 
 /// How long anything here may take.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -32,18 +32,7 @@ async fn open(from: IpAddr, to: SocketAddr) -> Result<TcpStream, String> {
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
-    s.write_all(request_for("upgrade.test", "/ws", "").as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while find(&head, b"\r\n\r\n").is_none() {
-        match tokio::time::timeout(DEADLINE, s.read(&mut b)).await {
-            Ok(Ok(1)) => head.push(b[0]),
-            other => return Err(format!("answer: {other:?} after {:?}", String::from_utf8_lossy(&head))),
-        }
-    }
-    match status(&String::from_utf8_lossy(&head)) {
+    match upgrade_status(&mut s, "upgrade.test", "").await {
         101 => Ok(s),
         code => Err(format!("status {code}")),
     }

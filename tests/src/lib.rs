@@ -445,6 +445,26 @@ pub fn request_for(host: &str, path: &str, extra: &str) -> String {
     )
 }
 
+/// Sends the handshake for `host` (with `extra` header lines) on `s` and reads the answer head,
+/// within [`DEADLINE`]: its status (0 when the proxy closed first); nothing past the head is read.
+pub async fn upgrade_status(s: &mut (impl AsyncRead + AsyncWrite + Unpin), host: &str, extra: &str) -> u16 {
+    if s.write_all(request_for(host, "/ws", extra).as_bytes()).await.is_err() {
+        return 0;
+    }
+    let mut head = Vec::new();
+    within("an answer head", async {
+        let mut b = [0u8; 1];
+        while find(&head, b"\r\n\r\n").is_none() {
+            match s.read(&mut b).await {
+                Ok(1) => head.push(b[0]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    status(&String::from_utf8_lossy(&head))
+}
+
 /// Sends `bytes` and reads until the proxy closes; returns everything received (lossy text).
 pub async fn exchange(from: IpAddr, to: SocketAddr, bytes: &[u8]) -> String {
     let mut s = connect_from(from, to).await;

@@ -48,13 +48,6 @@ async def main():
 asyncio.run(main())
 "#;
 
-fn python_websockets() -> bool {
-    interop_kit::installed(
-        std::process::Command::new("python3").args(["-c", "import websockets.asyncio.client"]),
-        "Python's websockets",
-    )
-}
-
 /// Runs the client against `addr`; returns the payload bytes it got back.
 async fn run_client(addr: SocketAddr, what: &str) -> u64 {
     let mut client = tokio::process::Command::new("python3");
@@ -66,7 +59,7 @@ async fn run_client(addr: SocketAddr, what: &str) -> u64 {
 
 #[tokio::test]
 async fn python_websockets_clients_get_every_byte_back_directly_and_through_both_relays() {
-    if !python_websockets() {
+    if !interop_kit::python_websockets() {
         return;
     }
     let echo = echo_upstream().await;

@@ -12,8 +12,7 @@ use tokio::net::TcpStream;
 use wsproxy_tests::exposition::Exposition;
 use wsproxy_tests::relay_kit::{first_difference, pattern, poll_until};
 use wsproxy_tests::{
-    DEADLINE, Proxy, Script, Upstream, client_ip, connect_from, find, header, read_to_close, request_for, status,
-    within,
+    DEADLINE, Proxy, Script, Upstream, client_ip, connect_from, header, read_to_close, upgrade_status, within,
 };
 
 /// Generous limits, so that only the limits a test sets refuse anything.
@@ -53,19 +52,8 @@ fn service(name: &str, listen: &[&str], hosts: &[&str], upstream: SocketAddr, mo
 /// head: its status, and the connection (open when it was a 101).
 async fn handshake(from: IpAddr, to: SocketAddr, host: &str, extra: &str) -> (u16, TcpStream) {
     let mut s = connect_from(from, to).await;
-    s.write_all(request_for(host, "/ws", extra).as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    within("an answer head", async {
-        let mut b = [0u8; 1];
-        while find(&head, b"\r\n\r\n").is_none() {
-            match s.read(&mut b).await {
-                Ok(1) => head.push(b[0]),
-                _ => break,
-            }
-        }
-    })
-    .await;
-    (status(&String::from_utf8_lossy(&head)), s)
+    let code = upgrade_status(&mut s, host, extra).await;
+    (code, s)
 }
 
 /// The `X-Service` value of the next request `upstream` saw.

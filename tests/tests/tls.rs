@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use wsproxy_tests::exposition::Exposition;
 use wsproxy_tests::relay_kit::{first_difference, pattern, poll_until};
 use wsproxy_tests::tls_kit::{Issued, TestCa, peer_names, write_atomically};
-use wsproxy_tests::{DEADLINE, Proxy, Script, Upstream, find, header, request_for, status, within};
+use wsproxy_tests::{DEADLINE, Proxy, Script, Upstream, find, header, request_for, upgrade_status, within};
 
 const OPEN: &str = "[limits]\nrequests_per_second = 1000.0\nburst = 1000\n";
 
@@ -47,19 +47,7 @@ fn tls_service(
 
 /// Upgrades `s` for `host` and reads the answer head: its status.
 async fn upgrade(s: &mut (impl AsyncRead + AsyncWrite + Unpin), host: &str) -> u16 {
-    s.write_all(request_for(host, "/ws", "").as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    within("an answer head", async {
-        let mut b = [0u8; 1];
-        while find(&head, b"\r\n\r\n").is_none() {
-            match s.read(&mut b).await {
-                Ok(1) => head.push(b[0]),
-                _ => break,
-            }
-        }
-    })
-    .await;
-    status(&String::from_utf8_lossy(&head))
+    upgrade_status(s, host, "").await
 }
 
 /// Writes `len` pattern bytes (seed `seed`, from `offset`) and checks they come back.
