@@ -3,6 +3,11 @@
 //! temporary directory, in its topology's network namespace (`ip netns exec`), pinned with
 //! `taskset`, and killed when the benchmark ends (on drop, on panic, and through
 //! `PR_SET_PDEATHSIG` if the benchmark itself is killed).
+//!
+//! For the TLS workloads each proxy runs again, separately, with a TLS listener: the same
+//! certificate and key for all (`tls::generate`), TLS 1.3 and TLS_AES_128_GCM_SHA256 where the
+//! proxy's configuration can pin them, the rest of the configuration as for plain ws. Direct has
+//! no TLS form (the upstream is plain ws).
 
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
@@ -15,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 use crate::load;
+use crate::tls;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -155,6 +161,9 @@ pub struct Contender {
     pub proc: Option<Proc>,
     /// The proxy's RSS right after start, before any connection (bytes).
     pub rss_at_start: u64,
+    /// A TLS listener: what a connection of the generator negotiated, and what one offering
+    /// everything did.
+    pub negotiated: Option<tls::Negotiated>,
 }
 
 impl Contender {
@@ -176,17 +185,25 @@ pub struct Setup<'a> {
     pub nofile: u64,
     /// The network namespace the proxies run in (None: the host's).
     pub netns: Option<String>,
+    /// TLS listeners with this certificate, and the clients that check them.
+    pub tls: Option<&'a tls::Kit>,
 }
 
 pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
     let name = kind.name();
     let log = s.dir.join(format!("{name}.log"));
+    let files = s.tls.map(|k| &k.files);
     let proc = match kind {
+        Kind::Direct if s.tls.is_some() => bail!("direct has no TLS listener (the upstream is plain ws)"),
         Kind::Direct => None,
         Kind::WsproxyKernel | Kind::WsproxyUserspace | Kind::WsproxyAuto => {
             let mode = kind.wsproxy_mode().expect("a wsproxy contender");
             let cfg = s.dir.join(format!("{name}.toml"));
-            fs::write(&cfg, wsproxy_config(addr, s.upstream, mode))?;
+            let mut text = wsproxy_config(addr, s.upstream, mode);
+            if let Some(f) = files {
+                text += &wsproxy_tls(f);
+            }
+            fs::write(&cfg, text)?;
             let args = vec!["run".into(), "--config".into(), cfg.display().to_string()];
             Some(Proc::spawn(
                 name,
@@ -202,7 +219,7 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
             let prefix = s.dir.join("nginx");
             fs::create_dir_all(prefix.join("logs"))?;
             let cfg = prefix.join("nginx.conf");
-            fs::write(&cfg, nginx_config(addr, s.upstream, &prefix, s.nofile))?;
+            fs::write(&cfg, nginx_config(addr, s.upstream, &prefix, s.nofile, files))?;
             let args = vec![
                 "-p".into(),
                 prefix.display().to_string(),
@@ -225,7 +242,7 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
             let cfg = s.dir.join(format!("{name}.cfg"));
             fs::write(
                 &cfg,
-                haproxy_config(addr, s.upstream, kind == Kind::HaproxySplice, s.nofile),
+                haproxy_config(addr, s.upstream, kind == Kind::HaproxySplice, s.nofile, files),
             )?;
             let args = vec!["-f".into(), cfg.display().to_string(), "-db".into()];
             Some(Proc::spawn(
@@ -242,7 +259,7 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
             let home = s.dir.join("caddy");
             fs::create_dir_all(&home)?;
             let cfg = home.join("Caddyfile");
-            fs::write(&cfg, caddy_config(addr, s.upstream))?;
+            fs::write(&cfg, caddy_config(addr, s.upstream, files))?;
             let args = vec![
                 "run".into(),
                 "--config".into(),
@@ -274,6 +291,7 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
         addr,
         proc,
         rss_at_start: 0,
+        negotiated: None,
     };
     wait_listening(&mut c, &log)?;
     // Let it settle, then note its memory before any connection.
@@ -281,7 +299,16 @@ pub fn start(kind: Kind, addr: SocketAddr, s: &Setup) -> Result<Contender> {
     if let Some(pid) = c.pid() {
         c.rss_at_start = crate::sys::rss(pid)?;
     }
-    load::check(addr).with_context(|| format!("{name}: an echo through it failed (log: {})", log.display()))?;
+    let failed = || format!("{name}: an echo through it failed (log: {})", log.display());
+    match s.tls {
+        None => load::check(addr).with_context(failed)?,
+        Some(k) => {
+            let measured = load::check_tls(addr, &k.client).with_context(failed)?;
+            let preferred = load::tls_handshake(addr, &k.offering_all)
+                .with_context(|| format!("{name}: a TLS handshake offering every suite failed"))?;
+            c.negotiated = Some(tls::Negotiated { measured, preferred });
+        }
+    }
     Ok(c)
 }
 
@@ -335,11 +362,46 @@ mode = "{mode}"
     )
 }
 
+/// wsproxy's `[tls]`: the certificate, TLS 1.3 only. (wsproxy has no setting for the suites; the
+/// generator offers TLS_AES_128_GCM_SHA256 alone.)
+pub fn wsproxy_tls(f: &tls::Files) -> String {
+    format!(
+        r#"
+[tls]
+certificate = "{}"
+key = "{}"
+min_version = "1.3"
+"#,
+        f.certificate.display(),
+        f.key.display()
+    )
+}
+
 /// nginx as operators run it for WebSocket: one worker, HTTP/1.1 upstream with the Upgrade and
-/// Connection headers, a long read timeout, TCP_NODELAY, no access log.
-pub fn nginx_config(listen: SocketAddr, upstream: SocketAddr, prefix: &Path, nofile: u64) -> String {
+/// Connection headers, a long read timeout, TCP_NODELAY, no access log. With `tls`: an `ssl`
+/// listener, TLS 1.3 with TLS_AES_128_GCM_SHA256 only, nginx's defaults otherwise (session
+/// tickets on, no shared session cache).
+pub fn nginx_config(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    prefix: &Path,
+    nofile: u64,
+    tls: Option<&tls::Files>,
+) -> String {
     let p = prefix.display();
     let conns = nofile.saturating_sub(50);
+    let (ssl, ssl_conf) = match tls {
+        None => ("", String::new()),
+        Some(f) => (
+            " ssl",
+            format!(
+                "        ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_protocols TLSv1.3;\n        ssl_conf_command Ciphersuites {};\n",
+                f.certificate.display(),
+                f.key.display(),
+                tls::SUITE
+            ),
+        ),
+    };
     format!(
         r#"# Generated by wsproxy-bench.
 daemon off;
@@ -364,8 +426,8 @@ http {{
     }}
 
     server {{
-        listen {listen} backlog=4096;
-        location / {{
+        listen {listen}{ssl} backlog=4096;
+{ssl_conf}        location / {{
             proxy_pass http://bench_upstream;
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
@@ -381,8 +443,16 @@ http {{
 }
 
 /// HAProxy in http mode: one thread, `timeout tunnel` for the upgraded connections, optionally
-/// splice(2) both ways. HAProxy sets TCP_NODELAY on its sockets itself.
-pub fn haproxy_config(listen: SocketAddr, upstream: SocketAddr, splice: bool, nofile: u64) -> String {
+/// splice(2) both ways. HAProxy sets TCP_NODELAY on its sockets itself. With `tls`: an `ssl`
+/// bind with the certificate and key in one file, ALPN http/1.1, TLS 1.3 with
+/// TLS_AES_128_GCM_SHA256 only (splice cannot carry a TLS side: HAProxy copies those bytes).
+pub fn haproxy_config(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    splice: bool,
+    nofile: u64,
+    tls: Option<&tls::Files>,
+) -> String {
     // HAProxy needs two descriptors per proxied connection, two per pipe, and a few of its own;
     // it refuses to start when the sum exceeds a limit it cannot raise. Idle connections hold no
     // pipe (a pipe is taken only while spliced data waits in it), so few pipes are enough.
@@ -396,6 +466,13 @@ pub fn haproxy_config(listen: SocketAddr, upstream: SocketAddr, splice: bool, no
     } else {
         ("", String::new())
     };
+    let ssl = tls.map_or_else(String::new, |f| {
+        format!(
+            " ssl crt {} alpn http/1.1 ssl-min-ver TLSv1.3 ciphersuites {}",
+            f.combined.display(),
+            tls::SUITE
+        )
+    });
     format!(
         r#"# Generated by wsproxy-bench.
 global
@@ -412,7 +489,7 @@ defaults
     timeout http-request 10s
 {splice}
 frontend bench
-    bind {listen}
+    bind {listen}{ssl}
     default_backend upstream
 
 backend upstream
@@ -423,7 +500,20 @@ backend upstream
 
 /// Caddy as its documentation has it for WebSocket: `reverse_proxy` upgrades by itself. No admin
 /// endpoint, no automatic HTTPS, no access log (Caddy logs none unless told), HTTP/1.1 only.
-pub fn caddy_config(listen: SocketAddr, upstream: SocketAddr) -> String {
+/// With `tls`: an https site with the certificate and key, TLS 1.3 only (Go's TLS has no
+/// setting for TLS 1.3 suites: the generator offers TLS_AES_128_GCM_SHA256 alone).
+pub fn caddy_config(listen: SocketAddr, upstream: SocketAddr, tls: Option<&tls::Files>) -> String {
+    let (scheme, site_tls) = match tls {
+        None => ("http", String::new()),
+        Some(f) => (
+            "https",
+            format!(
+                "\ttls {} {} {{\n\t\tprotocols tls1.3\n\t}}\n",
+                f.certificate.display(),
+                f.key.display()
+            ),
+        ),
+    };
     format!(
         r#"# Generated by wsproxy-bench.
 {{
@@ -434,9 +524,9 @@ pub fn caddy_config(listen: SocketAddr, upstream: SocketAddr) -> String {
 	}}
 }}
 
-http://:{port} {{
+{scheme}://:{port} {{
 	bind {ip}
-	reverse_proxy {upstream}
+{site_tls}	reverse_proxy {upstream}
 }}
 "#,
         port = listen.port(),
@@ -527,14 +617,52 @@ mod tests {
         let l: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let u: SocketAddr = "127.0.0.1:2".parse().unwrap();
         assert!(wsproxy_config(l, u, "kernel").contains("mode = \"kernel\""));
-        assert!(haproxy_config(l, u, true, 20000).contains("option splice-response"));
-        assert!(!haproxy_config(l, u, false, 20000).contains("splice"));
-        assert!(nginx_config(l, u, Path::new("/t"), 20000).contains("server 127.0.0.1:2;"));
-        let caddy = caddy_config(l, u);
+        assert!(haproxy_config(l, u, true, 20000, None).contains("option splice-response"));
+        assert!(!haproxy_config(l, u, false, 20000, None).contains("splice"));
+        assert!(!haproxy_config(l, u, false, 20000, None).contains("ssl"));
+        let nginx = nginx_config(l, u, Path::new("/t"), 20000, None);
+        assert!(nginx.contains("server 127.0.0.1:2;") && nginx.contains("listen 127.0.0.1:1 backlog=4096;"));
+        assert!(!nginx.contains("ssl"));
+        let caddy = caddy_config(l, u, None);
         assert!(
             caddy.contains("http://:1 {")
                 && caddy.contains("bind 127.0.0.1")
                 && caddy.contains("reverse_proxy 127.0.0.1:2")
+                && !caddy.contains("tls")
+        );
+    }
+
+    #[test]
+    fn tls_configs_name_the_certificate_and_pin_the_suite() {
+        let l: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let u: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let f = tls::Files {
+            certificate: "/d/cert.pem".into(),
+            key: "/d/key.pem".into(),
+            combined: "/d/combined.pem".into(),
+            der: Vec::new().into(),
+        };
+        let ws = wsproxy_config(l, u, "auto") + &wsproxy_tls(&f);
+        assert!(ws.contains("[tls]\ncertificate = \"/d/cert.pem\"\nkey = \"/d/key.pem\"\nmin_version = \"1.3\""));
+        let nginx = nginx_config(l, u, Path::new("/t"), 20000, Some(&f));
+        for line in [
+            "listen 127.0.0.1:1 ssl backlog=4096;",
+            "ssl_certificate /d/cert.pem;",
+            "ssl_certificate_key /d/key.pem;",
+            "ssl_protocols TLSv1.3;",
+            "ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;",
+        ] {
+            assert!(nginx.contains(line), "{line}\n{nginx}");
+        }
+        assert!(haproxy_config(l, u, true, 20000, Some(&f)).contains(
+            "bind 127.0.0.1:1 ssl crt /d/combined.pem alpn http/1.1 ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256\n"
+        ));
+        let caddy = caddy_config(l, u, Some(&f));
+        assert!(
+            caddy.contains("https://:1 {")
+                && caddy.contains("tls /d/cert.pem /d/key.pem {\n\t\tprotocols tls1.3\n\t}")
+                && caddy.contains("reverse_proxy 127.0.0.1:2"),
+            "{caddy}"
         );
     }
 }

@@ -37,6 +37,8 @@ pub mod metric {
     pub const KERNEL_CPU: &str = "kernel_cpu_us_per_unit";
     /// Maximum sustained rate, units per second (the secondary figure).
     pub const MAX_RATE: &str = "max_rate";
+    /// TLS handshakes at the fixed load that resumed a session, as a share of those done.
+    pub const TLS_RESUMED: &str = "tls_resumed_share";
     /// Idle connections: bytes per connection of the proxy's RSS, of kernel memory (slab, stacks,
     /// page tables) and of TCP buffer memory, all over the whole host; and the sum less direct's.
     pub const RSS_PER_CONN: &str = "rss_bytes_per_conn";
@@ -212,6 +214,17 @@ pub fn derive(r: &Results) -> Vec<Figure> {
                 &series(&w.fixed, |m| per_unit(m.cpu.kernel_secs, m)),
             );
             b.add(metric::MAX_RATE, true, &series(&w.max, |m| Some(m.rate)));
+            if matches!(shape, Shape::Handshakes { resume: true, .. }) {
+                b.add(
+                    metric::TLS_RESUMED,
+                    true,
+                    &series(&w.fixed, |m| {
+                        let t = m.tls.as_ref()?;
+                        let n: u64 = t.negotiated.values().sum();
+                        (n > 0).then(|| t.resumed as f64 / n as f64)
+                    }),
+                );
+            }
             out.extend(b.out);
         }
         if !t.idle.is_empty() {

@@ -1,5 +1,5 @@
 //! The load generator: one thread (a current-thread tokio runtime), raw frames (`ws`), bounded in
-//! time and count, against a `ws://` target.
+//! time and count, against a `ws://` target, or a `wss://` one for the TLS workloads (`tls`).
 //!
 //! A `Session` holds a group of open connections through one contender; the workloads that share
 //! them (sink, echo, broadcast) run one after another on it. Each workload runs either at the
@@ -9,10 +9,16 @@
 //! shared with the upstream) is rewritten; sends go straight to the socket while its queue is empty;
 //! every connection's reads go through one buffer.
 //!
+//! Over TLS the same frames go through the connection's rustls session, used without its I/O
+//! wrapper once the handshake is done: a message is sealed into records right away and their
+//! bytes take the plain path's send queue; a readable socket's bytes are opened and the plaintext
+//! goes to the same parser.
+//!
 //! CPU time is taken over the measurement window from `/proc/stat` (the whole machine) and from
 //! the generator's, the upstream's and the proxy's processes (`sys::cpu_sample`).
 
 use std::cell::RefCell;
+use std::io::{self, IoSlice, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
@@ -20,8 +26,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
+use rustls::client::ClientConnection;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::LocalSet;
@@ -29,6 +36,7 @@ use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::sys::{self, CpuDelta};
+use crate::tls;
 use crate::ws::{self, Event, Frame, OP_BINARY, OP_CLOSE, OP_TEXT, Out, Parser, StampReader};
 
 /// Time a handshake (connect, upgrade) may take before it counts as failed.
@@ -92,6 +100,9 @@ pub struct Measure {
     /// Open loop: the largest delay of a send behind its schedule, ms.
     pub max_lag_ms: f64,
     pub cpu: CpuDelta,
+    /// TLS workloads: what the connections (or handshakes) negotiated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<tls::Seen>,
 }
 
 impl Measure {
@@ -146,6 +157,47 @@ pub fn check(addr: SocketAddr) -> Result<()> {
         timeout(Duration::from_secs(10), go)
             .await
             .context("no echo within 10 s")?
+    })
+}
+
+/// As `check`, over TLS with `tls` (tungstenite over tokio-rustls); returns what the connection
+/// negotiated.
+pub fn check_tls(addr: SocketAddr, tls: &tls::Client) -> Result<String> {
+    runtime()?.block_on(async {
+        let go = async {
+            let stream = TcpStream::connect(addr).await?;
+            let stream = tls.connector().connect(tls.name.clone(), stream).await?;
+            let negotiated = tls::negotiated(stream.get_ref().1);
+            let url = format!("wss://{}/echo", tls::SNI);
+            let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+            ws.send(Message::binary(b"check".to_vec())).await?;
+            let reply = ws.next().await;
+            match reply {
+                Some(Ok(Message::Binary(b))) if b.as_ref() == b"check" => {}
+                other => bail!("unexpected echo: {other:?}"),
+            }
+            let _ = ws.close(None).await;
+            Ok(negotiated)
+        };
+        timeout(Duration::from_secs(10), go)
+            .await
+            .context("no echo within 10 s")?
+    })
+}
+
+/// One TLS handshake with `tls` and nothing else: what it negotiated.
+pub fn tls_handshake(addr: SocketAddr, tls: &tls::Client) -> Result<String> {
+    runtime()?.block_on(async {
+        let go = async {
+            let stream = TcpStream::connect(addr).await?;
+            let mut stream = tls.connector().connect(tls.name.clone(), stream).await?;
+            let negotiated = tls::negotiated(stream.get_ref().1);
+            let _ = stream.shutdown().await;
+            anyhow::Ok(negotiated)
+        };
+        timeout(Duration::from_secs(10), go)
+            .await
+            .context("no TLS handshake within 10 s")?
     })
 }
 
@@ -292,9 +344,79 @@ struct State {
 
 struct Conn {
     s: TcpStream,
+    /// wss: the session that seals what is sent and opens what is read (the socket carries its
+    /// records).
+    tls: Option<RefCell<ClientConnection>>,
     out: Out,
     parser: RefCell<Parser>,
     msg: RefCell<(u8, StampReader, Vec<u8>)>,
+}
+
+impl Conn {
+    /// Sends `data`: as it is, or sealed into TLS records.
+    fn send(&self, data: &[u8]) {
+        let Some(tls) = &self.tls else {
+            self.out.push(&self.s, data);
+            return;
+        };
+        let mut tls = tls.borrow_mut();
+        // The handshake is done and the buffer limit lifted (`Session::open`): all of it is
+        // sealed now.
+        if tls.writer().write_all(data).is_err() {
+            self.out.fail();
+            return;
+        }
+        self.push_records(&mut tls);
+    }
+
+    /// Moves the session's sealed records to the send queue.
+    fn push_records(&self, tls: &mut ClientConnection) {
+        while tls.wants_write() {
+            if tls.write_tls(&mut Records(self)).is_err() {
+                self.out.fail();
+                return;
+            }
+        }
+    }
+}
+
+/// A connection's send queue as the session's sink for records: several records (a message over
+/// 16 KiB) go in one push, so in one write when the socket takes them.
+struct Records<'a>(&'a Conn);
+
+impl io::Write for Records<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.out.push(&self.0.s, buf);
+        Ok(buf.len())
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        if let [one] = bufs {
+            return self.write(one);
+        }
+        SCRATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            b.clear();
+            for s in bufs {
+                b.extend_from_slice(s);
+            }
+            self.0.out.push(&self.0.s, &b);
+            Ok(b.len())
+        })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The socket as the session's source of records: what is there now, without waiting.
+struct TryRead<'a>(&'a TcpStream);
+
+impl io::Read for TryRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
 }
 
 struct Shared {
@@ -304,6 +426,8 @@ struct Shared {
 
 thread_local! {
     static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUF]);
+    /// Records gathered for one push.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 pub struct Session {
@@ -311,19 +435,39 @@ pub struct Session {
     local: LocalSet,
     conns: Vec<Rc<Conn>>,
     shared: Rc<Shared>,
+    /// wss: what the connections negotiated.
+    tls: Option<tls::Seen>,
 }
 
 impl Session {
-    /// Opens `n` connections through `addr`, all in the upstream's broadcast group `group`.
-    pub fn open(addr: SocketAddr, n: usize, group: u64) -> Result<Session> {
+    /// Opens `n` connections through `addr`, all in the upstream's broadcast group `group`; over
+    /// TLS with `tls` when given.
+    pub fn open(addr: SocketAddr, n: usize, group: u64, tls: Option<&tls::Client>) -> Result<Session> {
         let rt = runtime()?;
         let local = LocalSet::new();
         let path = format!("/group/{group}");
-        let opened: Vec<Result<(TcpStream, Vec<u8>)>> = local.block_on(&rt, async {
+        type Opened = (TcpStream, Option<ClientConnection>);
+        let open_one = |_| {
+            let path = &path;
+            async move {
+                match tls {
+                    None => Ok((ws::connect(addr, path, HANDSHAKE_TIMEOUT).await?.0, None)),
+                    Some(t) => {
+                        // The upgrade is done over tokio-rustls; the session goes on without it.
+                        let (s, _early) = ws::connect_tls(addr, t, path, HANDSHAKE_TIMEOUT).await?;
+                        let (s, mut c) = s.into_inner();
+                        // Every message is sealed and queued at once (`Conn::send`).
+                        c.set_buffer_limit(None);
+                        Ok((s, Some(c)))
+                    }
+                }
+            }
+        };
+        let opened: Vec<Result<Opened>> = local.block_on(&rt, async {
             timeout(
                 Duration::from_secs(120),
                 futures_util::stream::iter(0..n)
-                    .map(|_| ws::connect(addr, &path, HANDSHAKE_TIMEOUT))
+                    .map(open_one)
                     .buffer_unordered(OPEN_PARALLEL)
                     .collect(),
             )
@@ -346,11 +490,16 @@ impl Session {
             progress: Notify::new(),
         });
         let mut conns = Vec::with_capacity(n);
+        let mut seen = tls.map(|_| tls::Seen::default());
         for r in opened {
             // The upstream sends nothing until asked, so nothing can follow the 101 here.
-            let (s, _early) = r?;
+            let (s, session) = r?;
+            if let (Some(seen), Some(c)) = (seen.as_mut(), session.as_ref()) {
+                seen.add(tls::negotiated(c), tls::resumed(c));
+            }
             let c = Rc::new(Conn {
                 s,
+                tls: session.map(RefCell::new),
                 out: Out::default(),
                 parser: RefCell::new(Parser::default()),
                 msg: RefCell::new((0, StampReader::default(), Vec::new())),
@@ -366,6 +515,7 @@ impl Session {
             local,
             conns,
             shared,
+            tls: seen,
         })
     }
 
@@ -443,7 +593,7 @@ impl Session {
                         let mut st = shared.st.borrow_mut();
                         st.sent += 1;
                         let bytes = st.frame.stamp(ws::now_ns());
-                        c.out.push(&c.s, bytes);
+                        c.send(bytes);
                     }
                     tokio::time::sleep(window).await;
                 }
@@ -454,7 +604,7 @@ impl Session {
                         for j in k..k + n {
                             let c = &conns[(j % active as u64) as usize];
                             let bytes = st.frame.stamp(ws::now_ns());
-                            c.out.push(&c.s, bytes);
+                            c.send(bytes);
                         }
                         st.sent += n;
                     })
@@ -478,6 +628,7 @@ impl Session {
             lost: st.sent.saturating_sub(st.received),
             max_lag_ms: lag as f64 / 1e6,
             cpu,
+            tls: self.tls.clone(),
             ..Measure::default()
         })
     }
@@ -510,7 +661,7 @@ impl Session {
                             st.sent += n;
                             st.target = st.sent;
                         }
-                        c0.out.push(&c0.s, trigger.bytes());
+                        c0.send(trigger.bytes());
                         if timeout(Duration::from_secs(5), async {
                             let mut progress = std::pin::pin!(progress);
                             loop {
@@ -538,7 +689,7 @@ impl Session {
                     lag = paced(rate / n as f64, rounds, |_, due| {
                         for _ in 0..due {
                             shared.st.borrow_mut().sent += n;
-                            c0.out.push(&c0.s, trigger.bytes());
+                            c0.send(trigger.bytes());
                         }
                     })
                     .await?;
@@ -563,6 +714,7 @@ impl Session {
             first_error: (slow > 0).then(|| "a broadcast round was not delivered within 5 s".to_owned()),
             max_lag_ms: lag as f64 / 1e6,
             cpu,
+            tls: self.tls.clone(),
         })
     }
 
@@ -578,7 +730,7 @@ impl Session {
         let c = self.conns[0].clone();
         let shared = &self.shared;
         let (secs, cpu, lag, sent, count) = self.run(window + Duration::from_secs(30), async {
-            c.out.push(&c.s, sink_frame.bytes());
+            c.send(sink_frame.bytes());
             let cpu0 = sys::cpu_sample();
             let start = ws::now_ns();
             let end = start + window.as_nanos() as u64;
@@ -591,7 +743,7 @@ impl Session {
                         if c.out.broken() {
                             bail!("the connection failed");
                         }
-                        c.out.push(&c.s, frame.bytes());
+                        c.send(frame.bytes());
                         sent += size as u64;
                     }
                 }
@@ -599,7 +751,7 @@ impl Session {
                     let total = (window.as_secs_f64() * rate / size as f64).floor().max(1.0) as u64;
                     lag = paced(rate / size as f64, total, |_, n| {
                         for _ in 0..n {
-                            c.out.push(&c.s, frame.bytes());
+                            c.send(frame.bytes());
                         }
                         sent += n * size as u64;
                     })
@@ -607,7 +759,7 @@ impl Session {
                 }
             }
             let progress = shared.progress.notified();
-            c.out.push(&c.s, end_frame.bytes());
+            c.send(end_frame.bytes());
             let mut progress = std::pin::pin!(progress);
             let count = loop {
                 if let Some(n) = shared.st.borrow().count {
@@ -631,6 +783,7 @@ impl Session {
             rate: count as f64 / secs,
             max_lag_ms: lag as f64 / 1e6,
             cpu,
+            tls: self.tls.clone(),
             ..Measure::default()
         })
     }
@@ -643,20 +796,55 @@ async fn reader(c: Rc<Conn>, shared: Rc<Shared>) {
         if c.s.readable().await.is_err() {
             break;
         }
-        let r = BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            match c.s.try_read(&mut b) {
-                Ok(0) => Err(()),
-                Ok(n) => on_bytes(&c, &shared, &mut b[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-                Err(_) => Err(()),
-            }
-        });
+        let r = match &c.tls {
+            None => BUF.with(|b| {
+                let mut b = b.borrow_mut();
+                match c.s.try_read(&mut b) {
+                    Ok(0) => Err(()),
+                    Ok(n) => on_bytes(&c, &shared, &mut b[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                    Err(_) => Err(()),
+                }
+            }),
+            Some(tls) => read_records(&c, tls, &shared),
+        };
         if r.is_err() {
             shared.st.borrow_mut().closed_conns += 1;
             break;
         }
     }
+}
+
+/// wss: one read of records from the socket, and the plaintext they held, as `on_bytes` takes it.
+/// The end of the session (close_notify, or a TCP close without it) closes the connection.
+fn read_records(c: &Conn, tls: &RefCell<ClientConnection>, shared: &Shared) -> Result<(), ()> {
+    {
+        let mut t = tls.borrow_mut();
+        match t.read_tls(&mut TryRead(&c.s)) {
+            Ok(0) => return Err(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(_) => return Err(()),
+        }
+        if t.process_new_packets().is_err() {
+            return Err(());
+        }
+        // What the records called for (an alert, a key update) goes out at once.
+        c.push_records(&mut t);
+    }
+    BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        loop {
+            // The session is not borrowed while `on_bytes` runs: a closed loop sends from there.
+            let r = tls.borrow_mut().reader().read(&mut b);
+            match r {
+                Ok(0) => return Err(()),
+                Ok(n) => on_bytes(c, shared, &mut b[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(_) => return Err(()),
+            }
+        }
+    })
 }
 
 fn on_bytes(c: &Conn, shared: &Shared, data: &mut [u8]) -> Result<(), ()> {
@@ -692,7 +880,7 @@ fn on_bytes(c: &Conn, shared: &Shared, data: &mut [u8]) -> Result<(), ()> {
                         if st.mode == (Mode::Echo { closed: true }) && now < st.end {
                             st.sent += 1;
                             let bytes = st.frame.stamp(ws::now_ns());
-                            c.out.push(&c.s, bytes);
+                            c.send(bytes);
                         }
                         shared.progress.notify_one();
                     }
@@ -713,16 +901,46 @@ fn on_bytes(c: &Conn, shared: &Shared, data: &mut [u8]) -> Result<(), ()> {
 // Handshakes
 
 /// Connect, upgrade (with `host` in the Host field, or the address), one 16-byte echo, close
-/// (both close frames, then the TCP close).
-async fn one_handshake(addr: SocketAddr, host: Option<&str>) -> Result<()> {
-    let (mut s, _) = ws::connect_as(addr, host, "/echo", HANDSHAKE_TIMEOUT).await?;
+/// (both close frames, then the TCP close). Over TLS with `tls` (SNI and Host `tls::SNI`, and a
+/// close_notify before the TCP close): returns what the handshake negotiated and whether it
+/// resumed a session.
+async fn one_handshake(
+    addr: SocketAddr,
+    host: Option<&str>,
+    tls: Option<&tls::Client>,
+) -> Result<Option<(String, bool)>> {
+    match tls {
+        None => {
+            let (mut s, _) = ws::connect_as(addr, host, "/echo", HANDSHAKE_TIMEOUT).await?;
+            echo_and_close(&mut s).await?;
+            Ok(None)
+        }
+        Some(t) => {
+            let (mut s, _) = ws::connect_tls(addr, t, "/echo", HANDSHAKE_TIMEOUT).await?;
+            let seen = (tls::negotiated(s.get_ref().1), tls::resumed(s.get_ref().1));
+            echo_and_close(&mut s).await?;
+            // The far end may have closed already: its answer to this is no concern.
+            let _ = s.shutdown().await;
+            Ok(Some(seen))
+        }
+    }
+}
+
+/// One 16-byte echo, then the closing handshake (our close frame, the far end's).
+async fn echo_and_close(s: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> Result<()> {
     s.write_all(Frame::binary(16, true).bytes()).await?;
+    s.flush().await?;
     let mut parser = Parser::default();
     let mut buf = [0u8; 512];
     // Read frames until `want` has ended; EOF ends the close wait too.
-    async fn until(s: &mut TcpStream, parser: &mut Parser, buf: &mut [u8], want: u8) -> Result<()> {
+    async fn until(s: &mut (impl AsyncRead + Unpin), parser: &mut Parser, buf: &mut [u8], want: u8) -> Result<()> {
         loop {
-            let n = s.read(buf).await?;
+            let n = match s.read(buf).await {
+                Ok(n) => n,
+                // A TLS peer that closes TCP without a close_notify: an end like EOF.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                Err(e) => return Err(e.into()),
+            };
             if n == 0 {
                 if want == OP_CLOSE {
                     return Ok(());
@@ -741,10 +959,11 @@ async fn one_handshake(addr: SocketAddr, host: Option<&str>) -> Result<()> {
             }
         }
     }
-    until(&mut s, &mut parser, &mut buf, OP_BINARY).await?;
+    until(s, &mut parser, &mut buf, OP_BINARY).await?;
     s.write_all(Frame::new(OP_CLOSE, &1000u16.to_be_bytes(), true).bytes())
         .await?;
-    until(&mut s, &mut parser, &mut buf, OP_CLOSE).await?;
+    s.flush().await?;
+    until(s, &mut parser, &mut buf, OP_CLOSE).await?;
     Ok(())
 }
 
@@ -763,6 +982,18 @@ pub fn handshakes_as(
     offered: Offered,
     window: Duration,
 ) -> Result<Measure> {
+    handshakes_with(addr, hosts, None, clients, offered, window)
+}
+
+/// As `handshakes`, over TLS with `tls` when given (which resumes sessions or not).
+pub fn handshakes_with(
+    addr: SocketAddr,
+    hosts: &[String],
+    tls: Option<tls::Client>,
+    clients: usize,
+    offered: Offered,
+    window: Duration,
+) -> Result<Measure> {
     #[derive(Default)]
     struct Count {
         ok: u64,
@@ -771,12 +1002,15 @@ pub fn handshakes_as(
         in_flight: usize,
         first_error: Option<String>,
         hist: Option<Histogram<u64>>,
+        seen: Option<tls::Seen>,
     }
     let count = Rc::new(RefCell::new(Count {
         hist: Some(histogram()),
+        seen: tls.as_ref().map(|_| tls::Seen::default()),
         ..Count::default()
     }));
     let hosts: Rc<[String]> = hosts.into();
+    let tls: Rc<Option<tls::Client>> = Rc::new(tls);
     let next = std::cell::Cell::new(0usize);
     let one = Rc::new(move |count: Rc<RefCell<Count>>| {
         let host = (!hosts.is_empty()).then(|| {
@@ -784,16 +1018,24 @@ pub fn handshakes_as(
             next.set(i + 1);
             hosts[i % hosts.len()].clone()
         });
+        let tls = tls.clone();
         async move {
             let t0 = ws::now_ns();
             count.borrow_mut().in_flight += 1;
-            let r = timeout(Duration::from_secs(10), one_handshake(addr, host.as_deref())).await;
+            let r = timeout(
+                Duration::from_secs(10),
+                one_handshake(addr, host.as_deref(), tls.as_ref().as_ref()),
+            )
+            .await;
             let mut c = count.borrow_mut();
             c.in_flight -= 1;
             match r {
-                Ok(Ok(())) => {
+                Ok(Ok(negotiated)) => {
                     c.ok += 1;
                     let _ = c.hist.as_mut().expect("set").record((ws::now_ns() - t0).max(1));
+                    if let (Some(seen), Some((n, resumed))) = (c.seen.as_mut(), negotiated) {
+                        seen.add(n, resumed);
+                    }
                     true
                 }
                 Ok(Err(e)) => {
@@ -876,5 +1118,6 @@ pub fn handshakes_as(
         first_error: c.first_error.clone(),
         max_lag_ms: lag as f64 / 1e6,
         cpu,
+        tls: c.seen.clone(),
     })
 }

@@ -17,6 +17,7 @@ mod scale;
 mod services;
 mod stats;
 mod sys;
+mod tls;
 mod topology;
 mod upstream;
 mod ws;
@@ -54,7 +55,7 @@ enum Cmd {
         /// Where latest.md, latest.json and the plots go
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
-        /// Only these workloads (ids as in the report, e.g. bulk,closed,idle,services-scale), comma-separated
+        /// Only these workloads (ids as in the report, e.g. bulk,closed,idle,services-scale,tls-bulk), comma-separated
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Only these contenders (direct, wsproxy-kernel, wsproxy-userspace, wsproxy-auto, nginx, haproxy, haproxy-splice, caddy)
@@ -94,6 +95,10 @@ enum Cmd {
         rate: Option<f64>,
         #[arg(long, default_value_t = 3.0)]
         secs: f64,
+        /// The TLS workloads (`tls-*`): the certificate (PEM) TARGET's TLS listener has, which
+        /// the generator then trusts alone
+        #[arg(long)]
+        tls_certificate: Option<PathBuf>,
     },
 }
 
@@ -169,10 +174,12 @@ fn main() -> Result<()> {
             workload,
             rate,
             secs: s,
+            tls_certificate,
         } => {
             sys::raise_nofile(200_000);
             let offered = rate.map_or(load::Offered::Max, load::Offered::Rate);
-            print(run::measure_alone(target, &workload, offered, secs(s)))
+            let tls = tls_certificate.map(|f| tls::Client::from_pem_file(&f)).transpose()?;
+            print(run::measure_alone(target, &workload, tls.as_ref(), offered, secs(s)))
         }
     }
 }

@@ -17,7 +17,13 @@ pub enum Shape {
     /// Unit: a delivered message.
     Broadcast { size: usize },
     /// Connect, upgrade, one 16-byte echo, close; `clients` loops at the maximum. Unit: a handshake.
-    Handshakes { clients: usize },
+    /// Over TLS, `resume` has the client resume sessions (each measurement from an empty store);
+    /// otherwise every TLS handshake is a full one.
+    Handshakes {
+        clients: usize,
+        #[serde(default)]
+        resume: bool,
+    },
 }
 
 impl Shape {
@@ -42,10 +48,16 @@ pub struct Workload {
     /// One line for the report.
     pub title: String,
     pub shape: Shape,
+    /// wss: the connections are TLS connections to each proxy's TLS listener (`tls`), with the
+    /// same certificate and cipher suite for all; there is no `direct` contender (the upstream
+    /// is plain ws).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// Workloads that run on one set of open connections, one after another. A group of 0
-/// connections is the handshake workload, which opens its own.
+/// connections is the handshake workload, which opens its own. A group's workloads are all plain
+/// or all TLS.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Group {
     pub conns: usize,
@@ -107,6 +119,25 @@ fn w(id: &str, title: &str, shape: Shape) -> Workload {
         id: id.into(),
         title: title.into(),
         shape,
+        tls: false,
+    }
+}
+
+/// A TLS workload.
+fn tls_w(id: &str, title: &str, shape: Shape) -> Workload {
+    Workload {
+        tls: true,
+        ..w(id, title, shape)
+    }
+}
+
+/// The prefix of the TLS workloads' ids.
+pub const TLS_PREFIX: &str = "tls-";
+
+impl Group {
+    /// Whether the group's connections are TLS connections.
+    pub fn tls(&self) -> bool {
+        self.workloads.iter().any(|w| w.tls)
     }
 }
 
@@ -205,8 +236,56 @@ impl Plan {
                 workloads: vec![w(
                     "handshakes",
                     "handshakes: connect, upgrade, one echo, close",
-                    Shape::Handshakes { clients: 50 },
+                    Shape::Handshakes {
+                        clients: 50,
+                        resume: false,
+                    },
                 )],
+            },
+            // wss, after the plain groups (the proxies' TLS listeners start once those are done):
+            // the same shapes as `bulk`, `closed` and `handshakes`.
+            Group {
+                conns: 1,
+                idle_memory: false,
+                workloads: vec![tls_w(
+                    "tls-bulk",
+                    "wss bulk: one TLS connection, 64 KiB messages to the upstream",
+                    Shape::Sink { size: 64 * 1024 },
+                )],
+            },
+            Group {
+                conns: 1_000,
+                idle_memory: false,
+                workloads: vec![tls_w(
+                    "tls-closed",
+                    "wss many connections: 1,000 TLS connections, 128 B messages",
+                    Shape::Echo {
+                        active: 1_000,
+                        size: 128,
+                    },
+                )],
+            },
+            Group {
+                conns: 0,
+                idle_memory: false,
+                workloads: vec![
+                    tls_w(
+                        "tls-handshakes",
+                        "wss handshakes: connect, a full TLS handshake (no resumption), upgrade, one echo, close",
+                        Shape::Handshakes {
+                            clients: 50,
+                            resume: false,
+                        },
+                    ),
+                    tls_w(
+                        "tls-resumed",
+                        "wss handshakes resuming a session (TLS 1.3 ticket, PSK with ECDHE): connect, TLS, upgrade, one echo, close",
+                        Shape::Handshakes {
+                            clients: 50,
+                            resume: true,
+                        },
+                    ),
+                ],
             },
         ];
         Plan {
@@ -282,6 +361,10 @@ mod tests {
             "broadcast-10k",
             "large",
             SCALE_ID,
+            "tls-bulk",
+            "tls-closed",
+            "tls-handshakes",
+            "tls-resumed",
         ] {
             assert!(ids.contains(&kept.to_owned()), "{kept}");
         }
@@ -290,6 +373,15 @@ mod tests {
         assert_eq!(p.groups.len(), 1);
         assert!(p.groups[0].idle_memory && p.groups[0].workloads.is_empty());
         assert!(p.scale.is_none());
+        for g in &Plan::new(false).groups {
+            assert!(
+                g.workloads.iter().all(|w| w.tls == g.tls()),
+                "a group is all plain or all TLS"
+            );
+        }
+        for w in Plan::new(false).workloads() {
+            assert_eq!(w.tls, w.id.starts_with(TLS_PREFIX), "{}", w.id);
+        }
         scale_only.keep(&[SCALE_ID.into()]);
         assert!(scale_only.groups.is_empty());
         assert_eq!(

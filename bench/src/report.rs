@@ -33,8 +33,17 @@ fn plan(r: &Results) -> Plan {
 }
 
 /// The per-unit figure a workload is judged by: per GB for byte streams and large messages,
-/// per message (or handshake) otherwise.
+/// per message (or handshake) otherwise; what the proxy adds over direct, except over TLS, where
+/// there is no direct and the machine's whole CPU per unit is compared (the generator's and
+/// upstream's share is the same for every contender).
 fn headline(w: &Workload) -> (&'static str, &'static str, &'static str) {
+    if w.tls {
+        let (_, own, unit) = headline(&Workload {
+            tls: false,
+            ..w.clone()
+        });
+        return (own, own, unit);
+    }
     match w.shape {
         Shape::Sink { .. } => (metric::ADDED_CPU_PER_GB, metric::CPU_PER_GB, "CPU ms/GB"),
         Shape::Echo { size, .. } if size >= 1 << 20 => (metric::ADDED_CPU_PER_GB, metric::CPU_PER_GB, "CPU ms/GB"),
@@ -106,6 +115,34 @@ pub fn generator_check(fs: &[Figure], t: &str, w: &str, contenders: &[String]) -
     ))
 }
 
+/// Over TLS there is no direct to bound the proxies; instead: which CPU the fastest contender's
+/// median maximum saturated. CPU 0 (the generator's and the upstream's) means the maximum is the
+/// generator's, and every contender that reached it may be faster.
+fn tls_generator_check(fs: &[Figure], t: &TopologyResult, w: &str, contenders: &[String]) -> Option<String> {
+    let tn = t.topology.name();
+    let (c, f) = contenders
+        .iter()
+        .filter_map(|c| Some((c, figures::find(fs, tn, w, metric::MAX_RATE, c)?)))
+        .max_by(|a, b| a.1.summary.median.total_cmp(&b.1.summary.median))?;
+    let busy = median_busy(t, w, c, f)?;
+    Some(if busy.starts_with(&format!("cpu{} ", crate::run::GENERATOR_CPU)) {
+        format!("no TLS direct; the fastest ({c}) is **bound by the generator's CPU** ({busy})")
+    } else {
+        format!("no TLS direct; the fastest ({c}) saturates another CPU ({busy})")
+    })
+}
+
+/// The busiest CPU of contender `c`'s maximum closest to its median `f`.
+fn median_busy(t: &TopologyResult, w: &str, c: &str, f: &Figure) -> Option<String> {
+    let med = f.summary.median;
+    t.workload(w)?
+        .max
+        .get(c)?
+        .iter()
+        .min_by(|a, b| (a.m.rate - med).abs().total_cmp(&(b.m.rate - med).abs()))
+        .map(|x| x.m.busiest())
+}
+
 fn verdict_text(k: &Figure, o: &Figure) -> String {
     let ratio = if o.summary.median.abs() > 0.0 {
         format!(" {:.2}×", k.summary.median / o.summary.median)
@@ -131,8 +168,8 @@ fn markdown(r: &Results, analysis: &str) -> String {
     let _ = writeln!(
         md,
         "{}: one calibration run, then {} measured runs per workload and contender, interleaved; every figure is the \
-         **median [min–max]** of the runs. Started {}, took {:.1} min. Reproduce with `cargo xtask bench` (full run, under \
-         40 minutes) or `cargo xtask bench --quick` (a smoke run, under 5 minutes: not numbers to quote). \
+         **median [min–max]** of the runs. Started {}, took {:.1} min. Reproduce with `cargo xtask bench` (full run, about \
+         45 minutes) or `cargo xtask bench --quick` (a smoke run, under 5 minutes: not numbers to quote). \
          `cargo xtask bench -- --topologies veth --only closed` narrows a run.\n",
         if p.quick { "**Quick smoke run**" } else { "Full run" },
         p.runs,
@@ -152,6 +189,10 @@ fn markdown(r: &Results, analysis: &str) -> String {
             vec![
                 "nginx / HAProxy / Caddy".into(),
                 format!("{} / {} / {}", v.nginx, v.haproxy, v.caddy),
+            ],
+            vec![
+                "TLS libraries".into(),
+                if v.tls.is_empty() { "–".into() } else { v.tls.clone() },
             ],
             vec![
                 "load generator and upstream".into(),
@@ -181,6 +222,27 @@ fn markdown(r: &Results, analysis: &str) -> String {
          - **Generator check.** `direct` (no proxy) must be clearly ahead of every proxy at the maximum (its whole range \
          above every proxy's), or the generator, not the proxy, would be what is measured.\n\n",
     );
+    if p.workloads().any(|w| w.tls) {
+        let _ = writeln!(
+            md,
+            "**wss (`{prefix}*`).** After the plain workloads each proxy starts again with a TLS listener: one ECDSA \
+             P-256 certificate made at the run's start (`openssl req`) for `{sni}`, the same for all, and TLS 1.3 with \
+             {suite} pinned where the proxy's configuration allows it (nginx `ssl_protocols TLSv1.3` and \
+             `ssl_conf_command Ciphersuites`, HAProxy `ssl-min-ver TLSv1.3 ciphersuites`, Caddy `protocols tls1.3` (Go \
+             has no setting for TLS 1.3 suites), wsproxy `min_version = \"1.3\"` (no setting for suites)); the \
+             upstream stays plain ws. The generator (rustls with *ring*, as wsproxy) offers only {suite} and X25519, \
+             so every contender does the same cryptography; it pins the certificate (those bytes, no chain) and \
+             verifies the handshake's signature; SNI and Host `{sni}`, ALPN http/1.1. `tls-handshakes` are full \
+             handshakes (no resumption); `tls-resumed` resume TLS 1.3 tickets (each used once, from a store that is \
+             empty when each measurement starts). What every connection negotiated is checked and shown below. \
+             There is no direct over TLS (the upstream is plain ws), so the TLS tables show the machine's whole CPU \
+             per unit, not what a proxy adds, and the generator check names the CPU the fastest contender \
+             saturated instead.\n",
+            prefix = crate::plan::TLS_PREFIX,
+            sni = crate::tls::SNI,
+            suite = crate::tls::SUITE,
+        );
+    }
     for t in &r.topologies {
         let _ = writeln!(md, "- **{}**: {}", t.topology.name(), t.description);
     }
@@ -231,7 +293,12 @@ fn markdown(r: &Results, analysis: &str) -> String {
             .map(|w| {
                 let mut row = vec![format!("`{}`", w.id)];
                 for t in &r.topologies {
-                    row.push(generator_check(fs, t.topology.name(), &w.id, cs).map_or_else(|| "–".into(), |(_, s)| s));
+                    let check = if w.tls {
+                        tls_generator_check(fs, t, &w.id, cs)
+                    } else {
+                        generator_check(fs, t.topology.name(), &w.id, cs).map(|(_, s)| s)
+                    };
+                    row.push(check.unwrap_or_else(|| "–".into()));
                 }
                 row
             })
@@ -273,36 +340,14 @@ fn topology_section(md: &mut String, r: &Results, p: &Plan, t: &TopologyResult, 
         return;
     }
 
-    let _ = writeln!(
-        md,
-        "### Added machine CPU over direct at the fixed load ({tn})\n\nLower is better. Direct's own cost is in the \
-         second column. ![added CPU]({tn}-cpu.png)\n"
-    );
-    let mut head = vec!["workload".to_owned(), "fixed load".into(), "direct".into()];
-    head.extend(proxies.iter().cloned());
-    let rows = present
-        .iter()
-        .map(|w| {
-            let (added, own, unit) = headline(w);
-            let wr = t.workload(&w.id).expect("present");
-            let mut row = vec![
-                format!("`{}` ({unit})", w.id),
-                if wr.offered > 0.0 {
-                    unit_rate(w, wr.offered)
-                } else {
-                    "–".into()
-                },
-                cell(figures::find(fs, tn, &w.id, own, DIRECT), scale(own)),
-            ];
-            row.extend(
-                proxies
-                    .iter()
-                    .map(|c| cell(figures::find(fs, tn, &w.id, added, c), scale(added))),
-            );
-            row
-        })
-        .collect();
-    table(md, &head, rows);
+    let plain: Vec<&Workload> = present.iter().copied().filter(|w| !w.tls).collect();
+    if !plain.is_empty() {
+        added_section(md, r, t, &plain, proxies);
+    }
+    let tls: Vec<&Workload> = present.iter().copied().filter(|w| w.tls).collect();
+    if !tls.is_empty() {
+        tls_section(md, r, t, &tls, proxies);
+    }
 
     let _ = writeln!(
         md,
@@ -336,15 +381,9 @@ fn topology_section(md: &mut String, r: &Results, p: &Plan, t: &TopologyResult, 
         .iter()
         .map(|w| {
             let mut row = vec![format!("`{}`", w.id)];
-            let wr = t.workload(&w.id).expect("present");
             for c in cs {
                 let f = figures::find(fs, tn, &w.id, metric::MAX_RATE, c);
-                let busy = wr.max.get(c).and_then(|runs| {
-                    let med = f?.summary.median;
-                    runs.iter()
-                        .min_by(|a, b| (a.m.rate - med).abs().total_cmp(&(b.m.rate - med).abs()))
-                        .map(|x| x.m.busiest())
-                });
+                let busy = f.and_then(|f| median_busy(t, &w.id, c, f));
                 row.push(match f {
                     Some(f) => format!(
                         "{} [{}–{}]<br>{}",
@@ -433,6 +472,335 @@ fn topology_section(md: &mut String, r: &Results, p: &Plan, t: &TopologyResult, 
     // `auto` is judged against the relay it starts in: it must never be behind it.
     let userspace: Vec<&String> = proxies.iter().filter(|c| c.as_str() == USERSPACE).collect();
     versus(md, fs, tn, &present, AUTO, &userspace);
+}
+
+/// What each proxy adds to the machine's CPU over direct at the fixed load (the plain workloads).
+fn added_section(md: &mut String, r: &Results, t: &TopologyResult, plain: &[&Workload], proxies: &[String]) {
+    let fs = &r.figures;
+    let tn = t.topology.name();
+    let _ = writeln!(
+        md,
+        "### Added machine CPU over direct at the fixed load ({tn})\n\nLower is better. Direct's own cost is in the \
+         second column. ![added CPU]({tn}-cpu.png)\n"
+    );
+    let mut head = vec!["workload".to_owned(), "fixed load".into(), "direct".into()];
+    head.extend(proxies.iter().cloned());
+    let rows = plain
+        .iter()
+        .map(|w| {
+            let (added, own, unit) = headline(w);
+            let wr = t.workload(&w.id).expect("present");
+            let mut row = vec![
+                format!("`{}` ({unit})", w.id),
+                if wr.offered > 0.0 {
+                    unit_rate(w, wr.offered)
+                } else {
+                    "–".into()
+                },
+                cell(figures::find(fs, tn, &w.id, own, DIRECT), scale(own)),
+            ];
+            row.extend(
+                proxies
+                    .iter()
+                    .map(|c| cell(figures::find(fs, tn, &w.id, added, c), scale(added))),
+            );
+            row
+        })
+        .collect();
+    table(md, &head, rows);
+}
+
+/// The plain workloads whose TLS forms are measured too, for the side-by-side table.
+const TLS_PAIRS: [(&str, &str); 3] = [
+    ("handshakes", "tls-handshakes"),
+    ("bulk", "tls-bulk"),
+    ("closed", "tls-closed"),
+];
+
+/// The wsproxy contender the TLS goals judge: the default mode if it ran, else any other.
+fn tls_subject(fs: &[Figure], tn: &str) -> Option<&'static str> {
+    [AUTO, USERSPACE, KERNEL]
+        .into_iter()
+        .find(|c| fs.iter().any(|f| f.topology == tn && f.contender == *c))
+}
+
+/// The best of the other proxies (nginx, HAProxy, Caddy) on one metric.
+fn best_rival<'a>(
+    fs: &'a [Figure],
+    tn: &str,
+    w: &str,
+    m: &str,
+    proxies: &'a [String],
+) -> Option<(&'a str, &'a Figure)> {
+    proxies
+        .iter()
+        .filter(|c| !c.starts_with("wsproxy"))
+        .filter_map(|c| Some((c.as_str(), figures::find(fs, tn, w, m, c)?)))
+        .reduce(|a, b| {
+            let better = if a.1.higher_is_better {
+                b.1.summary.median > a.1.summary.median
+            } else {
+                b.1.summary.median < a.1.summary.median
+            };
+            if better { b } else { a }
+        })
+}
+
+/// The TLS workloads: the machine's CPU per unit at the fixed load, what was negotiated, the goals
+/// of issue 14 (wss against nginx, HAProxy and Caddy), and plain and TLS side by side.
+fn tls_section(md: &mut String, r: &Results, t: &TopologyResult, tls: &[&Workload], proxies: &[String]) {
+    let fs = &r.figures;
+    let tn = t.topology.name();
+    let _ = writeln!(
+        md,
+        "### wss (TLS) at the fixed load ({tn}): the machine's CPU per unit\n\nLower is better; the whole machine \
+         (generator and upstream included: the same work for every contender), since there is no direct over TLS. \
+         ![TLS CPU]({tn}-tls-cpu.png)\n"
+    );
+    let mut head = vec!["workload".to_owned(), "fixed load".into()];
+    head.extend(proxies.iter().cloned());
+    let rows = tls
+        .iter()
+        .map(|w| {
+            let (m, _, unit) = headline(w);
+            let wr = t.workload(&w.id).expect("present");
+            let mut row = vec![
+                format!("`{}` ({unit})", w.id),
+                if wr.offered > 0.0 {
+                    unit_rate(w, wr.offered)
+                } else {
+                    "–".into()
+                },
+            ];
+            row.extend(
+                proxies
+                    .iter()
+                    .map(|c| cell(figures::find(fs, tn, &w.id, m, c), scale(m))),
+            );
+            row
+        })
+        .collect();
+    table(md, &head, rows);
+
+    // What was negotiated: by every connection measured, and at each proxy's start.
+    let _ = writeln!(
+        md,
+        "### TLS negotiated ({tn})\n\nEvery connection and handshake of the TLS measurements (count over all runs, \
+         maxima and fixed loads); at start, a client offering every suite and group of rustls's *ring* provider in its \
+         order (suites AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305; groups P-384, X25519, P-256, with a key share for \
+         P-384; TLS 1.2 and 1.3): the proxy's own choice. Resumed: the share of \
+         `tls-resumed`'s handshakes at the fixed load that resumed.\n"
+    );
+    let head: Vec<String> = ["contender", "measured connections", "own choice", "resumed"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let rows = proxies
+        .iter()
+        .filter(|c| {
+            t.tls.contains_key(*c)
+                || tls
+                    .iter()
+                    .any(|w| t.workload(&w.id).is_some_and(|r| r.max.contains_key(*c)))
+        })
+        .map(|c| {
+            let mut seen: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+            for w in tls {
+                let Some(wr) = t.workload(&w.id) else { continue };
+                for runs in [wr.max.get(c), wr.fixed.get(c)].into_iter().flatten() {
+                    for x in runs.iter().filter_map(|x| x.m.tls.as_ref()) {
+                        for (k, n) in &x.negotiated {
+                            *seen.entry(k.clone()).or_default() += n;
+                        }
+                    }
+                }
+            }
+            let measured = seen
+                .iter()
+                .map(|(k, n)| format!("{k} ({})", fmt_int(*n as usize)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let resumed = tls
+                .iter()
+                .find_map(|w| figures::find(fs, tn, &w.id, metric::TLS_RESUMED, c))
+                .map_or_else(
+                    || "–".into(),
+                    |f| {
+                        format!(
+                            "{:.1} % [{:.1}–{:.1}]",
+                            f.summary.median * 100.0,
+                            f.summary.min * 100.0,
+                            f.summary.max * 100.0
+                        )
+                    },
+                );
+            vec![
+                c.clone(),
+                if measured.is_empty() { "–".into() } else { measured },
+                t.tls.get(c).map_or_else(|| "–".into(), |n| n.preferred.clone()),
+                resumed,
+            ]
+        })
+        .collect();
+    table(md, &head, rows);
+
+    if let Some(subject) = tls_subject(fs, tn) {
+        let _ = writeln!(
+            md,
+            "### Issue 14's TLS goals ({tn}): {subject} against the best of nginx, HAProxy and Caddy\n\n\
+             \"Even\" means the ranges overlap: the runs cannot tell the two apart.\n"
+        );
+        // (workload, metric, what, a goal of the issue, the factor to the printed unit).
+        let goals: [(&str, &str, &str, bool, f64); 9] = [
+            (
+                "tls-handshakes",
+                metric::MAX_RATE,
+                "handshakes/s (maximum) at least the best",
+                true,
+                1.0,
+            ),
+            (
+                "tls-bulk",
+                metric::MAX_RATE,
+                "bulk MB/s (maximum) at least the best",
+                true,
+                1e-6,
+            ),
+            (
+                "tls-bulk",
+                metric::CPU_PER_GB,
+                "bulk CPU ms/GB (the machine's) at most the best",
+                true,
+                1e3,
+            ),
+            (
+                "tls-bulk",
+                metric::PROXY_CPU,
+                "(no goal) bulk, the proxy's process alone, CPU ms/GB",
+                false,
+                1e6,
+            ),
+            (
+                "tls-handshakes",
+                metric::PROXY_CPU,
+                "(no goal) the proxy's process alone, CPU µs/handshake",
+                false,
+                1.0,
+            ),
+            (
+                "tls-closed",
+                metric::CPU_PER_UNIT,
+                "(no goal) closed-loop echo, CPU µs/msg",
+                false,
+                1.0,
+            ),
+            (
+                "tls-closed",
+                metric::P99,
+                "(no goal) closed-loop echo, p99 µs",
+                false,
+                1.0,
+            ),
+            (
+                "tls-resumed",
+                metric::MAX_RATE,
+                "(no goal) resumed handshakes/s (maximum)",
+                false,
+                1.0,
+            ),
+            (
+                "tls-resumed",
+                metric::CPU_PER_UNIT,
+                "(no goal) resumed handshakes, CPU µs/handshake",
+                false,
+                1.0,
+            ),
+        ];
+        let head: Vec<String> = ["goal", subject, "best rival", "ratio", "verdict"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        let mut rows = Vec::new();
+        for (w, m, what, goal, k) in goals {
+            if !tls.iter().any(|x| x.id == w) {
+                continue;
+            }
+            let (Some(sf), Some((rival, rf))) =
+                (figures::find(fs, tn, w, m, subject), best_rival(fs, tn, w, m, proxies))
+            else {
+                continue;
+            };
+            let verdict = match figures::compare(&sf.summary, &rf.summary, sf.higher_is_better) {
+                Verdict::Better if goal => "**met**",
+                Verdict::Worse if goal => "**missed**",
+                Verdict::Even if goal => "even: not shown met or missed",
+                Verdict::Better => "better",
+                Verdict::Worse => "worse",
+                Verdict::Even => "even",
+            };
+            rows.push(vec![
+                format!("`{w}`: {what}"),
+                cell(Some(sf), k),
+                format!("{rival} {}", cell(Some(rf), k)),
+                format!("{:.2}×", sf.summary.median / rf.summary.median),
+                verdict.to_owned(),
+            ]);
+        }
+        if !rows.is_empty() {
+            table(md, &head, rows);
+        }
+    }
+
+    // Plain and TLS side by side, for the workloads measured both ways.
+    let pairs: Vec<(&str, &str)> = TLS_PAIRS
+        .into_iter()
+        .filter(|(a, b)| t.workload(a).is_some() && t.workload(b).is_some())
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "### Plain and TLS side by side ({tn})\n\nMaximum rate, then the machine's CPU per unit at each one's fixed \
+         load: plain → TLS (medians).\n"
+    );
+    let mut head = vec!["contender".to_owned()];
+    for (a, b) in &pairs {
+        head.push(format!("`{a}` → `{b}` maximum"));
+        head.push(format!("`{a}` → `{b}` CPU"));
+    }
+    let plan = plan(r);
+    let rows = proxies
+        .iter()
+        .map(|c| {
+            let mut row = vec![c.clone()];
+            for (a, b) in &pairs {
+                let wa = plan.workloads().find(|w| w.id == *a);
+                let (m, _, unit) = wa.map_or((metric::CPU_PER_UNIT, "", ""), |w| {
+                    let (_, own, unit) = headline(w);
+                    (own, own, unit)
+                });
+                let med = |w: &str, m: &str| figures::find(&r.figures, tn, w, m, c).map(|f| f.summary.median);
+                let rate = |v: f64| wa.map_or_else(|| fmt_num(v), |w| unit_rate(w, v));
+                row.push(match (med(a, metric::MAX_RATE), med(b, metric::MAX_RATE)) {
+                    (Some(x), Some(y)) => format!("{} → {} ({:.2}×)", rate(x), rate(y), y / x),
+                    _ => "–".into(),
+                });
+                row.push(match (med(a, m), med(b, m)) {
+                    (Some(x), Some(y)) => format!(
+                        "{} → {} {} ({:.2}×)",
+                        fmt_num(x * scale(m)),
+                        fmt_num(y * scale(m)),
+                        unit.trim_start_matches("CPU "),
+                        y / x
+                    ),
+                    _ => "–".into(),
+                });
+            }
+            row
+        })
+        .collect();
+    table(md, &head, rows);
 }
 
 /// `services-scale`: the two files' load times, the handshake rates through each and their ratio,
@@ -571,7 +939,8 @@ fn versus(md: &mut String, fs: &[Figure], tn: &str, present: &[&Workload], subje
     let _ = writeln!(
         md,
         "### {subject} against {} ({tn}): added CPU; p99 latency\n\n\"better 0.40×\" means {subject}'s \
-         median is 0.40 of the rival's and the ranges do not overlap; \"even\" means they overlap.\n",
+         median is 0.40 of the rival's and the ranges do not overlap; \"even\" means they overlap. Over TLS \
+         (`tls-*`), the machine's CPU instead of the added CPU.\n",
         if rivals.len() == 1 {
             rivals[0].as_str()
         } else {
@@ -642,6 +1011,7 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
         let tn = t.topology.name();
         let cpu: Vec<Panel> = p
             .workloads()
+            .filter(|w| !w.tls)
             .filter_map(|w| {
                 let (added, _, unit) = headline(w);
                 panel(
@@ -660,6 +1030,21 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
                 &out.join(format!("{tn}-cpu.png")),
                 &format!("Added machine CPU at the fixed load ({tn})"),
                 &cpu,
+            )?;
+        }
+        let tls: Vec<Panel> = p
+            .workloads()
+            .filter(|w| w.tls)
+            .filter_map(|w| {
+                let (m, _, unit) = headline(w);
+                panel(&r.figures, tn, w, m, scale(m), unit, &proxies)
+            })
+            .collect();
+        if !tls.is_empty() {
+            plot::render(
+                &out.join(format!("{tn}-tls-cpu.png")),
+                &format!("wss: machine CPU at the fixed load ({tn})"),
+                &tls,
             )?;
         }
         let lat: Vec<Panel> = p
@@ -760,6 +1145,7 @@ mod tests {
                 workloads: vec![wr("closed", max, fixed), wr("echo-1x128", max_bad, fixed_bad)],
                 idle: BTreeMap::new(),
                 scale: None,
+                tls: BTreeMap::new(),
                 secs: 1.0,
             }],
             ..Results::default()
@@ -783,5 +1169,93 @@ mod tests {
         );
         assert!(md.contains("**FAIL**: direct 0.99×"), "{md}");
         assert!(md.contains("**better** 0.25×; even"), "{md}");
+    }
+
+    #[test]
+    fn tls_workloads_compare_the_machines_cpu_without_direct_and_judge_the_goals() {
+        let plan = Plan::new(true);
+        let suite = "TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519";
+        // (maximum, CPU seconds at the fixed load, p99); no direct over TLS.
+        let (mut max, mut fixed) = runs(&[
+            ("wsproxy-auto", 800e6, 0.004, 100.0),
+            ("nginx", 300e6, 0.008, 100.0),
+            ("caddy", 550e6, 0.005, 100.0),
+        ]);
+        for m in max.values_mut().chain(fixed.values_mut()).flatten() {
+            m.m.tls = Some(crate::tls::Seen {
+                negotiated: BTreeMap::from([(suite.to_owned(), 1)]),
+                resumed: 0,
+            });
+            // The generator's CPU saturated at the maximum.
+            m.m.cpu.per_cpu = vec![
+                crate::sys::CpuShare {
+                    busy: 0.99,
+                    softirq: 0.1,
+                },
+                crate::sys::CpuShare {
+                    busy: 0.5,
+                    softirq: 0.1,
+                },
+            ];
+        }
+        let mut r = Results {
+            plan: Some(plan),
+            contenders: vec!["direct".into(), AUTO.into(), "nginx".into(), "caddy".into()],
+            topologies: vec![TopologyResult {
+                topology: Topology::Veth,
+                description: "two namespaces".into(),
+                workloads: vec![WorkloadResult {
+                    id: "tls-bulk".into(),
+                    offered: 1000.0,
+                    offered_set_by: "nginx".into(),
+                    max,
+                    fixed,
+                    ..WorkloadResult::default()
+                }],
+                idle: BTreeMap::new(),
+                scale: None,
+                tls: BTreeMap::from([(
+                    AUTO.to_owned(),
+                    crate::tls::Negotiated {
+                        measured: suite.into(),
+                        preferred: "TLSv1_3 TLS13_AES_256_GCM_SHA384 secp384r1".into(),
+                    },
+                )]),
+                secs: 1.0,
+            }],
+            ..Results::default()
+        };
+        let dir = std::env::temp_dir().join(format!("wsproxy-bench-report-tls-{}", std::process::id()));
+        write(&mut r, &dir).unwrap();
+        let md = fs::read_to_string(dir.join("latest.md")).unwrap();
+        let tls_plot = dir.join("veth-tls-cpu.png").exists();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(tls_plot);
+
+        // The machine's CPU per GB: 0.004 s for 256,000 bytes, no added figure.
+        let f = figures::find(&r.figures, "veth", "tls-bulk", metric::CPU_PER_GB, AUTO).unwrap();
+        assert!((f.summary.median - 0.004 * 1.02 / 256_000.0 * 1e9).abs() < 1.0, "{f:?}");
+        assert!(figures::find(&r.figures, "veth", "tls-bulk", metric::ADDED_CPU_PER_GB, AUTO).is_none());
+        assert!(
+            md.contains("no TLS direct; the fastest (wsproxy-auto) is **bound by the generator's CPU** (cpu0 99 %"),
+            "{md}"
+        );
+        assert!(md.contains("### wss (TLS) at the fixed load (veth)"), "{md}");
+        assert!(
+            md.contains("| `tls-bulk`: bulk MB/s (maximum) at least the best | 816 [800–832] | caddy 561 [550–572] | 1.45× | **met** |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `tls-bulk`: bulk CPU ms/GB (the machine's) at most the best | 15,938 [15,625–16,250] | caddy 19,922 [19,531–20,313] | 0.80× | **met** |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!(
+                "| wsproxy-auto | {suite} (10) | TLSv1_3 TLS13_AES_256_GCM_SHA384 secp384r1 | – |"
+            )),
+            "{md}"
+        );
+        // No table of what proxies add over direct: no plain workload ran.
+        assert!(!md.contains("### Added machine CPU"), "{md}");
     }
 }

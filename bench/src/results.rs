@@ -20,6 +20,9 @@ pub struct Versions {
     pub haproxy: String,
     pub caddy: String,
     pub rustc: String,
+    /// The TLS library of each proxy, when TLS workloads ran.
+    #[serde(default)]
+    pub tls: String,
 }
 
 /// One measurement with the run it belongs to: runs are interleaved, so run `i` of every
@@ -60,6 +63,9 @@ pub struct TopologyResult {
     /// The configuration-scale measurement (`services-scale`), when it ran.
     #[serde(default)]
     pub scale: Option<ScaleResult>,
+    /// What each contender's TLS listener negotiated at its start (the TLS workloads ran).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tls: BTreeMap<String, crate::tls::Negotiated>,
     pub secs: f64,
 }
 

@@ -9,6 +9,10 @@
 //! `--only` leaves it out, `services-scale` (`scale`) measures wsproxy alone with a configuration
 //! of 1,000 services against one of a single service.
 //!
+//! The TLS workloads (`tls-*`) come after the plain ones: the plain contenders stop, and each proxy
+//! starts again with a TLS listener (`contenders`), with the certificate made at the run's start
+//! (`tls`); direct has no TLS form.
+//!
 //! The load generator is this process's main thread (pinned to CPU 0, with the upstream); every
 //! proxy is pinned to CPU 1. Raw results go to `latest.json`, the report to `latest.md`.
 
@@ -26,15 +30,21 @@ use crate::plan::{Group, Plan, SCALE_ID, Shape, Workload};
 use crate::results::{IdleMemory, Results, RunMeasure, TopologyResult, Versions, WorkloadResult};
 use crate::stats::fmt_num;
 use crate::sys;
+use crate::tls;
 use crate::topology::{self, Net, Topology};
 
 pub const GENERATOR_CPU: usize = 0;
 pub const PROXY_CPU: usize = 1;
 pub const UPSTREAM_PORT: u16 = 24000;
-/// Contender `i` of `Kind::ALL` (other than direct) listens on `BASE_PORT + i`.
+/// Contender `i` of `Kind::ALL` (other than direct) listens on `BASE_PORT + i`, and with TLS on
+/// `TLS_BASE_PORT + i` (clear of `scale`'s ports).
 pub const BASE_PORT: u16 = 24000;
-/// Bound of the whole run: the full plan takes under 40 minutes on a 2-CPU machine.
-const FULL_LIMIT_SECS: u64 = 2_700;
+pub const TLS_BASE_PORT: u16 = 24300;
+/// The negotiation every TLS connection must show.
+const TLS_SUITE: &str = "TLS13_AES_128_GCM_SHA256";
+/// Bound of the whole run: the full plan takes about 45 minutes on a 2-CPU machine (the TLS
+/// workloads about 4 minutes per topology of it).
+const FULL_LIMIT_SECS: u64 = 3_600;
 const QUICK_LIMIT_SECS: u64 = 600;
 
 pub struct Options {
@@ -95,14 +105,20 @@ pub fn run(opts: &Options) -> Result<()> {
         plan: Some(plan.clone()),
         started: sys::command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         machine: sys::machine(),
-        versions: versions(&opts.wsproxy),
+        versions: versions(&opts.wsproxy, plan.workloads().any(|w| w.tls)),
         contenders: opts.contenders.iter().map(|k| k.name().to_owned()).collect(),
         ..Results::default()
     };
     let dir = contenders::temp_dir()?;
+    // One certificate for the whole run, in its directory.
+    let kit = if plan.groups.iter().any(Group::tls) {
+        Some(tls::Kit::new(&dir.join("tls-certificate"))?)
+    } else {
+        None
+    };
     for &t in &plan.topologies {
         println!("bench: topology {}: {}", t.name(), t.describe());
-        match measure_topology(t, &plan, opts, &dir, nofile, &mut results.failures) {
+        match measure_topology(t, &plan, opts, &dir, kit.as_ref(), nofile, &mut results.failures) {
             Ok(r) => {
                 println!("bench: topology {} done in {:.0} s", t.name(), r.secs);
                 results.topologies.push(r);
@@ -158,13 +174,14 @@ fn measure_topology(
     plan: &Plan,
     opts: &Options,
     dir: &Path,
+    kit: Option<&tls::Kit>,
     nofile: u64,
     failures: &mut Vec<String>,
 ) -> Result<TopologyResult> {
     let start = Instant::now();
     let net = Net::up(t)?;
     net.enter_load()?;
-    let measured = measure_in(&net, plan, opts, &dir.join(t.name()), nofile, failures);
+    let measured = measure_in(&net, plan, opts, &dir.join(t.name()), kit, nofile, failures);
     // Back to where we were before tearing the namespaces down (`net` drops after this).
     net.leave()?;
     let mut r = measured?;
@@ -172,11 +189,43 @@ fn measure_topology(
     Ok(r)
 }
 
+/// Starts `kinds` as `setup` has them, contender `i` of `Kind::ALL` on port `base + i` (direct is
+/// the upstream itself); one that does not start is a failure, not the end of the run.
+fn start_all(net: &Net, kinds: &[Kind], setup: &Setup, base: u16, failures: &mut Vec<String>) -> Vec<Contender> {
+    let t = net.topology();
+    let mut cs: Vec<Contender> = Vec::new();
+    for kind in kinds {
+        let addr: SocketAddr = match kind {
+            Kind::Direct => setup.upstream,
+            k => {
+                let i = Kind::ALL.iter().position(|x| x == k).expect("listed") as u16;
+                (net.proxy_ip(), base + i).into()
+            }
+        };
+        match contenders::start(*kind, addr, setup) {
+            Ok(c) => cs.push(c),
+            Err(e) => {
+                println!("bench: [{}] {} did not start: {e:#}", t.name(), kind.name());
+                failures.push(format!("{}: {}: start: {e:#}", t.name(), kind.name()));
+            }
+        }
+    }
+    println!(
+        "bench: [{}] {} contenders up{}; logs in {}",
+        t.name(),
+        cs.len(),
+        if setup.tls.is_some() { " with TLS listeners" } else { "" },
+        setup.dir.display()
+    );
+    cs
+}
+
 fn measure_in(
     net: &Net,
     plan: &Plan,
     opts: &Options,
     dir: &Path,
+    kit: Option<&tls::Kit>,
     nofile: u64,
     failures: &mut Vec<String>,
 ) -> Result<TopologyResult> {
@@ -200,42 +249,23 @@ fn measure_in(
         proxy_cpu: PROXY_CPU,
         nofile,
         netns: net.proxy_ns().map(str::to_owned),
+        tls: None,
     };
-    let mut cs: Vec<Contender> = Vec::new();
-    // Only the workloads' groups use the contenders (`services-scale` starts its own proxies).
-    let kinds = if plan.groups.is_empty() {
-        &[][..]
+    // Only the workloads' groups use the contenders (`services-scale` starts its own proxies);
+    // the plain ones first, then, with the proxies started again with TLS listeners, the TLS ones.
+    let (plain, with_tls): (Vec<&Group>, Vec<&Group>) = plan.groups.iter().partition(|g| !g.tls());
+    let mut cs = if plain.is_empty() {
+        Vec::new()
     } else {
-        &opts.contenders[..]
+        start_all(net, &opts.contenders, &setup, BASE_PORT, failures)
     };
-    for kind in kinds {
-        let addr: SocketAddr = match kind {
-            Kind::Direct => upstream,
-            k => {
-                let i = Kind::ALL.iter().position(|x| x == k).expect("listed") as u16;
-                (net.proxy_ip(), BASE_PORT + i).into()
-            }
-        };
-        match contenders::start(*kind, addr, &setup) {
-            Ok(c) => cs.push(c),
-            Err(e) => {
-                println!("bench: [{}] {} did not start: {e:#}", t.name(), kind.name());
-                failures.push(format!("{}: {}: start: {e:#}", t.name(), kind.name()));
-            }
-        }
-    }
-    println!(
-        "bench: [{}] {} contenders up; logs in {}",
-        t.name(),
-        cs.len(),
-        dir.display()
-    );
     let mut out = TopologyResult {
         topology: t,
         description: t.describe().into(),
         workloads: Vec::new(),
         idle: BTreeMap::new(),
         scale: None,
+        tls: BTreeMap::new(),
         secs: 0.0,
     };
     let mut m = Measurer {
@@ -245,11 +275,45 @@ fn measure_in(
         failures,
         group_id: 0,
         profiles: opts.profile.then(|| opts.out.join("profiles")),
+        tls: None,
     };
-    for g in &plan.groups {
+    for g in plain {
         m.group(g, &mut cs, &mut out)?;
     }
     drop(cs);
+    if let (false, Some(kit)) = (with_tls.is_empty(), kit) {
+        if opts.contenders.contains(&Kind::Direct) {
+            println!(
+                "bench: [{}] direct: no TLS form (the upstream is plain ws), not in the TLS workloads",
+                t.name()
+            );
+        }
+        let tls_dir = dir.join("tls");
+        fs::create_dir_all(&tls_dir)?;
+        let tls_setup = Setup {
+            dir: &tls_dir,
+            tls: Some(kit),
+            ..setup
+        };
+        let kinds: Vec<Kind> = opts.contenders.iter().copied().filter(|k| *k != Kind::Direct).collect();
+        let mut tcs = start_all(net, &kinds, &tls_setup, TLS_BASE_PORT, m.failures);
+        for c in &tcs {
+            if let Some(n) = &c.negotiated {
+                println!(
+                    "bench: [{}] {:<18} TLS: negotiated {} (offering every suite and group: {})",
+                    t.name(),
+                    c.name(),
+                    n.measured,
+                    n.preferred
+                );
+                out.tls.insert(c.name().to_owned(), n.clone());
+            }
+        }
+        m.tls = Some(&kit.client);
+        for g in with_tls {
+            m.group(g, &mut tcs, &mut out)?;
+        }
+    }
     if let Some(sp) = &plan.scale {
         match crate::scale::contender(&opts.contenders) {
             None => println!("bench: [{}] {SCALE_ID}: no wsproxy contender chosen: skipped", t.name()),
@@ -290,6 +354,8 @@ struct Measurer<'a> {
     /// earlier session still closing never receive (or count against) a later round.
     group_id: u64,
     profiles: Option<PathBuf>,
+    /// The generator's TLS client, while the TLS groups run.
+    tls: Option<&'a tls::Client>,
 }
 
 /// Which pass over the contenders: the calibration (maxima only) or a measured run.
@@ -383,7 +449,8 @@ impl Measurer<'_> {
             _ => None,
         };
         self.group_id += 1;
-        let mut session = match Session::open(c.addr, g.conns, self.group_id) {
+        let tls = if g.tls() { self.tls } else { None };
+        let mut session = match Session::open(c.addr, g.conns, self.group_id, tls) {
             Ok(s) => s,
             Err(e) => {
                 println!(
@@ -434,11 +501,13 @@ impl Measurer<'_> {
         tag: &str,
     ) {
         let t = self.topology.name();
+        let tls = self.tls;
         let mut once = |offered: Offered, secs: f64| -> Result<Measure> {
             measure(
                 w,
                 c.addr,
                 session.as_deref_mut(),
+                tls,
                 offered,
                 Duration::from_secs_f64(secs),
             )
@@ -487,10 +556,30 @@ impl Measurer<'_> {
                 Err(e) => line += &format!("; fixed FAILED: {e:#}"),
             }
         }
+        if let Ok(Measure { tls: Some(seen), .. }) = &max {
+            line += &format!("; TLS {}", seen.describe());
+            if seen.resumed > 0 {
+                line += &format!(
+                    ", {:.0} % resumed",
+                    seen.resumed as f64 * 100.0 / seen.negotiated.values().sum::<u64>().max(1) as f64
+                );
+            }
+        }
         println!("bench: [{t}] {} {tag} {:<18} {line}", w.id, c.name());
         let mut record = |what: &str, res: Result<Measure>| -> Option<Measure> {
             match res {
                 Ok(m) => {
+                    // Every TLS connection must have had the pinned suite, or the figures do not
+                    // compare like with like.
+                    if let Some(seen) = &m.tls
+                        && let Some(other) = seen.negotiated.keys().find(|k| !k.contains(TLS_SUITE))
+                    {
+                        self.failures.push(format!(
+                            "{t}: {}: {}: {tag} {what}: a connection negotiated {other}, not {TLS_SUITE}",
+                            w.id,
+                            c.name()
+                        ));
+                    }
                     if m.errors > 0 {
                         self.failures.push(format!(
                             "{t}: {}: {}: {tag} {what}: {} errors, first: {}",
@@ -530,16 +619,25 @@ impl Measurer<'_> {
 }
 
 /// One measurement of workload `w` through `addr`, on `session`'s open connections (every
-/// workload but the handshakes needs them).
+/// workload but the handshakes needs them); the handshakes of a TLS workload with `tls`.
 pub fn measure(
     w: &Workload,
     addr: SocketAddr,
     session: Option<&mut Session>,
+    tls: Option<&tls::Client>,
     offered: Offered,
     window: Duration,
 ) -> Result<Measure> {
     match (w.shape, session) {
-        (Shape::Handshakes { clients }, _) => load::handshakes(addr, clients, offered, window),
+        (Shape::Handshakes { clients, resume }, _) if w.tls => {
+            let Some(t) = tls else {
+                anyhow::bail!("{}: a TLS workload needs the run's certificate", w.id)
+            };
+            // A resuming client starts each measurement from an empty store.
+            let client = if resume { t.resuming() } else { t.clone() };
+            load::handshakes_with(addr, &[], Some(client), clients, offered, window)
+        }
+        (Shape::Handshakes { clients, .. }, _) => load::handshakes(addr, clients, offered, window),
         (Shape::Sink { size }, Some(s)) => s.sink(size, offered, window),
         (Shape::Echo { active, size }, Some(s)) => s.echo(active, size, offered, window),
         (Shape::Broadcast { size }, Some(s)) => s.broadcast(size, offered, window),
@@ -549,7 +647,13 @@ pub fn measure(
 
 /// `wsproxy-bench measure`: one workload of the full plan against any target, by hand (with its
 /// group's connections opened first).
-pub fn measure_alone(addr: SocketAddr, id: &str, offered: Offered, window: Duration) -> Result<Measure> {
+pub fn measure_alone(
+    addr: SocketAddr,
+    id: &str,
+    tls: Option<&tls::Client>,
+    offered: Offered,
+    window: Duration,
+) -> Result<Measure> {
     let plan = Plan::new(false);
     let (g, w) = plan
         .groups
@@ -560,8 +664,16 @@ pub fn measure_alone(addr: SocketAddr, id: &str, offered: Offered, window: Durat
             let ids: Vec<&str> = plan.workloads().map(|w| w.id.as_str()).collect();
             anyhow::anyhow!("unknown workload {id:?}: one of {ids:?}")
         })?;
-    let mut session = (g.conns > 0).then(|| Session::open(addr, g.conns, 1)).transpose()?;
-    measure(w, addr, session.as_mut(), offered, window)
+    let tls = match (w.tls, tls) {
+        // The generator trusts only the certificate it is given.
+        (true, None) => bail!("{id}: a TLS workload needs --tls-certificate (the target's certificate)"),
+        (true, Some(t)) => Some(t),
+        (false, _) => None,
+    };
+    let mut session = (g.conns > 0)
+        .then(|| Session::open(addr, g.conns, 1, tls))
+        .transpose()?;
+    measure(w, addr, session.as_mut(), tls, offered, window)
 }
 
 fn fixed_line(m: &Measure, unit: &str) -> String {
@@ -610,7 +722,7 @@ fn watchdog(limit_secs: u64) {
     });
 }
 
-fn versions(wsproxy: &Path) -> Versions {
+fn versions(wsproxy: &Path, tls: bool) -> Versions {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
     let rev = sys::command_line(
         "git",
@@ -640,7 +752,19 @@ fn versions(wsproxy: &Path) -> Versions {
         haproxy: contenders::version(Kind::Haproxy),
         caddy: contenders::version(Kind::Caddy),
         rustc: sys::command_line("rustc", &["--version"]),
+        tls: if tls { tls_libraries() } else { String::new() },
     }
+}
+
+/// Each proxy's TLS library, as the proxies report them.
+fn tls_libraries() -> String {
+    let or = |o: Option<String>| o.unwrap_or_else(|| "unknown".into());
+    format!(
+        "wsproxy and the generator: rustls 0.23 with *ring*; nginx: {}; HAProxy: {}; Caddy: Go's crypto/tls, {}",
+        or(sys::command_find("nginx", &["-V"], "built with")),
+        or(sys::command_find("haproxy", &["-vv"], "Running on OpenSSL")),
+        or(sys::command_find("caddy", &["build-info"], "go1")).replace('\t', " ")
+    )
 }
 
 /// Lets a caller check that a plan's workload ids exist (for `--only`).

@@ -126,6 +126,7 @@ impl Setup<'_> {
             addr,
             proc: Some(proc),
             rss_at_start: 0,
+            negotiated: None,
         };
         contenders::wait_listening(&mut c, &log)?;
         let proc = c.proc.take().expect("started above");

@@ -433,6 +433,17 @@ pub fn command_line(program: &str, args: &[&str]) -> String {
     }
 }
 
+/// The first line of a command's output (stdout, then stderr) that contains `needle`, trimmed.
+pub fn command_find(program: &str, args: &[&str], needle: &str) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    [out.stdout, out.stderr].iter().find_map(|text| {
+        String::from_utf8_lossy(text)
+            .lines()
+            .find(|l| l.contains(needle))
+            .map(|l| l.trim().to_owned())
+    })
+}
+
 /// The facts printed at the top of the report.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Machine {

@@ -13,9 +13,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_rustls::client::TlsStream;
+
+use crate::tls;
 
 pub const OP_CONT: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -253,6 +256,12 @@ impl Out {
         self.wake.notify_one();
     }
 
+    /// Marks the queue broken (what the socket's failure would): nothing more is sent.
+    pub fn fail(&self) {
+        self.broken.set(true);
+        self.drained.notify_waiters();
+    }
+
     pub fn queued(&self) -> usize {
         self.pending.borrow().len() - self.off.get()
     }
@@ -312,7 +321,7 @@ impl Out {
 }
 
 /// Reads a head up to its blank line; returns it and whatever was read past it.
-async fn read_head(s: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
+async fn read_head(s: &mut (impl AsyncRead + Unpin)) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -333,12 +342,18 @@ async fn read_head(s: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
 
 /// The client's opening handshake for `path` with `host` in its Host field; returns the bytes read
 /// past the 101's head.
-pub async fn client_handshake(s: &mut TcpStream, host: &dyn std::fmt::Display, path: &str) -> Result<Vec<u8>> {
+pub async fn client_handshake(
+    s: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    host: &dyn std::fmt::Display,
+    path: &str,
+) -> Result<Vec<u8>> {
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await?;
+    // A TLS stream may hold the records until flushed.
+    s.flush().await?;
     let (head, rest) = read_head(s).await?;
     if !head.starts_with(b"HTTP/1.1 101") {
         let line = String::from_utf8_lossy(&head);
@@ -366,6 +381,29 @@ pub async fn connect_as(
             Some(h) => client_handshake(&mut s, &h, path).await?,
             None => client_handshake(&mut s, &addr, path).await?,
         };
+        anyhow::Ok((s, rest))
+    })
+    .await
+    .map_err(|_| anyhow!("handshake timed out after {limit:?}"))?
+}
+
+/// As `connect`, over TLS with `tls` (SNI and Host field `tls::SNI`): connect, TLS handshake,
+/// upgrade, all within `limit`, with TCP_NODELAY.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    tls: &tls::Client,
+    path: &str,
+    limit: Duration,
+) -> Result<(TlsStream<TcpStream>, Vec<u8>)> {
+    tokio::time::timeout(limit, async {
+        let s = TcpStream::connect(addr).await.context("connect")?;
+        s.set_nodelay(true)?;
+        let mut s = tls
+            .connector()
+            .connect(tls.name.clone(), s)
+            .await
+            .context("TLS handshake")?;
+        let rest = client_handshake(&mut s, &tls::SNI, path).await?;
         anyhow::Ok((s, rest))
     })
     .await
