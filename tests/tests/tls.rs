@@ -543,7 +543,7 @@ async fn tls_to_upstreams_verified_refused_or_explicitly_unverified() {
     let service = |name: &str, listen: &str, upstreams: &str, tls: &str| {
         format!(
             "[[service]]\nname = \"{name}\"\nlisten = [\"{listen}\"]\n\
-             [service.upstreams]\nmain = [{upstreams}]\ntimeout = \"2s\"\n\
+             [service.upstreams]\n{upstreams}\ntimeout = \"2s\"\n\
              [service.upstreams.tls]\nenabled = true\nserver_name = \"up.test\"\n{tls}\n"
         )
     };
@@ -552,20 +552,20 @@ async fn tls_to_upstreams_verified_refused_or_explicitly_unverified() {
         service(
             "verified",
             "127.0.0.1:0",
-            &format!("{{ address = \"{up}\" }}"),
+            &format!("main = [{{ address = \"{up}\" }}]"),
             &format!("ca_file = \"{ca_file}\""),
         ),
-        // The first upstream's certificate is from another CA: refused, counted, the next tried.
+        // The main upstream's certificate is from another CA: refused, counted, the backup tried.
         service(
             "failover",
             "127.0.0.2:0",
-            &format!("{{ address = \"{odd}\" }}, {{ address = \"{up}\" }}"),
+            &format!("main = [{{ address = \"{odd}\" }}]\nbackup = [{{ address = \"{up}\" }}]"),
             &format!("ca_file = \"{ca_file}\""),
         ),
         service(
             "unverified",
             "127.0.0.3:0",
-            &format!("{{ address = \"{odd}\" }}"),
+            &format!("main = [{{ address = \"{odd}\" }}]"),
             "verify = false",
         ),
     ]

@@ -37,6 +37,9 @@ use crate::{Server, Shared};
 /// value: the hand-over socket).
 pub const TAKE_OVER_FROM: &str = "WSPROXY_TAKE_OVER_FROM";
 
+/// How long a peer of the hand-over socket has for its first message.
+const FIRST_MESSAGE: Duration = Duration::from_secs(5);
+
 /// Limiter entries per message.
 const CLIENTS_PER_MESSAGE: usize = 1000;
 
@@ -107,7 +110,9 @@ pub async fn serve(server: Server, stop: CancellationToken) {
             }
             accepted = listener.accept() => {
                 let Ok(channel) = accepted else { continue };
-                match channel.recv().await {
+                // A peer that connects and says nothing must not hold this loop up.
+                let Ok(first) = tokio::time::timeout(FIRST_MESSAGE, channel.recv()).await else { continue };
+                match first {
                     Ok(Some((Message::Trigger, _))) if running.is_none() => {
                         let (tx, rx) = oneshot::channel();
                         waiting = Some(tx);
