@@ -450,10 +450,16 @@ async fn a_successor_of_another_protocol_version_is_refused_and_the_old_process_
     std::fs::rename(binary.with_extension("new"), &binary).unwrap();
     let e = upgrade_with(Path::new(BIN), &config).await.unwrap_err();
     assert!(e.contains("hand-over protocol 99"), "{e}");
-    let said = std::fs::read_to_string(&answer).unwrap();
+    // The script writes the answer after reading it: it may finish after the outcome came back.
+    let said = poll_every_async(DEADLINE, Duration::from_millis(10), || {
+        std::future::ready(std::fs::read_to_string(&answer).ok().filter(|t| !t.is_empty()))
+    })
+    .await
+    .expect("the successor wrote down no answer");
     assert!(said.contains("\"refused\"") && said.contains("protocol 99"), "{said}");
     round(&mut s, 1, 1024, 1024).await.unwrap();
     assert!(d.alive());
+    drop(s);
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(common::wait_exit(&mut d.child, DEADLINE).is_some_and(|s| s.success()));
 }
