@@ -125,7 +125,7 @@ fn tls_generator_check(fs: &[Figure], t: &TopologyResult, w: &str, contenders: &
         .filter_map(|c| Some((c, figures::find(fs, tn, w, metric::MAX_RATE, c)?)))
         .max_by(|a, b| a.1.summary.median.total_cmp(&b.1.summary.median))?;
     let busy = median_busy(t, w, c, f)?;
-    Some(if busy.starts_with(&format!("cpu{} ", crate::run::GENERATOR_CPU)) {
+    Some(if busy.starts_with(&format!("cpu{} ", crate::sys::GENERATOR_CPU)) {
         format!("no TLS direct; the fastest ({c}) is **bound by the generator's CPU** ({busy})")
     } else {
         format!("no TLS direct; the fastest ({c}) saturates another CPU ({busy})")

@@ -29,12 +29,10 @@ use crate::load::{self, Measure, Offered, Session};
 use crate::plan::{Group, Plan, SCALE_ID, Shape, Workload};
 use crate::results::{IdleMemory, Results, RunMeasure, TopologyResult, Versions, WorkloadResult};
 use crate::stats::fmt_num;
-use crate::sys;
+use crate::sys::{self, GENERATOR_CPU, PROXY_CPU};
 use crate::tls;
 use crate::topology::{self, Net, Topology};
 
-pub const GENERATOR_CPU: usize = 0;
-pub const PROXY_CPU: usize = 1;
 pub const UPSTREAM_PORT: u16 = 24000;
 /// Contender `i` of `Kind::ALL` (other than direct) listens on `BASE_PORT + i`, and with TLS on
 /// `TLS_BASE_PORT + i` (clear of `scale`'s ports).

@@ -8,6 +8,11 @@ use std::process::Command;
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
+/// The CPU the load generator and the upstream are pinned to.
+pub const GENERATOR_CPU: usize = 0;
+/// The CPU every proxy is pinned to.
+pub const PROXY_CPU: usize = 1;
+
 /// Clock ticks of one CPU line of `/proc/stat`.
 ///
 /// The busy figures (user, system, softirq, ...) are sampled at each tick, which misses short

@@ -41,7 +41,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{info, warn};
 
 use crate::config::{self, OnStoreError};
-use crate::limits::{ClientKey, Refusal, Slot};
+use crate::limits::{ClientKey, Refusal};
 use crate::lock::lock;
 use crate::metrics::{ClusterMetrics, Metrics};
 
@@ -147,38 +147,29 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    /// The fleet's admission of a client this node admitted (`slot`): with `limits.cluster`
-    /// set, one call to the store, at most `cluster.timeout` long; the lease it takes rides in
-    /// the slot. A refusal drops the slot (the node's counts go back).
+    /// The fleet's admission of a client this node admitted: with `limits.cluster` set, one
+    /// call to the store, at most `cluster.timeout` long; the lease it takes (under a cap) is
+    /// held with the node's slot for as long as the connection.
     pub async fn admit(
         &self,
-        mut slot: Slot,
         limits: &config::Limits,
         service: &str,
         ip: IpAddr,
         metrics: &Metrics,
-    ) -> Result<Slot, Refusal> {
+    ) -> Result<Option<Lease>, Refusal> {
         let Some(cfg) = limits.cluster.as_deref() else {
-            return Ok(slot);
+            return Ok(None);
         };
         let store = self.store_for(cfg, service, metrics);
-        let client = ClientKey::new(ip, limits.ipv6_prefix);
-        if let Some(lease) = store.admit(cfg, service, client).await? {
-            slot.hold(lease);
-        }
-        Ok(slot)
+        store.admit(cfg, service, ClientKey::new(ip, limits.ipv6_prefix)).await
     }
 
     /// The lease of a connection a predecessor process admitted (its own lease expires with that
     /// process): taken without a call, written by the next renewal.
-    pub fn adopt(&self, slot: &mut Slot, limits: &config::Limits, service: &str, ip: IpAddr, metrics: &Metrics) {
-        let Some(cfg) = limits.cluster.as_deref() else {
-            return;
-        };
+    pub fn adopt(&self, limits: &config::Limits, service: &str, ip: IpAddr, metrics: &Metrics) -> Option<Lease> {
+        let cfg = limits.cluster.as_deref()?;
         let store = self.store_for(cfg, service, metrics);
-        if let Some(lease) = store.adopt(cfg, service, ClientKey::new(ip, limits.ipv6_prefix)) {
-            slot.hold(lease);
-        }
+        store.adopt(cfg, service, ClientKey::new(ip, limits.ipv6_prefix))
     }
 
     fn store_for(&self, cfg: &config::Cluster, service: &str, metrics: &Metrics) -> Arc<Store> {
@@ -384,7 +375,7 @@ impl Store {
     }
 }
 
-/// A connection's lease in the store, held in its [`Slot`]; dropping it gives it back (a ZREM,
+/// A connection's lease in the store, held with its slot (`connection::Admission`); dropping it gives it back (a ZREM,
 /// batched, best effort: its expiry is the safety net).
 pub(crate) struct Lease {
     store: Arc<Store>,

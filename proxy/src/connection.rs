@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cluster::Lease;
 use crate::config::UnderscoreHeaders;
 use crate::handshake::{self, Rejection};
 use crate::limits::{Refusal, Slot};
@@ -74,10 +75,13 @@ pub(crate) async fn resume(state: PairState, moved: relay::Moved, shared: Arc<Sh
     };
     drop(rt);
     let ip = state.client.ip().to_canonical();
-    let mut slot = svc.state.limiter.adopt(ip);
-    svc.state
-        .cluster
-        .adopt(&mut slot, &svc.config.limits, svc.name(), ip, &shared.metrics);
+    let admission = Admission {
+        _slot: svc.state.limiter.adopt(ip),
+        _lease: svc
+            .state
+            .cluster
+            .adopt(&svc.config.limits, svc.name(), ip, &shared.metrics),
+    };
     let tracked = (svc.config.upstreams.balance == config::Balance::LeastConnections)
         .then(|| svc.state.load.track(state.upstream));
     let r = Relayable {
@@ -90,7 +94,7 @@ pub(crate) async fn resume(state: PairState, moved: relay::Moved, shared: Arc<Sh
             .lifetime_left_ms
             .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms)),
         svc,
-        _slot: slot,
+        _admission: admission,
         _tracked: tracked,
     };
     Box::pin(r.run(&shared, &shutdown)).await;
@@ -116,7 +120,7 @@ struct Relayable {
     deadline: Option<tokio::time::Instant>,
     /// The service as it was when the connection started: a reload does not change it.
     svc: Arc<Service>,
-    _slot: crate::limits::Slot,
+    _admission: Admission,
     /// Counts the connection against its upstream (least-connections) until it ends.
     _tracked: Option<crate::balance::Tracked>,
 }
@@ -131,7 +135,7 @@ impl Relayable {
             started,
             deadline,
             svc,
-            _slot,
+            _admission,
             _tracked,
         } = self;
         let ip = client.ip().to_canonical();
@@ -205,22 +209,35 @@ fn lifetime(cfg: &config::Relay, request_id: &str) -> Option<Duration> {
 /// per-network caps, its total cap), then the limits its fleet shares (`[cluster]`: one call
 /// to the store, within `cluster.timeout`), only for a client this node admitted: one over the
 /// node's own limits costs no call. Cluster refusals are the node's 429s (rate, connections;
-/// `on_store_error = "deny"` as a full client table). The slot, with the cluster lease, is held
-/// until the connection ends.
-async fn admit(svc: &Service, ip: IpAddr, now: Instant, metrics: &Metrics) -> Result<Slot, Answer> {
+/// `on_store_error = "deny"`: 503). The slot and the cluster lease are held until the
+/// connection ends.
+async fn admit(svc: &Service, ip: IpAddr, now: Instant, metrics: &Metrics) -> Result<Admission, Answer> {
     if !access::client_allowed(&svc.config.access, ip) {
         return Err(Answer::Rejected(Rejection::Forbidden("client network")));
     }
     let slot = svc.state.limiter.admit(ip, now).map_err(Answer::Limited)?;
-    svc.state
+    // A refusal by the fleet drops the slot: the node's counts go back.
+    let lease = svc
+        .state
         .cluster
-        .admit(slot, &svc.config.limits, svc.name(), ip, metrics)
+        .admit(&svc.config.limits, svc.name(), ip, metrics)
         .await
-        .map_err(Answer::Limited)
+        .map_err(Answer::Limited)?;
+    Ok(Admission {
+        _slot: slot,
+        _lease: lease,
+    })
 }
 
-/// A client admitted by a service: the service (its index in the runtime), and the slot it holds.
-type Admitted = (usize, Arc<Service>, Slot);
+/// A client admitted by a service: the service (its index in the runtime), and what it holds.
+type Admitted = (usize, Arc<Service>, Admission);
+
+/// What an admitted connection holds until it ends: its slot in the service's limiter and, with
+/// cluster limits, its lease in the fleet's store (dropping either gives it back).
+struct Admission {
+    _slot: Slot,
+    _lease: Option<Lease>,
+}
 
 /// Admission, TLS, request, routing, upstream handshake and the 101's delivery. `None`: the
 /// connection ended here (refused, failed, or the client left), already answered, logged and
@@ -253,7 +270,6 @@ async fn handshake_phase(
         },
     };
     let ip = client_addr.ip().to_canonical();
-    let local = client.local_addr().unwrap_or(client_addr);
     // A listener of one service: its admission rules apply before a byte of the request (or of
     // the TLS handshake) is read.
     let mut admitted: Option<Admitted> = None;
@@ -421,6 +437,7 @@ async fn handshake_phase(
     let mut forwarded = headers::forwarded_request(&request, ip, &request_id, &cfg.headers);
     if cfg.upstreams.send_proxy_protocol {
         // Sent with the request, in one write: the upstream reads the header first.
+        let local = client.tcp().local_addr().unwrap_or(client_addr);
         let mut with_header = proxy_protocol::v2_header(client_addr, local, &request_id);
         with_header.extend_from_slice(&forwarded);
         forwarded = with_header;
@@ -523,7 +540,7 @@ async fn handshake_phase(
         deadline: lifetime(&svc.config.relay, &request_id).map(|t| tokio::time::Instant::now() + t),
         request_id,
         started,
-        _slot: slot,
+        _admission: slot,
         _tracked: tracked,
         svc,
     })

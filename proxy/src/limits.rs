@@ -8,8 +8,8 @@
 //! refused rather than letting a flood of source addresses grow memory.
 //!
 //! These are the node's own limits, the first and free line. The limits a fleet of nodes shares
-//! (`[cluster]`, see `cluster`) come after them, for the clients admitted here; their lease
-//! rides in the same [`Slot`].
+//! (`[cluster]`, see `cluster`) come after them, for the clients admitted here; a connection
+//! holds its lease next to its [`Slot`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -167,7 +167,6 @@ impl Limiter {
             limiter: Arc::clone(self),
             key,
             network,
-            lease: None,
         })
     }
 
@@ -216,7 +215,6 @@ impl Limiter {
             limiter: Arc::clone(self),
             key,
             network,
-            lease: None,
         }
     }
 
@@ -281,21 +279,12 @@ impl Limiter {
     }
 }
 
-/// One open connection of a client; dropping it frees the slot (and its cluster lease).
+/// One open connection of a client; dropping it frees the slot.
 #[derive(Debug)]
 pub struct Slot {
     limiter: Arc<Limiter>,
     key: ClientKey,
     network: ClientKey,
-    /// The connection's lease in the cluster store, when its service has a cluster cap.
-    lease: Option<crate::cluster::Lease>,
-}
-
-impl Slot {
-    /// Keeps `lease` for as long as the slot: both end with the connection.
-    pub(crate) fn hold(&mut self, lease: crate::cluster::Lease) {
-        self.lease = Some(lease);
-    }
 }
 
 impl Drop for Slot {

@@ -9,7 +9,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -168,19 +168,19 @@ impl ServerProxy {
 
     /// Scrapes until `f` holds for the exposition (deadline [`DEADLINE`]); returns that scrape.
     pub async fn scrape_until(&self, what: &str, f: impl Fn(&Exposition) -> bool) -> Exposition {
-        let end = Instant::now() + DEADLINE;
-        loop {
+        // State only visible by scraping: polled, within the deadline.
+        let every = Duration::from_millis(20);
+        let found = crate::relay_kit::poll_every_async(DEADLINE, every, || async {
             let e = self.scrape().await;
-            if f(&e) {
-                return e;
-            }
-            assert!(
-                Instant::now() < end,
+            f(&e).then_some(e)
+        })
+        .await;
+        match found {
+            Some(e) => e,
+            None => panic!(
                 "timed out waiting for {what}; last scrape:\n{}",
-                e.text
-            );
-            // Poll interval of a deadline-bounded wait on state only visible by scraping.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+                self.scrape().await.text
+            ),
         }
     }
 }

@@ -153,21 +153,7 @@ fn start_all(
             root,
         )?);
     }
-    let mut ready = 0;
-    while ready < NODES.len() {
-        if SIGNALS.load(Ordering::SeqCst) > 0 {
-            return Ok(false);
-        }
-        for proc in procs.iter_mut() {
-            if proc.poll()? {
-                return Ok(false);
-            }
-        }
-        if notify.ready() {
-            ready += 1;
-        }
-    }
-    Ok(true)
+    crate::run::wait_ready(procs, notify, NODES.len())
 }
 
 fn print_usage(dir: &Path) {

@@ -107,7 +107,7 @@ pub fn run(root: &Path, binary: &Path) -> Result<ExitCode> {
     let mut procs = Vec::new();
     let outcome = start_all(root, binary, &notify.path, &mut procs)
         .and_then(|()| {
-            if wait_ready(&mut procs, &notify)? {
+            if wait_ready(&mut procs, &notify, 1)? {
                 print_usage();
             }
             Ok(())
@@ -179,10 +179,11 @@ fn is_ready(message: &[u8]) -> bool {
     message.split(|&b| b == b'\n').any(|line| line == b"READY=1")
 }
 
-/// Waits until the proxy says it is ready (true), or a signal arrives or a child ends first
-/// (false: `supervise` then reports it).
-fn wait_ready(procs: &mut [Proc], notify: &Readiness) -> Result<bool> {
-    loop {
+/// Waits until `proxies` proxies have said they are ready (true), or a signal arrives or a child
+/// ends first (false: `supervise` then reports it).
+pub fn wait_ready(procs: &mut [Proc], notify: &Readiness, proxies: usize) -> Result<bool> {
+    let mut ready = 0;
+    while ready < proxies {
         if SIGNALS.load(Ordering::SeqCst) > 0 {
             return Ok(false);
         }
@@ -192,9 +193,10 @@ fn wait_ready(procs: &mut [Proc], notify: &Readiness) -> Result<bool> {
             }
         }
         if notify.ready() {
-            return Ok(true);
+            ready += 1;
         }
     }
+    Ok(true)
 }
 
 fn print_usage() {
