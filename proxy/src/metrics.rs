@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::lock::lock;
-use crate::outcome::{End, Mode, Outcome};
+use crate::outcome::{End, Fallback, Mode, Outcome};
 
 // Counter names get the `_total` suffix from the encoder.
 pub const CONNECTIONS_OPEN: &str = "wsproxy_connections_open";
@@ -231,6 +231,8 @@ pub struct TotalsSnapshot {
     pub upstream_to_client: [u64; 2],
     /// Connections the kernel relay could not take, carried by the userspace relay instead.
     pub fallbacks: u64,
+    /// Of those, the ones where a side had closed first (ordinary, not a fault).
+    pub fallbacks_peer_closed: u64,
     /// Connections moved from the userspace relay to the kernel relay.
     pub promotions: u64,
     pub drain_timeouts: u64,
@@ -267,7 +269,7 @@ pub struct Metrics {
     upstream_failures: Family<FailureLabels, Counter>,
     upstream_up: Family<UpstreamLabels, Gauge>,
     bytes: Family<BytesLabels, Counter>,
-    fallbacks: Counter,
+    fallbacks: Family<ReasonLabels, Counter>,
     promotions: Counter,
     kernel_relay: Gauge,
     repeated: Counter,
@@ -306,7 +308,7 @@ impl Metrics {
             upstream_failures: Family::default(),
             upstream_up: Family::default(),
             bytes: Family::default(),
-            fallbacks: Counter::default(),
+            fallbacks: Family::default(),
             promotions: Counter::default(),
             kernel_relay: Gauge::default(),
             repeated: Counter::default(),
@@ -373,7 +375,7 @@ impl Metrics {
         );
         r.register(
             RELAY_FALLBACKS,
-            "Connections the kernel relay could not take, relayed in userspace",
+            "Connections the kernel relay could not take, relayed in userspace, by reason",
             m.fallbacks.clone(),
         );
         r.register(
@@ -468,6 +470,9 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = m.reloads.get_or_create(&ResultLabels { result });
             let _ = m.upgrades.get_or_create(&ResultLabels { result });
+        }
+        for f in Fallback::ALL {
+            let _ = m.fallbacks.get_or_create(&ReasonLabels { reason: f.as_str() });
         }
         for r in AdminRefusal::ALL {
             let _ = m.admin_refused.get_or_create(&ReasonLabels { reason: r.as_str() });
@@ -626,7 +631,16 @@ impl Metrics {
     /// The relay totals, read back from the metrics.
     pub fn totals(&self) -> TotalsSnapshot {
         let mut t = TotalsSnapshot {
-            fallbacks: self.fallbacks.get(),
+            fallbacks: Fallback::ALL
+                .iter()
+                .map(|f| self.fallbacks.get_or_create(&ReasonLabels { reason: f.as_str() }).get())
+                .sum(),
+            fallbacks_peer_closed: self
+                .fallbacks
+                .get_or_create(&ReasonLabels {
+                    reason: Fallback::PeerClosed.as_str(),
+                })
+                .get(),
             promotions: self.promotions.get(),
             repeated_cut: self.repeated.get(),
             passed: self.passed.get(),
@@ -814,7 +828,7 @@ impl Scoped<'_> {
     }
 
     /// A connection the kernel relay was going to carry went to userspace instead.
-    pub fn relay_fallback(&self) {
+    pub fn relay_fallback(&self, why: Fallback) {
         self.metrics
             .open
             .get_or_create(&RelayLabels {
@@ -822,7 +836,10 @@ impl Scoped<'_> {
                 relay: Mode::Kernel.as_str(),
             })
             .dec();
-        self.metrics.fallbacks.inc();
+        self.metrics
+            .fallbacks
+            .get_or_create(&ReasonLabels { reason: why.as_str() })
+            .inc();
     }
 
     /// A connection a relay let go of for a handover to a successor process (which counts it
@@ -943,7 +960,7 @@ mod tests {
         let m = metrics.of("s");
         m.relay_started(Mode::Kernel);
         m.relay_started(Mode::Kernel);
-        m.relay_fallback();
+        m.relay_fallback(Fallback::Refused);
         m.relay_started(Mode::Userspace);
         assert_eq!(metrics.totals().open, [1, 1]);
         m.relay_started(Mode::Userspace);
@@ -974,7 +991,14 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("wsproxy_relay_fallbacks_total 1"), "{text}");
+        assert!(
+            text.contains("wsproxy_relay_fallbacks_total{reason=\"refused\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wsproxy_relay_fallbacks_total{reason=\"peer_closed\"} 0"),
+            "{text}"
+        );
         assert_eq!(t.repeated_cut, 14);
         assert!(text.contains("wsproxy_kernel_relay_repeated_bytes_total 14"), "{text}");
         assert_eq!(t.passed, 6);

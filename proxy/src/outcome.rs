@@ -67,6 +67,27 @@ impl End {
     }
 }
 
+/// Why the kernel relay did not take a connection it was given (the userspace relay carries it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// A side had closed before the sockets went into the map (which takes established sockets
+    /// only): ordinary for a peer that closes right after the 101 or right after a promotion.
+    PeerClosed,
+    /// The kernel refused the pair (a map operation failed).
+    Refused,
+}
+
+impl Fallback {
+    pub const ALL: [Fallback; 2] = [Fallback::PeerClosed, Fallback::Refused];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::PeerClosed => "peer_closed",
+            Fallback::Refused => "refused",
+        }
+    }
+}
+
 /// What one relayed connection did.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {

@@ -213,7 +213,10 @@ fn runs_as_nobody_with_four_capabilities_then_drops_them_and_relays_in_the_kerne
         Some(scrape()).filter(|t| t.contains(ended))
     })
     .unwrap_or_else(|| panic!("the connection never ended as a kernel-relayed one:\n{}", scrape()));
-    assert!(text.contains("wsproxy_relay_fallbacks_total 0"), "{text}");
+    for reason in ["peer_closed", "refused"] {
+        let none = format!("wsproxy_relay_fallbacks_total{{reason=\"{reason}\"}} 0");
+        assert!(text.contains(&none), "{text}");
+    }
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let st = common::wait_exit(&mut child, DEADLINE).expect("no exit after SIGTERM");
     assert!(st.success(), "{st}");

@@ -191,11 +191,17 @@ async fn autobahn_cases_end_the_same_through_every_relay_as_directly() {
         })
         .await
         .unwrap_or_else(|| panic!("{mode}: not {n} connections ended: {:?}", p.server.totals()));
-        assert_eq!((t.fallbacks, t.stream_faults), (0, 0), "{mode}: {t:?}");
+        assert_eq!(t.stream_faults, 0, "{mode}: {t:?}");
         match mode {
-            "userspace" => assert_eq!((t.ended[0], t.promotions), (0, 0), "{mode}: {t:?}"),
-            "kernel" => assert_eq!(t.ended[1], 0, "{mode}: {t:?}"),
-            _ => assert!(t.promotions > 0 && t.ended[0] == t.promotions, "{mode}: {t:?}"),
+            "userspace" => assert_eq!((t.ended[0], t.promotions, t.fallbacks), (0, 0, 0), "{mode}: {t:?}"),
+            "kernel" => assert_eq!((t.ended[1], t.fallbacks), (0, 0), "{mode}: {t:?}"),
+            // A case can close in the instant of its promotion: the kernel relay then declines
+            // the pair (the map takes established sockets only) and userspace carries it to the
+            // end. That and only that may fall back.
+            _ => assert!(
+                t.promotions > 0 && t.fallbacks == t.fallbacks_peer_closed && t.ended[0] + t.fallbacks == t.promotions,
+                "{mode}: {t:?}"
+            ),
         }
         say(&format!(
             "autobahn {mode}: {} cases in {:.0} s, {} differences; {}; relays (kernel, userspace) {:?}, {} moved to the kernel",

@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 use crate::config::{self, RelayMode};
 use crate::ebpf::KernelPrograms;
 use crate::metrics::Scoped;
-pub use crate::outcome::{End, Mode, Outcome};
+pub use crate::outcome::{End, Fallback, Mode, Outcome};
 use crate::stream::Stream;
 
 pub use crate::metrics::TotalsSnapshot;
@@ -162,8 +162,13 @@ async fn relay_tcp(
             match Box::pin(kernel::relay(client, upstream, programs, cfg, stop)).await {
                 Ok(carried) => return kernel_carried(carried, before, began, metrics),
                 Err(d) => {
-                    metrics.relay_fallback();
-                    if d.reason.is::<kernel::PeerClosed>() {
+                    let peer_closed = d.reason.is::<kernel::PeerClosed>();
+                    metrics.relay_fallback(if peer_closed {
+                        Fallback::PeerClosed
+                    } else {
+                        Fallback::Refused
+                    });
+                    if peer_closed {
                         // Ordinary: a peer that closes right after the 101.
                         debug!("kernel relay: {}; relaying it in userspace", d.reason);
                     } else if let Some(suppressed) = FALLBACK_LINES.admit(std::time::Instant::now()) {

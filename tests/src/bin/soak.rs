@@ -455,6 +455,7 @@ fn subtract(a: wsproxy::relay::TotalsSnapshot, b: wsproxy::relay::TotalsSnapshot
         client_to_upstream: d(a.client_to_upstream, b.client_to_upstream),
         upstream_to_client: d(a.upstream_to_client, b.upstream_to_client),
         fallbacks: a.fallbacks - b.fallbacks,
+        fallbacks_peer_closed: a.fallbacks_peer_closed - b.fallbacks_peer_closed,
         promotions: a.promotions - b.promotions,
         drain_timeouts: a.drain_timeouts - b.drain_timeouts,
         repeated_cut: a.repeated_cut - b.repeated_cut,
