@@ -5,7 +5,6 @@
 //! every handshake outcome is logged once, with client, upstream, status and duration.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,7 @@ use crate::service::Service;
 use crate::stream::{Prefixed, Stream};
 use crate::upgrade::PairState;
 use crate::upstream::{self, Upgraded, UpstreamError};
-use crate::{Shared, access, config, headers, proxy_protocol, relay, tls};
+use crate::{Shared, access, config, headers, proxy_protocol, relay, socket_options, tls};
 
 /// A refused client gets this long to read the answer (and close) before the socket is closed:
 /// closing with unread input would send a reset that can destroy the answer in flight.
@@ -277,7 +276,7 @@ async fn handshake_phase(
         let svc = &rt.services[i];
         match admit(svc, ip, started, &shared.metrics).await {
             Ok(slot) => {
-                tune(&client, &svc.config.keepalive, true);
+                socket_options::client(&client, routes, &svc.config.keepalive);
                 admitted = Some((i, Arc::clone(svc), slot));
             }
             Err(answer) if routes.tls => {
@@ -323,7 +322,7 @@ async fn handshake_phase(
         if admitted.is_none() {
             match admit(&svc, ip, started, &shared.metrics).await {
                 Ok(slot) => {
-                    tune(&hello.socket(), &svc.config.keepalive, true);
+                    socket_options::client(&hello.socket(), routes, &svc.config.keepalive);
                     admitted = Some((i, Arc::clone(&svc), slot));
                 }
                 Err(answer) => {
@@ -406,7 +405,7 @@ async fn handshake_phase(
             };
             match admitted {
                 Ok(slot) => {
-                    tune(client.tcp(), &cfg.keepalive, true);
+                    socket_options::client(client.tcp(), routes, &cfg.keepalive);
                     (svc, slot)
                 }
                 Err(answer) => {
@@ -514,7 +513,7 @@ async fn handshake_phase(
         refuse(client, ip, answer, started, metrics).await;
         return None;
     };
-    tune(upstream.tcp(), &cfg.keepalive, false);
+    socket_options::keepalive(upstream.tcp(), &cfg.keepalive);
     info!(
         service, client = %ip, upstream = %addr, %request_id, status = 101,
         duration_ms = started.elapsed().as_millis() as u64, "handshake"
@@ -548,25 +547,6 @@ async fn handshake_phase(
 
 fn secs(since: Instant) -> f64 {
     since.elapsed().as_secs_f64()
-}
-
-/// Socket options: TCP keepalive, so that a peer that vanished is noticed and its resources
-/// freed. (No Nagle delay on the small frames of interactive WebSockets: `nodelay` for the client
-/// side; the upstream module sets it on its socket before it writes the request.)
-fn tune(s: &impl AsFd, k: &config::Keepalive, nodelay: bool) {
-    use nix::sys::socket::{setsockopt, sockopt};
-    if nodelay {
-        let _ = setsockopt(&s.as_fd(), sockopt::TcpNoDelay, &true);
-    }
-    if !k.enabled {
-        return;
-    }
-    // Best effort: a socket without keepalive still works.
-    let fd = s.as_fd();
-    let _ = setsockopt(&fd, sockopt::KeepAlive, &true);
-    let _ = setsockopt(&fd, sockopt::TcpKeepIdle, &(k.idle.as_secs() as u32));
-    let _ = setsockopt(&fd, sockopt::TcpKeepInterval, &(k.interval.as_secs() as u32));
-    let _ = setsockopt(&fd, sockopt::TcpKeepCount, &k.count);
 }
 
 /// An upstream that answered, but not with a valid 101: both connections are closed and nothing

@@ -33,6 +33,7 @@ pub mod relay;
 pub mod resolve;
 pub mod routes;
 mod service;
+pub mod socket_options;
 pub mod stream;
 pub mod tls;
 pub mod upgrade;

@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::lock::lock;
 use crate::log_limit::Throttle;
-use crate::{Shared, connection, descriptors};
+use crate::{Shared, connection, descriptors, socket_options};
 
 /// "Accepts paused" lines: at most one a second.
 static PAUSED_LINES: Throttle = Throttle::new(1);
@@ -124,6 +124,7 @@ impl Set {
                 fd,
             },
         );
+        self.set_options(addr, &listener, shared);
         let accepting = Accepting {
             listener,
             addr,
@@ -161,9 +162,20 @@ impl Set {
             if !keep {
                 info!(listen = %r.local, "listener removed by the configuration: stopped accepting; its open connections drain");
                 r.stop.cancel();
+            } else {
+                // Its services' keepalive may have changed.
+                self.set_options(*addr, &r.fd, shared);
             }
             keep
         });
+    }
+
+    /// The options the sockets accepted on the listener of `addr` inherit, from the runtime in
+    /// force (see `socket_options`).
+    fn set_options(&self, addr: SocketAddr, listener: &impl std::os::fd::AsFd, shared: &Shared) {
+        let rt = shared.runtime.load();
+        let shared_keepalive = rt.routes.listener(addr).and_then(|l| l.keepalive.as_ref());
+        socket_options::listener(listener, shared_keepalive);
     }
 
     /// Configured addresses and copies of the listening sockets (for a successor).

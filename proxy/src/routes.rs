@@ -35,6 +35,9 @@ pub struct Listener {
     /// The service whose certificate answers a ClientHello without a name, or with a name no
     /// service of the listener has.
     pub default_certificate: Option<usize>,
+    /// The keepalive settings all its services share, set on the listening socket so that
+    /// accepted sockets inherit them (no per-connection system calls); `None` when they differ.
+    pub keepalive: Option<config::Keepalive>,
 }
 
 impl Routes {
@@ -53,7 +56,11 @@ impl Routes {
                     tls: s.tls.is_some(),
                     tls_timeout: std::time::Duration::ZERO,
                     default_certificate: None,
+                    keepalive: Some(s.keepalive.clone()),
                 });
+                if l.keepalive.as_ref() != Some(&s.keepalive) {
+                    l.keepalive = None;
+                }
                 if let Some(t) = &s.tls {
                     l.tls_timeout = l.tls_timeout.max(t.handshake_timeout);
                     if t.default_certificate {

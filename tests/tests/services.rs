@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use wsproxy_tests::daemon_kit::{KeepaliveOpts, keepalive_opts, sockets_where};
 use wsproxy_tests::exposition::Exposition;
 use wsproxy_tests::relay_kit::{first_difference, pattern, poll_until};
 use wsproxy_tests::{
@@ -444,5 +445,68 @@ async fn the_admin_listener_answers_get_services_with_json() {
     assert_eq!(json["services"][1]["upstreams"][0]["address"], b.addr.to_string());
     let r = wsproxy_tests::daemon_kit::http(admin, "POST", "/services").await;
     assert_eq!(r.status, 405);
+    proxy.stop().await;
+}
+
+/// The keepalive of the proxy's socket for the client connection `s` (through `listener`).
+fn client_side_keepalive(listener: SocketAddr, s: &TcpStream) -> KeepaliveOpts {
+    let client = s.local_addr().unwrap();
+    let fds = sockets_where(|local, peer| local == listener && peer == client);
+    assert_eq!(fds.len(), 1, "the proxy's socket for {client}");
+    keepalive_opts(fds[0])
+}
+
+/// Accepted sockets inherit their listener's keepalive and Nagle options, so a listener carries
+/// those its services share and a connection sets its own where they differ; a reload that
+/// changes them applies to the connections after it.
+#[tokio::test]
+async fn each_service_keeps_its_own_tcp_keepalive_on_a_shared_listener_and_across_a_reload() {
+    let up = upgrading().await;
+    let keepalive = |idle: u32| format!("idle = \"{idle}s\"\ninterval = \"7s\"\ncount = 4");
+    let config = |a: &str, b: &str, alone: &str| {
+        [
+            OPEN.to_string(),
+            service("a", &["127.0.0.1:0"], &["a.test"], up.addr, &[("keepalive", a)]),
+            service("b", &["127.0.0.1:0"], &["b.test"], up.addr, &[("keepalive", b)]),
+            service("alone", &["127.0.0.2:0"], &[], up.addr, &[("keepalive", alone)]),
+        ]
+        .concat()
+    };
+    let on = |idle_s| KeepaliveOpts {
+        keepalive: true,
+        idle_s,
+        interval_s: 7,
+        count: 4,
+        nodelay: true,
+    };
+    let proxy = Proxy::start_services(&config(&keepalive(45), "enabled = false", &keepalive(30))).await;
+    let (shared, alone) = (proxy.bound("127.0.0.1:0").await, proxy.bound("127.0.0.2:0").await);
+    let mut open = Vec::new();
+    for (to, host, want) in [(shared, "a.test", Some(45)), (shared, "b.test", None), (alone, "x.test", Some(30))] {
+        let (code, s) = handshake(client_ip(1), to, host, "").await;
+        assert_eq!(code, 101, "{host}");
+        let o = client_side_keepalive(to, &s);
+        match want {
+            Some(idle) => assert_eq!(o, on(idle), "{host}"),
+            None => assert!(o.nodelay && !o.keepalive, "{host}: {o:?}"),
+        }
+        open.push((to, s, o));
+    }
+    // Shared now by both services of the listener; `alone`'s changed.
+    let notes = proxy
+        .server
+        .apply(wsproxy::Config::parse(&config(&keepalive(50), &keepalive(50), &keepalive(20)), "t").unwrap())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(notes.is_empty(), "{notes:?}");
+    for (to, host, idle) in [(shared, "a.test", 50), (shared, "b.test", 50), (alone, "x.test", 20)] {
+        let (code, s) = handshake(client_ip(1), to, host, "").await;
+        assert_eq!(code, 101, "{host}");
+        assert_eq!(client_side_keepalive(to, &s), on(idle), "{host} after the reload");
+    }
+    // Open connections keep what they started with.
+    for (to, s, o) in &open {
+        assert_eq!(client_side_keepalive(*to, s), *o);
+    }
+    drop(open);
     proxy.stop().await;
 }

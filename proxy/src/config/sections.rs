@@ -378,7 +378,7 @@ pub enum Probe {
 }
 
 /// TCP keepalive on both sockets of every connection, so dead peers are noticed and freed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Keepalive {
     pub enabled: bool,
