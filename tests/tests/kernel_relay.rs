@@ -1861,12 +1861,22 @@ async fn ping_pong(c: &mut TcpStream, u: &mut TcpStream, id: u64, n: u64) {
     let mut rng = Rng::new(id);
     for i in 0..n {
         let len = rng.range(16, 512) as usize;
-        let (up, down) = (pattern(seed(id, 2), i * 512, len), pattern(seed(id, 3), i * 512, len));
-        c.write_all(up).await.unwrap();
-        expect_soon(u, up, "a message to the upstream").await;
-        u.write_all(down).await.unwrap();
-        expect_soon(c, down, "a message to the client").await;
+        round_trip_of(c, u, id, i, len).await;
     }
+}
+
+/// Round trip `i` of connection `id`, 64 B each way.
+async fn ping_pong_one(c: &mut TcpStream, u: &mut TcpStream, id: u64, i: u64) {
+    round_trip_of(c, u, id, i, 64).await;
+}
+
+/// Message `i` of `len` bytes to the upstream and one back, each checked.
+async fn round_trip_of(c: &mut TcpStream, u: &mut TcpStream, id: u64, i: u64, len: usize) {
+    let (up, down) = (pattern(seed(id, 2), i * 512, len), pattern(seed(id, 3), i * 512, len));
+    c.write_all(up).await.unwrap();
+    expect_soon(u, up, "a message to the upstream").await;
+    u.write_all(down).await.unwrap();
+    expect_soon(c, down, "a message to the client").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1943,6 +1953,33 @@ async fn auto_mode_keeps_short_connections_and_bulk_in_userspace() {
         (1 + 100 + 10 + 16 * MIB, 1 + 100),
         "{t:?}"
     );
+}
+
+/// A connection whose messages come slower than `promote_within` allows stays in userspace,
+/// however many it carries; the same messages at full speed move it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_keeps_slow_message_traffic_in_userspace() {
+    let Some((_g, p)) = proxy_in("auto", "promote_within = \"100ms\"\n").await else {
+        return;
+    };
+    // 2 messages every 100 ms (at most: a slow machine only spaces them more): any 8 of them
+    // span 300 ms.
+    let (mut c, mut u) = p.open_relayed(1).await;
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..8 {
+        pace.tick().await;
+        ping_pong_one(&mut c, &mut u, 1, i).await;
+    }
+    drop((c, u));
+    let t = p.wait_idle().await;
+    assert_eq!((t.ended, t.promotions), ([0, 1], 0), "{t:?}");
+    let (mut c, mut u) = p.open_relayed(2).await;
+    for i in 0..12 {
+        ping_pong_one(&mut c, &mut u, 2, i).await;
+    }
+    drop((c, u));
+    let t = p.wait_idle().await;
+    assert_eq!((t.ended, t.promotions), ([1, 1], 1), "{t:?}");
 }
 
 /// Frames of `len` bytes each from a server (unmasked), back to back: what a relay that is behind

@@ -482,7 +482,11 @@ async fn each_service_keeps_its_own_tcp_keepalive_on_a_shared_listener_and_acros
     let proxy = Proxy::start_services(&config(&keepalive(45), "enabled = false", &keepalive(30))).await;
     let (shared, alone) = (proxy.bound("127.0.0.1:0").await, proxy.bound("127.0.0.2:0").await);
     let mut open = Vec::new();
-    for (to, host, want) in [(shared, "a.test", Some(45)), (shared, "b.test", None), (alone, "x.test", Some(30))] {
+    for (to, host, want) in [
+        (shared, "a.test", Some(45)),
+        (shared, "b.test", None),
+        (alone, "x.test", Some(30)),
+    ] {
         let (code, s) = handshake(client_ip(1), to, host, "").await;
         assert_eq!(code, 101, "{host}");
         let o = client_side_keepalive(to, &s);

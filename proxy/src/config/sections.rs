@@ -425,6 +425,10 @@ pub struct Relay {
     /// `auto`: a connection whose average message is larger (bulk) stays in userspace, where
     /// the kernel relay is no cheaper per byte.
     pub promote_max_average_message: u64,
+    /// `auto`: the longest those messages may take (a message rate): a connection slower than
+    /// that stays in userspace.
+    #[serde(with = "humantime_serde")]
+    pub promote_within: Duration,
     /// Kernel relay: bytes one direction may have redirected but not yet taken by the
     /// destination's TCP. Past it the sender is held back by its own TCP window.
     pub max_in_flight_bytes: u64,
@@ -466,6 +470,7 @@ impl Default for Relay {
             mode: RelayMode::Auto,
             promote_after_messages: 8,
             promote_max_average_message: 32 * 1024,
+            promote_within: Duration::from_secs(1),
             max_in_flight_bytes: 4 * 1024 * 1024,
             max_in_flight_skbs: 4096,
             drain_timeout: Duration::from_secs(10),
@@ -749,6 +754,9 @@ impl SectionsFile {
                 "relay.max_in_flight_skbs: must be 16 to 1048576, got {}",
                 r.max_in_flight_skbs
             ));
+        }
+        if r.promote_within.is_zero() {
+            p.push("relay.promote_within: must be more than 0s".into());
         }
         if r.promote_max_average_message == 0 {
             p.push("relay.promote_max_average_message: must be at least 1".into());

@@ -13,6 +13,13 @@
 //! falls behind takes several queued messages per read, and counting reads would move exactly
 //! the busiest connections late. A read counts as at least one message, so that a stream whose
 //! headers say little (one frame in many reads) is still judged by its reads.
+//!
+//! A run must also be quick: its messages within `promote_within` (a message rate). A move pays
+//! back per message, so a connection with a message every few seconds takes long to earn its
+//! move back, and when many such connections reach their count together (a broadcast to
+//! thousands), their moves come in waves on a proxy that is busy already.
+
+use std::time::{Duration, Instant};
 
 use crate::config;
 
@@ -23,6 +30,8 @@ pub struct Policy {
     pub after_messages: u64,
     /// Largest average message of a run that still counts as message traffic.
     pub max_average_message: u64,
+    /// The longest a run may take: a slower one starts again.
+    pub within: Duration,
 }
 
 /// The current run of messages of one connection.
@@ -30,6 +39,8 @@ pub struct Policy {
 pub struct Run {
     messages: u64,
     bytes: u64,
+    /// When its first read came.
+    began: Option<Instant>,
 }
 
 impl Policy {
@@ -37,12 +48,21 @@ impl Policy {
         Policy {
             after_messages: cfg.promote_after_messages,
             max_average_message: cfg.promote_max_average_message,
+            within: cfg.promote_within,
         }
     }
 
-    /// Adds a read of `n` bytes that completed `headers` frame headers to `run`; true once the
-    /// connection should move. A full run whose average message is too large starts a new one.
-    pub fn observe(&self, run: &mut Run, n: u64, headers: u64) -> bool {
+    /// Adds a read of `n` bytes that completed `headers` frame headers, at `now`, to `run`; true
+    /// once the connection should move. A run older than `within` starts again with this read;
+    /// a full run whose average message is too large starts again after it.
+    pub fn observe(&self, run: &mut Run, n: u64, headers: u64, now: Instant) -> bool {
+        let began = *run.began.get_or_insert(now);
+        if now.saturating_duration_since(began) > self.within {
+            *run = Run {
+                began: Some(now),
+                ..Run::default()
+            };
+        }
         run.messages = run.messages.saturating_add(headers.max(1));
         run.bytes = run.bytes.saturating_add(n);
         self.due(run)
@@ -69,11 +89,35 @@ mod tests {
     const P: Policy = Policy {
         after_messages: 8,
         max_average_message: 16 * 1024,
+        within: Duration::from_secs(1),
     };
 
-    /// Reads of one message each; the index of the read after which the connection moves.
+    /// Reads of one message each, all at one instant; the index of the read after which the
+    /// connection moves.
     fn feed(p: &Policy, run: &mut Run, reads: impl IntoIterator<Item = u64>) -> Option<usize> {
-        reads.into_iter().position(|n| p.observe(run, n, 1))
+        let now = Instant::now();
+        reads.into_iter().position(|n| p.observe(run, n, 1, now))
+    }
+
+    /// Reads of 128 B, `apart` from each other; the index of the read after which it moves.
+    fn paced(p: &Policy, reads: usize, apart: Duration) -> Option<usize> {
+        let (t0, mut run) = (Instant::now(), Run::default());
+        (0..reads).position(|i| p.observe(&mut run, 128, 1, t0 + apart * i as u32))
+    }
+
+    #[test]
+    fn a_run_must_come_within_the_window() {
+        // 8 messages in 700 ms move; one every 200 ms (8 in 1.4 s) never do.
+        assert_eq!(paced(&P, 100, Duration::from_millis(100)), Some(7));
+        assert_eq!(paced(&P, 100, Duration::from_millis(200)), None);
+        // A slow start does not hold a connection back once it speeds up: the run starts again.
+        let (t0, mut run) = (Instant::now(), Run::default());
+        for i in 0..5 {
+            assert!(!P.observe(&mut run, 128, 1, t0 + Duration::from_secs(2 * i)));
+        }
+        let fast = t0 + Duration::from_secs(10);
+        let moved = (0..8).position(|i| P.observe(&mut run, 128, 1, fast + Duration::from_millis(i)));
+        assert_eq!(moved, Some(7));
     }
 
     #[test]
@@ -131,16 +175,18 @@ mod tests {
         let p = Policy {
             after_messages: 1,
             max_average_message: u64::MAX,
+            within: Duration::MAX,
         };
         let mut run = Run::default();
-        assert!(p.observe(&mut run, u64::MAX, u64::MAX));
+        assert!(p.observe(&mut run, u64::MAX, u64::MAX, Instant::now()));
     }
 
     #[test]
     fn queued_messages_read_at_once_count_each() {
         // A relay behind its sender: each read takes 10 frames of 70 B.
         let mut run = Run::default();
-        let moved = (0..8).position(|_| P.observe(&mut run, 700, 10));
+        let now = Instant::now();
+        let moved = (0..8).position(|_| P.observe(&mut run, 700, 10, now));
         assert_eq!(moved, Some(0), "10 messages in the first read are a run of 8");
     }
 
@@ -148,8 +194,14 @@ mod tests {
     fn a_read_without_a_header_counts_as_one_message() {
         // The middle of a large frame, or a stream that is not WebSocket: judged by reads.
         let mut run = Run::default();
-        assert_eq!((0..20).position(|_| P.observe(&mut run, 100, 0)), Some(7));
+        assert_eq!(
+            (0..20).position(|_| P.observe(&mut run, 100, 0, Instant::now())),
+            Some(7)
+        );
         let mut run = Run::default();
-        assert_eq!((0..1000).position(|_| P.observe(&mut run, 64 * 1024, 0)), None);
+        assert_eq!(
+            (0..1000).position(|_| P.observe(&mut run, 64 * 1024, 0, Instant::now())),
+            None
+        );
     }
 }

@@ -205,7 +205,7 @@ impl<'a> Promoter<'a> {
         let headers = frames.feed(bytes);
         self.counts.messages.fetch_add(headers.max(1), Relaxed);
         let mut run = crate::lock::lock(&self.counts.run);
-        if p.observe(&mut run, bytes.len() as u64, headers) {
+        if p.observe(&mut run, bytes.len() as u64, headers, Instant::now()) {
             self.promote.cancel();
         }
         self.promote.is_cancelled()
