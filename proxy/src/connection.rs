@@ -20,6 +20,7 @@ use crate::limits::{Refusal, Slot};
 use crate::log_limit::Throttle;
 use crate::metrics::{HandshakeOutcome, Metrics, Scoped};
 use crate::service::Service;
+use crate::socket_options::Inherited;
 use crate::stream::{Prefixed, Stream};
 use crate::upgrade::PairState;
 use crate::upstream::{self, Upgraded, UpstreamError};
@@ -36,20 +37,21 @@ const LINGER_BYTES: usize = 64 * 1024;
 static REFUSAL_LINES: Throttle = Throttle::new(20);
 static UPSTREAM_ANSWER_LINES: Throttle = Throttle::new(20);
 
-/// Serves one connection, accepted on the listener configured as `listen`. `shutdown` is
-/// cancelled when the listener's drain is over: a handshake in progress is abandoned, a relayed
-/// connection is cut and still logged and counted.
+/// Serves one connection, accepted on the listener configured as `listen`, with the socket
+/// options it `inherited` from it. `shutdown` is cancelled when the listener's drain is over: a
+/// handshake in progress is abandoned, a relayed connection is cut and still logged and counted.
 pub(crate) async fn serve(
     client: TcpStream,
     peer: SocketAddr,
     listen: SocketAddr,
+    inherited: Inherited,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     // Each phase in a box of its own, freed when it ends: inline, both would stay allocated for
     // the connection's whole life (a task is as large as its largest state, and the compiler
     // does not overlap these), some 40 KB per connection.
-    let handshake = Box::pin(handshake_phase(client, peer, listen, &shared));
+    let handshake = Box::pin(handshake_phase(client, peer, listen, &inherited, &shared));
     let relayable = tokio::select! {
         r = handshake => r,
         _ = shutdown.cancelled() => None,
@@ -245,6 +247,7 @@ async fn handshake_phase(
     mut client: TcpStream,
     peer: SocketAddr,
     listen: SocketAddr,
+    inherited: &Inherited,
     shared: &Arc<Shared>,
 ) -> Option<Relayable> {
     let started = Instant::now();
@@ -276,7 +279,7 @@ async fn handshake_phase(
         let svc = &rt.services[i];
         match admit(svc, ip, started, &shared.metrics).await {
             Ok(slot) => {
-                socket_options::client(&client, routes, &svc.config.keepalive);
+                socket_options::client(&client, inherited, &svc.config.keepalive);
                 admitted = Some((i, Arc::clone(svc), slot));
             }
             Err(answer) if routes.tls => {
@@ -322,7 +325,7 @@ async fn handshake_phase(
         if admitted.is_none() {
             match admit(&svc, ip, started, &shared.metrics).await {
                 Ok(slot) => {
-                    socket_options::client(&hello.socket(), routes, &svc.config.keepalive);
+                    socket_options::client(&hello.socket(), inherited, &svc.config.keepalive);
                     admitted = Some((i, Arc::clone(&svc), slot));
                 }
                 Err(answer) => {
@@ -405,7 +408,7 @@ async fn handshake_phase(
             };
             match admitted {
                 Ok(slot) => {
-                    socket_options::client(client.tcp(), routes, &cfg.keepalive);
+                    socket_options::client(client.tcp(), inherited, &cfg.keepalive);
                     (svc, slot)
                 }
                 Err(answer) => {

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use futures_util::FutureExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,7 +18,8 @@ use tracing::{error, info, warn};
 
 use crate::lock::lock;
 use crate::log_limit::Throttle;
-use crate::{Shared, connection, descriptors, socket_options};
+use crate::socket_options::Inherited;
+use crate::{Shared, config, connection, descriptors, socket_options};
 
 /// "Accepts paused" lines: at most one a second.
 static PAUSED_LINES: Throttle = Throttle::new(1);
@@ -124,7 +126,6 @@ impl Set {
                 fd,
             },
         );
-        self.set_options(addr, &listener, shared);
         let accepting = Accepting {
             listener,
             addr,
@@ -162,20 +163,9 @@ impl Set {
             if !keep {
                 info!(listen = %r.local, "listener removed by the configuration: stopped accepting; its open connections drain");
                 r.stop.cancel();
-            } else {
-                // Its services' keepalive may have changed.
-                self.set_options(*addr, &r.fd, shared);
             }
             keep
         });
-    }
-
-    /// The options the sockets accepted on the listener of `addr` inherit, from the runtime in
-    /// force (see `socket_options`).
-    fn set_options(&self, addr: SocketAddr, listener: &impl std::os::fd::AsFd, shared: &Shared) {
-        let rt = shared.runtime.load();
-        let shared_keepalive = rt.routes.listener(addr).and_then(|l| l.keepalive.as_ref());
-        socket_options::listener(listener, shared_keepalive);
     }
 
     /// Configured addresses and copies of the listening sockets (for a successor).
@@ -223,6 +213,58 @@ impl Set {
     }
 }
 
+/// The socket options a listener passes on to the sockets it accepts (see `socket_options`),
+/// kept to what its services share in the runtime in force. A socket the kernel queued before
+/// the options were set or changed has the previous ones, and the queue is first in, first
+/// out: the accepts up to the first one that finds the queue empty tell their connections that
+/// what they inherited is unknown; after it, every queued socket was made with these options.
+#[derive(Default)]
+struct Options {
+    /// What the listening socket carries; `None` before the first setting.
+    applied: Option<Option<config::Keepalive>>,
+    inherited: Inherited,
+    /// Sockets queued before `applied` may still wait.
+    unsure: bool,
+}
+
+impl Options {
+    /// Sets the listening socket's options when its services' shared keepalive changed (at the
+    /// first accept, after a reload).
+    fn follow(&mut self, listener: &TcpListener, addr: SocketAddr, shared: &Shared) {
+        let rt = shared.runtime.load();
+        self.set(listener, rt.routes.listener(addr).and_then(|l| l.keepalive.clone()));
+    }
+
+    /// Sets the listening socket's options to pass `wanted` on, unless it does already.
+    fn set(&mut self, listener: &TcpListener, wanted: Option<config::Keepalive>) {
+        if self.applied.as_ref() != Some(&wanted) {
+            self.inherited = socket_options::listener(listener, wanted.as_ref());
+            self.applied = Some(wanted);
+            self.unsure = true;
+        }
+    }
+
+    /// While sockets queued before the options may wait: the next one, if one is queued. At the
+    /// first empty queue the doubt is over.
+    fn queued_before(&mut self, listener: &TcpListener) -> Option<io::Result<(TcpStream, SocketAddr)>> {
+        if !self.unsure {
+            return None;
+        }
+        let next = listener.accept().now_or_never();
+        self.unsure = next.is_some();
+        next
+    }
+
+    /// What the socket just accepted inherited.
+    fn inherited(&self) -> Inherited {
+        if self.unsure {
+            Inherited::Unknown
+        } else {
+            self.inherited.clone()
+        }
+    }
+}
+
 /// One listener's accept loop and what it needs.
 struct Accepting {
     listener: TcpListener,
@@ -247,6 +289,7 @@ impl Accepting {
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
         let mut backoff = BACKOFF_MIN;
+        let mut options = Options::default();
         loop {
             // At the cap, stop accepting: new connections wait in the kernel's queue, and
             // accepting resumes as soon as a connection ends.
@@ -270,17 +313,22 @@ impl Accepting {
                     }
                 }
             };
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => break,
-                a = listener.accept() => a,
+            options.follow(&listener, addr, &shared);
+            let accepted = match options.queued_before(&listener) {
+                Some(a) => a,
+                None => tokio::select! {
+                    _ = stop.cancelled() => break,
+                    a = listener.accept() => a,
+                },
             };
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = BACKOFF_MIN;
                     let shared = Arc::clone(&shared);
                     let cancel = cancel.clone();
+                    let inherited = options.inherited();
                     tasks.spawn(async move {
-                        connection::serve(stream, peer, addr, shared, cancel).await;
+                        connection::serve(stream, peer, addr, inherited, shared, cancel).await;
                         drop(permit);
                     });
                 }
@@ -371,4 +419,45 @@ fn is_per_connection(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{getsockopt, sockopt};
+
+    #[tokio::test]
+    async fn sockets_queued_before_the_options_are_told_their_options_are_unknown() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let to = listener.local_addr().unwrap();
+        let k = config::Keepalive {
+            idle: Duration::from_secs(33),
+            ..config::Keepalive::default()
+        };
+        // Two connections the kernel made before the listener had any option.
+        let early = [
+            TcpStream::connect(to).await.unwrap(),
+            TcpStream::connect(to).await.unwrap(),
+        ];
+        let mut options = Options::default();
+        options.set(&listener, Some(k.clone()));
+        for _ in &early {
+            let (s, _) = options.queued_before(&listener).expect("a queued socket").unwrap();
+            assert_eq!(options.inherited(), Inherited::Unknown);
+            assert!(!getsockopt(&s, sockopt::KeepAlive).unwrap(), "made before the options");
+        }
+        // The queue is empty: every later socket has the options.
+        assert!(options.queued_before(&listener).is_none());
+        let _late = TcpStream::connect(to).await.unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        assert_eq!(options.inherited(), Inherited::Options(Some(k)));
+        assert!(getsockopt(&s, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&s, sockopt::TcpKeepIdle).unwrap(), 33);
+        assert!(getsockopt(&s, sockopt::TcpNoDelay).unwrap());
+        // The same settings again change nothing; other ones bring the doubt back.
+        options.set(&listener, options.applied.clone().flatten());
+        assert!(options.queued_before(&listener).is_none());
+        options.set(&listener, None);
+        assert!(options.unsure);
+    }
 }

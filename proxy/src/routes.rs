@@ -35,8 +35,8 @@ pub struct Listener {
     /// The service whose certificate answers a ClientHello without a name, or with a name no
     /// service of the listener has.
     pub default_certificate: Option<usize>,
-    /// The keepalive settings all its services share, set on the listening socket so that
-    /// accepted sockets inherit them (no per-connection system calls); `None` when they differ.
+    /// The keepalive settings all its services share, which its listening socket passes on to
+    /// the sockets it accepts (`socket_options`); `None` when they differ.
     pub keepalive: Option<config::Keepalive>,
 }
 

@@ -1,9 +1,13 @@
 //! TCP socket options of a connection's sockets: TCP keepalive, so that a peer that vanished is
 //! noticed and its resources freed, and no Nagle delay on the small frames of interactive
-//! WebSockets. Accepted sockets inherit both from their listening socket, so a listener carries
-//! them when all its services agree ([`listener`]) and a connection sets its own only otherwise
-//! ([`client`]); the upstream side sets them on each socket ([`keepalive`]; the upstream module
-//! sets `nodelay` before it writes the request).
+//! WebSockets.
+//!
+//! Accepted sockets inherit both from their listening socket (the kernel copies them when it
+//! creates the connection's socket), so a listener carries them when all its services agree
+//! ([`listener`]) and a connection sets only what it did not inherit ([`client`]): nothing, in
+//! the usual case. What a connection inherited is what its accept loop knows ([`Inherited`]);
+//! the upstream side sets them on each socket ([`keepalive`]; the upstream module sets `nodelay`
+//! before it writes the request).
 //!
 //! Each is best effort: a socket without these options still works.
 
@@ -12,7 +16,16 @@ use std::os::fd::AsFd;
 use nix::sys::socket::{setsockopt, sockopt};
 
 use crate::config::Keepalive;
-use crate::routes;
+
+/// What an accepted socket got from its listening socket.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Inherited {
+    /// Not known: it may have been queued before the listener's options were set or changed.
+    #[default]
+    Unknown,
+    /// TCP_NODELAY, and this keepalive (`None`: keepalive off).
+    Options(Option<Keepalive>),
+}
 
 /// `k` on `s`, if enabled (a new socket has keepalive off).
 pub fn keepalive(s: &impl AsFd, k: &Keepalive) {
@@ -26,25 +39,40 @@ pub fn keepalive(s: &impl AsFd, k: &Keepalive) {
     let _ = setsockopt(&fd, sockopt::TcpKeepCount, &k.count);
 }
 
-/// A listening socket's options, inherited by every socket it accepts from then on: no Nagle
-/// delay, and the keepalive its services share (`None`: they differ, each connection sets its
-/// own, and the listener has none to pass on).
-pub fn listener(s: &impl AsFd, shared: Option<&Keepalive>) {
-    let _ = setsockopt(&s.as_fd(), sockopt::TcpNoDelay, &true);
-    match shared {
-        Some(k) if k.enabled => keepalive(s, k),
-        _ => {
-            let _ = setsockopt(&s.as_fd(), sockopt::KeepAlive, &false);
-        }
+/// Exactly `k` on `s`: on with its settings, or off.
+fn exactly(s: &impl AsFd, k: &Keepalive) {
+    if k.enabled {
+        keepalive(s, k);
+    } else {
+        let _ = setsockopt(&s.as_fd(), sockopt::KeepAlive, &false);
     }
 }
 
-/// An accepted client socket: its service's keepalive, unless it inherited exactly that from
-/// `listener`. (A connection whose TCP handshake completed just before a reload changed the
-/// settings may keep the previous ones: as an open connection keeps its configuration.)
-pub fn client(s: &impl AsFd, listener: &routes::Listener, k: &Keepalive) {
-    if listener.keepalive.as_ref() != Some(k) {
-        keepalive(s, k);
+/// The options of a listening socket whose services share `shared` (`None`: they differ, and
+/// the listener passes no keepalive on); returns what its sockets accepted from now on inherit.
+pub fn listener(s: &impl AsFd, shared: Option<&Keepalive>) -> Inherited {
+    let _ = setsockopt(&s.as_fd(), sockopt::TcpNoDelay, &true);
+    let inherited = shared.filter(|k| k.enabled);
+    match inherited {
+        Some(k) => keepalive(s, k),
+        None => {
+            let _ = setsockopt(&s.as_fd(), sockopt::KeepAlive, &false);
+        }
+    }
+    Inherited::Options(inherited.cloned())
+}
+
+/// An accepted client socket that `inherited` what its listener passed on: whatever of
+/// TCP_NODELAY and its service's keepalive `k` that does not give it.
+pub fn client(s: &impl AsFd, inherited: &Inherited, k: &Keepalive) {
+    let wanted = k.enabled.then_some(k);
+    match inherited {
+        Inherited::Options(got) if got.as_ref() == wanted => {}
+        Inherited::Options(_) => exactly(s, k),
+        Inherited::Unknown => {
+            let _ = setsockopt(&s.as_fd(), sockopt::TcpNoDelay, &true);
+            exactly(s, k);
+        }
     }
 }
 
@@ -52,6 +80,7 @@ pub fn client(s: &impl AsFd, listener: &routes::Listener, k: &Keepalive) {
 mod tests {
     use super::*;
     use nix::sys::socket::getsockopt;
+    use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
 
     fn k(idle: u64) -> Keepalive {
@@ -63,22 +92,59 @@ mod tests {
         }
     }
 
+    fn off() -> Keepalive {
+        Keepalive { enabled: false, ..k(1) }
+    }
+
+    /// (keepalive on, idle, nodelay) of a socket.
+    fn opts(s: &TcpStream) -> (bool, u32, bool) {
+        (
+            getsockopt(s, sockopt::KeepAlive).unwrap(),
+            getsockopt(s, sockopt::TcpKeepIdle).unwrap(),
+            getsockopt(s, sockopt::TcpNoDelay).unwrap(),
+        )
+    }
+
+    fn accept(l: &TcpListener) -> TcpStream {
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        l.accept().unwrap().0
+    }
+
     #[test]
     fn accepted_sockets_inherit_the_listeners_nodelay_and_keepalive() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener(&l, Some(&k(42)));
-        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (a, _) = l.accept().unwrap();
-        assert!(getsockopt(&a, sockopt::TcpNoDelay).unwrap());
-        assert!(getsockopt(&a, sockopt::KeepAlive).unwrap());
-        assert_eq!(getsockopt(&a, sockopt::TcpKeepIdle).unwrap(), 42);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(listener(&l, Some(&k(42))), Inherited::Options(Some(k(42))));
+        let a = accept(&l);
+        assert_eq!(opts(&a), (true, 42, true));
         assert_eq!(getsockopt(&a, sockopt::TcpKeepInterval).unwrap(), 7);
         assert_eq!(getsockopt(&a, sockopt::TcpKeepCount).unwrap(), 3);
-        // Services that disagree: the listener passes no keepalive on.
-        listener(&l, None);
-        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        assert!(getsockopt(&b, sockopt::TcpNoDelay).unwrap());
-        assert!(!getsockopt(&b, sockopt::KeepAlive).unwrap());
+        // Services that disagree, or agree on none: the listener passes no keepalive on.
+        assert_eq!(listener(&l, None), Inherited::Options(None));
+        assert_eq!(opts(&accept(&l)), (false, 42, true));
+        assert_eq!(listener(&l, Some(&off())), Inherited::Options(None));
+    }
+
+    #[test]
+    fn a_client_sets_what_it_did_not_inherit() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        // Queued before the listener had options: it sets everything itself.
+        let early = accept(&l);
+        client(&early, &Inherited::Unknown, &k(30));
+        assert_eq!(opts(&early), (true, 30, true));
+        // Inherited another service's keepalive: its own, or none.
+        let got = listener(&l, Some(&k(42)));
+        let (a, b, c) = (accept(&l), accept(&l), accept(&l));
+        client(&a, &got, &k(42));
+        client(&b, &got, &k(30));
+        client(&c, &got, &off());
+        assert_eq!(
+            [opts(&a), opts(&b), opts(&c)],
+            [(true, 42, true), (true, 30, true), (false, 42, true)]
+        );
+        // Inherited none; its service wants one.
+        let got = listener(&l, None);
+        let d = accept(&l);
+        client(&d, &got, &k(30));
+        assert_eq!(opts(&d), (true, 30, true));
     }
 }
