@@ -362,8 +362,8 @@ mode = "{mode}"
     )
 }
 
-/// wsproxy's `[tls]`: the certificate, TLS 1.3 only. (wsproxy has no setting for the suites; the
-/// generator offers TLS_AES_128_GCM_SHA256 alone.)
+/// wsproxy's `[tls]`: the certificate, TLS 1.3 only, with the one suite pinned as for nginx and
+/// HAProxy.
 pub fn wsproxy_tls(f: &tls::Files) -> String {
     format!(
         r#"
@@ -371,9 +371,11 @@ pub fn wsproxy_tls(f: &tls::Files) -> String {
 certificate = "{}"
 key = "{}"
 min_version = "1.3"
+cipher_suites = ["{}"]
 "#,
         f.certificate.display(),
-        f.key.display()
+        f.key.display(),
+        tls::SUITE
     )
 }
 
@@ -643,7 +645,9 @@ mod tests {
             der: Vec::new().into(),
         };
         let ws = wsproxy_config(l, u, "auto") + &wsproxy_tls(&f);
-        assert!(ws.contains("[tls]\ncertificate = \"/d/cert.pem\"\nkey = \"/d/key.pem\"\nmin_version = \"1.3\""));
+        assert!(ws.contains(
+            "[tls]\ncertificate = \"/d/cert.pem\"\nkey = \"/d/key.pem\"\nmin_version = \"1.3\"\ncipher_suites = [\"TLS_AES_128_GCM_SHA256\"]"
+        ));
         let nginx = nginx_config(l, u, Path::new("/t"), 20000, Some(&f));
         for line in [
             "listen 127.0.0.1:1 ssl backlog=4096;",

@@ -229,7 +229,7 @@ fn markdown(r: &Results, analysis: &str) -> String {
              P-256 certificate made at the run's start (`openssl req`) for `{sni}`, the same for all, and TLS 1.3 with \
              {suite} pinned where the proxy's configuration allows it (nginx `ssl_protocols TLSv1.3` and \
              `ssl_conf_command Ciphersuites`, HAProxy `ssl-min-ver TLSv1.3 ciphersuites`, Caddy `protocols tls1.3` (Go \
-             has no setting for TLS 1.3 suites), wsproxy `min_version = \"1.3\"` (no setting for suites)); the \
+             has no setting for TLS 1.3 suites), wsproxy `min_version = \"1.3\"` and `cipher_suites`); the \
              upstream stays plain ws. The generator (rustls with *ring*, as wsproxy) offers only {suite} and X25519, \
              so every contender does the same cryptography; it pins the certificate (those bytes, no chain) and \
              verifies the handshake's signature; SNI and Host `{sni}`, ALPN http/1.1. `tls-handshakes` are full \

@@ -88,11 +88,12 @@ impl Resumption {
             TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsVersion::Tls13 => &[&rustls::version::TLS13],
         };
-        let mut c = rustls::ServerConfig::builder_with_provider(config::provider())
+        let mut c = rustls::ServerConfig::builder_with_provider(Arc::clone(&tls.provider))
             .with_protocol_versions(versions)
-            .expect("the ring provider supports TLS 1.2 and 1.3")
+            .expect("validation saw to a suite for each version")
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Certificate(Arc::clone(&tls.certified))));
+        c.ignore_client_order = tls.server_order;
         c.alpn_protocols = vec![b"http/1.1".to_vec()];
         c.session_storage = Arc::clone(&self.cache);
         c.ticketer = Arc::clone(&self.ticketer);

@@ -257,6 +257,41 @@ async fn openssl_sees_the_versions_alpn_name_and_resumption() {
     proxy.stop().await;
 }
 
+/// `tls.cipher_suites` pins the suites and their order: the proxy's choice, whatever the
+/// client prefers; a client with none of them is refused and counted.
+#[tokio::test]
+async fn pinned_cipher_suites_are_chosen_in_the_proxys_order() {
+    if !openssl() {
+        return;
+    }
+    let ca = TestCa::new("suites");
+    let cert = ca.issue("a", &["a.test"]);
+    let up = upgrading().await;
+    let pinned = "min_version = \"1.3\"\ncipher_suites = [\"TLS_AES_256_GCM_SHA384\", \"TLS_AES_128_GCM_SHA256\"]\n";
+    let text = [
+        OPEN.to_string(),
+        tls_service("a", "127.0.0.1:0", &["a.test"], &cert, up.addr, pinned),
+    ]
+    .concat();
+    let proxy = Proxy::start_services(&text).await;
+    let ca_file = ca.ca_pem.display().to_string();
+    let base = ["-servername", "a.test", "-CAfile", &ca_file, "-tls1_3"];
+    // The client prefers AES-128; the proxy's order puts AES-256 first.
+    let prefers_128 = ["-ciphersuites", "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384"];
+    let out = s_client(proxy.addr, &[&base[..], &prefers_128].concat(), "").await;
+    assert!(out.contains("Cipher is TLS_AES_256_GCM_SHA384"), "{out}");
+    // Only a suite the proxy does not take: refused, counted.
+    let other = ["-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"];
+    let out = s_client(proxy.addr, &[&base[..], &other].concat(), "").await;
+    assert!(!out.contains("Cipher is TLS_CHACHA20"), "{out}");
+    let refused = poll_until(DEADLINE, || {
+        (failures(&proxy, "a", "protocol_version") == 1.0).then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "the refusal counted as protocol_version");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn per_client_limits_refuse_before_any_tls_handshake() {
     let ca = TestCa::new("admission");

@@ -593,3 +593,64 @@ fn tls_files_are_read_matched_and_named_in_every_problem() {
         "{e}"
     );
 }
+
+#[test]
+fn tls_cipher_suites_are_the_proxys_order_and_every_problem_is_named() {
+    let ca = wsproxy_tests::tls_kit::TestCa::new("suites");
+    let a = ca.issue("a", &["a.test"]);
+    let text = |more: &str| {
+        format!(
+            "{MINIMAL}[tls]\ncertificate = \"{}\"\nkey = \"{}\"\n{more}",
+            a.certificate.display(),
+            a.key.display()
+        )
+    };
+    let c = Config::parse(
+        &text("cipher_suites = [\"TLS_CHACHA20_POLY1305_SHA256\", \"tls_aes_128_gcm_sha256\", \"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]\n"),
+        "t",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let tls = c.services[0].tls.as_ref().unwrap();
+    let names: Vec<String> = tls
+        .provider
+        .cipher_suites
+        .iter()
+        .map(|s| format!("{:?}", s.suite()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "TLS13_CHACHA20_POLY1305_SHA256",
+            "TLS13_AES_128_GCM_SHA256",
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"
+        ]
+    );
+    assert!(tls.server_order);
+    // Unset: every suite, the client's order.
+    let c = Config::parse(&text(""), "t").unwrap_or_else(|e| panic!("{e}"));
+    let tls = c.services[0].tls.as_ref().unwrap();
+    assert!(!tls.server_order && tls.provider.cipher_suites.len() > 3);
+
+    let e = Config::parse(
+        &text("cipher_suites = [\"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\", \"TLS_RC4\", \"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]\n"),
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    for problem in [
+        "tls.cipher_suites: unknown suite \"TLS_RC4\" (known: TLS_AES_256_GCM_SHA384",
+        "tls.cipher_suites: \"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\" is named twice",
+        "tls.cipher_suites: names no TLS 1.3 suite (TLS 1.3 is always accepted)",
+    ] {
+        assert!(e.contains(problem), "{problem:?} not in:\n{e}");
+    }
+    let e = Config::parse(&text("cipher_suites = [\"TLS_AES_128_GCM_SHA256\"]\n"), "t")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("names no TLS 1.2 suite while tls.min_version = \"1.2\""),
+        "{e}"
+    );
+    let ok = text("cipher_suites = [\"TLS_AES_128_GCM_SHA256\"]\nmin_version = \"1.3\"\n");
+    assert!(Config::parse(&ok, "t").is_ok());
+}

@@ -39,6 +39,11 @@ pub struct Tls {
     /// The whole TLS handshake must be done within this time.
     pub handshake_timeout: Duration,
     pub min_version: TlsVersion,
+    /// The cryptography of its handshakes: [`provider`], with only the configured cipher suites
+    /// in the configured order when `tls.cipher_suites` is set.
+    pub provider: Arc<rustls::crypto::CryptoProvider>,
+    /// `tls.cipher_suites` is set: its order is the proxy's preference, the client's is not.
+    pub server_order: bool,
     /// A certificate closer than this to its notAfter is logged as a warning (at start, at each
     /// reload and once a day).
     pub expiry_warning: Duration,
@@ -53,6 +58,9 @@ pub(super) struct TlsFile {
     #[serde(with = "humantime_serde")]
     handshake_timeout: Duration,
     min_version: TlsVersion,
+    /// IANA names, in the proxy's order of preference; `None`: every suite of the provider,
+    /// in the client's order.
+    cipher_suites: Option<Vec<String>>,
     #[serde(with = "humantime_serde")]
     expiry_warning: Duration,
 }
@@ -65,6 +73,7 @@ impl Default for TlsFile {
             default_certificate: false,
             handshake_timeout: Duration::from_secs(10),
             min_version: TlsVersion::Tls12,
+            cipher_suites: None,
             expiry_warning: Duration::from_secs(21 * 24 * 3600),
         }
     }
@@ -92,6 +101,10 @@ impl TlsFile {
                 return None;
             }
         };
+        let provider = match &self.cipher_suites {
+            None => provider(),
+            Some(names) => with_suites(names, self.min_version, p),
+        };
         let loaded = load_certified(certificate, key, "tls.certificate", "tls.key", p);
         let (certified, not_after) = loaded?;
         (p.len() == problems).then(|| Tls {
@@ -102,6 +115,8 @@ impl TlsFile {
             default_certificate: self.default_certificate,
             handshake_timeout: self.handshake_timeout,
             min_version: self.min_version,
+            provider,
+            server_order: self.cipher_suites.is_some(),
             expiry_warning: self.expiry_warning,
         })
     }
@@ -234,6 +249,50 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     #[allow(deprecated)]
     let make = || Arc::new(rustls::crypto::ring::default_provider());
     Arc::clone(PROVIDER.get_or_init(make))
+}
+
+/// The IANA name of a cipher suite (rustls names the TLS 1.3 ones `TLS13_...`).
+fn iana_name(suite: rustls::SupportedCipherSuite) -> String {
+    let name = suite.suite().as_str().unwrap_or("unknown");
+    name.replacen("TLS13_", "TLS_", 1)
+}
+
+/// [`provider`] with only the suites `names` (IANA names, case-insensitive), in that order; each
+/// problem (an unknown or repeated name, no suite for a version `min_version` allows) to `p`.
+fn with_suites(names: &[String], min_version: TlsVersion, p: &mut Vec<String>) -> Arc<rustls::crypto::CryptoProvider> {
+    let all = provider();
+    let mut chosen: Vec<rustls::SupportedCipherSuite> = Vec::new();
+    for name in names {
+        match all
+            .cipher_suites
+            .iter()
+            .find(|s| iana_name(**s).eq_ignore_ascii_case(name))
+        {
+            Some(s) if chosen.contains(s) => p.push(format!("tls.cipher_suites: {name:?} is named twice")),
+            Some(s) => chosen.push(*s),
+            None => {
+                let known: Vec<String> = all.cipher_suites.iter().map(|s| iana_name(*s)).collect();
+                p.push(format!(
+                    "tls.cipher_suites: unknown suite {name:?} (known: {})",
+                    known.join(", ")
+                ));
+            }
+        }
+    }
+    let for_version = |v: &rustls::SupportedProtocolVersion| chosen.iter().any(|s| s.version() == v);
+    if !for_version(&rustls::version::TLS13) {
+        p.push("tls.cipher_suites: names no TLS 1.3 suite (TLS 1.3 is always accepted)".into());
+    }
+    if min_version == TlsVersion::Tls12 && !for_version(&rustls::version::TLS12) {
+        p.push(
+            "tls.cipher_suites: names no TLS 1.2 suite while tls.min_version = \"1.2\" (name one, or set \"1.3\")"
+                .into(),
+        );
+    }
+    Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: chosen,
+        ..(*all).clone()
+    })
 }
 
 /// The system's trusted roots, read once.
