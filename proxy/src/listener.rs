@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -214,18 +213,24 @@ impl Set {
 }
 
 /// The socket options a listener passes on to the sockets it accepts (see `socket_options`),
-/// kept to what its services share in the runtime in force. A socket the kernel queued before
-/// the options were set or changed has the previous ones, and the queue is first in, first
-/// out: the accepts up to the first one that finds the queue empty tell their connections that
-/// what they inherited is unknown; after it, every queued socket was made with these options.
+/// kept to what its services share in the runtime in force. A socket the kernel made before the
+/// options were set or changed has the previous ones. The accept queue is first in, first out,
+/// so the accepts up to the first one that finds it empty tell their connections that what they
+/// inherited is unknown, and so do those of the next [`OPTIONS_DOUBT`]: the kernel makes a
+/// connection's socket and queues it in one step, which a preempted CPU may stretch.
 #[derive(Default)]
 struct Options {
     /// What the listening socket carries; `None` before the first setting.
     applied: Option<Option<config::Keepalive>>,
     inherited: Inherited,
-    /// Sockets queued before `applied` may still wait.
+    /// Sockets made before `applied` may still be queued.
     unsure: bool,
+    /// Until when, after a setting, accepted sockets are doubted anyway.
+    doubt_until: Option<std::time::Instant>,
 }
+
+/// How long after the listener's options changed its connections set their own anyway.
+const OPTIONS_DOUBT: Duration = Duration::from_secs(1);
 
 impl Options {
     /// Sets the listening socket's options when its services' shared keepalive changed (at the
@@ -241,23 +246,36 @@ impl Options {
             self.inherited = socket_options::listener(listener, wanted.as_ref());
             self.applied = Some(wanted);
             self.unsure = true;
+            self.doubt_until = Some(std::time::Instant::now() + OPTIONS_DOUBT);
         }
     }
 
     /// While sockets queued before the options may wait: the next one, if one is queued. At the
-    /// first empty queue the doubt is over.
+    /// first empty queue that doubt is over. (The kernel's queue is asked directly: the reactor
+    /// may not have seen yet that a connection is queued, and would say there is none.)
     fn queued_before(&mut self, listener: &TcpListener) -> Option<io::Result<(TcpStream, SocketAddr)>> {
         if !self.unsure {
             return None;
         }
-        let next = listener.accept().now_or_never();
+        let next = match socket2::SockRef::from(listener).accept() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => Some(Err(e)),
+            Ok((socket, peer)) => Some((|| {
+                let peer = peer
+                    .as_socket()
+                    .ok_or_else(|| io::Error::other("an accepted socket without an IP peer"))?;
+                socket.set_nonblocking(true)?;
+                Ok((TcpStream::from_std(socket.into())?, peer))
+            })()),
+        };
         self.unsure = next.is_some();
         next
     }
 
     /// What the socket just accepted inherited.
     fn inherited(&self) -> Inherited {
-        if self.unsure {
+        let doubted = self.doubt_until.is_some_and(|t| std::time::Instant::now() < t);
+        if self.unsure || doubted {
             Inherited::Unknown
         } else {
             self.inherited.clone()
@@ -446,10 +464,13 @@ mod tests {
             assert_eq!(options.inherited(), Inherited::Unknown);
             assert!(!getsockopt(&s, sockopt::KeepAlive).unwrap(), "made before the options");
         }
-        // The queue is empty: every later socket has the options.
+        // The queue is empty: every later socket has the options (told so once the doubt
+        // period is over too).
         assert!(options.queued_before(&listener).is_none());
         let _late = TcpStream::connect(to).await.unwrap();
         let (s, _) = listener.accept().await.unwrap();
+        assert_eq!(options.inherited(), Inherited::Unknown, "within the doubt period");
+        options.doubt_until = Some(std::time::Instant::now());
         assert_eq!(options.inherited(), Inherited::Options(Some(k)));
         assert!(getsockopt(&s, sockopt::KeepAlive).unwrap());
         assert_eq!(getsockopt(&s, sockopt::TcpKeepIdle).unwrap(), 33);
