@@ -735,15 +735,21 @@ async fn req2_drain_timeout_cuts_a_pair_with_bytes_beyond_the_cap() {
                 nix_shutdown_write(&c)
             })
         };
-        // Read in small pieces until the client's FIN has reached the proxy (or EOF): the client
-        // has shut down and every byte but the FIN is acknowledged (the FIN travels with the
-        // last bytes; its own ACK may be delayed), or the FIN is acknowledged too.
+        // Read in small pieces until the client's FIN has reached the proxy (or EOF): the
+        // proxy's socket has it (CLOSE_WAIT: the verdict takes bytes off that socket, and its
+        // ACKs can lag, so the client's side may not know yet), or the client has shut down and
+        // every byte but the FIN is acknowledged (the FIN travels with the last bytes; its own
+        // ACK may be delayed), or the FIN is acknowledged too.
+        let proxy_side = socket_fd(p.addr, c.local_addr().unwrap()).expect("the proxy's client-side socket");
         let (mut read, mut eof) = (0u64, false);
         let mut buf = vec![0u8; 4096];
         let start = Instant::now();
         for _ in 0..1_000_000 {
             let st = state(&*c);
-            if st == tcp_state::FIN_WAIT2 || (st == tcp_state::FIN_WAIT1 && outq(&*c) <= 1) {
+            if st == tcp_state::FIN_WAIT2
+                || (st == tcp_state::FIN_WAIT1 && outq(&*c) <= 1)
+                || state(&proxy_side) == tcp_state::CLOSE_WAIT
+            {
                 break;
             }
             assert!(
