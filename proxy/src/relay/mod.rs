@@ -10,6 +10,7 @@ mod buffers;
 mod frames;
 pub mod kernel;
 pub mod promotion;
+mod read;
 mod stall;
 pub mod tcp_probe;
 mod tls_legs;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::frames::Frames;
 use super::promotion::{Policy, Run};
+use super::read::{Read, read};
 use super::{End, Mode, Outcome, Stop, reset_on_close, until_end, write_all};
 use crate::config;
 
@@ -286,125 +287,5 @@ async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, promoter: &Pr
                 break;
             }
         }
-    }
-}
-
-/// What one [`read`] found.
-#[derive(Debug, PartialEq, Eq)]
-enum Read {
-    /// The buffer's whole room: more may be queued.
-    Full,
-    /// Less than the room: everything the socket had queued.
-    Drained,
-    /// Nothing queued (the socket was not ready after all).
-    Nothing,
-    /// The peer's FIN.
-    End,
-}
-
-/// One read into `buf`'s room, replacing what it held. The room is not zeroed first (the kernel
-/// writes what it returns): a relayed message costs no 64 KiB memset. A TCP read gives all that
-/// is queued, up to the room, so a shorter read leaves the socket empty: its readiness is then
-/// cleared, as tokio's own reads do, sparing the read that would only find nothing. (A FIN that
-/// arrived meanwhile stays visible: tokio keeps the closed state when it clears readiness.)
-fn read(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Read> {
-    buf.clear();
-    let mut got = 0;
-    let r = from.try_io(Interest::READABLE, || {
-        let room = buf.spare_capacity_mut();
-        // SAFETY: `recv` writes at most `room.len()` bytes into memory `buf` owns.
-        let n = unsafe { libc::recv(from.as_raw_fd(), room.as_mut_ptr().cast(), room.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        got = n as usize;
-        if got > 0 && got < room.len() {
-            // Cleared by `try_io` (with the readiness it saw before this read, so an arrival
-            // after the read still wakes the relay).
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(())
-    });
-    // SAFETY: the kernel wrote the first `got` bytes.
-    unsafe { buf.set_len(got) };
-    match r {
-        Ok(()) if got == 0 => Ok(Read::End),
-        Ok(()) => Ok(Read::Full),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(if got > 0 { Read::Drained } else { Read::Nothing }),
-        Err(e) => Err(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-    use tokio::io::AsyncWriteExt;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
-
-    /// Waits (bounded) until `s` is readable, as the relay does.
-    async fn readable(s: &TcpStream) {
-        tokio::time::timeout(Duration::from_secs(10), s.readable())
-            .await
-            .expect("readable within 10 s")
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_short_read_takes_all_that_is_queued_and_an_arrival_after_it_still_wakes() {
-        let (mut a, b) = pair().await;
-        let mut buf = Vec::with_capacity(BUF_SIZE);
-        a.write_all(&[1; 100]).await.unwrap();
-        readable(&b).await;
-        assert_eq!(read(&b, &mut buf).unwrap(), Read::Drained);
-        assert_eq!(buf, [1; 100]);
-        // Readiness was cleared without a read: the next one is not attempted.
-        assert_eq!(read(&b, &mut buf).unwrap(), Read::Nothing);
-        assert!(buf.is_empty());
-        a.write_all(&[2; 50]).await.unwrap();
-        readable(&b).await;
-        assert_eq!(read(&b, &mut buf).unwrap(), Read::Drained);
-        assert_eq!(buf, [2; 50]);
-        // Bytes and the FIN together: the bytes, then the end.
-        a.write_all(&[3; 10]).await.unwrap();
-        a.shutdown().await.unwrap();
-        drop(a);
-        let mut got = Vec::new();
-        let end = loop {
-            readable(&b).await;
-            match read(&b, &mut buf).unwrap() {
-                Read::Nothing => continue,
-                Read::End => break true,
-                Read::Full | Read::Drained => got.extend_from_slice(&buf),
-            }
-        };
-        assert!(end && got == [3; 10], "{got:?}");
-    }
-
-    #[tokio::test]
-    async fn a_read_that_fills_the_room_says_more_may_be_queued() {
-        let (mut a, b) = pair().await;
-        // A small room, so that what is queued surely exceeds it.
-        let data: Vec<u8> = (0..5000).map(|i| (i % 253) as u8).collect();
-        a.write_all(&data).await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = Vec::with_capacity(1000);
-        let mut full = 0;
-        while got.len() < data.len() {
-            readable(&b).await;
-            match read(&b, &mut buf).unwrap() {
-                Read::Full => full += 1,
-                Read::Drained | Read::Nothing => {}
-                Read::End => panic!("an end before the data"),
-            }
-            got.extend_from_slice(&buf);
-        }
-        assert!(got == data && full >= 1, "{full} full reads");
     }
 }

@@ -25,6 +25,7 @@ use std::time::Instant;
 use proxy_common::SockCtrl;
 use tokio::net::TcpStream;
 
+use super::read::{Read, read};
 use super::tcp_probe::{fin_received, taken};
 use super::{End, Mode, Outcome, Stop, reset_on_close, until_end, write_all};
 use crate::config;
@@ -351,24 +352,25 @@ pub struct PeerClosed;
 /// whole skbs, which the kick after insertion relays. `Ok(false)`: a side reached EOF; `Err`:
 /// a side failed, as the end of the connection.
 async fn settle(client: &TcpStream, upstream: &TcpStream, c2u: &AtomicU64, u2c: &AtomicU64) -> Result<bool, End> {
-    let mut buf = vec![0; BUF_SIZE];
+    // Room only: usually nothing is queued, and a zeroed 64 KiB per pair would be for nothing.
+    let mut buf = Vec::with_capacity(BUF_SIZE);
     let on = |side: Side, e: io::Error| failed_on(side, e.kind());
     for (src, dst, count, from) in [
         (client, upstream, c2u, Side::Client),
         (upstream, client, u2c, Side::Upstream),
     ] {
         loop {
-            match src.try_read(&mut buf) {
-                Ok(0) => return Ok(false),
-                Ok(n) => {
-                    write_all(dst, &buf[..n]).await.map_err(|e| on(from.other(), e))?;
-                    count.fetch_add(n as u64, Relaxed);
-                    if n < buf.len() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            let drained = match read(src, &mut buf) {
+                Ok(Read::End) => return Ok(false),
+                Ok(Read::Nothing) => break,
+                Ok(Read::Full) => false,
+                Ok(Read::Drained) => true,
                 Err(e) => return Err(on(from, e)),
+            };
+            write_all(dst, &buf).await.map_err(|e| on(from.other(), e))?;
+            count.fetch_add(buf.len() as u64, Relaxed);
+            if drained {
+                break;
             }
         }
     }
