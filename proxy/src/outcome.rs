@@ -104,3 +104,23 @@ pub struct Outcome {
     pub passed: u64,
     pub duration: Duration,
 }
+
+impl Outcome {
+    /// The end of a connection whose bytes were copied by userspace only (no verdict counters).
+    pub fn copied(
+        mode: Mode,
+        end: End,
+        (client_to_upstream, upstream_to_client): (u64, u64),
+        duration: Duration,
+    ) -> Outcome {
+        Outcome {
+            mode,
+            end,
+            client_to_upstream,
+            upstream_to_client,
+            repeated_cut: 0,
+            passed: 0,
+            duration,
+        }
+    }
+}

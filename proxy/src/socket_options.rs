@@ -39,39 +39,39 @@ pub fn keepalive(s: &impl AsFd, k: &Keepalive) {
     let _ = setsockopt(&fd, sockopt::TcpKeepCount, &k.count);
 }
 
-/// Exactly `k` on `s`: on with its settings, or off.
-fn exactly(s: &impl AsFd, k: &Keepalive) {
-    if k.enabled {
-        keepalive(s, k);
-    } else {
-        let _ = setsockopt(&s.as_fd(), sockopt::KeepAlive, &false);
+/// Exactly `k` on `s`: on with its settings, or off (`None`).
+fn exactly(s: &impl AsFd, k: Option<&Keepalive>) {
+    match k {
+        Some(k) => keepalive(s, k),
+        None => {
+            let _ = setsockopt(&s.as_fd(), sockopt::KeepAlive, &false);
+        }
     }
+}
+
+/// An enabled keepalive, or none.
+fn on(k: Option<&Keepalive>) -> Option<&Keepalive> {
+    k.filter(|k| k.enabled)
 }
 
 /// The options of a listening socket whose services share `shared` (`None`: they differ, and
 /// the listener passes no keepalive on); returns what its sockets accepted from now on inherit.
 pub fn listener(s: &impl AsFd, shared: Option<&Keepalive>) -> Inherited {
     let _ = setsockopt(&s.as_fd(), sockopt::TcpNoDelay, &true);
-    let inherited = shared.filter(|k| k.enabled);
-    match inherited {
-        Some(k) => keepalive(s, k),
-        None => {
-            let _ = setsockopt(&s.as_fd(), sockopt::KeepAlive, &false);
-        }
-    }
-    Inherited::Options(inherited.cloned())
+    exactly(s, on(shared));
+    Inherited::Options(on(shared).cloned())
 }
 
 /// An accepted client socket that `inherited` what its listener passed on: whatever of
 /// TCP_NODELAY and its service's keepalive `k` that does not give it.
 pub fn client(s: &impl AsFd, inherited: &Inherited, k: &Keepalive) {
-    let wanted = k.enabled.then_some(k);
+    let wanted = on(Some(k));
     match inherited {
         Inherited::Options(got) if got.as_ref() == wanted => {}
-        Inherited::Options(_) => exactly(s, k),
+        Inherited::Options(_) => exactly(s, wanted),
         Inherited::Unknown => {
             let _ = setsockopt(&s.as_fd(), sockopt::TcpNoDelay, &true);
-            exactly(s, k);
+            exactly(s, wanted);
         }
     }
 }

@@ -598,13 +598,7 @@ fn tls_files_are_read_matched_and_named_in_every_problem() {
 fn tls_cipher_suites_are_the_proxys_order_and_every_problem_is_named() {
     let ca = wsproxy_tests::tls_kit::TestCa::new("suites");
     let a = ca.issue("a", &["a.test"]);
-    let text = |more: &str| {
-        format!(
-            "{MINIMAL}[tls]\ncertificate = \"{}\"\nkey = \"{}\"\n{more}",
-            a.certificate.display(),
-            a.key.display()
-        )
-    };
+    let text = |more: &str| format!("{MINIMAL}[tls]\n{}{more}", a.tls_lines());
     let c = Config::parse(
         &text("cipher_suites = [\"TLS_CHACHA20_POLY1305_SHA256\", \"tls_aes_128_gcm_sha256\", \"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]\n"),
         "t",

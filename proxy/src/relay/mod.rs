@@ -129,12 +129,7 @@ async fn relay_tcp(
             // Boxed: each relay's state is allocated only while that relay runs (see
             // `connection::serve`).
             match Box::pin(userspace::relay(client, upstream, cfg, stop, Some(policy))).await {
-                userspace::Carried::Ended(mut o) => {
-                    o.client_to_upstream += before.0;
-                    o.upstream_to_client += before.1;
-                    metrics.relay_ended(&o);
-                    return Relayed::Ended(o);
-                }
+                userspace::Carried::Ended(o) => return ended(o, before, metrics),
                 userspace::Carried::Promote(h) if stop.handover.is_cancelled() => {
                     metrics.relay_moved(Mode::Userspace);
                     return moved_from_userspace(h, before);
@@ -189,13 +184,14 @@ async fn relay_tcp(
     };
     metrics.relay_started(Mode::Userspace);
     match Box::pin(userspace::relay(client, upstream, cfg, stop, None)).await {
-        userspace::Carried::Ended(mut o) => {
-            o.client_to_upstream += settled.0;
-            o.upstream_to_client += settled.1;
-            o.duration = began.elapsed();
-            metrics.relay_ended(&o);
-            Relayed::Ended(o)
-        }
+        userspace::Carried::Ended(o) => ended(
+            Outcome {
+                duration: began.elapsed(),
+                ..o
+            },
+            settled,
+            metrics,
+        ),
         userspace::Carried::Promote(h) => {
             metrics.relay_moved(Mode::Userspace);
             moved_from_userspace(h, settled)
@@ -223,17 +219,18 @@ fn moved_from_userspace(h: userspace::Handover, before: (u64, u64)) -> Relayed {
     })
 }
 
+/// A relay's end, with the bytes relayed `before` it (by an earlier relay of the pair) added;
+/// counted.
+fn ended(mut o: Outcome, before: (u64, u64), metrics: Scoped<'_>) -> Relayed {
+    o.client_to_upstream += before.0;
+    o.upstream_to_client += before.1;
+    metrics.relay_ended(&o);
+    Relayed::Ended(o)
+}
+
 /// A pair lost in a handover (an internal error), with the bytes it had carried.
-fn lost((client_to_upstream, upstream_to_client): (u64, u64)) -> Relayed {
-    Relayed::Ended(Outcome {
-        mode: Mode::Userspace,
-        end: End::Internal,
-        client_to_upstream,
-        upstream_to_client,
-        repeated_cut: 0,
-        passed: 0,
-        duration: Duration::ZERO,
-    })
+fn lost(bytes: (u64, u64)) -> Relayed {
+    Relayed::Ended(Outcome::copied(Mode::Userspace, End::Internal, bytes, Duration::ZERO))
 }
 
 /// What the kernel relay's end means for the caller (counted).
@@ -244,13 +241,14 @@ fn kernel_carried(
     metrics: Scoped<'_>,
 ) -> Relayed {
     match carried {
-        kernel::Carried::Ended(mut o) => {
-            o.client_to_upstream += before.0;
-            o.upstream_to_client += before.1;
-            o.duration = began.elapsed();
-            metrics.relay_ended(&o);
-            Relayed::Ended(o)
-        }
+        kernel::Carried::Ended(o) => ended(
+            Outcome {
+                duration: began.elapsed(),
+                ..o
+            },
+            before,
+            metrics,
+        ),
         kernel::Carried::Moved {
             client,
             upstream,

@@ -57,15 +57,12 @@ pub async fn relay(client: Stream, upstream: Stream, cfg: &config::Relay, stop: 
         reset_on_close(&fds[0]);
         reset_on_close(&fds[1]);
     }
-    Outcome {
-        mode: Mode::Userspace,
+    Outcome::copied(
+        Mode::Userspace,
         end,
-        client_to_upstream: c2u.load(Relaxed),
-        upstream_to_client: u2c.load(Relaxed),
-        repeated_cut: 0,
-        passed: 0,
-        duration: started.elapsed(),
-    }
+        (c2u.load(Relaxed), u2c.load(Relaxed)),
+        started.elapsed(),
+    )
 }
 
 /// Which side a copy error came from.

@@ -133,15 +133,8 @@ pub async fn relay(
         reset_on_close(&client);
         reset_on_close(&upstream);
     }
-    Carried::Ended(Outcome {
-        mode: Mode::Userspace,
-        end,
-        client_to_upstream: counts.c2u.into_inner(),
-        upstream_to_client: counts.u2c.into_inner(),
-        repeated_cut: 0,
-        passed: 0,
-        duration: started.elapsed(),
-    })
+    let bytes = (counts.c2u.into_inner(), counts.u2c.into_inner());
+    Carried::Ended(Outcome::copied(Mode::Userspace, end, bytes, started.elapsed()))
 }
 
 /// How both directions left off.

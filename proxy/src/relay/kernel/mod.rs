@@ -173,15 +173,8 @@ pub async fn resume(
 
 /// A pair that ended before the verdict relayed a byte of it: the bytes userspace moved.
 fn ended_before(end: End, c2u: &AtomicU64, u2c: &AtomicU64, started: Instant) -> Carried {
-    Carried::Ended(Outcome {
-        mode: Mode::Kernel,
-        end,
-        client_to_upstream: c2u.load(Relaxed),
-        upstream_to_client: u2c.load(Relaxed),
-        repeated_cut: 0,
-        passed: 0,
-        duration: started.elapsed(),
-    })
+    let bytes = (c2u.load(Relaxed), u2c.load(Relaxed));
+    Carried::Ended(Outcome::copied(Mode::Kernel, end, bytes, started.elapsed()))
 }
 
 /// Runs a pair that is under the verdict to its end, or until it moves to a successor.
