@@ -337,6 +337,15 @@ pub fn wait_listening(c: &mut Contender, log: &Path) -> Result<()> {
     }
 }
 
+/// wsproxy's limits in every benchmark configuration: none that binds, as for the other
+/// contenders.
+pub const WSPROXY_LIMITS: &str = "[limits]
+requests_per_second = 1000000000.0
+burst = 1000000000
+max_connections_per_ip = 0
+max_tracked_clients = 100000
+";
+
 /// wsproxy with limits that never bind in a benchmark, no admin listener, the given relay mode.
 pub fn wsproxy_config(listen: SocketAddr, upstream: SocketAddr, mode: &str) -> String {
     format!(
@@ -346,12 +355,7 @@ address = "{listen}"
 max_connections = 100000
 drain_timeout = "1s"
 
-[limits]
-requests_per_second = 1000000000.0
-burst = 1000000000
-max_connections_per_ip = 0
-max_tracked_clients = 100000
-
+{WSPROXY_LIMITS}
 [upstreams]
 main = [{{ address = "{upstream}" }}]
 timeout = "10s"

@@ -144,20 +144,24 @@ pub fn check(addr: SocketAddr) -> Result<()> {
     runtime()?.block_on(async {
         let go = async {
             let stream = TcpStream::connect(addr).await?;
-            let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/echo"), stream).await?;
-            ws.send(Message::binary(b"check".to_vec())).await?;
-            let reply = ws.next().await;
-            match reply {
-                Some(Ok(Message::Binary(b))) if b.as_ref() == b"check" => {}
-                other => bail!("unexpected echo: {other:?}"),
-            }
-            let _ = ws.close(None).await;
-            Ok(())
+            echo_once(format!("ws://{addr}/echo"), stream).await
         };
         timeout(Duration::from_secs(10), go)
             .await
             .context("no echo within 10 s")?
     })
+}
+
+/// A WebSocket handshake for `url` over `stream`, then one binary message that must come back.
+async fn echo_once<S: AsyncRead + AsyncWrite + Unpin>(url: String, stream: S) -> Result<()> {
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    ws.send(Message::binary(b"check".to_vec())).await?;
+    match ws.next().await {
+        Some(Ok(Message::Binary(b))) if b.as_ref() == b"check" => {}
+        other => bail!("unexpected echo: {other:?}"),
+    }
+    let _ = ws.close(None).await;
+    Ok(())
 }
 
 /// As `check`, over TLS with `tls` (tungstenite over tokio-rustls); returns what the connection
@@ -168,15 +172,7 @@ pub fn check_tls(addr: SocketAddr, tls: &tls::Client) -> Result<String> {
             let stream = TcpStream::connect(addr).await?;
             let stream = tls.connector().connect(tls.name.clone(), stream).await?;
             let negotiated = tls::negotiated(stream.get_ref().1);
-            let url = format!("wss://{}/echo", tls::SNI);
-            let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
-            ws.send(Message::binary(b"check".to_vec())).await?;
-            let reply = ws.next().await;
-            match reply {
-                Some(Ok(Message::Binary(b))) if b.as_ref() == b"check" => {}
-                other => bail!("unexpected echo: {other:?}"),
-            }
-            let _ = ws.close(None).await;
+            echo_once(format!("wss://{}/echo", tls::SNI), stream).await?;
             Ok(negotiated)
         };
         timeout(Duration::from_secs(10), go)

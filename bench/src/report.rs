@@ -84,6 +84,15 @@ fn table(md: &mut String, head: &[String], rows: Vec<Vec<String>>) {
     md.push('\n');
 }
 
+/// The fixed load cell of a workload's row: `offered` in its unit, or "–" where none was set.
+fn fixed_load(w: &Workload, offered: f64) -> String {
+    if offered > 0.0 {
+        unit_rate(w, offered)
+    } else {
+        "–".into()
+    }
+}
+
 fn unit_rate(w: &Workload, rate: f64) -> String {
     match w.shape {
         Shape::Sink { .. } => format!("{} MB/s", fmt_num(rate / 1e6)),
@@ -492,11 +501,7 @@ fn added_section(md: &mut String, r: &Results, t: &TopologyResult, plain: &[&Wor
             let wr = t.workload(&w.id).expect("present");
             let mut row = vec![
                 format!("`{}` ({unit})", w.id),
-                if wr.offered > 0.0 {
-                    unit_rate(w, wr.offered)
-                } else {
-                    "–".into()
-                },
+                fixed_load(w, wr.offered),
                 cell(figures::find(fs, tn, &w.id, own, DIRECT), scale(own)),
             ];
             row.extend(
@@ -564,14 +569,7 @@ fn tls_section(md: &mut String, r: &Results, t: &TopologyResult, tls: &[&Workloa
         .map(|w| {
             let (m, _, unit) = headline(w);
             let wr = t.workload(&w.id).expect("present");
-            let mut row = vec![
-                format!("`{}` ({unit})", w.id),
-                if wr.offered > 0.0 {
-                    unit_rate(w, wr.offered)
-                } else {
-                    "–".into()
-                },
-            ];
+            let mut row = vec![format!("`{}` ({unit})", w.id), fixed_load(w, wr.offered)];
             row.extend(
                 proxies
                     .iter()

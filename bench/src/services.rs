@@ -54,12 +54,7 @@ pub fn config(s: &Spec) -> String {
 max_connections = 100000
 drain_timeout = "1s"
 
-[limits]
-requests_per_second = 1000000000.0
-burst = 1000000000
-max_connections_per_ip = 0
-max_tracked_clients = 100000
-
+{limits}
 [upstreams]
 timeout = "{timeout}s"
 
@@ -70,6 +65,7 @@ mode = "{mode}"
         per = s.upstreams_per_service,
         timeout = 10 + s.generation % 2,
         mode = s.mode,
+        limits = crate::contenders::WSPROXY_LIMITS,
     );
     if let Some(a) = s.admin {
         let _ = write!(out, "\n[admin]\naddress = \"{a}\"\n");
