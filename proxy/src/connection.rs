@@ -61,9 +61,11 @@ pub(crate) async fn serve(
     }
 }
 
-/// Carries on with a connection a predecessor process handed over: admitted again under its
-/// service (its slot, no token: it was admitted once), with what is left of its lifetime.
-pub(crate) async fn resume(state: PairState, moved: relay::Moved, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// Admits a connection a predecessor process handed over again under its service (its slot, no
+/// token: it was admitted once), with what is left of its lifetime. Done at once, before the
+/// connection's task runs, so that the per-client counts hold as soon as the predecessor has
+/// handed everything over.
+pub(crate) fn adopt(state: PairState, moved: relay::Moved, shared: &Shared) -> Resumed {
     let rt = shared.runtime.load_full();
     let svc = match rt.services.iter().find(|s| s.name() == state.service) {
         Some(s) => Arc::clone(s),
@@ -98,7 +100,17 @@ pub(crate) async fn resume(state: PairState, moved: relay::Moved, shared: Arc<Sh
         _admission: admission,
         _tracked: tracked,
     };
-    Box::pin(r.run(&shared, &shutdown)).await;
+    Resumed(r)
+}
+
+/// A handed-over connection, admitted here ([`adopt`]).
+pub(crate) struct Resumed(Relayable);
+
+impl Resumed {
+    /// Carries the connection on to its end.
+    pub(crate) async fn run(self, shared: Arc<Shared>, shutdown: CancellationToken) {
+        Box::pin(self.0.run(&shared, &shutdown)).await;
+    }
 }
 
 /// The two ends of a relayable connection.

@@ -132,8 +132,9 @@ impl Shared {
     /// Carries on with a connection a predecessor handed over.
     fn resume(self: &Arc<Self>, state: upgrade::PairState, moved: relay::Moved) {
         let shared = Arc::clone(self);
+        let resumed = connection::adopt(state, moved, &shared);
         match &*lock::lock(&self.listeners) {
-            Some(set) => set.resume(move |stop| connection::resume(state, moved, shared, stop)),
+            Some(set) => set.resume(move |stop| resumed.run(shared, stop)),
             None => tracing::error!("takeover: not serving yet; a handed-over connection is closed"),
         }
     }

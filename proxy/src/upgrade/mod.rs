@@ -10,7 +10,7 @@
 //! The order (see `docs/upgrades.md`): Hello (version, kernel object) -> listeners, kernel maps,
 //! limits, health, Ready -> the successor accepts and answers Ready -> this process stops
 //! accepting and moves its pairs as they become movable -> Done (the kernel relay's ring buffer
-//! changes hands) -> this process exits.
+//! changes hands) -> the successor answers Done (every pair admitted) -> this process exits.
 
 mod wire;
 
@@ -39,6 +39,9 @@ pub const TAKE_OVER_FROM: &str = "WSPROXY_TAKE_OVER_FROM";
 
 /// How long a peer of the hand-over socket has for its first message.
 const FIRST_MESSAGE: Duration = Duration::from_secs(5);
+
+/// How long this process waits for the successor to answer its Done.
+const DONE_ANSWER: Duration = Duration::from_secs(5);
 
 /// Limiter entries per message.
 const CLIENTS_PER_MESSAGE: usize = 1000;
@@ -196,6 +199,12 @@ pub async fn serve(server: Server, stop: CancellationToken) {
         k.watch().release_ring();
     }
     let _ = channel.send(&Message::Done, &[] as &[OwnedFd]).await;
+    // The successor answers Done once it has admitted every pair sent before it: from then on
+    // its per-client counts include them. Bounded: this process exits either way.
+    match tokio::time::timeout(DONE_ANSWER, channel.recv()).await {
+        Ok(Ok(Some((Message::Done, _)))) => {}
+        _ => warn!("upgrade: the successor did not confirm it took every connection"),
+    }
     info!(moved, "upgrade: every movable connection handed over; exiting");
 }
 
@@ -415,6 +424,9 @@ impl Takeover {
         if let Some(k) = &shared.kernel {
             k.watch().take_ring();
         }
+        // Every pair received is admitted (`Shared::resume` admits before it spawns): the
+        // predecessor may exit.
+        let _ = self.channel.send(&Message::Done, &[] as &[OwnedFd]).await;
         info!(received, "takeover: the predecessor handed over everything");
     }
 }
