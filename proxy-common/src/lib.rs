@@ -11,12 +11,15 @@
 /// it, and redirects into it by the peer's cookie.
 pub const SOCKETS_MAP: &str = "WSP_SOCKETS";
 
-/// Name of the `HashMap<u64, SockState>` map: socket cookie -> [`SockState`].
-pub const STATE_MAP: &str = "WSP_STATE";
+/// Name of the `HashMap<u64, u32>` map: socket cookie -> index of the socket's [`Slot`] in
+/// [`SLOTS_MAP`]. Written by userspace only, once when a socket enters the relay and once when it
+/// leaves.
+pub const INDEX_MAP: &str = "WSP_INDEX";
 
-/// Name of the `HashMap<u64, SockCtrl>` map: socket cookie -> [`SockCtrl`] (written by userspace
-/// only).
-pub const CTRL_MAP: &str = "WSP_CTRL";
+/// Name of the `Array<Slot>` map (`BPF_F_MMAPABLE`): one [`Slot`] per relayed socket, state and
+/// credit together. Userspace maps it into its memory, so reading the verdict's counters and
+/// reporting forwarded bytes cost no system call.
+pub const SLOTS_MAP: &str = "WSP_SLOTS";
 
 /// Name of the ring buffer the verdict writes a socket's cookie to when userspace has work on
 /// that socket: bytes passed to it after none were waiting, or bytes out of order. Userspace
@@ -39,30 +42,53 @@ pub const VERDICT_PROGRAM: &str = "wsp_verdict";
 /// both maps.
 pub const MAX_RELAYED_PAIRS: u32 = 32_768;
 
-/// Capacity of both maps: two entries per relayed connection.
+/// Capacity of the socket map, the index and the slots: two per relayed connection.
 pub const MAX_SOCKETS: u32 = 2 * MAX_RELAYED_PAIRS;
 
-/// State of one proxy-side socket of a kernel-relayed pair, keyed by the socket's cookie.
+/// `BPF_F_MMAPABLE`: the slots array can be mapped into userspace memory.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// State and credit of one proxy-side socket of a kernel-relayed pair: one element of
+/// [`SLOTS_MAP`], found through [`INDEX_MAP`] by the socket's cookie.
 ///
-/// Writers: userspace writes the whole entry once, at insertion (counters zero), and removes it
-/// when the pair ends. After that only the verdict writes, and only the counters and `next_seq`.
-/// Userspace must not rewrite an entry while the pair is live: a map update replaces the value,
-/// which would lose counts the verdict adds at the same moment. Anything userspace must change
-/// during the relay (credit grants) belongs in a map of its own.
+/// Writers, field by field (no field has two, so nothing is lost to a concurrent write; every
+/// field is an aligned `u64`, read and written whole on both sides):
+/// - userspace, before the socket enters the socket map and while no verdict can run for it:
+///   `owner`, `peer_cookie`, `window_bytes`, `window_skbs`, and every other field set to zero;
+/// - userspace, while the pair is relayed: `forwarded` only;
+/// - the verdict: the counters, `next_seq`, `peer_base` and `skb_base`.
+///
+/// A slot is claimed by swapping `owner` from free to the socket's cookie (atomic, so two
+/// processes sharing the maps during an upgrade never take the same slot). A released slot is
+/// marked [`FREED`] with the time, and claimed again only [`QUARANTINE_MS`] later: a verdict
+/// that looked the slot up just before the socket left the maps may still be running, and must
+/// not count into another socket's slot. The verdict also checks `owner` against the cookie it
+/// runs for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockState {
+pub struct Slot {
+    /// Cookie of the socket that holds the slot; `FREED | milliseconds` once released
+    /// (`CLOCK_MONOTONIC`); 0 if never used.
+    pub owner: u64,
     /// Cookie of the other proxy-side socket of the pair: bytes received here go out there.
     pub peer_cookie: u64,
+    /// Most bytes in flight towards the peer (redirected or forwarded, not yet taken by its TCP).
+    /// A redirect into a peer that has taken everything is allowed whatever its size; 0 means
+    /// never redirect (every byte goes to userspace).
+    pub window_bytes: u64,
+    /// Most skbs redirected since the peer last had nothing in flight. Memory held by queued
+    /// skbs is their true size, not their payload: a sender of one-byte segments would hold far
+    /// more than its byte window, so skbs are bounded too.
+    pub window_skbs: u64,
+    /// Passed bytes userspace has written to the peer (userspace's report).
+    pub forwarded: u64,
     /// Bytes the verdict redirected from this socket to the peer's egress. Userspace needs it to
     /// know when the peer's TCP has taken everything before it sends a FIN there.
     pub redirected: u64,
-    /// Bytes the verdict left to userspace (`SK_PASS`) on this socket: past the in-flight window
-    /// ([`SockCtrl`]), or because the redirect failed (the peer is not, or no longer, in the socket map).
+    /// Bytes the verdict left to userspace (`SK_PASS`) on this socket: past the in-flight window,
+    /// or because the redirect failed (the peer is not, or no longer, in the socket map).
     pub passed: u64,
-    /// Number of skbs the verdict redirected from this socket. Memory held by queued skbs is
-    /// their true size, not their payload: a sender of one-byte segments would hold far more
-    /// than its byte credit, so skbs are bounded too.
+    /// Number of skbs the verdict redirected from this socket.
     pub redirected_skbs: u64,
     /// Sequence number just past the last byte the verdict took from this socket, in the low
     /// 32 bits, with [`SEQ_KNOWN`] set once it is known (zero at insertion). The kernel can hand
@@ -83,9 +109,19 @@ pub struct SockState {
     /// `redirected_skbs` when the peer was last seen to have taken every byte: the skbs
     /// redirected since are the ones that may still be queued for it.
     pub skb_base: u64,
+    /// Pads the slot to 128 bytes: two whole cache lines, no slot shares one with another.
+    pub _pad: [u64; 3],
 }
 
-/// Set in [`SockState::next_seq`] once the low 32 bits hold a sequence number.
+/// Set in [`Slot::owner`] when the slot was released; the low bits hold when.
+pub const FREED: u64 = 1 << 63;
+
+/// Milliseconds a released slot waits before it is claimed again. A verdict runs within one RCU
+/// read-side section (microseconds), so this is far beyond the longest it can still be running
+/// for a socket that has left the maps.
+pub const QUARANTINE_MS: u64 = 1000;
+
+/// Set in [`Slot::next_seq`] once the low 32 bits hold a sequence number.
 pub const SEQ_KNOWN: u64 = 1 << 32;
 
 /// Names of the verdict's read-only globals that userspace sets at load time from the running
@@ -98,41 +134,10 @@ pub const COPIED_SEQ_OFFSET_GLOBAL: &str = "WSP_COPIED_SEQ_OFF";
 /// its send queue, the progress the verdict's in-flight bound is measured against.
 pub const WRITE_SEQ_OFFSET_GLOBAL: &str = "WSP_WRITE_SEQ_OFF";
 
-/// Userspace's side of the bound on bytes in flight from one socket, keyed by its cookie.
-///
-/// The verdict redirects an skb only while (a) every byte it ever passed to userspace has been
-/// forwarded (`SockState::passed == forwarded`: otherwise a redirected byte could overtake a
-/// passed one), and (b) the bytes not yet taken by the peer's TCP (redirected plus forwarded,
-/// less the peer's progress: see `SockState::peer_base`) stay within `window_bytes` and the skbs
-/// redirected since the peer last caught up stay below `window_skbs`. The verdict renews this
-/// credit itself as the peer's TCP takes bytes, so a destination that keeps up never sees a
-/// pass. Otherwise it passes the skb: the bytes wait in this socket's receive queue and the
-/// sender is held back by its own TCP window. Userspace forwards passed bytes once the peer's TCP
-/// has taken every redirected byte. Only userspace writes this map (whole values), so there is
-/// no lost update.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockCtrl {
-    /// Passed bytes userspace has written to the peer.
-    pub forwarded: u64,
-    /// Most bytes in flight towards the peer (redirected or forwarded, not yet taken by its TCP).
-    /// A redirect into a peer that has taken everything is allowed whatever its size; 0 means
-    /// never redirect (every byte goes to userspace).
-    pub window_bytes: u64,
-    /// Most skbs redirected since the peer last had nothing in flight. Memory held by queued
-    /// skbs is their true size, not their payload: a sender of one-byte segments would hold far
-    /// more than its byte window, so skbs are bounded too.
-    pub window_skbs: u64,
-}
-
-// SAFETY: `SockState` is `#[repr(C)]`, `Copy`, has only `u64` fields (no padding, checked by the
+// SAFETY: `Slot` is `#[repr(C)]`, `Copy`, has only `u64` fields (no padding, checked by the
 // tests below) and every bit pattern is a valid value.
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for SockState {}
-
-// SAFETY: as for `SockState`: `#[repr(C)]`, `Copy`, `u64` fields only, every bit pattern valid.
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for SockCtrl {}
+unsafe impl aya::Pod for Slot {}
 
 #[cfg(test)]
 mod tests {
@@ -141,25 +146,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sock_state_has_no_padding() {
-        assert_eq!(size_of::<SockState>(), size_of::<[u64; 9]>());
-        assert_eq!(size_of::<SockCtrl>(), 3 * size_of::<u64>());
-        assert_eq!(align_of::<SockCtrl>(), align_of::<u64>());
-        assert_eq!(align_of::<SockState>(), align_of::<u64>());
-        assert_eq!(offset_of!(SockState, peer_cookie), 0);
-        assert_eq!(offset_of!(SockState, redirected), 8);
-        assert_eq!(offset_of!(SockState, passed), 16);
-        assert_eq!(offset_of!(SockState, redirected_skbs), 24);
-        assert_eq!(offset_of!(SockState, next_seq), 32);
-        assert_eq!(offset_of!(SockState, broken), 48);
-        assert_eq!(offset_of!(SockState, skb_base), 64);
+    fn a_slot_is_two_cache_lines_without_padding() {
+        assert_eq!(size_of::<Slot>(), size_of::<[u64; 16]>());
+        assert_eq!(size_of::<Slot>(), 128);
+        assert_eq!(align_of::<Slot>(), align_of::<u64>());
+        assert_eq!(offset_of!(Slot, owner), 0);
+        assert_eq!(offset_of!(Slot, forwarded), 32);
+        assert_eq!(offset_of!(Slot, redirected), 40);
+        assert_eq!(offset_of!(Slot, skb_base), 96);
+        // The mapped array is page-aligned; whole slots fit a page, so none straddles two.
+        assert_eq!(4096 % size_of::<Slot>(), 0);
     }
 
     #[test]
     fn map_names_fit_the_kernel_limit() {
         // The kernel keeps 15 bytes of a map or program name; shorter names show up whole in
         // `bpftool map` / `bpftool prog`, so operators see the names used here.
-        for name in [SOCKETS_MAP, STATE_MAP, CTRL_MAP, EVENTS_MAP, LOST_MAP, VERDICT_PROGRAM] {
+        for name in [SOCKETS_MAP, INDEX_MAP, SLOTS_MAP, EVENTS_MAP, LOST_MAP, VERDICT_PROGRAM] {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
         }
     }

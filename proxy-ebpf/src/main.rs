@@ -20,7 +20,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-use proxy_common::{EVENTS_BYTES, MAX_SOCKETS, SEQ_KNOWN, SockCtrl, SockState};
+use proxy_common::{BPF_F_MMAPABLE, EVENTS_BYTES, MAX_SOCKETS, SEQ_KNOWN, Slot};
 
 /// Byte offset of `cb` in `struct sk_buff`, set by userspace from the kernel's BTF
 /// (`proxy_common::SKB_CB_OFFSET_GLOBAL`). A read-only global, so the verifier sees a constant.
@@ -47,21 +47,20 @@ const CUT_CALLS: u32 = 64;
 #[map]
 static WSP_SOCKETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// `BPF_F_NO_PREALLOC` for both hash maps. In a preallocated hash map an element replaced or
-/// deleted by userspace goes back to the free list at once and can be handed out for another key
-/// while a verdict still reads it through the pointer it looked up: the verdict would then take
-/// another socket's credit or count into another pair. Without preallocation an element is freed
-/// only after an RCU grace period, which every verdict run is inside of.
+/// `BPF_F_NO_PREALLOC` for the index. In a preallocated hash map an element deleted by
+/// userspace goes back to the free list at once and can be handed out for another key while a
+/// verdict still reads it through the pointer it looked up. Without preallocation an element is
+/// freed only after an RCU grace period, which every verdict run is inside of.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// Socket cookie -> state (peer cookie, counters). Name must equal `proxy_common::STATE_MAP`.
+/// Socket cookie -> index of its slot. Name must equal `proxy_common::INDEX_MAP`.
 #[map]
-static WSP_STATE: HashMap<u64, SockState> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+static WSP_INDEX: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
-/// Socket cookie -> userspace's credit and forwarded count. Name must equal
-/// `proxy_common::CTRL_MAP`.
+/// State and credit of each relayed socket, mapped into userspace's memory. Name must equal
+/// `proxy_common::SLOTS_MAP`.
 #[map]
-static WSP_CTRL: HashMap<u64, SockCtrl> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+static WSP_SLOTS: Array<Slot> = Array::with_max_entries(MAX_SOCKETS, BPF_F_MMAPABLE);
 
 /// Cookies of sockets userspace has work on. Name must equal `proxy_common::EVENTS_MAP`.
 #[map]
@@ -76,7 +75,7 @@ static WSP_LOST: Array<u64> = Array::with_max_entries(1, 0);
 #[stream_verdict]
 pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
     let cookie = socket_cookie(&ctx);
-    let Some(state) = WSP_STATE.get_ptr_mut(cookie) else {
+    let Some(state) = slot_of(cookie) else {
         return SK_PASS; // not a relayed socket (or already removed): userspace reads it
     };
     let len = u64::from(ctx.len());
@@ -86,9 +85,9 @@ pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
         // already recorded the FIN, and userspace still reads EOF.
         return SK_DROP;
     }
-    // SAFETY (for every access to `*state` below): a non-null pointer to a live map value;
-    // userspace writes the entry before inserting the socket and deletes it only after removing
-    // the socket, so it outlives this call.
+    // SAFETY (for every access to `*state` below): a non-null pointer into the slots array,
+    // whose memory lives as long as the map; the slot is this socket's (`slot_of`) and is not
+    // claimed for another before its quarantine has passed, long after this call.
     let len = match fresh_bytes(&ctx, unsafe { &mut *state }, len) {
         Fresh::All => len,
         Fresh::Cut(rest) => rest,
@@ -106,7 +105,7 @@ pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
         }
     };
     // SAFETY: as above.
-    if may_redirect(unsafe { &mut *state }, cookie, len) && redirect_to(&ctx, unsafe { (*state).peer_cookie }) {
+    if may_redirect(unsafe { &mut *state }, len) && redirect_to(&ctx, unsafe { (*state).peer_cookie }) {
         // SAFETY: as above; the field pointers stay inside the value.
         unsafe {
             count(&raw mut (*state).redirected, len);
@@ -114,7 +113,7 @@ pub fn wsp_verdict(ctx: SkBuffContext) -> u32 {
         }
     } else {
         // SAFETY: as above.
-        let idle = unsafe { (*state).passed } == reported_forwarded(cookie);
+        let idle = unsafe { (*state).passed } == reported_forwarded(unsafe { &*state });
         // SAFETY: as above.
         count(unsafe { &raw mut (*state).passed }, len);
         if idle {
@@ -147,7 +146,7 @@ enum Fresh {
 /// "Partial packet"; `tcp_ofo_queue`): a normal reader skips the old head by sequence number,
 /// the verdict would relay it a second time (see `docs/kernel-relay.md`). The verdict therefore
 /// keeps the sequence number it has taken bytes up to and cuts what lies before it.
-fn fresh_bytes(ctx: &SkBuffContext, state: &mut SockState, len: u64) -> Fresh {
+fn fresh_bytes(ctx: &SkBuffContext, state: &mut Slot, len: u64) -> Fresh {
     let Some((seq, end_seq)) = skb_seqs(ctx) else {
         return Fresh::Broken;
     };
@@ -238,30 +237,27 @@ fn copied_seq(ctx: &SkBuffContext) -> Option<u32> {
     unsafe { bpf_probe_read_kernel(at) }.ok()
 }
 
-/// Order and credit (see `proxy_common::SockCtrl`): redirect only when no passed byte can still
-/// be in userspace's hands, and while the bytes the peer's TCP has not taken yet stay within the
+/// Order and credit (see `proxy_common::Slot`): redirect only when no passed byte can still be
+/// in userspace's hands, and while the bytes the peer's TCP has not taken yet stay within the
 /// window. The window renews itself as the peer takes bytes: userspace is needed only when the
-/// peer falls behind. No credit entry, or a peer whose progress cannot be read: pass.
-fn may_redirect(s: &mut SockState, cookie: u64, len: u64) -> bool {
-    // SAFETY: the value is copied out at once; userspace replaces entries whole.
-    let Some(ctrl) = (unsafe { WSP_CTRL.get(&cookie) }) else {
-        return false;
-    };
-    if ctrl.window_bytes == 0 {
+/// peer falls behind. A window of 0, or a peer whose progress cannot be read: pass.
+fn may_redirect(s: &mut Slot, len: u64) -> bool {
+    if s.window_bytes == 0 {
         return false;
     }
+    let forwarded = reported_forwarded(s);
     let Some(write_seq) = peer_write_seq(s.peer_cookie) else {
         return false;
     };
     if s.peer_base & SEQ_KNOWN == 0 {
-        if s.passed != ctrl.forwarded {
+        if s.passed != forwarded {
             // Userspace may have written some passed bytes into the peer without reporting
             // them yet: the peer's progress cannot be told apart from them now.
             return false;
         }
         // Nothing redirected yet, and every byte written into the peer since insertion was
         // forwarded by userspace and reported in `forwarded`.
-        s.peer_base = SEQ_KNOWN | u64::from(write_seq.wrapping_sub(ctrl.forwarded as u32));
+        s.peer_base = SEQ_KNOWN | u64::from(write_seq.wrapping_sub(forwarded as u32));
     }
     let taken = write_seq.wrapping_sub(s.peer_base as u32);
     // Bytes owed to the peer (redirected, and passed for userspace to forward) less the bytes
@@ -277,9 +273,7 @@ fn may_redirect(s: &mut SockState, cookie: u64, len: u64) -> bool {
         return true;
     }
     // A passed byte that userspace has not reported written may still be in its hands.
-    s.passed == ctrl.forwarded
-        && in_flight + len <= ctrl.window_bytes
-        && s.redirected_skbs - s.skb_base < ctrl.window_skbs
+    s.passed == forwarded && in_flight + len <= s.window_bytes && s.redirected_skbs - s.skb_base < s.window_skbs
 }
 
 /// The peer's `tcp_sock.write_seq`: how far its TCP has taken bytes into its send queue. `None`
@@ -312,10 +306,24 @@ fn peer_write_seq(mut peer: u64) -> Option<u32> {
     seq
 }
 
-/// Passed bytes userspace has reported forwarded from this socket (0 without a credit entry).
-fn reported_forwarded(cookie: u64) -> u64 {
+/// Passed bytes userspace has reported forwarded from this socket. Userspace writes the field
+/// while the verdict runs: read it once, as it is now.
+fn reported_forwarded(s: &Slot) -> u64 {
+    // SAFETY: an aligned u64 inside the slot; a volatile read keeps the compiler from reading
+    // it twice and seeing two values.
+    unsafe { core::ptr::read_volatile(&raw const s.forwarded) }
+}
+
+/// The slot of a relayed socket: `None` if the socket is not (or no longer) relayed, or if the
+/// slot the index names is not held by this socket.
+fn slot_of(cookie: u64) -> Option<*mut Slot> {
     // SAFETY: the value is copied out at once.
-    unsafe { WSP_CTRL.get(&cookie) }.map_or(0, |c| c.forwarded)
+    let index = unsafe { WSP_INDEX.get(&cookie) }.copied()?;
+    let slot = WSP_SLOTS.get_ptr_mut(index)?;
+    // SAFETY: a pointer into the array, valid while the program runs. Userspace claims and
+    // releases a slot by writing `owner` whole.
+    let owner = unsafe { core::ptr::read_volatile(&raw const (*slot).owner) };
+    (owner == cookie).then_some(slot)
 }
 
 /// Tells userspace it has work on this socket; if the ring buffer is full, raises the lost flag

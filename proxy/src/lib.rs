@@ -565,8 +565,8 @@ impl Server {
     pub fn metrics_text(&self) -> String {
         if let Some(k) = &self.shared.kernel {
             // Read when asked: entries left behind by a pair would show here.
-            let (sockets, states, ctrls) = k.map_entry_counts();
-            self.shared.metrics.kernel_map_entries([sockets, states, ctrls]);
+            let (sockets, index, slots) = k.map_entry_counts();
+            self.shared.metrics.kernel_map_entries([sockets, index, slots]);
         }
         self.shared.metrics.encode()
     }
@@ -581,8 +581,8 @@ impl Server {
         self.shared.metrics.totals()
     }
 
-    /// Entries in the kernel relay's (socket, state, credit) maps; `None` without the kernel
-    /// relay. All zero when no connection is relayed in the kernel.
+    /// Entries in the kernel relay's socket map and index, and slots held; `None` without the
+    /// kernel relay. All zero when no connection is relayed in the kernel.
     pub fn kernel_map_entries(&self) -> Option<(usize, usize, usize)> {
         self.shared.kernel.as_ref().map(|k| k.map_entry_counts())
     }

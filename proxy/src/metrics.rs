@@ -411,7 +411,7 @@ impl Metrics {
         );
         r.register(
             KERNEL_RELAY_MAP_ENTRIES,
-            "Entries in the kernel relay's maps (sockets, states, credits), read at each scrape; all 0 when no pair is relayed in the kernel",
+            "Entries in the kernel relay's socket map and index, and its slots held, read at each scrape; all 0 when no pair is relayed in the kernel",
             m.map_entries.clone(),
         );
         r.register(
@@ -571,8 +571,8 @@ impl Metrics {
         self.kernel_relay.set(i64::from(available));
     }
 
-    pub fn kernel_map_entries(&self, [sockets, states, credits]: [usize; 3]) {
-        for (map, n) in [("sockets", sockets), ("states", states), ("credits", credits)] {
+    pub fn kernel_map_entries(&self, [sockets, index, slots]: [usize; 3]) {
+        for (map, n) in [("sockets", sockets), ("index", index), ("slots", slots)] {
             self.map_entries.get_or_create(&MapLabels { map }).set(n as i64);
         }
     }

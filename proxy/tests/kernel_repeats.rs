@@ -24,7 +24,6 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::SockCtrl;
 use wsproxy::relay::tcp_probe::tcp_info;
 
 mod common;
@@ -260,11 +259,7 @@ fn scenario(path: Path) {
     let (mut upstream, proxy_upstream_side) = loopback_pair();
     let credit = match path {
         Path::Redirected => UNLIMITED,
-        Path::Passed => SockCtrl {
-            forwarded: 0,
-            window_bytes: 0,
-            window_skbs: 0,
-        },
+        Path::Passed => wsproxy::ebpf::Window { bytes: 0, skbs: 0 },
     };
     let pair = programs
         .insert_pair(&proxy_client_side, &proxy_upstream_side, credit)
@@ -302,7 +297,7 @@ fn scenario(path: Path) {
     expect_bytes(out, b"end", "the bytes after an all-old segment follow at once");
     assert_nothing_to_read(out, "after the end");
 
-    let state = pair.state(wsproxy::ebpf::Side::Client).expect("state");
+    let state = pair.side(wsproxy::ebpf::Side::Client);
     assert_eq!(
         state.repeated, OLD as u64,
         "the verdict cut the one partial repeat: {state:?}"

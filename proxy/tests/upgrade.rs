@@ -273,7 +273,7 @@ async fn a_thousand_connections_cross_five_upgrades_without_a_lost_byte() {
     if kernel {
         assert!(closed.unwrap_or(0.0) >= 500.0, "{closed:?}");
         // No pair left in the maps the five processes shared, and nothing pinned.
-        for map in ["sockets", "states", "credits"] {
+        for map in ["sockets", "index", "slots"] {
             let series = format!("wsproxy_kernel_relay_map_entries{{map=\"{map}\"}}");
             assert_eq!(metric(admin, &series).await, Some(0.0), "{map}");
         }

@@ -1,6 +1,11 @@
 //! Loading and attaching the kernel relay (`proxy-ebpf`), and the map operations the relay uses:
 //! putting a pair of proxy-side sockets under the verdict, reading its counters, taking it out.
 //!
+//! Per socket the relay keeps one socket-map entry (by cookie, the redirect target), one index
+//! entry (cookie -> slot) and one slot (`slots`: state and credit together, in memory shared
+//! with the verdict). A pair costs four map updates to put in (the index's two in one batch)
+//! and three to take out; reading its counters and reporting forwarded bytes cost none.
+//!
 //! Errors from [`KernelPrograms::load`] are one short line, fit for
 //! `kernel relay: unavailable (<reason>)`.
 
@@ -17,22 +22,23 @@ use aya::{
     programs::{ProgramError, SkSkb, sk_skb::SkSkbLink},
 };
 use proxy_common::{
-    COPIED_SEQ_OFFSET_GLOBAL, CTRL_MAP, EVENTS_MAP, LOST_MAP, SKB_CB_OFFSET_GLOBAL, SOCKETS_MAP, STATE_MAP, SockCtrl,
-    SockState, VERDICT_PROGRAM, WRITE_SEQ_OFFSET_GLOBAL,
+    COPIED_SEQ_OFFSET_GLOBAL, EVENTS_MAP, INDEX_MAP, LOST_MAP, MAX_SOCKETS, SKB_CB_OFFSET_GLOBAL, SLOTS_MAP,
+    SOCKETS_MAP, Slot, VERDICT_PROGRAM, WRITE_SEQ_OFFSET_GLOBAL,
 };
 
 use crate::lock::lock;
 
+mod bpf_sys;
 mod kernel_layout;
+mod slots;
 mod watch;
+use bpf_sys::BPF_NOEXIST;
 pub use kernel_layout::KernelLayout;
+use slots::Slots;
 pub use watch::Watch;
 
 /// The eBPF object built by `build.rs` (empty when the build was skipped with AYA_BUILD_SKIP).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
-
-/// `BPF_NOEXIST`: a map insert fails if the key is present (a socket is relayed at most once).
-const BPF_NOEXIST: u64 = 1;
 
 /// The loaded verdict program, attached to the socket map, and the maps it uses.
 ///
@@ -53,14 +59,17 @@ pub struct KernelPrograms {
 }
 
 /// The maps a successor receives, in order.
-const HANDOVER_MAPS: [&str; 5] = [SOCKETS_MAP, STATE_MAP, CTRL_MAP, EVENTS_MAP, LOST_MAP];
+const HANDOVER_MAPS: [&str; 5] = [SOCKETS_MAP, INDEX_MAP, SLOTS_MAP, EVENTS_MAP, LOST_MAP];
 
-/// The three maps, each behind a mutex because aya's update calls take `&mut` (the syscalls
-/// themselves are short and thread-safe).
+/// The per-socket maps. Updates go through `bpf_sys` (thread-safe system calls, no lock); aya's
+/// typed maps serve to count entries and to attach the verdict.
 struct RelayMaps {
-    sockets: Mutex<SockHash<MapData, u64>>,
-    states: Mutex<HashMap<MapData, u64, SockState>>,
-    ctrls: Mutex<HashMap<MapData, u64, SockCtrl>>,
+    sockets: SockHash<MapData, u64>,
+    index: HashMap<MapData, u64, u32>,
+    index_fd: OwnedFd,
+    slots: Slots,
+    /// Keeps the slots map's descriptor open: the loaded verdict was relocated against it.
+    _slots_map: MapData,
 }
 
 impl KernelPrograms {
@@ -91,7 +100,7 @@ impl KernelPrograms {
             .collect::<io::Result<Vec<_>>>()
             .context("copying the maps' descriptors")?;
         let mut programs = Self::from_maps(taken, handover, true)?;
-        let link = attach_verdict(&mut ebpf, &lock(&programs.maps.sockets))?;
+        let link = attach_verdict(&mut ebpf, &programs.maps.sockets)?;
         *lock(&programs.link) = Some(link);
         programs._ebpf = Some(ebpf);
         Ok(programs)
@@ -116,7 +125,7 @@ impl KernelPrograms {
             maps.push(match variant {
                 SOCKETS_MAP => Map::SockHash(data),
                 EVENTS_MAP => Map::RingBuf(data),
-                LOST_MAP => Map::Array(data),
+                LOST_MAP | SLOTS_MAP => Map::Array(data),
                 _ => Map::HashMap(data),
             });
         }
@@ -128,16 +137,28 @@ impl KernelPrograms {
         let mut next = |name: &str| maps.next().ok_or_else(|| anyhow!("map {name} missing"));
         let typed = |name: &str, e: MapError| anyhow!("map {name}: {e}");
         let sockets: SockHash<MapData, u64> = next(SOCKETS_MAP)?.try_into().map_err(|e| typed(SOCKETS_MAP, e))?;
-        let states: HashMap<MapData, u64, SockState> = next(STATE_MAP)?.try_into().map_err(|e| typed(STATE_MAP, e))?;
-        let ctrls: HashMap<MapData, u64, SockCtrl> = next(CTRL_MAP)?.try_into().map_err(|e| typed(CTRL_MAP, e))?;
+        let index = next(INDEX_MAP)?;
+        // aya's hash map does not lend its descriptor: keep one for the batch commands.
+        let index_fd = map_data(&index)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("copying the index's descriptor")?;
+        let index: HashMap<MapData, u64, u32> = index.try_into().map_err(|e| typed(INDEX_MAP, e))?;
+        let Map::Array(slots_map) = next(SLOTS_MAP)? else {
+            bail!("map {SLOTS_MAP}: not an array");
+        };
+        let slots = Slots::map(slots_map.fd().as_fd(), MAX_SOCKETS).context("mapping the slots")?;
         let events: RingBuf<MapData> = next(EVENTS_MAP)?.try_into().map_err(|e| typed(EVENTS_MAP, e))?;
         let lost: Array<MapData, u64> = next(LOST_MAP)?.try_into().map_err(|e| typed(LOST_MAP, e))?;
         let watch = Watch::new(events, lost, ring_now).context("an epoll instance for relayed sockets")?;
         Ok(Self {
             maps: Arc::new(RelayMaps {
-                sockets: Mutex::new(sockets),
-                states: Mutex::new(states),
-                ctrls: Mutex::new(ctrls),
+                sockets,
+                index,
+                index_fd,
+                slots,
+                _slots_map: slots_map,
             }),
             watch: Arc::new(watch),
             handover,
@@ -170,10 +191,11 @@ impl KernelPrograms {
     }
 
     /// Takes over a pair a predecessor put under the verdict (its entries are in the maps).
-    pub fn adopt_pair(&self, cookies: [u64; 2]) -> PairGuard {
+    pub fn adopt_pair(&self, cookies: [u64; 2], slots: [u32; 2]) -> PairGuard {
         PairGuard {
             maps: Arc::clone(&self.maps),
             cookies,
+            slots,
             removed: false,
         }
     }
@@ -184,45 +206,61 @@ impl KernelPrograms {
     }
 
     /// Puts a pair of proxy-side sockets under the verdict: bytes received on `client` go out
-    /// on `upstream` and the reverse.
+    /// on `upstream` and the reverse, within `window` per direction.
     ///
-    /// `ctrl` is the initial credit of each direction (see [`SockCtrl`]).
-    ///
-    /// Order: both state and credit entries, then both sockets into the socket map, then a
-    /// kick on each (`SO_RCVLOWAT` = 1) so that bytes already queued on a socket are relayed now
-    /// rather than when the next segment arrives. Bytes arriving on `client` in the instant
-    /// before `upstream` is in the map cannot be redirected: they are passed to userspace on
-    /// `client` and counted in `passed`.
+    /// Order: both slots claimed and filled, both index entries (one batch), then both sockets
+    /// into the socket map, then a kick on each (`SO_RCVLOWAT` = 1) so that bytes already
+    /// queued on a socket are relayed now rather than when the next segment arrives. Bytes
+    /// arriving on `client` in the instant before `upstream` is in the map cannot be redirected:
+    /// they are passed to userspace on `client` and counted in `passed`.
     ///
     /// The caller keeps both sockets open for as long as the guard lives. On error, whatever
     /// was inserted has been removed again.
-    pub fn insert_pair(&self, client: &impl AsFd, upstream: &impl AsFd, ctrl: SockCtrl) -> anyhow::Result<PairGuard> {
+    pub fn insert_pair(&self, client: &impl AsFd, upstream: &impl AsFd, window: Window) -> anyhow::Result<PairGuard> {
         let (client, upstream) = (client.as_fd(), upstream.as_fd());
         let cookies = [socket_cookie(client)?, socket_cookie(upstream)?];
-        self.maps.insert_states(cookies)?;
-        if let Err(e) = self.maps.insert_ctrls(cookies, ctrl) {
-            let _ = self.maps.remove_pair(cookies);
-            return Err(e);
-        }
-        // From here on the guard owns both entries: any error below drops it, which removes them.
+        let fill = |peer_cookie| Slot {
+            peer_cookie,
+            window_bytes: window.bytes,
+            window_skbs: window.skbs,
+            ..Slot::default()
+        };
+        let maps = &self.maps;
+        let Some(first) = maps.slots.claim(cookies[0], &fill(cookies[1])) else {
+            bail!("every slot of the kernel relay is in use");
+        };
+        let Some(second) = maps.slots.claim(cookies[1], &fill(cookies[0])) else {
+            maps.slots.release(first, cookies[0]);
+            bail!("every slot of the kernel relay is in use");
+        };
+        // From here on the guard owns the slots and entries: any error below drops it, which
+        // removes whatever is in.
         let guard = PairGuard {
-            maps: Arc::clone(&self.maps),
+            maps: Arc::clone(maps),
             cookies,
+            slots: [first, second],
             removed: false,
         };
-        self.maps.insert_sockets(cookies, [client, upstream])?;
+        // Cookies are never reused and a socket enters the relay once, from the task that owns
+        // it, so the index entries are new (the batch command takes no `BPF_NOEXIST`); the
+        // socket map refuses a socket already in it.
+        bpf_sys::update_two(maps.index_fd.as_fd(), &cookies, &guard.slots, 0)
+            .map_err(|e| io_error("adding the sockets' index entries", &e))?;
+        for (cookie, fd) in cookies.iter().zip([client, upstream]) {
+            bpf_sys::update(maps.sockets.fd().as_fd(), cookie, &(fd.as_raw_fd() as u32), BPF_NOEXIST)
+                .map_err(|e| io_error("adding a socket to the socket map", &e))?;
+        }
         for fd in [client, upstream] {
             kick(fd)?;
         }
         Ok(guard)
     }
 
-    /// Entries in (socket map, state map, credit map): all zero when no pair is relayed.
+    /// Entries in (socket map, index) and slots held: all zero when no pair is relayed.
     pub fn map_entry_counts(&self) -> (usize, usize, usize) {
-        let sockets = lock(&self.maps.sockets).keys().count();
-        let states = lock(&self.maps.states).keys().count();
-        let ctrls = lock(&self.maps.ctrls).keys().count();
-        (sockets, states, ctrls)
+        let sockets = self.maps.sockets.keys().count();
+        let index = self.maps.index.keys().count();
+        (sockets, index, self.maps.slots.held())
     }
 }
 
@@ -249,6 +287,15 @@ impl Side {
     }
 }
 
+/// The verdict's bound on bytes in flight per direction (see `proxy_common::Slot`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Most bytes in flight (0: never redirect).
+    pub bytes: u64,
+    /// Most skbs redirected since the peer last had nothing in flight.
+    pub skbs: u64,
+}
+
 /// Byte counts of one proxy-side socket, as the verdict saw them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketCounters {
@@ -272,12 +319,14 @@ pub struct PairCounters {
 }
 
 /// A pair under the verdict. [`PairGuard::remove`] (or drop) takes both sockets out of the
-/// socket map and deletes both state entries.
+/// socket map and the index, and releases their slots.
 #[must_use = "dropping the guard takes the pair out of the kernel relay at once"]
 pub struct PairGuard {
     maps: Arc<RelayMaps>,
     /// Cookies of the client-side and the upstream-side socket.
     cookies: [u64; 2],
+    /// Their slots.
+    slots: [u32; 2],
     removed: bool,
 }
 
@@ -288,133 +337,82 @@ impl PairGuard {
     }
 
     /// Current counters (they keep growing while the pair is relayed).
-    pub fn counters(&self) -> anyhow::Result<PairCounters> {
-        self.maps.counters(self.cookies)
+    pub fn counters(&self) -> PairCounters {
+        PairCounters {
+            from_client: self.side(Side::Client),
+            from_upstream: self.side(Side::Upstream),
+        }
     }
 
-    /// The verdict's state of one side's socket (bytes that arrived on it).
-    pub fn state(&self, side: Side) -> anyhow::Result<SockState> {
-        lock(&self.maps.states)
-            .get(&self.cookies[side as usize], 0)
-            .map_err(|e| map_error("reading a socket state", &e))
+    /// The verdict's counters of one side's socket (bytes that arrived on it).
+    pub fn side(&self, side: Side) -> SocketCounters {
+        let s = self.maps.slots.read(self.slots[side as usize]);
+        SocketCounters {
+            redirected: s.redirected,
+            passed: s.passed,
+            repeated: s.repeated,
+            broken: s.broken,
+        }
     }
 
-    /// Replaces the credit of one side's socket (the direction from that side).
-    pub fn set_ctrl(&self, side: Side, ctrl: SockCtrl) -> anyhow::Result<()> {
-        lock(&self.maps.ctrls)
-            .insert(self.cookies[side as usize], ctrl, 0)
-            .map_err(|e| map_error("updating a socket's credit", &e))
+    /// The whole slot of one side's socket, as it is now.
+    pub fn slot(&self, side: Side) -> Slot {
+        self.maps.slots.read(self.slots[side as usize])
+    }
+
+    /// Reports to the verdict how many passed bytes from `side`'s socket userspace has written
+    /// to the other side.
+    pub fn report_forwarded(&self, side: Side, forwarded: u64) {
+        self.maps
+            .slots
+            .field(self.slots[side as usize], std::mem::offset_of!(Slot, forwarded))
+            .store(forwarded, std::sync::atomic::Ordering::Release);
     }
 
     /// Leaves the pair in the maps, for a successor process to take over
-    /// ([`KernelPrograms::adopt_pair`]); returns its cookies.
-    pub fn hand_over(mut self) -> [u64; 2] {
+    /// ([`KernelPrograms::adopt_pair`]); returns its cookies and slots.
+    pub fn hand_over(mut self) -> ([u64; 2], [u32; 2]) {
         self.removed = true;
-        self.cookies
+        (self.cookies, self.slots)
     }
 
     /// Takes the pair out of the relay and returns the final counters.
     pub fn remove(mut self) -> anyhow::Result<PairCounters> {
         self.removed = true;
-        self.maps.remove_pair(self.cookies)
+        self.take_out()
+    }
+
+    /// Sockets first (no new verdicts for the pair), then the counters, then the index entries
+    /// and the slots. Entries already gone (a socket the kernel dropped from the map at close,
+    /// or a half-done insertion) are not errors.
+    fn take_out(&self) -> anyhow::Result<PairCounters> {
+        let maps = &self.maps;
+        let mut first_error = None;
+        for cookie in &self.cookies {
+            if let Err(e) = bpf_sys::delete(maps.sockets.fd().as_fd(), cookie) {
+                first_error.get_or_insert(io_error("removing a socket from the socket map", &e));
+            }
+        }
+        let counters = self.counters();
+        if let Err(e) = bpf_sys::delete_two(maps.index_fd.as_fd(), &self.cookies) {
+            first_error.get_or_insert(io_error("removing the sockets' index entries", &e));
+        }
+        for (slot, cookie) in self.slots.into_iter().zip(self.cookies) {
+            maps.slots.release(slot, cookie);
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(counters),
+        }
     }
 }
 
 impl Drop for PairGuard {
     fn drop(&mut self) {
         if !self.removed
-            && let Err(err) = self.maps.remove_pair(self.cookies)
+            && let Err(err) = self.take_out()
         {
             tracing::warn!(error = %format!("{err:#}"), "kernel relay: removing a pair failed");
-        }
-    }
-}
-
-impl RelayMaps {
-    /// Both entries or neither. `BPF_NOEXIST`: a socket already in a pair is refused, and the
-    /// other pair's entries are left alone.
-    fn insert_states(&self, [client, upstream]: [u64; 2]) -> anyhow::Result<()> {
-        let mut states = lock(&self.states);
-        let entry = |peer_cookie| SockState {
-            peer_cookie,
-            ..SockState::default()
-        };
-        states
-            .insert(client, entry(upstream), BPF_NOEXIST)
-            .map_err(|e| map_error("adding the client socket's state", &e))?;
-        if let Err(e) = states.insert(upstream, entry(client), BPF_NOEXIST) {
-            let _ = states.remove(&client);
-            return Err(map_error("adding the upstream socket's state", &e));
-        }
-        Ok(())
-    }
-
-    fn insert_ctrls(&self, cookies: [u64; 2], ctrl: SockCtrl) -> anyhow::Result<()> {
-        let mut ctrls = lock(&self.ctrls);
-        for cookie in cookies {
-            ctrls
-                .insert(cookie, ctrl, BPF_NOEXIST)
-                .map_err(|e| map_error("adding a socket's credit", &e))?;
-        }
-        Ok(())
-    }
-
-    fn insert_sockets(&self, cookies: [u64; 2], fds: [BorrowedFd<'_>; 2]) -> anyhow::Result<()> {
-        let mut sockets = lock(&self.sockets);
-        for (cookie, fd) in cookies.into_iter().zip(fds) {
-            sockets
-                .insert(cookie, fd.as_raw_fd(), BPF_NOEXIST)
-                .map_err(|e| map_error("adding a socket to the socket map", &e))?;
-        }
-        Ok(())
-    }
-
-    fn counters(&self, [client, upstream]: [u64; 2]) -> anyhow::Result<PairCounters> {
-        let states = lock(&self.states);
-        let read = |cookie: u64| -> anyhow::Result<SocketCounters> {
-            let state = states
-                .get(&cookie, 0)
-                .map_err(|e| map_error("reading a socket state", &e))?;
-            Ok(SocketCounters {
-                redirected: state.redirected,
-                passed: state.passed,
-                repeated: state.repeated,
-                broken: state.broken,
-            })
-        };
-        Ok(PairCounters {
-            from_client: read(client)?,
-            from_upstream: read(upstream)?,
-        })
-    }
-
-    /// Sockets first (no new verdicts for the pair), then the counters, then the states.
-    /// Entries already gone (a socket the kernel dropped from the map at close, or a half-done
-    /// insertion) are not errors.
-    fn remove_pair(&self, cookies: [u64; 2]) -> anyhow::Result<PairCounters> {
-        let mut first_error = None;
-        {
-            let mut sockets = lock(&self.sockets);
-            for cookie in cookies {
-                if let Err(e) = sockets.remove(&cookie).or_else(ignore_missing) {
-                    first_error.get_or_insert(map_error("removing a socket from the socket map", &e));
-                }
-            }
-        }
-        let counters = self.counters(cookies).unwrap_or_default();
-        let mut states = lock(&self.states);
-        let mut ctrls = lock(&self.ctrls);
-        for cookie in cookies {
-            if let Err(e) = states.remove(&cookie).or_else(ignore_missing) {
-                first_error.get_or_insert(map_error("removing a socket state", &e));
-            }
-            if let Err(e) = ctrls.remove(&cookie).or_else(ignore_missing) {
-                first_error.get_or_insert(map_error("removing a socket's credit", &e));
-            }
-        }
-        match first_error {
-            Some(err) => Err(err),
-            None => Ok(counters),
         }
     }
 }
@@ -494,19 +492,8 @@ fn kick(fd: BorrowedFd<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ignore_missing(err: MapError) -> Result<(), MapError> {
-    match &err {
-        MapError::KeyNotFound | MapError::ElementNotFound => Ok(()),
-        MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        _ => Err(err),
-    }
-}
-
-fn map_error(what: &str, err: &MapError) -> anyhow::Error {
-    match err {
-        MapError::SyscallError(e) => anyhow!("{what}: {}", short_io(&e.io_error)),
-        other => anyhow!("{what}: {other}"),
-    }
+fn io_error(what: &str, err: &io::Error) -> anyhow::Error {
+    anyhow!("{what}: {}", short_io(err))
 }
 
 fn short_ebpf_error(what: &str, err: EbpfError) -> anyhow::Error {

@@ -5,14 +5,12 @@ use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use proxy_common::SockCtrl;
-use wsproxy::ebpf::KernelPrograms;
+use wsproxy::ebpf::{KernelPrograms, Window};
 
 /// Credit that never runs out: for tests about redirection, not the bound.
-pub const UNLIMITED: SockCtrl = SockCtrl {
-    forwarded: 0,
-    window_bytes: u64::MAX,
-    window_skbs: u64::MAX,
+pub const UNLIMITED: Window = Window {
+    bytes: u64::MAX,
+    skbs: u64::MAX,
 };
 
 /// Longest wait for any expected byte; loopback delivers in microseconds.

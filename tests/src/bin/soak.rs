@@ -585,7 +585,7 @@ fn report(args: &Args, reports: &[ModeReport], stream: &StreamResult, started: &
     }
     let _ = writeln!(
         o,
-        "\n| relay | descriptors start → end | RSS (trimmed) start → end | kernel map entries (sockets/states/credits) \
+        "\n| relay | descriptors start → end | RSS (trimmed) start → end | kernel map entries (sockets/index/slots) \
          start → end | open relays at the end |"
     );
     let _ = writeln!(o, "|---|---|---|---|---|");

@@ -15,8 +15,8 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
+use super::Failed;
 use super::step::{self, Action, Failure, Phase, Read, Seen};
-use super::{Failed, window};
 use crate::config;
 use crate::ebpf::{PairGuard, Side};
 use crate::relay::tcp_probe::{fin_received, is_closed, pending_error, taken};
@@ -135,7 +135,8 @@ impl<'a> Direction<'a> {
             };
             let seen = match read {
                 Read::Failed(_) => Seen::default(),
-                Read::Bytes(_) | Read::Eof | Read::Nothing => self.seen(forwarded)?,
+                Read::Bytes(_) | Read::Nothing => self.seen(forwarded, false),
+                Read::Eof => self.seen(forwarded, true),
             };
             let (next, action) = step::next(phase, read, seen);
             tracing::trace!(side = ?self.side, ?phase, ?read, ?action, "kernel relay: step");
@@ -153,7 +154,7 @@ impl<'a> Direction<'a> {
                     Box::pin(self.forward(&buf[..n], forwarded)).await?;
                     forwarded += n as u64;
                     forwarded_total.fetch_add(n as u64, Relaxed);
-                    self.report(forwarded)?;
+                    self.pair.report_forwarded(self.side, forwarded);
                 }
                 Action::PauseAndRead => tokio::time::sleep(POLL_MIN).await,
                 Action::PassFin => Box::pin(self.pass_fin(forwarded)).await?,
@@ -167,16 +168,18 @@ impl<'a> Direction<'a> {
         }
     }
 
-    /// What a decision needs besides the read: the verdict's counters and the source's state.
-    fn seen(&self, forwarded: u64) -> Result<Seen, Failed> {
-        let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
-        Ok(Seen {
-            passed: state.passed,
+    /// What a decision needs besides the read: the verdict's counters (shared memory, no
+    /// system call) and, at EOF only (the only read on which [`step::next`] looks at them), the
+    /// source's TCP state.
+    fn seen(&self, forwarded: u64, at_eof: bool) -> Seen {
+        let counters = self.pair.side(self.side);
+        Seen {
+            passed: counters.passed,
             forwarded,
-            broken: state.broken > 0,
-            source_reset: self.source_reset(),
-            drain_expired: self.drain_expired(),
-        })
+            broken: counters.broken > 0,
+            source_reset: at_eof && self.source_reset(),
+            drain_expired: at_eof && self.drain_expired(),
+        }
     }
 
     /// True when `src` is closed although this relay never shut it down: a reset, whose pending
@@ -190,8 +193,8 @@ impl<'a> Direction<'a> {
     async fn forward(&self, bytes: &[u8], forwarded: u64) -> Result<(), Failed> {
         // While a passed byte is not forwarded the verdict redirects nothing, so `redirected`
         // is final for the bytes that precede these.
-        let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
-        self.wait_taken(state.redirected + forwarded).await?;
+        self.wait_taken(self.pair.side(self.side).redirected + forwarded)
+            .await?;
         let mut rest = bytes;
         // `dst` is off the reactor: it is registered for writability only while a write waits.
         let mut writable: Option<AsyncFd<BorrowedFd<'_>>> = None;
@@ -228,19 +231,11 @@ impl<'a> Direction<'a> {
         Ok(())
     }
 
-    /// Tells the verdict how many passed bytes have been forwarded: once that catches up with
-    /// what it passed, it may redirect again (the window itself it renews on its own).
-    fn report(&self, forwarded: u64) -> Result<(), Failed> {
-        self.pair
-            .set_ctrl(self.side, window(self.cfg, forwarded))
-            .map_err(|_| Failed::Maps)
-    }
-
     /// EOF on `src`: once `dst` has taken every byte from `src`, pass the FIN on.
     async fn pass_fin(&self, forwarded: u64) -> Result<(), Failed> {
-        let state = self.pair.state(self.side).map_err(|_| Failed::Maps)?;
-        tracing::trace!(side = ?self.side, redirected = state.redirected, forwarded, "kernel relay: EOF, draining before FIN");
-        self.wait_taken(state.redirected + forwarded).await?;
+        let redirected = self.pair.side(self.side).redirected;
+        tracing::trace!(side = ?self.side, redirected, forwarded, "kernel relay: EOF, draining before FIN");
+        self.wait_taken(redirected + forwarded).await?;
         // A reset may have arrived while waiting; it must reach the other side as one.
         if self.source_reset() {
             return Err(Failed::Source(io::ErrorKind::ConnectionReset));

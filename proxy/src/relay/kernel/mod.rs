@@ -22,14 +22,13 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
-use proxy_common::SockCtrl;
 use tokio::net::TcpStream;
 
 use super::read::{Read, read};
 use super::tcp_probe::{fin_received, taken};
 use super::{End, Mode, Outcome, Stop, reset_on_close, until_end, write_all};
 use crate::config;
-use crate::ebpf::{KernelPrograms, Side};
+use crate::ebpf::{KernelPrograms, Side, Window};
 use direction::{Direction, Ran};
 
 /// Settling's buffer (see [`settle`]).
@@ -44,8 +43,6 @@ enum Failed {
     Destination(io::ErrorKind),
     /// The destination did not take the bytes within the drain timeout.
     DrainTimeout,
-    /// A map operation failed.
-    Maps,
     /// The verdict met bytes it could not put in order; they must not be forwarded.
     Stream,
 }
@@ -56,6 +53,8 @@ enum Failed {
 pub struct Handed {
     /// Socket cookies (client side, upstream side): the pair's map entries.
     pub cookies: [u64; 2],
+    /// The sockets' slots (client side, upstream side).
+    pub slots: [u32; 2],
     /// `taken()` of each destination when the pair was inserted (index: the destination's side).
     pub bases: [u64; 2],
     /// Passed bytes userspace forwarded per direction (index: the source's side).
@@ -107,8 +106,7 @@ pub async fn relay(
         (Ok(c), Ok(u)) => [c, u],
         (Err(e), _) | (_, Err(e)) => return Err(Declined::new(client, upstream, e.into(), &c2u, &u2c)),
     };
-    let credit = window(cfg, 0);
-    let pair = match programs.insert_pair(&client, &upstream, credit) {
+    let pair = match programs.insert_pair(&client, &upstream, window(cfg)) {
         Ok(p) => p,
         Err(_) if fin_received(&client) || fin_received(&upstream) => {
             return Err(Declined::new(client, upstream, PeerClosed.into(), &c2u, &u2c));
@@ -155,7 +153,7 @@ pub async fn resume(
     cfg: &config::Relay,
     stop: Stop<'_>,
 ) -> Carried {
-    let pair = programs.adopt_pair(state.cookies);
+    let pair = programs.adopt_pair(state.cookies, state.slots);
     run_pair(
         client,
         upstream,
@@ -237,7 +235,7 @@ async fn run_pair(
         };
         // Activity: bytes the verdict moved plus bytes userspace forwarded.
         let activity = || {
-            let k = pair.counters().unwrap_or_default();
+            let k = pair.counters();
             k.from_client.redirected + k.from_upstream.redirected + c2u.load(Relaxed) + u2c.load(Relaxed)
         };
         let both = async {
@@ -275,12 +273,13 @@ async fn run_pair(
         Ok(Some(forwarded)) => {
             // Handed over: the entries stay for the successor, this watch lets go.
             unwatch();
-            let cookies = pair.hand_over();
+            let (cookies, slots) = pair.hand_over();
             return Carried::Moved {
                 client,
                 upstream,
                 state: Handed {
                     cookies,
+                    slots,
                     bases,
                     forwarded,
                 },
@@ -384,17 +383,14 @@ async fn side_of<T>(run: impl Future<Output = Result<T, Failed>>, from: Side) ->
         Failed::Source(k) => failed_on(from, k),
         Failed::Destination(k) => failed_on(from.other(), k),
         Failed::DrainTimeout => End::DrainTimeout,
-        Failed::Maps => End::Internal,
         Failed::Stream => End::StreamFault,
     })
 }
 
-/// The verdict's bound on bytes in flight per direction (see [`SockCtrl`]), with `forwarded`
-/// passed bytes written by userspace.
-fn window(cfg: &config::Relay, forwarded: u64) -> SockCtrl {
-    SockCtrl {
-        forwarded,
-        window_bytes: cfg.max_in_flight_bytes,
-        window_skbs: cfg.max_in_flight_skbs,
+/// The verdict's bound on bytes in flight per direction.
+fn window(cfg: &config::Relay) -> Window {
+    Window {
+        bytes: cfg.max_in_flight_bytes,
+        skbs: cfg.max_in_flight_skbs,
     }
 }
