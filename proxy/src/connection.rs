@@ -139,7 +139,9 @@ struct Relayable {
 }
 
 impl Relayable {
-    async fn run(self, shared: &Shared, shutdown: &CancellationToken) {
+    /// Relays the connection to its end. Not an `async fn`: its future would hold `self` and
+    /// the fields taken out of it both, for the connection's whole life.
+    fn run<'a>(self, shared: &'a Shared, shutdown: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
         let Relayable {
             pair,
             client,
@@ -151,44 +153,49 @@ impl Relayable {
             _admission,
             _tracked,
         } = self;
-        let ip = client.ip().to_canonical();
-        let cfg = &svc.config.relay;
-        let stop = relay::Stop {
-            shutdown,
-            deadline,
-            handover: &shared.handover,
-            close_delay: share_of(shared.runtime.load().config.close_spread, &request_id),
-        };
-        let metrics = shared.metrics.of(svc.name());
-        let kernel = shared.kernel.as_ref();
-        let relayed = match pair {
-            Pair::Fresh(client, upstream) => relay::relay(client, upstream, kernel, cfg, metrics, stop).await,
-            Pair::Moved(moved) => relay::resume(moved, kernel, cfg, metrics, stop).await,
-        };
-        let o = match relayed {
-            relay::Relayed::Ended(o) => o,
-            relay::Relayed::Moved(moved) => {
-                let state = PairState {
-                    service: svc.name().to_string(),
-                    client,
-                    upstream: addr,
-                    request_id,
-                    age_ms: started.elapsed().as_millis() as u64,
-                    lifetime_left_ms: deadline
-                        .map(|d| d.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64),
-                    client_to_upstream: moved.client_to_upstream,
-                    upstream_to_client: moved.upstream_to_client,
-                    kernel: moved.kernel,
-                };
-                crate::upgrade::hand_over(shared, state, moved);
-                return;
-            }
-        };
-        info!(
-            service = %svc.name(), client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
-            client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
-            repeated_cut = o.repeated_cut, passed = o.passed, duration_ms = started.elapsed().as_millis() as u64, "connection closed"
-        );
+        async move {
+            // Held to the end: the admission's slot and lease, the upstream's count. (An async
+            // block takes only what it uses; these it must hold.)
+            let _held = (_admission, _tracked);
+            let ip = client.ip().to_canonical();
+            let cfg = &svc.config.relay;
+            let stop = relay::Stop {
+                shutdown,
+                deadline,
+                handover: &shared.handover,
+                close_delay: share_of(shared.runtime.load().config.close_spread, &request_id),
+            };
+            let metrics = shared.metrics.of(svc.name());
+            let kernel = shared.kernel.as_ref();
+            let relayed = match pair {
+                Pair::Fresh(client, upstream) => relay::relay(client, upstream, kernel, cfg, metrics, stop).await,
+                Pair::Moved(moved) => relay::resume(moved, kernel, cfg, metrics, stop).await,
+            };
+            let o = match relayed {
+                relay::Relayed::Ended(o) => o,
+                relay::Relayed::Moved(moved) => {
+                    let state = PairState {
+                        service: svc.name().to_string(),
+                        client,
+                        upstream: addr,
+                        request_id,
+                        age_ms: started.elapsed().as_millis() as u64,
+                        lifetime_left_ms: deadline
+                            .map(|d| d.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64),
+                        client_to_upstream: moved.client_to_upstream,
+                        upstream_to_client: moved.upstream_to_client,
+                        kernel: moved.kernel,
+                    };
+                    crate::upgrade::hand_over(shared, state, moved);
+                    return;
+                }
+            };
+            info!(
+                service = %svc.name(), client = %ip, upstream = %addr, %request_id, relay = %o.mode.as_str(), end = %o.end.as_str(),
+                client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
+                repeated_cut = o.repeated_cut, passed = o.passed, duration_ms = started.elapsed().as_millis() as u64, "connection closed"
+            );
+        }
     }
 }
 

@@ -332,7 +332,7 @@ pub(crate) async fn until_end<T, S: AsFd>(
     };
     let lifetime = async {
         match stop.deadline {
-            Some(at) => tokio::time::sleep_until(at).await,
+            Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
             None => std::future::pending().await,
         }
     };
@@ -343,7 +343,7 @@ pub(crate) async fn until_end<T, S: AsFd>(
         () = lifetime => Err(End::MaxLifetime),
         () = async {
             stop.shutdown.cancelled().await;
-            tokio::time::sleep(stop.close_delay).await;
+            timer(stop.close_delay).await;
         } => Err(End::Shutdown),
     }
 }
@@ -354,7 +354,7 @@ pub(crate) async fn until_end<T, S: AsFd>(
 async fn idle_watch(timeout: Duration, activity: impl Fn() -> u64) -> Result<std::convert::Infallible, End> {
     let (mut last, mut since) = (activity(), tokio::time::Instant::now());
     loop {
-        tokio::time::sleep(timeout / 4).await;
+        timer(timeout / 4).await;
         let now = activity();
         if now != last {
             (last, since) = (now, tokio::time::Instant::now());
@@ -362,6 +362,37 @@ async fn idle_watch(timeout: Duration, activity: impl Fn() -> u64) -> Result<std
             return Err(End::IdleTimeout);
         }
     }
+}
+
+/// Which side a userspace copy's error came from (both userspace relays copy).
+pub(crate) enum CopyFailed {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+/// Maps a copy's failure onto the side that caused it.
+///
+/// A combinator, not an `async fn`: an async fn keeps its future argument twice in its state
+/// (as the argument, and as the future it awaits), and a relay's copies are what a relayed
+/// connection's memory is made of.
+pub(crate) fn copy_side<T>(
+    copy: impl Future<Output = Result<T, CopyFailed>>,
+    client_to_upstream: bool,
+) -> impl Future<Output = Result<T, End>> {
+    use futures_util::FutureExt as _;
+    copy.map(move |r| {
+        r.map_err(|f| match (f, client_to_upstream) {
+            (CopyFailed::Read(e), true) | (CopyFailed::Write(e), false) => End::ClientError(e.kind()),
+            (CopyFailed::Read(e), false) | (CopyFailed::Write(e), true) => End::UpstreamError(e.kind()),
+        })
+    })
+}
+
+/// A timer on the heap. A relayed connection keeps its timers' futures for its whole life (a
+/// `select!` holds every branch), and most never fire: inline, each pending one would be 112
+/// bytes of every connection's task; boxed, 8 until it is armed.
+pub(crate) fn timer(after: std::time::Duration) -> Pin<Box<tokio::time::Sleep>> {
+    Box::pin(tokio::time::sleep(after))
 }
 
 /// Writes all of `bytes` to `to`, shared with the other direction (hence `&TcpStream`, which

@@ -24,7 +24,7 @@ pub(crate) async fn watch<S: AsFd>(client: &S, upstream: &S, timeout: Duration) 
     }
     let mut peers = [Peer::new(client), Peer::new(upstream)];
     loop {
-        tokio::time::sleep(timeout / 4).await;
+        super::timer(timeout / 4).await;
         let now = Instant::now();
         if peers.iter_mut().any(|p| p.stalled_for(now) >= timeout) {
             return End::SendTimeout;

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{End, Mode, Outcome, Stop, reset_on_close, until_end};
+use super::{CopyFailed, End, Mode, Outcome, Stop, copy_side, reset_on_close, until_end};
 use crate::config;
 use crate::stream::Stream;
 
@@ -41,8 +41,8 @@ pub async fn relay(client: Stream, upstream: Stream, cfg: &config::Relay, stop: 
     let end = {
         let both = async {
             tokio::try_join!(
-                side(copy(&mut client_read, &mut upstream_write, &c2u), true),
-                side(copy(&mut upstream_read, &mut client_write, &u2c), false),
+                copy_side(copy(&mut client_read, &mut upstream_write, &c2u), true),
+                copy_side(copy(&mut upstream_read, &mut client_write, &u2c), false),
             )
         };
         tokio::pin!(both);
@@ -65,26 +65,12 @@ pub async fn relay(client: Stream, upstream: Stream, cfg: &config::Relay, stop: 
     )
 }
 
-/// Which side a copy error came from.
-enum Failed {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-/// Maps a direction's failure onto the side that caused it.
-async fn side(copy: impl Future<Output = Result<(), Failed>>, client_to_upstream: bool) -> Result<(), End> {
-    copy.await.map_err(|f| match (f, client_to_upstream) {
-        (Failed::Read(e), true) | (Failed::Write(e), false) => End::ClientError(e.kind()),
-        (Failed::Read(e), false) | (Failed::Write(e), true) => End::UpstreamError(e.kind()),
-    })
-}
-
 /// Copies until the source ends, then closes the destination for writing.
 async fn copy(
     from: &mut (impl AsyncRead + Unpin),
     to: &mut (impl AsyncWrite + Unpin),
     count: &AtomicU64,
-) -> Result<(), Failed> {
+) -> Result<(), CopyFailed> {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         let n = match from.read(&mut buf).await {
@@ -92,14 +78,14 @@ async fn copy(
             // A TLS peer that closes its TCP connection without a close_notify: browsers do, and
             // WebSocket has its own close handshake inside; an end like a FIN.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-            Err(e) => return Err(Failed::Read(e)),
+            Err(e) => return Err(CopyFailed::Read(e)),
         };
         if n == 0 {
-            return to.shutdown().await.map_err(Failed::Write);
+            return to.shutdown().await.map_err(CopyFailed::Write);
         }
-        to.write_all(&buf[..n]).await.map_err(Failed::Write)?;
+        to.write_all(&buf[..n]).await.map_err(CopyFailed::Write)?;
         // A TLS stream holds records until flushed.
-        to.flush().await.map_err(Failed::Write)?;
+        to.flush().await.map_err(CopyFailed::Write)?;
         count.fetch_add(n as u64, Relaxed);
     }
 }

@@ -21,18 +21,12 @@ use tokio_util::sync::CancellationToken;
 use super::frames::Frames;
 use super::promotion::{Policy, Run};
 use super::read::{Read, read};
-use super::{End, Mode, Outcome, Stop, reset_on_close, until_end, write_all};
+use super::{CopyFailed, End, Mode, Outcome, Stop, copy_side, reset_on_close, until_end, write_all};
 use crate::config;
 
 /// Large enough that a bulk transfer costs few system calls. Allocated only while bytes are
 /// flowing, so that an idle connection holds no buffer.
 const BUF_SIZE: usize = 64 * 1024;
-
-/// Which side a copy error came from.
-enum Failed {
-    Read(io::Error),
-    Write(io::Error),
-}
 
 /// How the userspace relay let go of a connection.
 pub enum Carried {
@@ -83,11 +77,14 @@ pub async fn relay(
         counts: &counts,
     };
     let flow = {
-        let up = copy(&client, &upstream, &counts.c2u, &promoter);
-        let down = copy(&upstream, &client, &counts.u2c, &promoter);
-        // The first error ends both directions: try_join drops the other copy at once.
+        // The first error ends both directions: try_join drops the other copy at once. (The
+        // copies are made inside the block: made before it, each would be kept twice in its
+        // state, as a captured value and as the future awaited.)
         let copies = async {
-            let (a, b) = tokio::try_join!(up_side(up, true), up_side(down, false))?;
+            let (a, b) = tokio::try_join!(
+                copy_side(copy(&client, &upstream, &counts.c2u, &promoter), true),
+                copy_side(copy(&upstream, &client, &counts.u2c, &promoter), false)
+            )?;
             // A direction that finished (EOF passed on) cannot move: the other goes on here
             // (boxed: rare, and every connection would otherwise carry its state).
             match (a, b) {
@@ -95,12 +92,12 @@ pub async fn relay(
                 (Copied::Finished, Copied::Finished) => Ok(Flow::Done),
                 (Copied::Paused, Copied::Finished) => {
                     let never = Promoter::never(&counts);
-                    Box::pin(up_side(copy(&client, &upstream, &counts.c2u, &never), true)).await?;
+                    Box::pin(copy_side(copy(&client, &upstream, &counts.c2u, &never), true)).await?;
                     Ok(Flow::Done)
                 }
                 (Copied::Finished, Copied::Paused) => {
                     let never = Promoter::never(&counts);
-                    Box::pin(up_side(copy(&upstream, &client, &counts.u2c, &never), false)).await?;
+                    Box::pin(copy_side(copy(&upstream, &client, &counts.u2c, &never), false)).await?;
                     Ok(Flow::Done)
                 }
             }
@@ -238,40 +235,37 @@ async fn failed(client: &TcpStream, upstream: &TcpStream) -> End {
     }
 }
 
-/// Maps a direction's failure onto the side that caused it.
-async fn up_side<T>(copy: impl Future<Output = Result<T, Failed>>, client_to_upstream: bool) -> Result<T, End> {
-    copy.await.map_err(|f| match (f, client_to_upstream) {
-        (Failed::Read(e), true) | (Failed::Write(e), false) => End::ClientError(e.kind()),
-        (Failed::Read(e), false) | (Failed::Write(e), true) => End::UpstreamError(e.kind()),
-    })
-}
-
 /// Copies until EOF, then shuts the destination down for writing (passes the FIN on); or, once
 /// a promotion is asked for, stops where it holds no byte.
-async fn copy(from: &TcpStream, to: &TcpStream, count: &AtomicU64, promoter: &Promoter<'_>) -> Result<Copied, Failed> {
+async fn copy(
+    from: &TcpStream,
+    to: &TcpStream,
+    count: &AtomicU64,
+    promoter: &Promoter<'_>,
+) -> Result<Copied, CopyFailed> {
     let mut frames = Frames::default();
     loop {
         tokio::select! {
             // A promotion asked for while this direction waits: it holds nothing, stop here.
             biased;
             () = promoter.requested() => return Ok(Copied::Paused),
-            r = from.readable() => r.map_err(Failed::Read)?,
+            r = from.readable() => r.map_err(CopyFailed::Read)?,
         }
         let mut buf = Vec::with_capacity(BUF_SIZE);
         loop {
             let drained = match read(from, &mut buf) {
                 Ok(Read::End) => {
                     nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write)
-                        .map_err(|e| Failed::Write(e.into()))?;
+                        .map_err(|e| CopyFailed::Write(e.into()))?;
                     return Ok(Copied::Finished);
                 }
                 Ok(Read::Full) => false,
                 Ok(Read::Drained) => true,
                 // Drop the buffer while waiting for more.
                 Ok(Read::Nothing) => break,
-                Err(e) => return Err(Failed::Read(e)),
+                Err(e) => return Err(CopyFailed::Read(e)),
             };
-            write_all(to, &buf).await.map_err(Failed::Write)?;
+            write_all(to, &buf).await.map_err(CopyFailed::Write)?;
             count.fetch_add(buf.len() as u64, Relaxed);
             if promoter.after_write(&buf, &mut frames) {
                 return Ok(Copied::Paused);

@@ -156,7 +156,7 @@ impl<'a> Direction<'a> {
                     forwarded_total.fetch_add(n as u64, Relaxed);
                     self.pair.report_forwarded(self.side, forwarded);
                 }
-                Action::PauseAndRead => tokio::time::sleep(POLL_MIN).await,
+                Action::PauseAndRead => crate::relay::timer(POLL_MIN).await,
                 Action::PassFin => Box::pin(self.pass_fin(forwarded)).await?,
                 Action::Fail(f) => {
                     if f == Failure::Stream {

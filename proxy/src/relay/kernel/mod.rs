@@ -22,6 +22,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
+use futures_util::FutureExt as _;
 use tokio::net::TcpStream;
 
 use super::read::{Read, read};
@@ -378,12 +379,18 @@ fn failed_on(side: Side, kind: io::ErrorKind) -> End {
 }
 
 /// Maps a direction's failure onto the side that caused it.
-async fn side_of<T>(run: impl Future<Output = Result<T, Failed>>, from: Side) -> Result<T, End> {
-    run.await.map_err(|f| match f {
-        Failed::Source(k) => failed_on(from, k),
-        Failed::Destination(k) => failed_on(from.other(), k),
-        Failed::DrainTimeout => End::DrainTimeout,
-        Failed::Stream => End::StreamFault,
+///
+/// A combinator, not an `async fn`: an async fn keeps its future argument twice in its state
+/// (as the argument, and as the future it awaits), and a direction's future is what an idle
+/// pair's memory is made of.
+fn side_of<T>(run: impl Future<Output = Result<T, Failed>>, from: Side) -> impl Future<Output = Result<T, End>> {
+    run.map(move |r| {
+        r.map_err(|f| match f {
+            Failed::Source(k) => failed_on(from, k),
+            Failed::Destination(k) => failed_on(from.other(), k),
+            Failed::DrainTimeout => End::DrainTimeout,
+            Failed::Stream => End::StreamFault,
+        })
     })
 }
 
