@@ -340,19 +340,29 @@ pub fn parse_sockstat(text: &str) -> (u64, u64) {
     (field("inuse"), field("mem"))
 }
 
+/// The `memlock` of every map the process holds a descriptor of, each map once: a process may
+/// hold several descriptors of one map (wsproxy keeps copies for a successor process).
 fn bpf_map_bytes(pid: u32) -> u64 {
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return 0;
     };
-    dir.flatten()
-        .filter_map(|e| fs::read_to_string(e.path()).ok())
-        .filter(|t| t.contains("map_type:"))
-        .filter_map(|t| {
+    let infos = dir.flatten().filter_map(|e| fs::read_to_string(e.path()).ok());
+    map_bytes(infos)
+}
+
+fn map_bytes(fdinfos: impl Iterator<Item = String>) -> u64 {
+    let mut by_id = std::collections::HashMap::new();
+    for t in fdinfos.filter(|t| t.contains("map_type:")) {
+        let field = |name: &str| {
             t.lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
+                .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse::<u64>().ok())
-        })
-        .sum()
+        };
+        if let (Some(id), Some(bytes)) = (field("map_id:"), field("memlock:")) {
+            by_id.insert(id, bytes);
+        }
+    }
+    by_id.values().sum()
 }
 
 pub fn memory(proxy: Option<u32>) -> MemSample {
@@ -500,6 +510,20 @@ pub fn loadavg() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_map_held_through_two_descriptors_counts_once() {
+        let map = |id: u32, bytes: u64| {
+            format!("pos:\t0\nflags:\t02000002\nmap_type:\t2\nmemlock:\t{bytes}\nmap_id:\t{id}\n")
+        };
+        let infos = [
+            map(7, 4096),
+            map(7, 4096),
+            map(9, 8192),
+            "pos:\t0\nflags:\t02\n".to_owned(),
+        ];
+        assert_eq!(map_bytes(infos.into_iter()), 4096 + 8192);
+    }
 
     #[test]
     fn stat_lines_give_busy_and_total_ticks() {
