@@ -355,11 +355,6 @@ impl PairGuard {
         }
     }
 
-    /// The whole slot of one side's socket, as it is now.
-    pub fn slot(&self, side: Side) -> Slot {
-        self.maps.slots.read(self.slots[side as usize])
-    }
-
     /// Reports to the verdict how many passed bytes from `side`'s socket userspace has written
     /// to the other side.
     pub fn report_forwarded(&self, side: Side, forwarded: u64) {
