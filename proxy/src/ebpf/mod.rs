@@ -355,6 +355,15 @@ impl PairGuard {
         }
     }
 
+    /// Passed bytes from `side`'s socket that userspace has reported written to the other side
+    /// ([`PairGuard::report_forwarded`]; zero for a new pair).
+    pub fn forwarded(&self, side: Side) -> u64 {
+        self.maps
+            .slots
+            .field(self.slots[side as usize], std::mem::offset_of!(Slot, forwarded))
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Reports to the verdict how many passed bytes from `side`'s socket userspace has written
     /// to the other side.
     pub fn report_forwarded(&self, side: Side, forwarded: u64) {

@@ -56,8 +56,8 @@ pub(super) struct Direction<'a> {
 pub(super) enum Ran {
     /// EOF passed on as a FIN.
     Done,
-    /// Stopped for a handover, with the passed bytes it forwarded in all.
-    Paused { forwarded: u64 },
+    /// Stopped for a handover (the passed bytes it forwarded are reported in its slot).
+    Paused,
 }
 
 impl From<Failure> for Failed {
@@ -119,7 +119,7 @@ impl<'a> Direction<'a> {
                 tokio::select! {
                     () = self.wake.notified() => {}
                     () = self.handover.cancelled(), if phase == Phase::Relaying => {
-                        return Ok(Ran::Paused { forwarded });
+                        return Ok(Ran::Paused);
                     }
                 }
             }

@@ -58,8 +58,6 @@ pub struct Handed {
     pub slots: [u32; 2],
     /// `taken()` of each destination when the pair was inserted (index: the destination's side).
     pub bases: [u64; 2],
-    /// Passed bytes userspace forwarded per direction (index: the source's side).
-    pub forwarded: [u64; 2],
 }
 
 /// How the kernel relay let go of a pair it took.
@@ -128,19 +126,7 @@ pub async fn relay(
         }
     };
     let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
-    Ok(run_pair(
-        client,
-        upstream,
-        pair,
-        bases,
-        [0, 0],
-        [c2u, u2c],
-        started,
-        programs,
-        cfg,
-        stop,
-    )
-    .await)
+    Ok(run_pair(client, upstream, pair, bases, [c2u, u2c], started, programs, cfg, stop).await)
 }
 
 /// Carries on with a pair a predecessor process relayed in the kernel and handed over
@@ -160,7 +146,6 @@ pub async fn resume(
         upstream,
         pair,
         state.bases,
-        state.forwarded,
         moved,
         Instant::now(),
         programs,
@@ -183,7 +168,6 @@ async fn run_pair(
     upstream: std::net::TcpStream,
     pair: crate::ebpf::PairGuard,
     bases: [u64; 2],
-    forwarded: [u64; 2],
     moved: [u64; 2],
     started: Instant,
     programs: &KernelPrograms,
@@ -217,7 +201,10 @@ async fn run_pair(
     let shut = [AtomicBool::new(false), AtomicBool::new(false)];
     let never = tokio_util::sync::CancellationToken::new();
     let flow = {
-        let direction = |from: Side, forwarded: u64, handover| {
+        // Each direction starts from the passed bytes already reported forwarded in its slot:
+        // none for a new pair, the predecessor's count for one handed over.
+        let direction = |from: Side, handover| {
+            let forwarded = pair.forwarded(from);
             let (pair_of, dst_base) = match from {
                 Side::Client => ([&client, &upstream], bases[1]),
                 Side::Upstream => ([&upstream, &client], bases[0]),
@@ -241,28 +228,22 @@ async fn run_pair(
         };
         let both = async {
             let (a, b) = tokio::try_join!(
-                side_of(
-                    direction(Side::Client, forwarded[0], stop.handover).run(&c2u),
-                    Side::Client
-                ),
-                side_of(
-                    direction(Side::Upstream, forwarded[1], stop.handover).run(&u2c),
-                    Side::Upstream
-                )
+                side_of(direction(Side::Client, stop.handover).run(&c2u), Side::Client),
+                side_of(direction(Side::Upstream, stop.handover).run(&u2c), Side::Upstream)
             )?;
             // A direction that finished (FIN passed on) cannot move: the other goes on here, as
             // the userspace relay does (boxed: rare).
             match (a, b) {
-                (Ran::Paused { forwarded: f0 }, Ran::Paused { forwarded: f1 }) => Ok(Some([f0, f1])),
-                (Ran::Done, Ran::Done) => Ok(None),
-                (Ran::Paused { forwarded: f }, Ran::Done) => {
-                    Box::pin(side_of(direction(Side::Client, f, &never).run(&c2u), Side::Client)).await?;
-                    Ok(None)
+                (Ran::Paused, Ran::Paused) => Ok(true),
+                (Ran::Done, Ran::Done) => Ok(false),
+                (Ran::Paused, Ran::Done) => {
+                    Box::pin(side_of(direction(Side::Client, &never).run(&c2u), Side::Client)).await?;
+                    Ok(false)
                 }
-                (Ran::Done, Ran::Paused { forwarded: f }) => {
-                    let rest = direction(Side::Upstream, f, &never).run(&u2c);
+                (Ran::Done, Ran::Paused) => {
+                    let rest = direction(Side::Upstream, &never).run(&u2c);
                     Box::pin(side_of(rest, Side::Upstream)).await?;
-                    Ok(None)
+                    Ok(false)
                 }
             }
         };
@@ -271,24 +252,19 @@ async fn run_pair(
     };
     let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
     let end = match flow {
-        Ok(Some(forwarded)) => {
+        Ok(true) => {
             // Handed over: the entries stay for the successor, this watch lets go.
             unwatch();
             let (cookies, slots) = pair.hand_over();
             return Carried::Moved {
                 client,
                 upstream,
-                state: Handed {
-                    cookies,
-                    slots,
-                    bases,
-                    forwarded,
-                },
+                state: Handed { cookies, slots, bases },
                 client_to_upstream: c2u,
                 upstream_to_client: u2c,
             };
         }
-        Ok(None) => End::Closed,
+        Ok(false) => End::Closed,
         Err(end) => end,
     };
     // Out of the maps before the sockets close: no verdict may redirect into a closing socket.
