@@ -476,8 +476,8 @@ async fn half_close(mut a: TcpStream, mut b: TcpStream, s: [u64; 2], n: u64, m: 
     )
 }
 
-async fn close_pattern(kind: Close) {
-    let Some((_g, p)) = proxy_in("kernel", "").await else {
+async fn close_pattern(kind: Close, mode: &str) {
+    let Some((_g, p)) = proxy_in(mode, "").await else {
         return;
     };
     let started = Instant::now();
@@ -525,13 +525,17 @@ async fn close_pattern(kind: Close) {
         let t = p.wait_idle().await;
         failures.sort();
         panic!(
-            "{kind:?}: {} of {REPS} failed (relay ends: {}; totals {t:?}):\n{}",
+            "{kind:?} ({mode}): {} of {REPS} failed (relay ends: {}; totals {t:?}):\n{}",
             failures.len(),
             relay_ends(&p.server),
             failures[..failures.len().min(12)].join("\n")
         );
     }
-    let t = idle_mostly_in_kernel(&p, REPS).await;
+    let t = if mode == "kernel" {
+        idle_mostly_in_kernel(&p, REPS).await
+    } else {
+        p.wait_idle().await
+    };
     assert_eq!(t.drain_timeouts, 0, "{t:?}");
     let (first, second): (u64, u64) = (plan.iter().map(|x| x.0).sum(), plan.iter().map(|x| x.1).sum());
     let (c2u, u2c) = match kind {
@@ -546,7 +550,7 @@ async fn close_pattern(kind: Close) {
         "relayed bytes: {t:?}"
     );
     say(&format!(
-        "req2 {kind:?}: {REPS} connections, {:.1} MiB, {} of them over 1 MiB, in {:?}",
+        "req2 {kind:?} ({mode}): {REPS} connections, {:.1} MiB, {} of them over 1 MiB, in {:?}",
         (c2u + u2c) as f64 / MIB as f64,
         plan.iter().filter(|x| x.0 > MIB || x.1 > MIB).count(),
         started.elapsed()
@@ -555,22 +559,76 @@ async fn close_pattern(kind: Close) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req2_client_writes_then_closes() {
-    close_pattern(Close::ClientWritesCloses).await;
+    close_pattern(Close::ClientWritesCloses, "kernel").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req2_upstream_writes_then_closes() {
-    close_pattern(Close::UpstreamWritesCloses).await;
+    close_pattern(Close::UpstreamWritesCloses, "kernel").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req2_client_half_closes_and_still_receives() {
-    close_pattern(Close::ClientHalfCloses).await;
+    close_pattern(Close::ClientHalfCloses, "kernel").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req2_upstream_half_closes_and_still_receives() {
-    close_pattern(Close::UpstreamHalfCloses).await;
+    close_pattern(Close::UpstreamHalfCloses, "kernel").await;
+}
+
+// The userspace relay's copies (`relay.mode = "userspace"`, and `auto` before a move) under the
+// same patterns: half of them with the bytes and the FIN queued together (`late`), which the
+// relay passes on together.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req2_userspace_client_writes_then_closes() {
+    close_pattern(Close::ClientWritesCloses, "userspace").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req2_userspace_upstream_writes_then_closes() {
+    close_pattern(Close::UpstreamWritesCloses, "userspace").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req2_userspace_client_half_closes_and_still_receives() {
+    close_pattern(Close::ClientHalfCloses, "userspace").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req2_userspace_upstream_half_closes_and_still_receives() {
+    close_pattern(Close::UpstreamHalfCloses, "userspace").await;
+}
+
+/// Sends `bytes` and the FIN in one segment: the bytes wait (MSG_MORE) for the FIN.
+fn send_with_fin(s: &TcpStream, bytes: &[u8]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket fd; `send` reads at most `bytes.len()` bytes of `bytes`.
+    let n = unsafe { libc::send(s.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_MORE) };
+    assert_eq!(n, bytes.len() as isize, "send: {}", io::Error::last_os_error());
+    nix_shutdown_write(s).unwrap();
+}
+
+/// The userspace relay: the last bytes of a side that came with its FIN leave the proxy with
+/// the FIN, in one segment (one wake-up of the receiver, not two), each way; the receiver reads
+/// them, then EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req2_userspace_passes_last_bytes_and_the_fin_on_in_one_segment() {
+    let Some((_g, p)) = proxy_in("userspace", "").await else {
+        return;
+    };
+    for (id, from_client) in [(1u64, true), (2, false)] {
+        let (c, u) = p.open(id).await;
+        let (from, mut to, who) = if from_client { (c, u, "upstream") } else { (u, c, "client") };
+        let before = tcp_info(&to).tcpi_segs_in;
+        send_with_fin(&from, b"last words");
+        expect_soon(&mut to, b"last words", who).await;
+        expect_eof(&mut to, who).await;
+        let segments = tcp_info(&to).tcpi_segs_in - before;
+        assert_eq!(segments, 1, "{who}: the last bytes and the FIN came in {segments} segments");
+    }
+    p.wait_idle().await;
 }
 
 /// Bulk: 64 MiB from the client, echoed by the upstream as it arrives; the client half-closes

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use super::frames::Frames;
 use super::promotion::{Policy, Run};
 use super::read::{Read, read};
-use super::{CopyFailed, End, Mode, Outcome, Stop, copy_side, reset_on_close, until_end, write_all};
+use super::{
+    CopyFailed, End, Mode, Outcome, Stop, copy_side, reset_on_close, until_end, write_all, write_all_then_fin,
+};
 use crate::config;
 
 /// Large enough that a bulk transfer costs few system calls. Allocated only while bytes are
@@ -245,29 +247,39 @@ async fn copy(
 ) -> Result<Copied, CopyFailed> {
     let mut frames = Frames::default();
     loop {
-        tokio::select! {
+        let fin_seen = tokio::select! {
             // A promotion asked for while this direction waits: it holds nothing, stop here.
             biased;
             () = promoter.requested() => return Ok(Copied::Paused),
-            r = from.readable() => r.map_err(CopyFailed::Read)?,
-        }
+            r = from.ready(Interest::READABLE) => r.map_err(CopyFailed::Read)?.is_read_closed(),
+        };
         let mut buf = Vec::with_capacity(BUF_SIZE);
         loop {
-            let drained = match read(from, &mut buf) {
+            let (drained, last) = match read(from, &mut buf, fin_seen) {
                 Ok(Read::End) => {
                     nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write)
                         .map_err(|e| CopyFailed::Write(e.into()))?;
                     return Ok(Copied::Finished);
                 }
-                Ok(Read::Full) => false,
-                Ok(Read::Drained) => true,
+                Ok(Read::Full) => (false, false),
+                Ok(Read::Drained) => (true, false),
+                Ok(Read::Last) => (true, true),
                 // Drop the buffer while waiting for more.
                 Ok(Read::Nothing) => break,
                 Err(e) => return Err(CopyFailed::Read(e)),
             };
-            write_all(to, &buf).await.map_err(CopyFailed::Write)?;
+            if last {
+                write_all_then_fin(to, &buf).await.map_err(CopyFailed::Write)?;
+            } else {
+                write_all(to, &buf).await.map_err(CopyFailed::Write)?;
+            }
             count.fetch_add(buf.len() as u64, Relaxed);
-            if promoter.after_write(&buf, &mut frames) {
+            let pause = promoter.after_write(&buf, &mut frames);
+            if last {
+                // The FIN is passed on: nothing is left to move, whatever the promoter says.
+                return Ok(Copied::Finished);
+            }
+            if pause {
                 return Ok(Copied::Paused);
             }
             if drained {

@@ -329,11 +329,12 @@ async fn settle(client: &TcpStream, upstream: &TcpStream, c2u: &AtomicU64, u2c: 
         (upstream, client, u2c, Side::Upstream),
     ] {
         loop {
-            let drained = match read(src, &mut buf) {
+            // The FIN is not looked for here: a side at its end ends the settle anyway.
+            let drained = match read(src, &mut buf, false) {
                 Ok(Read::End) => return Ok(false),
                 Ok(Read::Nothing) => break,
                 Ok(Read::Full) => false,
-                Ok(Read::Drained) => true,
+                Ok(Read::Drained | Read::Last) => true,
                 Err(e) => return Err(on(from, e)),
             };
             write_all(dst, &buf).await.map_err(|e| on(from.other(), e))?;
