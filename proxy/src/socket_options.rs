@@ -6,8 +6,8 @@
 //! creates the connection's socket), so a listener carries them when all its services agree
 //! ([`listener`]) and a connection sets only what it did not inherit ([`client`]): nothing, in
 //! the usual case. What a connection inherited is what its accept loop knows ([`Inherited`]);
-//! the upstream side sets them on each socket ([`keepalive`]; the upstream module sets `nodelay`
-//! before it writes the request).
+//! the upstream side sets them on each socket ([`connecting`] before its connect, [`keepalive`]
+//! once it answered 101).
 //!
 //! Each is best effort: a socket without these options still works.
 
@@ -25,6 +25,28 @@ pub enum Inherited {
     Unknown,
     /// TCP_NODELAY, and this keepalive (`None`: keepalive off).
     Options(Option<Keepalive>),
+}
+
+/// An upstream socket, before its connect: TCP_NODELAY, and the handshake's last ACK held back
+/// for the first write. The proxy always writes first, right after the connect (the request, or
+/// a TLS ClientHello), so that ACK rides on those bytes: one segment less per connection, and the
+/// upstream accepts a connection that already holds its request. (With TCP_QUICKACK off before
+/// the connect the kernel delays that one ACK, by at most 200 ms, and acknowledges at once again
+/// from the SYN-ACK on.)
+pub fn connecting(s: &impl AsFd) {
+    let fd = s.as_fd();
+    let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
+    let off: libc::c_int = 0;
+    // SAFETY: a valid socket; the kernel reads one c_int from `off`.
+    let _ = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&off as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 /// `k` on `s`, if enabled (a new socket has keepalive off).
@@ -108,6 +130,23 @@ mod tests {
     fn accept(l: &TcpListener) -> TcpStream {
         let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         l.accept().unwrap().0
+    }
+
+    #[tokio::test]
+    async fn an_upstream_connection_sends_the_handshakes_last_ack_with_its_first_bytes() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = crate::upstream::connect(l.local_addr().unwrap()).await.unwrap();
+        let segs_out = |s: &tokio::net::TcpStream| crate::relay::tcp_probe::tcp_info(s).unwrap().tcpi_segs_out;
+        assert!(getsockopt(&c, sockopt::TcpNoDelay).unwrap());
+        // Connected (the SYN-ACK came), yet only the SYN went out.
+        assert_eq!(segs_out(&c), 1);
+        c.try_write(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        // The bytes carried the ACK: one segment for both.
+        assert_eq!(segs_out(&c), 2);
+        let (mut a, _) = l.accept().unwrap();
+        let mut got = [0u8; 18];
+        std::io::Read::read_exact(&mut a, &mut got).unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
     }
 
     #[test]

@@ -194,6 +194,17 @@ async fn answer_body(stream: &mut (impl AsyncRead + Unpin), head: &[u8], mut beh
     behind
 }
 
+/// A TCP connection to `addr`, with the options an upstream socket needs before its connect
+/// (`socket_options::connecting`).
+pub(crate) async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    crate::socket_options::connecting(&socket);
+    socket.connect(addr).await
+}
+
 async fn exchange(
     addr: SocketAddr,
     tls: Option<Tls>,
@@ -202,10 +213,8 @@ async fn exchange(
     max_head: usize,
     keep_answer: bool,
 ) -> Result<Upgraded, UpstreamError> {
-    let tcp = TcpStream::connect(addr).await.map_err(UpstreamError::Connect)?;
-    // Every message is relayed as it comes; Nagle would add latency to small frames.
+    let tcp = connect(addr).await.map_err(UpstreamError::Connect)?;
     let io = |read| move |error| UpstreamError::Io { read, error };
-    tcp.set_nodelay(true).map_err(io(0))?;
     let mut stream = match tls {
         None => Stream::plain(tcp, Vec::new()),
         Some((config, name)) => {

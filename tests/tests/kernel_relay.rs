@@ -620,13 +620,20 @@ async fn req2_userspace_passes_last_bytes_and_the_fin_on_in_one_segment() {
     };
     for (id, from_client) in [(1u64, true), (2, false)] {
         let (c, u) = p.open(id).await;
-        let (from, mut to, who) = if from_client { (c, u, "upstream") } else { (u, c, "client") };
+        let (from, mut to, who) = if from_client {
+            (c, u, "upstream")
+        } else {
+            (u, c, "client")
+        };
         let before = tcp_info(&to).tcpi_segs_in;
         send_with_fin(&from, b"last words");
         expect_soon(&mut to, b"last words", who).await;
         expect_eof(&mut to, who).await;
         let segments = tcp_info(&to).tcpi_segs_in - before;
-        assert_eq!(segments, 1, "{who}: the last bytes and the FIN came in {segments} segments");
+        assert_eq!(
+            segments, 1,
+            "{who}: the last bytes and the FIN came in {segments} segments"
+        );
     }
     p.wait_idle().await;
 }
