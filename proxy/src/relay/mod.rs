@@ -16,7 +16,7 @@ pub mod tcp_probe;
 mod tls_legs;
 pub mod userspace;
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -397,24 +397,21 @@ pub(crate) fn timer(after: std::time::Duration) -> Pin<Box<tokio::time::Sleep>> 
 
 /// Writes all of `bytes` to `to`, shared with the other direction (hence `&TcpStream`, which
 /// tokio's `AsyncWriteExt` does not write through).
-pub(crate) async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        to.writable().await?;
-        match to.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+pub(crate) async fn write_all(to: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    send_all(to, bytes, 0).await
 }
 
 /// Writes all of `bytes`, then passes the FIN on, in the same segment where TCP allows: the bytes
 /// go with MSG_MORE, so that their tail waits in the socket for the FIN the shutdown adds to it.
 /// One segment, and one wake-up of the peer, instead of two. (A send that has to wait for room
 /// pushes what it queued regardless, so MSG_MORE never holds bytes back across a wait.)
-pub(crate) async fn write_all_then_fin(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
+pub(crate) async fn write_all_then_fin(to: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    send_all(to, bytes, libc::MSG_MORE).await?;
+    nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write).map_err(std::io::Error::from)
+}
+
+/// `send(2)` with `flags` until all of `bytes` went, waiting for room in between.
+async fn send_all(to: &TcpStream, mut bytes: &[u8], flags: libc::c_int) -> std::io::Result<()> {
     while !bytes.is_empty() {
         to.writable().await?;
         let sent = to.try_io(tokio::io::Interest::WRITABLE, || {
@@ -424,7 +421,7 @@ pub(crate) async fn write_all_then_fin(to: &TcpStream, mut bytes: &[u8]) -> std:
                     to.as_raw_fd(),
                     bytes.as_ptr().cast(),
                     bytes.len(),
-                    libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                    flags | libc::MSG_NOSIGNAL,
                 )
             };
             if n < 0 {
@@ -438,7 +435,7 @@ pub(crate) async fn write_all_then_fin(to: &TcpStream, mut bytes: &[u8]) -> std:
             Err(e) => return Err(e),
         }
     }
-    nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write).map_err(std::io::Error::from)
+    Ok(())
 }
 
 /// Makes the next close of `s` send a reset: passing an abort on tells the surviving peer the
