@@ -326,7 +326,7 @@ pub(crate) async fn until_end<T, S: AsFd>(
 ) -> Result<T, End> {
     let idle = async {
         match cfg.idle_timeout {
-            Some(t) => idle_watch(t, activity).await,
+            Some(t) => idle_watch(t, &activity).await,
             None => std::future::pending().await,
         }
     };
@@ -338,7 +338,7 @@ pub(crate) async fn until_end<T, S: AsFd>(
     };
     tokio::select! {
         r = relay => r,
-        end = stall::watch(client, upstream, cfg.send_timeout) => Err(end),
+        end = stall::watch(client, upstream, cfg.send_timeout, &activity) => Err(end),
         Err(end) = idle => Err(end),
         () = lifetime => Err(End::MaxLifetime),
         () = async {

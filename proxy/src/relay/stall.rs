@@ -17,18 +17,63 @@ use super::{End, tcp_probe};
 /// Completes with [`End::SendTimeout`] once the client or the upstream has taken no byte for
 /// `timeout` while bytes waited for it; never if `timeout` is zero. Checked four times per
 /// timeout, so a pair is cut between 1 and 1.25 times the timeout after its peer's last
-/// acknowledgement.
-pub(crate) async fn watch<S: AsFd>(client: &S, upstream: &S, timeout: Duration) -> End {
+/// acknowledgement. `activity` counts the bytes relayed: while it stands still after a check
+/// found nothing waiting, the checks are skipped ([`Quiet`]).
+pub(crate) async fn watch<S: AsFd>(client: &S, upstream: &S, timeout: Duration, activity: impl Fn() -> u64) -> End {
     if timeout.is_zero() {
         return std::future::pending().await;
     }
     let mut peers = [Peer::new(client), Peer::new(upstream)];
+    let mut quiet = Quiet::new(activity());
     loop {
         super::timer(timeout / 4).await;
-        let now = Instant::now();
-        if peers.iter_mut().any(|p| p.stalled_for(now) >= timeout) {
-            return End::SendTimeout;
+        let moved = activity();
+        if quiet.skip(moved) {
+            continue;
         }
+        let now = Instant::now();
+        let mut waiting = false;
+        for p in &mut peers {
+            if p.stalled_for(now) >= timeout {
+                return End::SendTimeout;
+            }
+            waiting |= p.since.is_some();
+        }
+        quiet.checked(moved, waiting);
+    }
+}
+
+/// When a check can be skipped. Bytes come to wait in a send queue only by being relayed, which
+/// the activity count counts (the verdict when it redirects, userspace when it has written). A
+/// check that found nothing waiting, made a whole check interval after the count last moved (so
+/// that bytes the verdict counted have reached the send queue), stays true as long as the count
+/// stands still: an idle connection's checks then cost no system call.
+#[derive(Debug)]
+struct Quiet {
+    /// The count at the previous check.
+    last: u64,
+    /// The count a check found quiet at; checks are skipped while the count is this.
+    at: Option<u64>,
+}
+
+impl Quiet {
+    fn new(activity: u64) -> Self {
+        Quiet { last: activity, at: None }
+    }
+
+    /// Whether the check due with the count at `activity` can be skipped.
+    fn skip(&mut self, activity: u64) -> bool {
+        if self.at == Some(activity) {
+            return true;
+        }
+        self.at = None;
+        false
+    }
+
+    /// A check made with the count at `activity` found bytes `waiting` (or none).
+    fn checked(&mut self, activity: u64, waiting: bool) {
+        self.at = (!waiting && activity == self.last).then_some(activity);
+        self.last = activity;
     }
 }
 
@@ -64,5 +109,43 @@ impl<'a> Peer<'a> {
         }
         self.acked = acked;
         self.since.map_or(Duration::ZERO, |t| now - t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Quiet;
+
+    #[test]
+    fn checks_are_skipped_only_after_a_quiet_check_a_whole_interval_after_the_last_byte() {
+        let mut q = Quiet::new(100);
+        // Bytes counted since the start: checked, and not trusted yet even if nothing waits
+        // (bytes the verdict counted may not have reached the send queue).
+        assert!(!q.skip(150));
+        q.checked(150, false);
+        // The count stood still for a whole interval and nothing waits: quiet from here.
+        assert!(!q.skip(150));
+        q.checked(150, false);
+        assert!(q.skip(150));
+        assert!(q.skip(150));
+        // A byte relayed: checked again, and again only trusted after a still interval.
+        assert!(!q.skip(151));
+        q.checked(151, false);
+        assert!(!q.skip(151));
+        q.checked(151, false);
+        assert!(q.skip(151));
+    }
+
+    #[test]
+    fn bytes_waiting_keep_every_check() {
+        let mut q = Quiet::new(0);
+        for _ in 0..5 {
+            assert!(!q.skip(10));
+            q.checked(10, true);
+        }
+        // Once nothing waits any more (the peer took them), quiet again.
+        assert!(!q.skip(10));
+        q.checked(10, false);
+        assert!(q.skip(10));
     }
 }
