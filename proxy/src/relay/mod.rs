@@ -81,8 +81,20 @@ pub async fn relay(
     metrics: Scoped<'_>,
     stop: Stop<'_>,
 ) -> Relayed {
-    let (client, upstream) = match plain_pair(client, upstream).await {
-        Ok(pair) => pair,
+    let (client, upstream) = match plain_pair(client, upstream) {
+        Ok((client, upstream, [from_client, from_upstream])) => {
+            // Early bytes are a client's first bytes read with its PROXY protocol header: rare,
+            // and few. Sent on boxed, so that every relayed connection's state does not keep
+            // room for these writes.
+            if !from_client.is_empty() || !from_upstream.is_empty() {
+                Box::pin(async {
+                    let _ = write_all(&upstream, &from_client).await;
+                    let _ = write_all(&client, &from_upstream).await;
+                })
+                .await;
+            }
+            (client, upstream)
+        }
         Err((client, upstream)) => {
             // A TLS leg's state is this process's: such a pair stays here to its end.
             metrics.relay_started(Mode::Userspace);
@@ -94,19 +106,18 @@ pub async fn relay(
     relay_tcp(client, upstream, (0, 0), programs, cfg, metrics, stop).await
 }
 
-/// The TCP connections of a pair without TLS, each one's early bytes not yet read (past a PROXY
-/// protocol header) sent on to the other first; the pair as it is when a leg is TLS.
-async fn plain_pair(client: Stream, upstream: Stream) -> Result<(TcpStream, TcpStream), (Stream, Stream)> {
+/// The TCP connections of a pair without TLS, with the early bytes each one's stream read but
+/// did not pass on (past a PROXY protocol header), to be sent to the other first; the pair as it
+/// is when a leg is TLS.
+#[allow(clippy::type_complexity)]
+fn plain_pair(client: Stream, upstream: Stream) -> Result<(TcpStream, TcpStream, [Vec<u8>; 2]), (Stream, Stream)> {
     if client.is_tls() || upstream.is_tls() {
         return Err((client, upstream));
     }
     let (Ok((client, from_client)), Ok((upstream, from_upstream))) = (client.into_tcp(), upstream.into_tcp()) else {
         unreachable!("checked: both plain");
     };
-    // Early bytes are a client's first bytes read with its PROXY protocol header: rare, and few.
-    let _ = write_all(&upstream, &from_client).await;
-    let _ = write_all(&client, &from_upstream).await;
-    Ok((client, upstream))
+    Ok((client, upstream, [from_client, from_upstream]))
 }
 
 /// [`relay`] of a plain pair; `before`: bytes relayed before this relay (a resumed pair).
