@@ -346,12 +346,19 @@ impl PairGuard {
 
     /// The verdict's counters of one side's socket (bytes that arrived on it).
     pub fn side(&self, side: Side) -> SocketCounters {
-        let s = self.maps.slots.read(self.slots[side as usize]);
+        // The four words, not the whole slot: read on every wake-up and activity check.
+        let slot = self.slots[side as usize];
+        let load = |field| {
+            self.maps
+                .slots
+                .field(slot, field)
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
         SocketCounters {
-            redirected: s.redirected,
-            passed: s.passed,
-            repeated: s.repeated,
-            broken: s.broken,
+            redirected: load(std::mem::offset_of!(Slot, redirected)),
+            passed: load(std::mem::offset_of!(Slot, passed)),
+            repeated: load(std::mem::offset_of!(Slot, repeated)),
+            broken: load(std::mem::offset_of!(Slot, broken)),
         }
     }
 

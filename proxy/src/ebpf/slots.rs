@@ -103,6 +103,7 @@ impl Slots {
 
     /// A copy of slot `index` as it is now (each field read once; fields the verdict is
     /// writing may be a moment apart).
+    #[cfg(test)]
     pub fn read(&self, index: u32) -> Slot {
         let mut words = [0u64; size_of::<Slot>() / 8];
         for (at, w) in words.iter_mut().enumerate() {

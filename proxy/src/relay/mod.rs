@@ -343,7 +343,7 @@ pub(crate) async fn until_end<T, S: AsFd>(
     };
     let lifetime = async {
         match stop.deadline {
-            Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
+            Some(at) => timer_until(at).await,
             None => std::future::pending().await,
         }
     };
@@ -404,6 +404,11 @@ pub(crate) fn copy_side<T>(
 /// bytes of every connection's task; boxed, 8 until it is armed.
 pub(crate) fn timer(after: std::time::Duration) -> Pin<Box<tokio::time::Sleep>> {
     Box::pin(tokio::time::sleep(after))
+}
+
+/// [`timer`] until a deadline.
+fn timer_until(at: tokio::time::Instant) -> Pin<Box<tokio::time::Sleep>> {
+    Box::pin(tokio::time::sleep_until(at))
 }
 
 /// Writes all of `bytes` to `to`, shared with the other direction (hence `&TcpStream`, which

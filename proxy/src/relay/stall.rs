@@ -58,7 +58,10 @@ struct Quiet {
 
 impl Quiet {
     fn new(activity: u64) -> Self {
-        Quiet { last: activity, at: None }
+        Quiet {
+            last: activity,
+            at: None,
+        }
     }
 
     /// Whether the check due with the count at `activity` can be skipped.
