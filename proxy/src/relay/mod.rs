@@ -166,8 +166,16 @@ async fn relay_tcp(
     let (client, upstream, settled) = match programs {
         Some(programs) => {
             metrics.relay_started(Mode::Kernel);
-            match Box::pin(kernel::relay(client, upstream, programs, cfg, stop)).await {
-                Ok(carried) => return kernel_carried(carried, before, began, metrics),
+            // Taken, then run, each boxed: the pair's state keeps no room for the taking. (The
+            // run is made inside the match, so that what `take` returned is not kept beside it;
+            // a declined pair, rare, is boxed for the same reason.)
+            let run = match Box::pin(kernel::take(client, upstream, programs, cfg)).await {
+                kernel::Take::Taken(t) => Ok(Box::pin(kernel::run(t, programs, cfg, stop))),
+                kernel::Take::Ended(carried) => return kernel_carried(carried, before, began, metrics),
+                kernel::Take::Declined(d) => Err(Box::new(d)),
+            };
+            match run {
+                Ok(run) => return kernel_carried(run.await, before, began, metrics),
                 Err(d) => {
                     let peer_closed = d.reason.is::<kernel::PeerClosed>();
                     metrics.relay_fallback(if peer_closed {

@@ -74,43 +74,59 @@ pub enum Carried {
     },
 }
 
-/// Relays `client` <-> `upstream` in the kernel. If the pair cannot be put under the verdict,
-/// the sockets come back with the reason, for the userspace relay to carry.
-pub async fn relay(
-    client: TcpStream,
-    upstream: TcpStream,
-    programs: &KernelPrograms,
-    cfg: &config::Relay,
-    stop: Stop<'_>,
-) -> Result<Carried, Declined> {
+/// A pair put under the verdict, for [`run`].
+pub struct Taken {
+    client: std::net::TcpStream,
+    upstream: std::net::TcpStream,
+    pair: crate::ebpf::PairGuard,
+    bases: [u64; 2],
+    /// Bytes userspace settled before the insertion.
+    moved: [u64; 2],
+    started: Instant,
+}
+
+/// What [`take`] made of a pair.
+pub enum Take {
+    /// Under the verdict: [`run`] carries it on.
+    Taken(Taken),
+    /// It ended before the verdict relayed a byte of it.
+    Ended(Carried),
+    /// The sockets back with the reason, for the userspace relay to carry.
+    Declined(Declined),
+}
+
+/// Puts `client` <-> `upstream` under the verdict. Apart from [`run`], so that a relayed pair's
+/// state (boxed by the caller) keeps no room for this step's.
+pub async fn take(client: TcpStream, upstream: TcpStream, programs: &KernelPrograms, cfg: &config::Relay) -> Take {
     let started = Instant::now();
     let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
     // The pair ended before the kernel relayed a byte of it (settled bytes are counted).
-    let ended_early = |end| ended_before(end, &c2u, &u2c, started);
+    let ended_early = |end| Take::Ended(ended_before(end, &c2u, &u2c, started));
+    let declined = |client, upstream, reason| Take::Declined(Declined::new(client, upstream, reason, &c2u, &u2c));
     match settle(&client, &upstream, &c2u, &u2c).await {
         Ok(true) => {}
-        Ok(false) => return Err(Declined::new(client, upstream, PeerClosed.into(), &c2u, &u2c)),
+        Ok(false) => return declined(client, upstream, PeerClosed.into()),
         // A side failed (a reset): the connection ends here. Handing it to the userspace relay
         // would be wrong: the read that failed has taken the socket's pending error, so that
         // relay would read a plain EOF and pass a FIN on instead of the reset.
         Err(end) => {
             reset_on_close(&client);
             reset_on_close(&upstream);
-            return Ok(ended_early(end));
+            return ended_early(end);
         }
     }
     // Everything userspace wrote so far (the 101, the request, settled bytes) is in the send
     // queues now; the destinations' "taken" counts start from here.
     let bases = match (taken(&client), taken(&upstream)) {
         (Ok(c), Ok(u)) => [c, u],
-        (Err(e), _) | (_, Err(e)) => return Err(Declined::new(client, upstream, e.into(), &c2u, &u2c)),
+        (Err(e), _) | (_, Err(e)) => return declined(client, upstream, e.into()),
     };
     let pair = match programs.insert_pair(&client, &upstream, window(cfg)) {
         Ok(p) => p,
         Err(_) if fin_received(&client) || fin_received(&upstream) => {
-            return Err(Declined::new(client, upstream, PeerClosed.into(), &c2u, &u2c));
+            return declined(client, upstream, PeerClosed.into());
         }
-        Err(e) => return Err(Declined::new(client, upstream, e, &c2u, &u2c)),
+        Err(e) => return declined(client, upstream, e),
     };
     // Off the reactor: while the verdict redirects, every batch would wake it for nothing to
     // read. The watch wakes a direction on a FIN, an error or passed bytes instead.
@@ -122,11 +138,30 @@ pub async fn relay(
             for s in [c.ok(), u.ok()].into_iter().flatten() {
                 reset_on_close(&s);
             }
-            return Ok(ended_early(End::Internal));
+            return ended_early(End::Internal);
         }
     };
-    let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
-    Ok(run_pair(client, upstream, pair, bases, [c2u, u2c], started, programs, cfg, stop).await)
+    Take::Taken(Taken {
+        client,
+        upstream,
+        pair,
+        bases,
+        moved: [c2u.into_inner(), u2c.into_inner()],
+        started,
+    })
+}
+
+/// Relays a pair [`take`] put under the verdict, to its end or until it moves to a successor.
+/// (`run_pair`'s future itself: a wrapping `async fn` would keep `t` beside it.)
+pub fn run<'a>(
+    t: Taken,
+    programs: &'a KernelPrograms,
+    cfg: &'a config::Relay,
+    stop: Stop<'a>,
+) -> impl Future<Output = Carried> + 'a {
+    run_pair(
+        t.client, t.upstream, t.pair, t.bases, t.moved, t.started, programs, cfg, stop,
+    )
 }
 
 /// Carries on with a pair a predecessor process relayed in the kernel and handed over
