@@ -80,33 +80,33 @@ pub async fn relay(
     };
     let flow = {
         // The first error ends both directions: try_join drops the other copy at once. (The
-        // copies are made inside the block: made before it, each would be kept twice in its
-        // state, as a captured value and as the future awaited.)
-        let copies = async {
-            let (a, b) = tokio::try_join!(
-                copy_side(copy(&client, &upstream, &counts.c2u, &promoter), true),
-                copy_side(copy(&upstream, &client, &counts.u2c, &promoter), false)
-            )?;
-            // A direction that finished (EOF passed on) cannot move: the other goes on here
-            // (boxed: rare, and every connection would otherwise carry its state).
-            match (a, b) {
-                (Copied::Paused, Copied::Paused) => Ok(Flow::Promote),
-                (Copied::Finished, Copied::Finished) => Ok(Flow::Done),
-                (Copied::Paused, Copied::Finished) => {
-                    let never = Promoter::never(&counts);
-                    Box::pin(copy_side(copy(&client, &upstream, &counts.c2u, &never), true)).await?;
-                    Ok(Flow::Done)
-                }
-                (Copied::Finished, Copied::Paused) => {
-                    let never = Promoter::never(&counts);
-                    Box::pin(copy_side(copy(&upstream, &client, &counts.u2c, &never), false)).await?;
-                    Ok(Flow::Done)
-                }
-            }
-        };
+        // copies are made where they are awaited, inside the `select!`: a future made before the
+        // block that awaits it is kept twice in its state, as a captured value and as the
+        // future awaited.)
         let both = async {
             tokio::select! {
-                r = copies => r,
+                r = async {
+                    let (a, b) = tokio::try_join!(
+                        copy_side(copy(&client, &upstream, &counts.c2u, &promoter), true),
+                        copy_side(copy(&upstream, &client, &counts.u2c, &promoter), false)
+                    )?;
+                    // A direction that finished (EOF passed on) cannot move: the other goes on
+                    // here (boxed: rare, and every connection would otherwise carry its state).
+                    match (a, b) {
+                        (Copied::Paused, Copied::Paused) => Ok(Flow::Promote),
+                        (Copied::Finished, Copied::Finished) => Ok(Flow::Done),
+                        (Copied::Paused, Copied::Finished) => {
+                            let never = Promoter::never(&counts);
+                            Box::pin(copy_side(copy(&client, &upstream, &counts.c2u, &never), true)).await?;
+                            Ok(Flow::Done)
+                        }
+                        (Copied::Finished, Copied::Paused) => {
+                            let never = Promoter::never(&counts);
+                            Box::pin(copy_side(copy(&upstream, &client, &counts.u2c, &never), false)).await?;
+                            Ok(Flow::Done)
+                        }
+                    }
+                } => r,
                 end = failed(&client, &upstream) => Err(end),
             }
         };
