@@ -155,8 +155,9 @@ impl Relayable {
         } = self;
         async move {
             // Held to the end: the admission's slot and lease, the upstream's count. (An async
-            // block takes only what it uses; these it must hold.)
-            let _held = (_admission, _tracked);
+            // block takes only what it uses: these are named here so that it takes them, and
+            // not moved into a local, which would keep room for them twice.)
+            let _held = (&_admission, &_tracked);
             let ip = client.ip().to_canonical();
             let cfg = &svc.config.relay;
             let stop = relay::Stop {
