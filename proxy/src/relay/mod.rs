@@ -81,8 +81,8 @@ pub async fn relay(
     metrics: Scoped<'_>,
     stop: Stop<'_>,
 ) -> Relayed {
-    let (client, upstream) = match plain_pair(client, upstream) {
-        Ok((client, upstream, [from_client, from_upstream])) => {
+    let (client, upstream) = match legs(client, upstream) {
+        Legs::Plain(client, upstream, [from_client, from_upstream]) => {
             // Early bytes are a client's first bytes read with its PROXY protocol header: rare,
             // and few. Sent on boxed, so that every relayed connection's state does not keep
             // room for these writes.
@@ -95,7 +95,7 @@ pub async fn relay(
             }
             (client, upstream)
         }
-        Err((client, upstream)) => {
+        Legs::Tls(client, upstream) => {
             // A TLS leg's state is this process's: such a pair stays here to its end.
             metrics.relay_started(Mode::Userspace);
             let o = Box::pin(tls_legs::relay(client, upstream, cfg, stop)).await;
@@ -106,18 +106,23 @@ pub async fn relay(
     relay_tcp(client, upstream, (0, 0), programs, cfg, metrics, stop).await
 }
 
-/// The TCP connections of a pair without TLS, with the early bytes each one's stream read but
-/// did not pass on (past a PROXY protocol header), to be sent to the other first; the pair as it
-/// is when a leg is TLS.
-#[allow(clippy::type_complexity)]
-fn plain_pair(client: Stream, upstream: Stream) -> Result<(TcpStream, TcpStream, [Vec<u8>; 2]), (Stream, Stream)> {
+/// A pair's legs, as the relay takes them.
+enum Legs {
+    /// No TLS: the TCP connections, with the early bytes each one's stream read but did not
+    /// pass on (past a PROXY protocol header), to be sent to the other first.
+    Plain(TcpStream, TcpStream, [Vec<u8>; 2]),
+    /// A leg is TLS: the streams as they are.
+    Tls(Stream, Stream),
+}
+
+fn legs(client: Stream, upstream: Stream) -> Legs {
     if client.is_tls() || upstream.is_tls() {
-        return Err((client, upstream));
+        return Legs::Tls(client, upstream);
     }
     let (Ok((client, from_client)), Ok((upstream, from_upstream))) = (client.into_tcp(), upstream.into_tcp()) else {
         unreachable!("checked: both plain");
     };
-    Ok((client, upstream, [from_client, from_upstream]))
+    Legs::Plain(client, upstream, [from_client, from_upstream])
 }
 
 /// [`relay`] of a plain pair; `before`: bytes relayed before this relay (a resumed pair).

@@ -185,7 +185,18 @@ impl Daemon {
                 });
             }
         }
-        let mut child = cmd.spawn().unwrap();
+        // A binary a test copied may still be open for writing in a child another test thread
+        // forked meanwhile (until that child's exec): ETXTBSY for a moment. Retried, bounded.
+        let busy_until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut child = loop {
+            match cmd.spawn() {
+                Ok(c) => break c,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && std::time::Instant::now() < busy_until => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("cannot start {}: {e}", cmd.get_program().to_string_lossy()),
+            }
+        };
         let (tx, lines) = mpsc::unbounded_channel();
         let err = child.stderr.take().unwrap();
         std::thread::spawn(move || {

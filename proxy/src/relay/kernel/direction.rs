@@ -101,68 +101,73 @@ impl<'a> Direction<'a> {
 
     /// Runs until EOF on `src` has been passed on as a FIN on `dst`. `forwarded_total` counts
     /// the passed bytes written to `dst` by userspace.
-    pub(super) async fn run(self, forwarded_total: &AtomicU64) -> Result<Ran, Failed> {
-        // Empty while the kernel relays: an idle or kernel-relayed direction holds no buffer.
-        let mut buf: Vec<u8> = Vec::new();
-        let mut forwarded = self.forwarded_before;
-        let mut phase = Phase::Relaying;
-        // Read first: bytes may have been passed before the watch knew the socket.
-        let mut wait = false;
-        loop {
-            if phase == Phase::Done {
-                return Ok(Ran::Done);
-            }
-            if wait {
-                // A handover takes the pair only here: relaying, every passed byte forwarded.
-                // Whatever wakes the direction meanwhile (passed bytes, a FIN) the successor
-                // finds by reading first, as this loop does.
-                tokio::select! {
-                    () = self.wake.notified() => {}
-                    () = self.handover.cancelled(), if phase == Phase::Relaying => {
-                        return Ok(Ran::Paused);
+    #[allow(clippy::manual_async_fn)] // the body's comment says why
+    pub(super) fn run(self, forwarded_total: &AtomicU64) -> impl Future<Output = Result<Ran, Failed>> {
+        // Not an `async fn`: its future would keep `self` twice, as the argument and as the
+        // body's own binding, for the pair's whole life.
+        async move {
+            // Empty while the kernel relays: an idle or kernel-relayed direction holds no buffer.
+            let mut buf: Vec<u8> = Vec::new();
+            let mut forwarded = self.forwarded_before;
+            let mut phase = Phase::Relaying;
+            // Read first: bytes may have been passed before the watch knew the socket.
+            let mut wait = false;
+            loop {
+                if phase == Phase::Done {
+                    return Ok(Ran::Done);
+                }
+                if wait {
+                    // A handover takes the pair only here: relaying, every passed byte forwarded.
+                    // Whatever wakes the direction meanwhile (passed bytes, a FIN) the successor
+                    // finds by reading first, as this loop does.
+                    tokio::select! {
+                        () = self.wake.notified() => {}
+                        () = self.handover.cancelled(), if phase == Phase::Relaying => {
+                            return Ok(Ran::Paused);
+                        }
                     }
                 }
-            }
-            if buf.is_empty() {
-                buf = vec![0; BUF_SIZE];
-            }
-            let read = match (&*self.src).read(&mut buf) {
-                Ok(0) => Read::Eof,
-                Ok(n) => Read::Bytes(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read::Nothing,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Read::Failed(e.kind()),
-            };
-            let seen = match read {
-                Read::Failed(_) => Seen::default(),
-                Read::Bytes(_) | Read::Nothing => self.seen(forwarded, false),
-                Read::Eof => self.seen(forwarded, true),
-            };
-            let (next, action) = step::next(phase, read, seen);
-            tracing::trace!(side = ?self.side, ?phase, ?read, ?action, "kernel relay: step");
-            phase = next;
-            // Only a read that found nothing waits for a wake-up: after bytes, more may be there.
-            wait = action == Action::Wait;
-            match action {
-                Action::Wait => buf = Vec::new(),
-                Action::Forward(n) => {
-                    if seen.passed < forwarded + n as u64 {
-                        tracing::warn!(side = ?self.side, n, passed = seen.passed, forwarded, "kernel relay: read bytes the verdict has not seen (order no longer guaranteed)");
-                    }
-                    // Boxed, like the FIN below: rarely needed, so the waiting direction (the
-                    // state an idle kernel-relayed connection keeps) does not carry them.
-                    Box::pin(self.forward(&buf[..n], forwarded)).await?;
-                    forwarded += n as u64;
-                    forwarded_total.fetch_add(n as u64, Relaxed);
-                    self.pair.report_forwarded(self.side, forwarded);
+                if buf.is_empty() {
+                    buf = vec![0; BUF_SIZE];
                 }
-                Action::PauseAndRead => crate::relay::timer(POLL_MIN).await,
-                Action::PassFin => Box::pin(self.pass_fin(forwarded)).await?,
-                Action::Fail(f) => {
-                    if f == Failure::Stream {
-                        tracing::warn!(side = ?self.side, "kernel relay: bytes out of sequence, cutting the pair");
+                let read = match (&*self.src).read(&mut buf) {
+                    Ok(0) => Read::Eof,
+                    Ok(n) => Read::Bytes(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read::Nothing,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => Read::Failed(e.kind()),
+                };
+                let seen = match read {
+                    Read::Failed(_) => Seen::default(),
+                    Read::Bytes(_) | Read::Nothing => self.seen(forwarded, false),
+                    Read::Eof => self.seen(forwarded, true),
+                };
+                let (next, action) = step::next(phase, read, seen);
+                tracing::trace!(side = ?self.side, ?phase, ?read, ?action, "kernel relay: step");
+                phase = next;
+                // Only a read that found nothing waits for a wake-up: after bytes, more may be there.
+                wait = action == Action::Wait;
+                match action {
+                    Action::Wait => buf = Vec::new(),
+                    Action::Forward(n) => {
+                        if seen.passed < forwarded + n as u64 {
+                            tracing::warn!(side = ?self.side, n, passed = seen.passed, forwarded, "kernel relay: read bytes the verdict has not seen (order no longer guaranteed)");
+                        }
+                        // Boxed, like the FIN below: rarely needed, so the waiting direction (the
+                        // state an idle kernel-relayed connection keeps) does not carry them.
+                        Box::pin(self.forward(&buf[..n], forwarded)).await?;
+                        forwarded += n as u64;
+                        forwarded_total.fetch_add(n as u64, Relaxed);
+                        self.pair.report_forwarded(self.side, forwarded);
                     }
-                    return Err(f.into());
+                    Action::PauseAndRead => crate::relay::timer(POLL_MIN).await,
+                    Action::PassFin => Box::pin(self.pass_fin(forwarded)).await?,
+                    Action::Fail(f) => {
+                        if f == Failure::Stream {
+                            tracing::warn!(side = ?self.side, "kernel relay: bytes out of sequence, cutting the pair");
+                        }
+                        return Err(f.into());
+                    }
                 }
             }
         }

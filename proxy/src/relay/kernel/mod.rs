@@ -198,7 +198,8 @@ fn ended_before(end: End, c2u: &AtomicU64, u2c: &AtomicU64, started: Instant) ->
 
 /// Runs a pair that is under the verdict to its end, or until it moves to a successor.
 #[allow(clippy::too_many_arguments)]
-async fn run_pair(
+#[allow(clippy::manual_async_fn)] // the body's comment says why
+fn run_pair(
     client: std::net::TcpStream,
     upstream: std::net::TcpStream,
     pair: crate::ebpf::PairGuard,
@@ -208,116 +209,120 @@ async fn run_pair(
     programs: &KernelPrograms,
     cfg: &config::Relay,
     stop: Stop<'_>,
-) -> Carried {
-    let (c2u, u2c) = (AtomicU64::new(moved[0]), AtomicU64::new(moved[1]));
-    let ended_early = |end| ended_before(end, &c2u, &u2c, started);
-    let watch = programs.watch();
-    let (cookies, wakes) = {
-        let (c, u) = pair.cookies();
-        let wake = |cookie, s: &std::net::TcpStream| watch.register(cookie, s.as_fd());
-        ([c, u], (wake(c, &client), wake(u, &upstream)))
-    };
-    let unwatch = || {
-        watch.unregister(cookies[0], client.as_fd());
-        watch.unregister(cookies[1], upstream.as_fd());
-    };
-    let wakes = match wakes {
-        (Ok(c), Ok(u)) => [c, u],
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!(error = %e, "kernel relay: cannot watch the sockets");
-            unwatch();
-            let _ = pair.remove();
-            reset_on_close(&client);
-            reset_on_close(&upstream);
-            return ended_early(End::Internal);
-        }
-    };
-    // Set once this relay has shut a socket down for writing (index: the socket's side).
-    let shut = [AtomicBool::new(false), AtomicBool::new(false)];
-    let never = tokio_util::sync::CancellationToken::new();
-    let flow = {
-        // Each direction starts from the passed bytes already reported forwarded in its slot:
-        // none for a new pair, the predecessor's count for one handed over.
-        let direction = |from: Side, handover| {
-            let forwarded = pair.forwarded(from);
-            let (pair_of, dst_base) = match from {
-                Side::Client => ([&client, &upstream], bases[1]),
-                Side::Upstream => ([&upstream, &client], bases[0]),
-            };
-            Direction::new(
-                pair_of,
-                from,
-                dst_base,
-                forwarded,
-                &pair,
-                cfg,
-                &shut,
-                &wakes[from as usize],
-                handover,
-            )
+) -> impl Future<Output = Carried> {
+    // Not an `async fn`: its future would keep each argument twice, as the argument and as the
+    // body's own binding, for the pair's whole life.
+    async move {
+        let (c2u, u2c) = (AtomicU64::new(moved[0]), AtomicU64::new(moved[1]));
+        let ended_early = |end| ended_before(end, &c2u, &u2c, started);
+        let watch = programs.watch();
+        let (cookies, wakes) = {
+            let (c, u) = pair.cookies();
+            let wake = |cookie, s: &std::net::TcpStream| watch.register(cookie, s.as_fd());
+            ([c, u], (wake(c, &client), wake(u, &upstream)))
         };
-        // Activity: bytes the verdict moved plus bytes userspace forwarded.
-        let activity = || {
-            let k = pair.counters();
-            k.from_client.redirected + k.from_upstream.redirected + c2u.load(Relaxed) + u2c.load(Relaxed)
+        let unwatch = || {
+            watch.unregister(cookies[0], client.as_fd());
+            watch.unregister(cookies[1], upstream.as_fd());
         };
-        let both = async {
-            let (a, b) = tokio::try_join!(
-                side_of(direction(Side::Client, stop.handover).run(&c2u), Side::Client),
-                side_of(direction(Side::Upstream, stop.handover).run(&u2c), Side::Upstream)
-            )?;
-            // A direction that finished (FIN passed on) cannot move: the other goes on here, as
-            // the userspace relay does (boxed: rare).
-            match (a, b) {
-                (Ran::Paused, Ran::Paused) => Ok(true),
-                (Ran::Done, Ran::Done) => Ok(false),
-                (Ran::Paused, Ran::Done) => {
-                    Box::pin(side_of(direction(Side::Client, &never).run(&c2u), Side::Client)).await?;
-                    Ok(false)
-                }
-                (Ran::Done, Ran::Paused) => {
-                    let rest = direction(Side::Upstream, &never).run(&u2c);
-                    Box::pin(side_of(rest, Side::Upstream)).await?;
-                    Ok(false)
-                }
+        let wakes = match wakes {
+            (Ok(c), Ok(u)) => [c, u],
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "kernel relay: cannot watch the sockets");
+                unwatch();
+                let _ = pair.remove();
+                reset_on_close(&client);
+                reset_on_close(&upstream);
+                return ended_early(End::Internal);
             }
         };
-        let both = std::pin::pin!(both);
-        until_end(both, [&client, &upstream], cfg, stop, activity).await
-    };
-    let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
-    let end = match flow {
-        Ok(true) => {
-            // Handed over: the entries stay for the successor, this watch lets go.
-            unwatch();
-            let (cookies, slots) = pair.hand_over();
-            return Carried::Moved {
-                client,
-                upstream,
-                state: Handed { cookies, slots, bases },
-                client_to_upstream: c2u,
-                upstream_to_client: u2c,
+        // Set once this relay has shut a socket down for writing (index: the socket's side).
+        let shut = [AtomicBool::new(false), AtomicBool::new(false)];
+        let never = tokio_util::sync::CancellationToken::new();
+        let flow = {
+            // Each direction starts from the passed bytes already reported forwarded in its slot:
+            // none for a new pair, the predecessor's count for one handed over.
+            let direction = |from: Side, handover| {
+                let forwarded = pair.forwarded(from);
+                let (pair_of, dst_base) = match from {
+                    Side::Client => ([&client, &upstream], bases[1]),
+                    Side::Upstream => ([&upstream, &client], bases[0]),
+                };
+                Direction::new(
+                    pair_of,
+                    from,
+                    dst_base,
+                    forwarded,
+                    &pair,
+                    cfg,
+                    &shut,
+                    &wakes[from as usize],
+                    handover,
+                )
             };
+            // Activity: bytes the verdict moved plus bytes userspace forwarded.
+            let activity = || {
+                let k = pair.counters();
+                k.from_client.redirected + k.from_upstream.redirected + c2u.load(Relaxed) + u2c.load(Relaxed)
+            };
+            let both = async {
+                let (a, b) = tokio::try_join!(
+                    side_of(direction(Side::Client, stop.handover).run(&c2u), Side::Client),
+                    side_of(direction(Side::Upstream, stop.handover).run(&u2c), Side::Upstream)
+                )?;
+                // A direction that finished (FIN passed on) cannot move: the other goes on here, as
+                // the userspace relay does (boxed: rare).
+                match (a, b) {
+                    (Ran::Paused, Ran::Paused) => Ok(true),
+                    (Ran::Done, Ran::Done) => Ok(false),
+                    (Ran::Paused, Ran::Done) => {
+                        Box::pin(side_of(direction(Side::Client, &never).run(&c2u), Side::Client)).await?;
+                        Ok(false)
+                    }
+                    (Ran::Done, Ran::Paused) => {
+                        let rest = direction(Side::Upstream, &never).run(&u2c);
+                        Box::pin(side_of(rest, Side::Upstream)).await?;
+                        Ok(false)
+                    }
+                }
+            };
+            let both = std::pin::pin!(both);
+            until_end(both, [&client, &upstream], cfg, stop, activity).await
+        };
+        let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
+        let end = match flow {
+            Ok(true) => {
+                // Handed over: the entries stay for the successor, this watch lets go.
+                unwatch();
+                let (cookies, slots) = pair.hand_over();
+                return Carried::Moved {
+                    client,
+                    upstream,
+                    state: Handed { cookies, slots, bases },
+                    client_to_upstream: c2u,
+                    upstream_to_client: u2c,
+                };
+            }
+            Ok(false) => End::Closed,
+            Err(end) => end,
+        };
+        // Out of the maps before the sockets close: no verdict may redirect into a closing socket.
+        let counters = pair.remove().unwrap_or_default();
+        unwatch();
+        if end != End::Closed {
+            reset_on_close(&client);
+            reset_on_close(&upstream);
         }
-        Ok(false) => End::Closed,
-        Err(end) => end,
-    };
-    // Out of the maps before the sockets close: no verdict may redirect into a closing socket.
-    let counters = pair.remove().unwrap_or_default();
-    unwatch();
-    if end != End::Closed {
-        reset_on_close(&client);
-        reset_on_close(&upstream);
+        Carried::Ended(Outcome {
+            mode: Mode::Kernel,
+            end,
+            client_to_upstream: counters.from_client.redirected + c2u,
+            upstream_to_client: counters.from_upstream.redirected + u2c,
+            repeated_cut: counters.from_client.repeated + counters.from_upstream.repeated,
+            passed: c2u + u2c,
+            duration: started.elapsed(),
+        })
     }
-    Carried::Ended(Outcome {
-        mode: Mode::Kernel,
-        end,
-        client_to_upstream: counters.from_client.redirected + c2u,
-        upstream_to_client: counters.from_upstream.redirected + u2c,
-        repeated_cut: counters.from_client.repeated + counters.from_upstream.repeated,
-        passed: c2u + u2c,
-        duration: started.elapsed(),
-    })
 }
 
 /// A connection the kernel relay did not take: the sockets, untouched but for the bytes
