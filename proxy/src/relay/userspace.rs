@@ -69,13 +69,13 @@ pub async fn relay(
         });
     }
     let counts = Counts::default();
-    // Cancelled once the policy is met: each direction then stops at its next point with an
-    // empty buffer.
-    let promote = CancellationToken::new();
+    // Cancelled once the policy is met, or by a handover (a child of its token): each direction
+    // then stops at its next point with an empty buffer. One token for both, so that a waiting
+    // direction waits on one.
+    let moving = stop.handover.child_token();
     let promoter = Promoter {
         policy,
-        promote: &promote,
-        handover: stop.handover,
+        moving: &moving,
         counts: &counts,
     };
     let flow = {
@@ -168,9 +168,9 @@ impl Counts {
 /// What a direction checks after each write: whether the pair is due to move.
 struct Promoter<'a> {
     policy: Option<Policy>,
-    promote: &'a CancellationToken,
-    /// Cancelled when the pair is to move to a successor process: it stops as for a promotion.
-    handover: &'a CancellationToken,
+    /// Cancelled when the pair is to move: to the kernel relay once the policy is met, or to a
+    /// successor process (a handover).
+    moving: &'a CancellationToken,
     counts: &'a Counts,
 }
 
@@ -179,8 +179,7 @@ impl<'a> Promoter<'a> {
         static NEVER: std::sync::LazyLock<CancellationToken> = std::sync::LazyLock::new(CancellationToken::new);
         Promoter {
             policy: None,
-            promote: &NEVER,
-            handover: &NEVER,
+            moving: &NEVER,
             counts,
         }
     }
@@ -189,7 +188,7 @@ impl<'a> Promoter<'a> {
     /// headers); true once the pair should stop for the move. Without a policy nothing is
     /// counted: only a move needs the count.
     fn after_write(&self, bytes: &[u8], frames: &mut Frames) -> bool {
-        if self.handover.is_cancelled() {
+        if self.moving.is_cancelled() {
             return true;
         }
         let Some(p) = self.policy else {
@@ -199,24 +198,14 @@ impl<'a> Promoter<'a> {
         self.counts.messages.fetch_add(headers.max(1), Relaxed);
         let mut run = crate::lock::lock(&self.counts.run);
         if p.observe(&mut run, bytes.len() as u64, headers, Instant::now()) {
-            self.promote.cancel();
+            self.moving.cancel();
         }
-        self.promote.is_cancelled()
+        self.moving.is_cancelled()
     }
 
     /// Completes once a move was asked for: by the policy (never without one), or a handover.
-    async fn requested(&self) {
-        let promotion = async {
-            if self.policy.is_some() {
-                self.promote.cancelled().await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            () = promotion => {}
-            () = self.handover.cancelled() => {}
-        }
+    fn requested(&self) -> tokio_util::sync::WaitForCancellationFuture<'a> {
+        self.moving.cancelled()
     }
 }
 
