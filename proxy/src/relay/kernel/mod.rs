@@ -151,43 +151,26 @@ pub async fn take(client: TcpStream, upstream: TcpStream, programs: &KernelProgr
     })
 }
 
-/// Relays a pair [`take`] put under the verdict, to its end or until it moves to a successor.
-/// (`run_pair`'s future itself: a wrapping `async fn` would keep `t` beside it.)
-pub fn run<'a>(
-    t: Taken,
-    programs: &'a KernelPrograms,
-    cfg: &'a config::Relay,
-    stop: Stop<'a>,
-) -> impl Future<Output = Carried> + 'a {
-    run_pair(
-        t.client, t.upstream, t.pair, t.bases, t.moved, t.started, programs, cfg, stop,
-    )
-}
-
 /// Carries on with a pair a predecessor process relayed in the kernel and handed over
 /// ([`Carried::Moved`]): the same map entries, the same counts.
-pub async fn resume(
+pub fn resume<'a>(
     client: std::net::TcpStream,
     upstream: std::net::TcpStream,
     state: Handed,
     moved: [u64; 2],
-    programs: &KernelPrograms,
-    cfg: &config::Relay,
-    stop: Stop<'_>,
-) -> Carried {
-    let pair = programs.adopt_pair(state.cookies, state.slots);
-    run_pair(
+    programs: &'a KernelPrograms,
+    cfg: &'a config::Relay,
+    stop: Stop<'a>,
+) -> impl Future<Output = Carried> + 'a {
+    let taken = Taken {
         client,
         upstream,
-        pair,
-        state.bases,
+        pair: programs.adopt_pair(state.cookies, state.slots),
+        bases: state.bases,
         moved,
-        Instant::now(),
-        programs,
-        cfg,
-        stop,
-    )
-    .await
+        started: Instant::now(),
+    };
+    run(taken, programs, cfg, stop)
 }
 
 /// A pair that ended before the verdict relayed a byte of it: the bytes userspace moved.
@@ -196,20 +179,24 @@ fn ended_before(end: End, c2u: &AtomicU64, u2c: &AtomicU64, started: Instant) ->
     Carried::Ended(Outcome::copied(Mode::Kernel, end, bytes, started.elapsed()))
 }
 
-/// Runs a pair that is under the verdict to its end, or until it moves to a successor.
-#[allow(clippy::too_many_arguments)]
+/// Relays a pair under the verdict ([`take`]n, or [`resume`]d) to its end, or until it moves
+/// to a successor.
 #[allow(clippy::manual_async_fn)] // the body's comment says why
-fn run_pair(
-    client: std::net::TcpStream,
-    upstream: std::net::TcpStream,
-    pair: crate::ebpf::PairGuard,
-    bases: [u64; 2],
-    moved: [u64; 2],
-    started: Instant,
-    programs: &KernelPrograms,
-    cfg: &config::Relay,
-    stop: Stop<'_>,
-) -> impl Future<Output = Carried> {
+pub fn run<'a>(
+    taken: Taken,
+    programs: &'a KernelPrograms,
+    cfg: &'a config::Relay,
+    stop: Stop<'a>,
+) -> impl Future<Output = Carried> + 'a {
+    // Taken apart here, not in the body: what the body's future captures it keeps once.
+    let Taken {
+        client,
+        upstream,
+        pair,
+        bases,
+        moved,
+        started,
+    } = taken;
     // Not an `async fn`: its future would keep each argument twice, as the argument and as the
     // body's own binding, for the pair's whole life.
     async move {
