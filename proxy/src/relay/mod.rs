@@ -73,37 +73,42 @@ pub struct Moved {
 /// copied in userspace ([`tls_legs`]); a plain pair in the kernel (`kernel`), in userspace
 /// (`userspace`), or in userspace first and in the kernel once the connection shows message
 /// traffic (`auto`, see [`promotion`]). Without loaded programs every mode is userspace.
-pub async fn relay(
+#[allow(clippy::manual_async_fn)] // the body's comment says why
+pub fn relay(
     client: Stream,
     upstream: Stream,
     programs: Option<&KernelPrograms>,
     cfg: &config::Relay,
     metrics: Scoped<'_>,
     stop: Stop<'_>,
-) -> Relayed {
-    let (client, upstream) = match legs(client, upstream) {
-        Legs::Plain(client, upstream, [from_client, from_upstream]) => {
-            // Early bytes are a client's first bytes read with its PROXY protocol header: rare,
-            // and few. Sent on boxed, so that every relayed connection's state does not keep
-            // room for these writes.
-            if !from_client.is_empty() || !from_upstream.is_empty() {
-                Box::pin(async {
-                    let _ = write_all(&upstream, &from_client).await;
-                    let _ = write_all(&client, &from_upstream).await;
-                })
-                .await;
+) -> impl Future<Output = Relayed> {
+    // Not an `async fn`: its future would keep each argument twice, as the argument and as
+    // the body's own binding.
+    async move {
+        let (client, upstream) = match legs(client, upstream) {
+            Legs::Plain(client, upstream, [from_client, from_upstream]) => {
+                // Early bytes are a client's first bytes read with its PROXY protocol header: rare,
+                // and few. Sent on boxed, so that every relayed connection's state does not keep
+                // room for these writes.
+                if !from_client.is_empty() || !from_upstream.is_empty() {
+                    Box::pin(async {
+                        let _ = write_all(&upstream, &from_client).await;
+                        let _ = write_all(&client, &from_upstream).await;
+                    })
+                    .await;
+                }
+                (client, upstream)
             }
-            (client, upstream)
-        }
-        Legs::Tls(client, upstream) => {
-            // A TLS leg's state is this process's: such a pair stays here to its end.
-            metrics.relay_started(Mode::Userspace);
-            let o = Box::pin(tls_legs::relay(client, upstream, cfg, stop)).await;
-            metrics.relay_ended(&o);
-            return Relayed::Ended(o);
-        }
-    };
-    relay_tcp(client, upstream, (0, 0), programs, cfg, metrics, stop).await
+            Legs::Tls(client, upstream) => {
+                // A TLS leg's state is this process's: such a pair stays here to its end.
+                metrics.relay_started(Mode::Userspace);
+                let o = Box::pin(tls_legs::relay(client, upstream, cfg, stop)).await;
+                metrics.relay_ended(&o);
+                return Relayed::Ended(o);
+            }
+        };
+        relay_tcp(client, upstream, (0, 0), programs, cfg, metrics, stop).await
+    }
 }
 
 /// A pair's legs, as the relay takes them.
@@ -126,7 +131,8 @@ fn legs(client: Stream, upstream: Stream) -> Legs {
 }
 
 /// [`relay`] of a plain pair; `before`: bytes relayed before this relay (a resumed pair).
-async fn relay_tcp(
+#[allow(clippy::manual_async_fn)] // the body's comment says why
+fn relay_tcp(
     client: TcpStream,
     upstream: TcpStream,
     before: (u64, u64),
@@ -134,91 +140,95 @@ async fn relay_tcp(
     cfg: &config::Relay,
     metrics: Scoped<'_>,
     stop: Stop<'_>,
-) -> Relayed {
-    let began = std::time::Instant::now();
-    buffers::cap(&client, &upstream, cfg);
-    let programs = programs.filter(|_| cfg.mode != RelayMode::Userspace);
-    let (client, upstream, before) = match (programs, cfg.mode) {
-        (Some(_), RelayMode::Auto) => {
-            metrics.relay_started(Mode::Userspace);
-            let policy = promotion::Policy::new(cfg);
-            // Boxed: each relay's state is allocated only while that relay runs (see
-            // `connection::serve`).
-            match Box::pin(userspace::relay(client, upstream, cfg, stop, Some(policy))).await {
-                userspace::Carried::Ended(o) => return ended(o, before, metrics),
-                userspace::Carried::Promote(h) if stop.handover.is_cancelled() => {
-                    metrics.relay_moved(Mode::Userspace);
-                    return moved_from_userspace(h, before);
-                }
-                userspace::Carried::Promote(h) => {
-                    metrics.relay_promoted();
-                    debug!(
-                        messages = h.messages,
-                        client_to_upstream = h.client_to_upstream,
-                        upstream_to_client = h.upstream_to_client,
-                        "relay: moving the connection to the kernel relay"
-                    );
-                    (
-                        h.client,
-                        h.upstream,
-                        (before.0 + h.client_to_upstream, before.1 + h.upstream_to_client),
-                    )
-                }
-            }
-        }
-        _ => (client, upstream, before),
-    };
-    let (client, upstream, settled) = match programs {
-        Some(programs) => {
-            metrics.relay_started(Mode::Kernel);
-            // Taken, then run, each boxed: the pair's state keeps no room for the taking. (The
-            // run is made inside the match, so that what `take` returned is not kept beside it;
-            // a declined pair, rare, is boxed for the same reason.)
-            let run = match Box::pin(kernel::take(client, upstream, programs, cfg)).await {
-                kernel::Take::Taken(t) => Ok(Box::pin(kernel::run(t, programs, cfg, stop))),
-                kernel::Take::Ended(carried) => return kernel_carried(carried, before, began, metrics),
-                kernel::Take::Declined(d) => Err(Box::new(d)),
-            };
-            match run {
-                Ok(run) => return kernel_carried(run.await, before, began, metrics),
-                Err(d) => {
-                    let peer_closed = d.reason.is::<kernel::PeerClosed>();
-                    metrics.relay_fallback(if peer_closed {
-                        Fallback::PeerClosed
-                    } else {
-                        Fallback::Refused
-                    });
-                    if peer_closed {
-                        // Ordinary: a peer that closes right after the 101.
-                        debug!("kernel relay: {}; relaying it in userspace", d.reason);
-                    } else if let Some(suppressed) = FALLBACK_LINES.admit(std::time::Instant::now()) {
-                        // A client can cause this (a reset right after the 101): bounded.
-                        let error = format!("{:#}", d.reason);
-                        warn!(%error, suppressed, "kernel relay: cannot take the connection, relaying it in userspace");
+) -> impl Future<Output = Relayed> {
+    // Not an `async fn`: its future would keep each argument twice, as the argument and as
+    // the body's own binding.
+    async move {
+        let began = std::time::Instant::now();
+        buffers::cap(&client, &upstream, cfg);
+        let programs = programs.filter(|_| cfg.mode != RelayMode::Userspace);
+        let (client, upstream, before) = match (programs, cfg.mode) {
+            (Some(_), RelayMode::Auto) => {
+                metrics.relay_started(Mode::Userspace);
+                let policy = promotion::Policy::new(cfg);
+                // Boxed: each relay's state is allocated only while that relay runs (see
+                // `connection::serve`).
+                match Box::pin(userspace::relay(client, upstream, cfg, stop, Some(policy))).await {
+                    userspace::Carried::Ended(o) => return ended(o, before, metrics),
+                    userspace::Carried::Promote(h) if stop.handover.is_cancelled() => {
+                        metrics.relay_moved(Mode::Userspace);
+                        return moved_from_userspace(h, before);
                     }
-                    (
-                        d.client,
-                        d.upstream,
-                        (before.0 + d.client_to_upstream, before.1 + d.upstream_to_client),
-                    )
+                    userspace::Carried::Promote(h) => {
+                        metrics.relay_promoted();
+                        debug!(
+                            messages = h.messages,
+                            client_to_upstream = h.client_to_upstream,
+                            upstream_to_client = h.upstream_to_client,
+                            "relay: moving the connection to the kernel relay"
+                        );
+                        (
+                            h.client,
+                            h.upstream,
+                            (before.0 + h.client_to_upstream, before.1 + h.upstream_to_client),
+                        )
+                    }
                 }
             }
-        }
-        None => (client, upstream, before),
-    };
-    metrics.relay_started(Mode::Userspace);
-    match Box::pin(userspace::relay(client, upstream, cfg, stop, None)).await {
-        userspace::Carried::Ended(o) => ended(
-            Outcome {
-                duration: began.elapsed(),
-                ..o
-            },
-            settled,
-            metrics,
-        ),
-        userspace::Carried::Promote(h) => {
-            metrics.relay_moved(Mode::Userspace);
-            moved_from_userspace(h, settled)
+            _ => (client, upstream, before),
+        };
+        let (client, upstream, settled) = match programs {
+            Some(programs) => {
+                metrics.relay_started(Mode::Kernel);
+                // Taken, then run, each boxed: the pair's state keeps no room for the taking. (The
+                // run is made inside the match, so that what `take` returned is not kept beside it;
+                // a declined pair, rare, is boxed for the same reason.)
+                let run = match Box::pin(kernel::take(client, upstream, programs, cfg)).await {
+                    kernel::Take::Taken(t) => Ok(Box::pin(kernel::run(t, programs, cfg, stop))),
+                    kernel::Take::Ended(carried) => return kernel_carried(carried, before, began, metrics),
+                    kernel::Take::Declined(d) => Err(Box::new(d)),
+                };
+                match run {
+                    Ok(run) => return kernel_carried(run.await, before, began, metrics),
+                    Err(d) => {
+                        let peer_closed = d.reason.is::<kernel::PeerClosed>();
+                        metrics.relay_fallback(if peer_closed {
+                            Fallback::PeerClosed
+                        } else {
+                            Fallback::Refused
+                        });
+                        if peer_closed {
+                            // Ordinary: a peer that closes right after the 101.
+                            debug!("kernel relay: {}; relaying it in userspace", d.reason);
+                        } else if let Some(suppressed) = FALLBACK_LINES.admit(std::time::Instant::now()) {
+                            // A client can cause this (a reset right after the 101): bounded.
+                            let error = format!("{:#}", d.reason);
+                            warn!(%error, suppressed, "kernel relay: cannot take the connection, relaying it in userspace");
+                        }
+                        (
+                            d.client,
+                            d.upstream,
+                            (before.0 + d.client_to_upstream, before.1 + d.upstream_to_client),
+                        )
+                    }
+                }
+            }
+            None => (client, upstream, before),
+        };
+        metrics.relay_started(Mode::Userspace);
+        match Box::pin(userspace::relay(client, upstream, cfg, stop, None)).await {
+            userspace::Carried::Ended(o) => ended(
+                Outcome {
+                    duration: began.elapsed(),
+                    ..o
+                },
+                settled,
+                metrics,
+            ),
+            userspace::Carried::Promote(h) => {
+                metrics.relay_moved(Mode::Userspace);
+                moved_from_userspace(h, settled)
+            }
         }
     }
 }
@@ -341,34 +351,39 @@ pub async fn resume(
 ///
 /// `relay` is borrowed, pinned by the caller: every kept connection holds this state, and a
 /// future passed by value would be stored twice (as the argument and inside the `select!`).
-pub(crate) async fn until_end<T, S: AsFd>(
+#[allow(clippy::manual_async_fn)] // the body's comment says why
+pub(crate) fn until_end<T, S: AsFd>(
     relay: Pin<&mut impl Future<Output = Result<T, End>>>,
     [client, upstream]: [&S; 2],
     cfg: &config::Relay,
     stop: Stop<'_>,
     activity: impl Fn() -> u64,
-) -> Result<T, End> {
-    let idle = async {
-        match cfg.idle_timeout {
-            Some(t) => idle_watch(t, &activity).await,
-            None => std::future::pending().await,
+) -> impl Future<Output = Result<T, End>> {
+    // Not an `async fn`: its future would keep each argument twice, as the argument and as
+    // the body's own binding.
+    async move {
+        let idle = async {
+            match cfg.idle_timeout {
+                Some(t) => idle_watch(t, &activity).await,
+                None => std::future::pending().await,
+            }
+        };
+        let lifetime = async {
+            match stop.deadline {
+                Some(at) => timer_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = relay => r,
+            end = stall::watch(client, upstream, cfg.send_timeout, &activity) => Err(end),
+            Err(end) = idle => Err(end),
+            () = lifetime => Err(End::MaxLifetime),
+            () = async {
+                stop.shutdown.cancelled().await;
+                timer(stop.close_delay).await;
+            } => Err(End::Shutdown),
         }
-    };
-    let lifetime = async {
-        match stop.deadline {
-            Some(at) => timer_until(at).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        r = relay => r,
-        end = stall::watch(client, upstream, cfg.send_timeout, &activity) => Err(end),
-        Err(end) = idle => Err(end),
-        () = lifetime => Err(End::MaxLifetime),
-        () = async {
-            stop.shutdown.cancelled().await;
-            timer(stop.close_delay).await;
-        } => Err(End::Shutdown),
     }
 }
 

@@ -50,90 +50,95 @@ pub struct Handover {
 }
 
 /// Relays to the end, or (with a `policy`) until the pair is due to move to the kernel relay.
-pub async fn relay(
+#[allow(clippy::manual_async_fn)] // the body's comment says why
+pub fn relay(
     client: TcpStream,
     upstream: TcpStream,
     cfg: &config::Relay,
     stop: Stop<'_>,
     policy: Option<Policy>,
-) -> Carried {
-    let started = Instant::now();
-    if policy.is_some_and(|p| p.due(&mut Run::default())) {
-        // `promote_after_messages = 0`: nothing to carry here.
-        return Carried::Promote(Handover {
-            client,
-            upstream,
-            client_to_upstream: 0,
-            upstream_to_client: 0,
-            messages: 0,
-        });
-    }
-    let counts = Counts::default();
-    // Cancelled once the policy is met, or by a handover (a child of its token): each direction
-    // then stops at its next point with an empty buffer. One token for both, so that a waiting
-    // direction waits on one.
-    let moving = stop.handover.child_token();
-    let promoter = Promoter {
-        policy,
-        moving: &moving,
-        counts: &counts,
-    };
-    let flow = {
-        // The first error ends both directions: try_join drops the other copy at once. (The
-        // copies are made where they are awaited, inside the `select!`: a future made before the
-        // block that awaits it is kept twice in its state, as a captured value and as the
-        // future awaited.)
-        let both = async {
-            tokio::select! {
-                r = async {
-                    let (a, b) = tokio::try_join!(
-                        copy_side(copy(&client, &upstream, &counts.c2u, &promoter), true),
-                        copy_side(copy(&upstream, &client, &counts.u2c, &promoter), false)
-                    )?;
-                    // A direction that finished (EOF passed on) cannot move: the other goes on
-                    // here (boxed: rare, and every connection would otherwise carry its state).
-                    match (a, b) {
-                        (Copied::Paused, Copied::Paused) => Ok(Flow::Promote),
-                        (Copied::Finished, Copied::Finished) => Ok(Flow::Done),
-                        (Copied::Paused, Copied::Finished) => {
-                            let never = Promoter::never(&counts);
-                            Box::pin(copy_side(copy(&client, &upstream, &counts.c2u, &never), true)).await?;
-                            Ok(Flow::Done)
-                        }
-                        (Copied::Finished, Copied::Paused) => {
-                            let never = Promoter::never(&counts);
-                            Box::pin(copy_side(copy(&upstream, &client, &counts.u2c, &never), false)).await?;
-                            Ok(Flow::Done)
-                        }
-                    }
-                } => r,
-                end = failed(&client, &upstream) => Err(end),
-            }
-        };
-        let both = std::pin::pin!(both);
-        until_end(both, [&client, &upstream], cfg, stop, || counts.bytes()).await
-    };
-    let end = match flow {
-        Ok(Flow::Promote) => {
+) -> impl Future<Output = Carried> {
+    // Not an `async fn`: its future would keep each argument twice, as the argument and as
+    // the body's own binding.
+    async move {
+        let started = Instant::now();
+        if policy.is_some_and(|p| p.due(&mut Run::default())) {
+            // `promote_after_messages = 0`: nothing to carry here.
             return Carried::Promote(Handover {
                 client,
                 upstream,
-                client_to_upstream: counts.c2u.into_inner(),
-                upstream_to_client: counts.u2c.into_inner(),
-                messages: counts.messages.into_inner(),
+                client_to_upstream: 0,
+                upstream_to_client: 0,
+                messages: 0,
             });
         }
-        Ok(Flow::Done) => End::Closed,
-        Err(end) => end,
-    };
-    if end != End::Closed {
-        // Pass the abort on: a reset tells the surviving peer the stream did not end cleanly, and
-        // discards whatever it would otherwise still try to deliver.
-        reset_on_close(&client);
-        reset_on_close(&upstream);
+        let counts = Counts::default();
+        // Cancelled once the policy is met, or by a handover (a child of its token): each direction
+        // then stops at its next point with an empty buffer. One token for both, so that a waiting
+        // direction waits on one.
+        let moving = stop.handover.child_token();
+        let promoter = Promoter {
+            policy,
+            moving: &moving,
+            counts: &counts,
+        };
+        let flow = {
+            // The first error ends both directions: try_join drops the other copy at once. (The
+            // copies are made where they are awaited, inside the `select!`: a future made before the
+            // block that awaits it is kept twice in its state, as a captured value and as the
+            // future awaited.)
+            let both = async {
+                tokio::select! {
+                    r = async {
+                        let (a, b) = tokio::try_join!(
+                            copy_side(copy(&client, &upstream, &counts.c2u, &promoter), true),
+                            copy_side(copy(&upstream, &client, &counts.u2c, &promoter), false)
+                        )?;
+                        // A direction that finished (EOF passed on) cannot move: the other goes on
+                        // here (boxed: rare, and every connection would otherwise carry its state).
+                        match (a, b) {
+                            (Copied::Paused, Copied::Paused) => Ok(Flow::Promote),
+                            (Copied::Finished, Copied::Finished) => Ok(Flow::Done),
+                            (Copied::Paused, Copied::Finished) => {
+                                let never = Promoter::never(&counts);
+                                Box::pin(copy_side(copy(&client, &upstream, &counts.c2u, &never), true)).await?;
+                                Ok(Flow::Done)
+                            }
+                            (Copied::Finished, Copied::Paused) => {
+                                let never = Promoter::never(&counts);
+                                Box::pin(copy_side(copy(&upstream, &client, &counts.u2c, &never), false)).await?;
+                                Ok(Flow::Done)
+                            }
+                        }
+                    } => r,
+                    end = failed(&client, &upstream) => Err(end),
+                }
+            };
+            let both = std::pin::pin!(both);
+            until_end(both, [&client, &upstream], cfg, stop, || counts.bytes()).await
+        };
+        let end = match flow {
+            Ok(Flow::Promote) => {
+                return Carried::Promote(Handover {
+                    client,
+                    upstream,
+                    client_to_upstream: counts.c2u.into_inner(),
+                    upstream_to_client: counts.u2c.into_inner(),
+                    messages: counts.messages.into_inner(),
+                });
+            }
+            Ok(Flow::Done) => End::Closed,
+            Err(end) => end,
+        };
+        if end != End::Closed {
+            // Pass the abort on: a reset tells the surviving peer the stream did not end cleanly, and
+            // discards whatever it would otherwise still try to deliver.
+            reset_on_close(&client);
+            reset_on_close(&upstream);
+        }
+        let bytes = (counts.c2u.into_inner(), counts.u2c.into_inner());
+        Carried::Ended(Outcome::copied(Mode::Userspace, end, bytes, started.elapsed()))
     }
-    let bytes = (counts.c2u.into_inner(), counts.u2c.into_inner());
-    Carried::Ended(Outcome::copied(Mode::Userspace, end, bytes, started.elapsed()))
 }
 
 /// How both directions left off.
