@@ -11,8 +11,12 @@
 
 use std::{
     io,
+    mem::offset_of,
     os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -347,37 +351,31 @@ impl PairGuard {
     /// The verdict's counters of one side's socket (bytes that arrived on it).
     pub fn side(&self, side: Side) -> SocketCounters {
         // The four words, not the whole slot: read on every wake-up and activity check.
-        let slot = self.slots[side as usize];
-        let load = |field| {
-            self.maps
-                .slots
-                .field(slot, field)
-                .load(std::sync::atomic::Ordering::Acquire)
-        };
+        let load = |field| self.word(side, field).load(Ordering::Acquire);
         SocketCounters {
-            redirected: load(std::mem::offset_of!(Slot, redirected)),
-            passed: load(std::mem::offset_of!(Slot, passed)),
-            repeated: load(std::mem::offset_of!(Slot, repeated)),
-            broken: load(std::mem::offset_of!(Slot, broken)),
+            redirected: load(offset_of!(Slot, redirected)),
+            passed: load(offset_of!(Slot, passed)),
+            repeated: load(offset_of!(Slot, repeated)),
+            broken: load(offset_of!(Slot, broken)),
         }
     }
 
     /// Passed bytes from `side`'s socket that userspace has reported written to the other side
     /// ([`PairGuard::report_forwarded`]; zero for a new pair).
     pub fn forwarded(&self, side: Side) -> u64 {
-        self.maps
-            .slots
-            .field(self.slots[side as usize], std::mem::offset_of!(Slot, forwarded))
-            .load(std::sync::atomic::Ordering::Acquire)
+        self.word(side, offset_of!(Slot, forwarded)).load(Ordering::Acquire)
     }
 
     /// Reports to the verdict how many passed bytes from `side`'s socket userspace has written
     /// to the other side.
     pub fn report_forwarded(&self, side: Side, forwarded: u64) {
-        self.maps
-            .slots
-            .field(self.slots[side as usize], std::mem::offset_of!(Slot, forwarded))
-            .store(forwarded, std::sync::atomic::Ordering::Release);
+        self.word(side, offset_of!(Slot, forwarded))
+            .store(forwarded, Ordering::Release);
+    }
+
+    /// One field (its offset in [`Slot`]) of `side`'s slot.
+    fn word(&self, side: Side, field: slots::Field) -> &AtomicU64 {
+        self.maps.slots.field(self.slots[side as usize], field)
     }
 
     /// Leaves the pair in the maps, for a successor process to take over

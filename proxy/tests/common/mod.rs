@@ -192,7 +192,7 @@ impl Daemon {
             match cmd.spawn() {
                 Ok(c) => break c,
                 Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && std::time::Instant::now() < busy_until => {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    std::thread::sleep(std::time::Duration::from_millis(5)); // poll interval of a deadline-bounded retry
                 }
                 Err(e) => panic!("cannot start {}: {e}", cmd.get_program().to_string_lossy()),
             }
