@@ -38,26 +38,59 @@ static REFUSAL_LINES: Throttle = Throttle::new(20);
 static UPSTREAM_ANSWER_LINES: Throttle = Throttle::new(20);
 
 /// Serves one connection, accepted on the listener configured as `listen`, with the socket
-/// options it `inherited` from it. `shutdown` is cancelled when the listener's drain is over: a
-/// handshake in progress is abandoned, a relayed connection is cut and still logged and counted.
-pub(crate) async fn serve(
+/// options it `inherited` from it, holding `permit` (its place under the listeners' cap) until
+/// it ends. `shutdown` is cancelled when the listener's drain is over: a handshake in progress
+/// is abandoned, a relayed connection is cut and still logged and counted.
+///
+/// Not an `async fn`: its future would keep each argument twice, as the argument and as the
+/// body's own binding, for the connection's whole life (a parked connection's memory is made
+/// of this future).
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn serve(
     client: TcpStream,
     peer: SocketAddr,
     listen: SocketAddr,
     inherited: Inherited,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
-) {
-    // Each phase in a box of its own, freed when it ends: inline, both would stay allocated for
-    // the connection's whole life (a task is as large as its largest state, and the compiler
-    // does not overlap these), some 40 KB per connection.
-    let handshake = Box::pin(handshake_phase(client, peer, listen, &inherited, &shared));
-    let relayable = tokio::select! {
-        r = handshake => r,
-        _ = shutdown.cancelled() => None,
-    };
-    if let Some(r) = relayable {
-        Box::pin(r.run(&shared, &shutdown)).await;
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> impl Future<Output = ()> {
+    async move {
+        // Held to the end (named so that the block takes it; see `Relayable::run`).
+        let _held = &permit;
+        // Each phase in a box of its own, freed when it ends: inline, both would stay allocated
+        // for the connection's whole life (a task is as large as its largest state, and the
+        // compiler does not overlap these), some 40 KB per connection.
+        let handshake = Box::pin(handshake_phase(client, peer, listen, &inherited, &shared));
+        let relayable = tokio::select! {
+            r = handshake => r,
+            _ = shutdown.cancelled() => None,
+        };
+        relay_to_end(relayable, &shared, &shutdown).await;
+    }
+}
+
+/// Relays a connection to its end. Each run of its relay is boxed, freed when it returns: while
+/// the kernel relay has the pair parked (`relay.park_after`), the connection keeps only its
+/// record and what wakes it. Not an `async fn`, and the connection is kept in `next` alone,
+/// moved whole into each run: a future keeps room for every binding it holds across a wait.
+#[allow(clippy::manual_async_fn)]
+fn relay_to_end<'a>(
+    mut next: Option<Relayable>,
+    shared: &'a Shared,
+    shutdown: &'a CancellationToken,
+) -> impl Future<Output = ()> + 'a {
+    async move {
+        loop {
+            // (`let else`, not `while let`, whose taken value would live through the body.)
+            let Some(r) = next.take() else {
+                return;
+            };
+            next = Box::pin(r.run(shared, shutdown)).await;
+            if let Some(parked) = &next {
+                parked.wait(shared, shutdown).await;
+            }
+        }
     }
 }
 
@@ -109,7 +142,7 @@ pub(crate) struct Resumed(Relayable);
 impl Resumed {
     /// Carries the connection on to its end.
     pub(crate) async fn run(self, shared: Arc<Shared>, shutdown: CancellationToken) {
-        Box::pin(self.0.run(&shared, &shutdown)).await;
+        relay_to_end(Some(self.0), &shared, &shutdown).await;
     }
 }
 
@@ -119,6 +152,8 @@ enum Pair {
     Fresh(Stream, Stream),
     /// Handed over by a predecessor process, where it was relayed.
     Moved(relay::Moved),
+    /// Parked by the kernel relay, waiting to run again.
+    Parked(relay::Parked),
 }
 
 /// A connection whose handshake succeeded, ready to be relayed.
@@ -139,9 +174,14 @@ struct Relayable {
 }
 
 impl Relayable {
-    /// Relays the connection to its end. Not an `async fn`: its future would hold `self` and
-    /// the fields taken out of it both, for the connection's whole life.
-    fn run<'a>(self, shared: &'a Shared, shutdown: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
+    /// Relays the connection to its end, or until the kernel relay parks it: then the
+    /// connection as it is now, for [`Relayable::wait`]. Not an `async fn`: its future would
+    /// hold `self` and the fields taken out of it both, for as long as the relay runs.
+    fn run<'a>(
+        self,
+        shared: &'a Shared,
+        shutdown: &'a CancellationToken,
+    ) -> impl Future<Output = Option<Relayable>> + 'a {
         let Relayable {
             pair,
             client,
@@ -160,17 +200,13 @@ impl Relayable {
             let _held = (&_admission, &_tracked);
             let ip = client.ip().to_canonical();
             let cfg = &svc.config.relay;
-            let stop = relay::Stop {
-                shutdown,
-                deadline,
-                handover: &shared.handover,
-                close_delay: share_of(shared.runtime.load().config.close_spread, &request_id),
-            };
+            let stop = stop_of(shared, shutdown, deadline, &request_id);
             let metrics = shared.metrics.of(svc.name());
             let kernel = shared.kernel.as_ref();
             let relayed = match pair {
                 Pair::Fresh(client, upstream) => relay::relay(client, upstream, kernel, cfg, metrics, stop).await,
                 Pair::Moved(moved) => relay::resume(moved, kernel, cfg, metrics, stop).await,
+                Pair::Parked(parked) => relay::unpark(parked, kernel, cfg, metrics, stop).await,
             };
             let o = match relayed {
                 relay::Relayed::Ended(o) => o,
@@ -188,7 +224,20 @@ impl Relayable {
                         kernel: moved.kernel,
                     };
                     crate::upgrade::hand_over(shared, state, moved);
-                    return;
+                    return None;
+                }
+                relay::Relayed::Parked(parked) => {
+                    return Some(Relayable {
+                        pair: Pair::Parked(parked),
+                        client,
+                        addr,
+                        request_id,
+                        started,
+                        deadline,
+                        svc,
+                        _admission,
+                        _tracked,
+                    });
                 }
             };
             info!(
@@ -196,7 +245,35 @@ impl Relayable {
                 client_to_upstream = o.client_to_upstream, upstream_to_client = o.upstream_to_client,
                 repeated_cut = o.repeated_cut, passed = o.passed, duration_ms = started.elapsed().as_millis() as u64, "connection closed"
             );
+            None
         }
+    }
+
+    /// Waits until a parked connection must run again (at once for any other). Not an `async
+    /// fn`, for the reason `run` gives.
+    #[allow(clippy::manual_async_fn)]
+    fn wait<'a>(&'a self, shared: &'a Shared, shutdown: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
+        async move {
+            if let Pair::Parked(p) = &self.pair {
+                let stop = stop_of(shared, shutdown, self.deadline, &self.request_id);
+                p.wait(&self.svc.config.relay, stop).await;
+            }
+        }
+    }
+}
+
+/// What ends or moves a connection's relay from outside (see [`relay::Stop`]).
+fn stop_of<'a>(
+    shared: &'a Shared,
+    shutdown: &'a CancellationToken,
+    deadline: Option<tokio::time::Instant>,
+    request_id: &str,
+) -> relay::Stop<'a> {
+    relay::Stop {
+        shutdown,
+        deadline,
+        handover: &shared.handover,
+        close_delay: share_of(shared.runtime.load().config.close_spread, request_id),
     }
 }
 

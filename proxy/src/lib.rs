@@ -567,6 +567,7 @@ impl Server {
             // Read when asked: entries left behind by a pair would show here.
             let (sockets, index, slots) = k.map_entry_counts();
             self.shared.metrics.kernel_map_entries([sockets, index, slots]);
+            self.shared.metrics.kernel_parked(k.watch().parked());
         }
         self.shared.metrics.encode()
     }
@@ -585,6 +586,12 @@ impl Server {
     /// kernel relay. All zero when no connection is relayed in the kernel.
     pub fn kernel_map_entries(&self) -> Option<(usize, usize, usize)> {
         self.shared.kernel.as_ref().map(|k| k.map_entry_counts())
+    }
+
+    /// Kernel-relayed connections parked now (`relay.park_after`); `None` without the kernel
+    /// relay.
+    pub fn kernel_parked(&self) -> Option<usize> {
+        self.shared.kernel.as_ref().map(|k| k.watch().parked())
     }
 }
 

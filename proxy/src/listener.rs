@@ -345,10 +345,7 @@ impl Accepting {
                     let shared = Arc::clone(&shared);
                     let cancel = cancel.clone();
                     let inherited = options.inherited();
-                    tasks.spawn(async move {
-                        connection::serve(stream, peer, addr, inherited, shared, cancel).await;
-                        drop(permit);
-                    });
+                    tasks.spawn(connection::serve(stream, peer, addr, inherited, shared, cancel, permit));
                 }
                 Err(e) if is_per_connection(&e) => {}
                 Err(e) => {

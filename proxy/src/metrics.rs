@@ -34,6 +34,7 @@ pub const PROXY_PROTOCOL_REFUSED: &str = "wsproxy_proxy_protocol_refused";
 pub const UPSTREAM_RESOLVE_FAILURES: &str = "wsproxy_upstream_resolve_failures";
 pub const UPGRADES: &str = "wsproxy_upgrades";
 pub const KERNEL_RELAY_MAP_ENTRIES: &str = "wsproxy_kernel_relay_map_entries";
+pub const KERNEL_RELAY_PARKED: &str = "wsproxy_kernel_relay_parked";
 pub const TLS_HANDSHAKE_FAILURES: &str = "wsproxy_tls_handshake_failures";
 pub const TLS_CERTIFICATE_EXPIRY: &str = "wsproxy_tls_certificate_expiry_seconds";
 pub const CLUSTER_STORE_SECONDS: &str = "wsproxy_cluster_store_seconds";
@@ -281,6 +282,7 @@ pub struct Metrics {
     tls_failures: Family<ServiceReasonLabels, Counter>,
     upgrades: Family<ResultLabels, Counter>,
     map_entries: Family<MapLabels, Gauge>,
+    parked: Gauge,
     tls_expiry: Family<ServiceLabels, Gauge>,
     cluster: ClusterMetrics,
     /// Names whose last resolution failed (for logging state changes only).
@@ -320,6 +322,7 @@ impl Metrics {
             tls_failures: Family::default(),
             upgrades: Family::default(),
             map_entries: Family::default(),
+            parked: Gauge::default(),
             tls_expiry: Family::default(),
             cluster: ClusterMetrics {
                 seconds: Family::new_with_constructor(store_latency),
@@ -413,6 +416,11 @@ impl Metrics {
             KERNEL_RELAY_MAP_ENTRIES,
             "Entries in the kernel relay's socket map and index, and its slots held, read at each scrape; all 0 when no pair is relayed in the kernel",
             m.map_entries.clone(),
+        );
+        r.register(
+            KERNEL_RELAY_PARKED,
+            "Kernel-relayed connections parked now (relay.park_after: no task runs them until a wake-up), read at each scrape",
+            m.parked.clone(),
         );
         r.register(
             UPGRADES,
@@ -575,6 +583,10 @@ impl Metrics {
         for (map, n) in [("sockets", sockets), ("index", index), ("slots", slots)] {
             self.map_entries.get_or_create(&MapLabels { map }).set(n as i64);
         }
+    }
+
+    pub fn kernel_parked(&self, parked: usize) {
+        self.parked.set(parked as i64);
     }
 
     pub fn upgrade(&self, ok: bool) {

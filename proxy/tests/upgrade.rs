@@ -107,7 +107,8 @@ async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
 }
 
 /// A configuration of two services on their own listeners: one relayed in the kernel, one in
-/// userspace, both in front of `upstream`.
+/// userspace, both in front of `upstream`. The kernel relay parks a pair after 20 ms without a
+/// byte: between their rounds (every 100 ms) most kernel-relayed pairs cross an upgrade parked.
 fn config(dir_name: &str, upstream: SocketAddr, ports: [u16; 3], limits: &str, kernel: bool) -> (PathBuf, PathBuf) {
     let socket = temp_path(&format!("{dir_name}-upgrade.sock"));
     let kernel_mode = if kernel { "kernel" } else { "userspace" };
@@ -116,7 +117,7 @@ fn config(dir_name: &str, upstream: SocketAddr, ports: [u16; 3], limits: &str, k
          [upgrade]\nsocket = \"{}\"\ntimeout = \"20s\"\n\
          [limits]\nrequests_per_second = 100000.0\nburst = 100000\n{limits}\n\
          [upstreams]\nmain = [{{ address = \"{upstream}\" }}]\n\
-         [[service]]\nname = \"kernel\"\nlisten = [\"127.0.0.1:{}\"]\n[service.relay]\nmode = \"{kernel_mode}\"\n\
+         [[service]]\nname = \"kernel\"\nlisten = [\"127.0.0.1:{}\"]\n[service.relay]\nmode = \"{kernel_mode}\"\npark_after = \"20ms\"\n\
          [[service]]\nname = \"userspace\"\nlisten = [\"127.0.0.1:{}\"]\n[service.relay]\nmode = \"userspace\"\n",
         ports[0],
         socket.display(),
@@ -212,7 +213,18 @@ async fn a_thousand_connections_cross_five_upgrades_without_a_lost_byte() {
     };
 
     let mut pid = first.pid();
+    let mut parked_at_upgrades = Vec::new();
     for upgrade in 1..=5 {
+        if kernel {
+            // Parked pairs cross this upgrade too: most kernel-relayed ones, between rounds.
+            let parked = poll_every_async(DEADLINE, Duration::from_millis(20), || async {
+                metric(admin, "wsproxy_kernel_relay_parked")
+                    .await
+                    .filter(|&n| n >= 100.0)
+            })
+            .await;
+            parked_at_upgrades.push(parked.unwrap_or_else(|| panic!("upgrade {upgrade}: fewer than 100 pairs parked")));
+        }
         let before = rounds.load(Ordering::Relaxed);
         let next = upgrade_with(Path::new(BIN), &config)
             .await
@@ -251,7 +263,9 @@ async fn a_thousand_connections_cross_five_upgrades_without_a_lost_byte() {
         "connects that failed during the upgrades: {failed:?}"
     );
     assert!(ok > 0);
-    eprintln!("upgrade: 1000 connections, 5 upgrades, {bytes} bytes echoed and checked, {ok} loop connects");
+    eprintln!(
+        "upgrade: 1000 connections, 5 upgrades, {bytes} bytes echoed and checked, {ok} loop connects; kernel pairs parked at each upgrade: {parked_at_upgrades:?}"
+    );
 
     // Every connection ended in the last process, cleanly; nothing is left open.
     let settled = poll_every_async(DEADLINE, Duration::from_millis(50), || async {

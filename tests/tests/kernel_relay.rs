@@ -386,6 +386,8 @@ async fn req1_client_bytes_behind_its_request_come_in_order() {
 // ---- 2. no loss at close ----
 
 const REPS: u64 = 200;
+/// Pairs park after 10 ms without a byte.
+const PARK_FAST: &str = "park_after = \"10ms\"";
 /// Connections open at once in the close tests.
 const BATCH: usize = 25;
 
@@ -477,9 +479,16 @@ async fn half_close(mut a: TcpStream, mut b: TcpStream, s: [u64; 2], n: u64, m: 
 }
 
 async fn close_pattern(kind: Close, mode: &str) {
-    let Some((_g, p)) = proxy_in(mode, "").await else {
+    close_pattern_in(kind, mode, "").await;
+}
+
+/// [`close_pattern`] with the `relay` lines; with `park_after` among them, each connection first
+/// stays quiet for 0 to 40 ms, so that its pair is parked (or parking) at its first write.
+async fn close_pattern_in(kind: Close, mode: &str, relay: &str) {
+    let Some((_g, p)) = proxy_in(mode, relay).await else {
         return;
     };
+    let parks = relay.contains("park_after");
     let started = Instant::now();
     let p = Arc::new(p);
     let mut rng = Rng::new(kind as u64 + 100);
@@ -491,14 +500,20 @@ async fn close_pattern(kind: Close, mode: &str) {
             (n, m, i % 2 == 1 && n <= 64 * KIB && m <= 64 * KIB)
         })
         .collect();
+    let quiet: Vec<Duration> = (0..REPS)
+        .map(|_| Duration::from_millis(if parks { rng.below(41) } else { 0 }))
+        .collect();
     let sem = Arc::new(Semaphore::new(BATCH));
     let mut set = JoinSet::new();
-    for (id, &(n, m, late)) in (0u64..).zip(&plan) {
+    for (id, (&(n, m, late), &quiet)) in (0u64..).zip(plan.iter().zip(&quiet)) {
         let permit = Arc::clone(&sem).acquire_owned().await.unwrap();
         let p = Arc::clone(&p);
         set.spawn(async move {
             let run = async {
                 let (c, u) = p.open_relayed(id).await;
+                // Part of the workload, not a wait for a condition: quiet for a while, as a
+                // parked pair is.
+                tokio::time::sleep(quiet).await;
                 let s = [seed(id, 0), seed(id, 1)];
                 match kind {
                     Close::ClientWritesCloses => writes_then_closes(c, u, s[0], n, late).await,
@@ -550,7 +565,8 @@ async fn close_pattern(kind: Close, mode: &str) {
         "relayed bytes: {t:?}"
     );
     say(&format!(
-        "req2 {kind:?} ({mode}): {REPS} connections, {:.1} MiB, {} of them over 1 MiB, in {:?}",
+        "req2 {kind:?} ({mode}{}): {REPS} connections, {:.1} MiB, {} of them over 1 MiB, in {:?}",
+        if parks { ", parking" } else { "" },
         (c2u + u2c) as f64 / MIB as f64,
         plan.iter().filter(|x| x.0 > MIB || x.1 > MIB).count(),
         started.elapsed()
@@ -575,6 +591,19 @@ async fn req2_client_half_closes_and_still_receives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req2_upstream_half_closes_and_still_receives() {
     close_pattern(Close::UpstreamHalfCloses, "kernel").await;
+}
+
+// Parked pairs (`relay.park_after`) under the same patterns: a FIN, and passed bytes, wake a
+// parked pair, whose directions then read first.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req2_parked_client_writes_then_closes() {
+    close_pattern_in(Close::ClientWritesCloses, "kernel", PARK_FAST).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req2_parked_upstream_half_closes_and_still_receives() {
+    close_pattern_in(Close::UpstreamHalfCloses, "kernel", PARK_FAST).await;
 }
 
 // The userspace relay's copies (`relay.mode = "userspace"`, and `auto` before a move) under the
@@ -2128,4 +2157,228 @@ async fn kernel_mode_falls_back_to_userspace_when_insertion_fails() {
     assert_eq!((t.fallbacks, t.ended), (1, [0, 1]), "no fallback counted: {t:?}");
     assert_eq!(t.upstream_to_client, [0, last.len() as u64], "{t:?}");
     assert_eq!(p.server.kernel_map_entries(), Some((0, 0, 0)));
+}
+
+// ---- 9. parked pairs (`relay.park_after`) ----
+//
+// A pair that carried no byte for `park_after`, with nothing waiting in its sockets, is parked:
+// no task runs it until a FIN, an error, passed bytes or a timer wakes it, while the verdict goes
+// on relaying.
+
+/// Polls the proxy's count of parked pairs until it is `n`.
+async fn wait_parked(p: &RelayProxy, n: usize, what: &str) {
+    poll_until(DEADLINE, || (p.server.kernel_parked() == Some(n)).then_some(()))
+        .await
+        .unwrap_or_else(|| panic!("{what}: {:?} parked, not {n}", p.server.kernel_parked()));
+}
+
+/// Connections of `p` that ended in the kernel relay with `end`.
+fn kernel_ended(p: &RelayProxy, end: &str) -> f64 {
+    wsproxy_tests::exposition::Exposition::parse(&p.server.metrics_text())
+        .value("wsproxy_connections_ended_total", &[("relay", "kernel"), ("end", end)])
+}
+
+/// A quiet pair parks; parked, it still relays both ways (the verdict needs no task), stays
+/// parked meanwhile, and the metric shows it. Bytes past the in-flight window (64 KiB), passed
+/// to userspace, wake it; once quiet for `park_after` it parks again; a FIN wakes it, and every
+/// byte and both FINs arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req9_a_quiet_pair_parks_relays_while_parked_and_wakes_for_a_fin() {
+    let Some((_g, p)) = proxy_in("kernel", "park_after = \"50ms\"\nmax_in_flight_bytes = 65536").await else {
+        return;
+    };
+    let (mut c, mut u) = p.open_relayed(1).await;
+    wait_parked(&p, 1, "a quiet pair").await;
+    let m = wsproxy_tests::exposition::Exposition::parse(&p.server.metrics_text());
+    assert_eq!(m.value("wsproxy_kernel_relay_parked", &[]), 1.0);
+    for i in 0..50 {
+        round_trip(&mut c, &mut u, i).await;
+    }
+    assert_eq!(p.server.kernel_parked(), Some(1), "woken by bytes the verdict relayed");
+    // 1 MiB each way, in order: past the window, the verdict passes bytes, which wake the pair.
+    let (w, got) = tokio::join!(
+        write_pattern(&mut c, seed(1, 0), MIB, 16 * 1024),
+        read_pattern(&mut u, seed(1, 0), MIB, Some(MIB))
+    );
+    w.unwrap();
+    assert_eq!(got.len, MIB, "client to upstream: {}", explain(&got));
+    let (w, got) = tokio::join!(
+        write_pattern(&mut u, seed(1, 1), MIB, 16 * 1024),
+        read_pattern(&mut c, seed(1, 1), MIB, Some(MIB))
+    );
+    w.unwrap();
+    assert_eq!(got.len, MIB, "upstream to client: {}", explain(&got));
+    // Quiet again, it parks again; the client's last bytes and FIN: the FIN wakes the pair,
+    // which passes it on after them.
+    wait_parked(&p, 1, "quiet again").await;
+    c.write_all(b"last words").await.unwrap();
+    c.shutdown().await.unwrap();
+    expect_soon(&mut u, b"last words", "the client's last bytes").await;
+    expect_eof(&mut u, "upstream (the client's FIN)").await;
+    assert_eq!(p.server.kernel_parked(), Some(0), "running again after the FIN");
+    u.write_all(b"bye").await.unwrap();
+    drop(u);
+    expect_soon(&mut c, b"bye", "the upstream's last bytes").await;
+    expect_eof(&mut c, "client").await;
+    let t = idle_mostly_in_kernel(&p, 1).await;
+    // The first byte, "ping-0" to "ping-49" (or "pong-"), and 1 MiB.
+    let sent = 1 + (0..50).map(|i| format!("ping-{i}").len() as u64).sum::<u64>() + MIB;
+    assert_eq!(t.client_to_upstream[0], sent + 10, "{t:?}");
+    assert_eq!(t.upstream_to_client[0], sent + 3, "{t:?}");
+    assert!(
+        t.passed > 0,
+        "no byte passed, so the pair never ran again before the FIN: {t:?}"
+    );
+    assert_eq!(p.server.kernel_map_entries(), Some((0, 0, 0)));
+    assert_eq!(p.server.kernel_parked(), Some(0));
+}
+
+/// A pair with nothing waiting is parked as soon as the kernel relay takes it, long before
+/// `park_after` (an hour here): an idle connection never holds the running relay's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req9_a_pair_is_parked_as_soon_as_the_kernel_relay_takes_it() {
+    let Some((_g, p)) = proxy_in("kernel", "park_after = \"1h\"").await else {
+        return;
+    };
+    let mut pairs = Vec::new();
+    for id in 0..20 {
+        pairs.push(p.open_relayed(id).await);
+    }
+    wait_parked(&p, 20, "20 fresh pairs").await;
+    for (id, (c, u)) in (0..).zip(&mut pairs) {
+        round_trip(c, u, id).await;
+    }
+    assert_eq!(p.server.kernel_parked(), Some(20), "woken by bytes the verdict relayed");
+    drop(pairs);
+    p.wait_idle().await;
+    assert_eq!(p.server.kernel_parked(), Some(0));
+}
+
+/// A reset of either side wakes a parked pair, which resets the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req9_a_reset_wakes_a_parked_pair_and_reaches_the_other_side() {
+    let Some((_g, p)) = proxy_in("kernel", "park_after = \"20ms\"").await else {
+        return;
+    };
+    for (id, client_resets) in [(1, true), (2, false)] {
+        let (c, u) = p.open_relayed(id).await;
+        wait_parked(&p, 1, "before the reset").await;
+        let (resetter, mut other) = if client_resets { (c, u) } else { (u, c) };
+        reset(resetter);
+        let mut buf = [0u8; 16];
+        let r = within("the other side's end", other.read(&mut buf)).await;
+        assert!(
+            matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "client resets {client_resets}: the other side got {r:?}, not a reset"
+        );
+        wait_parked(&p, 0, "after the reset").await;
+    }
+    p.wait_idle().await;
+    assert_eq!(p.server.kernel_map_entries(), Some((0, 0, 0)));
+}
+
+/// A parked pair's upstream stops reading while its client sends (within the in-flight window,
+/// so the verdict passes nothing and nothing wakes the pair): the parked pair's check finds the
+/// relayed bytes, the running relay's send timeout cuts the pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req9_a_parked_pair_whose_peer_stops_reading_is_cut_at_the_send_timeout() {
+    let _g = shared().await;
+    let relay = "park_after = \"20ms\"\nsend_timeout = \"1s\"\n";
+    let Some(p) = RelayProxy::start_with("kernel", relay, Hub::with_rcvbuf(64 * 1024)).await else {
+        return;
+    };
+    let (mut c, _u) = p.open_relayed(1).await;
+    wait_parked(&p, 1, "before the upstream stops reading").await;
+    let started = Instant::now();
+    within(
+        "2 MiB into the proxy",
+        write_pattern(&mut c, seed(1, 0), 2 * MIB, 64 * 1024),
+    )
+    .await
+    .unwrap();
+    let cut = wait_state(&c, tcp_state::CLOSE, DEADLINE)
+        .await
+        .unwrap_or_else(|| panic!("not cut: client state {}, {}", state(&c), relay_ends(&p.server)));
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_secs(1),
+        "cut {after:?} after the writes began: before the timeout"
+    );
+    assert_eq!(kernel_ended(&p, "send timeout"), 1.0, "{}", relay_ends(&p.server));
+    say(&format!(
+        "req9 send timeout of a parked pair (1 s): cut {after:?} after the writes began ({cut:?} polled)"
+    ));
+    p.wait_idle().await;
+    assert_eq!(p.server.kernel_parked(), Some(0));
+}
+
+/// A parked pair ends at its maximum lifetime, and in the shutdown drain, like a running one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req9_a_parked_pair_ends_at_its_lifetime_and_at_shutdown() {
+    let Some((_g, p)) = proxy_in("kernel", "park_after = \"20ms\"\nmax_lifetime = \"1s\"").await else {
+        return;
+    };
+    let (c, _u) = p.open_relayed(1).await;
+    let opened = Instant::now();
+    wait_parked(&p, 1, "before its lifetime's end").await;
+    wait_state(&c, tcp_state::CLOSE, DEADLINE)
+        .await
+        .unwrap_or_else(|| panic!("not cut at its lifetime: client state {}", state(&c)));
+    assert!(opened.elapsed() >= Duration::from_secs(1), "cut before its lifetime");
+    assert_eq!(kernel_ended(&p, "max lifetime"), 1.0, "{}", relay_ends(&p.server));
+    p.wait_idle().await;
+    drop(p);
+
+    // The shutdown drain's end cuts what is still open: a short drain.
+    let lines = "park_after = \"20ms\"\n[listen]\ndrain_timeout = \"200ms\"";
+    let Some((_g2, p)) = proxy_in("kernel", lines).await else {
+        return;
+    };
+    let (mut c, _u) = p.open_relayed(2).await;
+    wait_parked(&p, 1, "before the shutdown").await;
+    let server = p.server.clone();
+    p.stop().await;
+    let mut buf = [0u8; 4];
+    let r = within("the client's end at shutdown", c.read(&mut buf)).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "the client got {r:?}");
+    let ended = wsproxy_tests::exposition::Exposition::parse(&server.metrics_text()).value(
+        "wsproxy_connections_ended_total",
+        &[("relay", "kernel"), ("end", "shutdown")],
+    );
+    assert_eq!(ended, 1.0);
+    assert_eq!(server.kernel_parked(), Some(0));
+    assert_eq!(server.kernel_map_entries(), Some((0, 0, 0)));
+}
+
+/// `relay.idle_timeout` holds for parked pairs: a silent one is cut once it has been silent for
+/// the timeout; one whose bytes the verdict relays while it is parked (a message every 200 ms)
+/// is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req9_the_idle_timeout_cuts_a_silent_parked_pair_not_a_talking_one() {
+    let Some((_g, p)) = proxy_in("kernel", "park_after = \"20ms\"\nidle_timeout = \"1s\"").await else {
+        return;
+    };
+    let (silent_c, _silent_u) = p.open_relayed(1).await;
+    let last_byte = Instant::now();
+    let (mut c, mut u) = p.open_relayed(2).await;
+    wait_parked(&p, 2, "both quiet").await;
+    let mut silent_cut = None;
+    // The talker: a message each way every 200 ms for 3 s (bounded: 15 rounds).
+    for i in 0..15 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        round_trip(&mut c, &mut u, i).await;
+        if silent_cut.is_none() && state(&silent_c) == tcp_state::CLOSE {
+            silent_cut = Some(last_byte.elapsed());
+        }
+    }
+    let silent_cut = silent_cut.unwrap_or_else(|| panic!("the silent pair was not cut: {}", relay_ends(&p.server)));
+    assert!(
+        (Duration::from_millis(950)..Duration::from_millis(2500)).contains(&silent_cut),
+        "the silent pair was cut {silent_cut:?} after its last byte"
+    );
+    assert_eq!(state(&c), tcp_state::ESTABLISHED, "the talking pair was cut");
+    assert_eq!(kernel_ended(&p, "idle timeout"), 1.0, "{}", relay_ends(&p.server));
+    say(&format!(
+        "req9 idle timeout (1 s) of a parked pair: cut {silent_cut:?} after its last byte; the talker stayed"
+    ));
 }

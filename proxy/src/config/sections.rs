@@ -455,6 +455,11 @@ pub struct Relay {
     /// it (a peer that stopped reading holds the proxy's socket memory); zero: never.
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
+    /// Kernel relay: a pair that has carried no byte for this long, with nothing waiting in
+    /// its sockets, is parked: its task keeps only a small record until a FIN, an error,
+    /// passed bytes or a timer wakes it (the verdict relays meanwhile); zero: never.
+    #[serde(with = "humantime_serde")]
+    pub park_after: Duration,
     /// Socket buffer caps of the relayed sockets, in bytes (`SO_SNDBUF`, `SO_RCVBUF`; the kernel
     /// doubles the value for its bookkeeping and clamps it to `net.core.wmem_max`/`rmem_max`);
     /// `None`: the kernel autotunes the buffer.
@@ -478,6 +483,7 @@ impl Default for Relay {
             max_lifetime: None,
             max_lifetime_jitter: Duration::ZERO,
             send_timeout: Duration::from_secs(60),
+            park_after: Duration::from_millis(500),
             client_sndbuf: None,
             client_rcvbuf: None,
             upstream_sndbuf: None,
@@ -753,6 +759,14 @@ impl SectionsFile {
             p.push(format!(
                 "relay.max_in_flight_skbs: must be 16 to 1048576, got {}",
                 r.max_in_flight_skbs
+            ));
+        }
+        if !r.park_after.is_zero()
+            && (r.park_after < Duration::from_millis(10) || r.park_after > Duration::from_secs(3600))
+        {
+            p.push(format!(
+                "relay.park_after: must be 10ms to 1h (or \"0s\": never), got {:?}",
+                r.park_after
             ));
         }
         if r.promote_within.is_zero() {

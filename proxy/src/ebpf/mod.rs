@@ -39,7 +39,7 @@ mod watch;
 use bpf_sys::BPF_NOEXIST;
 pub use kernel_layout::KernelLayout;
 use slots::Slots;
-pub use watch::Watch;
+pub use watch::{ParkedCount, Watch};
 
 /// The eBPF object built by `build.rs` (empty when the build was skipped with AYA_BUILD_SKIP).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));

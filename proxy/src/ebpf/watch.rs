@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use aya::maps::{Array, MapData, RingBuf};
@@ -42,6 +43,25 @@ pub struct Watch {
     ring_ours: CancellationToken,
     /// Cancelled to stop consuming the ring buffer (a successor takes it over).
     ring_released: CancellationToken,
+    /// Pairs parked now (see [`ParkedCount`]).
+    parked: AtomicUsize,
+}
+
+/// Counts a parked pair (its sockets stay watched, its task keeps a small record) for as long
+/// as it lives.
+pub struct ParkedCount(Arc<Watch>);
+
+impl ParkedCount {
+    pub fn new(watch: &Arc<Watch>) -> Self {
+        watch.parked.fetch_add(1, Relaxed);
+        ParkedCount(Arc::clone(watch))
+    }
+}
+
+impl Drop for ParkedCount {
+    fn drop(&mut self) {
+        self.0.parked.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Watch {
@@ -59,6 +79,7 @@ impl Watch {
             lost: Mutex::new(lost),
             started: OnceLock::new(),
             stop: CancellationToken::new(),
+            parked: AtomicUsize::new(0),
         })
     }
 
@@ -85,6 +106,11 @@ impl Watch {
     /// Sockets watched now.
     pub fn watched(&self) -> usize {
         lock(&self.waiters).len()
+    }
+
+    /// Pairs parked now.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Relaxed)
     }
 
     pub(super) fn stop(&self) {

@@ -55,6 +55,42 @@ pub enum Relayed {
     Ended(Outcome),
     /// It stopped for a handover, with nothing in userspace's hands: the pair for a successor.
     Moved(Moved),
+    /// The kernel relay parked the pair (`relay.park_after`): [`Parked::wait`], then
+    /// [`unpark`].
+    Parked(Parked),
+}
+
+/// A kernel-relayed pair while no relay runs it (see [`kernel::Parked`]).
+pub struct Parked {
+    pair: kernel::Parked,
+    /// Bytes relayed before the kernel relay took the pair.
+    before: (u64, u64),
+}
+
+impl Parked {
+    /// Completes when the pair must run again ([`kernel::Parked::wait`]).
+    pub fn wait<'a>(&'a self, cfg: &'a config::Relay, stop: Stop<'a>) -> impl Future<Output = ()> + 'a {
+        self.pair.wait(cfg, stop)
+    }
+}
+
+/// Carries on with a parked pair once [`Parked::wait`] has completed, in the kernel relay that
+/// parked it; it may park again.
+pub async fn unpark(
+    parked: Parked,
+    programs: Option<&KernelPrograms>,
+    cfg: &config::Relay,
+    metrics: Scoped<'_>,
+    stop: Stop<'_>,
+) -> Relayed {
+    let Some(programs) = programs else {
+        // Only the kernel relay parks a pair, and the programs live as long as the process.
+        warn!("kernel relay: a parked pair without the kernel relay; it is closed");
+        return lost(parked.before);
+    };
+    let began = parked.pair.started();
+    let carried = Box::pin(kernel::unpark(parked.pair, programs, cfg, stop)).await;
+    kernel_carried(carried, parked.before, began, metrics)
 }
 
 /// A relayed pair on its way to a successor process.
@@ -184,7 +220,14 @@ fn relay_tcp(
                 // run is made inside the match, so that what `take` returned is not kept beside it;
                 // a declined pair, rare, is boxed for the same reason.)
                 let run = match Box::pin(kernel::take(client, upstream, programs, cfg)).await {
-                    kernel::Take::Taken(t) => Ok(Box::pin(kernel::run(t, programs, cfg, stop))),
+                    // A quiet pair parks before its relay runs: the relay's state is made only
+                    // when something wakes it.
+                    kernel::Take::Taken(t) => match kernel::start(t, programs, cfg) {
+                        kernel::Start::Parked(parked) => {
+                            return kernel_carried(kernel::Carried::Parked(parked), before, began, metrics);
+                        }
+                        kernel::Start::Run(t) => Ok(Box::pin(kernel::run(t, programs, cfg, stop))),
+                    },
                     kernel::Take::Ended(carried) => return kernel_carried(carried, before, began, metrics),
                     kernel::Take::Declined(d) => Err(Box::new(d)),
                 };
@@ -299,6 +342,7 @@ fn kernel_carried(
                 upstream_to_client: before.1 + upstream_to_client,
             })
         }
+        kernel::Carried::Parked(pair) => Relayed::Parked(Parked { pair, before }),
     }
 }
 
@@ -347,7 +391,8 @@ pub async fn resume(
 
 /// Runs `relay` (both directions) to its end, or until a peer stalls past the send timeout
 /// ([`stall::watch`]), or `activity` (a count of bytes relayed) has not moved for the idle
-/// timeout, or the proxy's shutdown drain is over.
+/// timeout (counted from `quiet_since`, when it last moved as far as the caller knows), or the
+/// proxy's shutdown drain is over.
 ///
 /// `relay` is borrowed, pinned by the caller: every kept connection holds this state, and a
 /// future passed by value would be stored twice (as the argument and inside the `select!`).
@@ -358,13 +403,14 @@ pub(crate) fn until_end<T, S: AsFd>(
     cfg: &config::Relay,
     stop: Stop<'_>,
     activity: impl Fn() -> u64,
+    quiet_since: tokio::time::Instant,
 ) -> impl Future<Output = Result<T, End>> {
     // Not an `async fn`: its future would keep each argument twice, as the argument and as
     // the body's own binding.
     async move {
         let idle = async {
             match cfg.idle_timeout {
-                Some(t) => idle_watch(t, &activity).await,
+                Some(t) => idle_watch(t, &activity, quiet_since).await,
                 None => std::future::pending().await,
             }
         };
@@ -387,13 +433,19 @@ pub(crate) fn until_end<T, S: AsFd>(
     }
 }
 
-/// Completes with [`End::IdleTimeout`] once `activity` has not moved for `timeout`. Checked a
-/// few times per timeout, so a connection is closed between 1 and 1.25 times the timeout after
-/// its last byte.
-async fn idle_watch(timeout: Duration, activity: impl Fn() -> u64) -> Result<std::convert::Infallible, End> {
-    let (mut last, mut since) = (activity(), tokio::time::Instant::now());
+/// Completes with [`End::IdleTimeout`] once `activity` has not moved for `timeout` since
+/// `since`. Checked a few times per timeout (the first check no later than the timeout's end),
+/// so a connection is closed between 1 and 1.25 times the timeout after its last byte.
+async fn idle_watch(
+    timeout: Duration,
+    activity: impl Fn() -> u64,
+    mut since: tokio::time::Instant,
+) -> Result<std::convert::Infallible, End> {
+    let mut last = activity();
+    let mut next = (since + timeout).min(tokio::time::Instant::now() + timeout / 4);
     loop {
-        timer(timeout / 4).await;
+        timer_until(next).await;
+        next = tokio::time::Instant::now() + timeout / 4;
         let now = activity();
         if now != last {
             (last, since) = (now, tokio::time::Instant::now());

@@ -47,7 +47,16 @@ pub async fn relay(client: Stream, upstream: Stream, cfg: &config::Relay, stop: 
         };
         tokio::pin!(both);
         let activity = || c2u.load(Relaxed) + u2c.load(Relaxed);
-        match until_end(both.as_mut(), [&fds[0], &fds[1]], cfg, stop, activity).await {
+        match until_end(
+            both.as_mut(),
+            [&fds[0], &fds[1]],
+            cfg,
+            stop,
+            activity,
+            tokio::time::Instant::now(),
+        )
+        .await
+        {
             Ok(_) => End::Closed,
             Err(end) => end,
         }

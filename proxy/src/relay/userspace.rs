@@ -115,7 +115,15 @@ pub fn relay(
                 }
             };
             let both = std::pin::pin!(both);
-            until_end(both, [&client, &upstream], cfg, stop, || counts.bytes()).await
+            until_end(
+                both,
+                [&client, &upstream],
+                cfg,
+                stop,
+                || counts.bytes(),
+                tokio::time::Instant::now(),
+            )
+            .await
         };
         let end = match flow {
             Ok(Flow::Promote) => {

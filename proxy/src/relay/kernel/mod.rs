@@ -15,22 +15,25 @@
 //!   maps before the sockets close.
 
 mod direction;
+mod park;
 pub mod step;
 
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use futures_util::FutureExt as _;
 use tokio::net::TcpStream;
 
 use super::read::{Read, read};
-use super::tcp_probe::{fin_received, taken};
+use super::tcp_probe::{acked_and_unacked, fin_received};
 use super::{End, Mode, Outcome, Stop, reset_on_close, until_end, write_all};
 use crate::config;
 use crate::ebpf::{KernelPrograms, Side, Window};
 use direction::{Direction, Ran};
+pub use park::Parked;
 
 /// Settling's buffer (see [`settle`]).
 const BUF_SIZE: usize = 64 * 1024;
@@ -72,6 +75,8 @@ pub enum Carried {
         client_to_upstream: u64,
         upstream_to_client: u64,
     },
+    /// Parked: no byte for `relay.park_after` and none waiting; [`unpark`] carries it on.
+    Parked(Parked),
 }
 
 /// A pair put under the verdict, for [`run`].
@@ -83,6 +88,12 @@ pub struct Taken {
     /// Bytes userspace settled before the insertion.
     moved: [u64; 2],
     started: Instant,
+    /// The watch's wake-ups, when the sockets are watched already (a parked pair).
+    wakes: Option<[Arc<tokio::sync::Notify>; 2]>,
+    /// Since when no byte has moved, as far as is known (a parked pair's idle time goes on).
+    quiet_since: tokio::time::Instant,
+    /// Bytes waited in a send queue when the pair was taken (it is not parked at once then).
+    waiting: bool,
 }
 
 /// What [`take`] made of a pair.
@@ -116,9 +127,9 @@ pub async fn take(client: TcpStream, upstream: TcpStream, programs: &KernelProgr
         }
     }
     // Everything userspace wrote so far (the 101, the request, settled bytes) is in the send
-    // queues now; the destinations' "taken" counts start from here.
-    let bases = match (taken(&client), taken(&upstream)) {
-        (Ok(c), Ok(u)) => [c, u],
+    // queues now; the destinations' "taken" counts (acknowledged plus queued) start from here.
+    let (bases, waiting) = match (acked_and_unacked(&client), acked_and_unacked(&upstream)) {
+        (Ok(c), Ok(u)) => ([c.0 + c.1, u.0 + u.1], c.1 + u.1 > 0),
         (Err(e), _) | (_, Err(e)) => return declined(client, upstream, e.into()),
     };
     let pair = match programs.insert_pair(&client, &upstream, window(cfg)) {
@@ -148,7 +159,51 @@ pub async fn take(client: TcpStream, upstream: TcpStream, programs: &KernelProgr
         bases,
         moved: [c2u.into_inner(), u2c.into_inner()],
         started,
+        wakes: None,
+        quiet_since: tokio::time::Instant::now(),
+        waiting,
     })
+}
+
+/// How a pair just [`take`]n starts.
+pub enum Start {
+    /// Parked at once ([`Parked::wait`], then [`unpark`]).
+    Parked(Parked),
+    /// Its relay runs ([`run`]).
+    Run(Taken),
+}
+
+/// Parks a pair just [`take`]n, before its relay runs, when nothing waits in its sockets' send
+/// queues and nothing was passed to userspace yet: an idle connection then never holds the
+/// running relay's state (with `relay.park_after` zero, never).
+pub fn start(t: Taken, programs: &KernelPrograms, cfg: &config::Relay) -> Start {
+    if cfg.park_after.is_zero() || t.waiting {
+        return Start::Run(t);
+    }
+    let watch = programs.watch();
+    let (c, u) = t.pair.cookies();
+    let wakes = match (
+        watch.register(c, t.client.as_fd()),
+        watch.register(u, t.upstream.as_fd()),
+    ) {
+        (Ok(c), Ok(u)) => [c, u],
+        _ => {
+            // The relay registers them again, and says why if it fails too.
+            watch.unregister(c, t.client.as_fd());
+            watch.unregister(u, t.upstream.as_fd());
+            return Start::Run(t);
+        }
+    };
+    // Bytes passed before the sockets were watched woke nobody: the relay reads them first.
+    let (from_client, from_upstream) = (t.pair.side(Side::Client), t.pair.side(Side::Upstream));
+    if from_client.passed > 0 || from_upstream.passed > 0 {
+        return Start::Run(Taken {
+            wakes: Some(wakes),
+            ..t
+        });
+    }
+    let quiet = from_client.redirected + from_upstream.redirected + t.moved[0] + t.moved[1];
+    Start::Parked(Parked::new(t, wakes, (quiet, tokio::time::Instant::now()), watch))
 }
 
 /// Carries on with a pair a predecessor process relayed in the kernel and handed over
@@ -169,6 +224,44 @@ pub fn resume<'a>(
         bases: state.bases,
         moved,
         started: Instant::now(),
+        wakes: None,
+        quiet_since: tokio::time::Instant::now(),
+        waiting: true,
+    };
+    run(taken, programs, cfg, stop)
+}
+
+/// Carries on with a [`Parked`] pair, woken ([`Parked::wait`]): reading first, as the pair's
+/// directions always start.
+pub fn unpark<'a>(
+    parked: Parked,
+    programs: &'a KernelPrograms,
+    cfg: &'a config::Relay,
+    stop: Stop<'a>,
+) -> impl Future<Output = Carried> + 'a {
+    // Bytes the verdict relayed while the pair was parked moved at some moment before now: the
+    // idle time counts from now then.
+    let quiet_since = parked.quiet_since_now();
+    let Parked {
+        client,
+        upstream,
+        pair,
+        bases,
+        moved,
+        wakes,
+        started,
+        ..
+    } = parked;
+    let taken = Taken {
+        client,
+        upstream,
+        pair,
+        bases,
+        moved,
+        started,
+        wakes: Some(wakes),
+        quiet_since,
+        waiting: false,
     };
     run(taken, programs, cfg, stop)
 }
@@ -196,6 +289,9 @@ pub fn run<'a>(
         bases,
         moved,
         started,
+        wakes,
+        quiet_since,
+        waiting: _,
     } = taken;
     // Not an `async fn`: its future would keep each argument twice, as the argument and as the
     // body's own binding, for the pair's whole life.
@@ -206,7 +302,11 @@ pub fn run<'a>(
         let (cookies, wakes) = {
             let (c, u) = pair.cookies();
             let wake = |cookie, s: &std::net::TcpStream| watch.register(cookie, s.as_fd());
-            ([c, u], (wake(c, &client), wake(u, &upstream)))
+            let wakes = match wakes {
+                Some([c, u]) => (Ok(c), Ok(u)),
+                None => (wake(c, &client), wake(u, &upstream)),
+            };
+            ([c, u], wakes)
         };
         let unwatch = || {
             watch.unregister(cookies[0], client.as_fd());
@@ -226,6 +326,10 @@ pub fn run<'a>(
         // Set once this relay has shut a socket down for writing (index: the socket's side).
         let shut = [AtomicBool::new(false), AtomicBool::new(false)];
         let never = tokio_util::sync::CancellationToken::new();
+        // Stops both directions at their next wait: for a handover (a child of its token), or
+        // to park the pair once it is quiet (the count it was quiet at, and since when).
+        let pause = stop.handover.child_token();
+        let parked_at = OnceLock::new();
         let flow = {
             // Each direction starts from the passed bytes already reported forwarded in its slot:
             // none for a new pair, the predecessor's count for one handed over.
@@ -253,10 +357,22 @@ pub fn run<'a>(
                 k.from_client.redirected + k.from_upstream.redirected + c2u.load(Relaxed) + u2c.load(Relaxed)
             };
             let both = async {
-                let (a, b) = tokio::try_join!(
-                    side_of(direction(Side::Client, stop.handover).run(&c2u), Side::Client),
-                    side_of(direction(Side::Upstream, stop.handover).run(&u2c), Side::Upstream)
-                )?;
+                let directions = async {
+                    tokio::try_join!(
+                        side_of(direction(Side::Client, &pause).run(&c2u), Side::Client),
+                        side_of(direction(Side::Upstream, &pause).run(&u2c), Side::Upstream)
+                    )
+                };
+                let park = async {
+                    let quiet = park::quiet(cfg.park_after, [&client, &upstream], &activity, quiet_since).await;
+                    let _ = parked_at.set(quiet);
+                    pause.cancel();
+                    std::future::pending::<std::convert::Infallible>().await
+                };
+                let (a, b) = tokio::select! {
+                    r = directions => r?,
+                    never = park => match never {},
+                };
                 // A direction that finished (FIN passed on) cannot move: the other goes on here, as
                 // the userspace relay does (boxed: rare).
                 match (a, b) {
@@ -274,10 +390,27 @@ pub fn run<'a>(
                 }
             };
             let both = std::pin::pin!(both);
-            until_end(both, [&client, &upstream], cfg, stop, activity).await
+            until_end(both, [&client, &upstream], cfg, stop, &activity, quiet_since).await
         };
         let (c2u, u2c) = (c2u.into_inner(), u2c.into_inner());
         let end = match flow {
+            Ok(true) if !stop.handover.is_cancelled() => {
+                // Parked: the sockets stay watched, the entries in the maps.
+                let now = tokio::time::Instant::now();
+                let quiet = parked_at.get().copied().unwrap_or((u64::MAX, now));
+                let taken = Taken {
+                    client,
+                    upstream,
+                    pair,
+                    bases,
+                    moved: [c2u, u2c],
+                    started,
+                    wakes: None,
+                    quiet_since: quiet.1,
+                    waiting: false,
+                };
+                return Carried::Parked(Parked::new(taken, wakes, quiet, watch));
+            }
             Ok(true) => {
                 // Handed over: the entries stay for the successor, this watch lets go.
                 unwatch();
