@@ -70,9 +70,9 @@ pub(crate) fn serve(
     }
 }
 
-/// Relays a connection to its end. Each run of its relay is boxed, freed when it returns: while
-/// the kernel relay has the pair parked (`relay.park_after`), the connection keeps only its
-/// record and what wakes it. Not an `async fn`, and the connection is kept in `next` alone,
+/// Relays a connection to its end. Each run of its relay, and each wait while the kernel relay
+/// has the pair parked (`relay.park_after`), is boxed, freed when it returns: a parked
+/// connection keeps only its record and what wakes it. Not an `async fn`, and the connection is kept in `next` alone,
 /// moved whole into each run: a future keeps room for every binding it holds across a wait.
 #[allow(clippy::manual_async_fn)]
 fn relay_to_end<'a>(
@@ -88,7 +88,9 @@ fn relay_to_end<'a>(
             };
             next = Box::pin(r.run(shared, shutdown)).await;
             if let Some(parked) = &next {
-                parked.wait(shared, shutdown).await;
+                // Boxed too: a connection that never parks (the userspace relay's) keeps no
+                // room for the wait.
+                Box::pin(parked.wait(shared, shutdown)).await;
             }
         }
     }

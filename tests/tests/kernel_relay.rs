@@ -2178,13 +2178,24 @@ fn kernel_ended(p: &RelayProxy, end: &str) -> f64 {
         .value("wsproxy_connections_ended_total", &[("relay", "kernel"), ("end", end)])
 }
 
+/// Polls until one connection of `p` has ended in the kernel relay with `end` (it is counted
+/// just after its sockets close).
+async fn wait_kernel_ended(p: &RelayProxy, end: &str) {
+    poll_until(DEADLINE, || (kernel_ended(p, end) == 1.0).then_some(()))
+        .await
+        .unwrap_or_else(|| panic!("no connection ended with {end:?}: {}", relay_ends(&p.server)));
+}
+
 /// A quiet pair parks; parked, it still relays both ways (the verdict needs no task), stays
-/// parked meanwhile, and the metric shows it. Bytes past the in-flight window (64 KiB), passed
-/// to userspace, wake it; once quiet for `park_after` it parks again; a FIN wakes it, and every
-/// byte and both FINs arrive.
+/// parked meanwhile, and the metric shows it. Bytes past the in-flight window (64 KiB; the
+/// upstream does not read meanwhile, and its buffers are capped) are passed to userspace and
+/// wake it; once quiet for `park_after` it parks again; a FIN wakes it, and every byte and both
+/// FINs arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req9_a_quiet_pair_parks_relays_while_parked_and_wakes_for_a_fin() {
-    let Some((_g, p)) = proxy_in("kernel", "park_after = \"50ms\"\nmax_in_flight_bytes = 65536").await else {
+    let _g = shared().await;
+    let relay = "park_after = \"50ms\"\nmax_in_flight_bytes = 65536\nupstream_sndbuf = 65536\n";
+    let Some(p) = RelayProxy::start_with("kernel", relay, Hub::with_rcvbuf(64 * 1024)).await else {
         return;
     };
     let (mut c, mut u) = p.open_relayed(1).await;
@@ -2195,13 +2206,16 @@ async fn req9_a_quiet_pair_parks_relays_while_parked_and_wakes_for_a_fin() {
         round_trip(&mut c, &mut u, i).await;
     }
     assert_eq!(p.server.kernel_parked(), Some(1), "woken by bytes the verdict relayed");
-    // 1 MiB each way, in order: past the window, the verdict passes bytes, which wake the pair.
-    let (w, got) = tokio::join!(
-        write_pattern(&mut c, seed(1, 0), MIB, 16 * 1024),
-        read_pattern(&mut u, seed(1, 0), MIB, Some(MIB))
-    );
-    w.unwrap();
+    // 1 MiB to an upstream that reads only once the pair has woken: past the window, the
+    // verdict passes bytes, which wake the pair.
+    let writer = tokio::spawn(async move {
+        write_pattern(&mut c, seed(1, 0), MIB, 16 * 1024).await.unwrap();
+        c
+    });
+    wait_parked(&p, 0, "bytes past the window").await;
+    let got = read_pattern(&mut u, seed(1, 0), MIB, Some(MIB)).await;
     assert_eq!(got.len, MIB, "client to upstream: {}", explain(&got));
+    let mut c = within("the client's writes", writer).await.unwrap();
     let (w, got) = tokio::join!(
         write_pattern(&mut u, seed(1, 1), MIB, 16 * 1024),
         read_pattern(&mut c, seed(1, 1), MIB, Some(MIB))
@@ -2304,7 +2318,7 @@ async fn req9_a_parked_pair_whose_peer_stops_reading_is_cut_at_the_send_timeout(
         after >= Duration::from_secs(1),
         "cut {after:?} after the writes began: before the timeout"
     );
-    assert_eq!(kernel_ended(&p, "send timeout"), 1.0, "{}", relay_ends(&p.server));
+    wait_kernel_ended(&p, "send timeout").await;
     say(&format!(
         "req9 send timeout of a parked pair (1 s): cut {after:?} after the writes began ({cut:?} polled)"
     ));
@@ -2315,7 +2329,7 @@ async fn req9_a_parked_pair_whose_peer_stops_reading_is_cut_at_the_send_timeout(
 /// A parked pair ends at its maximum lifetime, and in the shutdown drain, like a running one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn req9_a_parked_pair_ends_at_its_lifetime_and_at_shutdown() {
-    let Some((_g, p)) = proxy_in("kernel", "park_after = \"20ms\"\nmax_lifetime = \"1s\"").await else {
+    let Some((g, p)) = proxy_in("kernel", "park_after = \"20ms\"\nmax_lifetime = \"1s\"").await else {
         return;
     };
     let (c, _u) = p.open_relayed(1).await;
@@ -2325,13 +2339,14 @@ async fn req9_a_parked_pair_ends_at_its_lifetime_and_at_shutdown() {
         .await
         .unwrap_or_else(|| panic!("not cut at its lifetime: client state {}", state(&c)));
     assert!(opened.elapsed() >= Duration::from_secs(1), "cut before its lifetime");
-    assert_eq!(kernel_ended(&p, "max lifetime"), 1.0, "{}", relay_ends(&p.server));
+    wait_kernel_ended(&p, "max lifetime").await;
     p.wait_idle().await;
-    drop(p);
+    // The share of EXCLUSIVE too: a second one, taken while a writer waits, would wait forever.
+    drop((p, g));
 
     // The shutdown drain's end cuts what is still open: a short drain.
     let lines = "park_after = \"20ms\"\n[listen]\ndrain_timeout = \"200ms\"";
-    let Some((_g2, p)) = proxy_in("kernel", lines).await else {
+    let Some((_g, p)) = proxy_in("kernel", lines).await else {
         return;
     };
     let (mut c, _u) = p.open_relayed(2).await;
@@ -2377,7 +2392,7 @@ async fn req9_the_idle_timeout_cuts_a_silent_parked_pair_not_a_talking_one() {
         "the silent pair was cut {silent_cut:?} after its last byte"
     );
     assert_eq!(state(&c), tcp_state::ESTABLISHED, "the talking pair was cut");
-    assert_eq!(kernel_ended(&p, "idle timeout"), 1.0, "{}", relay_ends(&p.server));
+    wait_kernel_ended(&p, "idle timeout").await;
     say(&format!(
         "req9 idle timeout (1 s) of a parked pair: cut {silent_cut:?} after its last byte; the talker stayed"
     ));

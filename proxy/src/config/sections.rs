@@ -455,9 +455,11 @@ pub struct Relay {
     /// it (a peer that stopped reading holds the proxy's socket memory); zero: never.
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
-    /// Kernel relay: a pair that has carried no byte for this long, with nothing waiting in
-    /// its sockets, is parked: its task keeps only a small record until a FIN, an error,
-    /// passed bytes or a timer wakes it (the verdict relays meanwhile); zero: never.
+    /// Kernel relay: a pair with nothing waiting in its sockets is parked (its task keeps only
+    /// a small record until a FIN, an error, passed bytes, bytes waiting for a peer or a timer
+    /// wakes it; the verdict relays meanwhile): at once when the relay takes it, and once it
+    /// has run again, at the first look, one every `park_after`, that finds nothing waiting;
+    /// zero: never.
     #[serde(with = "humantime_serde")]
     pub park_after: Duration,
     /// Socket buffer caps of the relayed sockets, in bytes (`SO_SNDBUF`, `SO_RCVBUF`; the kernel

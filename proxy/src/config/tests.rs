@@ -85,12 +85,21 @@ fn relay_limits_are_checked_by_field() {
         "{MINIMAL}[relay]\nsend_timeout = \"500ms\"\nclient_sndbuf = 100\nupstream_rcvbuf = 4294967295\nclient_rcvbuf = 65536\npark_after = \"5ms\"\n"
     );
     let e = Config::parse(&text, "t").unwrap_err();
-    let fields = ["relay.send_timeout", "relay.client_sndbuf", "relay.upstream_rcvbuf", "relay.park_after"];
+    let fields = [
+        "relay.send_timeout",
+        "relay.client_sndbuf",
+        "relay.upstream_rcvbuf",
+        "relay.park_after",
+    ];
     for f in fields {
         assert!(e.problems.iter().any(|p| p.starts_with(f)), "no problem for {f}: {e}");
     }
     assert_eq!(e.problems.len(), fields.len(), "{e}");
-    let c = Config::parse(&format!("{MINIMAL}[relay]\nsend_timeout = \"0s\"\npark_after = \"0s\"\n"), "t").unwrap();
+    let c = Config::parse(
+        &format!("{MINIMAL}[relay]\nsend_timeout = \"0s\"\npark_after = \"0s\"\n"),
+        "t",
+    )
+    .unwrap();
     assert!(c.services[0].relay.send_timeout.is_zero());
     assert!(c.services[0].relay.park_after.is_zero());
     let c = Config::parse(MINIMAL, "t").unwrap();

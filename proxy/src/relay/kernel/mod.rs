@@ -75,7 +75,7 @@ pub enum Carried {
         client_to_upstream: u64,
         upstream_to_client: u64,
     },
-    /// Parked: no byte for `relay.park_after` and none waiting; [`unpark`] carries it on.
+    /// Parked (see [`Parked`]); [`unpark`] carries it on.
     Parked(Parked),
 }
 
@@ -202,8 +202,12 @@ pub fn start(t: Taken, programs: &KernelPrograms, cfg: &config::Relay) -> Start 
             ..t
         });
     }
-    let quiet = from_client.redirected + from_upstream.redirected + t.moved[0] + t.moved[1];
-    Start::Parked(Parked::new(t, wakes, (quiet, tokio::time::Instant::now()), watch))
+    // Quiet as of the look at the send queues, before the insertion: nothing redirected then.
+    // A byte the verdict redirected since (it may already wait for a peer that does not read)
+    // counts as activity, which the parked pair's first look finds.
+    let quiet = t.moved[0] + t.moved[1];
+    let since = t.quiet_since;
+    Start::Parked(Parked::new(t, wakes, (quiet, since), watch))
 }
 
 /// Carries on with a pair a predecessor process relayed in the kernel and handed over

@@ -1,9 +1,12 @@
-//! Parked pairs (`relay.park_after`): a kernel-relayed pair that carried no byte for a while,
-//! with nothing waiting in its sockets, needs nothing from userspace until a FIN, an error,
-//! passed bytes or a timer. Its running relay (the two directions, the timers, their futures:
-//! about 3 KB) then ends, and the connection keeps only a [`Parked`] record, which waits on the
-//! same wake-ups; the verdict goes on relaying meanwhile. On a wake-up the relay runs again from
-//! the record, as it does for a pair handed over by a predecessor process: read first.
+//! Parked pairs (`relay.park_after`): a kernel-relayed pair with nothing waiting in its
+//! sockets needs nothing from userspace until a FIN, an error, passed bytes, bytes waiting for
+//! a peer or a timer. It is parked at once when the kernel relay takes it ([`super::start`]),
+//! and at the first look (one every `park_after`) that finds nothing waiting once it has run
+//! again ([`quiet`]): its running relay (the two directions, the timers, their futures: about
+//! 3 KB) ends, and the connection keeps only a [`Parked`] record, which waits on the same
+//! wake-ups; the verdict goes on relaying meanwhile, messages included. On a wake-up the relay
+//! runs again from the record, as it does for a pair handed over by a predecessor process:
+//! read first.
 
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use tokio::sync::Notify;
 use super::super::{Stop, tcp_probe, timer, timer_until};
 use crate::config;
 use crate::ebpf::{PairGuard, ParkedCount, Watch};
+use crate::lock::lock;
 
 /// A kernel-relayed pair while no task runs it: what [`super::unpark`] needs to carry on.
 pub struct Parked {
@@ -27,10 +31,9 @@ pub struct Parked {
     pub(super) wakes: [Arc<Notify>; 2],
     /// When the kernel relay took the pair.
     pub(super) started: Instant,
-    /// The activity count (bytes relayed either way) the pair was parked at, and since when it
-    /// has stood still.
-    pub(super) quiet: u64,
-    pub(super) quiet_since: tokio::time::Instant,
+    /// The activity count (bytes relayed either way) as last found with nothing waiting, and
+    /// since when it has stood still (as far as is known).
+    quiet: std::sync::Mutex<(u64, tokio::time::Instant)>,
     pub(super) _counted: ParkedCount,
 }
 
@@ -51,48 +54,47 @@ impl Parked {
             moved: t.moved,
             wakes,
             started: t.started,
-            quiet: quiet.0,
-            quiet_since: quiet.1,
+            quiet: std::sync::Mutex::new(quiet),
             _counted: ParkedCount::new(watch),
         }
     }
 
     /// Completes when the pair must run again: a wake-up of the watch (a FIN, an error, passed
-    /// bytes), its lifetime's end, the shutdown drain, a handover; or, at the send and idle
-    /// timeouts' check interval, bytes the verdict relayed since it parked (they may wait for a
-    /// peer, and they restart the idle timeout: the running relay checks both), or the idle
-    /// timeout's end.
+    /// bytes), its lifetime's end, the idle timeout's end, the shutdown drain, a handover; or
+    /// bytes waiting for a peer. Those are looked for as often as the send and idle timeouts
+    /// look (a quarter of each), and only when the verdict has relayed bytes since the last
+    /// look: a peer that takes no byte while bytes wait is the running relay's send timeout to
+    /// judge. Bytes relayed with none left waiting restart the idle timeout and keep the pair
+    /// parked.
     #[allow(clippy::manual_async_fn)] // not an `async fn`: it would keep `stop` twice
     pub fn wait<'a>(&'a self, cfg: &'a config::Relay, stop: Stop<'a>) -> impl Future<Output = ()> + 'a {
         async move {
-            let moved = async {
-                let Some(every) = check_interval(cfg) else {
-                    return std::future::pending().await;
-                };
-                // At once, then at every interval: the count may have moved between the check
-                // that found the pair quiet and the moment its directions stopped.
-                while self.activity() == self.quiet {
-                    timer(every).await;
-                }
-            };
-            let idle = async {
-                match cfg.idle_timeout {
-                    Some(t) => timer_until(self.quiet_since + t).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let lifetime = async {
-                match stop.deadline {
-                    Some(at) => timer_until(at).await,
-                    None => std::future::pending().await,
+            // One timer at a time, for the earliest of: the next look at the count, the idle
+            // timeout's end, the lifetime's end.
+            let timers = async {
+                let every = check_interval(cfg);
+                loop {
+                    // At once, then at every look: the count may have moved between the check
+                    // that found the pair quiet and the moment its directions stopped.
+                    if every.is_some() && !self.still_quiet() {
+                        return;
+                    }
+                    let now = tokio::time::Instant::now();
+                    let idle_end = cfg.idle_timeout.map(|t| lock(&self.quiet).1 + t);
+                    if [idle_end, stop.deadline].into_iter().flatten().any(|end| end <= now) {
+                        return;
+                    }
+                    let next = [every.map(|e| now + e), idle_end, stop.deadline];
+                    match next.into_iter().flatten().min() {
+                        Some(at) => timer_until(at).await,
+                        None => std::future::pending().await,
+                    }
                 }
             };
             tokio::select! {
                 () = self.wakes[0].notified() => {}
                 () = self.wakes[1].notified() => {}
-                () = moved => {}
-                () = idle => {}
-                () = lifetime => {}
+                () = timers => {}
                 () = stop.shutdown.cancelled() => {}
                 () = stop.handover.cancelled() => {}
             }
@@ -104,14 +106,30 @@ impl Parked {
         self.started
     }
 
-    /// Since when no byte has moved, as far as is known now: when it parked, unless the verdict
+    /// Since when no byte has moved, as far as is known now: as last found, unless the verdict
     /// has relayed bytes since (at a moment not known: now, then).
     pub(super) fn quiet_since_now(&self) -> tokio::time::Instant {
-        if self.activity() == self.quiet {
-            self.quiet_since
+        let (count, since) = *lock(&self.quiet);
+        if self.activity() == count {
+            since
         } else {
             tokio::time::Instant::now()
         }
+    }
+
+    /// False when bytes wait in a send queue. The queues are read only when the count moved
+    /// since the last look; when nothing waits, the count and now are kept as the quiet ones.
+    fn still_quiet(&self) -> bool {
+        let count = self.activity();
+        let mut quiet = lock(&self.quiet);
+        if count == quiet.0 {
+            return true;
+        }
+        if !(nothing_waiting(&self.client) && nothing_waiting(&self.upstream)) {
+            return false;
+        }
+        *quiet = (count, tokio::time::Instant::now());
+        true
     }
 
     /// The running relay's activity count: bytes the verdict redirected and bytes userspace
@@ -133,11 +151,10 @@ fn check_interval(cfg: &config::Relay) -> Option<Duration> {
     }
 }
 
-/// Completes, with the count and since when it stood still, once `activity` has stood still
-/// for `after` (it parks between one and two times `after` after the last byte, one timer per
-/// `after`) and neither socket has bytes waiting in its send queue (a peer that does not read
-/// is the running relay's to time out); never if `after` is zero. `since`: when the count last
-/// moved, as far as the caller knows.
+/// Completes, with the count and since when it last moved (as far as is known; `since`: the
+/// caller's knowledge at the start), at the first look, one every `after`, that finds neither
+/// socket with bytes waiting in its send queue (a peer that does not read is the running
+/// relay's to time out); never if `after` is zero.
 pub(super) async fn quiet(
     after: Duration,
     sockets: [&TcpStream; 2],
@@ -154,7 +171,8 @@ pub(super) async fn quiet(
         let now = activity();
         if now != last {
             (last, since) = (now, tokio::time::Instant::now());
-        } else if since.elapsed() >= after && sockets.iter().all(|s| nothing_waiting(s)) {
+        }
+        if sockets.iter().all(|s| nothing_waiting(s)) {
             return (last, since);
         }
         check.as_mut().reset(tokio::time::Instant::now() + after);
