@@ -243,31 +243,7 @@ pub fn unpark<'a>(
     cfg: &'a config::Relay,
     stop: Stop<'a>,
 ) -> impl Future<Output = Carried> + 'a {
-    // Bytes the verdict relayed while the pair was parked moved at some moment before now: the
-    // idle time counts from now then.
-    let quiet_since = parked.quiet_since_now();
-    let Parked {
-        client,
-        upstream,
-        pair,
-        bases,
-        moved,
-        wakes,
-        started,
-        ..
-    } = parked;
-    let taken = Taken {
-        client,
-        upstream,
-        pair,
-        bases,
-        moved,
-        started,
-        wakes: Some(wakes),
-        quiet_since,
-        waiting: false,
-    };
-    run(taken, programs, cfg, stop)
+    run(parked.into_taken(), programs, cfg, stop)
 }
 
 /// A pair that ended before the verdict relayed a byte of it: the bytes userspace moved.

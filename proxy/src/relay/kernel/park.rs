@@ -59,6 +59,24 @@ impl Parked {
         }
     }
 
+    /// The pair as its relay takes it again ([`super::unpark`]).
+    pub(super) fn into_taken(self) -> super::Taken {
+        // Bytes the verdict relayed while the pair was parked moved at some moment before now:
+        // the idle time counts from now then.
+        let quiet_since = self.quiet_since_now();
+        super::Taken {
+            client: self.client,
+            upstream: self.upstream,
+            pair: self.pair,
+            bases: self.bases,
+            moved: self.moved,
+            started: self.started,
+            wakes: Some(self.wakes),
+            quiet_since,
+            waiting: false,
+        }
+    }
+
     /// Completes when the pair must run again: a wake-up of the watch (a FIN, an error, passed
     /// bytes), its lifetime's end, the idle timeout's end, the shutdown drain, a handover; or
     /// bytes waiting for a peer. Those are looked for as often as the send and idle timeouts
@@ -108,7 +126,7 @@ impl Parked {
 
     /// Since when no byte has moved, as far as is known now: as last found, unless the verdict
     /// has relayed bytes since (at a moment not known: now, then).
-    pub(super) fn quiet_since_now(&self) -> tokio::time::Instant {
+    fn quiet_since_now(&self) -> tokio::time::Instant {
         let (count, since) = *lock(&self.quiet);
         if self.activity() == count {
             since
