@@ -21,20 +21,20 @@ use crate::lock::lock;
 
 /// A kernel-relayed pair while no task runs it: what [`super::unpark`] needs to carry on.
 pub struct Parked {
-    pub(super) client: TcpStream,
-    pub(super) upstream: TcpStream,
-    pub(super) pair: PairGuard,
-    pub(super) bases: [u64; 2],
+    client: TcpStream,
+    upstream: TcpStream,
+    pair: PairGuard,
+    bases: [u64; 2],
     /// Bytes userspace moved in this relay (settled, passed and forwarded).
-    pub(super) moved: [u64; 2],
+    moved: [u64; 2],
     /// The watch's wake-ups of the two sockets, still registered.
-    pub(super) wakes: [Arc<Notify>; 2],
+    wakes: [Arc<Notify>; 2],
     /// When the kernel relay took the pair.
-    pub(super) started: Instant,
+    started: Instant,
     /// The activity count (bytes relayed either way) as last found with nothing waiting, and
     /// since when it has stood still (as far as is known).
     quiet: std::sync::Mutex<(u64, tokio::time::Instant)>,
-    pub(super) _counted: ParkedCount,
+    _counted: ParkedCount,
 }
 
 impl Parked {
