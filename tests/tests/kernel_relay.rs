@@ -386,7 +386,7 @@ async fn req1_client_bytes_behind_its_request_come_in_order() {
 // ---- 2. no loss at close ----
 
 const REPS: u64 = 200;
-/// Pairs park after 10 ms without a byte.
+/// Pairs look every 10 ms whether they can park again after a wake-up.
 const PARK_FAST: &str = "park_after = \"10ms\"";
 /// Connections open at once in the close tests.
 const BATCH: usize = 25;
@@ -2161,9 +2161,10 @@ async fn kernel_mode_falls_back_to_userspace_when_insertion_fails() {
 
 // ---- 9. parked pairs (`relay.park_after`) ----
 //
-// A pair that carried no byte for `park_after`, with nothing waiting in its sockets, is parked:
-// no task runs it until a FIN, an error, passed bytes or a timer wakes it, while the verdict goes
-// on relaying.
+// A pair with nothing waiting in its sockets is parked, at once when the kernel relay takes it
+// and, after a wake-up, at its first look (one every `park_after`) that finds nothing waiting:
+// no relay runs for it until a FIN, an error, passed bytes, bytes waiting for a peer or a timer
+// wakes it, while the verdict goes on relaying.
 
 /// Polls the proxy's count of parked pairs until it is `n`.
 async fn wait_parked(p: &RelayProxy, n: usize, what: &str) {
