@@ -89,7 +89,7 @@ pub async fn unpark(
         return lost(parked.before);
     };
     let began = parked.pair.started();
-    let carried = Box::pin(kernel::unpark(parked.pair, programs, cfg, stop)).await;
+    let carried = Box::pin(kernel::run(parked.pair.into_taken(), programs, cfg, stop)).await;
     kernel_carried(carried, parked.before, began, metrics)
 }
 

@@ -75,7 +75,7 @@ pub enum Carried {
         client_to_upstream: u64,
         upstream_to_client: u64,
     },
-    /// Parked (see [`Parked`]); [`unpark`] carries it on.
+    /// Parked (see [`Parked`]); [`run`] carries it on ([`Parked::into_taken`]).
     Parked(Parked),
 }
 
@@ -167,7 +167,7 @@ pub async fn take(client: TcpStream, upstream: TcpStream, programs: &KernelProgr
 
 /// How a pair just [`take`]n starts.
 pub enum Start {
-    /// Parked at once ([`Parked::wait`], then [`unpark`]).
+    /// Parked at once ([`Parked::wait`], then [`run`] of [`Parked::into_taken`]).
     Parked(Parked),
     /// Its relay runs ([`run`]).
     Run(Taken),
@@ -235,25 +235,14 @@ pub fn resume<'a>(
     run(taken, programs, cfg, stop)
 }
 
-/// Carries on with a [`Parked`] pair, woken ([`Parked::wait`]): reading first, as the pair's
-/// directions always start.
-pub fn unpark<'a>(
-    parked: Parked,
-    programs: &'a KernelPrograms,
-    cfg: &'a config::Relay,
-    stop: Stop<'a>,
-) -> impl Future<Output = Carried> + 'a {
-    run(parked.into_taken(), programs, cfg, stop)
-}
-
 /// A pair that ended before the verdict relayed a byte of it: the bytes userspace moved.
 fn ended_before(end: End, c2u: &AtomicU64, u2c: &AtomicU64, started: Instant) -> Carried {
     let bytes = (c2u.load(Relaxed), u2c.load(Relaxed));
     Carried::Ended(Outcome::copied(Mode::Kernel, end, bytes, started.elapsed()))
 }
 
-/// Relays a pair under the verdict ([`take`]n, or [`resume`]d) to its end, or until it moves
-/// to a successor.
+/// Relays a pair under the verdict ([`take`]n, [`resume`]d, or [`Parked`] and woken) to its
+/// end, or until it moves to a successor or parks.
 #[allow(clippy::manual_async_fn)] // the body's comment says why
 pub fn run<'a>(
     taken: Taken,

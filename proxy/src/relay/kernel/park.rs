@@ -19,7 +19,7 @@ use crate::config;
 use crate::ebpf::{PairGuard, ParkedCount, Watch};
 use crate::lock::lock;
 
-/// A kernel-relayed pair while no task runs it: what [`super::unpark`] needs to carry on.
+/// A kernel-relayed pair while no task runs it: what its relay needs to carry on.
 pub struct Parked {
     client: TcpStream,
     upstream: TcpStream,
@@ -59,8 +59,9 @@ impl Parked {
         }
     }
 
-    /// The pair as its relay takes it again ([`super::unpark`]).
-    pub(super) fn into_taken(self) -> super::Taken {
+    /// The pair as its relay ([`super::run`]) takes it again, once [`Parked::wait`] has
+    /// completed: reading first, as the pair's directions always start.
+    pub fn into_taken(self) -> super::Taken {
         // Bytes the verdict relayed while the pair was parked moved at some moment before now:
         // the idle time counts from now then.
         let quiet_since = self.quiet_since_now();
