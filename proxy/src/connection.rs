@@ -124,16 +124,18 @@ pub(crate) fn adopt(state: PairState, moved: relay::Moved, shared: &Shared) -> R
         .then(|| svc.state.load.track(state.upstream));
     let r = Relayable {
         pair: Pair::Moved(moved),
-        client: state.client,
-        addr: state.upstream,
-        request_id: state.request_id,
-        started: Instant::now() - Duration::from_millis(state.age_ms),
-        deadline: state
-            .lifetime_left_ms
-            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms)),
-        svc,
-        _admission: admission,
-        _tracked: tracked,
+        conn: Conn {
+            client: state.client,
+            addr: state.upstream,
+            request_id: state.request_id,
+            started: Instant::now() - Duration::from_millis(state.age_ms),
+            deadline: state
+                .lifetime_left_ms
+                .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms)),
+            svc,
+            _admission: admission,
+            _tracked: tracked,
+        },
     };
     Resumed(r)
 }
@@ -161,6 +163,12 @@ enum Pair {
 /// A connection whose handshake succeeded, ready to be relayed.
 struct Relayable {
     pair: Pair,
+    conn: Conn,
+}
+
+/// A relayed connection's own state besides its sockets: what its limits, lifetime and log
+/// line need, the same whichever relay carries it and whether it is parked.
+struct Conn {
     /// The client's address (its PROXY protocol source behind an L4 layer).
     client: SocketAddr,
     addr: SocketAddr,
@@ -184,25 +192,22 @@ impl Relayable {
         shared: &'a Shared,
         shutdown: &'a CancellationToken,
     ) -> impl Future<Output = Option<Relayable>> + 'a {
-        let Relayable {
-            pair,
-            client,
-            addr,
-            request_id,
-            started,
-            deadline,
-            svc,
-            _admission,
-            _tracked,
-        } = self;
+        let Relayable { pair, conn } = self;
         async move {
-            // Held to the end: the admission's slot and lease, the upstream's count. (An async
-            // block takes only what it uses: these are named here so that it takes them, and
-            // not moved into a local, which would keep room for them twice.)
-            let _held = (&_admission, &_tracked);
+            // `conn` is held whole to the end, or to a park: the admission's slot and lease, the
+            // upstream's count with it (moved into locals, its fields would take room twice).
+            let Conn {
+                client,
+                addr,
+                request_id,
+                started,
+                deadline,
+                svc,
+                ..
+            } = &conn;
             let ip = client.ip().to_canonical();
             let cfg = &svc.config.relay;
-            let stop = stop_of(shared, shutdown, deadline, &request_id);
+            let stop = stop_of(shared, shutdown, *deadline, request_id);
             let metrics = shared.metrics.of(svc.name());
             let kernel = shared.kernel.as_ref();
             let relayed = match pair {
@@ -215,9 +220,9 @@ impl Relayable {
                 relay::Relayed::Moved(moved) => {
                     let state = PairState {
                         service: svc.name().to_string(),
-                        client,
-                        upstream: addr,
-                        request_id,
+                        client: *client,
+                        upstream: *addr,
+                        request_id: request_id.clone(),
                         age_ms: started.elapsed().as_millis() as u64,
                         lifetime_left_ms: deadline
                             .map(|d| d.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64),
@@ -231,14 +236,7 @@ impl Relayable {
                 relay::Relayed::Parked(parked) => {
                     return Some(Relayable {
                         pair: Pair::Parked(parked),
-                        client,
-                        addr,
-                        request_id,
-                        started,
-                        deadline,
-                        svc,
-                        _admission,
-                        _tracked,
+                        conn,
                     });
                 }
             };
@@ -257,8 +255,9 @@ impl Relayable {
     fn wait<'a>(&'a self, shared: &'a Shared, shutdown: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
         async move {
             if let Pair::Parked(p) = &self.pair {
-                let stop = stop_of(shared, shutdown, self.deadline, &self.request_id);
-                p.wait(&self.svc.config.relay, stop).await;
+                let c = &self.conn;
+                let stop = stop_of(shared, shutdown, c.deadline, &c.request_id);
+                p.wait(&c.svc.config.relay, stop).await;
             }
         }
     }
@@ -636,14 +635,16 @@ async fn handshake_phase(
     drop(request);
     Some(Relayable {
         pair: Pair::Fresh(client, upstream),
-        client: client_addr,
-        addr,
-        deadline: lifetime(&svc.config.relay, &request_id).map(|t| tokio::time::Instant::now() + t),
-        request_id,
-        started,
-        _admission: slot,
-        _tracked: tracked,
-        svc,
+        conn: Conn {
+            client: client_addr,
+            addr,
+            deadline: lifetime(&svc.config.relay, &request_id).map(|t| tokio::time::Instant::now() + t),
+            request_id,
+            started,
+            _admission: slot,
+            _tracked: tracked,
+            svc,
+        },
     })
 }
 
