@@ -208,7 +208,7 @@ impl Relayable {
             let ip = client.ip().to_canonical();
             let cfg = &svc.config.relay;
             let stop = stop_of(shared, shutdown, *deadline, request_id);
-            let metrics = shared.metrics.of(svc.name());
+            let metrics = shared.metrics.of_service(&svc.series);
             let kernel = shared.kernel.as_ref();
             let relayed = match pair {
                 Pair::Fresh(client, upstream) => relay::relay(client, upstream, kernel, cfg, metrics, stop).await,
@@ -383,7 +383,7 @@ async fn handshake_phase(
             Err(answer) if routes.tls => {
                 // Nothing can be said to a TLS client before its handshake, and a handshake is
                 // what a refusal must not cost: closed unanswered, counted and logged.
-                refused_unanswered(ip, &answer, started, shared.metrics.of(svc.name()));
+                refused_unanswered(ip, &answer, started, shared.metrics.of_service(&svc.series));
                 return None;
             }
             Err(answer) => {
@@ -392,7 +392,7 @@ async fn handshake_phase(
                     ip,
                     answer,
                     started,
-                    shared.metrics.of(svc.name()),
+                    shared.metrics.of_service(&svc.series),
                 )
                 .await;
                 return None;
@@ -405,7 +405,7 @@ async fn handshake_phase(
         let hello_started = tokio::time::Instant::now();
         let read_metrics = admitted
             .as_ref()
-            .map_or(unrouted, |(_, svc, _)| shared.metrics.of(svc.name()));
+            .map_or(unrouted, |(_, svc, _)| shared.metrics.of_service(&svc.series));
         let hello = match tls::Hello::read(Prefixed::new(early, client), hello_started + routes.tls_timeout).await {
             Ok(h) => h,
             Err(failure) => {
@@ -419,7 +419,7 @@ async fn handshake_phase(
             return None;
         };
         let svc = Arc::clone(&rt.services[i]);
-        let m = shared.metrics.of(svc.name());
+        let m = shared.metrics.of_service(&svc.series);
         if admitted.is_none() {
             match admit(&svc, ip, started, &shared.metrics).await {
                 Ok(slot) => {
@@ -452,7 +452,7 @@ async fn handshake_phase(
         Some((_, svc, _)) => (
             &svc.config.handshake,
             svc.config.headers.underscore_headers,
-            shared.metrics.of(svc.name()),
+            shared.metrics.of_service(&svc.series),
         ),
         // Before its service is known, a request is read with the most any service of the
         // listener allows, and checked against its own service's bounds once routed.
@@ -498,7 +498,7 @@ async fn handshake_phase(
         (None, None) => unreachable!("misdirected"),
         (None, Some(i)) => {
             let svc = Arc::clone(&rt.services[i]);
-            let m = shared.metrics.of(svc.name());
+            let m = shared.metrics.of_service(&svc.series);
             let cfg = &svc.config;
             let admitted = match request.conforms(&cfg.handshake, cfg.headers.underscore_headers) {
                 Ok(()) => admit(&svc, ip, started, &shared.metrics).await,
@@ -518,7 +518,7 @@ async fn handshake_phase(
     };
     drop(rt);
     let cfg = &svc.config;
-    let metrics = shared.metrics.of(svc.name());
+    let metrics = shared.metrics.of_service(&svc.series);
     let service = svc.name();
 
     if !access::origin_allowed(&cfg.access, &request) {

@@ -98,10 +98,12 @@ impl Health {
         let was_down = s.down_until.is_some();
         *s = State::default();
         drop(states);
+        // The gauge is 0 only while the upstream is marked down (or was, until this success):
+        // otherwise it is 1 already, set when the configuration was installed.
         if was_down {
             info!(service = %self.service, upstream = %addr, "upstream is up again");
+            metrics.upstream_up(&self.service, addr, true);
         }
-        metrics.upstream_up(&self.service, addr, true);
     }
 
     pub fn failure(&self, addr: SocketAddr, now: Instant, metrics: &Metrics) {

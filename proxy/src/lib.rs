@@ -193,7 +193,7 @@ impl Shared {
             state
                 .health
                 .reconfigure(s.upstreams.health.clone(), &upstream_addresses(s), &self.metrics);
-            self.metrics.service_added(&s.name);
+            let series = self.metrics.service_added(&s.name, &upstream_addresses(s));
             match &s.tls {
                 Some(t) => self.metrics.certificate_expiry(&s.name, seconds_until(t.not_after)),
                 None => self.metrics.certificate_removed(&s.name),
@@ -206,6 +206,7 @@ impl Shared {
                 tls: s.tls.as_ref().map(|t| self.resumption.server_config(t)),
                 config: s.clone(),
                 state,
+                series,
             }));
         }
         // A removed service's state lives on in its open connections only.

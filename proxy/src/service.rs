@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::{balance, cluster, config, health, limits};
+use crate::{balance, cluster, config, health, limits, metrics};
 
 /// What a service keeps across reloads, while its name stays in the configuration.
 pub(crate) struct State {
@@ -37,6 +37,8 @@ pub(crate) struct Service {
     pub state: Arc<State>,
     /// Its TLS server configuration, when its listeners terminate TLS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The series its connections count into.
+    pub series: metrics::Series,
 }
 
 impl Service {

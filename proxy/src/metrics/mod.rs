@@ -14,6 +14,9 @@ use prometheus_client::registry::Registry;
 use crate::lock::lock;
 use crate::outcome::{End, Fallback, Mode, Outcome};
 
+mod series;
+pub use series::Series;
+
 // Counter names get the `_total` suffix from the encoder.
 pub const CONNECTIONS_OPEN: &str = "wsproxy_connections_open";
 pub const CONNECTIONS_ENDED: &str = "wsproxy_connections_ended";
@@ -501,32 +504,12 @@ impl Metrics {
         out
     }
 
-    /// A service of the configuration: its series exist from now on.
-    pub fn service_added(&self, service: &str) {
-        if !lock(&self.services).insert(service.to_owned()) {
-            return;
-        }
-        for mode in MODES {
-            let relay = mode.as_str();
-            let _ = self.open.get_or_create(&RelayLabels {
-                service: service.to_owned(),
-                relay,
-            });
-            for direction in ["client_to_upstream", "upstream_to_client"] {
-                let _ = self.bytes.get_or_create(&BytesLabels {
-                    service: service.to_owned(),
-                    relay,
-                    direction,
-                });
-            }
-            for end in ENDS {
-                let _ = self.ended.get_or_create(&EndLabels {
-                    service: service.to_owned(),
-                    relay,
-                    end: end.as_str(),
-                });
-            }
-        }
+    /// A service of the configuration, with these upstream addresses: its series exist from now
+    /// on, and its connections count into them through the returned handles
+    /// ([`Metrics::of_service`]).
+    pub fn service_added(&self, service: &str, upstreams: &[SocketAddr]) -> Series {
+        lock(&self.services).insert(service.to_owned());
+        Series::new(self, service, upstreams)
     }
 
     /// Seconds until the notAfter of `service`'s certificate (a TLS service: its failure
@@ -555,7 +538,20 @@ impl Metrics {
     /// The metrics of `service`'s connections; "" for a connection whose service is not known
     /// (yet): refused before its request named one.
     pub fn of<'a>(&'a self, service: &'a str) -> Scoped<'a> {
-        Scoped { metrics: self, service }
+        Scoped {
+            metrics: self,
+            service,
+            series: None,
+        }
+    }
+
+    /// The metrics of a configured service's connections, counted through its kept series.
+    pub fn of_service<'a>(&'a self, series: &'a Series) -> Scoped<'a> {
+        Scoped {
+            metrics: self,
+            service: series.name(),
+            series: Some(series),
+        }
     }
 
     pub fn upstream_up(&self, service: &str, upstream: SocketAddr, up: bool) {
@@ -782,6 +778,8 @@ impl ClusterMetrics {
 pub struct Scoped<'a> {
     metrics: &'a Metrics,
     service: &'a str,
+    /// The service's kept series; `None` for a connection whose service is not known.
+    series: Option<&'a Series>,
 }
 
 impl Scoped<'_> {
@@ -791,10 +789,17 @@ impl Scoped<'_> {
     }
 
     pub fn handshake(&self, outcome: HandshakeOutcome, seconds: f64) {
-        self.metrics
-            .handshakes
-            .get_or_create(&outcome.labels(self.service))
-            .inc();
+        match self.series {
+            Some(s) if outcome == HandshakeOutcome::Upgraded => {
+                s.upgraded().inc();
+            }
+            _ => {
+                self.metrics
+                    .handshakes
+                    .get_or_create(&outcome.labels(self.service))
+                    .inc();
+            }
+        }
         self.metrics.handshake_duration.observe(seconds);
     }
 
@@ -809,13 +814,20 @@ impl Scoped<'_> {
     }
 
     pub fn upstream_attempt(&self, upstream: SocketAddr) {
-        self.metrics
-            .upstream_attempts
-            .get_or_create(&UpstreamLabels {
-                service: self.service.to_owned(),
-                upstream: upstream.to_string(),
-            })
-            .inc();
+        match self.series.and_then(|s| s.attempts(upstream)) {
+            Some(c) => {
+                c.inc();
+            }
+            None => {
+                self.metrics
+                    .upstream_attempts
+                    .get_or_create(&UpstreamLabels {
+                        service: self.service.to_owned(),
+                        upstream: upstream.to_string(),
+                    })
+                    .inc();
+            }
+        }
     }
 
     pub fn upstream_failure(&self, upstream: SocketAddr, reason: &'static str) {
@@ -829,25 +841,28 @@ impl Scoped<'_> {
             .inc();
     }
 
-    pub fn relay_started(&self, mode: Mode) {
-        self.metrics
-            .open
-            .get_or_create(&RelayLabels {
+    /// Runs `f` on the service's open-connections gauge of `mode`.
+    fn open(&self, mode: Mode, f: impl FnOnce(&Gauge)) {
+        match self.series {
+            Some(s) => f(s.open(mode)),
+            None => f(&self.metrics.open.get_or_create(&RelayLabels {
                 service: self.service.to_owned(),
                 relay: mode.as_str(),
-            })
-            .inc();
+            })),
+        }
+    }
+
+    pub fn relay_started(&self, mode: Mode) {
+        self.open(mode, |g| {
+            g.inc();
+        });
     }
 
     /// A connection the kernel relay was going to carry went to userspace instead.
     pub fn relay_fallback(&self, why: Fallback) {
-        self.metrics
-            .open
-            .get_or_create(&RelayLabels {
-                service: self.service.to_owned(),
-                relay: Mode::Kernel.as_str(),
-            })
-            .dec();
+        self.open(Mode::Kernel, |g| {
+            g.dec();
+        });
         self.metrics
             .fallbacks
             .get_or_create(&ReasonLabels { reason: why.as_str() })
@@ -857,61 +872,54 @@ impl Scoped<'_> {
     /// A connection a relay let go of for a handover to a successor process (which counts it
     /// as started again).
     pub fn relay_moved(&self, mode: Mode) {
-        self.metrics
-            .open
-            .get_or_create(&RelayLabels {
-                service: self.service.to_owned(),
-                relay: mode.as_str(),
-            })
-            .dec();
+        self.open(mode, |g| {
+            g.dec();
+        });
     }
 
     /// A connection the userspace relay hands to the kernel relay (`relay.mode = "auto"`); the
     /// kernel relay then counts it as started.
     pub fn relay_promoted(&self) {
-        self.metrics
-            .open
-            .get_or_create(&RelayLabels {
-                service: self.service.to_owned(),
-                relay: Mode::Userspace.as_str(),
-            })
-            .dec();
+        self.open(Mode::Userspace, |g| {
+            g.dec();
+        });
         self.metrics.promotions.inc();
     }
 
     pub fn relay_ended(&self, o: &Outcome) {
-        let relay = o.mode.as_str();
-        self.metrics
-            .open
-            .get_or_create(&RelayLabels {
-                service: self.service.to_owned(),
-                relay,
-            })
-            .dec();
-        self.metrics
-            .ended
-            .get_or_create(&EndLabels {
-                service: self.service.to_owned(),
-                relay,
-                end: o.end.as_str(),
-            })
-            .inc();
-        self.metrics
-            .bytes
-            .get_or_create(&BytesLabels {
-                service: self.service.to_owned(),
-                relay,
-                direction: "client_to_upstream",
-            })
-            .inc_by(o.client_to_upstream);
-        self.metrics
-            .bytes
-            .get_or_create(&BytesLabels {
-                service: self.service.to_owned(),
-                relay,
-                direction: "upstream_to_client",
-            })
-            .inc_by(o.upstream_to_client);
+        self.open(o.mode, |g| {
+            g.dec();
+        });
+        let both = [o.client_to_upstream, o.upstream_to_client];
+        match self.series {
+            Some(s) => {
+                s.ended(o.mode, o.end).inc();
+                for (c, n) in s.bytes(o.mode).iter().zip(both) {
+                    c.inc_by(n);
+                }
+            }
+            None => {
+                let relay = o.mode.as_str();
+                self.metrics
+                    .ended
+                    .get_or_create(&EndLabels {
+                        service: self.service.to_owned(),
+                        relay,
+                        end: o.end.as_str(),
+                    })
+                    .inc();
+                for (direction, n) in ["client_to_upstream", "upstream_to_client"].into_iter().zip(both) {
+                    self.metrics
+                        .bytes
+                        .get_or_create(&BytesLabels {
+                            service: self.service.to_owned(),
+                            relay,
+                            direction,
+                        })
+                        .inc_by(n);
+                }
+            }
+        }
         self.metrics.repeated.inc_by(o.repeated_cut);
         self.metrics.passed.inc_by(o.passed);
     }
@@ -926,7 +934,7 @@ mod tests {
     fn exposition_has_every_metric_from_the_start() {
         let m = Metrics::new();
         assert!(!m.encode().contains("wsproxy_connections_open{"), "no service yet");
-        m.service_added("chat");
+        let _ = m.service_added("chat", &[]);
         let text = m.encode();
         for name in [
             CONNECTIONS_OPEN,
@@ -968,7 +976,7 @@ mod tests {
     #[test]
     fn relay_outcomes_add_up() {
         let metrics = Metrics::new();
-        metrics.service_added("s");
+        let _ = metrics.service_added("s", &[]);
         let m = metrics.of("s");
         m.relay_started(Mode::Kernel);
         m.relay_started(Mode::Kernel);
@@ -1069,5 +1077,59 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("wsproxy_handshake_duration_seconds_count 4"), "{text}");
+    }
+
+    #[test]
+    fn kept_series_count_into_the_exported_ones() {
+        let metrics = Metrics::new();
+        let a: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let b: SocketAddr = "[::1]:9002".parse().unwrap();
+        // Two installs of the same service (a reload): both count into the same series, and
+        // into the ones counted without kept series.
+        let first = metrics.service_added("s", &[a]);
+        let second = metrics.service_added("s", &[a, b]);
+        let (m1, m2, plain) = (metrics.of_service(&first), metrics.of_service(&second), metrics.of("s"));
+        assert_eq!(m1.service(), "s");
+        m1.relay_started(Mode::Kernel);
+        m2.relay_started(Mode::Userspace);
+        plain.relay_started(Mode::Userspace);
+        assert_eq!(metrics.totals().open, [1, 2]);
+        m2.relay_promoted();
+        m1.relay_fallback(Fallback::Refused);
+        assert_eq!(metrics.totals().open, [0, 1]);
+        let o = Outcome {
+            mode: Mode::Userspace,
+            end: End::UpstreamError(std::io::ErrorKind::ConnectionReset),
+            client_to_upstream: 5,
+            upstream_to_client: 6,
+            repeated_cut: 0,
+            passed: 0,
+            duration: Duration::ZERO,
+        };
+        m1.relay_ended(&o);
+        plain.relay_ended(&o);
+        let t = metrics.totals();
+        assert_eq!(
+            (t.open, t.ended, t.client_to_upstream, t.upstream_to_client),
+            ([0, 0], [0, 2], [0, 10], [0, 12])
+        );
+        for m in [m1, m2, plain] {
+            m.handshake(HandshakeOutcome::Upgraded, 0.001);
+            m.upstream_attempt(a);
+        }
+        m1.upstream_attempt(b); // not in the first install's list: counted all the same
+        m2.upstream_attempt(b);
+        m2.handshake(HandshakeOutcome::NoUpstream, 0.001);
+        let text = metrics.encode();
+        for series in [
+            "wsproxy_handshakes_total{service=\"s\",outcome=\"upgraded\",status=\"101\"} 3",
+            "wsproxy_handshakes_total{service=\"s\",outcome=\"all_upstreams_down\",status=\"400\"} 1",
+            "wsproxy_upstream_attempts_total{service=\"s\",upstream=\"127.0.0.1:9001\"} 3",
+            "wsproxy_upstream_attempts_total{service=\"s\",upstream=\"[::1]:9002\"} 2",
+            "wsproxy_connections_ended_total{service=\"s\",relay=\"userspace\",end=\"upstream error\"} 2",
+            "wsproxy_relayed_bytes_total{service=\"s\",relay=\"userspace\",direction=\"upstream_to_client\"} 12",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
     }
 }
