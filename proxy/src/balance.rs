@@ -17,6 +17,7 @@
 //! or removes an upstream keeps the others' counts.
 
 use std::collections::HashMap;
+use std::fmt::{self, Write as _};
 use std::hash::Hasher;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -137,10 +138,23 @@ fn score(client: IpAddr, server: &UpstreamServer) -> f64 {
         IpAddr::V6(a) => h.write(&a.octets()),
     }
     h.write_u8(0xff);
-    h.write(server.address.to_string().as_bytes());
+    // The address's text, streamed into the hash as it is formatted: the same bytes as hashing
+    // `to_string()`, without a string per upstream per handshake.
+    let _ = write!(Streamed(&mut h), "{}", server.address);
     // 53 high bits give a uniform value in (0, 1): never 0, so ln() stays finite.
     let u = ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
     f64::from(server.weight) / -u.ln()
+}
+
+/// Feeds formatted text into a hash, piece by piece (SipHash is a stream over bytes: pieces hash
+/// as their concatenation).
+struct Streamed<'a>(&'a mut SipHasher13);
+
+impl fmt::Write for Streamed<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.write(s.as_bytes());
+        Ok(())
+    }
 }
 
 /// Connections open through this proxy per upstream, from the handshake attempt to the relay's
@@ -237,6 +251,38 @@ mod tests {
         // Config order does not matter.
         let shuffled = balancer(vec![server(3, 1), server(1, 1), server(2, 1)], vec![server(9, 1)]);
         assert_eq!(shuffled.order(ip), order);
+    }
+
+    #[test]
+    fn scores_hash_the_address_text_whole() {
+        // The score as it was first defined: the address formatted into a string, hashed at once.
+        let reference = |client: IpAddr, server: &UpstreamServer| {
+            let mut h = SipHasher13::new_with_keys(SEED.0, SEED.1);
+            match client {
+                IpAddr::V4(a) => h.write(&a.octets()),
+                IpAddr::V6(a) => h.write(&a.octets()),
+            }
+            h.write_u8(0xff);
+            h.write(server.address.to_string().as_bytes());
+            let u = ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            f64::from(server.weight) / -u.ln()
+        };
+        let mut servers: Vec<UpstreamServer> = (1..50).map(|p| server(p * 1_111, 1 + u32::from(p) % 4)).collect();
+        servers.push(UpstreamServer {
+            address: "[2001:db8::17]:8443".parse().unwrap(),
+            weight: 3,
+            ..server(1, 1)
+        });
+        for client in clients(200).chain(["2001:db8::1".parse().unwrap()]) {
+            for s in &servers {
+                assert_eq!(
+                    score(client, s).to_bits(),
+                    reference(client, s).to_bits(),
+                    "{client} {}",
+                    s.address
+                );
+            }
+        }
     }
 
     /// The order for 203.0.113.9 over ports 1, 2, 3 (+ backup 9); computed once and kept.

@@ -242,10 +242,8 @@ pub fn validate(raw: RawHead, max_headers: usize, underscore: UnderscoreHeaders)
     }
     let key = only("sec-websocket-key")?.ok_or(Rejection::BadRequest("no Sec-WebSocket-Key"))?;
     let key = key.trim_ascii();
-    if !base64::engine::general_purpose::STANDARD
-        .decode(key)
-        .is_ok_and(|k| k.len() == 16)
-    {
+    // Decoded onto the stack: 16 bytes are 24 characters, so a key that does not fit is wrong.
+    if base64::engine::general_purpose::STANDARD.decode_slice(key, &mut [0u8; 32]) != Ok(16) {
         return Err(Rejection::BadRequest("Sec-WebSocket-Key is not 16 bytes in base64"));
     }
     if underscore == UnderscoreHeaders::Reject && headers.iter().any(|h| h.name.contains('_')) {
@@ -510,6 +508,19 @@ mod tests {
             ),
             (
                 replace(KEY, "not base64 at all!!"),
+                bad("Sec-WebSocket-Key is not 16 bytes in base64"),
+            ),
+            // 17, 32 and 48 bytes: longer than a key, one of them longer than the decode buffer.
+            (
+                replace(KEY, "AAAAAAAAAAAAAAAAAAAAAAA="),
+                bad("Sec-WebSocket-Key is not 16 bytes in base64"),
+            ),
+            (
+                replace(KEY, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+                bad("Sec-WebSocket-Key is not 16 bytes in base64"),
+            ),
+            (
+                replace(KEY, &"A".repeat(64)),
                 bad("Sec-WebSocket-Key is not 16 bytes in base64"),
             ),
             (
