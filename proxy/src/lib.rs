@@ -193,7 +193,7 @@ impl Shared {
             state
                 .health
                 .reconfigure(s.upstreams.health.clone(), &upstream_addresses(s), &self.metrics);
-            let series = self.metrics.service_added(&s.name, &upstream_addresses(s));
+            let series = state.series(&s.name, &upstream_addresses(s), &self.metrics);
             match &s.tls {
                 Some(t) => self.metrics.certificate_expiry(&s.name, seconds_until(t.not_after)),
                 None => self.metrics.certificate_removed(&s.name),

@@ -814,7 +814,7 @@ impl Scoped<'_> {
     }
 
     pub fn upstream_attempt(&self, upstream: SocketAddr) {
-        match self.series.and_then(|s| s.attempts(upstream)) {
+        match self.series.and_then(|s| s.attempts(self.metrics, upstream)) {
             Some(c) => {
                 c.inc();
             }
@@ -1050,6 +1050,7 @@ mod tests {
         ] {
             assert!(text.contains(series), "{series} missing:\n{text}");
         }
+        assert!(!text.contains("9003"), "an upstream never tried has no series:\n{text}");
     }
 
     #[test]
@@ -1086,8 +1087,9 @@ mod tests {
         let b: SocketAddr = "[::1]:9002".parse().unwrap();
         // Two installs of the same service (a reload): both count into the same series, and
         // into the ones counted without kept series.
+        let never: SocketAddr = "127.0.0.1:9003".parse().unwrap();
         let first = metrics.service_added("s", &[a]);
-        let second = metrics.service_added("s", &[a, b]);
+        let second = metrics.service_added("s", &[a, b, never]);
         let (m1, m2, plain) = (metrics.of_service(&first), metrics.of_service(&second), metrics.of("s"));
         assert_eq!(m1.service(), "s");
         m1.relay_started(Mode::Kernel);
@@ -1119,13 +1121,17 @@ mod tests {
         }
         m1.upstream_attempt(b); // not in the first install's list: counted all the same
         m2.upstream_attempt(b);
+        // Made again around other addresses (a reload): the attempts of `b` are kept.
+        let third = second.for_upstreams(&[b]);
+        metrics.of_service(&third).upstream_attempt(b);
+        metrics.of_service(&third).handshake(HandshakeOutcome::Upgraded, 0.001);
         m2.handshake(HandshakeOutcome::NoUpstream, 0.001);
         let text = metrics.encode();
         for series in [
-            "wsproxy_handshakes_total{service=\"s\",outcome=\"upgraded\",status=\"101\"} 3",
+            "wsproxy_handshakes_total{service=\"s\",outcome=\"upgraded\",status=\"101\"} 4",
             "wsproxy_handshakes_total{service=\"s\",outcome=\"all_upstreams_down\",status=\"400\"} 1",
             "wsproxy_upstream_attempts_total{service=\"s\",upstream=\"127.0.0.1:9001\"} 3",
-            "wsproxy_upstream_attempts_total{service=\"s\",upstream=\"[::1]:9002\"} 2",
+            "wsproxy_upstream_attempts_total{service=\"s\",upstream=\"[::1]:9002\"} 3",
             "wsproxy_connections_ended_total{service=\"s\",relay=\"userspace\",end=\"upstream error\"} 2",
             "wsproxy_relayed_bytes_total{service=\"s\",relay=\"userspace\",direction=\"upstream_to_client\"} 12",
         ] {

@@ -1,14 +1,16 @@
-//! One service's series, looked up once when a configuration is installed.
+//! One service's series, looked up once and kept.
 //!
 //! Why: every handshake and every relay's end counts into a handful of series labelled with the
 //! service (and the upstream). Looked up per event, each count built its label set (the service
 //! name copied, the upstream address formatted), hashed it and took the family's lock: about ten
 //! allocations and three address formats per handshake. A series handle is the series itself
 //! (the family keeps a clone of the same counter), so counting through a kept handle is one
-//! atomic add. Services' series are never removed from their families, so a kept handle stays
-//! the exported one; an upstream's attempts are kept per upstream address of the configuration.
+//! atomic add. A service's series are never removed from their families, so a kept handle stays
+//! the exported one. An upstream's attempts series is made at its first attempt, as before (a
+//! backup never tried has none), and kept from then on.
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,8 +29,9 @@ pub struct Series {
     bytes: [[Counter; 2]; 2],
     /// `wsproxy_handshakes_total{outcome="upgraded"}`: the outcome of nearly every handshake.
     upgraded: Counter,
-    /// `wsproxy_upstream_attempts_total` of each upstream address of the configuration.
-    attempts: Vec<(SocketAddr, Counter)>,
+    /// `wsproxy_upstream_attempts_total` of each upstream address of the configuration, from
+    /// its first attempt on.
+    attempts: Vec<(SocketAddr, OnceLock<Counter>)>,
 }
 
 impl Series {
@@ -67,16 +70,7 @@ impl Series {
             .handshakes
             .get_or_create(&HandshakeOutcome::Upgraded.labels(name))
             .clone();
-        let attempts = upstreams
-            .iter()
-            .map(|&a| {
-                let labels = UpstreamLabels {
-                    service: name.to_owned(),
-                    upstream: a.to_string(),
-                };
-                (a, m.upstream_attempts.get_or_create(&labels).clone())
-            })
-            .collect();
+        let attempts = upstreams.iter().map(|&a| (a, OnceLock::new())).collect();
         Self {
             name: name.to_owned(),
             open,
@@ -89,6 +83,31 @@ impl Series {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The upstream addresses whose attempts are kept, in the configuration's order.
+    pub fn upstreams(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.attempts.iter().map(|(a, _)| *a)
+    }
+
+    /// The same service's series for another list of upstream addresses (a reload changed
+    /// them): the service's own handles shared, the attempts of addresses still listed kept.
+    pub fn for_upstreams(&self, upstreams: &[SocketAddr]) -> Self {
+        let attempts = upstreams
+            .iter()
+            .map(|&a| {
+                let kept = self.attempts.iter().find(|(k, _)| *k == a).map(|(_, c)| c.clone());
+                (a, kept.unwrap_or_default())
+            })
+            .collect();
+        Self {
+            name: self.name.clone(),
+            open: self.open.clone(),
+            ended: self.ended.clone(),
+            bytes: self.bytes.clone(),
+            upgraded: self.upgraded.clone(),
+            attempts,
+        }
     }
 
     pub(super) fn open(&self, mode: Mode) -> &Gauge {
@@ -108,9 +127,18 @@ impl Series {
         &self.upgraded
     }
 
-    /// The attempts counter of `upstream`, if it is one of the configuration's addresses.
-    pub(super) fn attempts(&self, upstream: SocketAddr) -> Option<&Counter> {
-        self.attempts.iter().find(|(a, _)| *a == upstream).map(|(_, c)| c)
+    /// The attempts counter of `upstream`, if it is one of the configuration's addresses (made
+    /// in `m` at its first attempt).
+    pub(super) fn attempts(&self, m: &Metrics, upstream: SocketAddr) -> Option<&Counter> {
+        let (_, kept) = self.attempts.iter().find(|(a, _)| *a == upstream)?;
+        Some(kept.get_or_init(|| {
+            m.upstream_attempts
+                .get_or_create(&UpstreamLabels {
+                    service: self.name.clone(),
+                    upstream: upstream.to_string(),
+                })
+                .clone()
+        }))
     }
 }
 
