@@ -814,20 +814,7 @@ impl Scoped<'_> {
     }
 
     pub fn upstream_attempt(&self, upstream: SocketAddr) {
-        match self.series.and_then(|s| s.attempts(self.metrics, upstream)) {
-            Some(c) => {
-                c.inc();
-            }
-            None => {
-                self.metrics
-                    .upstream_attempts
-                    .get_or_create(&UpstreamLabels {
-                        service: self.service.to_owned(),
-                        upstream: upstream.to_string(),
-                    })
-                    .inc();
-            }
-        }
+        self.with_series(|s| s.count_attempt(self.metrics, upstream));
     }
 
     pub fn upstream_failure(&self, upstream: SocketAddr, reason: &'static str) {
@@ -841,27 +828,26 @@ impl Scoped<'_> {
             .inc();
     }
 
-    /// Runs `f` on the service's open-connections gauge of `mode`.
-    fn open(&self, mode: Mode, f: impl FnOnce(&Gauge)) {
+    /// Runs `f` on the service's series: the kept ones, or for a scope made by name (tests; the
+    /// proxy's only such scope, a connection whose service is not known, never relays) the same
+    /// series looked up now.
+    fn with_series(&self, f: impl FnOnce(&Series)) {
         match self.series {
-            Some(s) => f(s.open(mode)),
-            None => f(&self.metrics.open.get_or_create(&RelayLabels {
-                service: self.service.to_owned(),
-                relay: mode.as_str(),
-            })),
+            Some(s) => f(s),
+            None => f(&Series::new(self.metrics, self.service, &[])),
         }
     }
 
     pub fn relay_started(&self, mode: Mode) {
-        self.open(mode, |g| {
-            g.inc();
+        self.with_series(|s| {
+            s.open(mode).inc();
         });
     }
 
     /// A connection the kernel relay was going to carry went to userspace instead.
     pub fn relay_fallback(&self, why: Fallback) {
-        self.open(Mode::Kernel, |g| {
-            g.dec();
+        self.with_series(|s| {
+            s.open(Mode::Kernel).dec();
         });
         self.metrics
             .fallbacks
@@ -872,54 +858,28 @@ impl Scoped<'_> {
     /// A connection a relay let go of for a handover to a successor process (which counts it
     /// as started again).
     pub fn relay_moved(&self, mode: Mode) {
-        self.open(mode, |g| {
-            g.dec();
+        self.with_series(|s| {
+            s.open(mode).dec();
         });
     }
 
     /// A connection the userspace relay hands to the kernel relay (`relay.mode = "auto"`); the
     /// kernel relay then counts it as started.
     pub fn relay_promoted(&self) {
-        self.open(Mode::Userspace, |g| {
-            g.dec();
+        self.with_series(|s| {
+            s.open(Mode::Userspace).dec();
         });
         self.metrics.promotions.inc();
     }
 
     pub fn relay_ended(&self, o: &Outcome) {
-        self.open(o.mode, |g| {
-            g.dec();
+        self.with_series(|s| {
+            s.open(o.mode).dec();
+            s.ended(o.mode, o.end).inc();
+            for (c, n) in s.bytes(o.mode).iter().zip([o.client_to_upstream, o.upstream_to_client]) {
+                c.inc_by(n);
+            }
         });
-        let both = [o.client_to_upstream, o.upstream_to_client];
-        match self.series {
-            Some(s) => {
-                s.ended(o.mode, o.end).inc();
-                for (c, n) in s.bytes(o.mode).iter().zip(both) {
-                    c.inc_by(n);
-                }
-            }
-            None => {
-                let relay = o.mode.as_str();
-                self.metrics
-                    .ended
-                    .get_or_create(&EndLabels {
-                        service: self.service.to_owned(),
-                        relay,
-                        end: o.end.as_str(),
-                    })
-                    .inc();
-                for (direction, n) in ["client_to_upstream", "upstream_to_client"].into_iter().zip(both) {
-                    self.metrics
-                        .bytes
-                        .get_or_create(&BytesLabels {
-                            service: self.service.to_owned(),
-                            relay,
-                            direction,
-                        })
-                        .inc_by(n);
-                }
-            }
-        }
         self.metrics.repeated.inc_by(o.repeated_cut);
         self.metrics.passed.inc_by(o.passed);
     }

@@ -127,18 +127,19 @@ impl Series {
         &self.upgraded
     }
 
-    /// The attempts counter of `upstream`, if it is one of the configuration's addresses (made
-    /// in `m` at its first attempt).
-    pub(super) fn attempts(&self, m: &Metrics, upstream: SocketAddr) -> Option<&Counter> {
-        let (_, kept) = self.attempts.iter().find(|(a, _)| *a == upstream)?;
-        Some(kept.get_or_init(|| {
-            m.upstream_attempts
-                .get_or_create(&UpstreamLabels {
-                    service: self.name.clone(),
-                    upstream: upstream.to_string(),
-                })
-                .clone()
-        }))
+    /// Counts an attempt at `upstream`: through its kept counter if it is one of the
+    /// configuration's addresses (made in `m` at its first attempt), else looked up in `m`.
+    pub(super) fn count_attempt(&self, m: &Metrics, upstream: SocketAddr) {
+        let look_up = || {
+            m.upstream_attempts.get_or_create(&UpstreamLabels {
+                service: self.name.clone(),
+                upstream: upstream.to_string(),
+            })
+        };
+        match self.attempts.iter().find(|(a, _)| *a == upstream) {
+            Some((_, kept)) => kept.get_or_init(|| look_up().clone()).inc(),
+            None => look_up().inc(),
+        };
     }
 }
 
