@@ -8,6 +8,7 @@
 
 mod buffers;
 mod frames;
+mod grid;
 pub mod kernel;
 pub mod promotion;
 mod read;
@@ -434,18 +435,20 @@ pub(crate) fn until_end<T, S: AsFd>(
 }
 
 /// Completes with [`End::IdleTimeout`] once `activity` has not moved for `timeout` since
-/// `since`. Checked a few times per timeout (the first check no later than the timeout's end),
-/// so a connection is closed between 1 and 1.25 times the timeout after its last byte.
+/// `since`. Checked four times per timeout, on the process's grid of that period ([`grid`]; the
+/// first check no later than the timeout's end), so a connection is closed between 1 and 1.25
+/// times the timeout after its last byte.
 async fn idle_watch(
     timeout: Duration,
     activity: impl Fn() -> u64,
     mut since: tokio::time::Instant,
 ) -> Result<std::convert::Infallible, End> {
     let mut last = activity();
-    let mut next = (since + timeout).min(tokio::time::Instant::now() + timeout / 4);
+    let every = timeout / 4;
+    let mut next = (since + timeout).min(grid::next_after(tokio::time::Instant::now(), every));
     loop {
         timer_until(next).await;
-        next = tokio::time::Instant::now() + timeout / 4;
+        next = grid::next_after(tokio::time::Instant::now(), every);
         let now = activity();
         if now != last {
             (last, since) = (now, tokio::time::Instant::now());

@@ -1,12 +1,12 @@
 //! Parked pairs (`relay.park_after`): a kernel-relayed pair with nothing waiting in its
 //! sockets needs nothing from userspace until a FIN, an error, passed bytes, bytes waiting for
 //! a peer or a timer. It is parked at once when the kernel relay takes it ([`super::start`]),
-//! and at the first look (one every `park_after`) that finds nothing waiting once it has run
-//! again ([`quiet`]): its running relay (the two directions, the timers, their futures: about
-//! 3 KB) ends, and the connection keeps only a [`Parked`] record, which waits on the same
-//! wake-ups; the verdict goes on relaying meanwhile, messages included. On a wake-up the relay
-//! runs again from the record, as it does for a pair handed over by a predecessor process:
-//! read first.
+//! and at the first look (one every `park_after`, on the process's grid: `relay::grid`) that
+//! finds nothing waiting once it has run again ([`quiet`]): its running relay (the two
+//! directions, the timers, their futures: about 3 KB) ends, and the connection keeps only a
+//! [`Parked`] record, which waits on the same wake-ups; the verdict goes on relaying meanwhile,
+//! messages included. On a wake-up the relay runs again from the record, as it does for a pair
+//! handed over by a predecessor process: read first.
 
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::super::{Stop, tcp_probe, timer, timer_until};
+use super::super::{Stop, grid, tcp_probe, timer_until};
 use crate::config;
 use crate::ebpf::{PairGuard, ParkedCount, Watch};
 use crate::lock::lock;
@@ -81,10 +81,10 @@ impl Parked {
     /// Completes when the pair must run again: a wake-up of the watch (a FIN, an error, passed
     /// bytes), its lifetime's end, the idle timeout's end, the shutdown drain, a handover; or
     /// bytes waiting for a peer. Those are looked for as often as the send and idle timeouts
-    /// look (a quarter of each), and only when the verdict has relayed bytes since the last
-    /// look: a peer that takes no byte while bytes wait is the running relay's send timeout to
-    /// judge. Bytes relayed with none left waiting restart the idle timeout and keep the pair
-    /// parked.
+    /// look (a quarter of each, on the process's grid), and only when the verdict has relayed
+    /// bytes since the last look: a peer that takes no byte while bytes wait is the running
+    /// relay's send timeout to judge. Bytes relayed with none left waiting restart the idle
+    /// timeout and keep the pair parked.
     #[allow(clippy::manual_async_fn)] // not an `async fn`: it would keep `stop` twice
     pub fn wait<'a>(&'a self, cfg: &'a config::Relay, stop: Stop<'a>) -> impl Future<Output = ()> + 'a {
         async move {
@@ -103,7 +103,7 @@ impl Parked {
                     if [idle_end, stop.deadline].into_iter().flatten().any(|end| end <= now) {
                         return;
                     }
-                    let next = [every.map(|e| now + e), idle_end, stop.deadline];
+                    let next = [every.map(|e| grid::next_after(now, e)), idle_end, stop.deadline];
                     match next.into_iter().flatten().min() {
                         Some(at) => timer_until(at).await,
                         None => std::future::pending().await,
@@ -184,7 +184,10 @@ pub(super) async fn quiet(
         return std::future::pending().await;
     }
     let mut last = activity();
-    let mut check = timer(after);
+    // The first look once the pair has relayed for `after`, then one every `after`; on the
+    // process's grid, so that the pairs look together ([`grid`]).
+    let first = grid::next_after(tokio::time::Instant::now() + after, after);
+    let mut check = timer_until(first);
     loop {
         check.as_mut().await;
         let now = activity();
@@ -194,7 +197,9 @@ pub(super) async fn quiet(
         if sockets.iter().all(|s| nothing_waiting(s)) {
             return (last, since);
         }
-        check.as_mut().reset(tokio::time::Instant::now() + after);
+        check
+            .as_mut()
+            .reset(grid::next_after(tokio::time::Instant::now(), after));
     }
 }
 
