@@ -459,8 +459,7 @@ pub struct Relay {
     /// a small record until a FIN, an error, passed bytes, bytes waiting for a peer or a timer
     /// wakes it; the verdict relays meanwhile): at once when the relay takes it, and once it
     /// has run again, at the first look, one every `park_after`, that finds nothing waiting;
-    /// zero (the default): never. Off by default: pairs that `auto` moved mid-traffic and that
-    /// then parked held messages for up to about 180 ms in a benchmark (`bench/analysis.md`).
+    /// zero: never.
     #[serde(with = "humantime_serde")]
     pub park_after: Duration,
     /// Socket buffer caps of the relayed sockets, in bytes (`SO_SNDBUF`, `SO_RCVBUF`; the kernel
@@ -486,7 +485,7 @@ impl Default for Relay {
             max_lifetime: None,
             max_lifetime_jitter: Duration::ZERO,
             send_timeout: Duration::from_secs(60),
-            park_after: Duration::ZERO,
+            park_after: Duration::from_millis(500),
             client_sndbuf: None,
             client_rcvbuf: None,
             upstream_sndbuf: None,

@@ -103,7 +103,7 @@ fn relay_limits_are_checked_by_field() {
     assert!(c.services[0].relay.send_timeout.is_zero());
     assert!(c.services[0].relay.park_after.is_zero());
     let c = Config::parse(MINIMAL, "t").unwrap();
-    assert!(c.services[0].relay.park_after.is_zero(), "off unless set");
+    assert_eq!(c.services[0].relay.park_after, Duration::from_millis(500));
 }
 
 /// A file in a fresh directory of the temp dir, with `text`.
