@@ -435,9 +435,9 @@ pub(crate) fn until_end<T, S: AsFd>(
 }
 
 /// Completes with [`End::IdleTimeout`] once `activity` has not moved for `timeout` since
-/// `since`. Checked four times per timeout, on the process's grid of that period ([`grid`]; the
-/// first check no later than the timeout's end), so a connection is closed between 1 and 1.25
-/// times the timeout after its last byte.
+/// `since`. Checked four times per timeout, on the process's grid ([`grid`]; the first check no
+/// later than the timeout's end), so a connection is closed between 1 and 1.25 times the
+/// timeout (and at most a grid step) after its last byte.
 async fn idle_watch(
     timeout: Duration,
     activity: impl Fn() -> u64,
@@ -445,10 +445,10 @@ async fn idle_watch(
 ) -> Result<std::convert::Infallible, End> {
     let mut last = activity();
     let every = timeout / 4;
-    let mut next = (since + timeout).min(grid::next_after(tokio::time::Instant::now(), every));
+    let mut next = (since + timeout).min(grid::look_at(tokio::time::Instant::now(), every));
     loop {
         timer_until(next).await;
-        next = grid::next_after(tokio::time::Instant::now(), every);
+        next = grid::look_at(tokio::time::Instant::now(), every);
         let now = activity();
         if now != last {
             (last, since) = (now, tokio::time::Instant::now());

@@ -16,8 +16,8 @@ use super::{End, tcp_probe};
 
 /// Completes with [`End::SendTimeout`] once the client or the upstream has taken no byte for
 /// `timeout` while bytes waited for it; never if `timeout` is zero. Checked four times per
-/// timeout, on the process's grid of that period (`super::grid`), so a pair is cut between 1 and
-/// 1.25 times the timeout after its peer's last acknowledgement. `activity` counts the bytes relayed: while it stands still after a check
+/// timeout, on the process's grid (`super::grid`), so a pair is cut between 1 and 1.25 times the
+/// timeout (and at most a grid step) after its peer's last acknowledgement. `activity` counts the bytes relayed: while it stands still after a check
 /// found nothing waiting, the checks are skipped ([`Quiet`]).
 pub(crate) async fn watch<S: AsFd>(client: &S, upstream: &S, timeout: Duration, activity: impl Fn() -> u64) -> End {
     if timeout.is_zero() {
@@ -26,7 +26,7 @@ pub(crate) async fn watch<S: AsFd>(client: &S, upstream: &S, timeout: Duration, 
     let mut peers = [Peer::new(client), Peer::new(upstream)];
     let mut quiet = Quiet::new(activity());
     loop {
-        super::timer_until(super::grid::next_after(Instant::now(), timeout / 4)).await;
+        super::timer_until(super::grid::look_at(Instant::now(), timeout / 4)).await;
         let moved = activity();
         if quiet.skip(moved) {
             continue;

@@ -103,7 +103,7 @@ impl Parked {
                     if [idle_end, stop.deadline].into_iter().flatten().any(|end| end <= now) {
                         return;
                     }
-                    let next = [every.map(|e| grid::next_after(now, e)), idle_end, stop.deadline];
+                    let next = [every.map(|e| grid::look_at(now, e)), idle_end, stop.deadline];
                     match next.into_iter().flatten().min() {
                         Some(at) => timer_until(at).await,
                         None => std::future::pending().await,
@@ -186,7 +186,7 @@ pub(super) async fn quiet(
     let mut last = activity();
     // The first look once the pair has relayed for `after`, then one every `after`; on the
     // process's grid, so that the pairs look together ([`grid`]).
-    let first = grid::next_after(tokio::time::Instant::now() + after, after);
+    let first = grid::look_at(tokio::time::Instant::now(), after);
     let mut check = timer_until(first);
     loop {
         check.as_mut().await;
@@ -197,9 +197,7 @@ pub(super) async fn quiet(
         if sockets.iter().all(|s| nothing_waiting(s)) {
             return (last, since);
         }
-        check
-            .as_mut()
-            .reset(grid::next_after(tokio::time::Instant::now(), after));
+        check.as_mut().reset(grid::look_at(tokio::time::Instant::now(), after));
     }
 }
 
