@@ -7,7 +7,7 @@
 //! a check that almost always finds nothing to do. On the grid, the looks that fall due within
 //! one step are made together, in one wake-up: the proxy wakes for looks at most ten times a
 //! second however many connections it holds (2,000 idle kernel-relayed connections opened over
-//! 15 s: 143 context switches a second of the proxy on their own clocks, 2.5 on the grid), and a
+//! 15 s: 143 context switches a second of the proxy on their own clocks, 21 on the grid), and a
 //! step's batch stays the share of the connections that one step of their period holds, not all
 //! of them at once. The wake-ups cost more than the proxy's own CPU: on the benchmark's VMs, a
 //! CPU woken from idle a few hundred times a second (by the proxy's staggered looks, or by any

@@ -17,8 +17,9 @@ use super::{End, tcp_probe};
 /// Completes with [`End::SendTimeout`] once the client or the upstream has taken no byte for
 /// `timeout` while bytes waited for it; never if `timeout` is zero. Checked four times per
 /// timeout, on the process's grid (`super::grid`), so a pair is cut between 1 and 1.25 times the
-/// timeout (and at most a grid step) after its peer's last acknowledgement. `activity` counts the bytes relayed: while it stands still after a check
-/// found nothing waiting, the checks are skipped ([`Quiet`]).
+/// timeout (and at most a grid step) after its peer's last acknowledgement. `activity` counts
+/// the bytes relayed: while it stands still after a check found nothing waiting, the checks are
+/// skipped ([`Quiet`]).
 pub(crate) async fn watch<S: AsFd>(client: &S, upstream: &S, timeout: Duration, activity: impl Fn() -> u64) -> End {
     if timeout.is_zero() {
         return std::future::pending().await;
