@@ -23,6 +23,10 @@ use tokio::time::Instant;
 /// The grid's step: looks are made on its multiples.
 const STEP: Duration = Duration::from_millis(100);
 
+/// How many looks a timeout gets over its length (the send and idle timeouts, and a parked
+/// pair's looks for them): a connection is cut between 1 and 1 + 1/this of its timeout.
+pub(crate) const LOOKS_PER_TIMEOUT: u32 = 4;
+
 /// The grid's origin: the first look the process schedules.
 static ORIGIN: OnceLock<std::time::Instant> = OnceLock::new();
 

@@ -444,7 +444,7 @@ async fn idle_watch(
     mut since: tokio::time::Instant,
 ) -> Result<std::convert::Infallible, End> {
     let mut last = activity();
-    let every = timeout / 4;
+    let every = timeout / grid::LOOKS_PER_TIMEOUT;
     let mut next = (since + timeout).min(grid::look_at(tokio::time::Instant::now(), every));
     loop {
         timer_until(next).await;

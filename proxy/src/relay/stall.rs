@@ -27,7 +27,11 @@ pub(crate) async fn watch<S: AsFd>(client: &S, upstream: &S, timeout: Duration, 
     let mut peers = [Peer::new(client), Peer::new(upstream)];
     let mut quiet = Quiet::new(activity());
     loop {
-        super::timer_until(super::grid::look_at(Instant::now(), timeout / 4)).await;
+        super::timer_until(super::grid::look_at(
+            Instant::now(),
+            timeout / super::grid::LOOKS_PER_TIMEOUT,
+        ))
+        .await;
         let moved = activity();
         if quiet.skip(moved) {
             continue;

@@ -162,8 +162,8 @@ impl Parked {
 /// How often a parked pair looks at its activity count: as often as the running relay's send
 /// and idle timeouts look (a quarter of each); never if neither is on.
 fn check_interval(cfg: &config::Relay) -> Option<Duration> {
-    let send = (!cfg.send_timeout.is_zero()).then_some(cfg.send_timeout / 4);
-    let idle = cfg.idle_timeout.map(|t| t / 4);
+    let send = (!cfg.send_timeout.is_zero()).then_some(cfg.send_timeout / grid::LOOKS_PER_TIMEOUT);
+    let idle = cfg.idle_timeout.map(|t| t / grid::LOOKS_PER_TIMEOUT);
     match (send, idle) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
