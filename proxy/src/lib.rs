@@ -279,6 +279,13 @@ impl Server {
                 Some(k)
             }
         };
+        if kernel.is_some() {
+            let kernel_relayed = config
+                .services
+                .iter()
+                .filter(|s| s.relay.mode != config::RelayMode::Userspace);
+            relay::warn_of_host_limits(kernel_relayed.map(|s| s.relay.max_in_flight_bytes));
+        }
         let metrics = metrics::Metrics::new();
         metrics.kernel_relay(kernel.is_some());
         let shared = Shared {

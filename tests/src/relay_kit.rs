@@ -2,7 +2,7 @@
 //! is chosen and whose state the test can inspect ([`RelayProxy`], on `wsproxy::Server`), a raw
 //! upstream ([`Hub`]) that hands every proxied connection to the test that opened it, a byte
 //! pattern any reader can check at any offset, and socket and host inspection (TCP state, socket
-//! fds, `/proc/meminfo`).
+//! fds, the proxy's socket memory and buffers from `ss`, `/proc/meminfo`).
 //!
 //! Privileged tests call [`RelayProxy::start`]; it returns `None` after [`kernel_unavailable`]
 //! when the mode needs the kernel relay and it cannot load here.
@@ -721,6 +721,54 @@ pub async fn wait_stalled(count: &std::sync::atomic::AtomicU64, what: &str) -> u
 pub async fn wait_state(s: &impl AsRawFd, want: u8, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     poll_until(limit, || (state(s) == want).then(|| start.elapsed())).await
+}
+
+/// Kernel memory of a set of sockets, from `ss -m` (skmem): bytes in receive queues (`r`), in
+/// send queues (`w`) and reserved ahead for them (`f`).
+#[derive(Debug, Default, Clone)]
+pub struct SkMem {
+    pub sockets: u64,
+    pub rmem: i64,
+    pub wmem: i64,
+    pub fwd: i64,
+    /// Each socket's send buffer (`tb`), in `ss`'s order.
+    pub sndbufs: Vec<u64>,
+}
+
+impl SkMem {
+    pub fn total(&self) -> u64 {
+        (self.rmem + self.wmem + self.fwd).max(0) as u64
+    }
+}
+
+/// The proxy's own relayed sockets: those on its listening port, and those to the hub.
+pub fn proxy_skmem(p: &RelayProxy) -> SkMem {
+    let filter = format!("( sport = :{} or dport = :{} )", p.addr.port(), p.hub.addr.port());
+    let out = std::process::Command::new("ss")
+        .args(["-tmnH", "state", "established", &filter])
+        .output()
+        .expect("ss (iproute2) is needed to read socket memory");
+    assert!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut m = SkMem::default();
+    for sk in text.split("skmem:(").skip(1) {
+        let fields = sk.split(')').next().unwrap_or("");
+        m.sockets += 1;
+        for f in fields.split(',') {
+            let digits = f.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+            // ss prints the kernel's signed ints as unsigned.
+            let v = i64::from(digits.parse::<u64>().unwrap_or(0) as u32 as i32);
+            match &f[..f.len() - digits.len()] {
+                "r" => m.rmem += v,
+                "w" => m.wmem += v,
+                // Memory charged beyond a socket's reserve is in its queues already.
+                "f" => m.fwd += v.max(0),
+                "tb" => m.sndbufs.push(v.max(0) as u64),
+                _ => {}
+            }
+        }
+    }
+    m
 }
 
 /// This process's sockets, one line each: the TCP ones with their addresses and state (from

@@ -65,15 +65,20 @@ async fn bounded(dir: Dir) {
         return;
     };
     let (rmem, wmem) = (sysctl_max("net/ipv4/tcp_rmem"), sysctl_max("net/ipv4/tcp_wmem"));
+    // The proxy's sending socket: a send buffer of the cap, doubled, where the host allows more
+    // than autotuning reaches (`relay::SendLimits`), else autotuned up to tcp_wmem max.
+    let sendq = wsproxy::relay::SendLimits::host()
+        .for_window(CAP)
+        .map_or(wmem, |b| 2 * b as u64);
     // Where the sender's bytes can be while the receiver does not read, and what bounds each place:
     // the sender's send buffer (tcp_wmem max), the proxy's receiving socket (bytes passed to
     // userspace, tcp_rmem max), the proxy's userspace buffer (64 KiB), bytes redirected but not
-    // yet taken by the proxy's sending socket (the cap), that socket's send queue (tcp_wmem
-    // max), and the receiver's receive buffer (tcp_rmem max).
-    let bound_bytes = wmem + rmem + 64 * KIB + CAP + wmem + rmem;
+    // yet taken by the proxy's sending socket (the cap), that socket's send queue (`sendq`), and
+    // the receiver's receive buffer (tcp_rmem max).
+    let bound_bytes = wmem + rmem + 64 * KIB + CAP + sendq + rmem;
     // Socket buffers are charged by the true size of their skbs, so the same maxima bound their
     // memory; the in-flight cap counts payload, so allow its skbs twice their payload.
-    let bound_mem = wmem + rmem + 64 * KIB + 2 * CAP + wmem + rmem + SLACK;
+    let bound_mem = wmem + rmem + 64 * KIB + 2 * CAP + sendq + rmem + SLACK;
     // Past this the proxy is not holding the sender back: stop before the host runs short.
     let give_up = 2 * bound_bytes;
 
@@ -179,7 +184,7 @@ async fn bounded(dir: Dir) {
         format!(
             "req4 {dir:?}: pushed for {pushed_for:.1?} into a receiver that does not read: sent {total} bytes ({:.1} MiB; \
          at 1 s intervals: {:?} MiB), {:.1} MiB in the last 5 s; bound {:.1} MiB (cap {:.0} MiB + 2 x tcp_rmem max \
-         {:.0} MiB + 2 x tcp_wmem max {:.0} MiB + 64 KiB). Memory held by the stalled pair (MemAvailable regained when \
+         {:.0} MiB + tcp_wmem max {:.0} MiB + the proxy's send buffer {:.0} MiB + 64 KiB). Memory held by the stalled pair (MemAvailable regained when \
          it drained and closed): {}; TCP socket memory (sockstat) grew by {:.1} MiB; host MemAvailable fell by at most {:.1} MiB during the push (MemFree by {:.1} MiB \
          at its end; host-wide, other processes included); bound {:.1} MiB incl. {:.0} MiB slack",
             mib(total),
@@ -192,6 +197,7 @@ async fn bounded(dir: Dir) {
             mib(CAP),
             mib(rmem),
             mib(wmem),
+            mib(sendq),
             held.map_or("(not yet measured)".to_string(), |h| format!("{:.1} MiB", mib(h))),
             mib(tcp_charged),
             mib(delta_avail),

@@ -1877,6 +1877,40 @@ async fn req8_the_credit_renews_in_the_kernel_while_the_destination_keeps_up() {
     ));
 }
 
+/// The sockets the verdict redirects into get send buffers of the window (doubled by the
+/// kernel) where the host allows more than autotuning reaches, so that the kernel's sender of
+/// redirected bytes does not wait a timer tick at a full send queue and bulk stays in the kernel
+/// (`relay::buffers`); a configured cap stays. Read from outside, with `ss`.
+#[tokio::test]
+async fn req8_the_destinations_get_send_buffers_of_the_window() {
+    const WINDOW: u64 = 3 * MIB;
+    const CAPPED: u64 = 64 * KIB;
+    let relay = format!("max_in_flight_bytes = {WINDOW}\nclient_sndbuf = {CAPPED}\n");
+    let Some((_g, p)) = proxy_in("kernel", &relay).await else {
+        return;
+    };
+    let Some(size) = wsproxy::relay::SendLimits::host().for_window(WINDOW) else {
+        let why = format!(
+            "net.core.wmem_max lets no socket set a send buffer beyond autotuning's: {:?}",
+            wsproxy::relay::SendLimits::host()
+        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        say(&format!("req8 send buffers: skipped ({why})"));
+        return;
+    };
+    let (c, u) = p.open_relayed(1).await;
+    let mut sndbufs = proxy_skmem(&p).sndbufs;
+    sndbufs.sort();
+    // The client's socket capped (doubled by the kernel), the upstream's of the window.
+    assert_eq!(
+        sndbufs,
+        [2 * CAPPED, 2 * size as u64],
+        "the proxy's two sockets' send buffers"
+    );
+    drop((c, u));
+    p.wait_idle().await;
+}
+
 /// The events every epoll instance of this process watches `fd` for (from `/proc/self/fdinfo`).
 fn epoll_interest(fd: i32) -> Vec<u32> {
     let mut masks = Vec::new();

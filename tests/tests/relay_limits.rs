@@ -280,51 +280,6 @@ const STALLED: u64 = 10;
 /// The caps of the capped run, on all four buffers.
 const CAP: u64 = 64 * KIB;
 
-/// Kernel memory of a set of sockets, from `ss -m` (skmem): bytes in receive queues (`r`), in
-/// send queues (`w`) and reserved ahead for them (`f`).
-#[derive(Debug, Default, Clone, Copy)]
-struct SkMem {
-    sockets: u64,
-    rmem: i64,
-    wmem: i64,
-    fwd: i64,
-}
-
-impl SkMem {
-    fn total(&self) -> u64 {
-        (self.rmem + self.wmem + self.fwd).max(0) as u64
-    }
-}
-
-/// The proxy's own relayed sockets: those on its listening port, and those to the hub.
-fn proxy_skmem(p: &RelayProxy) -> SkMem {
-    let filter = format!("( sport = :{} or dport = :{} )", p.addr.port(), p.hub.addr.port());
-    let out = std::process::Command::new("ss")
-        .args(["-tmnH", "state", "established", &filter])
-        .output()
-        .expect("ss (iproute2) is needed to read socket memory");
-    assert!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut m = SkMem::default();
-    for sk in text.split("skmem:(").skip(1) {
-        let fields = sk.split(')').next().unwrap_or("");
-        m.sockets += 1;
-        for f in fields.split(',') {
-            let digits = f.trim_start_matches(|c: char| c.is_ascii_alphabetic());
-            // ss prints the kernel's signed ints as unsigned.
-            let v = i64::from(digits.parse::<u64>().unwrap_or(0) as u32 as i32);
-            match &f[..f.len() - digits.len()] {
-                "r" => m.rmem += v,
-                "w" => m.wmem += v,
-                // Memory charged beyond a socket's reserve is in its queues already.
-                "f" => m.fwd += v.max(0),
-                _ => {}
-            }
-        }
-    }
-    m
-}
-
 /// [`STALLED`] connections whose upstream streams into a client that never reads, through a
 /// proxy with the `relay` lines; returns what the proxy's sockets hold once every upstream is
 /// stalled, and the bytes the upstreams got through until then.

@@ -464,7 +464,8 @@ pub struct Relay {
     pub park_after: Duration,
     /// Socket buffer caps of the relayed sockets, in bytes (`SO_SNDBUF`, `SO_RCVBUF`; the kernel
     /// doubles the value for its bookkeeping and clamps it to `net.core.wmem_max`/`rmem_max`);
-    /// `None`: the kernel autotunes the buffer.
+    /// `None`: the kernel autotunes the buffer, but for a send buffer the kernel relay
+    /// redirects into, which gets the in-flight window (`relay::buffers::for_kernel_relay`).
     pub client_sndbuf: Option<u32>,
     pub client_rcvbuf: Option<u32>,
     pub upstream_sndbuf: Option<u32>,

@@ -132,6 +132,7 @@ pub async fn take(client: TcpStream, upstream: TcpStream, programs: &KernelProgr
         (Ok(c), Ok(u)) => ([c.0 + c.1, u.0 + u.1], c.1 + u.1 > 0),
         (Err(e), _) | (_, Err(e)) => return declined(client, upstream, e.into()),
     };
+    super::buffers::for_kernel_relay(&client, &upstream, cfg);
     let pair = match programs.insert_pair(&client, &upstream, window(cfg)) {
         Ok(p) => p,
         Err(_) if fin_received(&client) || fin_received(&upstream) => {
