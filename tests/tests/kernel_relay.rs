@@ -1899,14 +1899,20 @@ async fn req8_the_destinations_get_send_buffers_of_the_window() {
         return;
     };
     let (c, u) = p.open_relayed(1).await;
-    let mut sndbufs = proxy_skmem(&p).sndbufs;
-    sndbufs.sort();
-    // The client's socket capped (doubled by the kernel), the upstream's of the window.
-    assert_eq!(
-        sndbufs,
-        [2 * CAPPED, 2 * size as u64],
-        "the proxy's two sockets' send buffers"
-    );
+    // The client's socket capped (doubled by the kernel), the upstream's of the window. Polled:
+    // the first bytes may have crossed in the relay's settling, just before it sizes them.
+    let want = vec![2 * CAPPED, 2 * size as u64];
+    let sndbufs = || {
+        let mut b = proxy_skmem(&p).sndbufs;
+        b.sort();
+        b
+    };
+    if poll_until(DEADLINE, || (sndbufs() == want).then_some(()))
+        .await
+        .is_none()
+    {
+        panic!("the proxy's two sockets' send buffers: {:?}, not {want:?}", sndbufs());
+    }
     drop((c, u));
     p.wait_idle().await;
 }
