@@ -74,10 +74,12 @@ impl SendLimits {
         (2 * v > self.autotune_max).then_some(v as usize)
     }
 
-    /// The largest of `windows` that the host keeps a socket's send buffer from, where
-    /// autotuning does not reach it either.
+    /// The largest of `windows` the relay would give beyond autotuning's reach but the host
+    /// lets it give only in part, or not at all ([`Self::for_window`]).
     fn largest_short(self, windows: impl Iterator<Item = u64>) -> Option<u64> {
-        windows.filter(|&w| w > self.set_max && 2 * w > self.autotune_max).max()
+        windows
+            .filter(|&w| 2 * w > self.autotune_max && self.for_window(w) != Some(w as usize))
+            .max()
     }
 }
 
@@ -130,12 +132,6 @@ mod tests {
 
     use super::*;
 
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (c, a) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
-        (c.unwrap(), a.unwrap().0)
-    }
-
     fn sndbuf(s: &TcpStream) -> usize {
         getsockopt(&s.as_fd(), sockopt::SndBuf).unwrap()
     }
@@ -174,7 +170,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_kernel_relay_sizes_send_buffers_to_the_window_unless_capped() {
-        let (c, u) = pair().await;
+        let (c, u) = super::super::loopback_pair().await;
         let before = sndbuf(&c);
         let cfg = config::Relay {
             max_in_flight_bytes: 3 << 20,

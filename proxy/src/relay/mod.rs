@@ -548,3 +548,12 @@ pub(crate) fn reset_on_close(s: &impl AsFd) {
     // Failure only means a FIN instead of a reset; nothing to recover.
     let _ = nix::sys::socket::setsockopt(&s.as_fd(), nix::sys::socket::sockopt::Linger, &linger);
 }
+
+/// A connected loopback TCP pair (connecting end, accepted end), for the relay's unit tests.
+#[cfg(test)]
+pub(crate) async fn loopback_pair() -> (TcpStream, TcpStream) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (b, _) = l.accept().await.unwrap();
+    (a, b)
+}

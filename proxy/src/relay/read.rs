@@ -71,13 +71,6 @@ mod tests {
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
-
     /// Waits (bounded) until `s` is readable, as the relay does.
     async fn readable(s: &TcpStream) {
         tokio::time::timeout(Duration::from_secs(10), s.readable())
@@ -88,7 +81,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_short_read_takes_all_that_is_queued_and_an_arrival_after_it_still_wakes() {
-        let (mut a, b) = pair().await;
+        let (mut a, b) = super::super::loopback_pair().await;
         let mut buf = Vec::with_capacity(64 * 1024);
         a.write_all(&[1; 100]).await.unwrap();
         readable(&b).await;
@@ -127,7 +120,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_short_read_after_the_fin_was_seen_is_the_last_a_full_one_is_not() {
-        let (a, b) = pair().await;
+        let (a, b) = super::super::loopback_pair().await;
         send_with_fin(&a, &[4; 10]);
         // Until b's readiness shows the FIN (polled, bounded: the first wake-up may come before
         // the kernel took the FIN in).
@@ -156,7 +149,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_that_fills_the_room_says_more_may_be_queued() {
-        let (mut a, b) = pair().await;
+        let (mut a, b) = super::super::loopback_pair().await;
         // A small room, so that what is queued surely exceeds it.
         let data: Vec<u8> = (0..5000).map(|i| (i % 253) as u8).collect();
         a.write_all(&data).await.unwrap();
