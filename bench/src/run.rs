@@ -683,15 +683,18 @@ fn fixed_line(m: &Measure, unit: &str) -> String {
     } else {
         f64::NAN
     };
+    // The busiest CPU too: a p99 far above the others' at the fixed load is, so far, a CPU that
+    // the fixed load left almost no idle time (the kernel relay's work runs on the sender's CPU).
     format!(
-        "{} of {} {unit}/s{lat}, {} CPU us/{unit} (proxy {}, kernel {}), lost {}, lag {:.1} ms",
+        "{} of {} {unit}/s{lat}, {} CPU us/{unit} (proxy {}, kernel {}), lost {}, lag {:.1} ms, {}",
         fmt_num(m.rate),
         fmt_num(m.offered),
         fmt_num(per),
         fmt_num(m.cpu.proxy_secs * 1e6 / m.done.max(1) as f64),
         fmt_num(m.cpu.kernel_secs * 1e6 / m.done.max(1) as f64),
         m.lost,
-        m.max_lag_ms
+        m.max_lag_ms,
+        m.busiest()
     )
 }
 
