@@ -55,13 +55,18 @@ pub(crate) fn serve(
     shutdown: CancellationToken,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> {
+    // Each phase in a box of its own, freed when it ends: inline, both would stay allocated for
+    // the connection's whole life (a task is as large as its largest state, and the compiler
+    // does not overlap these), some 40 KB per connection. The handshake's box is made here and
+    // takes what only the handshake needs (the client socket, the addresses, the inherited
+    // options: 136 B), so that the connection's future does not keep room for them after it.
+    let handshake = {
+        let shared = Arc::clone(&shared);
+        Box::pin(async move { handshake_phase(client, peer, listen, &inherited, &shared).await })
+    };
     async move {
         // Held to the end (named so that the block takes it; see `Relayable::run`).
         let _held = &permit;
-        // Each phase in a box of its own, freed when it ends: inline, both would stay allocated
-        // for the connection's whole life (a task is as large as its largest state, and the
-        // compiler does not overlap these), some 40 KB per connection.
-        let handshake = Box::pin(handshake_phase(client, peer, listen, &inherited, &shared));
         let relayable = tokio::select! {
             r = handshake => r,
             _ = shutdown.cancelled() => None,
