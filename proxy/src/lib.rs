@@ -280,11 +280,7 @@ impl Server {
             }
         };
         if kernel.is_some() {
-            let kernel_relayed = config
-                .services
-                .iter()
-                .filter(|s| s.relay.mode != config::RelayMode::Userspace);
-            relay::warn_of_host_limits(kernel_relayed.map(|s| s.relay.max_in_flight_bytes));
+            relay::warn_of_host_limits(config.kernel_relay_windows());
         }
         let metrics = metrics::Metrics::new();
         metrics.kernel_relay(kernel.is_some());
@@ -516,6 +512,13 @@ impl Server {
         }
         if new.kernel_relay_wanted().0 && s.kernel.is_none() {
             notes.push("relay.mode: the kernel relay is not loaded; it can only be loaded at start".to_string());
+        }
+        // A window the reload raised past what the host lets the relay give (said at start-up
+        // for the windows then).
+        if s.kernel.is_some()
+            && let Some(m) = relay::host_limit_message(relay::SendLimits::host(), new.kernel_relay_windows())
+        {
+            notes.push(m);
         }
         let set = lock::lock(&s.listeners).clone();
         let added = match &set {

@@ -1917,6 +1917,36 @@ async fn req8_the_destinations_get_send_buffers_of_the_window() {
     p.wait_idle().await;
 }
 
+/// A reload that raises a kernel-relayed service's window past what the host's
+/// `net.core.wmem_max` lets the relay give says so in its notes, as the start-up warning does
+/// for the windows at start; a window autotuning reaches gets no such note.
+#[tokio::test]
+async fn req8_a_reload_that_raises_the_window_past_wmem_max_says_so() {
+    let Some((_g, p)) = proxy_in("kernel", "").await else {
+        return;
+    };
+    let host = wsproxy::relay::SendLimits::host();
+    let with_window = |window: u64| {
+        let mut c = p.server.config();
+        for s in &mut c.services {
+            s.relay.max_in_flight_bytes = window;
+        }
+        p.server.apply(c).unwrap()
+    };
+    // Past both the settable maximum and autotuning's.
+    let short = 2 * host.set_max.max(host.autotune_max);
+    let notes = with_window(short);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("net.core.wmem_max") && n.contains(&format!("({short})"))),
+        "{notes:?}"
+    );
+    let notes = with_window(64 * KIB);
+    assert!(!notes.iter().any(|n| n.contains("wmem_max")), "{notes:?}");
+    p.stop().await;
+}
+
 /// The events every epoll instance of this process watches `fd` for (from `/proc/self/fdinfo`).
 fn epoll_interest(fd: i32) -> Vec<u32> {
     let mut masks = Vec::new();

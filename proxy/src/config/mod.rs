@@ -76,6 +76,15 @@ impl Config {
         )
     }
 
+    /// The in-flight windows (`relay.max_in_flight_bytes`) of the services the kernel relay may
+    /// carry (`relay.mode` other than `userspace`).
+    pub fn kernel_relay_windows(&self) -> impl Iterator<Item = u64> + '_ {
+        self.services
+            .iter()
+            .filter(|s| s.relay.mode != RelayMode::Userspace)
+            .map(|s| s.relay.max_in_flight_bytes)
+    }
+
     /// The service called `name`.
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|s| s.name == name)

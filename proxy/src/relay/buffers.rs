@@ -115,15 +115,21 @@ pub(super) fn for_kernel_relay(client: &impl AsFd, upstream: &impl AsFd, cfg: &c
 /// from giving its destinations ([`for_kernel_relay`]): bulk through those falls back to the
 /// userspace relay at full speed.
 pub fn warn_of_host_limits(windows: impl Iterator<Item = u64>) {
-    let host = SendLimits::host();
-    if let Some(w) = host.largest_short(windows) {
-        tracing::warn!(
-            "kernel relay: net.core.wmem_max ({}) is below relay.max_in_flight_bytes ({w}): the relay cannot give \
-             its sockets send buffers of the window, and bulk transfers fall back to the userspace relay at full \
-             speed (raise net.core.wmem_max to {w} or more)",
-            host.set_max
-        );
+    if let Some(m) = host_limit_message(SendLimits::host(), windows) {
+        tracing::warn!("{m}");
     }
+}
+
+/// What [`warn_of_host_limits`] says, if anything: also a reload's note, for a window raised
+/// by the reload.
+pub fn host_limit_message(host: SendLimits, windows: impl Iterator<Item = u64>) -> Option<String> {
+    let w = host.largest_short(windows)?;
+    Some(format!(
+        "kernel relay: net.core.wmem_max ({}) is below relay.max_in_flight_bytes ({w}): the relay cannot give its \
+         sockets send buffers of the window, and bulk transfers fall back to the userspace relay at full speed \
+         (raise net.core.wmem_max to {w} or more)",
+        host.set_max
+    ))
 }
 
 #[cfg(test)]
@@ -166,6 +172,20 @@ mod tests {
         assert_eq!(host(212_992).largest_short(windows()), Some(16 << 20));
         assert_eq!(host(4 << 20).largest_short(windows()), Some(16 << 20));
         assert_eq!(host(16 << 20).largest_short(windows()), None);
+    }
+
+    #[test]
+    fn the_message_names_the_sysctl_the_value_and_the_window() {
+        let host = |set_max| SendLimits {
+            set_max,
+            autotune_max: 4 << 20,
+        };
+        let windows = || [64 << 10, 16 << 20].into_iter();
+        let m = host_limit_message(host(4 << 20), windows()).unwrap();
+        assert!(m.contains("net.core.wmem_max (4194304)"), "{m}");
+        assert!(m.contains("relay.max_in_flight_bytes (16777216)"), "{m}");
+        assert!(m.contains("raise net.core.wmem_max to 16777216 or more"), "{m}");
+        assert_eq!(host_limit_message(host(16 << 20), windows()), None);
     }
 
     #[tokio::test]

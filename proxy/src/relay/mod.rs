@@ -32,7 +32,7 @@ pub use crate::outcome::{End, Fallback, Mode, Outcome};
 use crate::stream::Stream;
 
 pub use crate::metrics::TotalsSnapshot;
-pub use buffers::{SendLimits, warn_of_host_limits};
+pub use buffers::{SendLimits, host_limit_message, warn_of_host_limits};
 
 /// Fallback lines per second: clients can cause fallbacks, so they must not fill the log.
 static FALLBACK_LINES: crate::log_limit::Throttle = crate::log_limit::Throttle::new(20);
