@@ -683,8 +683,8 @@ fn fixed_line(m: &Measure, unit: &str) -> String {
     } else {
         f64::NAN
     };
-    // The busiest CPU too: a p99 far above the others' at the fixed load is, so far, a CPU that
-    // the fixed load left almost no idle time (the kernel relay's work runs on the sender's CPU).
+    // And the busiest CPU: a p99 is read against the idle time the fixed load left there (the
+    // kernel relay's work runs on the sender's CPU, the generator's, without receive steering).
     format!(
         "{} of {} {unit}/s{lat}, {} CPU us/{unit} (proxy {}, kernel {}), lost {}, lag {:.1} ms, {}",
         fmt_num(m.rate),

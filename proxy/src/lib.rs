@@ -513,8 +513,8 @@ impl Server {
         if new.kernel_relay_wanted().0 && s.kernel.is_none() {
             notes.push("relay.mode: the kernel relay is not loaded; it can only be loaded at start".to_string());
         }
-        // A window the reload raised past what the host lets the relay give (said at start-up
-        // for the windows then).
+        // A window past what the host lets the relay give: said at start-up for the windows
+        // then, and here for the reload's (one it raised, above all).
         if s.kernel.is_some()
             && let Some(m) = relay::host_limit_message(relay::SendLimits::host(), new.kernel_relay_windows())
         {
