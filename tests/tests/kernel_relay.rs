@@ -1400,7 +1400,7 @@ async fn stress_one(p: &RelayProxy, id: u64, plan: Plan) -> Result<(), String> {
 const STRESS: u64 = 300;
 
 /// `auto` moves every connection to the kernel relay after a few messages (the random streams of
-/// these tests count as at least one per read), wherever its transfer
+/// these tests are not WebSocket, so each read counts as a message), wherever its transfer
 /// stands: the move itself must lose, repeat or reorder nothing.
 const PROMOTE_EARLY: &str = "promote_after_messages = 4\npromote_max_average_message = 1073741824\n";
 
@@ -2123,6 +2123,33 @@ async fn auto_mode_keeps_short_connections_and_bulk_in_userspace() {
         (1 + 100 + 10 + 16 * MIB, 1 + 100),
         "{t:?}"
     );
+}
+
+/// Bulk in 64 KiB frames that reaches the relay in small reads (each 8 KiB piece written once
+/// the one before has arrived) stays in userspace: a read inside a frame is part of that frame,
+/// not a message of its own (counted as messages, the pieces looked like a run of small ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_keeps_bulk_in_large_frames_in_userspace_however_small_its_reads() {
+    const FRAME: u64 = 64 * KIB;
+    const PIECE: u64 = 8 * KIB;
+    let Some((_g, p)) = proxy_in("auto", "").await else {
+        return;
+    };
+    let (mut c, mut u) = p.open(3).await;
+    for f in 0..16 {
+        let mut header = vec![0x82, 127];
+        header.extend_from_slice(&FRAME.to_be_bytes());
+        c.write_all(&header).await.unwrap();
+        expect_soon(&mut u, &header, "a frame header").await;
+        for k in 0..FRAME / PIECE {
+            let piece = pattern(seed(3, 0), f * FRAME + k * PIECE, PIECE as usize);
+            c.write_all(piece).await.unwrap();
+            expect_soon(&mut u, piece, "a piece of a frame").await;
+        }
+    }
+    drop((c, u));
+    let t = p.wait_idle().await;
+    assert_eq!((t.ended, t.promotions), ([0, 1], 0), "{t:?}");
 }
 
 /// A connection whose messages come slower than `promote_within` allows stays in userspace,

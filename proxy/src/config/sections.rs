@@ -419,8 +419,8 @@ pub enum RelayMode {
 #[serde(deny_unknown_fields, default)]
 pub struct Relay {
     pub mode: RelayMode,
-    /// `auto`: messages (frames, both directions; a read counts as at least one) a connection
-    /// carries in userspace before it moves to the kernel relay; 0 moves it at once.
+    /// `auto`: messages (frames, both directions; of a stream that is not WebSocket, each read)
+    /// a connection carries in userspace before it moves to the kernel relay; 0 moves it at once.
     pub promote_after_messages: u64,
     /// `auto`: a connection whose average message is larger (bulk) stays in userspace, where
     /// the kernel relay is no cheaper per byte.

@@ -11,8 +11,9 @@
 //!
 //! Messages are counted by their frame headers (`relay::frames`), not by reads: a relay that
 //! falls behind takes several queued messages per read, and counting reads would move exactly
-//! the busiest connections late. A read counts as at least one message, so that a stream whose
-//! headers say little (one frame in many reads) is still judged by its reads.
+//! the busiest connections late. A read inside a frame adds its bytes and no message, so bulk in
+//! large frames stays bulk however small its reads; a stream that is not well-formed WebSocket
+//! is judged by its reads (each at least one message).
 //!
 //! A run must also be quick: its messages within `promote_within` (a message rate). A move pays
 //! back per message, so a connection with a message every few seconds takes long to earn its
@@ -52,10 +53,10 @@ impl Policy {
         }
     }
 
-    /// Adds a read of `n` bytes that completed `headers` frame headers, at `now`, to `run`; true
-    /// once the connection should move. A run older than `within` starts again with this read;
-    /// a full run whose average message is too large starts again after it.
-    pub fn observe(&self, run: &mut Run, n: u64, headers: u64, now: Instant) -> bool {
+    /// Adds a read of `n` bytes that counted as `messages` (`Frames::feed`), at `now`, to `run`;
+    /// true once the connection should move. A run older than `within` starts again with this
+    /// read; a full run whose average message is too large starts again after it.
+    pub fn observe(&self, run: &mut Run, n: u64, messages: u64, now: Instant) -> bool {
         let began = *run.began.get_or_insert(now);
         if now.saturating_duration_since(began) > self.within {
             *run = Run {
@@ -63,7 +64,7 @@ impl Policy {
                 ..Run::default()
             };
         }
-        run.messages = run.messages.saturating_add(headers.max(1));
+        run.messages = run.messages.saturating_add(messages);
         run.bytes = run.bytes.saturating_add(n);
         self.due(run)
     }
@@ -191,17 +192,18 @@ mod tests {
     }
 
     #[test]
-    fn a_read_without_a_header_counts_as_one_message() {
-        // The middle of a large frame, or a stream that is not WebSocket: judged by reads.
+    fn reads_inside_frames_add_bytes_and_no_message() {
+        // 64 KiB frames read in 16 KiB pieces: bulk, however small the reads.
         let mut run = Run::default();
+        let now = Instant::now();
+        let pieces = (0..1000u64).map(|i| if i % 4 == 0 { 1 } else { 0 });
         assert_eq!(
-            (0..20).position(|_| P.observe(&mut run, 100, 0, Instant::now())),
-            Some(7)
-        );
-        let mut run = Run::default();
-        assert_eq!(
-            (0..1000).position(|_| P.observe(&mut run, 64 * 1024, 0, Instant::now())),
+            pieces.clone().position(|m| P.observe(&mut run, 16 * 1024, m, now)),
             None
         );
+        // Small messages after them move, once a run of them is small on average.
+        let mut run = Run::default();
+        assert!(!P.observe(&mut run, 100, 0, now), "no message yet");
+        assert_eq!((0..20).position(|_| P.observe(&mut run, 128, 1, now)), Some(7));
     }
 }

@@ -207,10 +207,10 @@ impl<'a> Promoter<'a> {
         let Some(p) = self.policy else {
             return false;
         };
-        let headers = frames.feed(bytes);
-        self.counts.messages.fetch_add(headers.max(1), Relaxed);
+        let messages = frames.feed(bytes);
+        self.counts.messages.fetch_add(messages, Relaxed);
         let mut run = crate::lock::lock(&self.counts.run);
-        if p.observe(&mut run, bytes.len() as u64, headers, Instant::now()) {
+        if p.observe(&mut run, bytes.len() as u64, messages, Instant::now()) {
             self.moving.cancel();
         }
         self.moving.is_cancelled()
