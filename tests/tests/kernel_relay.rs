@@ -124,6 +124,13 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// The header of an unmasked binary frame of `len` bytes, with the 64-bit length.
+fn binary_header(len: u64) -> Vec<u8> {
+    let mut h = vec![0x82, 127];
+    h.extend_from_slice(&len.to_be_bytes());
+    h
+}
+
 fn check(what: &str, got: &Received, want: Received) -> Result<(), String> {
     if *got == want {
         Ok(())
@@ -2087,8 +2094,7 @@ async fn auto_mode_keeps_short_connections_and_bulk_in_userspace() {
     // faster than the relay: its 64 KiB reads come full, one message in 256 of them. The stream
     // starts at the header, as a WebSocket's does after the 101 (no probe byte before it).
     let (mut c, mut u) = p.open(2).await;
-    let mut header = vec![0x82, 127];
-    header.extend_from_slice(&(16 * MIB).to_be_bytes());
+    let header = binary_header(16 * MIB);
     let (wrote, got) = within("16 MiB of bulk", async {
         tokio::join!(
             async {
@@ -2136,9 +2142,8 @@ async fn auto_mode_keeps_bulk_in_large_frames_in_userspace_however_small_its_rea
         return;
     };
     let (mut c, mut u) = p.open(3).await;
+    let header = binary_header(FRAME);
     for f in 0..16 {
-        let mut header = vec![0x82, 127];
-        header.extend_from_slice(&FRAME.to_be_bytes());
         c.write_all(&header).await.unwrap();
         expect_soon(&mut u, &header, "a frame header").await;
         for k in 0..FRAME / PIECE {
