@@ -121,7 +121,7 @@ impl RelayProxy {
     pub async fn wait_idle(&self) -> wsproxy::relay::TotalsSnapshot {
         let idle = || {
             let t = self.server.totals();
-            (t.open == [0, 0] && self.server.kernel_map_entries().is_none_or(|e| e == (0, 0, 0))).then_some(t)
+            (t.open == [0, 0] && self.server.kernel_map_entries().is_none_or(|e| e == (0, 0, 0))).then_some(())
         };
         poll_until(DEADLINE, idle).await.unwrap_or_else(|| {
             panic!(
@@ -129,7 +129,10 @@ impl RelayProxy {
                 self.server.totals(),
                 self.server.kernel_map_entries()
             )
-        })
+        });
+        // Read again once idle: the snapshot that found no connection open may have read the
+        // counts before it read the open gauges, which a connection's end lowers last.
+        self.server.totals()
     }
 
     /// Stops accepting, closes what is still open and waits until `serve` returned.

@@ -873,15 +873,18 @@ impl Scoped<'_> {
     }
 
     pub fn relay_ended(&self, o: &Outcome) {
+        // The open count last: whoever reads zero open connections then finds every ended
+        // connection's bytes counted (measured: a reader that saw the count fall first found one
+        // direction's bytes missing).
+        self.metrics.repeated.inc_by(o.repeated_cut);
+        self.metrics.passed.inc_by(o.passed);
         self.with_series(|s| {
-            s.open(o.mode).dec();
-            s.ended(o.mode, o.end).inc();
             for (c, n) in s.bytes(o.mode).iter().zip([o.client_to_upstream, o.upstream_to_client]) {
                 c.inc_by(n);
             }
+            s.ended(o.mode, o.end).inc();
+            s.open(o.mode).dec();
         });
-        self.metrics.repeated.inc_by(o.repeated_cut);
-        self.metrics.passed.inc_by(o.passed);
     }
 }
 
