@@ -193,11 +193,14 @@ async fn req1_metrics_count_every_handshake_outcome() {
     assert_eq!(status(&r), 400, "{r}");
 
     let m = proxy
-        .scrape_until("both relayed connections counted", |e| {
+        .scrape_until("both relayed connections counted, none open", |e| {
+            // The open gauge falls last as a connection ends (its bytes and end are counted
+            // first): both are waited for.
             e.get(
                 "wsproxy_connections_ended_total",
                 &[("relay", "userspace"), ("end", "closed")],
             ) == Some(2.0)
+                && e.get("wsproxy_connections_open", &[("relay", "userspace")]) == Some(0.0)
         })
         .await;
     let hs =
