@@ -555,6 +555,7 @@ pub fn client_ip(n: u32) -> IpAddr {
 }
 
 pub mod fleet;
+pub mod ports;
 pub mod redis_kit;
 pub mod relay_kit;
 pub mod tls_kit;

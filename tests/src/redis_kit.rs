@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::ports::free_port;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -36,13 +37,9 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one on `ip` (a loopback address) and a port free a moment ago.
+    /// Starts one on `ip` (a loopback address) and a free port ([`free_port`]).
     pub async fn start(ip: &str) -> RedisServer {
-        let port = std::net::TcpListener::bind((ip, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
         let dir = std::env::temp_dir().join(format!("wsproxy-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

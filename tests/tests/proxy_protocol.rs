@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wsproxy_tests::daemon_kit::ServerProxy;
 use wsproxy_tests::exposition::Exposition;
+use wsproxy_tests::ports::free_port;
 use wsproxy_tests::relay_kit::{poll_until, say, upgrade_response};
 use wsproxy_tests::*;
 
@@ -192,10 +193,7 @@ async fn haproxy_send_proxy_v2_in_front_in_both_relay_modes() {
         let Some(p) = ServerProxy::in_mode(mode, up.addr, &format!("\n{TRUSTED_LOOPBACK}")).await else {
             continue;
         };
-        let edge = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let edge = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let Some(_haproxy) = haproxy(edge, p.addr).await else {
             return;
         };

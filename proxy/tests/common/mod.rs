@@ -67,15 +67,10 @@ pub fn fds_of(pid: u32) -> usize {
 /// Deadline of every wait on a [`Daemon`] and on the admin listener of the binary.
 pub const DAEMON_DEADLINE: Duration = Duration::from_secs(20);
 
-/// A port free on 127.0.0.1 a moment ago (for a configuration file the binary reads: it binds
-/// the port itself).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A port for a configuration file the binary reads (it binds the port itself): free, and out of
+/// reach of the connections other tests make meanwhile (see `wsproxy_tests::ports`).
+#[allow(unused_imports)] // as the rest: each test binary uses a part of it
+pub use wsproxy_tests::ports::free_port;
 
 /// A path `name` in a directory of this test process's own (each test binary is a process).
 pub fn temp_path(name: &str) -> PathBuf {
