@@ -12,10 +12,11 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::ports::free_port;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
+
+use crate::ports::free_port;
 
 /// How long a start (or restart) may take.
 const START: Duration = Duration::from_secs(10);
