@@ -21,7 +21,12 @@ static TAKEN: AtomicU32 = AtomicU32::new(0);
 
 /// A port nothing is bound to now, outside the kernel's ephemeral range: see the module's text.
 pub fn free_port() -> u16 {
-    let (first, count) = outside_ephemeral(&ephemeral_range());
+    let range = ephemeral_range();
+    let (first, count) = outside_ephemeral(&range);
+    assert!(
+        count > 0,
+        "no port from {LOWEST} lies outside the ephemeral range {range:?}"
+    );
     let start = std::process::id().wrapping_mul(7_919) % count;
     let candidates = (0..count).map(|_| {
         let n = TAKEN.fetch_add(1, Ordering::Relaxed);
@@ -53,11 +58,13 @@ fn ephemeral_range() -> (u16, u16) {
 /// `(first, count)`.
 fn outside_ephemeral(&(low, high): &(u16, u16)) -> (u16, u32) {
     let below = u32::from(low.saturating_sub(LOWEST));
-    let above = u32::from(u16::MAX - high.max(LOWEST - 1));
+    // Past the range, and never below LOWEST; 65,536 when the range reaches the last port.
+    let after = u32::from(high.max(LOWEST - 1)) + 1;
+    let above = (1 << 16) - after;
     if below >= above {
         (LOWEST, below)
     } else {
-        (high.max(LOWEST - 1) + 1, above)
+        (after as u16, above)
     }
 }
 
